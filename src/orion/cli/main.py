@@ -1,0 +1,264 @@
+"""The ``orion`` command. Each subcommand is a thin layer over the library; user errors end with one line on
+stderr and exit status 2, constraint violations with exit status 1."""
+
+from __future__ import annotations
+
+import functools
+import os
+import runpy
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from orion import __version__
+from orion.errors import OrionError
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_VIOLATIONS = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+
+
+def handle_errors(fn):
+    """Turn Orion's errors and file-system errors into one line and exit status 2; never a traceback for those."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OrionError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(EXIT_USAGE)
+        except OSError as exc:
+            name = f" {exc.filename}" if exc.filename else ""
+            err.print(f"[bold red]error:[/]{name}: {exc.strerror or exc}", highlight=False, soft_wrap=True)
+            sys.exit(EXIT_USAGE)
+        except Exception as exc:  # a bug in Orion: say so, keep the traceback for ORION_TRACEBACK=1
+            if os.environ.get("ORION_TRACEBACK"):
+                raise
+            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+                      "(set ORION_TRACEBACK=1 to see where, and please report it)", highlight=False, soft_wrap=True)
+            sys.exit(EXIT_INTERNAL)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="orion")
+def cli() -> None:
+    """Orion: compile graphs to Apple Neural Engine programs and run them on the ANE or its emulator."""
+
+
+def _target_option(fn):
+    return click.option("--target", "target_name", default="default", show_default=True,
+                        help="Target profile (see `orion targets`).")(fn)
+
+
+# -- compile ------------------------------------------------------------------------------------------------------
+
+
+def load_graph_file(path: Path):
+    """Run a Python file that builds a graph: it defines ``build()`` returning a Graph (or GraphBuilder)."""
+    from orion.ir.builder import GraphBuilder
+    from orion.ir.graph import Graph
+
+    if not path.is_file():
+        raise OrionError(f"graph file {path} not found")
+    try:
+        namespace = runpy.run_path(str(path), run_name="orion_graph")
+    except OrionError:
+        raise
+    except Exception as exc:
+        raise OrionError(f"{path}: building the graph failed: {type(exc).__name__}: {exc}") from None
+    build = namespace.get("build")
+    if not callable(build):
+        raise OrionError(f"{path} defines no build() function returning a graph")
+    try:
+        graph = build()
+    except OrionError:
+        raise
+    except Exception as exc:
+        raise OrionError(f"{path}: build() failed: {type(exc).__name__}: {exc}") from None
+    if isinstance(graph, GraphBuilder):
+        graph = graph.graph
+    if not isinstance(graph, Graph):
+        raise OrionError(f"{path}: build() returned {type(graph).__name__}, not an orion Graph")
+    return graph
+
+
+def print_violations(violations) -> None:
+    if not violations:
+        out.print("[green]constraint check: no violations[/]")
+        return
+    table = Table(title="constraint report", show_lines=False)
+    for col in ("id", "severity", "where", "problem", "fix"):
+        table.add_column(col, overflow="fold")
+    for v in violations:
+        style = "red" if v.severity == "error" else "yellow"
+        table.add_row(v.constraint, f"[{style}]{v.severity}[/]", v.where, v.message, v.fix)
+    out.print(table)
+
+
+@cli.command("compile")
+@click.argument("graph_file", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@_target_option
+@click.option("--weights", "weight_layout", type=click.Choice(["per-tensor", "single"]), default="per-tensor",
+              show_default=True, help="One weight file per tensor, or all blobs in one file.")
+@click.option("--print-graph", is_flag=True, help="Print the optimized graph.")
+@handle_errors
+def compile_cmd(graph_file: Path, out_dir: Path, target_name: str, weight_layout: str, print_graph: bool) -> None:
+    """Compile GRAPH_FILE (a Python file with a build() function) to OUT/model.mil plus weight files."""
+    from orion.compiler.compile import compile_graph
+    from orion.compiler.targets import get_target
+
+    target = get_target(target_name)
+    graph = load_graph_file(graph_file)
+    result = compile_graph(graph, target, weight_layout=weight_layout)
+    result.module.write(out_dir)
+    if print_graph:
+        out.print(str(result.graph), highlight=False)
+    prog = result.module.program
+    out.print(f"wrote {out_dir / 'model.mil'} ({len(prog.statements)} statements, "
+              f"{len(result.module.weight_files)} weight files, {result.module.weight_bytes() / 2**20:.2f} MiB) "
+              f"for target {target.name} (MIL {target.mil_version})", highlight=False)
+    out.print(f"inputs (binding order): {', '.join(f'{n} {t}' for n, t in prog.inputs)}", highlight=False)
+    out.print(f"outputs (binding order): {', '.join(f'{n} {t}' for n, t in prog.output_types())}", highlight=False)
+    for warning in result.sram_warnings:
+        out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    print_violations(result.violations)
+    if result.errors:
+        sys.exit(EXIT_VIOLATIONS)
+
+
+# -- run ----------------------------------------------------------------------------------------------------------
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise OrionError(f"{path} is not a readable .npz file: {exc}") from None
+
+
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@cli.command("run")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--inputs", "inputs_file", type=click.Path(path_type=Path),
+              help="A .npz with one array per MIL input name.")
+@click.option("--random-inputs", "seed", type=int, default=None,
+              help="Instead of --inputs: standard-normal inputs from this seed.")
+@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path), help="Output .npz.")
+@click.option("--backend", type=click.Choice(["emulator"]), default="emulator", show_default=True)
+@handle_errors
+def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_file: Path, backend: str) -> None:
+    """Run MODEL_DIR/model.mil (weights resolved under MODEL_DIR) and write its outputs to OUT."""
+    from orion.runtime.backends.emulator import load_program
+
+    if (inputs_file is None) == (seed is None):
+        raise OrionError("give exactly one of --inputs IN.npz or --random-inputs SEED")
+    program = load_program(model_dir)
+    if inputs_file is not None:
+        inputs = _read_npz(inputs_file)
+    else:
+        rng = np.random.default_rng(seed)
+        inputs = {name: rng.standard_normal(t.shape).astype(np.float32) for name, t in program.inputs}
+    outputs = program.run(inputs)
+    write_npz_atomic(out_file, outputs)
+    for name, array in outputs.items():
+        finite = np.isfinite(array)
+        out.print(f"{name}: {array.dtype}{list(array.shape)} mean {float(array[finite].mean()) if finite.any() else 0:.4g}"
+                  f" max|x| {float(np.abs(array[finite]).max()) if finite.any() else 0:.4g}"
+                  f" non-finite {int((~finite).sum())}", highlight=False)
+    out.print(f"wrote {out_file}", highlight=False)
+
+
+# -- check --------------------------------------------------------------------------------------------------------
+
+
+@cli.command("check")
+@click.argument("path", type=click.Path(path_type=Path))
+@_target_option
+@handle_errors
+def check_cmd(path: Path, target_name: str) -> None:
+    """Validate a MIL program (a .mil file or a directory holding model.mil) against the constraint catalog."""
+    from orion.compiler.constraints import check_program
+    from orion.compiler.targets import get_target
+    from orion.mil.parse import parse_program
+
+    target = get_target(target_name)
+    mil = path / "model.mil" if path.is_dir() else path
+    program = parse_program(mil.read_text(encoding="utf-8"), str(mil))
+    violations = check_program(program, target)
+    out.print(f"{mil}: {len(program.statements)} statements, target {target.name}", highlight=False)
+    print_violations(violations)
+    if any(v.severity == "error" for v in violations):
+        sys.exit(EXIT_VIOLATIONS)
+
+
+# -- catalog and targets ----------------------------------------------------------------------------------------
+
+
+@cli.command("constraints")
+def constraints_cmd() -> None:
+    """Print the catalog of ANE constraints."""
+    from orion.compiler.constraints import CATALOG
+
+    table = Table(title=f"ANE constraint catalog ({len(CATALOG)} entries)", show_lines=True)
+    for col in ("id", "category", "constraint", "symptom", "fix", "checked at", "source"):
+        table.add_column(col, overflow="fold")
+    for c in CATALOG.values():
+        title = c.title + (f" [CONFLICT: target.{c.conflict}]" if c.conflict else "")
+        table.add_row(c.id, c.category, title, c.symptom, c.fix, c.checked_at, c.source)
+    out.print(table)
+
+
+@cli.command("targets")
+@click.argument("name", required=False)
+@handle_errors
+def targets_cmd(name: str | None) -> None:
+    """List target profiles, or show one profile's settings."""
+    from orion.compiler.targets import TARGETS, get_target
+
+    if name is None:
+        for key in TARGETS:
+            out.print(key)
+        return
+    target = get_target(name)
+    table = Table(title=f"target {target.name}", show_lines=True)
+    for col in ("setting", "value", "meaning and source"):
+        table.add_column(col, overflow="fold")
+    for row in target.describe():
+        table.add_row(*[str(x) for x in row])
+    out.print(table)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Graph passes. Each is a function ``Graph -> Graph`` that leaves its argument untouched; :func:`run_pipeline`
+repeats a list of them until the graph stops changing.
+
+Every rewrite keeps the ANE's results: constant folding computes in float32 and rounds to the value's dtype, as
+the hardware rounds each op's result; cast elimination only drops casts that round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from orion.compiler.targets import Target
+from orion.errors import GraphError
+from orion.ir.graph import Graph, Node, Value, topological_nodes
+from orion.ir.ops import OPS, Kernels
+from orion.ir.types import NUMPY_DTYPES
+
+Pass = Callable[[Graph], Graph]
+
+
+def _rebuild(graph: Graph, rewrite: Callable[[Graph, Node, Callable[[Value], Value]], Value | None]) -> Graph:
+    """Copy ``graph`` node by node; ``rewrite(new_graph, node, lookup)`` may return a replacement value for a node
+    (built in ``new_graph``) or None to copy the node unchanged."""
+    g = Graph(graph.name)
+    g._names = set(graph._names)
+    mapping: dict[int, Value] = {}
+    for v in graph.inputs:
+        nv = Value(v.type, v.name)
+        g.inputs.append(nv)
+        mapping[v.id] = nv
+
+    def lookup(v: Value) -> Value:
+        return mapping[v.id]
+
+    for node in graph.nodes:
+        replacement = rewrite(g, node, lookup)
+        if replacement is None:
+            inputs = {k: [lookup(x) for x in v] if isinstance(v, list) else lookup(v) for k, v in node.inputs.items()}
+            nv = Value(node.output.type, node.output.name)
+            nn = Node(node.op, inputs, dict(node.attrs), nv)
+            nv.producer = nn
+            g.nodes.append(nn)
+            replacement = nv
+        elif replacement.type != node.output.type:
+            raise GraphError(f"rewrite of {node.name!r} changed its type {node.output.type} -> {replacement.type}")
+        mapping[node.output.id] = replacement
+    g.outputs = {k: lookup(v) for k, v in graph.outputs.items()}
+    return g
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Clean-up passes
+
+
+def _is_noop(node: Node) -> bool:
+    x = next(iter(node.inputs.values()), None)
+    if not isinstance(x, Value):
+        return False
+    if node.op == "identity":
+        return True
+    if node.op == "reshape":
+        return x.shape == node.output.shape
+    if node.op == "transpose":
+        return list(node.attrs["perm"]) == list(range(x.type.rank))
+    if node.op == "cast":
+        return node.attrs["dtype"] == x.dtype
+    if node.op == "slice_by_size":
+        return x.shape == node.output.shape
+    return False
+
+
+def eliminate_identities(graph: Graph) -> Graph:
+    """Drop identity ops, and reshapes/transposes/casts/slices that leave their input as it is."""
+    return _rebuild(graph, lambda g, node, lookup: lookup(node.inputs["x"]) if _is_noop(node) else None)
+
+
+def eliminate_casts(graph: Graph) -> Graph:
+    """``cast(cast(x, wide), narrow)`` where ``x`` was already narrow: fp16 -> fp32 -> fp16 is exact, so drop both."""
+
+    def rewrite(g, node, lookup):
+        if node.op != "cast":
+            return None
+        inner = node.inputs["x"].producer
+        if inner is not None and inner.op == "cast":
+            source = inner.inputs["x"]
+            widening = source.dtype == "fp16" and inner.attrs["dtype"] == "fp32"
+            if widening and node.attrs["dtype"] == "fp16":
+                return lookup(source)
+        return None
+
+    return _rebuild(graph, rewrite)
+
+
+def eliminate_dead_code(graph: Graph) -> Graph:
+    """Keep only the nodes the outputs need (graph inputs always stay: they are the program's interface)."""
+    live = {id(n) for n in topological_nodes(graph.outputs.values())}
+    g = graph.copy()
+    keep = [n for old, n in zip(graph.nodes, g.nodes) if id(old) in live]
+    g.nodes = keep
+    return g
+
+
+#: Op kinds whose result on constants is the same under every emulator numerics setting.
+_FOLDABLE = ("elementwise", "layout")
+
+
+def fold_constants(graph: Graph) -> Graph:
+    """Replace elementwise and layout ops whose inputs are all constants by the constant they compute."""
+
+    def rewrite(g, node, lookup):
+        if node.is_const or OPS[node.op].kind not in _FOLDABLE:
+            return None
+        values = node.input_values()
+        if not values or not all(v.producer is not None and v.producer.is_const for v in values):
+            return None
+        arrays = [v.producer.attrs["val"].astype(np.float32) for v in values]
+        with np.errstate(all="ignore"):
+            result = OPS[node.op].compute(Kernels(), arrays, node.attrs)
+        dtype = NUMPY_DTYPES[node.output.dtype]
+        result = np.asarray(result).astype(dtype).reshape(node.output.shape)
+        nv = Value(node.output.type, node.output.name)
+        nn = Node("const", {}, {"val": result}, nv)
+        nv.producer = nn
+        g.nodes.append(nn)
+        return nv
+
+    return _rebuild(graph, rewrite)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ANE legalization
+
+
+def legalize(target: Target) -> Pass:
+    """Rewrite what ``target`` cannot compile: rsqrt -> pow(-0.5), gelu -> tanh form, silu -> x*sigmoid(x),
+    conv bias -> separate add, concat -> one-hot 1x1 convs (exact: products with 1 and sums with 0)."""
+
+    def rewrite(g: Graph, node: Node, lookup) -> Value | None:
+        op, name = node.op, node.name
+
+        def new(op_name: str, suffix: str, inputs: dict, attrs: dict | None = None) -> Value:
+            return g.add_node(op_name, inputs, attrs or {}, f"{name}_{suffix}")
+
+        def scalar(value: float, dtype: str, suffix: str) -> Value:
+            return g.add_const(np.asarray(value, dtype=NUMPY_DTYPES[dtype]), f"{name}_{suffix}")
+
+        if op == "rsqrt" and not target.rsqrt_native:
+            x = lookup(node.inputs["x"])
+            return new("pow", "pow", {"x": x, "y": scalar(-0.5, x.dtype, "exp")})
+        if op == "gelu" and not target.gelu_native:
+            x = lookup(node.inputs["x"])
+            dt = x.dtype
+            cube = new("mul", "x3", {"x": new("mul", "x2", {"x": x, "y": x}), "y": x})
+            inner = new("add", "inner", {"x": x, "y": new("mul", "cubic", {"x": cube, "y": scalar(0.044715, dt, "k")})})
+            t = new("tanh", "tanh", {"x": new("mul", "arg", {"x": inner, "y": scalar(math.sqrt(2 / math.pi), dt, "c")})})
+            half = new("mul", "half", {"x": x, "y": scalar(0.5, dt, "h")})
+            return new("mul", "out", {"x": half, "y": new("add", "one_plus", {"x": t, "y": scalar(1.0, dt, "one")})})
+        if op == "silu" and not target.silu_native:
+            x = lookup(node.inputs["x"])
+            return new("mul", "out", {"x": x, "y": new("sigmoid", "sig", {"x": x})})
+        if op == "conv" and "bias" in node.inputs:
+            inputs = {k: lookup(v) for k, v in node.inputs.items() if k != "bias"}
+            conv = g.add_node("conv", inputs, node.attrs, f"{name}_conv")
+            bias = lookup(node.inputs["bias"])
+            if bias.shape != (1, bias.type.size, 1, 1):
+                bias = new("reshape", "bias4d", {"x": bias}, {"shape": [1, bias.type.size, 1, 1]})
+            return new("add", "bias", {"x": conv, "y": bias})
+        if op == "concat" and target.concat == "forbid":
+            return _concat_as_convs(g, node, lookup)
+        return None
+
+    return lambda graph: _rebuild(graph, rewrite)
+
+
+def _concat_as_convs(g: Graph, node: Node, lookup) -> Value:
+    """Concat without a concat op: move the axis to channels, scatter each part with a one-hot 1x1 conv, add."""
+    parts = [lookup(v) for v in node.inputs["values"]]
+    out_type = node.output.type
+    rank = out_type.rank
+    axis = int(node.attrs["axis"]) % rank
+    if rank != 4:
+        raise GraphError(f"concat {node.name!r}: the target forbids concat and only rank-4 concats can be rewritten")
+    perm = list(range(rank))
+    perm[1], perm[axis] = perm[axis], perm[1]
+    total = out_type.shape[axis]
+    dtype = NUMPY_DTYPES[out_type.dtype]
+    acc, offset = None, 0
+    for i, part in enumerate(parts):
+        if axis != 1:
+            part = g.add_node("transpose", {"x": part}, {"perm": perm}, f"{node.name}_t{i}")
+        width = part.shape[1]
+        onehot = np.zeros((total, width, 1, 1), dtype=dtype)
+        onehot[offset + np.arange(width), np.arange(width), 0, 0] = 1
+        if node.attrs["interleave"]:
+            onehot[:] = 0
+            onehot[np.arange(width) * len(parts) + i, np.arange(width), 0, 0] = 1
+        w = g.add_const(onehot, f"{node.name}_scatter{i}")
+        y = g.add_node("conv", {"x": part, "weight": w}, {}, f"{node.name}_part{i}")
+        acc = y if acc is None else g.add_node("add", {"x": acc, "y": y}, {}, f"{node.name}_sum{i}")
+        offset += width
+    if axis != 1:
+        acc = g.add_node("transpose", {"x": acc}, {"perm": perm}, f"{node.name}_back")
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# I/O canonicalization
+
+
+def canonicalize_io(graph: Graph) -> Graph:
+    """Declare inputs and outputs in alphabetical order of their names: the order the ANE binds them in
+    (catalog ANE-03, ANE-19), so declaration order, binding order and the order users see agree."""
+    g = graph.copy()
+    g.inputs = sorted(g.inputs, key=lambda v: v.name)
+    g.outputs = dict(sorted(g.outputs.items()))
+    return g
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pipeline
+
+CLEANUP: tuple[Pass, ...] = (eliminate_identities, eliminate_casts, fold_constants, eliminate_dead_code)
+
+
+def default_passes(target: Target) -> list[Pass]:
+    return [legalize(target), *CLEANUP, canonicalize_io]
+
+
+def run_pipeline(graph: Graph, passes: Sequence[Pass], max_rounds: int = 20) -> Graph:
+    """Apply ``passes`` in order, repeatedly, until a whole round leaves the graph unchanged."""
+    graph.validate()
+    current = graph
+    before = current.fingerprint()
+    for _ in range(max_rounds):
+        for p in passes:
+            current = p(current)
+        after = current.fingerprint()
+        if after == before:
+            current.validate()
+            return current
+        before = after
+    raise GraphError(f"passes did not reach a fixpoint in {max_rounds} rounds")

@@ -1,0 +1,192 @@
+"""Build graphs from Python, with the transformer patterns in the ANE layout ``[1, C, 1, S]``.
+
+Channels sit on axis 1 and the sequence on axis 3, so a linear layer is a 1x1 conv with weight ``[O, I, 1, 1]``
+(about 3x faster than matmul on the ANE) and per-channel vectors broadcast as ``[1, C, 1, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from orion.errors import GraphError
+from orion.ir.graph import Graph, Value
+from orion.ir.ops import OPS
+from orion.ir.types import NUMPY_DTYPES, TensorType
+
+#: Added to masked attention scores: large enough to zero a softmax entry, small enough for fp16.
+MASK_VALUE = -1e4
+
+
+class GraphBuilder:
+    """``b = GraphBuilder("block"); x = b.input("x", (1, 768, 1, 64)); ...; b.output("y", y); g = b.graph``
+
+    Every op of the registry is a method (``b.add(x, y)``, ``b.softmax(x, axis=-1)``); Python numbers given as
+    operands become scalar constants of the other operand's dtype.
+    """
+
+    def __init__(self, name: str = "main"):
+        self.graph = Graph(name)
+        self._scope: list[str] = []
+
+    # -- basics --------------------------------------------------------------------------------------------------
+
+    def input(self, name: str, shape, dtype: str = "fp16") -> Value:
+        return self.graph.add_input(name, TensorType(dtype, tuple(int(d) for d in shape)))
+
+    def output(self, name: str, value: Value) -> None:
+        self.graph.set_output(name, value)
+
+    def const(self, array, name: str = "const", dtype: str | None = None) -> Value:
+        array = np.asarray(array)
+        if dtype is not None:
+            array = array.astype(NUMPY_DTYPES[dtype])
+        return self.graph.add_const(array, self._named(name))
+
+    def weight(self, name: str, array, dtype: str = "fp16") -> Value:
+        """A named weight tensor (becomes a BLOBFILE constant; its name is the key for weight updates)."""
+        return self.const(array, name, dtype)
+
+    def op(self, op: str, name: str | None = None, **kwargs) -> Value:
+        spec = OPS[op]
+        inputs, attrs = {}, {}
+        tensor_names = [spec.variadic] if spec.variadic else list(spec.inputs)
+        dtype = next((v.dtype for v in kwargs.values() if isinstance(v, Value)), "fp16")
+        for key, val in kwargs.items():
+            if key in tensor_names:
+                if val is None and key in spec.optional:
+                    continue
+                if isinstance(val, (list, tuple)) and key == spec.variadic:
+                    inputs[key] = [self._value(v, dtype) for v in val]
+                else:
+                    inputs[key] = self._value(val, dtype)
+            else:
+                attrs[key] = val
+        return self.graph.add_node(op, inputs, attrs, self._named(name or op))
+
+    def __getattr__(self, op: str):
+        if op in OPS and op != "const":
+            spec = OPS[op]
+            positional = [spec.variadic] if spec.variadic else list(spec.inputs)
+
+            def call(*args, name: str | None = None, **kwargs):
+                if len(args) > len(positional):
+                    raise GraphError(f"{op} takes {len(positional)} tensor inputs, got {len(args)}")
+                kwargs.update(zip(positional, args))
+                return self.op(op, name=name, **kwargs)
+
+            return call
+        raise AttributeError(op)
+
+    def scope(self, prefix: str) -> "_Scope":
+        """``with b.scope("layer0"):`` prefixes the names of nodes created inside."""
+        return _Scope(self, prefix)
+
+    def _named(self, name: str) -> str:
+        return ".".join(self._scope + [name])
+
+    def _value(self, v, dtype: str) -> Value:
+        if isinstance(v, Value):
+            return v
+        if isinstance(v, (int, float, np.floating, np.integer)):
+            return self.const(np.asarray(v, dtype=NUMPY_DTYPES[dtype]), "c")
+        raise GraphError(f"expected a graph value or a number, got {type(v).__name__}")
+
+    # -- transformer patterns ------------------------------------------------------------------------------------
+
+    def linear(self, x: Value, weight: np.ndarray, bias: np.ndarray | None = None, name: str = "linear") -> Value:
+        """``y = W x + b`` as a 1x1 conv; ``weight`` is ``[O, I]`` (PyTorch layout) or ``[O, I, 1, 1]``."""
+        weight = np.asarray(weight)
+        if weight.ndim == 2:
+            weight = weight[:, :, None, None]
+        w = self.weight(f"{name}.weight", weight, x.dtype)
+        b = None if bias is None else self.weight(f"{name}.bias", np.asarray(bias).reshape(-1), x.dtype)
+        return self.op("conv", name=name, x=x, weight=w, bias=b)
+
+    def channel_vector(self, name: str, values: np.ndarray, dtype: str) -> Value:
+        """A per-channel parameter shaped ``[1, C, 1, 1]`` to broadcast over ``[1, C, 1, S]``."""
+        return self.weight(name, np.asarray(values).reshape(1, -1, 1, 1), dtype)
+
+    def layer_norm(self, x: Value, gamma, beta, eps: float = 1e-5, name: str = "ln") -> Value:
+        """LayerNorm over channels, written with ops the ANE compiles (no layer_norm op)."""
+        with self.scope(name):
+            mean = self.reduce_mean(x, axes=[1], keep_dims=True, name="mean")
+            xc = self.sub(x, mean, name="center")
+            var = self.reduce_mean(self.mul(xc, xc, name="sq"), axes=[1], keep_dims=True, name="var")
+            r = self.rsqrt(self.add(var, eps, name="var_eps"), name="rstd")
+            y = self.mul(xc, r, name="norm")
+            y = self.mul(y, self.channel_vector("weight", gamma, x.dtype), name="scale")
+            return self.add(y, self.channel_vector("bias", beta, x.dtype), name="shift")
+
+    def rms_norm(self, x: Value, gamma, eps: float = 1e-5, name: str = "rms") -> Value:
+        """RMSNorm as ANE programs write it: sum of squares, times 1/d, plus eps, to the power -0.5."""
+        d = x.shape[1]
+        with self.scope(name):
+            ss = self.reduce_sum(self.mul(x, x, name="sq"), axes=[1], keep_dims=True, name="ss")
+            ms = self.add(self.mul(ss, 1.0 / d, name="ms"), eps, name="ms_eps")
+            r = self.rsqrt(ms, name="rrms")
+            y = self.mul(x, r, name="norm")
+            return self.mul(y, self.channel_vector("weight", gamma, x.dtype), name="scale")
+
+    def gelu_tanh(self, x: Value, name: str = "gelu") -> Value:
+        return self.gelu(x, mode="TANH_APPROXIMATION", name=name)
+
+    def swiglu(self, x: Value, w_gate, w_up, w_down, name: str = "ffn") -> Value:
+        """SwiGLU FFN: ``down(silu(gate x) * up x)``."""
+        with self.scope(name):
+            g = self.linear(x, w_gate, name="gate")
+            u = self.linear(x, w_up, name="up")
+            return self.linear(self.mul(self.silu(g, name="act"), u, name="glu"), w_down, name="down")
+
+    def gelu_mlp(self, x: Value, w_fc, b_fc, w_proj, b_proj, name: str = "mlp") -> Value:
+        """GPT-2 MLP: ``proj(gelu_tanh(fc x))``."""
+        with self.scope(name):
+            h = self.gelu_tanh(self.linear(x, w_fc, b_fc, name="fc"), name="act")
+            return self.linear(h, w_proj, b_proj, name="proj")
+
+    def causal_mask(self, seq: int, dtype: str = "fp16") -> Value:
+        """``[1, 1, S, S]`` additive mask: 0 on and below the diagonal, -1e4 above (the SDPA op ignores masks)."""
+        mask = np.triu(np.full((seq, seq), MASK_VALUE, dtype=np.float32), k=1)
+        return self.weight("causal_mask", mask.reshape(1, 1, seq, seq), dtype)
+
+    def attention(self, q: Value, k: Value, v: Value, heads: int, mask: Value | None = None,
+                  name: str = "attn") -> Value:
+        """Causal attention written out: ``[1, d, 1, S]`` q/k/v -> ``[1, d, 1, S]``.
+
+        reshape to ``[1, H, hd, S]``, transpose to ``[1, H, S, hd]``, ``q k^T`` (matmul with transpose_y),
+        scale by ``1/sqrt(hd)``, add the mask, softmax on the last axis, times v, and back to ``[1, d, 1, S]``.
+        """
+        _, d, _, seq = q.shape
+        if d % heads:
+            raise GraphError(f"attention: {d} channels do not split into {heads} heads")
+        hd = d // heads
+        with self.scope(name):
+            def heads_first(t: Value, label: str) -> Value:
+                t = self.reshape(t, shape=[1, heads, hd, seq], name=f"{label}_heads")
+                return self.transpose(t, perm=[0, 1, 3, 2], name=f"{label}_t")
+
+            qh, kh, vh = heads_first(q, "q"), heads_first(k, "k"), heads_first(v, "v")
+            scores = self.matmul(qh, kh, transpose_x=False, transpose_y=True, name="scores")
+            scores = self.mul(scores, 1.0 / math.sqrt(hd), name="scaled")
+            if mask is None:
+                mask = self.causal_mask(seq, q.dtype)
+            scores = self.add(scores, mask, name="masked")
+            probs = self.softmax(scores, axis=-1, name="probs")
+            ctx = self.matmul(probs, vh, transpose_x=False, transpose_y=False, name="ctx")  # [1, H, S, hd]
+            ctx = self.transpose(ctx, perm=[0, 1, 3, 2], name="ctx_t")
+            return self.reshape(ctx, shape=[1, d, 1, seq], name="merge")
+
+    def cast(self, x: Value, dtype: str, name: str | None = None) -> Value:
+        return self.op("cast", name=name or f"to_{dtype}", x=x, dtype=dtype)
+
+
+class _Scope:
+    def __init__(self, builder: GraphBuilder, prefix: str):
+        self.builder, self.prefix = builder, prefix
+
+    def __enter__(self):
+        self.builder._scope.append(self.prefix)
+
+    def __exit__(self, *exc):
+        self.builder._scope.pop()

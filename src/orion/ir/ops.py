@@ -1,0 +1,527 @@
+"""Every operation Orion knows, declared once: MIL name, tensor inputs, attributes, shape/dtype rule, numpy meaning.
+
+The same declarations serve the graph builder (shape inference), the MIL emitter (which attributes become named
+consts), the MIL parser's checks, and the emulator (the numpy meaning). Names follow coremltools' iOS18 op
+definitions so the emitted text is what the ANE compiler expects.
+
+Numpy meanings compute in float32 on float32 arrays. Two operations are routed through a :class:`Kernels` object so
+that a backend can model the hardware's accumulator: ``matmul`` (conv and matmul) and ``reduce_sum``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from orion.errors import GraphError
+from orion.ir.types import FLOAT_DTYPES, TensorType
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Attr:
+    """An op attribute. ``kind`` is how MIL spells it: ``int`` (int32 scalar), ``ints`` (1-D int32 tensor),
+    ``bool``, ``bools`` (1-D bool tensor), ``string``, ``float`` (a scalar of the op's dtype)."""
+
+    kind: str
+    default: Any = REQUIRED
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    inputs: tuple[str, ...]
+    attrs: dict[str, Attr]
+    infer: Callable[[list[TensorType], dict], TensorType]
+    compute: Callable[["Kernels", list[np.ndarray], dict], np.ndarray]
+    #: ``elementwise``, ``activation``, ``wide`` (conv/matmul: wide accumulator), ``reduction``, ``layout``, ``const``
+    kind: str = "elementwise"
+    #: Inputs that may be absent (conv ``bias``).
+    optional: tuple[str, ...] = ()
+    #: The single input that takes a tuple of values (concat ``values``).
+    variadic: str | None = None
+    doc: str = ""
+
+    def resolve_attrs(self, attrs: dict) -> dict:
+        """Fill defaults and reject unknown or missing attributes, naming them."""
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            raise GraphError(f"{self.name}: unknown attribute(s) {sorted(unknown)}; known: {sorted(self.attrs)}")
+        out = {}
+        for key, spec in self.attrs.items():
+            if key in attrs:
+                out[key] = attrs[key]
+            elif spec.default is REQUIRED:
+                raise GraphError(f"{self.name}: attribute {key!r} is required")
+            else:
+                out[key] = spec.default
+        return out
+
+
+class Kernels:
+    """How conv/matmul and reduce_sum accumulate. This default is plain float32; the emulator substitutes ANE rules."""
+
+    def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.matmul(a.astype(np.float32, copy=False), b.astype(np.float32, copy=False))
+
+    def reduce_sum(self, x: np.ndarray, axes: tuple[int, ...], keep_dims: bool) -> np.ndarray:
+        return np.sum(x, axis=axes, keepdims=keep_dims, dtype=np.float64).astype(np.float32)
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def _declare(name: str, inputs: Sequence[str], attrs: dict[str, Attr] | None = None, **kw) -> None:
+    OPS[name] = OpDef(name=name, inputs=tuple(inputs), attrs=attrs or {}, **kw)
+
+
+def _fail(op: str, msg: str) -> GraphError:
+    return GraphError(f"{op}: {msg}")
+
+
+def _axis(op: str, axis: int, rank: int) -> int:
+    if not -rank <= axis < rank:
+        raise _fail(op, f"axis {axis} out of range for rank {rank}")
+    return axis % rank
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Elementwise
+
+
+def _float(op: str, t: TensorType) -> TensorType:
+    if t.dtype not in FLOAT_DTYPES:
+        raise _fail(op, f"needs an fp16 or fp32 tensor, got {t.dtype}")
+    return t
+
+
+def _broadcast(op: str):
+    def infer(types: list[TensorType], attrs: dict) -> TensorType:
+        x, y = types
+        if x.dtype != y.dtype:
+            raise _fail(op, f"operands have different dtypes {x.dtype} and {y.dtype}; insert a cast")
+        try:
+            shape = np.broadcast_shapes(x.shape, y.shape)
+        except ValueError:
+            raise _fail(op, f"shapes {list(x.shape)} and {list(y.shape)} do not broadcast") from None
+        return TensorType(x.dtype, tuple(shape))
+
+    return infer
+
+
+def _same(op: str):
+    return lambda types, attrs: _float(op, types[0])
+
+
+_BINARY = {
+    "add": np.add,
+    "sub": np.subtract,
+    "mul": np.multiply,
+    "real_div": np.divide,
+    "pow": np.power,
+    "maximum": np.maximum,
+    "minimum": np.minimum,
+}
+for _name, _fn in _BINARY.items():
+    _declare(
+        _name,
+        ("x", "y"),
+        infer=_broadcast(_name),
+        compute=lambda k, xs, a, fn=_fn: fn(xs[0], xs[1]),
+        doc=f"elementwise {_fn.__name__} with numpy broadcasting",
+    )
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    # Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7): far below fp16 resolution, and numpy has no erf.
+    s = np.sign(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return s * (1.0 - poly * np.exp(-a * a))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+GELU_MODES = ("EXACT", "TANH_APPROXIMATION", "SIGMOID_APPROXIMATION")
+
+
+def _gelu(x: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "EXACT":
+        return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+    return x * _sigmoid(1.702 * x)
+
+
+def _gelu_infer(types, attrs):
+    if attrs["mode"] not in GELU_MODES:
+        raise _fail("gelu", f"mode {attrs['mode']!r} is not one of {GELU_MODES}")
+    return _float("gelu", types[0])
+
+
+_UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "exp": np.exp,
+    "log": np.log,
+    "sqrt": np.sqrt,
+    "rsqrt": lambda x: 1.0 / np.sqrt(x),
+    "tanh": np.tanh,
+    "sigmoid": _sigmoid,
+    "relu": lambda x: np.maximum(x, 0.0),
+    "silu": lambda x: x * _sigmoid(x),
+}
+for _name, _fn in _UNARY.items():
+    _declare(_name, ("x",), infer=_same(_name), compute=lambda k, xs, a, fn=_fn: fn(xs[0]), kind="activation")
+_declare(
+    "gelu",
+    ("x",),
+    {"mode": Attr("string", "EXACT")},
+    infer=_gelu_infer,
+    compute=lambda k, xs, a: _gelu(xs[0], a["mode"]),
+    kind="activation",
+)
+_declare("identity", ("x",), infer=lambda t, a: t[0], compute=lambda k, xs, a: xs[0], kind="layout")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reductions and softmax
+
+
+def _reduce_axes(op: str, t: TensorType, axes) -> tuple[int, ...]:
+    axes = tuple(_axis(op, int(ax), t.rank) for ax in axes)
+    if len(set(axes)) != len(axes):
+        raise _fail(op, f"repeated axes {list(axes)}")
+    return axes
+
+
+def _reduce_infer(op: str):
+    def infer(types, attrs):
+        t = _float(op, types[0])
+        axes = _reduce_axes(op, t, attrs["axes"])
+        shape = tuple(1 if i in axes else d for i, d in enumerate(t.shape) if attrs["keep_dims"] or i not in axes)
+        return TensorType(t.dtype, shape)
+
+    return infer
+
+
+def _reduce_sum(k: Kernels, xs, a):
+    return k.reduce_sum(xs[0], _reduce_axes("reduce_sum", TensorType("fp32", xs[0].shape), a["axes"]), a["keep_dims"])
+
+
+def _reduce_mean(k: Kernels, xs, a):
+    axes = _reduce_axes("reduce_mean", TensorType("fp32", xs[0].shape), a["axes"])
+    count = int(np.prod([xs[0].shape[i] for i in axes]))
+    return k.reduce_sum(xs[0], axes, a["keep_dims"]) / np.float32(count)
+
+
+_REDUCE_ATTRS = {"axes": Attr("ints"), "keep_dims": Attr("bool", False)}
+_declare("reduce_sum", ("x",), _REDUCE_ATTRS, infer=_reduce_infer("reduce_sum"), compute=_reduce_sum, kind="reduction")
+_declare(
+    "reduce_mean", ("x",), _REDUCE_ATTRS, infer=_reduce_infer("reduce_mean"), compute=_reduce_mean, kind="reduction"
+)
+_declare(
+    "reduce_max",
+    ("x",),
+    _REDUCE_ATTRS,
+    infer=_reduce_infer("reduce_max"),
+    compute=lambda k, xs, a: np.max(xs[0], axis=tuple(int(i) for i in a["axes"]), keepdims=a["keep_dims"]),
+    kind="reduction",
+)
+
+
+def _softmax(k, xs, a):
+    x = xs[0]
+    shifted = x - np.max(x, axis=a["axis"], keepdims=True)  # the hardware subtracts the row maximum (N8)
+    e = np.exp(shifted)
+    return e / np.sum(e, axis=a["axis"], keepdims=True)
+
+
+def _softmax_infer(types, attrs):
+    t = _float("softmax", types[0])
+    _axis("softmax", int(attrs["axis"]), t.rank)
+    return t
+
+
+_declare("softmax", ("x",), {"axis": Attr("int", -1)}, infer=_softmax_infer, compute=_softmax, kind="activation")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layout
+
+
+def _reshape_shape(t: TensorType, shape) -> tuple[int, ...]:
+    shape = [int(d) for d in shape]
+    if shape.count(-1) > 1 or any(d < -1 or d == 0 for d in shape):
+        raise _fail("reshape", f"invalid target shape {shape}")
+    if -1 in shape:
+        known = int(np.prod([d for d in shape if d != -1]))
+        if known == 0 or t.size % known:
+            raise _fail("reshape", f"cannot reshape {list(t.shape)} to {shape}")
+        shape[shape.index(-1)] = t.size // known
+    if int(np.prod(shape)) != t.size:
+        raise _fail("reshape", f"cannot reshape {list(t.shape)} ({t.size} elements) to {shape}")
+    return tuple(shape)
+
+
+_declare(
+    "reshape",
+    ("x",),
+    {"shape": Attr("ints")},
+    infer=lambda t, a: TensorType(t[0].dtype, _reshape_shape(t[0], a["shape"])),
+    compute=lambda k, xs, a: xs[0].reshape(_reshape_shape(TensorType("fp32", xs[0].shape), a["shape"])),
+    kind="layout",
+)
+
+
+def _transpose_infer(types, attrs):
+    t = types[0]
+    perm = [int(p) for p in attrs["perm"]]
+    if sorted(p % t.rank if t.rank else p for p in perm) != list(range(t.rank)):
+        raise _fail("transpose", f"perm {perm} is not a permutation of {t.rank} axes")
+    return TensorType(t.dtype, tuple(t.shape[p] for p in perm))
+
+
+_declare(
+    "transpose",
+    ("x",),
+    {"perm": Attr("ints")},
+    infer=_transpose_infer,
+    compute=lambda k, xs, a: np.transpose(xs[0], [int(p) for p in a["perm"]]),
+    kind="layout",
+)
+
+
+def _index_slices(op: str, shape, attrs) -> tuple[slice, ...]:
+    begin, end = list(attrs["begin"]), list(attrs["end"])
+    rank = len(shape)
+    stride = list(attrs.get("stride") if attrs.get("stride") is not None else [1] * rank)
+    begin_mask = list(attrs.get("begin_mask") if attrs.get("begin_mask") is not None else [False] * rank)
+    end_mask = list(attrs.get("end_mask") if attrs.get("end_mask") is not None else [False] * rank)
+    if not len(begin) == len(end) == len(stride) == len(begin_mask) == len(end_mask) == rank:
+        raise _fail(op, f"begin/end/stride/masks must each have {rank} entries")
+    out = []
+    for d in range(rank):
+        if int(stride[d]) == 0:
+            raise _fail(op, f"stride 0 on axis {d}")
+        b = None if begin_mask[d] else int(begin[d])
+        e = None if end_mask[d] else int(end[d])
+        out.append(slice(b, e, int(stride[d])))
+    return tuple(out)
+
+
+def _slice_index_infer(types, attrs):
+    t = types[0]
+    slices = _index_slices("slice_by_index", t.shape, attrs)
+    shape = tuple(len(range(*s.indices(n))) for s, n in zip(slices, t.shape))
+    if 0 in shape:
+        raise _fail("slice_by_index", f"empty slice {list(shape)} of {list(t.shape)}")
+    return TensorType(t.dtype, shape)
+
+
+_declare(
+    "slice_by_index",
+    ("x",),
+    {
+        "begin": Attr("ints"),
+        "end": Attr("ints"),
+        "stride": Attr("ints", None),
+        "begin_mask": Attr("bools", None),
+        "end_mask": Attr("bools", None),
+    },
+    infer=_slice_index_infer,
+    compute=lambda k, xs, a: xs[0][_index_slices("slice_by_index", xs[0].shape, a)],
+    kind="layout",
+)
+
+
+def _size_slices(shape, attrs) -> tuple[slice, ...]:
+    begin, size = [int(b) for b in attrs["begin"]], [int(s) for s in attrs["size"]]
+    if not len(begin) == len(size) == len(shape):
+        raise _fail("slice_by_size", f"begin and size must each have {len(shape)} entries")
+    out = []
+    for b, s, n in zip(begin, size, shape):
+        b = b % n if -n <= b < 0 else b
+        e = n if s == -1 else b + s
+        if not (0 <= b < e <= n):
+            raise _fail("slice_by_size", f"slice begin={begin} size={size} out of range for shape {list(shape)}")
+        out.append(slice(b, e))
+    return tuple(out)
+
+
+_declare(
+    "slice_by_size",
+    ("x",),
+    {"begin": Attr("ints"), "size": Attr("ints")},
+    infer=lambda t, a: TensorType(t[0].dtype, tuple(s.stop - s.start for s in _size_slices(t[0].shape, a))),
+    compute=lambda k, xs, a: xs[0][_size_slices(xs[0].shape, a)],
+    kind="layout",
+)
+
+
+def _cast_infer(types, attrs):
+    if attrs["dtype"] not in ("fp16", "fp32", "int32", "bool"):
+        raise _fail("cast", f"unsupported dtype {attrs['dtype']!r}")
+    return TensorType(attrs["dtype"], types[0].shape)
+
+
+_declare(
+    "cast", ("x",), {"dtype": Attr("string")}, infer=_cast_infer, compute=lambda k, xs, a: xs[0], kind="layout"
+)
+
+
+def _concat_infer(types, attrs):
+    if not types:
+        raise _fail("concat", "needs at least one value")
+    first = types[0]
+    axis = _axis("concat", int(attrs["axis"]), first.rank)
+    for t in types[1:]:
+        if t.dtype != first.dtype or t.rank != first.rank:
+            raise _fail("concat", f"values differ in dtype or rank: {first.short()} vs {t.short()}")
+        if any(a != b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != axis):
+            raise _fail("concat", f"shapes {list(first.shape)} and {list(t.shape)} differ off axis {axis}")
+    if attrs["interleave"] and len({t.shape for t in types}) != 1:
+        raise _fail("concat", "interleave needs values of equal shape")
+    shape = list(first.shape)
+    shape[axis] = sum(t.shape[axis] for t in types)
+    return TensorType(first.dtype, tuple(shape))
+
+
+def _concat(k, xs, a):
+    axis = int(a["axis"])
+    if not a["interleave"]:
+        return np.concatenate(xs, axis=axis)
+    # interleave: element i of every value, then element i+1 ... (stack along a new axis after `axis`)
+    stacked = np.stack(xs, axis=(axis % xs[0].ndim) + 1)
+    shape = list(xs[0].shape)
+    shape[axis] *= len(xs)
+    return stacked.reshape(shape)
+
+
+_declare(
+    "concat",
+    (),
+    {"axis": Attr("int"), "interleave": Attr("bool", False)},
+    infer=_concat_infer,
+    compute=_concat,
+    kind="layout",
+    variadic="values",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Conv (1x1) and matmul: the wide-accumulator ops
+
+
+def _conv_infer(types, attrs):
+    x, w = types[0], types[1]
+    if x.rank != 4 or w.rank != 4:
+        raise _fail("conv", f"x and weight must be rank 4, got {x.short()} and {w.short()}")
+    if x.dtype != w.dtype:
+        raise _fail("conv", f"x is {x.dtype} but weight is {w.dtype}")
+    groups = int(attrs["groups"])
+    if w.shape[2:] != (1, 1):
+        raise _fail("conv", f"only 1x1 kernels are supported, weight is {list(w.shape)}")
+    if list(attrs["strides"]) != [1, 1] or list(attrs["dilations"]) != [1, 1] or any(int(p) for p in attrs["pad"]):
+        raise _fail("conv", "only strides [1,1], dilations [1,1] and zero padding are supported")
+    if attrs["pad_type"] not in ("valid", "same", "custom"):
+        raise _fail("conv", f"pad_type {attrs['pad_type']!r} is not valid, same or custom")
+    if groups < 1 or x.shape[1] % groups or w.shape[0] % groups or w.shape[1] * groups != x.shape[1]:
+        raise _fail("conv", f"weight {list(w.shape)} with groups={groups} does not fit {x.shape[1]} input channels")
+    if len(types) > 2 and types[2].shape not in ((w.shape[0],), (1, w.shape[0], 1, 1)):
+        raise _fail("conv", f"bias shape {list(types[2].shape)} does not match {w.shape[0]} output channels")
+    return TensorType(x.dtype, (x.shape[0], w.shape[0], x.shape[2], x.shape[3]))
+
+
+def _conv(k: Kernels, xs, a):
+    x, w = xs[0], xs[1]
+    n, cin, h, wd = x.shape
+    cout, groups = w.shape[0], int(a["groups"])
+    xg = x.reshape(n, groups, cin // groups, h * wd)  # [N, G, Cin/G, HW]
+    wg = w.reshape(groups, cout // groups, cin // groups)  # [G, Cout/G, Cin/G]
+    y = k.matmul(wg[None], xg).reshape(n, cout, h, wd)
+    if len(xs) > 2:
+        y = y + xs[2].reshape(1, cout, 1, 1)
+    return y
+
+
+_declare(
+    "conv",
+    ("x", "weight", "bias"),
+    {
+        "strides": Attr("ints", (1, 1)),
+        "pad_type": Attr("string", "valid"),
+        "pad": Attr("ints", (0, 0, 0, 0)),
+        "dilations": Attr("ints", (1, 1)),
+        "groups": Attr("int", 1),
+    },
+    infer=_conv_infer,
+    compute=_conv,
+    kind="wide",
+    optional=("bias",),
+    doc="1x1 convolution: the ANE's fast linear layer (weight [O, I/groups, 1, 1])",
+)
+
+
+def _matmul_dims(op, x: TensorType, y: TensorType, tx: bool, ty: bool):
+    if x.rank < 2 or y.rank < 2:
+        raise _fail(op, f"operands must have rank >= 2, got {x.short()} and {y.short()}")
+    m, kx = (x.shape[-1], x.shape[-2]) if tx else (x.shape[-2], x.shape[-1])
+    ky, n = (y.shape[-1], y.shape[-2]) if ty else (y.shape[-2], y.shape[-1])
+    if kx != ky:
+        raise _fail(op, f"inner dimensions differ: {list(x.shape)} x {list(y.shape)} (transpose_x={tx}, transpose_y={ty})")
+    try:
+        batch = np.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    except ValueError:
+        raise _fail(op, f"batch dims {list(x.shape[:-2])} and {list(y.shape[:-2])} do not broadcast") from None
+    return tuple(batch) + (m, n)
+
+
+def _matmul_infer(types, attrs):
+    x, y = types
+    if x.dtype != y.dtype:
+        raise _fail("matmul", f"operands have different dtypes {x.dtype} and {y.dtype}")
+    return TensorType(x.dtype, _matmul_dims("matmul", x, y, bool(attrs["transpose_x"]), bool(attrs["transpose_y"])))
+
+
+def _matmul(k: Kernels, xs, a):
+    x, y = xs
+    if a["transpose_x"]:
+        x = np.swapaxes(x, -1, -2)
+    if a["transpose_y"]:
+        y = np.swapaxes(y, -1, -2)
+    return k.matmul(x, y)
+
+
+_declare(
+    "matmul",
+    ("x", "y"),
+    {"transpose_x": Attr("bool", False), "transpose_y": Attr("bool", False)},
+    infer=_matmul_infer,
+    compute=_matmul,
+    kind="wide",
+)
+
+# A constant: ``val`` holds the numpy array. Weights are constants that the emitter writes to blob files.
+_declare("const", (), {"val": Attr("tensor")}, infer=lambda t, a: None, compute=lambda k, xs, a: a["val"], kind="const")
+
+
+def input_names(op: OpDef, present: Sequence[str] | None = None) -> list[str]:
+    """The tensor input names an op takes, in declaration order (``present`` filters optional ones)."""
+    names = [op.variadic] if op.variadic else list(op.inputs)
+    return [n for n in names if n not in op.optional or (present is not None and n in present)]
+
+
+def get_op(name: str) -> OpDef:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise GraphError(f"unknown op {name!r}; known ops: {', '.join(sorted(OPS))}") from None
+
+
+__all__ = ["OPS", "OpDef", "Attr", "Kernels", "get_op", "input_names", "GELU_MODES", "REQUIRED"]

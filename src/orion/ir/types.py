@@ -1,0 +1,68 @@
+"""Tensor types shared by the IR and the MIL layer: a dtype name and a static shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: MIL scalar type names and the numpy dtype that holds their values.
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "fp16": np.dtype(np.float16),
+    "fp32": np.dtype(np.float32),
+    "int32": np.dtype(np.int32),
+    "int8": np.dtype(np.int8),
+    "uint8": np.dtype(np.uint8),
+    "uint16": np.dtype(np.uint16),
+    "int16": np.dtype(np.int16),
+    "uint32": np.dtype(np.uint32),
+    "uint64": np.dtype(np.uint64),
+    "bool": np.dtype(np.bool_),
+}
+FLOAT_DTYPES = ("fp16", "fp32")
+#: The dtypes an IR value may have.
+IR_DTYPES = ("fp16", "fp32", "int32", "bool")
+
+
+def dtype_name(dtype) -> str:
+    """The MIL name of a numpy dtype (``float16`` -> ``fp16``)."""
+    dtype = np.dtype(dtype)
+    for name, np_dtype in NUMPY_DTYPES.items():
+        if np_dtype == dtype:
+            return name
+    raise ValueError(f"no MIL type for numpy dtype {dtype}")
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """A MIL type: ``dtype`` and a static ``shape`` (``()`` for a scalar)."""
+
+    dtype: str
+    shape: tuple[int, ...] = ()
+
+    @property
+    def is_scalar(self) -> bool:
+        return self.shape == ()
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * NUMPY_DTYPES[self.dtype].itemsize
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return NUMPY_DTYPES[self.dtype]
+
+    def __str__(self) -> str:
+        return f"tensor<{self.dtype}, [{', '.join(map(str, self.shape))}]>"
+
+    def short(self) -> str:
+        """Compact form for graph printing: ``fp16[1,768,1,64]``."""
+        return f"{self.dtype}[{','.join(map(str, self.shape))}]"

@@ -1,0 +1,345 @@
+"""MIL weight files ("blob storage v2"), the files ``BLOBFILE(path=..., offset=...)`` constants point into.
+
+Layout (little-endian, reference section 4): a 64-byte header (uint32 blob count, uint32 version 2, zeros), then per
+blob a 64-byte record (uint32 sentinel 0xDEADBEEF, uint32 dtype code, uint64 data size in bytes, uint64 absolute data
+offset = record offset + 64, uint64 sub-byte padding bits, zeros) followed by the row-major data. Every record starts
+on a 64-byte boundary; like coremltools, the writer pads *before* a record, so the file ends right after the last
+blob's data and the two writers produce identical bytes.
+
+Empty arrays: coremltools writes a size-0 record but its own reader then fails on it ("index out of bounds"), so
+:class:`BlobWriter` refuses to write one; :class:`BlobReader` still reads such a record back as an empty array.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+import secrets
+import struct
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Optional, Union
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
+
+from orion.errors import WeightFileError
+
+PathLike = Union[str, os.PathLike]
+
+#: Numpy dtype (little-endian) -> blob dtype code, for the types Orion reads and writes.
+DTYPE_CODES: dict[np.dtype, int] = {
+    np.dtype("<f2"): 1,
+    np.dtype("<f4"): 2,
+    np.dtype("u1"): 3,
+    np.dtype("i1"): 4,
+    np.dtype("<i2"): 6,
+    np.dtype("<u2"): 7,
+    np.dtype("<i4"): 14,
+    np.dtype("<u4"): 15,
+}
+#: Blob dtype code -> numpy dtype: the inverse of :data:`DTYPE_CODES`.
+CODE_DTYPES: dict[int, np.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
+#: Codes the format defines but Orion does not handle (numpy has no such dtypes); named in error messages.
+#: The sub-byte codes are the ones coremltools 9 writes.
+UNSUPPORTED_CODES: dict[int, str] = {
+    5: "bf16",
+    8: "int4",
+    9: "uint1",
+    10: "uint2",
+    11: "uint4",
+    12: "uint3",
+    13: "uint6",
+    16: "fp8e4m3fn",
+    17: "fp8e5m2",
+}
+
+#: Largest finite fp16 value: what +-Inf become, so weights stay finite on an fp16 machine.
+FP16_MAX = 65504.0
+VERSION = 2
+SENTINEL = 0xDEADBEEF
+ALIGNMENT = 64
+
+_HEADER = struct.Struct("<II56x")
+_RECORD = struct.Struct("<IIQQQ32x")
+#: Float dtype -> (same-size unsigned view, mask dropping the sign, exponent bits): a value is NaN or Inf exactly
+#: when its unsigned magnitude bits reach the all-ones exponent. Integer ops on a view are ~10x faster than
+#: ``np.isfinite`` on float16.
+_NONFINITE_BITS = {
+    np.dtype("<f2"): (np.dtype("<u2"), 0x7FFF, 0x7C00),
+    np.dtype("<f4"): (np.dtype("<u4"), 0x7FFFFFFF, 0x7F800000),
+}
+#: Elements per chunk when scanning float data: large enough for few Python steps, small enough to stay in cache.
+_CHUNK = 1 << 20
+_SUPPORTED = ", ".join(str(d) for d in DTYPE_CODES)
+_TRUNCATED = "the file is truncated; write it again"
+_CORRUPT = "the file is corrupt; write it again"
+_NOT_V2 = "this is not a MIL blob storage v2 file"
+_BAD_OFFSET = "use an offset BlobWriter.add returned for this file"
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def _dtype_name(code: int) -> str:
+    if code in CODE_DTYPES:
+        return str(CODE_DTYPES[code])
+    return UNSUPPORTED_CODES.get(code, "unknown")
+
+
+def blob_record_offsets(nbytes: list[int]) -> list[int]:
+    """Record offsets that blobs of these data sizes get, in order: lets an emitter print ``BLOBFILE`` offsets
+    before (or without) writing the file. Matches :meth:`BlobWriter.add` and coremltools."""
+    offsets = []
+    end = _HEADER.size
+    for n in nbytes:
+        offsets.append(_align(end))
+        end = offsets[-1] + _RECORD.size + n
+    return offsets
+
+
+def sanitize(array: ArrayLike) -> np.ndarray:
+    """A copy of ``array`` with NaN -> 0 and +-Inf -> +-65504 (fp16 max) for float arrays; other arrays are copied.
+
+    Why: one NaN or Inf weight poisons every output of an fp16 matmul on the ANE. In an fp16 array +-Inf are the
+    only values beyond fp16 range, so this is also the fp16 clamp; finite fp32 values are left as they are.
+    """
+    arr = np.asarray(array)
+    if arr.dtype.kind != "f":
+        return arr.copy()
+    return np.nan_to_num(arr, copy=True, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
+
+
+def _has_nonfinite(chunk: np.ndarray, scratch: np.ndarray) -> bool:
+    utype, magnitude, exponent = _NONFINITE_BITS[chunk.dtype]
+    bits = scratch[: chunk.size]
+    np.bitwise_and(chunk.view(utype), magnitude, out=bits)
+    return bool(bits.max() >= exponent)
+
+
+class BlobWriter:
+    """Writes a weight file atomically: blobs go to a temp file in the target's directory, which replaces the
+    target only on :meth:`close`, so a crash or an exception never leaves a half-written weight file behind."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
+        self._count = 0
+        self._end = _HEADER.size
+        try:
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except OSError as e:
+            raise WeightFileError(
+                f"weight file {self.path}: cannot create {self._tmp.name}: {e.strerror}; "
+                "check that the directory exists and is writable"
+            ) from e
+        self._file: Optional[BinaryIO] = os.fdopen(fd, "wb")
+        self._guard(self._file.write, _HEADER.pack(0, VERSION))
+
+    def add(self, array: ArrayLike) -> int:
+        """Append ``array`` (in its own dtype, row-major; floats sanitized) and return its record offset."""
+        file = self._open_file()
+        arr = np.asarray(array)
+        dtype = arr.dtype.newbyteorder("<")
+        code = DTYPE_CODES.get(dtype)
+        if code is None:
+            raise WeightFileError(
+                f"weight file {self.path}: cannot store dtype {arr.dtype}; cast the array to one of {_SUPPORTED}"
+            )
+        if arr.size == 0:
+            raise WeightFileError(
+                f"weight file {self.path}: cannot store an empty array (shape {arr.shape}); coremltools cannot "
+                "read empty blobs back, so drop the constant or give it inline"
+            )
+        flat = np.ascontiguousarray(arr, dtype=dtype).reshape(-1)
+        offset = _align(self._end)
+        head = bytes(offset - self._end) + _RECORD.pack(SENTINEL, code, flat.nbytes, offset + _RECORD.size, 0)
+        self._guard(file.write, head)
+        if dtype in _NONFINITE_BITS:
+            self._write_floats(file, flat)
+        else:
+            self._guard(file.write, memoryview(flat))
+        self._end = offset + _RECORD.size + flat.nbytes
+        self._count += 1
+        return offset
+
+    def _write_floats(self, file: BinaryIO, flat: np.ndarray) -> None:
+        """Writes in chunks so the NaN/Inf scan and the write share the cache, and only bad chunks are copied."""
+        scratch = np.empty(min(flat.size, _CHUNK), dtype=_NONFINITE_BITS[flat.dtype][0])
+        for start in range(0, flat.size, _CHUNK):
+            chunk = flat[start : start + _CHUNK]
+            if _has_nonfinite(chunk, scratch):
+                chunk = sanitize(chunk)
+            self._guard(file.write, memoryview(chunk))
+
+    def close(self) -> None:
+        """Write the blob count, fsync, and move the file onto ``path``. Closing twice does nothing."""
+        if self._file is None:
+            return
+        file = self._file
+        self._guard(file.seek, 0)
+        self._guard(file.write, _HEADER.pack(self._count, VERSION))
+        self._guard(file.flush)
+        self._guard(os.fsync, file.fileno())
+        self._file = None
+        file.close()
+        try:
+            os.replace(self._tmp, self.path)
+        except OSError as e:
+            self._tmp.unlink(missing_ok=True)
+            raise WeightFileError(f"weight file {self.path}: cannot replace it: {e.strerror}; check permissions") from e
+        if os.name == "posix":  # make the rename itself durable
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def abort(self) -> None:
+        """Drop the temp file; ``path`` keeps whatever it held before."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        self._tmp.unlink(missing_ok=True)
+
+    def _open_file(self) -> BinaryIO:
+        if self._file is None:
+            raise WeightFileError(f"weight file {self.path}: writer is closed; open a new BlobWriter")
+        return self._file
+
+    def _guard(self, call, *args):
+        """Run a file operation; on an OS error drop the temp file and report it (disk full, I/O error)."""
+        try:
+            return call(*args)
+        except OSError as e:
+            self.abort()
+            raise WeightFileError(
+                f"weight file {self.path}: write failed: {e}; check free space and permissions"
+            ) from e
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_blob_file(path: PathLike, arrays: list[np.ndarray]) -> list[int]:
+    """Write ``arrays`` to a new weight file at ``path``; returns their record offsets, in order."""
+    with BlobWriter(path) as writer:
+        return [writer.add(a) for a in arrays]
+
+
+class BlobReader:
+    """Reads a weight file, checking every field it relies on, so a bad file fails with a :class:`WeightFileError`
+    that names the file and offset instead of returning garbage weights."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        with self._open() as f:
+            self.size = os.fstat(f.fileno()).st_size
+            header = f.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            raise self._error(0, f"short read: the header needs 64 bytes, the file has {len(header)}; {_TRUNCATED}")
+        self.count, version = _HEADER.unpack(header)
+        if version != VERSION:
+            raise self._error(0, f"header has version {version}, expected {VERSION}; {_NOT_V2}")
+        if _HEADER.size + self.count * _RECORD.size > self.size:
+            raise self._error(
+                0, f"header counts {self.count} blobs, more than a {self.size}-byte file holds; {_TRUNCATED}"
+            )
+
+    def read(
+        self, offset: int, dtype: Optional[DTypeLike] = None, shape: Optional[tuple[int, ...]] = None
+    ) -> np.ndarray:
+        """The array whose record is at ``offset``; ``dtype`` and ``shape``, if given, must match the record."""
+        offset = operator.index(offset)
+        with self._open() as f:
+            record_dtype, nbytes = self._record(f, offset)
+            if dtype is not None and np.dtype(dtype).newbyteorder("<") != record_dtype:
+                raise self._error(
+                    offset, f"blob holds {record_dtype}, not {np.dtype(dtype)}; ask for the dtype it was written with"
+                )
+            count = nbytes // record_dtype.itemsize
+            if shape is not None and math.prod(shape) != count:
+                raise self._error(
+                    offset, f"blob holds {count} elements, shape {tuple(shape)} needs {math.prod(shape)}; fix the shape"
+                )
+            arr = np.empty(count, dtype=record_dtype)
+            if nbytes:
+                f.seek(offset + _RECORD.size)
+                got = f.readinto(memoryview(arr.view(np.uint8)))
+                if got != nbytes:
+                    raise self._error(offset, f"short read: got {got} of {nbytes} data bytes; {_TRUNCATED}")
+        return arr if shape is None else arr.reshape(shape)
+
+    def records(self) -> list[tuple[int, np.dtype, int]]:
+        """``(offset, dtype, nbytes)`` of every blob, walking the records from the first one."""
+        out = []
+        offset = _HEADER.size
+        with self._open() as f:
+            for _ in range(self.count):
+                dtype, nbytes = self._record(f, offset)
+                out.append((offset, dtype, nbytes))
+                offset = _align(offset + _RECORD.size + nbytes)
+        return out
+
+    def _record(self, f: BinaryIO, offset: int) -> tuple[np.dtype, int]:
+        if offset < _HEADER.size or offset % ALIGNMENT:
+            raise self._error(offset, f"records start at 64 and are 64-byte aligned; {_BAD_OFFSET}")
+        if offset + _RECORD.size > self.size:
+            raise self._error(
+                offset, f"short read: the 64-byte record runs past the end of the {self.size}-byte file; {_BAD_OFFSET}"
+            )
+        f.seek(offset)
+        raw = f.read(_RECORD.size)
+        if len(raw) < _RECORD.size:
+            raise self._error(offset, f"short read: got {len(raw)} of 64 record bytes; {_TRUNCATED}")
+        sentinel, code, nbytes, data_offset, _ = _RECORD.unpack(raw)
+        if sentinel != SENTINEL:
+            raise self._error(offset, f"bad sentinel 0x{sentinel:08X}, expected 0x{SENTINEL:08X}; {_BAD_OFFSET}")
+        if code not in CODE_DTYPES:
+            raise self._error(
+                offset,
+                f"dtype code {code} ({_dtype_name(code)}) is not supported; write the blob as one of {_SUPPORTED}",
+            )
+        if data_offset != offset + _RECORD.size:
+            raise self._error(
+                offset, f"record puts its data at {data_offset}, expected {offset + _RECORD.size}; {_CORRUPT}"
+            )
+        if data_offset + nbytes > self.size:
+            raise self._error(
+                offset,
+                f"short read: {nbytes} data bytes at {data_offset} run past the end of the {self.size}-byte file; "
+                + _TRUNCATED,
+            )
+        dtype = CODE_DTYPES[code]
+        if nbytes % dtype.itemsize:
+            raise self._error(
+                offset, f"data size {nbytes} is not a multiple of the {dtype} item size {dtype.itemsize}; {_CORRUPT}"
+            )
+        return dtype, nbytes
+
+    def _open(self) -> BinaryIO:
+        try:
+            return open(self.path, "rb")
+        except OSError as e:
+            raise WeightFileError(f"weight file {self.path}: cannot open: {e.strerror}; check the path") from e
+
+    def _error(self, offset: int, problem: str) -> WeightFileError:
+        return WeightFileError(f"weight file {self.path}, offset {offset}: {problem}")
+
+
+def read_blob(
+    path: PathLike, offset: int, dtype: Optional[DTypeLike] = None, shape: Optional[tuple[int, ...]] = None
+) -> np.ndarray:
+    """Read one blob from ``path``; see :meth:`BlobReader.read`."""
+    return BlobReader(path).read(offset, dtype, shape)

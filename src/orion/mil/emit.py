@@ -1,0 +1,185 @@
+"""Lower an IR graph to a MIL :class:`Program` plus the weight blobs its BLOBFILE constants name.
+
+The emitted form is the one the ANE compiler accepts (reference section 3): op parameters are named consts,
+tensors of weights live in blob files under ``@model_path/``, outputs are named by the graph's output names.
+The same graph always lowers to byte-identical text.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from orion.errors import GraphError
+from orion.ir.graph import Graph, sanitize_name
+from orion.ir.ops import OPS, input_names
+from orion.ir.types import TensorType, dtype_name
+from orion.mil.blob import BlobWriter, blob_record_offsets
+from orion.mil.program import DIALECTS, BlobRef, Literal, Program, Statement, VarRef
+
+#: ``per-tensor``: one weight file per constant (what Orion, maderix and M1 need); ``single``: all in one file.
+WEIGHT_LAYOUTS = ("per-tensor", "single")
+MODEL_PATH = "@model_path/"
+
+
+@dataclass
+class MILModule:
+    """What the compiler hands to a backend: MIL text, its parsed-equivalent program, and the weight files.
+
+    ``weight_files`` maps a path relative to the model directory (``weights/wq.bin``) to the arrays stored in it,
+    in file order; ``weight_names`` maps each BLOBFILE constant's name to ``(path, offset)``.
+    """
+
+    program: Program
+    text: str
+    weight_files: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    weight_names: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    def write(self, directory: str | os.PathLike) -> Path:
+        """Write ``model.mil`` and the weight files under ``directory`` (each file atomically)."""
+        root = Path(directory)
+        for rel, arrays in self.weight_files.items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with BlobWriter(path) as writer:
+                for array in arrays:
+                    writer.add(array)
+        write_text_atomic(root / "model.mil", self.text)
+        return root
+
+    def weight_bytes(self) -> int:
+        return sum(a.nbytes for arrays in self.weight_files.values() for a in arrays)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _attr_literal(kind: str, value, dtype: str) -> Literal:
+    if kind == "int":
+        return Literal(TensorType("int32"), np.asarray(int(value), dtype=np.int32))
+    if kind == "ints":
+        arr = np.asarray([int(v) for v in value], dtype=np.int32)
+        return Literal(TensorType("int32", arr.shape), arr)
+    if kind == "bool":
+        return Literal(TensorType("bool"), np.asarray(bool(value)))
+    if kind == "bools":
+        arr = np.asarray([bool(v) for v in value])
+        return Literal(TensorType("bool", arr.shape), arr)
+    if kind == "string":
+        return Literal(TensorType("string"), str(value))
+    if kind == "float":
+        return Literal(TensorType(dtype), np.asarray(value, dtype=TensorType(dtype).numpy_dtype))
+    raise GraphError(f"attribute kind {kind!r} cannot be emitted")
+
+
+def _name_attr(name: str) -> dict[str, Literal]:
+    return {"name": Literal(TensorType("string"), name)}
+
+
+def emit(graph: Graph, version: str = "1.3", weight_layout: str = "per-tensor",
+         weights_dir: str = "weights") -> MILModule:
+    """Lower ``graph`` (already legalized for its target) to MIL text and weight blobs."""
+    if version not in DIALECTS:
+        raise GraphError(f"unknown MIL version {version!r}; expected one of {sorted(DIALECTS)}")
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise GraphError(f"unknown weight layout {weight_layout!r}; expected one of {WEIGHT_LAYOUTS}")
+    graph.validate()
+    names: dict[int, str] = {}
+    taken: set[str] = set()
+
+    def claim(base: str) -> str:
+        base = sanitize_name(base)
+        name, i = base, 0
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        taken.add(name)
+        return name
+
+    for v in graph.inputs:
+        names[v.id] = claim(v.name)
+    # An output takes the name of the statement that produces it, unless that value is an input, a constant,
+    # or already named for another output: then an identity op carries the name.
+    renamed_outputs: dict[int, str] = {}
+    for out_name, v in graph.outputs.items():
+        if out_name in taken:
+            raise GraphError(f"output name {out_name!r} is also an input name")
+        if v.producer is not None and not v.producer.is_const and v.id not in renamed_outputs:
+            renamed_outputs[v.id] = out_name
+        taken.add(out_name)
+
+    statements: list[Statement] = []
+    weight_files: dict[str, list[np.ndarray]] = {}
+    weight_names: dict[str, tuple[str, int]] = {}
+    single_path = f"{weights_dir}/weights.bin"
+
+    def add_blob(name: str, array: np.ndarray) -> BlobRef:
+        rel = single_path if weight_layout == "single" else f"{weights_dir}/{name}.bin"
+        arrays = weight_files.setdefault(rel, [])
+        arrays.append(array)
+        offset = blob_record_offsets([a.nbytes for a in arrays])[-1]
+        weight_names[name] = (rel, offset)
+        return BlobRef(MODEL_PATH + rel, offset)
+
+    for node in graph.nodes:
+        out = node.output
+        var = renamed_outputs.get(out.id) or claim(out.name)
+        names[out.id] = var
+        if node.is_const:
+            statements.append(_const_statement(var, node.attrs["val"], add_blob))
+            continue
+        spec = OPS[node.op]
+        args: dict[str, object] = {}
+        for key in input_names(spec, list(node.inputs)):
+            v = node.inputs[key]
+            args[key] = tuple(VarRef(names[x.id]) for x in v) if isinstance(v, list) else VarRef(names[v.id])
+        for key, attr in spec.attrs.items():
+            value = node.attrs.get(key)
+            if value is None:
+                continue
+            lit = _attr_literal(attr.kind, value, out.dtype)
+            const_var = claim(f"{var}_{key}")
+            statements.append(Statement(lit.type, const_var, "const", {}, {**_name_attr(const_var), "val": lit}))
+            args[key] = VarRef(const_var)
+        args = dict(sorted(args.items()))
+        statements.append(Statement(out.type, var, node.op, args, _name_attr(var)))
+
+    outputs: list[str] = []
+    for out_name, v in graph.outputs.items():
+        if renamed_outputs.get(v.id) == out_name:
+            outputs.append(out_name)
+            continue
+        statements.append(Statement(v.type, out_name, "identity", {"x": VarRef(names[v.id])}, _name_attr(out_name)))
+        outputs.append(out_name)
+
+    program = Program(
+        inputs=[(names[v.id], v.type) for v in graph.inputs],
+        statements=statements,
+        outputs=outputs,
+        version=version,
+        opset=DIALECTS[version],
+    )
+    return MILModule(program, program.to_text(), weight_files, weight_names)
+
+
+def _const_statement(var: str, array: np.ndarray, add_blob) -> Statement:
+    t = TensorType(dtype_name(array.dtype), tuple(array.shape))
+    if t.size == 1 or t.dtype not in ("fp16", "fp32"):
+        lit = Literal(t, np.asarray(array))
+    else:
+        lit = Literal(t, add_blob(var, np.ascontiguousarray(array)))
+    return Statement(t, var, "const", {}, {**_name_attr(var), "val": lit})

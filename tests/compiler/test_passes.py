@@ -1,0 +1,189 @@
+"""Every pass keeps what the emulator computes: bit for bit for clean-up passes, within fp16 rounding for the
+legalization rewrites (which replace one rounded op by several)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orion.compiler import passes as P
+from orion.compiler.targets import get_target
+from orion.ir.builder import GraphBuilder
+from orion.ir.graph import Graph
+from tests.conftest import emulate
+
+C, S = 8, 4
+CONSERVATIVE = get_target("default").with_overrides(
+    concat="forbid", gelu_native=False, silu_native=False, rsqrt_native=False
+)
+
+
+def _weights(draw, shape, scale=0.5):
+    seed = draw(st.integers(0, 2**31 - 1))
+    return np.random.default_rng(seed).normal(0, scale, size=shape).astype(np.float32)
+
+
+@st.composite
+def random_graphs(draw) -> Graph:
+    """Small graphs over [1, C, 1, S] values that exercise every pass: dead nodes, constant-only subtrees,
+    identities, cast chains, and every op that legalization rewrites."""
+    b = GraphBuilder("random")
+    values = [b.input("x", (1, C, 1, S))]
+    if draw(st.booleans()):
+        values.append(b.input("a_second", (1, C, 1, S)))
+    for i in range(draw(st.integers(1, 8))):
+        x = draw(st.sampled_from(values))
+        kind = draw(st.sampled_from([
+            "add", "mul", "const_chain", "identity", "reshape_roundtrip", "transpose_roundtrip", "cast_roundtrip",
+            "tanh", "sigmoid", "silu", "gelu", "rsqrt", "conv", "conv_bias", "concat_slice", "softmax",
+            "layer_norm", "rms_norm", "dead",
+        ]))
+        if kind in ("add", "mul"):
+            y = draw(st.sampled_from(values))
+            v = getattr(b, kind)(x, y)
+        elif kind == "const_chain":  # a subtree of constants that folding collapses
+            c = b.const(_weights(draw, (1, C, 1, 1)), dtype="fp16")
+            c2 = b.mul(b.add(c, 1.5), b.transpose(b.const(_weights(draw, (1, 1, C, 1)), dtype="fp16"),
+                                                    perm=[0, 2, 1, 3]))
+            v = b.add(x, b.reshape(c2, shape=[1, C, 1, 1]))
+        elif kind == "identity":
+            v = b.identity(x)
+        elif kind == "reshape_roundtrip":
+            v = b.reshape(b.reshape(x, shape=[1, C * S]), shape=[1, C, 1, S])
+        elif kind == "transpose_roundtrip":
+            v = b.transpose(b.transpose(x, perm=[0, 3, 2, 1]), perm=[0, 3, 2, 1])
+        elif kind == "cast_roundtrip":
+            v = b.cast(b.cast(x, "fp32"), "fp16")
+        elif kind in ("tanh", "sigmoid", "silu"):
+            v = getattr(b, kind)(x)
+        elif kind == "gelu":
+            v = b.gelu(x, mode=draw(st.sampled_from(["EXACT", "TANH_APPROXIMATION", "SIGMOID_APPROXIMATION"])))
+        elif kind == "rsqrt":
+            v = b.rsqrt(b.add(b.mul(x, x), 1.0))
+        elif kind in ("conv", "conv_bias"):
+            bias = _weights(draw, (C,)) if kind == "conv_bias" else None
+            v = b.linear(x, _weights(draw, (C, C)), bias, name=f"lin{i}")
+        elif kind == "concat_slice":
+            y = draw(st.sampled_from(values))
+            axis = draw(st.sampled_from([1, 3]))
+            cat = b.concat([x, y], axis=axis, interleave=draw(st.booleans()))
+            end = [1, C, 1, S]
+            begin = [0, 0, 0, 0]
+            begin[axis] = draw(st.sampled_from([0, end[axis]]))
+            end[axis] += begin[axis]
+            v = b.slice_by_index(cat, begin=begin, end=end)
+        elif kind == "softmax":
+            v = b.softmax(x, axis=draw(st.sampled_from([1, -1])))
+        elif kind == "layer_norm":
+            v = b.layer_norm(x, 1 + _weights(draw, (C,)), _weights(draw, (C,)), name=f"ln{i}")
+        elif kind == "rms_norm":
+            v = b.rms_norm(x, 1 + _weights(draw, (C,)), name=f"rms{i}")
+        else:
+            b.exp(x)  # never used: dead code
+            continue
+        values.append(v)
+    outputs = draw(st.lists(st.sampled_from(values), min_size=1, max_size=2))
+    for j, v in enumerate(outputs):
+        b.output(f"out{j}", v)
+    return b.graph
+
+
+def _inputs(graph: Graph, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {v.name: rng.normal(0, 1, v.shape).astype(np.float32) for v in graph.inputs}
+
+
+EXACT_PASSES = {
+    "eliminate_identities": P.eliminate_identities,
+    "eliminate_casts": P.eliminate_casts,
+    "eliminate_dead_code": P.eliminate_dead_code,
+    "fold_constants": P.fold_constants,
+    "canonicalize_io": P.canonicalize_io,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_PASSES))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(graph=random_graphs(), seed=st.integers(0, 1000))
+def test_cleanup_pass_keeps_outputs_bit_exact(name, graph, seed, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp(name)
+    inputs = _inputs(graph, seed)
+    before = emulate(graph, inputs, out_dir)
+    after = emulate(EXACT_PASSES[name](graph), inputs, out_dir)
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=f"{name} changed output {key}")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=random_graphs(), seed=st.integers(0, 1000))
+def test_full_pipeline_keeps_outputs_within_fp16_rounding(graph, seed, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("pipeline")
+    inputs = _inputs(graph, seed)
+    before = emulate(graph, inputs, out_dir)
+    optimized = P.run_pipeline(graph, P.default_passes(CONSERVATIVE))
+    ops = {n.op for n in optimized.nodes}
+    assert not ops & {"rsqrt", "gelu", "silu", "concat", "identity"}, ops
+    assert all("bias" not in n.inputs for n in optimized.nodes if n.op == "conv")
+    after = emulate(optimized, inputs, out_dir)
+    for key in before:
+        # several rounded fp16 ops in place of one: a few fp16 ulps, relative to the output's scale
+        scale = max(1.0, float(np.abs(before[key].astype(np.float32)).max()))
+        np.testing.assert_allclose(after[key].astype(np.float32), before[key].astype(np.float32),
+                                   atol=2e-2 * scale, rtol=2e-2)
+
+
+def test_pipeline_reaches_a_fixpoint_and_is_idempotent():
+    b = GraphBuilder()
+    x = b.input("x", (1, C, 1, S))
+    b.output("y", b.identity(b.cast(b.cast(b.rsqrt(b.add(b.mul(x, x), 1.0)), "fp32"), "fp16")))
+    once = P.run_pipeline(b.graph, P.default_passes(CONSERVATIVE))
+    twice = P.run_pipeline(once, P.default_passes(CONSERVATIVE))
+    assert once.fingerprint() == twice.fingerprint()
+    assert [n.op for n in once.nodes if not n.is_const] == ["mul", "add", "pow"]
+
+
+def test_dead_code_elimination_keeps_inputs_and_drops_unused_nodes():
+    b = GraphBuilder()
+    x = b.input("x", (1, C, 1, S))
+    b.input("unused", (1, C, 1, S))
+    b.exp(x)
+    b.output("y", b.tanh(x))
+    g = P.eliminate_dead_code(b.graph)
+    assert [v.name for v in g.inputs] == ["x", "unused"]
+    assert [n.op for n in g.nodes] == ["tanh"]
+
+
+def test_constant_folding_rounds_like_the_hardware():
+    b = GraphBuilder()
+    x = b.input("x", (1, 1, 1, 1))
+    c = b.add(b.const(np.float16(1.0)), b.const(np.float16(2.0 ** -11)))  # 1 + half an ulp: a tie, rounds to even
+    b.output("y", b.add(x, c))
+    g = P.fold_constants(b.graph)
+    folded = g.nodes[-1].inputs["y"].producer
+    assert folded.is_const and folded.attrs["val"].dtype == np.float16 and folded.attrs["val"] == 1.0
+
+
+def test_io_canonicalization_sorts_names():
+    b = GraphBuilder()
+    z = b.input("z", (1, C, 1, S))
+    a = b.input("a", (1, C, 1, S))
+    b.output("y", b.add(z, a))
+    b.output("b", b.mul(z, a))
+    g = P.canonicalize_io(b.graph)
+    assert [v.name for v in g.inputs] == ["a", "z"]
+    assert list(g.outputs) == ["b", "y"]
+
+
+def test_legalize_respects_target_flags():
+    b = GraphBuilder()
+    x = b.input("x", (1, C, 1, S))
+    b.output("y", b.concat([b.gelu(x, mode="TANH_APPROXIMATION"), b.silu(b.rsqrt(b.exp(x)))], axis=1))
+    native = get_target("default").with_overrides(concat="allow", gelu_native=True, silu_native=True,
+                                                   rsqrt_native=True)
+    assert {n.op for n in P.legalize(native)(b.graph).nodes} >= {"gelu", "silu", "rsqrt", "concat"}
+    rewritten = {n.op for n in P.legalize(CONSERVATIVE)(b.graph).nodes}
+    assert not rewritten & {"gelu", "silu", "rsqrt", "concat"}

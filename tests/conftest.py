@@ -1,0 +1,32 @@
+"""Shared fixtures: run a graph the way users do (emit MIL text + weights, load the text, run the emulator)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orion.ir.graph import Graph
+from orion.mil.emit import emit
+from orion.runtime.backends.emulator import load_program
+
+_counter = itertools.count()
+
+
+def emulate(graph: Graph, inputs: dict[str, np.ndarray], directory: Path, **emit_options) -> dict[str, np.ndarray]:
+    """Emit ``graph``, write it under a fresh folder of ``directory``, parse it back and run it on the emulator."""
+    target = directory / f"g{next(_counter)}"
+    emit(graph, **emit_options).write(target)
+    return load_program(target).run(inputs)
+
+
+@pytest.fixture
+def run_graph(tmp_path):
+    return lambda graph, inputs, **kw: emulate(graph, inputs, tmp_path, **kw)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

@@ -14,24 +14,27 @@ import numpy as np
 from orion.ir.builder import GraphBuilder
 
 
+def add_block(b: GraphBuilder, x, d: int, heads: int, rng: np.random.Generator, mask=None):
+    """One pre-norm block: x + attn(ln_1(x)), then + mlp(ln_2(.)); q, k and v come from one conv."""
+    def w(*shape):
+        return rng.normal(0.0, 0.02, size=shape).astype(np.float32)
+
+    seq = x.shape[3]
+    h = b.layer_norm(x, 1.0 + w(d), w(d), name="ln_1")
+    qkv = b.linear(h, w(3 * d, d), w(3 * d), name="c_attn")
+    q, k, v = (b.slice_by_index(qkv, begin=[0, i * d, 0, 0], end=[1, (i + 1) * d, 1, seq], name=n)
+               for i, n in enumerate("qkv"))
+    a = b.attention(q, k, v, heads=heads, mask=mask, name="attn")
+    x = b.add(x, b.linear(a, w(d, d), w(d), name="c_proj"), name="res_1")
+    h = b.layer_norm(x, 1.0 + w(d), w(d), name="ln_2")
+    return b.add(x, b.gelu_mlp(h, w(4 * d, d), w(4 * d), w(d, 4 * d), w(d), name="mlp"), name="res_2")
+
+
 def build(d: int | None = None, heads: int | None = None, seq: int | None = None, seed: int = 0):
     d = d or int(os.environ.get("ORION_D", 768))
     heads = heads or int(os.environ.get("ORION_HEADS", 12))
     seq = seq or int(os.environ.get("ORION_SEQ", 64))
-    rng = np.random.default_rng(seed)
-
-    def w(*shape):
-        return rng.normal(0.0, 0.02, size=shape).astype(np.float32)
-
     b = GraphBuilder("gpt2_block")
     x = b.input("x", (1, d, 1, seq))
-    h = b.layer_norm(x, 1.0 + w(d), w(d), name="ln_1")
-    qkv = b.linear(h, w(3 * d, d), w(3 * d), name="c_attn")  # one conv for q, k and v
-    q, k, v = (b.slice_by_index(qkv, begin=[0, i * d, 0, 0], end=[1, (i + 1) * d, 1, seq], name=n)
-               for i, n in enumerate("qkv"))
-    a = b.attention(q, k, v, heads=heads, name="attn")
-    x = b.add(x, b.linear(a, w(d, d), w(d), name="c_proj"), name="res_1")
-    h = b.layer_norm(x, 1.0 + w(d), w(d), name="ln_2")
-    x = b.add(x, b.gelu_mlp(h, w(4 * d, d), w(4 * d), w(d, 4 * d), w(d), name="mlp"), name="res_2")
-    b.output("y", x)
+    b.output("y", add_block(b, x, d, heads, np.random.default_rng(seed)))
     return b.graph

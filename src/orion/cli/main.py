@@ -18,7 +18,7 @@ from rich.table import Table
 from orion import __version__
 from orion.errors import OrionError
 
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 EXIT_VIOLATIONS = 1

@@ -1,0 +1,582 @@
+"""The ANE constraint catalog, and the checks that can be decided before the hardware sees a program.
+
+Every fact the public record reports about what the ANE compiler or runtime rejects (or silently gets wrong) has a
+stable id here. ``ANE-01`` … ``ANE-20`` are the Orion paper's Table 3 numbers exactly; ``ANE-21`` on are later
+reports and the other facts of the team's ANE reference notes (sections 3, 5 and 9). A failed compile costs one of the
+~119 compiles a process gets (ANE-05) and tells nothing about the cause, so everything decidable from the program
+text is checked here first, with the catalog id, the place, and the fix.
+
+* :func:`check_program`: the compile-time rules, for a :class:`~orion.mil.program.Program` and a target profile;
+* :func:`check_binding`: the rules on surface byte sizes, for the runtime's binding planner;
+* :func:`raise_on_errors`: turn error-severity violations into :class:`~orion.errors.ConstraintError`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from orion.compiler.targets import Target
+from orion.errors import ConstraintError
+from orion.mil.program import NUMPY_DTYPES, BlobRef, Literal, Program, Statement, TensorType, VarRef
+
+CATEGORIES = ("compile", "io-binding", "numerics", "runtime", "performance", "weights")
+CHECKED_AT = ("compile", "binding", "run", "not-checkable")
+SEVERITIES = ("error", "warning")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One catalog entry. ``conflict`` names the :class:`Target` field that settles a CONFLICT item; ``setting``
+    names the field any target-dependent entry reads (equal to ``conflict`` when both are set)."""
+
+    id: str
+    title: str
+    category: str
+    severity: str
+    checked_at: str
+    symptom: str
+    fix: str
+    source: str
+    conflict: str | None = None
+    setting: str | None = None
+
+
+_ENTRIES = (
+    # --- Orion paper, Table 3 (numbers kept) ------------------------------------------------------------------------
+    Constraint(
+        "ANE-01", "concat is rejected by the compiler (works with interleave= in maderix's kernels)",
+        "compile", "error", "compile",
+        "compile fails", "return the parts as separate outputs, or write concat with a named interleave const where "
+        "the target allows it", "Orion Table 3 #1; maderix/ANE (CONFLICT #1)", conflict="concat", setting="concat",
+    ),
+    Constraint(
+        "ANE-02", "several outputs must have surfaces of equal allocation size", "io-binding", "error", "binding",
+        "evaluation fails with status 0x1d", "pad every output surface to the largest", "Orion Table 3 #2",
+    ),
+    Constraint(
+        "ANE-03", "outputs bind in alphabetical order of their MIL names", "io-binding", "error", "not-checkable",
+        "silently wrong data", "by construction: the compiler declares outputs sorted by name "
+        "(orion.compiler.passes.canonicalize_io) and the runtime binds surfaces in sorted-name order",
+        "Orion Table 3 #3",
+    ),
+    Constraint(
+        "ANE-04", "I/O surfaces below a minimum size (~49 KB known to work) fail", "io-binding", "error", "binding",
+        "evaluation fails with status 0x1d (compiles fine)", "allocate at least min_surface_bytes; run decode on a "
+        "sequence bucket of 16 with the token at position 0", "Orion Table 3 #4", setting="min_surface_bytes",
+    ),
+    Constraint(
+        "ANE-05", "about 119 compiles per process, then compiles fail silently", "runtime", "error", "run",
+        "silent compile failures (the compiler leaks state)", "the runtime counts compiles, caches programs, and "
+        "checkpoints and re-executes the process before the limit", "Orion Table 3 #5 (P); maderix/ANE",
+    ),
+    Constraint(
+        "ANE-06", "scaled_dot_product_attention ignores the causal mask", "compile", "error", "compile",
+        "wrong attention (compiles and runs, mask has no effect)", "write attention out: matmul(transpose_y), scale, "
+        "add a constant mask, softmax, matmul with V", "Orion Table 3 #6 (P); maderix/ANE",
+    ),
+    Constraint(
+        "ANE-07", "weights are baked into the program at compile time", "weights", "error", "run",
+        "stale weights: rewriting the weight file then unload/load gave unchanged outputs (maderix, M5)",
+        "update weights with the target's weight_update strategy; a reload path must match a fresh compile on the "
+        "device before it is trusted", "Orion Table 3 #7 (P); maderix/ANE (CONFLICT, section 2)",
+        conflict="weight_update", setting="weight_update",
+    ),
+    Constraint(
+        "ANE-08", "a BLOBFILE offset names the blob's 64-byte metadata record (64 for a file's first blob)",
+        "weights", "error", "compile", "garbage weights, no error", "offset = record offset: 64 for the first blob, "
+        "then 64-byte aligned (never 0, never the data offset)", "Orion Table 3 #8",
+    ),
+    Constraint(
+        "ANE-09", "MIL text must be passed as NSData (UTF-8), not NSString", "runtime", "error", "not-checkable",
+        "crash", "by construction: the runtime's ANE bridge always passes the text as UTF-8 bytes",
+        "Orion Table 3 #9",
+    ),
+    Constraint(
+        "ANE-10", "gelu is not a valid op (others use gelu(mode=...))", "compile", "error", "compile",
+        "compile fails", "write the tanh approximation 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3)))",
+        "Orion Table 3 #10 (CONFLICT #10)", conflict="gelu_native", setting="gelu_native",
+    ),
+    Constraint(
+        "ANE-11", "the weight dictionary must be an empty dict, never nil", "runtime", "error", "not-checkable",
+        "crash", "by construction: the runtime's ANE bridge always passes a dictionary, empty when there are no "
+        "weights", "Orion Table 3 #11",
+    ),
+    Constraint(
+        "ANE-12", "matmul transpose_x/transpose_y must be named bool consts", "compile", "error", "compile",
+        "MIL rejected", "emit a named bool const (bool ty = const()[..., val=bool(true)]) and pass its name",
+        "Orion Table 3 #12",
+    ),
+    Constraint(
+        "ANE-13", "conv has no bias= parameter", "compile", "error", "compile", "MIL rejected",
+        "drop bias= and add the bias with a separate add", "Orion Table 3 #13",
+    ),
+    Constraint(
+        "ANE-14", "returned names must refer to live (post-DCE) values", "compile", "error", "compile",
+        "invalid program", "return only names the function defines; rename after dead-code elimination",
+        "Orion Table 3 #14",
+    ),
+    Constraint(
+        "ANE-15", "re-executing the process costs ~50 ms", "performance", "warning", "not-checkable", "latency",
+        "batch many steps per process; the runtime re-executes only near the compile limit (ANE-05)",
+        "Orion Table 3 #15 (P)",
+    ),
+    Constraint(
+        "ANE-16", "a conv with ~32K input channels is rejected (32K output channels compile)", "compile", "error",
+        "compile", "compile fails", "tile the conv over input channels and add the partial results, or run it on "
+        "the CPU", "Orion Table 3 #16; maderix/ANE (output side)", setting="max_conv_input_channels",
+    ),
+    Constraint(
+        "ANE-17", "a 1x1 conv is about 3x faster than matmul for a linear layer", "performance", "warning",
+        "compile", "speed", "write a linear layer with constant weights as conv with weight [O, I, 1, 1]",
+        "Orion Table 3 #17 (P); maderix/ANE",
+    ),
+    Constraint(
+        "ANE-18", "several inputs must have surfaces of equal allocation size", "io-binding", "error", "binding",
+        "evaluation fails with status 0x1d", "pad every input surface to the largest and write data packed",
+        "Orion Table 3 #18",
+    ),
+    Constraint(
+        "ANE-19", "inputs bind in alphabetical order of their parameter names", "io-binding", "error",
+        "not-checkable", "silently wrong data", "by construction: the compiler declares inputs sorted by name "
+        "(orion.compiler.passes.canonicalize_io) and the runtime binds surfaces in sorted-name order",
+        "Orion Table 3 #19",
+    ),
+    Constraint(
+        "ANE-20", "an over-allocated surface is read as packed data from byte 0", "io-binding", "error",
+        "not-checkable", "silently wrong data (stride padding is not honoured)", "by construction: the runtime "
+        "writes and reads every tensor packed from byte 0", "Orion Table 3 #20",
+    ),
+    # --- later reports and the other facts (reference sections 3, 4, 5, 9) --------------------------------------------
+    Constraint(
+        "ANE-21", "at most 16 BLOBFILE-backed constants per program (an inline scalar operand of add/mul/pow "
+        "counts too)", "weights", "error", "compile", "InvalidMILProgram with 17", "split the program, merge "
+        "weights into fewer blobs, or pass weights as inputs", "Orion (later report; unverified elsewhere)",
+        setting="max_blob_constants",
+    ),
+    Constraint(
+        "ANE-22", "rsqrt fails to compile", "compile", "error", "compile", "compile fails", "write pow(x, -0.5)",
+        "later report (reference section 3)", setting="rsqrt_native",
+    ),
+    Constraint(
+        "ANE-23", "I/O dtypes are fp16 or fp32 only (int32 and bf16 are rejected)", "io-binding", "error",
+        "compile", "rejected", "cast to fp16 inside the program; declare inputs and outputs fp16 or fp32",
+        "reference section 5; ANEForge", setting="io_dtypes",
+    ),
+    Constraint(
+        "ANE-24", "static shapes of rank at most 5", "compile", "error", "compile", "compile fails",
+        "reshape to rank 4 ([1, C, 1, S])", "reference section 5", setting="max_rank",
+    ),
+    Constraint(
+        "ANE-25", "per-axis extent limit: 16384 on older chips, 65536 on newer", "compile", "error", "compile",
+        "compile fails", "tile the axis (a 32,000- or 50,257-entry classifier needs tiling on older chips)",
+        "reference section 5; ANEForge; ANE guide (arXiv 2606.22283)", setting="max_axis",
+    ),
+    Constraint(
+        "ANE-26", "matmul inner dimension not a multiple of 32", "numerics", "warning", "compile",
+        "zeros in the output (one report)", "pad the inner dimension with zeros to a multiple of 32",
+        "reference section 5 (one report)", setting="matmul_inner_multiple",
+    ),
+    Constraint(
+        "ANE-27", "silu is reported invalid (others use it)", "compile", "error", "compile", "compile fails",
+        "write x * sigmoid(x)", "Orion; other projects use silu (CONFLICT, section 3)", conflict="silu_native",
+        setting="silu_native",
+    ),
+    Constraint(
+        "ANE-28", "one blob per weight file on M1", "weights", "error", "compile",
+        "M1 rejects a weight file holding several blobs", "write one file per weight (offset 64 in each)",
+        "reference section 4 (Orion, maderix/ANE write one file per matrix)", setting="blobs_per_file",
+    ),
+    Constraint(
+        "ANE-29", "M1/M2: a slice with a nonzero last-axis begin sends |x| > 4094 to inf", "numerics", "warning",
+        "compile", "inf in the sliced values", "slice along another axis (transpose first), or keep the sliced "
+        "values within +-4094", "ANEForge numeric cliffs (N11)", setting="slice_offset_overflow",
+    ),
+    Constraint(
+        "ANE-30", "MIL dialect per chip: program(1.3)/ios18 on M3-M5, program(1.0)/ios16 on M1/M2", "compile",
+        "error", "compile", "compile fails", "print the program in the target's dialect: program.to_text(version)",
+        "reference section 3", setting="mil_version",
+    ),
+    Constraint(
+        "ANE-31", "conv/matmul results of magnitude >= 32768 become +-inf", "numerics", "warning", "run",
+        "inf in outputs (elementwise ops overflow only at 65504)", "scale activations or weights down; split long "
+        "contractions; the emulator applies the same ceiling", "ANE guide; ANEForge (N4)",
+    ),
+    Constraint(
+        "ANE-32", "conv pad_type/strides/pad/dilations/groups must be named consts", "compile", "error", "compile",
+        "MIL rejected", "emit each as a named const and pass its name", "reference section 3 (Orion, maderix/ANE)",
+    ),
+    Constraint(
+        "ANE-33", "fp32 inputs need a cast to fp16 inside the program", "io-binding", "warning", "compile",
+        "rejected or computed in fp16 anyway (N1)", "cast(dtype=<string const \"fp16\">, x=input) before any other "
+        "use", "reference section 5",
+    ),
+    Constraint(
+        "ANE-34", "only ops known to run on the ANE", "compile", "error", "compile", "compile fails",
+        "rewrite the op with known ones (see orion.ir.ops.OPS)", "Orion op registry (coremltools iOS18 op names)",
+    ),
+    Constraint(
+        "ANE-35", "I/O last-axis bytes should be a multiple of 64", "io-binding", "warning", "compile",
+        "silently wrong data if rows are 64-byte aligned (reports disagree with packed reads, #20)",
+        "choose the last axis so that its bytes are a multiple of 64 (fp16: 32 elements, fp32: 16)",
+        "reference section 5", setting="io_row_align_bytes",
+    ),
+    Constraint(
+        "ANE-36", "working set above the ~32 MB on-chip SRAM", "performance", "warning", "compile",
+        "about 30% slower", "split the program so each working set fits; checked by the compiler's SRAM estimate, "
+        "not by check_program", "maderix/ANE", setting="sram_budget_bytes",
+    ),
+    Constraint(
+        "ANE-37", "fp16 everywhere: beyond +-65504 is inf, NaN inputs read as +inf", "numerics", "warning", "run",
+        "inf cascades and NaN in training", "clamp to +-65504 on every CPU<->ANE copy, sanitize weights when "
+        "writing (NaN -> 0, +-inf -> +-65504)", "Orion; ANE guide (N1, N5, N6)",
+    ),
+)
+
+CATALOG: dict[str, Constraint] = {c.id: c for c in _ENTRIES}
+
+#: Column titles of :func:`format_catalog` rows.
+CATALOG_COLUMNS = ("id", "title", "category", "severity", "checked at", "setting", "symptom", "fix", "source")
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken constraint at one place."""
+
+    constraint: str
+    severity: str
+    where: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        at = f" at {self.where}" if self.where else ""
+        return f"{self.constraint} {self.severity}{at}: {self.message}; fix: {self.fix}"
+
+
+def raise_on_errors(violations: list[Violation]) -> None:
+    """Raise :class:`ConstraintError` listing the error-severity violations, if any (warnings pass)."""
+    errors = [v for v in violations if v.severity == "error"]
+    if errors:
+        raise ConstraintError(errors)
+
+
+def format_catalog(target: Target | None = None) -> list[tuple[str, ...]]:
+    """Rows of :data:`CATALOG_COLUMNS` for ``orion constraints``; with a target, the setting column shows its value."""
+    rows = []
+    for c in CATALOG.values():
+        setting = ""
+        if c.setting:
+            setting = f"{c.setting}={getattr(target, c.setting)!r}" if target else c.setting
+            if c.conflict:
+                setting += " (CONFLICT)"
+        rows.append((c.id, c.title, c.category, c.severity, c.checked_at, setting, c.symptom, c.fix, c.source))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Binding-time checks
+
+
+def check_binding(input_sizes: Mapping[str, int], output_sizes: Mapping[str, int], target: Target) -> list[Violation]:
+    """The rules on surface allocation sizes in bytes (ANE-02, ANE-04, ANE-18).
+
+    ANE-03/ANE-19 (alphabetical binding) and ANE-20 (packed reads) hold by construction: the runtime binds surfaces
+    in sorted-name order and writes every tensor packed from byte 0, so there is nothing to check here.
+    """
+    found = []
+    for kind, cid, sizes in (("input", "ANE-18", input_sizes), ("output", "ANE-02", output_sizes)):
+        if len(set(sizes.values())) > 1:
+            listing = ", ".join(f"{name}={size}" for name, size in sorted(sizes.items()))
+            found.append(
+                Violation(
+                    cid, "error", f"{kind} surfaces",
+                    f"{kind} surfaces differ in size ({listing} bytes); evaluation fails with status 0x1d",
+                    f"allocate every {kind} surface at {max(sizes.values())} bytes and write data packed from byte 0",
+                )
+            )
+        for name, size in sorted(sizes.items()):
+            if size < target.min_surface_bytes:
+                found.append(
+                    Violation(
+                        "ANE-04", "error", f"{kind} '{name}'",
+                        f"surface of {size} bytes is below the {target.min_surface_bytes} bytes known to work; "
+                        "evaluation fails with status 0x1d",
+                        f"allocate at least {target.min_surface_bytes} bytes (decode: a sequence bucket of 16), or "
+                        "lower min_surface_bytes once a probe shows a smaller size works",
+                    )
+                )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compile-time checks
+
+
+def check_program(program: Program, target: Target) -> list[Violation]:
+    """Every compile-time rule decidable from the program text, for ``target``; [] when nothing is wrong.
+
+    Not checked here: the SRAM working set (ANE-36, the compiler's estimate), and rules that need run-time data.
+    """
+    from orion.ir.ops import OPS  # imported late so that importing the catalog never pulls in the IR layer
+
+    return _Checker(program, target, frozenset(OPS)).run()
+
+
+def _nbytes(t: TensorType) -> int | None:
+    return t.nbytes if t.dtype in NUMPY_DTYPES else None
+
+
+class _Checker:
+    def __init__(self, program: Program, target: Target, known_ops: frozenset[str]):
+        self.program = program
+        self.target = target
+        self.known_ops = known_ops
+        self.types = program.var_types()
+        self.consts = {st.var: st for st in program.statements if st.op == "const"}
+        self.found: list[Violation] = []
+
+    def run(self) -> list[Violation]:
+        self.check_dialect()
+        for st in self.program.statements:
+            self.check_statement(st)
+        self.check_blobs()
+        self.check_outputs()
+        self.check_shapes()
+        self.check_io()
+        return self.found
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+
+    def add(self, cid: str, where: str, message: str, fix: str | None = None, severity: str | None = None) -> None:
+        entry = CATALOG[cid]
+        self.found.append(Violation(cid, severity or entry.severity, where, message, fix or entry.fix))
+
+    @staticmethod
+    def at(st: Statement) -> str:
+        place = f"{st.op} '{st.var}'"
+        return f"line {st.line} ({place})" if st.line else place
+
+    def arg_type(self, arg) -> TensorType | None:
+        if isinstance(arg, VarRef):
+            return self.types.get(arg.name)
+        return arg.type if isinstance(arg, Literal) else None
+
+    def value(self, arg) -> np.ndarray | None:
+        """The numeric value of an inline literal or of a named non-blob const; None when not constant."""
+        if isinstance(arg, VarRef) and arg.name in self.consts:
+            arg = self.consts[arg.name].attrs.get("val")
+        if isinstance(arg, Literal) and isinstance(arg.value, np.ndarray):
+            return arg.value
+        return None
+
+    def is_const(self, arg) -> bool:
+        return isinstance(arg, Literal) or (isinstance(arg, VarRef) and arg.name in self.consts)
+
+    # -- program ---------------------------------------------------------------------------------------------------
+
+    def check_dialect(self) -> None:
+        if self.program.version != self.target.mil_version:
+            self.add(
+                "ANE-30", "program",
+                f"the program is program({self.program.version}) but target {self.target.name!r} needs "
+                f"program({self.target.mil_version})",
+                f"print it with program.to_text({self.target.mil_version!r})",
+            )
+
+    # -- statements ------------------------------------------------------------------------------------------------
+
+    def check_statement(self, st: Statement) -> None:
+        t, op, where = self.target, st.op, self.at(st)
+        if op == "const":
+            return
+        if op == "scaled_dot_product_attention":
+            self.add("ANE-06", where, "scaled_dot_product_attention ignores the causal mask on the ANE")
+            return
+        if op not in self.known_ops:
+            self.add("ANE-34", where, f"op {op!r} is not known to run on the ANE")
+            return
+        if op == "concat":
+            if t.concat == "forbid":
+                self.add("ANE-01", where, f"target {t.name!r} forbids concat",
+                         "return the parts as separate outputs")
+            elif t.concat == "interleave" and "interleave" not in st.args:
+                self.add("ANE-01", where, "concat without interleave= failed to compile",
+                         "pass interleave=<named bool const> (false keeps plain concatenation)")
+        elif op == "gelu" and not t.gelu_native:
+            self.add("ANE-10", where, f"target {t.name!r} has no native gelu")
+        elif op == "silu" and not t.silu_native:
+            self.add("ANE-27", where, f"target {t.name!r} has no native silu")
+        elif op == "rsqrt" and not t.rsqrt_native:
+            self.add("ANE-22", where, f"target {t.name!r} has no native rsqrt")
+        elif op == "matmul":
+            self.check_matmul(st, where)
+        elif op == "conv":
+            self.check_conv(st, where)
+        elif op in ("slice_by_index", "slice_by_size"):
+            self.check_slice(st, where)
+
+    def check_matmul(self, st: Statement, where: str) -> None:
+        for flag in ("transpose_x", "transpose_y"):
+            if isinstance(st.args.get(flag), Literal):
+                self.add("ANE-12", where, f"{flag} is an inline literal", "emit a named bool const")
+        x = self.arg_type(st.args.get("x"))
+        tx = self.value(st.args["transpose_x"]) if "transpose_x" in st.args else np.asarray(False)
+        multiple = self.target.matmul_inner_multiple
+        if x is not None and x.rank >= 2 and tx is not None:
+            k = x.shape[-2] if bool(tx) else x.shape[-1]
+            if k % multiple:
+                self.add(
+                    "ANE-26", where, f"inner dimension {k} is not a multiple of {multiple}",
+                    f"pad the inner dimension with zeros to {-(-k // multiple) * multiple}",
+                )
+        for operand in ("x", "y"):
+            arg = st.args.get(operand)
+            if self.is_const(arg):
+                name = arg.name if isinstance(arg, VarRef) else "an inline literal"
+                self.add("ANE-17", where, f"matmul operand {operand} is constant ({name})")
+
+    def check_conv(self, st: Statement, where: str) -> None:
+        for param in ("pad_type", "strides", "pad", "dilations", "groups"):
+            if isinstance(st.args.get(param), Literal):
+                self.add("ANE-32", where, f"{param} is an inline literal", f"emit {param} as a named const")
+        if "bias" in st.args:
+            self.add("ANE-13", where, "conv has a bias= parameter")
+        x = self.arg_type(st.args.get("x"))
+        limit = self.target.max_conv_input_channels
+        if x is not None and x.rank >= 2 and x.shape[1] > limit:
+            self.add("ANE-16", where, f"{x.shape[1]} input channels exceed {limit}")
+
+    def check_slice(self, st: Statement, where: str) -> None:
+        if not self.target.slice_offset_overflow:
+            return
+        begin = self.value(st.args.get("begin"))
+        last = int(begin.reshape(-1)[-1]) if begin is not None and begin.size else 0
+        mask = self.value(st.args.get("begin_mask")) if st.op == "slice_by_index" else None
+        if mask is not None and mask.size and bool(mask.reshape(-1)[-1]):
+            last = 0  # a masked begin starts at 0
+        if last:
+            self.add(
+                "ANE-29", where,
+                f"last-axis begin {last} is nonzero: on target {self.target.name!r} values with |x| > 4094 become inf",
+            )
+
+    # -- weights ---------------------------------------------------------------------------------------------------
+
+    def check_blobs(self) -> None:
+        refs = self.program.blob_refs()
+        for st, ref in refs:
+            if ref.offset < 64 or ref.offset % 64:
+                self.add(
+                    "ANE-08", self.at(st),
+                    f"BLOBFILE offset {ref.offset} is not a metadata-record offset (64, 128, ... in steps of 64)",
+                    "use the record offset: 64 for the first blob of a file",
+                )
+        limit = self.target.max_blob_constants
+        if limit is not None:
+            inline = sum(
+                1
+                for st in self.program.statements
+                if st.op in ("add", "mul", "pow")
+                for arg in st.args.values()
+                if isinstance(arg, Literal) and not isinstance(arg.value, BlobRef) and arg.type.is_scalar
+            )
+            if len(refs) + inline > limit:
+                self.add(
+                    "ANE-21", "program",
+                    f"{len(refs) + inline} BLOBFILE-backed constants ({len(refs)} blobs + {inline} inline scalar "
+                    f"operands of add/mul/pow), more than the {limit} target {self.target.name!r} allows",
+                )
+        if self.target.blobs_per_file == "one":
+            offsets: dict[str, set[int]] = defaultdict(set)
+            for _, ref in refs:
+                if ref.offset >= 64 and ref.offset % 64 == 0:  # bad offsets are ANE-08's
+                    offsets[ref.path].add(ref.offset)
+            for path, found in sorted(offsets.items()):
+                if found != {64}:
+                    self.add(
+                        "ANE-28", f"weight file '{path}'",
+                        f"blobs at offsets {sorted(found)}: target {self.target.name!r} takes one blob per file "
+                        "(at offset 64)",
+                    )
+
+    # -- outputs, shapes, I/O --------------------------------------------------------------------------------------
+
+    def check_outputs(self) -> None:
+        for name in self.program.outputs:
+            if name not in self.types:
+                self.add("ANE-14", f"output '{name}'", f"returned name {name!r} is not defined by the function")
+
+    def values(self) -> list[tuple[str, TensorType]]:
+        placed = [(f"input '{name}'", t) for name, t in self.program.inputs]
+        return placed + [(self.at(st), st.type) for st in self.program.statements]
+
+    def check_shapes(self) -> None:
+        t = self.target
+        for where, vt in self.values():
+            if vt.rank > t.max_rank:
+                self.add("ANE-24", where, f"rank {vt.rank} ({vt}) exceeds {t.max_rank}")
+            big = [f"axis {i} = {d}" for i, d in enumerate(vt.shape) if d > t.max_axis]
+            if big:
+                self.add("ANE-25", where, f"{', '.join(big)} exceeds the per-axis limit {t.max_axis} ({vt})")
+
+    def check_io(self) -> None:
+        t = self.target
+        inputs = list(self.program.inputs)
+        outputs = [(name, self.types[name]) for name in self.program.outputs if name in self.types]
+        for kind, items in (("input", inputs), ("output", outputs)):
+            for name, vt in items:
+                where = f"{kind} '{name}'"
+                if vt.dtype not in t.io_dtypes:
+                    self.add("ANE-23", where, f"{kind} dtype {vt.dtype} is not one of {', '.join(t.io_dtypes)}")
+                    continue
+                row = vt.shape[-1] * NUMPY_DTYPES[vt.dtype].itemsize if vt.shape else 0
+                if t.io_row_align_bytes and row % t.io_row_align_bytes:
+                    self.add("ANE-35", where, f"last axis is {row} bytes, not a multiple of {t.io_row_align_bytes}")
+                size = vt.nbytes
+                if size < t.min_surface_bytes:
+                    self.add(
+                        "ANE-04", where,
+                        f"{size} bytes is below the {t.min_surface_bytes}-byte surface known to work",
+                        "the runtime must allocate its surface at min_surface_bytes or more (checked at binding); "
+                        "otherwise use a larger sequence bucket",
+                        severity="warning",
+                    )
+        for name, vt in inputs:
+            if vt.dtype == "fp32":
+                users = [st for st in self.program.statements if st.op != "cast" and self.uses(st, name)]
+                if users:
+                    self.add("ANE-33", f"input '{name}'", f"fp32 input is used by {self.at(users[0])} without a cast")
+        for kind, cid, items in (("input", "ANE-18", inputs), ("output", "ANE-02", outputs)):
+            sizes = {name: _nbytes(vt) for name, vt in items if _nbytes(vt) is not None}
+            if len(set(sizes.values())) > 1:
+                listing = ", ".join(f"{n}={s}" for n, s in sorted(sizes.items()))
+                self.add(
+                    cid, f"{kind}s",
+                    f"{kind} tensors differ in size ({listing} bytes)",
+                    f"the runtime pads every {kind} surface to {max(sizes.values())} bytes (checked at binding)",
+                    severity="warning",
+                )
+
+    @staticmethod
+    def uses(st: Statement, name: str) -> bool:
+        for arg in st.args.values():
+            refs = arg if isinstance(arg, tuple) else (arg,)
+            if any(isinstance(r, VarRef) and r.name == name for r in refs):
+                return True
+        return False
+
+
+__all__ = [
+    "CATALOG",
+    "CATALOG_COLUMNS",
+    "Constraint",
+    "Violation",
+    "check_program",
+    "check_binding",
+    "format_catalog",
+    "raise_on_errors",
+]

@@ -1,0 +1,263 @@
+"""Target profiles: every chip-dependent, contested or unverified fact about the ANE, in one place.
+
+The public record disagrees with itself on several points (concat, gelu, silu, reloading weights: the CONFLICT items
+of the team's ANE reference notes) and leaves others unmeasured (the smallest surface, the BLOBFILE constant limit). The
+compiler, the constraint checker and the emulator read those facts from a :class:`Target` and nowhere else, so a
+probe on real hardware (``orion doctor``) can settle one by changing one field.
+
+``default`` takes the conservative side of every conflict: what is known to work on every chip. The per-chip
+profiles record what has been reported for that chip, and fall back to the conservative value where nothing has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from orion.errors import OrionError
+from orion.mil.program import DIALECTS, NUMPY_DTYPES
+
+CONCAT_MODES = ("forbid", "interleave", "allow")
+BLOBS_PER_FILE = ("one", "many")
+WEIGHT_UPDATES = ("reload", "patch", "recompile", "inputs")
+MiB = 1024 * 1024
+
+
+def _note(text: str) -> Any:
+    """Metadata carrying the field's meaning and sources, for :meth:`Target.describe`."""
+    return {"note": text}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One ANE target profile. Fields are facts that differ by chip or that public reports contest.
+
+    Build one from a profile (:func:`get_target`, :meth:`with_overrides`); ``DEFAULT`` below spells every field.
+    """
+
+    name: str = field(metadata=_note("profile name"))
+    mil_version: str = field(
+        metadata=_note(
+            'MIL dialect: "1.3"/ios18 (M3, M4, M5) or the verbose "1.0"/ios16 that M1/M2 are reported to need '
+            "(reference section 3)"
+        )
+    )
+    concat: str = field(
+        metadata=_note(
+            'CONFLICT #1. "forbid": Orion\'s concat failed to compile (M4 Max); "interleave": maderix\'s concat with '
+            'an interleave= const compiles; "allow": any concat'
+        )
+    )
+    gelu_native: bool = field(
+        metadata=_note("CONFLICT #10. Orion: gelu is invalid; others use gelu(mode=...). False: write the tanh form")
+    )
+    silu_native: bool = field(
+        metadata=_note("CONFLICT (section 3): Orion reports silu invalid; others use it. False: write x*sigmoid(x)")
+    )
+    rsqrt_native: bool = field(
+        metadata=_note("one later report: rsqrt fails to compile while pow(x, -0.5) works. False: write pow")
+    )
+    max_axis: int = field(
+        metadata=_note("largest extent of any tensor axis: 16384 on older chips, 65536 on newer (reference section 5)")
+    )
+    max_conv_input_channels: int = field(
+        metadata=_note(
+            "largest conv input-channel count: Orion #16 saw a 32,000-input-channel conv rejected (M4 Max) while "
+            "maderix compiled 32K OUTPUT channels; the true bound below 32,000 is unmeasured"
+        )
+    )
+    max_blob_constants: int | None = field(
+        metadata=_note(
+            "BLOBFILE constants per program (an inline scalar operand of add/mul/pow counts too); one later Orion "
+            "report, unverified elsewhere. None: no limit"
+        )
+    )
+    blobs_per_file: str = field(
+        metadata=_note('"one": one blob per weight file (M1 is reported to reject several); "many": several allowed')
+    )
+    min_surface_bytes: int = field(
+        metadata=_note(
+            "smallest I/O surface accepted: 49,152 bytes is known to work, 3,072 is known to fail; the true minimum "
+            "is unknown (Orion #4)"
+        )
+    )
+    slice_offset_overflow: bool = field(
+        metadata=_note("N11: a slice with a nonzero last-axis begin sends |x| > 4094 to inf (M1/M2; M3 unmeasured)")
+    )
+    matmul_inner_multiple: int = field(
+        metadata=_note("matmul inner dimensions not a multiple of this gave zeros in one report (a warning)")
+    )
+    max_rank: int = field(metadata=_note("largest tensor rank (reference section 5)"))
+    io_dtypes: tuple[str, ...] = field(
+        metadata=_note("dtypes a program input or output may have; int32 and bf16 I/O are rejected")
+    )
+    io_row_align_bytes: int | None = field(
+        metadata=_note(
+            "I/O last-axis bytes should be a multiple of this: the ANE reads surfaces packed (Orion #20) while other "
+            "reports say rows are 64-byte aligned; multiples of 64 satisfy both. None: no check"
+        )
+    )
+    weight_update: str = field(
+        metadata=_note(
+            'how new weights reach a loaded program: "recompile" (always correct), "reload" (unload, rewrite the '
+            'weight file, load: stale outputs on M5 per maderix and Orion #7), "patch" (copy the compiled net.plist '
+            'and data: Orion\'s tested recipe), "inputs" (weights as program inputs)'
+        )
+    )
+    sram_budget_bytes: int = field(
+        metadata=_note("on-chip SRAM; about 30% slower once a program's working set exceeds it (maderix)")
+    )
+    numerics: dict[str, Any] = field(
+        default_factory=dict,
+        hash=False,
+        metadata=_note("overrides of the emulator's numerics settings for this chip (str -> value)"),
+    )
+
+    def __post_init__(self) -> None:
+        def bad(field_name: str, value: Any, expected: str) -> OrionError:
+            return OrionError(f"target {self.name!r}: {field_name}={value!r} is invalid; expected {expected}")
+
+        if self.mil_version not in DIALECTS:
+            raise bad("mil_version", self.mil_version, f"one of {sorted(DIALECTS)}")
+        for name, allowed in (
+            ("concat", CONCAT_MODES),
+            ("blobs_per_file", BLOBS_PER_FILE),
+            ("weight_update", WEIGHT_UPDATES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise bad(name, getattr(self, name), f"one of {', '.join(allowed)}")
+        positive = ("max_axis", "max_conv_input_channels", "min_surface_bytes", "matmul_inner_multiple")
+        for name in (*positive, "max_rank", "sram_budget_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, value, "a positive integer")
+        for name in ("max_blob_constants", "io_row_align_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise bad(name, value, "a positive integer or None")
+        io_dtypes = tuple(self.io_dtypes)
+        if not io_dtypes or any(d not in NUMPY_DTYPES for d in io_dtypes):
+            raise bad("io_dtypes", self.io_dtypes, f"a non-empty tuple of {', '.join(NUMPY_DTYPES)}")
+        object.__setattr__(self, "io_dtypes", io_dtypes)
+        if not isinstance(self.numerics, dict) or any(not isinstance(k, str) for k in self.numerics):
+            raise bad("numerics", self.numerics, "a dict with string keys")
+        # The emulator reads N11 from `numerics`; keep the two spellings of the fact in step.
+        numerics = dict(self.numerics)
+        numerics.setdefault("slice_offset_overflow", self.slice_offset_overflow)
+        if numerics["slice_offset_overflow"] != self.slice_offset_overflow:
+            raise bad(
+                "numerics['slice_offset_overflow']",
+                numerics["slice_offset_overflow"],
+                f"the value of slice_offset_overflow ({self.slice_offset_overflow})",
+            )
+        object.__setattr__(self, "numerics", numerics)
+
+    def with_overrides(self, **overrides: Any) -> Target:
+        """A copy with some fields changed, e.g. after a probe settled one (unknown names are an error)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise OrionError(f"unknown target field(s) {', '.join(unknown)}; known fields: {', '.join(names)}")
+        if "slice_offset_overflow" in overrides and "numerics" not in overrides:
+            numerics = {k: v for k, v in self.numerics.items() if k != "slice_offset_overflow"}
+            overrides["numerics"] = numerics
+        return dataclasses.replace(self, **overrides)
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """Rows ``(field, value, note)`` for printing, in field order."""
+        rows = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                text = "none (no limit)" if f.name != "io_row_align_bytes" else "none (no check)"
+            elif isinstance(value, tuple):
+                text = ", ".join(value)
+            elif isinstance(value, dict):
+                text = ", ".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+            else:
+                text = str(value)
+            rows.append((f.name, text, f.metadata["note"]))
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Profiles. Sources are named as in the team's ANE reference notes ("ref. section N"); "conservative" marks a value
+# chosen because nothing was reported for that chip.
+
+DEFAULT = Target(
+    name="default",
+    mil_version="1.3",  # the dialect the reference shows (M3/M4/M5); the m1/m2 profiles switch to "1.0"
+    concat="forbid",  # CONFLICT #1: separate outputs work on every chip
+    gelu_native=False,  # CONFLICT #10: the tanh form compiles everywhere (Orion)
+    silu_native=False,  # CONFLICT (section 3): x*sigmoid(x) compiles everywhere
+    rsqrt_native=False,  # later report: rsqrt fails, pow works
+    max_axis=16384,  # older chips' limit (ref. section 5)
+    max_conv_input_channels=16384,  # below the 32,000 Orion #16 saw rejected; within every chip's axis limit
+    max_blob_constants=16,  # later Orion report (unverified)
+    blobs_per_file="one",  # M1 rejects several blobs per file (ref. section 4)
+    min_surface_bytes=49152,  # Orion #4: [768, 16] fp32 works
+    slice_offset_overflow=True,  # N11 on M1/M2
+    matmul_inner_multiple=32,  # one report: zeros otherwise (a warning)
+    max_rank=5,  # ref. section 5
+    io_dtypes=("fp16", "fp32"),  # ref. section 5: int32 and bf16 I/O are rejected
+    io_row_align_bytes=64,  # ref. section 5: packed reads vs 64-byte rows agree at multiples of 64
+    weight_update="recompile",  # CONFLICT (section 2): the only path known correct on every chip
+    sram_budget_bytes=32 * MiB,  # maderix: ~32 MB
+)
+
+M1 = DEFAULT.with_overrides(
+    name="m1",
+    mil_version="1.0",  # ref. section 3: M1/M2 need program(1.0)/ios16
+    max_axis=16384,  # ref. section 5 (older chips); ANEForge: 16384 through the A15 family
+    blobs_per_file="one",  # ref. section 4: M1 rejects several blobs in one file
+    slice_offset_overflow=True,  # N11: measured on M1/M2
+)
+
+M2 = DEFAULT.with_overrides(
+    name="m2",
+    mil_version="1.0",  # ref. section 3
+    max_axis=16384,  # ref. section 5; ANEForge: 16384 through the A15 family (M2)
+    blobs_per_file="many",  # only M1 is reported to reject several blobs per file (ref. section 4)
+    slice_offset_overflow=True,  # N11: measured on M1/M2
+)
+
+M3 = DEFAULT.with_overrides(
+    name="m3",
+    mil_version="1.3",  # ref. section 3: program(1.3)/ios18 works on M3/M4/M5
+    max_axis=65536,  # ref. section 5 (newer chips); ANEForge: 65536 from the A16 family on
+    blobs_per_file="many",  # ref. section 4 (only M1 rejects)
+    slice_offset_overflow=True,  # N11: M3 unmeasured -> conservative
+)
+
+M4 = DEFAULT.with_overrides(
+    name="m4",
+    mil_version="1.3",  # ref. section 3; Orion and maderix emit program(1.3) on M4
+    concat="interleave",  # CONFLICT #1: maderix's training kernels (M4) compile concat with interleave; Orion's
+    # form without it failed on M4 Max
+    max_axis=65536,  # ref. section 5 (newer chips)
+    blobs_per_file="many",  # Orion and maderix write one file per weight; only M1 is reported to reject several
+    slice_offset_overflow=False,  # N11: exact on M4 and later
+)
+
+M5 = DEFAULT.with_overrides(
+    name="m5",
+    mil_version="1.3",  # ref. section 3
+    max_axis=65536,  # ref. section 5 (newer chips)
+    blobs_per_file="many",  # ref. section 4 (only M1 rejects)
+    slice_offset_overflow=False,  # N11: exact on M4 and later
+    weight_update="recompile",  # maderix: unload/rewrite/load gives stale outputs on M5 (macOS 26.3)
+)
+
+TARGETS: dict[str, Target] = {t.name: t for t in (DEFAULT, M1, M2, M3, M4, M5)}
+
+
+def get_target(name: str) -> Target:
+    """The profile called ``name`` (case-insensitive)."""
+    try:
+        return TARGETS[name.lower()]
+    except KeyError:
+        raise OrionError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}") from None
+
+
+__all__ = ["Target", "TARGETS", "get_target", "CONCAT_MODES", "BLOBS_PER_FILE", "WEIGHT_UPDATES"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orion import __version__
@@ -26,6 +27,14 @@ EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _report(label: str, message: str) -> None:
+    err.print(f"[bold red]{label}:[/] {escape(_one_line(message))}", highlight=False, soft_wrap=True)
+
+
 def handle_errors(fn):
     """Turn Orion's errors and file-system errors into one line and exit status 2; never a traceback for those."""
 
@@ -34,17 +43,17 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except OrionError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _report("error", str(exc))
             sys.exit(EXIT_USAGE)
         except OSError as exc:
             name = f" {exc.filename}" if exc.filename else ""
-            err.print(f"[bold red]error:[/]{name}: {exc.strerror or exc}", highlight=False, soft_wrap=True)
+            _report("error", f"{name}: {exc.strerror or exc}".lstrip())
             sys.exit(EXIT_USAGE)
         except Exception as exc:  # a bug in Orion: say so, keep the traceback for ORION_TRACEBACK=1
             if os.environ.get("ORION_TRACEBACK"):
                 raise
-            err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
-                      "(set ORION_TRACEBACK=1 to see where, and please report it)", highlight=False, soft_wrap=True)
+            _report("internal error", f"{type(exc).__name__}: {exc} (set ORION_TRACEBACK=1 to see where, "
+                    "and please report it)")
             sys.exit(EXIT_INTERNAL)
 
     return wrapper
@@ -128,11 +137,11 @@ def compile_cmd(graph_file: Path, out_dir: Path, target_name: str, weight_layout
     prog = result.module.program
     out.print(f"wrote {out_dir / 'model.mil'} ({len(prog.statements)} statements, "
               f"{len(result.module.weight_files)} weight files, {result.module.weight_bytes() / 2**20:.2f} MiB) "
-              f"for target {target.name} (MIL {target.mil_version})", highlight=False)
+              f"for target {target.name} (MIL {target.mil_version})", highlight=False, markup=False)
     out.print(f"inputs (binding order): {', '.join(f'{n} {t}' for n, t in prog.inputs)}", highlight=False)
     out.print(f"outputs (binding order): {', '.join(f'{n} {t}' for n, t in prog.output_types())}", highlight=False)
     for warning in result.sram_warnings:
-        out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        out.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     print_violations(result.violations)
     if result.errors:
         sys.exit(EXIT_VIOLATIONS)
@@ -142,13 +151,14 @@ def compile_cmd(graph_file: Path, out_dir: Path, target_name: str, weight_layout
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with open(path, "rb") as f:
+        if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive (empty or not)
+            raise OrionError(f"{path} is not an .npz archive; save inputs with numpy.savez(path, name=array)")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except (ValueError, OSError, EOFError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise OrionError(f"{path} is not a readable .npz file: {exc}") from None
+        raise OrionError(f"{path} is not a readable .npz archive: {exc}") from None
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -193,7 +203,7 @@ def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_fil
         out.print(f"{name}: {array.dtype}{list(array.shape)} mean {float(array[finite].mean()) if finite.any() else 0:.4g}"
                   f" max|x| {float(np.abs(array[finite]).max()) if finite.any() else 0:.4g}"
                   f" non-finite {int((~finite).sum())}", highlight=False)
-    out.print(f"wrote {out_file}", highlight=False)
+    out.print(f"wrote {out_file}", highlight=False, markup=False)
 
 
 # -- check --------------------------------------------------------------------------------------------------------
@@ -213,7 +223,7 @@ def check_cmd(path: Path, target_name: str) -> None:
     mil = path / "model.mil" if path.is_dir() else path
     program = parse_program(mil.read_text(encoding="utf-8"), str(mil))
     violations = check_program(program, target)
-    out.print(f"{mil}: {len(program.statements)} statements, target {target.name}", highlight=False)
+    out.print(f"{mil}: {len(program.statements)} statements, target {target.name}", highlight=False, markup=False)
     print_violations(violations)
     if any(v.severity == "error" for v in violations):
         sys.exit(EXIT_VIOLATIONS)

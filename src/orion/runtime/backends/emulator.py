@@ -184,7 +184,7 @@ class EmulatedProgram:
         out = ane.round_fp16(np.asarray(result, dtype=np.float32), ties) if result.dtype != F16 else result
         out = ane.ane_fix(out)
         if kind == "activation" and self.settings.activation_quirks:
-            out = ane.activation_quirks(step.op.name, arrays[0].astype(F16), out)
+            out = ane.activation_quirks(step.op.name, arrays[0].astype(F16), out, self.settings)
         return out
 
 

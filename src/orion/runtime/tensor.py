@@ -1,0 +1,119 @@
+"""Tensors that travel to and from the ANE: flat byte buffers ("surfaces") holding ``[1, C, 1, S]`` data packed from
+byte 0, with zero-copy numpy views.
+
+On macOS a surface is an IOSurface (width = bytes, height 1, one byte per element) that must be locked while
+mapped; elsewhere it is plain memory with the same interface. Layout is channel-first: element (c, s) at c*S + s.
+
+NaN policy (stated once, used by every copy): writing clamps to +-65504 and turns NaN into 0, so no NaN or inf ever
+reaches the ANE from the CPU; reading clamps +-inf to +-65504 and turns NaN into +65504 (Orion's rule), so an fp16
+overflow inside a program shows up as a saturated value instead of poisoning later CPU math.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+import numpy as np
+
+from orion.errors import BindingError
+
+FP16_MAX = 65504.0
+_DTYPES = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
+
+
+class Surface:
+    """A flat buffer of ``nbytes``; subclasses back it with an IOSurface. ``lock`` yields a uint8 view."""
+
+    def __init__(self, nbytes: int):
+        if nbytes <= 0:
+            raise BindingError(f"a surface needs a positive size, got {nbytes} bytes")
+        self.nbytes = int(nbytes)
+        self._memory = np.zeros(self.nbytes, dtype=np.uint8)
+        self._lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def lock(self, read_only: bool = False) -> Iterator[np.ndarray]:
+        """Map the surface; the view is valid only inside the ``with`` block."""
+        with self._lock:
+            yield self._memory
+
+    def close(self) -> None:
+        """Release the memory (an IOSurface is CFReleased)."""
+
+
+def clamp_for_write(array: np.ndarray) -> np.ndarray:
+    """Float values as the ANE may receive them: NaN -> 0, clamped to +-65504."""
+    return np.clip(np.nan_to_num(array, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX), -FP16_MAX, FP16_MAX)
+
+
+def clamp_for_read(array: np.ndarray) -> np.ndarray:
+    """Values as the CPU gets them back: NaN -> +65504, +-inf -> +-65504."""
+    return np.nan_to_num(array, nan=FP16_MAX, posinf=FP16_MAX, neginf=-FP16_MAX)
+
+
+class Tensor:
+    """A ``[1, C, 1, S]`` (or any static shape) fp16/fp32 tensor stored packed at the start of a surface.
+
+    ``with t.view() as a:`` gives a zero-copy numpy array of the declared shape. ``write``/``read`` copy with the
+    clamp and NaN policy above; ``from_rows``/``to_rows`` convert from/to the CPU's ``[S, C]`` row-major layout.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: str = "fp16", surface: Surface | None = None):
+        if dtype not in _DTYPES:
+            raise BindingError(f"ANE tensors are fp16 or fp32, not {dtype!r} (int32 and bf16 I/O are rejected)")
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = dtype
+        self.np_dtype = _DTYPES[dtype]
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.np_dtype.itemsize
+        self.surface = surface or Surface(self.nbytes)
+        if self.surface.nbytes < self.nbytes:
+            raise BindingError(f"a {list(self.shape)} {dtype} tensor needs {self.nbytes} bytes; "
+                               f"the surface has {self.surface.nbytes}")
+
+    @contextlib.contextmanager
+    def view(self, read_only: bool = False) -> Iterator[np.ndarray]:
+        with self.surface.lock(read_only) as raw:
+            view = raw[: self.nbytes].view(self.np_dtype).reshape(self.shape)
+            if read_only:
+                view = view.view()
+                view.flags.writeable = False
+            yield view
+
+    def write(self, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        if array.shape != self.shape:
+            raise BindingError(f"expected shape {list(self.shape)}, got {list(array.shape)}")
+        if array.dtype.kind != "f":
+            raise BindingError(f"expected a float array, got {array.dtype}")
+        with self.view() as v:
+            v[...] = clamp_for_write(array)
+
+    def read(self) -> np.ndarray:
+        with self.view(read_only=True) as v:
+            return clamp_for_read(v.astype(np.float32)).astype(self.np_dtype)
+
+    # -- the CPU's [S, C] row-major layout --------------------------------------------------------------------
+
+    def _channels_seq(self) -> tuple[int, int]:
+        if len(self.shape) != 4 or self.shape[0] != 1 or self.shape[2] != 1:
+            raise BindingError(f"row conversion needs a [1, C, 1, S] tensor, this one is {list(self.shape)}")
+        return self.shape[1], self.shape[3]
+
+    def from_rows(self, rows: np.ndarray) -> None:
+        """Write a ``[S', C]`` array (S' <= S; the rest is zero) in the channel-first layout."""
+        c, s = self._channels_seq()
+        rows = np.asarray(rows)
+        if rows.ndim != 2 or rows.shape[1] != c or rows.shape[0] > s:
+            raise BindingError(f"expected rows of shape [<= {s}, {c}], got {list(rows.shape)}")
+        with self.view() as v:
+            v[0, :, 0, : rows.shape[0]] = clamp_for_write(rows).T
+            v[0, :, 0, rows.shape[0]:] = 0
+
+    def to_rows(self, count: int | None = None) -> np.ndarray:
+        """The first ``count`` positions as a float32 ``[count, C]`` array."""
+        c, s = self._channels_seq()
+        count = s if count is None else count
+        with self.view(read_only=True) as v:
+            return clamp_for_read(v[0, :, 0, :count].astype(np.float32)).T.copy()

@@ -22,6 +22,15 @@ def emulate(graph: Graph, inputs: dict[str, np.ndarray], directory: Path, **emit
     return load_program(target).run(inputs)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_program_cache(tmp_path_factory):
+    """Tests never read or write the user's ~/.cache/orion."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ORION_CACHE_DIR", str(tmp_path_factory.mktemp("orion-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def run_graph(tmp_path):
     return lambda graph, inputs, **kw: emulate(graph, inputs, tmp_path, **kw)

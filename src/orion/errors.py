@@ -43,3 +43,27 @@ class ConstraintError(OrionError):
 
 class BindingError(OrionError):
     """Inputs or outputs that do not fit a program: missing, extra, wrong shape, or surfaces the ANE would refuse."""
+
+
+class SettingsError(OrionError):
+    """A target profile, numerics setting or runtime option with an unknown name or a value out of range."""
+
+
+class BackendError(OrionError):
+    """A backend call that failed: compile, load, evaluate or unload (the framework's NSError text included)."""
+
+
+class EvaluationError(BackendError):
+    """An evaluation the ANE refuses, with its status code (0x1d: unequal or too small I/O surfaces)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message if status is None else f"{message} (status {status:#x})")
+        self.status = status
+
+
+class CompileBudgetExceeded(OrionError):
+    """The process has used its compile budget; the ANE compiler fails silently past ~119 compiles."""
+
+
+class CacheError(OrionError):
+    """A program cache entry that cannot be written or read."""

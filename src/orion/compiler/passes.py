@@ -16,14 +16,16 @@ from orion.compiler.targets import Target
 from orion.errors import GraphError
 from orion.ir.graph import Graph, Node, Value, topological_nodes
 from orion.ir.ops import OPS, Kernels
-from orion.ir.types import NUMPY_DTYPES
+from orion.ir.types import NUMPY_DTYPES, TensorType
 
 Pass = Callable[[Graph], Graph]
 
 
-def _rebuild(graph: Graph, rewrite: Callable[[Graph, Node, Callable[[Value], Value]], Value | None]) -> Graph:
+def _rebuild(graph: Graph, rewrite: Callable[[Graph, Node, Callable[[Value], Value]], Value | None],
+             retype: bool = False) -> Graph:
     """Copy ``graph`` node by node; ``rewrite(new_graph, node, lookup)`` may return a replacement value for a node
-    (built in ``new_graph``) or None to copy the node unchanged."""
+    (built in ``new_graph``) or None to copy the node unchanged. A replacement keeps the node's type unless
+    ``retype`` (then the rewrite must also rewrite every reader)."""
     g = Graph(graph.name)
     g._names = set(graph._names)
     mapping: dict[int, Value] = {}
@@ -44,7 +46,7 @@ def _rebuild(graph: Graph, rewrite: Callable[[Graph, Node, Callable[[Value], Val
             nv.producer = nn
             g.nodes.append(nn)
             replacement = nv
-        elif replacement.type != node.output.type:
+        elif replacement.type != node.output.type and not retype:
             raise GraphError(f"rewrite of {node.name!r} changed its type {node.output.type} -> {replacement.type}")
         mapping[node.output.id] = replacement
     g.outputs = {k: lookup(v) for k, v in graph.outputs.items()}
@@ -204,6 +206,69 @@ def _concat_as_convs(g: Graph, node: Node, lookup) -> Value:
     if axis != 1:
         acc = g.add_node("transpose", {"x": acc}, {"perm": perm}, f"{node.name}_back")
     return acc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weights as inputs
+
+
+def weights_to_inputs(names) -> Pass:
+    """Turn the named constants into function inputs, so new weights are an input write and never a compile.
+
+    A conv whose weight becomes an input is rewritten as a matmul (the form public weights-as-inputs pipelines run):
+    the weight input is ``[1, 1, O, I]``, ``x`` is viewed as ``[1, 1, I, S]``, and the product goes back to
+    ``[1, O, 1, S]``. Other constants keep their shape.
+    """
+    wanted = set(names)
+
+    def apply(graph: Graph) -> Graph:
+        found = {n.name for n in graph.nodes if n.is_const} & wanted
+        missing = wanted - found
+        if missing:
+            known = sorted(n.name for n in graph.nodes if n.is_const)
+            raise GraphError(f"no constant(s) named {sorted(missing)} to turn into inputs; constants: {known}")
+        users = graph.users()
+        conv_weights = set()
+        for node in graph.nodes:
+            if node.is_const and node.name in wanted:
+                readers = users.get(node.output.id, [])
+                as_weight = [u for u in readers if u.op == "conv" and u.inputs.get("weight") is node.output]
+                if as_weight and len(as_weight) != len(readers):
+                    raise GraphError(f"constant {node.name!r} is a conv weight and also read by other ops")
+                if as_weight:
+                    if any(int(u.attrs["groups"]) != 1 for u in as_weight):
+                        raise GraphError(f"constant {node.name!r} feeds a grouped conv; only groups=1 can take "
+                                         "its weight as an input")
+                    conv_weights.add(node.name)
+
+        def rewrite(g: Graph, node: Node, lookup) -> Value | None:
+            if node.is_const and node.name in wanted:
+                shape = node.output.shape
+                if node.name in conv_weights:
+                    shape = (1, 1, shape[0], shape[1])
+                v = Value(TensorType(node.output.dtype, tuple(shape)), node.name)
+                g.inputs.append(v)
+                return v
+            if node.op == "conv" and node.inputs["weight"].producer is not None \
+                    and node.inputs["weight"].producer.name in conv_weights:
+                x = lookup(node.inputs["x"])
+                w = lookup(node.inputs["weight"])
+                _, cin, h, s = x.shape
+                xr = g.add_node("reshape", {"x": x}, {"shape": [1, 1, cin, h * s]}, f"{node.name}_rows")
+                m = g.add_node("matmul", {"x": w, "y": xr}, {}, f"{node.name}_matmul")
+                y = g.add_node("reshape", {"x": m}, {"shape": list(node.output.shape)}, f"{node.name}_cols")
+                if "bias" in node.inputs:
+                    bias = lookup(node.inputs["bias"])
+                    if bias.shape != (1, bias.type.size, 1, 1):
+                        bias = g.add_node("reshape", {"x": bias}, {"shape": [1, bias.type.size, 1, 1]},
+                                          f"{node.name}_bias4d")
+                    y = g.add_node("add", {"x": y, "y": bias}, {}, f"{node.name}_bias")
+                return y
+            return None
+
+        return _rebuild(graph, rewrite, retype=True)
+
+    return apply
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from orion.errors import OrionError
+from orion.errors import SettingsError
 from orion.mil.program import DIALECTS, NUMPY_DTYPES
 
 CONCAT_MODES = ("forbid", "interleave", "allow")
@@ -115,8 +115,8 @@ class Target:
     )
 
     def __post_init__(self) -> None:
-        def bad(field_name: str, value: Any, expected: str) -> OrionError:
-            return OrionError(f"target {self.name!r}: {field_name}={value!r} is invalid; expected {expected}")
+        def bad(field_name: str, value: Any, expected: str) -> SettingsError:
+            return SettingsError(f"target {self.name!r}: {field_name}={value!r} is invalid; expected {expected}")
 
         if self.mil_version not in DIALECTS:
             raise bad("mil_version", self.mil_version, f"one of {sorted(DIALECTS)}")
@@ -158,7 +158,7 @@ class Target:
         names = [f.name for f in dataclasses.fields(self)]
         unknown = sorted(set(overrides) - set(names))
         if unknown:
-            raise OrionError(f"unknown target field(s) {', '.join(unknown)}; known fields: {', '.join(names)}")
+            raise SettingsError(f"unknown target field(s) {', '.join(unknown)}; known fields: {', '.join(names)}")
         if "slice_offset_overflow" in overrides and "numerics" not in overrides:
             numerics = {k: v for k, v in self.numerics.items() if k != "slice_offset_overflow"}
             overrides["numerics"] = numerics
@@ -257,7 +257,7 @@ def get_target(name: str) -> Target:
     try:
         return TARGETS[name.lower()]
     except KeyError:
-        raise OrionError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}") from None
+        raise SettingsError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}") from None
 
 
 __all__ = ["Target", "TARGETS", "get_target", "CONCAT_MODES", "BLOBS_PER_FILE", "WEIGHT_UPDATES"]

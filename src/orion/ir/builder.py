@@ -101,7 +101,8 @@ class GraphBuilder:
         if weight.ndim == 2:
             weight = weight[:, :, None, None]
         w = self.weight(f"{name}.weight", weight, x.dtype)
-        b = None if bias is None else self.weight(f"{name}.bias", np.asarray(bias).reshape(-1), x.dtype)
+        # the bias is stored [1, O, 1, 1] so the add it becomes on the ANE keeps the weight's name (for updates)
+        b = None if bias is None else self.channel_vector(f"{name}.bias", bias, x.dtype)
         return self.op("conv", name=name, x=x, weight=w, bias=b)
 
     def channel_vector(self, name: str, values: np.ndarray, dtype: str) -> Value:

@@ -41,14 +41,35 @@ class MILModule:
     def write(self, directory: str | os.PathLike) -> Path:
         """Write ``model.mil`` and the weight files under ``directory`` (each file atomically)."""
         root = Path(directory)
-        for rel, arrays in self.weight_files.items():
-            path = root / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with BlobWriter(path) as writer:
-                for array in arrays:
-                    writer.add(array)
+        self.write_weights(root, list(self.weight_files))
         write_text_atomic(root / "model.mil", self.text)
         return root
+
+    def write_weights(self, directory: str | os.PathLike, files: list[str]) -> None:
+        for rel in files:
+            path = Path(directory) / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with BlobWriter(path) as writer:
+                for array in self.weight_files[rel]:
+                    writer.add(array)
+
+    def replace_weights(self, weights: dict[str, np.ndarray]) -> list[str]:
+        """Put new values for named BLOBFILE constants (same size; cast to the stored dtype); returns the weight
+        files that changed. The text does not change, so a compiled program can take them without a compile."""
+        changed: list[str] = []
+        for name, array in weights.items():
+            if name not in self.weight_names:
+                raise GraphError(f"no weight named {name!r}; weights: {sorted(self.weight_names)}")
+            rel, offset = self.weight_names[name]
+            arrays = self.weight_files[rel]
+            index = blob_record_offsets([a.nbytes for a in arrays]).index(offset)
+            old, new = arrays[index], np.asarray(array)
+            if new.size != old.size:
+                raise GraphError(f"weight {name!r} takes {list(old.shape)} ({old.size} values), got {list(new.shape)}")
+            arrays[index] = np.ascontiguousarray(new.astype(old.dtype).reshape(old.shape))
+            if rel not in changed:
+                changed.append(rel)
+        return changed
 
     def weight_bytes(self) -> int:
         return sum(a.nbytes for arrays in self.weight_files.values() for a in arrays)

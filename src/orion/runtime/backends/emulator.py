@@ -9,20 +9,34 @@ rounded to fp16 by the rules of :mod:`orion.runtime.backends.numerics` (wide acc
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
-from orion.errors import BindingError, MILProgramError, OrionError, WeightFileError
+from orion.errors import BackendError, BindingError, EvaluationError, MILProgramError, OrionError, WeightFileError
 from orion.ir.ops import OPS, Kernels, OpDef, input_names
 from orion.ir.types import TensorType
 from orion.mil.blob import BlobReader
 from orion.mil.parse import parse_program, resolve_blob_path
 from orion.mil.program import BlobRef, Literal, Program, Statement, VarRef
+from orion.mil.emit import MODEL_PATH
 from orion.runtime.backends import numerics as ane
+from orion.runtime.backends.base import (
+    DIRECTORY_CLAIMS,
+    Backend,
+    BackendModel,
+    evaluation_failure_message,
+    model_identifier,
+)
 from orion.runtime.backends.numerics import Numerics
+from orion.runtime.tensor import Surface
 
 F16 = np.float16
 
@@ -219,3 +233,134 @@ def load_program(model_dir: str | Path, settings: Numerics | None = None) -> Emu
     except UnicodeDecodeError as exc:
         raise MILProgramError(f"{mil} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return load_text(text, mil.parent, settings, source=str(mil))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The emulator as a backend: the same model life, directories and surface rules as the ANE.
+
+
+class EmulatorModel(BackendModel):
+    """A model in ``<root>/<identifier>/``. Compiling checks the program and snapshots the weight files into
+    ``compiled/`` (the ANE bakes weights at compile time: catalog ANE-07); loading reads that snapshot, so
+    overwriting weight files without refreshing the snapshot gives stale outputs, as reported on hardware."""
+
+    def __init__(self, backend: "EmulatorBackend", mil_text: str, weight_files: dict[str, Path]):
+        self.backend = backend
+        self.mil_text = mil_text
+        self.identifier = model_identifier(mil_text, [MODEL_PATH + rel for rel in weight_files])
+        self.directory = backend.root / self.identifier
+        self.directory.mkdir(parents=True, exist_ok=True)
+        DIRECTORY_CLAIMS.claim(self.directory)
+        self._released = False
+        (self.directory / "model.mil").write_text(mil_text, encoding="utf-8")
+        self._weight_paths = list(weight_files)
+        self._copy_weights(weight_files, self.directory)
+        self._program: EmulatedProgram | None = None
+
+    @staticmethod
+    def _copy_weights(weight_files: dict[str, Path], into: Path) -> None:
+        for rel, source in weight_files.items():
+            target = resolve_blob_path(into, MODEL_PATH + rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+
+    def compile(self) -> None:
+        text = (self.directory / "model.mil").read_text(encoding="utf-8")
+        EmulatedProgram(parse_program(text, str(self.directory / "model.mil")),
+                        directory_blob_loader(self.directory), self.backend.numerics)  # checks every statement
+        self._snapshot_weights()
+        plist = {"mil_sha256": hashlib.sha256(text.encode()).hexdigest(), "weights": sorted(self._weight_paths)}
+        (self.directory / "net.plist").write_text(json.dumps(plist), encoding="utf-8")
+
+    def _snapshot_weights(self) -> None:
+        compiled = self.directory / "compiled"
+        self._copy_weights({rel: self.directory / rel for rel in self._weight_paths}, compiled)
+
+    def artifacts(self) -> dict[str, bytes]:
+        return {"net.plist": (self.directory / "net.plist").read_bytes()}
+
+    def install_artifacts(self, artifacts: dict[str, bytes]) -> None:
+        (self.directory / "net.plist").write_bytes(artifacts["net.plist"])
+        self._snapshot_weights()
+
+    def write_weights(self, weight_files: dict[str, Path]) -> None:
+        self._copy_weights(weight_files, self.directory)
+        self._snapshot_weights()
+
+    def load(self) -> None:
+        plist_path = self.directory / "net.plist"
+        if not plist_path.is_file():
+            raise BackendError(f"model {self.identifier[:12]} is not compiled; compile it (or install artifacts)")
+        text = (self.directory / "model.mil").read_text(encoding="utf-8")
+        if json.loads(plist_path.read_text())["mil_sha256"] != hashlib.sha256(text.encode()).hexdigest():
+            raise BackendError(f"model {self.identifier[:12]}: compiled artifacts belong to another program")
+        self._program = EmulatedProgram(parse_program(text), directory_blob_loader(self.directory / "compiled"),
+                                        self.backend.numerics)
+
+    def evaluate(self, inputs: Sequence[Surface], outputs: Sequence[Surface]) -> None:
+        program = self._program
+        if program is None:
+            raise BackendError(f"model {self.identifier[:12]} is not loaded; call load() first")
+        in_types = sorted(program.inputs)  # the ANE binds in alphabetical order of MIL names (ANE-03, ANE-19)
+        out_types = sorted(program.outputs)
+        self._check_surfaces("input", in_types, inputs)
+        self._check_surfaces("output", out_types, outputs)
+        feed = {}
+        for (name, t), surface in zip(in_types, inputs):
+            with surface.lock(read_only=True) as raw:  # packed from byte 0 (ANE-20)
+                feed[name] = raw[: t.nbytes].view(t.numpy_dtype).reshape(t.shape).copy()
+        results = program.run(feed)
+        for (name, t), surface in zip(out_types, outputs):
+            with surface.lock() as raw:
+                raw[: t.nbytes].view(t.numpy_dtype)[...] = results[name].reshape(-1)
+
+    def _check_surfaces(self, kind: str, types: list[tuple[str, TensorType]], surfaces: Sequence[Surface]) -> None:
+        if len(surfaces) != len(types):
+            raise EvaluationError(evaluation_failure_message(
+                None, f"{len(surfaces)} {kind} surfaces for {len(types)} {kind}s {[n for n, _ in types]}"))
+        sizes = {s.nbytes for s in surfaces}
+        if len(sizes) > 1:
+            raise EvaluationError(evaluation_failure_message(0x1D, f"{kind} surfaces of unequal sizes "
+                                                                   f"{[s.nbytes for s in surfaces]}"), 0x1D)
+        minimum = self.backend.target.min_surface_bytes
+        for (name, t), s in zip(types, surfaces):
+            if s.nbytes < minimum or s.nbytes < t.nbytes:
+                raise EvaluationError(evaluation_failure_message(
+                    0x1D, f"{kind} {name!r} surface of {s.nbytes} bytes (needs >= {max(minimum, t.nbytes)})"), 0x1D)
+
+    def unload(self) -> None:
+        self._program = None
+
+    def release(self, remove_directory: bool = True) -> None:
+        if self._released:
+            return
+        self._released = True
+        self.unload()
+        if DIRECTORY_CLAIMS.release(self.directory) and remove_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class EmulatorBackend(Backend):
+    """Runs programs with numpy on any OS. ``numerics`` defaults to the target profile's overrides."""
+
+    name = "emulator"
+
+    def __init__(self, target, numerics: Numerics | None = None, root: Path | None = None):
+        super().__init__(target)
+        if numerics is None:
+            settings = {k: v for k, v in target.numerics.items() if k in Numerics.__dataclass_fields__}
+            numerics = Numerics(**settings)
+        self.numerics = numerics
+        self.root = Path(root) if root else Path(tempfile.gettempdir()) / f"orion-emulator-{os.getpid()}"
+
+    @classmethod
+    def available(cls) -> bool:
+        return True
+
+    def new_model(self, mil_text: str, weight_files: dict[str, Path]) -> EmulatorModel:
+        return EmulatorModel(self, mil_text, weight_files)
+
+    def new_surface(self, nbytes: int) -> Surface:
+        return Surface(nbytes)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from orion.errors import BindingError, GraphError, MILProgramError, OrionError
+from orion.errors import BindingError, GraphError, MILProgramError, SettingsError
 
 ACCUMULATORS = ("fixed-point", "fp32", "groups-of-4")
 TIES = ("half-even", "half-away")
@@ -76,18 +76,18 @@ class Numerics:
         for name in ("flush_subnormals_in_matmul", "activation_quirks", "reduce_sum_fp16", "slice_offset_overflow"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
-                raise OrionError(f"Numerics: {name}={value!r} is not a boolean; use true or false")
+                raise SettingsError(f"Numerics: {name}={value!r} is not a boolean; use true or false")
             object.__setattr__(self, name, bool(value))
         grid = _real(self.accumulator_grid, "accumulator_grid")
         # A power of two keeps p/grid exact in float32; 2**-24 (the fp16 subnormal step) bounds the exact float64 sum.
         if not (2.0**-24 <= grid <= 1.0 and math.frexp(grid)[0] == 0.5):
-            raise OrionError(
+            raise SettingsError(
                 f"Numerics: accumulator_grid={self.accumulator_grid!r} is not a power of two in [2**-24, 1]; "
                 "use e.g. 2**-16 = 1.52587890625e-05"
             )
         ceiling = _real(self.matmul_ceiling, "matmul_ceiling")
         if not ceiling > 0:
-            raise OrionError(
+            raise SettingsError(
                 f"Numerics: matmul_ceiling={self.matmul_ceiling!r} must be > 0; use 32768.0, or inf for no ceiling"
             )
         object.__setattr__(self, "accumulator_grid", grid)
@@ -97,11 +97,11 @@ class Numerics:
     def from_dict(cls, d: Mapping[str, Any]) -> Numerics:
         """Build from a settings mapping (a settings file or a report); missing keys keep their defaults."""
         if not isinstance(d, Mapping):
-            raise OrionError(f"Numerics settings must be a mapping of names to values, not {type(d).__name__}")
+            raise SettingsError(f"Numerics settings must be a mapping of names to values, not {type(d).__name__}")
         known = [f.name for f in fields(cls)]
         unknown = [k for k in d if k not in known]
         if unknown:
-            raise OrionError(
+            raise SettingsError(
                 f"Numerics: unknown setting(s) {', '.join(map(repr, unknown))}; known settings: {', '.join(known)}"
             )
         return cls(**dict(d))
@@ -113,15 +113,15 @@ class Numerics:
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise OrionError(f"Numerics: {name}={value!r} is not one of {', '.join(map(repr, choices))}; pick one of them")
+        raise SettingsError(f"Numerics: {name}={value!r} is not one of {', '.join(map(repr, choices))}; pick one of them")
 
 
 def _real(value: object, name: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise OrionError(f"Numerics: {name}={value!r} is not a number; give a float")
+        raise SettingsError(f"Numerics: {name}={value!r} is not a number; give a float")
     result = float(value)
     if math.isnan(result):
-        raise OrionError(f"Numerics: {name} is NaN; give a positive number")
+        raise SettingsError(f"Numerics: {name} is NaN; give a positive number")
     return result
 
 

@@ -1,0 +1,240 @@
+"""A program's life on a backend: compile (or take a cached compile), load, run named inputs to named outputs,
+update weights, unload. Every decision here is plain Python shared by all backends: the binding plan (which
+surface is which input, one allocation size per side), the cache, the compile budget, the weight-update strategy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import weakref
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from orion import __version__
+from orion.compiler.analysis import IOPlan
+from orion.compiler.compile import compile_graph, io_plan_of
+from orion.compiler.constraints import raise_on_errors
+from orion.compiler.passes import weights_to_inputs
+from orion.compiler.targets import WEIGHT_UPDATES, Target, get_target
+from orion.errors import BindingError, SettingsError
+from orion.ir.graph import Graph
+from orion.mil.emit import MILModule
+from orion.runtime.backends.base import Backend, BackendModel
+from orion.runtime.budget import PROCESS_BUDGET, CompileBudget
+from orion.runtime.cache import ProgramCache, cache_key, default_program_cache, os_build
+from orion.runtime.tensor import Tensor
+
+BACKENDS = ("auto", "ane", "emulator")
+
+
+def get_backend(name: str | Backend = "auto", target: Target | str = "default") -> Backend:
+    """``auto`` picks the ANE where it is available (macOS on Apple silicon), else the emulator."""
+    if isinstance(name, Backend):
+        return name
+    target = get_target(target) if isinstance(target, str) else target
+    if name not in BACKENDS:
+        raise SettingsError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name in ("auto", "ane"):
+        from orion.runtime.backends.ane import AneBackend
+
+        if name == "ane" or AneBackend.available():
+            return AneBackend(target)
+    from orion.runtime.backends.emulator import EmulatorBackend
+
+    return EmulatorBackend(target)
+
+
+class Program:
+    """``with Program.from_graph(graph) as p: out = p.run({"x": x})``. Safe to call from several threads."""
+
+    def __init__(self, module: MILModule, *, backend: Backend | str = "auto", target: Target | str = "default",
+                 cache: ProgramCache | None = None, budget: CompileBudget | None = None,
+                 weight_inputs: Iterable[str] = (), weight_update: str | None = None):
+        self.target = get_target(target) if isinstance(target, str) else target
+        self.backend = get_backend(backend, self.target)
+        self.module = module
+        self.cache = cache if cache is not None else default_program_cache()
+        self.budget = budget or PROCESS_BUDGET
+        self.weight_update = weight_update or self.target.weight_update
+        if self.weight_update not in WEIGHT_UPDATES:
+            raise SettingsError(f"unknown weight update strategy {self.weight_update!r}; use one of {WEIGHT_UPDATES}")
+        self.plan: IOPlan = io_plan_of(module, self.target)
+        self._types = dict(module.program.inputs) | dict(module.program.output_types())
+        self._weight_inputs = set(weight_inputs)
+        self._lock = threading.RLock()
+        self._stage = Path(tempfile.mkdtemp(prefix="orion-program-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._stage, True)
+        module.write(self._stage)
+        self._model: BackendModel | None = None
+        self._inputs = {name: self._tensor(name, self.plan.input_surface_bytes) for name, _ in self.plan.inputs}
+        self._outputs = {name: self._tensor(name, self.plan.output_surface_bytes) for name, _ in self.plan.outputs}
+        self.compiles = 0
+        self.cache_hits = 0
+
+    @classmethod
+    def from_graph(cls, graph: Graph, *, target: Target | str = "default", weights_as_inputs: Iterable[str] = (),
+                   check: bool = True, **kwargs) -> "Program":
+        """Compile ``graph`` for ``target``; ``weights_as_inputs`` names constants to pass as inputs instead."""
+        target = get_target(target) if isinstance(target, str) else target
+        names = list(weights_as_inputs)
+        initial = {n.name: n.attrs["val"] for n in graph.nodes if n.is_const and n.name in set(names)}
+        if names:
+            graph = weights_to_inputs(names)(graph)
+        result = compile_graph(graph, target)
+        if check:
+            raise_on_errors(result.violations)
+        program = cls(result.module, target=target, weight_inputs=names, **kwargs)
+        program.update_weights(initial)  # the weights that became inputs start with the graph's values
+        return program
+
+    # -- life ------------------------------------------------------------------------------------------------------
+
+    def _tensor(self, name: str, nbytes: int) -> Tensor:
+        t = self._types[name]
+        return Tensor(t.shape, t.dtype, self.backend.new_surface(nbytes))
+
+    def _weight_sources(self) -> dict[str, Path]:
+        return {rel: self._stage / rel for rel in self.module.weight_files}
+
+    def _key(self) -> str:
+        return cache_key(mil_text=self.module.text, weight_names=self.module.weight_files, target=self.target.name,
+                         backend=self.backend.name, orion_version=__version__, os_build=os_build())
+
+    def load(self) -> "Program":
+        """Compile (unless the cache has this program) and load. Idempotent."""
+        with self._lock:
+            if self._model is None:
+                self._model = self._build_model()
+                self._model.load()
+            return self
+
+    def _build_model(self) -> BackendModel:
+        model = self.backend.new_model(self.module.text, self._weight_sources())
+        key = self._key()
+        artifacts = self.cache.get(key)
+        try:
+            if artifacts is not None:
+                model.install_artifacts(artifacts)
+                self.cache_hits += 1
+            else:
+                self.budget.charge(f"program {model.identifier[:12]}")
+                model.compile()
+                self.compiles += 1
+                self.cache.put(key, model.artifacts())
+        except BaseException:
+            model.release()
+            raise
+        return model
+
+    def unload(self) -> None:
+        with self._lock:
+            if self._model is not None:
+                self._model.release()
+                self._model = None
+
+    def close(self) -> None:
+        """Unload, free the surfaces and remove the staging directory; safe to call twice."""
+        with self._lock:
+            self.unload()
+            for t in (*self._inputs.values(), *self._outputs.values()):
+                t.surface.close()
+            self._cleanup()
+
+    def __enter__(self) -> "Program":
+        return self.load()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- running -----------------------------------------------------------------------------------------------
+
+    @property
+    def input_names(self) -> list[str]:
+        """The inputs a caller gives to :meth:`run` (weights passed as inputs are set with update_weights)."""
+        return [n for n, _ in self.plan.inputs if n not in self._weight_inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [n for n, _ in self.plan.outputs]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Named inputs (any float dtype, declared shapes) to named outputs (declared dtype)."""
+        with self._lock:
+            self.load()
+            expected = set(self.input_names)
+            missing, extra = sorted(expected - set(inputs)), sorted(set(inputs) - expected)
+            if missing or extra:
+                raise BindingError(f"missing input(s) {missing}, unexpected input(s) {extra}; "
+                                   f"the program takes {sorted(expected)}")
+            for name in self.input_names:
+                try:
+                    self._inputs[name].write(inputs[name])
+                except BindingError as exc:
+                    raise BindingError(f"input {name!r}: {exc}") from None
+            self._model.evaluate([self._inputs[n].surface for n, _ in self.plan.inputs],
+                                 [self._outputs[n].surface for n, _ in self.plan.outputs])
+            return {name: self._outputs[name].read() for name in self.output_names}
+
+    # -- weights -----------------------------------------------------------------------------------------------
+
+    def weight_names(self) -> list[str]:
+        return sorted(set(self.module.weight_names) | self._weight_inputs)
+
+    def update_weights(self, weights: dict[str, np.ndarray], strategy: str | None = None) -> None:
+        """New values for named weights. Weights passed as inputs are written into their surfaces (no compile);
+        baked weights follow ``strategy`` (default: the target's): ``reload``, ``patch`` or ``recompile``."""
+        strategy = strategy or self.weight_update
+        if strategy not in WEIGHT_UPDATES:
+            raise SettingsError(f"unknown weight update strategy {strategy!r}; use one of {WEIGHT_UPDATES}")
+        with self._lock:
+            baked = {}
+            for name, array in weights.items():
+                if name in self._weight_inputs:
+                    shape = self._types[name].shape
+                    if np.size(array) != self._types[name].size:
+                        raise BindingError(f"weight {name!r} has {np.size(array)} values; it takes {list(shape)}")
+                    self._inputs[name].write(np.asarray(array).reshape(shape))
+                elif name in self.module.weight_names:
+                    baked[name] = array
+                else:
+                    raise BindingError(f"no weight named {name!r}; this program has {self.weight_names()}")
+            if baked:
+                if strategy == "inputs":
+                    raise BindingError(f"weights {sorted(baked)} are baked into the program; compile it with "
+                                       "weights_as_inputs=[...] to update them as inputs")
+                self._update_baked(baked, strategy)
+
+    def _update_baked(self, weights: dict[str, np.ndarray], strategy: str) -> None:
+        changed = self.module.replace_weights(weights)
+        self.module.write_weights(self._stage, changed)
+        files = {rel: self._stage / rel for rel in changed}
+        if self._model is None:
+            return  # the next load builds from the new files
+        if strategy == "reload":
+            self._model.unload()
+            self._model.write_weights(files)
+            self._model.load()
+        elif strategy == "patch":
+            old = self._model
+            artifacts = old.artifacts()
+            new = self.backend.new_model(self.module.text, self._weight_sources())  # same identifier, same dir
+            new.install_artifacts(artifacts)
+            old.unload()
+            old.release(remove_directory=False)  # ownership of the directory passes to the new model
+            self._model = new
+            new.load()
+        else:  # recompile
+            old = self._model
+            self._model = None
+            old.release()
+            self.budget.charge("a weight update (strategy recompile)")
+            new = self.backend.new_model(self.module.text, self._weight_sources())
+            new.compile()
+            self.compiles += 1
+            self._model = new
+            new.load()
+

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from orion.compiler.targets import TARGETS, Target, get_target
-from orion.errors import OrionError
+from orion.errors import OrionError, SettingsError
 
 CHIPS = ("m1", "m2", "m3", "m4", "m5")
 
@@ -146,3 +146,22 @@ def test_profiles_differ_where_chips_differ():
     assert t["m4"].max_axis == t["m5"].max_axis == 65536
     # CONFLICT #1: maderix's concat with interleave compiled on M4.
     assert t["m4"].concat == "interleave"
+
+
+def test_a_profile_file_from_doctor_is_a_target(tmp_path):
+    import json
+
+    path = tmp_path / "my-m4.json"
+    path.write_text(json.dumps({"base": "m4", "overrides": {"concat": "allow", "numerics": {"accumulator": "fp32"}},
+                                "source": "orion doctor"}))
+    target = get_target(str(path))
+    assert target.name == "my-m4" and target.concat == "allow" and target.numerics["accumulator"] == "fp32"
+    assert target.mil_version == get_target("m4").mil_version
+    path.write_text(json.dumps({"base": "m4", "overrides": {"no_such_field": 1}}))
+    with pytest.raises(SettingsError, match="no_such_field"):
+        get_target(str(path))
+    path.write_text("{not json")
+    with pytest.raises(SettingsError, match="not readable JSON"):
+        get_target(str(path))
+    with pytest.raises(SettingsError, match="not found"):
+        get_target(str(tmp_path / "absent.json"))

@@ -209,3 +209,20 @@ def test_concurrent_runs_from_threads_give_the_right_answers(cache, rng):
             t.join()
     for got, want in zip(results, expected):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_cached_compile_the_backend_cannot_reuse_falls_back_to_compiling(tmp_path, feed, monkeypatch):
+    from orion.errors import BackendError
+    from orion.runtime.backends.emulator import EmulatorModel
+
+    cache = ProgramCache(tmp_path / "c")
+    with Program.from_graph(two_layer_graph(), backend="emulator", cache=cache) as p1:
+        expected = p1.run(feed)
+
+    def refuse(self, artifacts):
+        raise BackendError("cannot rebuild the compiled data for several weight files")
+
+    monkeypatch.setattr(EmulatorModel, "install_artifacts", refuse)
+    with Program.from_graph(two_layer_graph(), backend="emulator", cache=cache) as p2:
+        np.testing.assert_array_equal(p2.run(feed)["y"], expected["y"])
+    assert (p2.cache_hits, p2.compiles) == (0, 1)

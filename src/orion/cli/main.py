@@ -266,6 +266,43 @@ def targets_cmd(name: str | None) -> None:
     out.print(table)
 
 
+# -- doctor -------------------------------------------------------------------------------------------------------
+
+
+@cli.command("doctor")
+@click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True,
+              help="auto: the ANE and the emulator side by side where an ANE exists, else the emulator.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the full report (strict JSON) to this file.")
+@click.option("--probe", "probe_ids", multiple=True, metavar="ID",
+              help="Run only this probe; repeat for several (default: every probe).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds one probe may take in its child process before it counts as hung.")
+@click.option("--write-profile", "profile_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a target profile with the overrides the ANE's verdicts imply (needs an ANE); "
+                   "use it with --target FILE.json.")
+@handle_errors
+def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...], timeout: float,
+               profile_file: Path | None) -> None:
+    """Settle the contested ANE facts on this machine: each probe runs in its own process, on the ANE and the
+    emulator where an ANE exists, else on the emulator (which shows what Orion assumes)."""
+    from orion.errors import SettingsError
+    from orion.runtime.doctor import ane_status, print_report, run_doctor, write_profile, write_report
+
+    if profile_file is not None and (backend == "emulator" or not ane_status()[0]):
+        raise SettingsError("--write-profile needs probe results from an Apple Neural Engine, and none can run "
+                            "here; drop --write-profile or run on a Mac with Apple silicon")
+    report = run_doctor(backend=backend, probes=list(probe_ids) or None, timeout=timeout,
+                        on_result=lambda e: err.print(f"{e['id']}: {e['verdict']}", highlight=False, markup=False))
+    print_report(report, out)
+    if json_file is not None:
+        write_report(report, json_file)
+        out.print(f"wrote {json_file}", highlight=False, markup=False)
+    if profile_file is not None:
+        write_profile(report, profile_file)
+        out.print(f"wrote profile {profile_file}", highlight=False, markup=False)
+
+
 def main() -> None:
     cli()
 

@@ -12,7 +12,9 @@ profiles record what has been reported for that chip, and fall back to the conse
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from orion.errors import SettingsError
@@ -253,11 +255,35 @@ TARGETS: dict[str, Target] = {t.name: t for t in (DEFAULT, M1, M2, M3, M4, M5)}
 
 
 def get_target(name: str) -> Target:
-    """The profile called ``name`` (case-insensitive)."""
+    """The profile called ``name`` (case-insensitive), or a profile file (``*.json``) that ``orion doctor
+    --write-profile`` wrote: ``{"base": "default", "overrides": {...}}``."""
+    if name.lower().endswith(".json"):
+        return load_profile(Path(name))
     try:
         return TARGETS[name.lower()]
     except KeyError:
-        raise SettingsError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}") from None
+        raise SettingsError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}, "
+                            "or a profile .json from `orion doctor --write-profile`") from None
+
+
+def load_profile(path: Path) -> Target:
+    """A target from a profile file: a named base profile with the probed values as overrides."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"target profile {path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SettingsError(f"target profile {path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("overrides", {}), dict):
+        raise SettingsError(f"target profile {path} must be an object with 'base' and 'overrides'")
+    base = get_target(str(data.get("base", "default")))
+    if base.name.endswith(".json"):
+        raise SettingsError(f"target profile {path}: its base must be a named profile")
+    overrides = dict(data.get("overrides", {}))
+    numerics = {**base.numerics, **overrides.pop("numerics", {})}
+    if "io_dtypes" in overrides:
+        overrides["io_dtypes"] = tuple(overrides["io_dtypes"])
+    return base.with_overrides(name=path.stem, numerics=numerics, **overrides)
 
 
 __all__ = ["Target", "TARGETS", "get_target", "CONCAT_MODES", "BLOBS_PER_FILE", "WEIGHT_UPDATES"]

@@ -146,7 +146,8 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+    with np.errstate(over="ignore"):  # exp(-x) -> inf for very negative x gives the right limit, 0
+        return 1.0 / (1.0 + np.exp(-x))
 
 
 GELU_MODES = ("EXACT", "TANH_APPROXIMATION", "SIGMOID_APPROXIMATION")
@@ -215,9 +216,9 @@ def _reduce_sum(k: Kernels, xs, a):
 
 
 def _reduce_mean(k: Kernels, xs, a):
+    # a wide sum divided before any rounding: one rounding of the mean, not of the sum and then of the quotient
     axes = _reduce_axes("reduce_mean", TensorType("fp32", xs[0].shape), a["axes"])
-    count = int(np.prod([xs[0].shape[i] for i in axes]))
-    return k.reduce_sum(xs[0], axes, a["keep_dims"]) / np.float32(count)
+    return np.mean(xs[0], axis=axes, keepdims=a["keep_dims"], dtype=np.float64).astype(np.float32)
 
 
 _REDUCE_ATTRS = {"axes": Attr("ints"), "keep_dims": Attr("bool", False)}

@@ -20,8 +20,8 @@ from orion.compiler.compile import compile_graph, io_plan_of
 from orion.compiler.constraints import raise_on_errors
 from orion.compiler.passes import weights_to_inputs
 from orion.compiler.targets import WEIGHT_UPDATES, Target, get_target
-from orion.errors import BindingError, SettingsError
-from orion.ir.graph import Graph
+from orion.errors import BackendError, BindingError, SettingsError
+from orion.ir.graph import Graph, sanitize_name
 from orion.mil.emit import MILModule
 from orion.runtime.backends.base import Backend, BackendModel
 from orion.runtime.budget import PROCESS_BUDGET, CompileBudget
@@ -115,16 +115,19 @@ class Program:
     def _build_model(self) -> BackendModel:
         model = self.backend.new_model(self.module.text, self._weight_sources())
         key = self._key()
-        artifacts = self.cache.get(key)
         try:
+            artifacts = self.cache.get(key)
             if artifacts is not None:
-                model.install_artifacts(artifacts)
-                self.cache_hits += 1
-            else:
-                self.budget.charge(f"program {model.identifier[:12]}")
-                model.compile()
-                self.compiles += 1
-                self.cache.put(key, model.artifacts())
+                try:
+                    model.install_artifacts(artifacts)
+                    self.cache_hits += 1
+                    return model
+                except BackendError:
+                    pass  # this backend cannot reuse that compile for these weights (e.g. several weight files)
+            self.budget.charge(f"program {model.identifier[:12]}")
+            model.compile()
+            self.compiles += 1
+            self.cache.put(key, model.artifacts())
         except BaseException:
             model.release()
             raise
@@ -193,6 +196,7 @@ class Program:
         with self._lock:
             baked = {}
             for name, array in weights.items():
+                name = sanitize_name(name)  # builder names ("fc.weight") are MIL names ("fc_weight") here
                 if name in self._weight_inputs:
                     shape = self._types[name].shape
                     if np.size(array) != self._types[name].size:

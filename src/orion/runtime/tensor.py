@@ -43,14 +43,22 @@ class Surface:
         """Release the memory (an IOSurface is CFReleased)."""
 
 
-def clamp_for_write(array: np.ndarray) -> np.ndarray:
-    """Float values as the ANE may receive them: NaN -> 0, clamped to +-65504."""
-    return np.clip(np.nan_to_num(array, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX), -FP16_MAX, FP16_MAX)
+_CHUNK = 1 << 16
+_NONFINITE = {np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000)}
 
 
-def clamp_for_read(array: np.ndarray) -> np.ndarray:
-    """Values as the CPU gets them back: NaN -> +65504, +-inf -> +-65504."""
-    return np.nan_to_num(array, nan=FP16_MAX, posinf=FP16_MAX, neginf=-FP16_MAX)
+def _repair(values: np.ndarray, zero_nan: bool) -> None:
+    """Apply the NaN policy in place: +-inf and magnitudes past 65504 -> +-65504; NaN -> 0 when writing to the
+    ANE (``zero_nan``), +65504 when reading back. Scans the bits as integers (fast) and repairs only if needed."""
+    if values.dtype == np.float32:
+        np.clip(values, -FP16_MAX, FP16_MAX, out=values)  # fp32 tensors still hold fp16 range on the ANE
+    utype, magnitude, exponent = _NONFINITE[values.dtype]
+    bits = values.view(utype) & magnitude
+    if bits.size and bits.max() >= exponent:
+        bad = bits >= exponent
+        nan = bad & (bits > exponent)
+        np.copyto(values, np.where(values > 0, FP16_MAX, -FP16_MAX).astype(values.dtype), where=bad & ~nan)
+        values[nan] = 0.0 if zero_nan else FP16_MAX
 
 
 class Tensor:
@@ -87,12 +95,18 @@ class Tensor:
             raise BindingError(f"expected shape {list(self.shape)}, got {list(array.shape)}")
         if array.dtype.kind != "f":
             raise BindingError(f"expected a float array, got {array.dtype}")
-        with self.view() as v:
-            v[...] = clamp_for_write(array)
+        with self.view() as v, np.errstate(over="ignore", invalid="ignore"):
+            flat_in, flat_out = array.reshape(-1), v.reshape(-1)
+            for start in range(0, flat_out.size, _CHUNK):  # copy and check chunk by chunk, while it is in cache
+                chunk = flat_out[start:start + _CHUNK]
+                np.copyto(chunk, flat_in[start:start + _CHUNK], casting="unsafe")
+                _repair(chunk, zero_nan=True)
 
     def read(self) -> np.ndarray:
         with self.view(read_only=True) as v:
-            return clamp_for_read(v.astype(np.float32)).astype(self.np_dtype)
+            out = v.copy()
+        _repair(out, zero_nan=False)
+        return out
 
     # -- the CPU's [S, C] row-major layout --------------------------------------------------------------------
 
@@ -108,12 +122,15 @@ class Tensor:
         if rows.ndim != 2 or rows.shape[1] != c or rows.shape[0] > s:
             raise BindingError(f"expected rows of shape [<= {s}, {c}], got {list(rows.shape)}")
         with self.view() as v:
-            v[0, :, 0, : rows.shape[0]] = clamp_for_write(rows).T
+            v[0, :, 0, : rows.shape[0]] = rows.T
             v[0, :, 0, rows.shape[0]:] = 0
+            _repair(v, zero_nan=True)
 
     def to_rows(self, count: int | None = None) -> np.ndarray:
         """The first ``count`` positions as a float32 ``[count, C]`` array."""
         c, s = self._channels_seq()
         count = s if count is None else count
         with self.view(read_only=True) as v:
-            return clamp_for_read(v[0, :, 0, :count].astype(np.float32)).T.copy()
+            out = v[0, :, 0, :count].astype(np.float32).T.copy()
+        _repair(out, zero_nan=False)
+        return out

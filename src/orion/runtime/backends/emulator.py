@@ -39,6 +39,8 @@ from orion.runtime.backends.numerics import Numerics
 from orion.runtime.tensor import Surface
 
 F16 = np.float16
+#: The ANE's log(0): its activation table ends at a finite value (reference N6).
+LOG_OF_ZERO = np.float16(-45440.0)
 
 
 class AneKernels(Kernels):
@@ -197,6 +199,8 @@ class EmulatedProgram:
         ties = self.settings.reduction_ties if kind in ("reduction", "wide") else self.settings.elementwise_ties
         out = ane.round_fp16(np.asarray(result, dtype=np.float32), ties) if result.dtype != F16 else result
         out = ane.ane_fix(out)
+        if step.op.name == "log":
+            out[arrays[0] == 0] = LOG_OF_ZERO
         if kind == "activation" and self.settings.activation_quirks:
             out = ane.activation_quirks(step.op.name, arrays[0].astype(F16), out, self.settings)
         return out

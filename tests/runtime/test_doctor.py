@@ -1,0 +1,455 @@
+"""``orion doctor`` on the emulator: every probe runs in a child process and gives the verdict the emulator's
+defaults imply (checked against hand reasoning and against the default target and numerics settings), crashes and
+hangs of a child become verdicts, and the report, the profile overrides and the profile file behave."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from orion.compiler.targets import get_target
+from orion.errors import BackendError, SettingsError
+from orion.runtime import doctor
+from orion.runtime.backends.numerics import Numerics
+from orion.runtime.doctor import (
+    NO_ANE_MESSAGE,
+    PROBES,
+    Probe,
+    activation_errors,
+    all_finite_fp16,
+    print_report,
+    profile_overrides,
+    register,
+    run_doctor,
+    run_probe_in_child,
+    write_profile,
+)
+
+# -- hidden probes that exist only here (the child imports this module to find them) ----------------------------------
+
+
+def _segfault(backend):
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _exit139(backend):
+    os._exit(139)
+
+
+def _hang(backend):
+    time.sleep(120)
+
+
+def _raise(backend):
+    raise ValueError("probe bug on purpose")
+
+
+def _ok(obs):
+    return "ok", {}
+
+
+for _id, _run in (("test-segfault", _segfault), ("test-exit139", _exit139), ("test-hang", _hang),
+                  ("test-raise", _raise)):
+    if _id not in PROBES:
+        register(Probe(_id, ("test",), "a test-only probe", _run, _ok, hidden=True))
+
+
+@pytest.fixture(scope="module")
+def report():
+    """Every public probe, each in its own child, on the emulator: the run the tests below read."""
+    return run_doctor(backend="emulator", timeout=120)
+
+
+def entry(report, probe_id):
+    return next(e for e in report["probes"] if e["id"] == probe_id)
+
+
+def observations(report, probe_id):
+    e = entry(report, probe_id)
+    assert e["emulator"]["status"] == "ok", e["emulator"]
+    return e["emulator"]["observations"]
+
+
+def values(report, probe_id, key):
+    return [float(v) for v in observations(report, probe_id)["values"][key]]
+
+
+# -- the report as a whole --------------------------------------------------------------------------------------------
+
+
+def test_every_public_probe_ran_in_a_child_and_no_ane_is_claimed(report):
+    assert [e["id"] for e in report["probes"]] == [p.id for p in PROBES.values() if not p.hidden]
+    assert report["ane_present"] is False and report["backends"] == ["emulator"]
+    assert report["message"] == NO_ANE_MESSAGE
+    for e in report["probes"]:
+        assert e["emulator"]["status"] == "ok", (e["id"], e["emulator"])
+        assert e["ane"] is None and e["comparison"] is None
+        assert e["verdict"] == e["emulator"]["verdict"] and e["value"] == e["emulator"]["value"]
+        assert e["settles"] == list(PROBES[e["id"]].settles) and e["seconds"] > 0
+
+
+def test_report_is_strict_json_and_round_trips(report):
+    text = json.dumps(report, allow_nan=False)
+    assert json.loads(text) == report
+    for key in ("orion_version", "platform", "chip", "os_build", "ane_present", "backends", "probes", "target"):
+        assert key in report
+    for e in report["probes"]:
+        for key in ("id", "settles", "verdict", "value", "ane", "emulator", "comparison", "seconds"):
+            assert key in e
+
+
+def test_emulator_values_are_the_default_profile_where_the_target_decides(report):
+    """Each value a probe decides on the emulator is the default target's field or the default numerics setting;
+    the three exceptions are facts the emulator computes itself rather than assumes."""
+    target, numerics = get_target("default"), Numerics()
+    emulator_facts = {"matmul_inner_multiple": 1, "io_row_align_bytes": None}  # computes any K; reads packed
+    seen = set()
+    for e in report["probes"]:
+        for key, value in e["value"].items():
+            seen.add(key)
+            if key.startswith("numerics."):
+                assert value == getattr(numerics, key.split(".", 1)[1]), (e["id"], key, value)
+            elif key in emulator_facts:
+                assert value == emulator_facts[key], (e["id"], key, value)
+            elif key == "weight_update":
+                assert value == e["id"].rsplit("-", 1)[1]  # both strategies give fresh outputs on the emulator
+            else:
+                assert value == getattr(target, key), (e["id"], key, value)
+    # every open numerics setting and every contested target field is decided by some probe
+    # (the numerics twin of slice_offset_overflow follows its target field, decided by slice-offset-overflow)
+    assert {f"numerics.{f.name}" for f in dataclasses.fields(Numerics) if f.name != "slice_offset_overflow"} <= seen
+    assert {"concat", "gelu_native", "silu_native", "rsqrt_native", "weight_update", "max_blob_constants",
+            "min_surface_bytes", "max_conv_input_channels", "slice_offset_overflow", "mil_version"} <= seen
+
+
+# -- hand-reasoned verdicts -------------------------------------------------------------------------------------------
+
+
+def test_unequal_surfaces_are_refused_with_status_0x1d(report):
+    obs = observations(report, "unequal-surfaces")
+    assert obs["cases"]["equal"]["correct"] is True
+    for case in ("inputs-unequal", "outputs-unequal"):
+        assert obs["cases"][case]["evaluated"] is False and obs["cases"][case]["status"] == 0x1D
+    assert entry(report, "unequal-surfaces")["verdict"] == "refused (status 0x1d)"
+
+
+def test_binding_is_alphabetical(report):
+    assert observations(report, "binding-order-inputs")["order"] == ["alpha", "mid", "zeta"]
+    assert observations(report, "binding-order-outputs")["order"] == ["alpha", "mid", "zeta"]
+    assert entry(report, "binding-order-inputs")["verdict"] == "alphabetical"
+    assert entry(report, "binding-order-outputs")["verdict"] == "alphabetical"
+
+
+def test_small_products_lose_what_a_2_to_16_grid_rounds_away(report):
+    # products 2^-18 and 2^-17 are a quarter and a half grid step: rounded half-even to 0; 2^-16 is one step
+    assert values(report, "numerics-small-products", "sums") == [0.0, 0.0, 64 * 2.0 ** -16]
+    assert entry(report, "numerics-small-products")["value"] == {
+        "numerics.accumulator": "fixed-point", "numerics.accumulator_grid": 2.0 ** -16}
+
+
+def test_ties_half_even_for_add_half_away_for_reductions(report):
+    # 2049 and -2049 lie between 2048 and 2050; 2051 between 2050 and 2052 (2052 is even and away from zero)
+    assert values(report, "numerics-ties", "added") == [2048.0, 2052.0, -2048.0]
+    assert values(report, "numerics-ties", "reduced") == [2050.0, 2052.0, -2050.0]
+    assert values(report, "numerics-ties", "multiplied") == [2050.0, 2052.0, -2050.0]
+
+
+def test_ceiling_hits_matmul_at_32768_but_not_reduce_sum_or_add(report):
+    sums = (16384, 32752, 32760, 32767, 32768, 60000)
+    # 32752 is the largest fp16 below 32768; 32760 is a tie that rounds up to 32768 and so to inf
+    assert values(report, "numerics-ceiling", "matmul") == [16384.0, 32752.0] + [math.inf] * 4
+    assert values(report, "numerics-ceiling", "reduce_sum") == [float(np.float16(s)) for s in sums[:2]] + [
+        32768.0, 32768.0, 32768.0, 60000.0]
+    assert values(report, "numerics-ceiling", "add_doubles") == [32768.0, 60000.0, math.inf, math.inf]
+
+
+def test_reduce_sum_is_wide_and_reduce_mean_of_ones_is_one(report):
+    assert values(report, "numerics-reduce-sum", "reduce_sum") == [1.0, 1.0, 1.0, 65504.0, 4096.0]
+    assert values(report, "numerics-reduce-sum", "matmul") == [1.0, 1.0, 1.0, math.inf, 4096.0]
+    assert values(report, "numerics-reduce-mean", "means")[:2] == [1.0, 2.0]
+
+
+def test_boundary_casts_and_nan_rules(report):
+    casts = values(report, "numerics-boundary-casts", "fp16")
+    assert casts[:6] == [math.inf, -math.inf, 65504.0, math.inf, 65504.0, math.inf]
+    assert casts[6] == 2.0 ** -23 and casts[7] == 0.0  # 1e-7 rounds to 2 subnormal steps, 1e-8 to none
+    nan = observations(report, "numerics-nan")
+    assert nan["any_nan"] is False and nan["negative_zero"] == []
+    assert {k: float(v) for k, v in nan["values"].items() if k != "log(0)"} == {
+        "inf - inf": 0.0, "0 * inf": 0.0, "sqrt(-1)": 0.0, "log(-1)": 0.0, "-1 * 0": 0.0, "NaN input * 1": math.inf,
+        "-0 - 0": 0.0}
+
+
+def test_activation_sweep_is_correctly_rounded_on_the_emulator(report):
+    acts = observations(report, "numerics-activations")["activations"]
+    assert set(acts) == {"sigmoid", "tanh", "gelu", "silu", "exp", "log", "sqrt", "rsqrt"}
+    for op in ("tanh", "exp", "log", "sqrt", "rsqrt"):  # float32 then one rounding: half an ulp (+ double rounding)
+        assert acts[op]["max_error_ulps"] <= 0.5001, (op, acts[op])
+    assert acts["gelu"]["special"]["gelu(0)"] == 0.0 and acts["silu"]["special"]["silu(0)"] == 0.0
+    assert acts["exp"]["inf_from"] == float(np.float16(11.09375))  # exp(11.09375) > 65520 > exp(11.0859375)
+    assert entry(report, "numerics-activations")["value"] == {"numerics.activation_quirks": False}
+
+
+def test_compile_time_conflicts_follow_the_default_target(report):
+    assert entry(report, "concat-interleave")["value"] == {"concat": "forbid"}
+    for variant in observations(report, "concat-interleave")["variants"].values():
+        assert variant["assumed"] is True and "ANE-01" in variant["error"]
+    assert observations(report, "blob-constant-limit")["variants"]["17"]["assumed"] is True
+    assert observations(report, "blob-constant-limit")["variants"]["16"]["works"] is True
+    assert entry(report, "min-surface")["value"] == {"min_surface_bytes": 49152}
+    assert observations(report, "min-surface")["small_tensor_on_49152_byte_surfaces"]["correct"] is True
+    assert entry(report, "weight-update-reload")["verdict"] == "fresh"
+    assert entry(report, "weight-update-patch")["verdict"] == "fresh"
+
+
+def test_profile_overrides_are_empty_without_an_ane(report):
+    assert profile_overrides(report) == {}
+
+
+# -- children that crash, hang or fail --------------------------------------------------------------------------------
+
+
+def test_a_segfaulting_probe_is_a_crashed_verdict_and_the_parent_survives(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the parent makes the child's scratch directory
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # and where a child left to itself would make its own
+    result = run_probe_in_child(PROBES["test-segfault"], "emulator", timeout=60)
+    assert result["status"] == "crashed" and result["signal"] == "SIGSEGV"
+    assert list(tmp_path.iterdir()) == []  # the dead child's scratch is gone all the same
+    rep = run_doctor(backend="emulator", probes=["test-exit139"], timeout=60)
+    e = rep["probes"][0]
+    assert e["verdict"] == "crashed (139)" and e["emulator"]["returncode"] == 139 and e["value"] == {}
+
+
+def test_a_hanging_probe_times_out():
+    t0 = time.perf_counter()
+    result = run_probe_in_child(PROBES["test-hang"], "emulator", timeout=1.5)
+    assert result["status"] == "timeout" and "1.5" in result["error"]
+    assert time.perf_counter() - t0 < 30
+
+
+def test_an_exception_in_a_probe_is_an_error_verdict_with_its_text():
+    rep = run_doctor(backend="emulator", probes=["test-raise"], timeout=60)
+    e = rep["probes"][0]
+    assert e["verdict"] == "error" and "probe bug on purpose" in e["emulator"]["error"]
+
+
+def test_bad_arguments_are_user_errors():
+    with pytest.raises(SettingsError, match="unknown probe"):
+        run_doctor(backend="emulator", probes=["no-such-probe"])
+    with pytest.raises(SettingsError, match="backend"):
+        run_doctor(backend="gpu")
+    with pytest.raises(BackendError, match="no Apple Neural Engine|cannot be used"):
+        run_doctor(backend="ane", probes=["silu"])
+
+
+# -- profiles ---------------------------------------------------------------------------------------------------------
+
+
+def ane_report(report, changes: dict[str, dict]):
+    """The emulator report as if an ANE had answered, with the ANE's values replaced per probe id."""
+    fake = json.loads(json.dumps(report))
+    fake["backends"] = ["ane", "emulator"]
+    fake["chip"], fake["os_build"] = "Apple M4 Max", "25A354"
+    for e in fake["probes"]:
+        e["ane"] = dict(e["emulator"], value=changes.get(e["id"], e["emulator"]["value"]))
+    return fake
+
+
+def test_profile_overrides_map_ane_values_to_target_fields_and_numerics(report):
+    fake = ane_report(report, {"concat-interleave": {"concat": "interleave"},
+                               "numerics-reduce-sum": {"numerics.reduce_sum_fp16": True},
+                               "weight-update-patch": {}})  # patch stale, reload fresh
+    overrides = profile_overrides(fake)
+    assert overrides["concat"] == "interleave" and overrides["weight_update"] == "reload"
+    assert overrides["numerics"]["reduce_sum_fp16"] is True
+    assert overrides["numerics"]["accumulator_grid"] == 2.0 ** -16
+    fields = {k: v for k, v in overrides.items() if k != "numerics"}
+    target = get_target("default").with_overrides(**fields, numerics=overrides["numerics"])  # a valid profile
+    assert target.concat == "interleave" and Numerics.from_dict(target.numerics).reduce_sum_fp16 is True
+    both_stale = ane_report(report, {"weight-update-patch": {}, "weight-update-reload": {}})
+    assert profile_overrides(both_stale)["weight_update"] == "recompile"
+    crashed = ane_report(report, {})
+    for e in crashed["probes"]:
+        e["ane"]["status"] = "crashed"
+    assert profile_overrides(crashed) == {}
+
+
+def test_write_profile_writes_the_overrides_atomically(report, tmp_path, monkeypatch):
+    with pytest.raises(SettingsError, match="Apple Neural Engine"):
+        write_profile(report, tmp_path / "p.json")
+    fake = ane_report(report, {"concat-interleave": {"concat": "interleave"}})
+    path = tmp_path / "profiles" / "m4.json"
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    write_profile(fake, path)
+    data = json.loads(path.read_text())
+    assert data == {"base": "default", "overrides": profile_overrides(fake), "source": "orion doctor",
+                    "chip": "Apple M4 Max", "os_build": "25A354"}
+    assert synced  # the data reached the disk before the rename
+    before = path.read_bytes()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_profile(ane_report(report, {"concat-interleave": {"concat": "allow"}}), path)
+    assert path.read_bytes() == before  # the old profile is untouched
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m4.json"]  # no temp file left behind
+
+
+def test_print_report_shows_every_probe_and_says_no_ane(report):
+    console = Console(record=True, width=200)
+    print_report(report, console)
+    text = console.export_text()
+    assert "No Apple Neural Engine here" in text
+    for e in report["probes"]:
+        assert e["id"] in text
+
+
+# -- helpers with independent oracles ---------------------------------------------------------------------------------
+
+
+def test_all_finite_fp16_lists_each_finite_value_once():
+    x = all_finite_fp16()
+    bits = x.view(np.uint16).reshape(-1)
+    assert x.shape == (1, 62, 1, 1024) and np.isfinite(x).all()
+    assert len(set(bits.tolist())) == bits.size == 2 * 31 * 1024  # 31 finite exponents x 1024 mantissas x 2 signs
+
+
+def test_activation_errors_measure_ulps_against_the_exact_function():
+    x = all_finite_fp16()
+    exact = np.tanh(x.astype(np.float64))
+    rounded = exact.astype(np.float16)
+    good = activation_errors(x, rounded, np.tanh)
+    assert good["max_error_ulps"] <= 0.5 and good["compared"] == x.size
+    off = rounded.copy().reshape(-1)
+    i = int(np.argmin(np.abs(x.reshape(-1).astype(np.float64) - 0.5)))
+    off[i] = np.nextafter(np.nextafter(off[i], np.float16(2)), np.float16(2))  # two fp16 steps up
+    bad = activation_errors(x, off.reshape(x.shape), np.tanh)
+    assert 1.5 <= bad["max_error_ulps"] <= 2.5 and bad["at_input"] == float(x.reshape(-1)[i])
+
+
+# -- the probes can tell settings apart (run in-process: the child machinery is tested above) -------------------------
+
+
+def emulator(tmp_path, target="default", numerics=None, **overrides):
+    from orion.runtime.backends.emulator import EmulatorBackend
+
+    t = get_target(target).with_overrides(**overrides) if overrides else get_target(target)
+    return EmulatorBackend(t, numerics=numerics, root=tmp_path / "emu")
+
+
+def decide(probe_id, backend):
+    probe = PROBES[probe_id]
+    return probe.verdict(probe.run(backend))
+
+
+@pytest.mark.parametrize("probe_id, settings, expected", [
+    ("numerics-small-products", {"accumulator": "fp32"}, {"numerics.accumulator": "fp32"}),
+    ("numerics-small-products", {"accumulator_grid": 2.0 ** -17},
+     {"numerics.accumulator": "fixed-point", "numerics.accumulator_grid": 2.0 ** -17}),
+    ("numerics-ties", {"elementwise_ties": "half-away", "reduction_ties": "half-even"},
+     {"numerics.elementwise_ties": "half-away", "numerics.reduction_ties": "half-even"}),
+    ("numerics-ceiling", {"matmul_ceiling": 65520.0}, {"numerics.matmul_ceiling": 65520.0}),
+    ("numerics-reduce-sum", {"reduce_sum_fp16": True}, {"numerics.reduce_sum_fp16": True}),
+    ("numerics-subnormals", {"flush_subnormals_in_matmul": False}, {"numerics.flush_subnormals_in_matmul": False}),
+    ("numerics-activations", {"activation_quirks": True}, {"numerics.activation_quirks": True}),
+    ("slice-offset-overflow", {"slice_offset_overflow": False}, {"slice_offset_overflow": False}),
+])
+def test_numerics_probes_read_back_each_emulator_setting(tmp_path, probe_id, settings, expected):
+    assert decide(probe_id, emulator(tmp_path, numerics=Numerics(**settings)))[1] == expected
+
+
+@pytest.mark.parametrize("probe_id, overrides, expected", [
+    ("concat-interleave", {"concat": "interleave"}, {"concat": "interleave"}),
+    ("concat-interleave", {"concat": "allow"}, {"concat": "allow"}),
+    ("gelu-mode", {"gelu_native": True}, {"gelu_native": True}),
+    ("silu", {"silu_native": True}, {"silu_native": True}),
+    ("rsqrt", {"rsqrt_native": True}, {"rsqrt_native": True}),
+    ("blob-constant-limit", {"max_blob_constants": None}, {"max_blob_constants": 64}),
+    ("blobs-per-file", {"blobs_per_file": "many"}, {"blobs_per_file": "many"}),
+    ("min-surface", {"min_surface_bytes": 3072}, {"min_surface_bytes": 3072}),
+    ("mil-dialect", {"mil_version": "1.0"}, {"mil_version": "1.0"}),
+    ("conv-32k-input-channels", {"max_conv_input_channels": 32000, "max_axis": 65536},
+     {"max_conv_input_channels": 32000}),
+])
+def test_compile_probes_read_back_each_target_field(tmp_path, probe_id, overrides, expected):
+    assert decide(probe_id, emulator(tmp_path, **overrides))[1] == expected
+
+
+def test_concat_interleave_true_is_checked_against_interleaved_data(tmp_path):
+    obs = PROBES["concat-interleave"].run(emulator(tmp_path, concat="allow"))
+    assert obs["variants"]["interleave-true"]["layout"] == "interleaved"
+    assert obs["variants"]["interleave-false"]["layout"] == "concatenated"
+
+
+def test_weight_update_probe_sees_stale_weights(tmp_path):
+    """A backend that rewrites weight files but loads the compiled snapshot: what maderix saw on M5 for reload."""
+    from orion.runtime.backends.emulator import EmulatorBackend, EmulatorModel
+
+    class StaleModel(EmulatorModel):
+        def write_weights(self, weight_files):
+            self._copy_weights(weight_files, self.directory)  # files change, the compiled copy does not
+
+    class StaleBackend(EmulatorBackend):
+        def new_model(self, mil_text, weight_files):
+            return StaleModel(self, mil_text, weight_files)
+
+    backend = StaleBackend(get_target("default"), root=tmp_path / "emu")
+    assert decide("weight-update-reload", backend) == ("stale", {})
+    assert decide("weight-update-patch", backend) == ("fresh", {"weight_update": "patch"})
+
+
+def test_compare_reports_equal_values_and_the_largest_difference():
+    def run(verdict, vals):
+        return {"verdict": verdict, "value": {}, "observations": {"values": vals}}
+
+    same = doctor.compare(run("a", {"x": [1.0, "inf"]}), run("a", {"x": [1.0, "inf"]}))
+    assert same["outputs_equal"] is True and same["max_abs_diff"] == 0.0 and same["verdict_equal"] is True
+    diff = doctor.compare(run("a", {"x": [1.0, 2.5], "y": [0.0]}), run("b", {"x": [1.0, 2.0], "y": [0.0]}))
+    assert diff["differing"] == ["x"] and diff["max_abs_diff"] == 0.5 and diff["verdict_equal"] is False
+    assert doctor.compare(run("a", {"x": ["inf"]}), run("a", {"x": [65504.0]}))["max_abs_diff"] == "inf"
+
+
+def test_with_an_ane_both_backends_run_and_are_compared(monkeypatch, tmp_path):
+    """A stand-in ANE (the emulator under the m4 profile, in children) drives the ANE path of run_doctor."""
+    monkeypatch.setattr(doctor, "ane_status", lambda: (True, "a stand-in ANE"))
+    real = doctor.run_probe_in_child
+    calls = []
+
+    def fake(probe, backend, *, target="default", timeout=60.0, mil_version=None):
+        calls.append((probe.id, backend, mil_version))
+        if backend == "ane":
+            return real(probe, "emulator", target="m4", timeout=timeout, mil_version=mil_version)
+        return real(probe, backend, target=target, timeout=timeout, mil_version=mil_version)
+
+    monkeypatch.setattr(doctor, "run_probe_in_child", fake)
+    rep = run_doctor(backend="auto", probes=["slice-offset-overflow", "concat-interleave", "mil-dialect"])
+    assert rep["backends"] == ["ane", "emulator"] and rep["ane_present"] is True
+    assert [c[0] for c in calls[:2]] == ["mil-dialect", "mil-dialect"]  # the dialect first ...
+    assert {c[2] for c in calls[2:]} == {"1.3"}  # ... and every later child prints programs in it
+    slice_entry = entry(rep, "slice-offset-overflow")
+    assert slice_entry["value"] == {"slice_offset_overflow": False}  # the ANE decides
+    assert slice_entry["emulator"]["value"] == {"slice_offset_overflow": True}
+    assert slice_entry["comparison"]["verdict_equal"] is False
+    assert slice_entry["comparison"]["differing"] == ["at_offset"] and slice_entry["comparison"]["max_abs_diff"] == "inf"
+    assert entry(rep, "mil-dialect")["comparison"]["verdict_equal"] is True
+    overrides = profile_overrides(rep)
+    assert overrides == {"mil_version": "1.3", "concat": "interleave", "slice_offset_overflow": False}
+    path = write_profile(rep, tmp_path / "m4.json")
+    written = json.loads(path.read_text())["overrides"]
+    assert get_target("default").with_overrides(**written).concat == "interleave"
+    console = Console(record=True, width=200)
+    print_report(rep, console)
+    assert "the emulator disagrees" in console.export_text()

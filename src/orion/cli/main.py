@@ -182,28 +182,40 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
 @click.option("--random-inputs", "seed", type=int, default=None,
               help="Instead of --inputs: standard-normal inputs from this seed.")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path), help="Output .npz.")
-@click.option("--backend", type=click.Choice(["emulator"]), default="emulator", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True,
+              help="auto: the ANE where there is one, else the emulator.")
+@_target_option
 @handle_errors
-def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_file: Path, backend: str) -> None:
+def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_file: Path, backend: str,
+            target_name: str) -> None:
     """Run MODEL_DIR/model.mil (weights resolved under MODEL_DIR) and write its outputs to OUT."""
-    from orion.runtime.backends.emulator import load_program
+    from orion.compiler.constraints import check_program
+    from orion.compiler.targets import get_target
+    from orion.runtime.program import Program
 
     if (inputs_file is None) == (seed is None):
         raise OrionError("give exactly one of --inputs IN.npz or --random-inputs SEED")
-    program = load_program(model_dir)
-    if inputs_file is not None:
-        inputs = _read_npz(inputs_file)
-    else:
-        rng = np.random.default_rng(seed)
-        inputs = {name: rng.standard_normal(t.shape).astype(np.float32) for name, t in program.inputs}
-    outputs = program.run(inputs)
+    target = get_target(target_name)
+    inputs = _read_npz(inputs_file) if inputs_file is not None else None
+    with Program.from_mil(model_dir, backend=backend, target=target, check=False) as program:
+        rejected = sorted({v.constraint for v in check_program(program.module.program, target)
+                           if v.severity == "error"})
+        if rejected:
+            err.print(f"warning: target {escape(target.name)} would reject this program ({', '.join(rejected)}); "
+                      f"`orion check {escape(str(model_dir))}` lists why", highlight=False)
+        if inputs is None:
+            rng = np.random.default_rng(seed)
+            inputs = {name: rng.standard_normal(program.module.program.var_types()[name].shape).astype(np.float32)
+                      for name in program.input_names}
+        outputs = program.run(inputs)
+        used = program.backend.name
     write_npz_atomic(out_file, outputs)
     for name, array in outputs.items():
-        finite = np.isfinite(array)
-        out.print(f"{name}: {array.dtype}{list(array.shape)} mean {float(array[finite].mean()) if finite.any() else 0:.4g}"
-                  f" max|x| {float(np.abs(array[finite]).max()) if finite.any() else 0:.4g}"
-                  f" non-finite {int((~finite).sum())}", highlight=False)
-    out.print(f"wrote {out_file}", highlight=False, markup=False)
+        finite = array[np.isfinite(array)].astype(np.float64)
+        out.print(f"{name}: {array.dtype}{list(array.shape)} mean {finite.mean() if finite.size else 0:.4g} "
+                  f"max|x| {np.abs(finite).max() if finite.size else 0:.4g} "
+                  f"non-finite {array.size - finite.size}", highlight=False, markup=False)
+    out.print(f"ran on {used}; wrote {out_file}", highlight=False, markup=False)
 
 
 # -- check --------------------------------------------------------------------------------------------------------

@@ -13,16 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from orion.errors import GraphError
+from orion.errors import GraphError, MILProgramError, WeightFileError
 from orion.ir.graph import Graph, sanitize_name
 from orion.ir.ops import OPS, input_names
 from orion.ir.types import TensorType, dtype_name
-from orion.mil.blob import BlobWriter, blob_record_offsets
-from orion.mil.program import DIALECTS, BlobRef, Literal, Program, Statement, VarRef
+from orion.mil.blob import BlobReader, BlobWriter, blob_record_offsets
+from orion.mil.parse import parse_program, resolve_blob_path
+from orion.mil.program import DIALECTS, MODEL_PATH, BlobRef, Literal, Program, Statement, VarRef
 
 #: ``per-tensor``: one weight file per constant (what Orion, maderix and M1 need); ``single``: all in one file.
 WEIGHT_LAYOUTS = ("per-tensor", "single")
-MODEL_PATH = "@model_path/"
+
 
 
 @dataclass
@@ -37,6 +38,44 @@ class MILModule:
     text: str
     weight_files: dict[str, list[np.ndarray]] = field(default_factory=dict)
     weight_names: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> "MILModule":
+        """Read ``directory/model.mil`` and every weight file it names (MIL from Orion or from another tool)."""
+        root = Path(directory)
+        mil = root / "model.mil" if root.is_dir() else root
+        if not mil.is_file():
+            raise MILProgramError(f"no MIL program at {mil}")
+        try:
+            text = mil.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise MILProgramError(f"{mil} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        program = parse_program(text, str(mil))
+        declared = {}
+        for st, ref in program.blob_refs():
+            declared.setdefault(ref.path.removeprefix(MODEL_PATH), {})[ref.offset] = st
+        weight_files: dict[str, list[np.ndarray]] = {}
+        weight_names: dict[str, tuple[str, int]] = {}
+        for rel, by_offset in declared.items():
+            path = resolve_blob_path(mil.parent, MODEL_PATH + rel)
+            if not path.is_file():
+                first = next(iter(by_offset.values()))
+                raise WeightFileError(f"line {first.line}: weight file {rel!r} of {first.var!r} not found at {path}")
+            reader = BlobReader(path)
+            arrays = []
+            for offset, dtype, _ in reader.records():
+                st = by_offset.get(offset)
+                arrays.append(reader.read(offset, dtype=st.type.numpy_dtype, shape=st.type.shape) if st
+                              else reader.read(offset))
+                if st is not None:
+                    weight_names[st.var] = (rel, offset)
+            missing = set(by_offset) - {weight_names[st.var][1] for st in by_offset.values() if st.var in weight_names}
+            if missing:
+                st = by_offset[min(missing)]
+                raise WeightFileError(f"line {st.line}: {st.var!r} names offset {min(missing)} of {rel!r}, "
+                                      f"which holds no blob record there")
+            weight_files[rel] = arrays
+        return cls(program, text, weight_files, weight_names)
 
     def write(self, directory: str | os.PathLike) -> Path:
         """Write ``model.mil`` and the weight files under ``directory`` (each file atomically)."""

@@ -44,6 +44,7 @@ import numpy as np
 from orion.errors import MILProgramError, MILSyntaxError, UnsafePathError
 from orion.mil.program import (
     DIALECTS,
+    MODEL_PATH,
     NUMPY_DTYPES,
     STRING,
     Argument,
@@ -55,10 +56,9 @@ from orion.mil.program import (
     VarRef,
 )
 
-__all__ = ["parse_program", "resolve_blob_path", "BLOB_PATH_PREFIX"]
+__all__ = ["parse_program", "resolve_blob_path"]
 
 #: Every BLOBFILE path starts with this; the rest is relative to the compiled model's folder.
-BLOB_PATH_PREFIX = "@model_path/"
 
 #: Names coremltools never gives a variable (its NameSanitizer list) because they are keywords of the text.
 RESERVED = frozenset(
@@ -156,12 +156,12 @@ class _Tokens:
 
 def _blob_relative_path(blob_path: str, where: str) -> PurePosixPath:
     """The part of a BLOBFILE path after ``@model_path/``, refused if it could name a file outside the model."""
-    if not blob_path.startswith(BLOB_PATH_PREFIX):
+    if not blob_path.startswith(MODEL_PATH):
         raise UnsafePathError(
-            f"{where}BLOBFILE path {blob_path!r} does not start with {BLOB_PATH_PREFIX!r}; "
-            f"write weight paths as {BLOB_PATH_PREFIX}weights/<name>.bin"
+            f"{where}BLOBFILE path {blob_path!r} does not start with {MODEL_PATH!r}; "
+            f"write weight paths as {MODEL_PATH}weights/<name>.bin"
         )
-    rest = blob_path[len(BLOB_PATH_PREFIX):]
+    rest = blob_path[len(MODEL_PATH):]
     if "\\" in rest or "\0" in rest:
         raise UnsafePathError(
             f"{where}BLOBFILE path {blob_path!r} contains a backslash or NUL; use '/' between folder names"
@@ -169,7 +169,7 @@ def _blob_relative_path(blob_path: str, where: str) -> PurePosixPath:
     normal = posixpath.normpath(rest) if rest else "."
     if normal.startswith("/"):
         raise UnsafePathError(
-            f"{where}BLOBFILE path {blob_path!r} is absolute after {BLOB_PATH_PREFIX!r}; "
+            f"{where}BLOBFILE path {blob_path!r} is absolute after {MODEL_PATH!r}; "
             "remove the extra leading '/'"
         )
     if normal == ".":

@@ -17,6 +17,8 @@ import numpy as np
 
 from orion.ir.types import NUMPY_DTYPES, TensorType
 
+#: Where BLOBFILE paths are rooted: the model's directory.
+MODEL_PATH = "@model_path/"
 #: Types that have no numpy array form.
 STRING = "string"
 #: ``"1.3"`` spells scalars as ``fp16(1)``; ``"1.0"`` spells them as ``tensor<fp16, []>(1)``.

@@ -17,7 +17,7 @@ import numpy as np
 from orion import __version__
 from orion.compiler.analysis import IOPlan
 from orion.compiler.compile import compile_graph, io_plan_of
-from orion.compiler.constraints import raise_on_errors
+from orion.compiler.constraints import check_program, raise_on_errors
 from orion.compiler.passes import weights_to_inputs
 from orion.compiler.targets import WEIGHT_UPDATES, Target, get_target
 from orion.errors import BackendError, BindingError, SettingsError
@@ -26,7 +26,7 @@ from orion.mil.emit import MILModule
 from orion.runtime.backends.base import Backend, BackendModel
 from orion.runtime.budget import PROCESS_BUDGET, CompileBudget
 from orion.runtime.cache import ProgramCache, cache_key, default_program_cache, os_build
-from orion.runtime.tensor import Tensor
+from orion.runtime.tensor import Tensor, check_input_names
 
 BACKENDS = ("auto", "ane", "emulator")
 
@@ -90,6 +90,16 @@ class Program:
         program = cls(result.module, target=target, weight_inputs=names, **kwargs)
         program.update_weights(initial)  # the weights that became inputs start with the graph's values
         return program
+
+    @classmethod
+    def from_mil(cls, directory: str | Path, *, check: bool = True, **kwargs) -> "Program":
+        """A program from ``directory/model.mil`` and its weight files (written by Orion or another tool)."""
+        module = MILModule.read(directory)
+        target = kwargs.pop("target", "default")
+        target = get_target(target) if isinstance(target, str) else target
+        if check:
+            raise_on_errors(check_program(module.program, target))
+        return cls(module, target=target, **kwargs)
 
     # -- life ------------------------------------------------------------------------------------------------------
 
@@ -168,11 +178,7 @@ class Program:
         """Named inputs (any float dtype, declared shapes) to named outputs (declared dtype)."""
         with self._lock:
             self.load()
-            expected = set(self.input_names)
-            missing, extra = sorted(expected - set(inputs)), sorted(set(inputs) - expected)
-            if missing or extra:
-                raise BindingError(f"missing input(s) {missing}, unexpected input(s) {extra}; "
-                                   f"the program takes {sorted(expected)}")
+            check_input_names(self.input_names, inputs)
             for name in self.input_names:
                 try:
                     self._inputs[name].write(inputs[name])

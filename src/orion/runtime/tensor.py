@@ -23,6 +23,15 @@ FP16_MAX = 65504.0
 _DTYPES = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
 
 
+def check_input_names(expected, given) -> None:
+    """Refuse missing or unexpected inputs, naming each, before anything is copied."""
+    expected, given = set(expected), set(given)
+    missing, extra = sorted(expected - given), sorted(given - expected)
+    if missing or extra:
+        parts = ([f"missing input(s) {missing}"] if missing else []) + ([f"unexpected input(s) {extra}"] if extra else [])
+        raise BindingError(f"{'; '.join(parts)}; the program takes {sorted(expected)}")
+
+
 class Surface:
     """A flat buffer of ``nbytes``; subclasses back it with an IOSurface. ``lock`` yields a uint8 view."""
 

@@ -40,7 +40,8 @@ import numpy as np
 
 from orion.compiler.targets import Target
 from orion.errors import BackendError, BindingError, EvaluationError, UnsafePathError, WeightFileError
-from orion.mil.parse import BLOB_PATH_PREFIX, resolve_blob_path
+from orion.mil.parse import resolve_blob_path
+from orion.mil.program import MODEL_PATH
 from orion.runtime.backends.base import (
     COMPILED_ARTIFACTS,
     DIRECTORY_CLAIMS,
@@ -207,8 +208,8 @@ def lock_options(read_only: bool) -> int:
 
 def weight_relative_path(key: str) -> str:
     """The model-directory path of a weight file given as ``weights/x.bin`` or ``@model_path/weights/x.bin``."""
-    rest = key[len(BLOB_PATH_PREFIX):] if key.startswith(BLOB_PATH_PREFIX) else key
-    resolve_blob_path(Path("."), BLOB_PATH_PREFIX + rest)  # refuses absolute paths, '..', backslashes
+    rest = key[len(MODEL_PATH):] if key.startswith(MODEL_PATH) else key
+    resolve_blob_path(Path("."), MODEL_PATH + rest)  # refuses absolute paths, '..', backslashes
     normal = posixpath.normpath(rest)
     if normal != rest:
         raise UnsafePathError(f"weight path {key!r} is not in normal form; write it as {normal!r}")
@@ -242,7 +243,7 @@ def weights_dictionary(weight_files: dict[str, Path]) -> dict[str, dict[str, Any
             data = source.read_bytes()
         except OSError as exc:
             raise WeightFileError(f"weight file {rel!r}: cannot read {source} ({exc.strerror or exc})") from None
-        result[BLOB_PATH_PREFIX + rel] = {"offset": 0, "data": data}
+        result[MODEL_PATH + rel] = {"offset": 0, "data": data}
     return result
 
 

@@ -9,6 +9,8 @@ rounded to fp16 by the rules of :mod:`orion.runtime.backends.numerics` (wide acc
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +28,7 @@ from orion.ir.types import TensorType
 from orion.mil.blob import BlobReader
 from orion.mil.parse import parse_program, resolve_blob_path
 from orion.mil.program import BlobRef, Literal, Program, Statement, VarRef
-from orion.mil.emit import MODEL_PATH
+from orion.mil.program import MODEL_PATH
 from orion.runtime.backends import numerics as ane
 from orion.runtime.backends.base import (
     DIRECTORY_CLAIMS,
@@ -36,7 +38,7 @@ from orion.runtime.backends.base import (
     model_identifier,
 )
 from orion.runtime.backends.numerics import Numerics
-from orion.runtime.tensor import Surface
+from orion.runtime.tensor import Surface, check_input_names
 
 F16 = np.float16
 #: The ANE's log(0): its activation table ends at a finite value (reference N6).
@@ -155,12 +157,7 @@ class EmulatedProgram:
 
     def bind(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check names and shapes, convert any float dtype to the fp16 the ANE would hold."""
-        expected = dict(self.inputs)
-        missing = sorted(set(expected) - set(inputs))
-        extra = sorted(set(inputs) - set(expected))
-        if missing or extra:
-            parts = ([f"missing input(s) {missing}"] if missing else []) + ([f"unexpected input(s) {extra}"] if extra else [])
-            raise BindingError(f"{'; '.join(parts)}; the program takes {sorted(expected)}")
+        check_input_names([name for name, _ in self.inputs], inputs)
         env: dict[str, np.ndarray] = {}
         for name, t in self.inputs:
             array = np.asarray(inputs[name])
@@ -346,6 +343,12 @@ class EmulatorModel(BackendModel):
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _remove_if_empty(directory: Path) -> None:
+    """At exit: the root of the model directories goes once every model released its own."""
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
 class EmulatorBackend(Backend):
     """Runs programs with numpy on any OS. ``numerics`` defaults to the target profile's overrides."""
 
@@ -358,6 +361,7 @@ class EmulatorBackend(Backend):
             numerics = Numerics(**settings)
         self.numerics = numerics
         self.root = Path(root) if root else Path(tempfile.gettempdir()) / f"orion-emulator-{os.getpid()}"
+        atexit.register(_remove_if_empty, self.root)
 
     @classmethod
     def available(cls) -> bool:

@@ -46,13 +46,25 @@ LOG_OF_ZERO = np.float16(-45440.0)
 
 
 class AneKernels(Kernels):
-    """Conv/matmul and reduce_sum with the hardware's accumulator, as the numerics settings model it."""
+    """Conv/matmul and reduce_sum with the hardware's accumulator, as the numerics settings model it.
+
+    Operands arrive as float32 arrays holding fp16 values. With the ``fp32`` accumulator they go straight to BLAS
+    (subnormals flushed first, except for operands in :attr:`flushed`, constants flushed once at load).
+    """
 
     def __init__(self, settings: Numerics):
         self.settings = settings
+        self.flushed: set[int] = set()
+
+    def _operand(self, x: np.ndarray) -> np.ndarray:
+        if not self.settings.flush_subnormals_in_matmul or id(x) in self.flushed:
+            return x
+        return ane.flush_subnormals(x)
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return ane.matmul(a.astype(F16), b.astype(F16), self.settings)
+        if self.settings.accumulator != "fp32":
+            return ane.matmul(a.astype(F16), b.astype(F16), self.settings)
+        return ane.finish_wide(np.matmul(self._operand(a), self._operand(b)), self.settings)
 
     def reduce_sum(self, x: np.ndarray, axes: tuple[int, ...], keep_dims: bool) -> np.ndarray:
         return ane.reduce_sum(x.astype(F16), axes, keep_dims, self.settings)
@@ -89,6 +101,20 @@ class EmulatedProgram:
         self._consts: dict[str, object] = {}
         self._steps: list[_Step] = []
         self._prepare(blob_loader)
+        self._wide_consts = self._flush_wide_constants()
+
+    def _flush_wide_constants(self) -> dict[str, np.ndarray]:
+        """Constants read by conv/matmul, with subnormals flushed once here instead of at every run (N9)."""
+        if not self.settings.flush_subnormals_in_matmul:
+            return {}
+        out = {}
+        for step in self._steps:
+            if step.op.kind == "wide":
+                for name in step.inputs:
+                    if isinstance(name, str) and isinstance(self._consts.get(name), np.ndarray):
+                        out[name] = ane.flush_subnormals(self._consts[name])
+                        self.kernels.flushed.add(id(out[name]))
+        return out
 
     # -- preparation: everything that does not depend on inputs is checked and done once ---------------------------
 
@@ -145,10 +171,9 @@ class EmulatedProgram:
     def _const_value(self, st: Statement, blob_loader) -> object:
         value = st.const_value
         if isinstance(value, BlobRef):
-            return ane.boundary_input(blob_loader(value, st.type, st), st.type.dtype) \
-                if st.type.dtype in ("fp16", "fp32") else blob_loader(value, st.type, st)
+            value = blob_loader(value, st.type, st)
         if isinstance(value, np.ndarray) and st.type.dtype in ("fp16", "fp32"):
-            return ane.boundary_input(value, st.type.dtype)
+            return ane.boundary_input(value, st.type.dtype).astype(np.float32)  # fp16 values, float32 storage
         if value is None:
             raise MILProgramError(f"line {st.line}: const {st.var!r} has no val")
         return value
@@ -165,7 +190,7 @@ class EmulatedProgram:
                 raise BindingError(f"input {name!r} has dtype {array.dtype}; give a float array")
             if tuple(array.shape) != t.shape:
                 raise BindingError(f"input {name!r} has shape {list(array.shape)}; the program declares {list(t.shape)}")
-            env[name] = ane.boundary_input(array, t.dtype)
+            env[name] = ane.boundary_input(array, t.dtype).astype(np.float32)
         return env
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -180,27 +205,25 @@ class EmulatedProgram:
         }
 
     def _execute(self, step: _Step, env: dict) -> np.ndarray:
-        args = [[env[n] for n in i] if isinstance(i, tuple) else env[i] for i in step.inputs]
-        if step.op.variadic:
-            arrays = [np.asarray(a, dtype=np.float32) for a in args[0]]
-        else:
-            arrays = [np.asarray(a, dtype=np.float32) for a in args]
+        """One op on float32 arrays holding fp16 values; the result is rounded to fp16 and held as float32."""
+        flushed = self._wide_consts if step.op.kind == "wide" else {}
+        args = [[env[n] for n in i] if isinstance(i, tuple) else flushed.get(i, env[i]) for i in step.inputs]
+        arrays = args[0] if step.op.variadic else args
         kind = step.op.kind
-        if kind == "layout":
-            result = step.op.compute(self.kernels, arrays, step.attrs)
-            if step.op.name.startswith("slice") and self.settings.slice_offset_overflow:
-                begin = step.attrs["begin"]
-                result = ane.slice_overflow(result.astype(F16), bool(begin[-1]), self.settings)
-            return np.asarray(result).astype(F16)
         result = step.op.compute(self.kernels, arrays, step.attrs)
+        if kind == "layout":  # moves values without computing: they stay fp16 values
+            if step.op.name.startswith("slice") and self.settings.slice_offset_overflow:
+                overflow = ane.slice_overflow(result.astype(F16), bool(step.attrs["begin"][-1]), self.settings)
+                return overflow.astype(np.float32)
+            return np.asarray(result, dtype=np.float32)
         ties = self.settings.reduction_ties if kind in ("reduction", "wide") else self.settings.elementwise_ties
-        out = ane.round_fp16(np.asarray(result, dtype=np.float32), ties) if result.dtype != F16 else result
+        out = result if result.dtype == F16 else ane.round_fp16(np.asarray(result, dtype=np.float32), ties)
         out = ane.ane_fix(out)
         if step.op.name == "log":
             out[arrays[0] == 0] = LOG_OF_ZERO
         if kind == "activation" and self.settings.activation_quirks:
             out = ane.activation_quirks(step.op.name, arrays[0].astype(F16), out, self.settings)
-        return out
+        return out.astype(np.float32)
 
 
 def directory_blob_loader(model_dir: Path) -> Callable[[BlobRef, TensorType, Statement], np.ndarray]:

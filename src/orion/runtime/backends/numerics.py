@@ -281,14 +281,24 @@ def matmul(a16: np.ndarray, b16: np.ndarray, numerics: Numerics) -> np.ndarray:
             a3 = np.broadcast_to(a, batch + (m, k)).reshape(-1, m, k)
             b3 = np.broadcast_to(b, batch + (k, n)).reshape(-1, k, n)
             wide = _exact_sum_matmul(a3, b3, numerics).reshape(batch + (m, n))
-    out = _finish(
-        round_fp16(wide, numerics.reduction_ties), numerics.flush_subnormals_in_matmul, numerics.matmul_ceiling
-    )
+    out = finish_wide(wide, numerics)
     if vector_b:
         out = out[..., 0]
     if vector_a:
         out = out[..., 0, :] if not vector_b else out[..., 0]
     return out
+
+
+def finish_wide(wide: np.ndarray, numerics: Numerics) -> np.ndarray:
+    """A conv/matmul's wide sums to its fp16 output: one rounding (``reduction_ties``), subnormals flushed if set,
+    the 2^15 ceiling, NaN-free."""
+    return _finish(round_fp16(wide, numerics.reduction_ties), numerics.flush_subnormals_in_matmul,
+                   numerics.matmul_ceiling)
+
+
+def flush_subnormals(x: np.ndarray) -> np.ndarray:
+    """fp16 values (in any float storage) below the smallest normal fp16, 2^-14, become 0."""
+    return np.where(np.abs(x) < np.float32(2.0**-14), np.zeros((), x.dtype), x)
 
 
 def _chunks(batch: int, m: int, k: int, n: int, k_step: int) -> Iterator[tuple[slice, slice, slice]]:

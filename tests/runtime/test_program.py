@@ -185,7 +185,7 @@ def test_binding_errors_name_inputs_and_cleanup_removes_directories(cache, feed)
         p.run({"x": np.zeros((1, D, 1, S + 1)), "a_gate": feed["a_gate"]})
     with pytest.raises(BindingError, match="no weight named 'nope'"):
         p.update_weights({"nope": np.zeros(3)})
-    directory, stage = p._model.directory, p._stage
+    directory, stage = p.load()._model.directory, p._stage
     assert directory.exists() and stage.exists()
     p.close()
     p.close()

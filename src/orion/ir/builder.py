@@ -109,16 +109,20 @@ class GraphBuilder:
         """A per-channel parameter shaped ``[1, C, 1, 1]`` to broadcast over ``[1, C, 1, S]``."""
         return self.weight(name, np.asarray(values).reshape(1, -1, 1, 1), dtype)
 
-    def layer_norm(self, x: Value, gamma, beta, eps: float = 1e-5, name: str = "ln") -> Value:
-        """LayerNorm over channels, written with ops the ANE compiles (no layer_norm op)."""
+    def layer_norm(self, x: Value, gamma=None, beta=None, eps: float = 1e-5, name: str = "ln") -> Value:
+        """LayerNorm over channels, written with ops the ANE compiles (no layer_norm op). Without ``gamma`` and
+        ``beta`` it only normalizes (a model can fold the affine part into the next linear layer)."""
         with self.scope(name):
             mean = self.reduce_mean(x, axes=[1], keep_dims=True, name="mean")
             xc = self.sub(x, mean, name="center")
             var = self.reduce_mean(self.mul(xc, xc, name="sq"), axes=[1], keep_dims=True, name="var")
             r = self.rsqrt(self.add(var, eps, name="var_eps"), name="rstd")
             y = self.mul(xc, r, name="norm")
-            y = self.mul(y, self.channel_vector("weight", gamma, x.dtype), name="scale")
-            return self.add(y, self.channel_vector("bias", beta, x.dtype), name="shift")
+            if gamma is not None:
+                y = self.mul(y, self.channel_vector("weight", gamma, x.dtype), name="scale")
+            if beta is not None:
+                y = self.add(y, self.channel_vector("bias", beta, x.dtype), name="shift")
+            return y
 
     def rms_norm(self, x: Value, gamma, eps: float = 1e-5, name: str = "rms") -> Value:
         """RMSNorm as ANE programs write it: sum of squares, times 1/d, plus eps, to the power -0.5."""
@@ -175,6 +179,42 @@ class GraphBuilder:
             scores = self.add(scores, mask, name="masked")
             probs = self.softmax(scores, axis=-1, name="probs")
             ctx = self.matmul(probs, vh, transpose_x=False, transpose_y=False, name="ctx")  # [1, H, S, hd]
+            ctx = self.transpose(ctx, perm=[0, 1, 3, 2], name="ctx_t")
+            return self.reshape(ctx, shape=[1, d, 1, seq], name="merge")
+
+    def cached_attention(self, q: Value, k: Value, v: Value, k_cache: Value, v_cache: Value, mask: Value,
+                         heads: int, name: str = "attn") -> Value:
+        """Decode attention against a KV cache passed as inputs, with no concat (which some chips reject).
+
+        ``q, k, v``: ``[1, d, 1, S]`` for the new positions; ``k_cache, v_cache``: ``[1, d, 1, T]``; ``mask``:
+        ``[1, 1, 1, T]`` additive (0 where the cache holds a position, -1e4 elsewhere). Each new position attends to
+        the cache and to itself: the two score sets share one softmax, written out with a common maximum.
+        """
+        _, d, _, seq = q.shape
+        cap = k_cache.shape[3]
+        hd = d // heads
+        scale = 1.0 / math.sqrt(hd)
+        with self.scope(name):
+            def heads_last(t: Value, label: str) -> Value:  # [1, d, 1, S] -> [1, H, S, hd]
+                t = self.reshape(t, shape=[1, heads, hd, seq], name=f"{label}_heads")
+                return self.transpose(t, perm=[0, 1, 3, 2], name=f"{label}_t")
+
+            qh, kh, vh = heads_last(q, "q"), heads_last(k, "k"), heads_last(v, "v")
+            kc = self.reshape(k_cache, shape=[1, heads, hd, cap], name="kc_heads")  # [1, H, hd, T]
+            vc = self.reshape(v_cache, shape=[1, heads, hd, cap], name="vc_heads")
+            s_cache = self.add(self.mul(self.matmul(qh, kc, transpose_x=False, transpose_y=False, name="qk"),
+                                        scale, name="qk_scaled"), mask, name="qk_masked")  # [1, H, S, T]
+            s_self = self.mul(self.reduce_sum(self.mul(qh, kh, name="qk_self_prod"), axes=[3], keep_dims=True,
+                                              name="qk_self"), scale, name="qk_self_scaled")  # [1, H, S, 1]
+            top = self.maximum(self.reduce_max(s_cache, axes=[3], keep_dims=True, name="max_cache"), s_self,
+                               name="max")
+            e_cache = self.exp(self.sub(s_cache, top, name="shift_cache"), name="exp_cache")
+            e_self = self.exp(self.sub(s_self, top, name="shift_self"), name="exp_self")
+            total = self.add(self.reduce_sum(e_cache, axes=[3], keep_dims=True, name="sum_cache"), e_self,
+                             name="sum")
+            ctx = self.add(self.matmul(e_cache, vc, transpose_x=False, transpose_y=True, name="ctx_cache"),
+                           self.mul(e_self, vh, name="ctx_self"), name="ctx_sum")  # [1, H, S, hd]
+            ctx = self.mul(ctx, self.pow(total, -1.0, name="inv_sum"), name="ctx")
             ctx = self.transpose(ctx, perm=[0, 1, 3, 2], name="ctx_t")
             return self.reshape(ctx, shape=[1, d, 1, seq], name="merge")
 

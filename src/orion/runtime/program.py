@@ -177,16 +177,35 @@ class Program:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Named inputs (any float dtype, declared shapes) to named outputs (declared dtype)."""
         with self._lock:
-            self.load()
             check_input_names(self.input_names, inputs)
             for name in self.input_names:
                 try:
                     self._inputs[name].write(inputs[name])
                 except BindingError as exc:
                     raise BindingError(f"input {name!r}: {exc}") from None
+            self.evaluate()
+            return {name: self._outputs[name].read() for name in self.output_names}
+
+    def input_tensor(self, name: str) -> Tensor:
+        """The surface-backed tensor an input is read from: write into it (``with t.view() as v``) and call
+        :meth:`evaluate`, for loops that change a small part of large inputs (a KV cache) without copying them."""
+        try:
+            return self._inputs[name]
+        except KeyError:
+            raise BindingError(f"no input named {name!r}; inputs: {sorted(self._inputs)}") from None
+
+    def output_tensor(self, name: str) -> Tensor:
+        try:
+            return self._outputs[name]
+        except KeyError:
+            raise BindingError(f"no output named {name!r}; outputs: {sorted(self._outputs)}") from None
+
+    def evaluate(self) -> None:
+        """Run once on whatever the input tensors hold; results stay in the output tensors."""
+        with self._lock:
+            self.load()
             self._model.evaluate([self._inputs[n].surface for n, _ in self.plan.inputs],
                                  [self._outputs[n].surface for n, _ in self.plan.outputs])
-            return {name: self._outputs[name].read() for name in self.output_names}
 
     # -- weights -----------------------------------------------------------------------------------------------
 

@@ -57,8 +57,13 @@ class AneKernels(Kernels):
         self.flushed: set[int] = set()
 
     def _operand(self, x: np.ndarray) -> np.ndarray:
-        if not self.settings.flush_subnormals_in_matmul or id(x) in self.flushed:
+        if not self.settings.flush_subnormals_in_matmul:
             return x
+        view = x
+        while view is not None:  # a reshaped view of a flushed constant is flushed too
+            if id(view) in self.flushed:
+                return x
+            view = view.base
         return ane.flush_subnormals(x)
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:

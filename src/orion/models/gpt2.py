@@ -1,0 +1,414 @@
+"""GPT-2 on the ANE (or its emulator): Hugging Face weights in, text out.
+
+Design (docs/gpt2.md has the reasoning and the numbers):
+
+* The transformer blocks run as compiled programs in the ANE layout ``[1, C, 1, S]``; embeddings, the final
+  LayerNorm and the classifier run on the CPU in float32 (the 50,257 x 768 classifier is past the per-axis limit
+  of older chips and is one BLAS call on the CPU).
+* Several blocks per program, as many as the target's BLOBFILE-constant limit allows: each LayerNorm's affine part
+  is folded into the linear layer after it, so a block costs 8 weight constants and the causal mask is an input.
+* Prefill runs on the smallest sequence bucket (32 ... 1024) that holds the prompt. Decode runs on a 16-column bucket
+  (the smallest surface known to work) with the new token in column 0; the KV cache lives in the decode programs'
+  input surfaces and each step writes one column into it, so a token costs one dispatch per program and no copies
+  of the cache. Attention against the cache needs no concat (rejected on some chips): the cache's scores and the
+  token's own score share one softmax written out with a common maximum.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from orion.compiler.targets import Target, get_target
+from orion.errors import BindingError, OrionError
+from orion.ir.builder import MASK_VALUE, GraphBuilder
+from orion.runtime.budget import CompileBudget
+from orion.runtime.cache import ProgramCache
+from orion.runtime.program import Program, get_backend
+
+PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
+DECODE_BUCKET = 16
+#: Weight constants one block needs once LayerNorms are folded: c_attn, attn c_proj, c_fc, mlp c_proj (w and b).
+CONSTANTS_PER_BLOCK = 8
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    layer_norm_epsilon: float = 1e-5
+
+    @classmethod
+    def from_hf(cls, config: dict) -> "GPT2Config":
+        if config.get("model_type") != "gpt2":
+            raise OrionError(f"model_type {config.get('model_type')!r} is not gpt2")
+        act = config.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise OrionError(f"GPT-2 activation {act!r} is not supported; Orion runs the tanh form (gelu_new)")
+        missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if k not in config]
+        if missing:
+            raise OrionError(f"config.json lacks {missing}")
+        if config["n_embd"] % config["n_head"]:
+            raise OrionError(f"n_embd {config['n_embd']} does not split into {config['n_head']} heads")
+        return cls(config["vocab_size"], config["n_positions"], config["n_embd"], config["n_layer"],
+                   config["n_head"], float(config.get("layer_norm_epsilon", 1e-5)))
+
+
+@dataclass
+class BlockWeights:
+    """One block with LayerNorm affines folded in; linear weights in PyTorch ``[out, in]`` layout, float32."""
+
+    qkv_w: np.ndarray
+    qkv_b: np.ndarray
+    proj_w: np.ndarray
+    proj_b: np.ndarray
+    fc_w: np.ndarray
+    fc_b: np.ndarray
+    out_w: np.ndarray
+    out_b: np.ndarray
+
+
+def _fold_norm(gamma: np.ndarray, beta: np.ndarray, w_in_out: np.ndarray, bias: np.ndarray):
+    """``linear(LN(x))`` with LN's affine moved into the linear layer: ``W (g * n + b) + c = (W g) n + (W b + c)``.
+    ``w_in_out`` is Hugging Face's Conv1D layout ``[in, out]``."""
+    w = w_in_out.T.astype(np.float64)  # [out, in]
+    return (w * gamma[None, :]).astype(np.float32), (w @ beta + bias).astype(np.float32)
+
+
+def gpt2_weights(state: dict[str, np.ndarray], config: GPT2Config):
+    """Hugging Face GPT-2 tensors -> (embeddings, folded blocks, final norm). Names with or without
+    ``transformer.``; a missing or misshapen tensor is an error that names it."""
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        for key in (f"transformer.{name}", name):
+            if key in state:
+                array = np.asarray(state[key], dtype=np.float32)
+                if array.shape != shape:
+                    raise OrionError(f"weight {key} has shape {list(array.shape)}; GPT-2 with this config needs "
+                                     f"{list(shape)}")
+                return array
+        raise OrionError(f"weight {name} is missing from the checkpoint")
+
+    d, v, p = config.n_embd, config.vocab_size, config.n_positions
+    blocks = []
+    for i in range(config.n_layer):
+        h = f"h.{i}"
+        qkv_w, qkv_b = _fold_norm(get(f"{h}.ln_1.weight", (d,)), get(f"{h}.ln_1.bias", (d,)),
+                                  get(f"{h}.attn.c_attn.weight", (d, 3 * d)), get(f"{h}.attn.c_attn.bias", (3 * d,)))
+        fc_w, fc_b = _fold_norm(get(f"{h}.ln_2.weight", (d,)), get(f"{h}.ln_2.bias", (d,)),
+                                get(f"{h}.mlp.c_fc.weight", (d, 4 * d)), get(f"{h}.mlp.c_fc.bias", (4 * d,)))
+        blocks.append(BlockWeights(
+            qkv_w, qkv_b,
+            get(f"{h}.attn.c_proj.weight", (d, d)).T.copy(), get(f"{h}.attn.c_proj.bias", (d,)),
+            fc_w, fc_b,
+            get(f"{h}.mlp.c_proj.weight", (4 * d, d)).T.copy(), get(f"{h}.mlp.c_proj.bias", (d,)),
+        ))
+    embeddings = (get("wte.weight", (v, d)), get("wpe.weight", (p, d)))
+    final_norm = (get("ln_f.weight", (d,)), get("ln_f.bias", (d,)))
+    return embeddings, blocks, final_norm
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Programs
+
+
+def _block_start(b: GraphBuilder, x, w: BlockWeights, config: GPT2Config):
+    """LN_1 (folded) and the fused q/k/v projection."""
+    d = config.n_embd
+    seq = x.shape[3]
+    qkv = b.linear(b.layer_norm(x, eps=config.layer_norm_epsilon, name="ln_1"), w.qkv_w, w.qkv_b, name="c_attn")
+    return [b.slice_by_index(qkv, begin=[0, i * d, 0, 0], end=[1, (i + 1) * d, 1, seq], name=n)
+            for i, n in enumerate("qkv")]
+
+
+def _block_end(b: GraphBuilder, x, attn, w: BlockWeights, config: GPT2Config):
+    """Attention output projection, residual, LN_2 (folded), MLP, residual."""
+    x = b.add(x, b.linear(attn, w.proj_w, w.proj_b, name="c_proj"), name="res_1")
+    h = b.linear(b.layer_norm(x, eps=config.layer_norm_epsilon, name="ln_2"), w.fc_w, w.fc_b, name="c_fc")
+    return b.add(x, b.linear(b.gelu_tanh(h, name="gelu"), w.out_w, w.out_b, name="mlp_proj"), name="res_2")
+
+
+def prefill_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, seq: int):
+    """Blocks ``first ...`` over a ``seq`` bucket: inputs x and the causal mask; outputs y and each block's k, v."""
+    b = GraphBuilder(f"gpt2_prefill{seq}_h{first}")
+    x = b.input("x", (1, config.n_embd, 1, seq))
+    mask = b.input("mask", (1, 1, seq, seq))
+    for j, w in enumerate(blocks):
+        i = first + j
+        with b.scope(f"h{i}"):
+            q, k, v = _block_start(b, x, w, config)
+            x = _block_end(b, x, b.attention(q, k, v, config.n_head, mask=mask), w, config)
+        b.output(f"k{i:02d}", k)
+        b.output(f"v{i:02d}", v)
+    b.output("y", x)
+    return b.graph
+
+
+def decode_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, capacity: int):
+    """Blocks ``first ...`` for new tokens in a 16-column bucket against a KV cache of ``capacity`` positions."""
+    b = GraphBuilder(f"gpt2_decode{capacity}_h{first}")
+    d = config.n_embd
+    x = b.input("x", (1, d, 1, DECODE_BUCKET))
+    mask = b.input("mask", (1, 1, 1, capacity))
+    for j, w in enumerate(blocks):
+        i = first + j
+        kc = b.input(f"kc{i:02d}", (1, d, 1, capacity))
+        vc = b.input(f"vc{i:02d}", (1, d, 1, capacity))
+        with b.scope(f"h{i}"):
+            q, k, v = _block_start(b, x, w, config)
+            x = _block_end(b, x, b.cached_attention(q, k, v, kc, vc, mask, config.n_head), w, config)
+        b.output(f"kn{i:02d}", k)
+        b.output(f"vn{i:02d}", v)
+    b.output("y", x)
+    return b.graph
+
+
+def blocks_per_program(target: Target, n_layer: int) -> int:
+    limit = target.max_blob_constants
+    return n_layer if limit is None else max(1, min(n_layer, limit // CONSTANTS_PER_BLOCK))
+
+
+def causal_mask(seq: int) -> np.ndarray:
+    return np.triu(np.full((seq, seq), MASK_VALUE, np.float32), k=1).reshape(1, 1, seq, seq)
+
+
+def bucket_for(length: int, buckets=PREFILL_BUCKETS) -> int:
+    for size in buckets:
+        if size >= length:
+            return size
+    raise BindingError(f"a sequence of {length} tokens is longer than the largest bucket {buckets[-1]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    decode_steps: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    compiles: int = 0
+    cache_hits: int = 0
+    dispatches_per_token: int = 0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    def line(self) -> str:
+        return (f"prompt {self.prompt_tokens} tokens | prefill {self.prefill_tok_s:.1f} tok/s | "
+                f"decode {self.decode_tok_s:.1f} tok/s ({self.new_tokens} tokens) | compiles {self.compiles} | "
+                f"cache hits {self.cache_hits} | {self.dispatches_per_token} dispatches/token")
+
+
+def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+class GPT2:
+    """``model = GPT2(config, state, tokenizer)``; ``model.logits(ids)``; ``model.generate(prompt)``."""
+
+    def __init__(self, config: GPT2Config, state: dict[str, np.ndarray], tokenizer=None, *, backend="auto",
+                 target: Target | str = "default", cache: ProgramCache | None = None,
+                 budget: CompileBudget | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.target = get_target(target) if isinstance(target, str) else target
+        self.backend = get_backend(backend, self.target)
+        (self.wte, self.wpe), self.blocks, self.final_norm = gpt2_weights(state, config)
+        self.group = blocks_per_program(self.target, config.n_layer)
+        self.cache = cache
+        self.budget = budget
+        self._programs: dict[tuple[str, int], list[Program]] = {}
+        self.stats = GenerationStats()
+
+    # -- programs -----------------------------------------------------------------------------------------------
+
+    def _groups(self) -> list[int]:
+        return list(range(0, self.config.n_layer, self.group))
+
+    def programs(self, kind: str, size: int) -> list[Program]:
+        """The programs for one phase and size, compiled (or taken from the cache) on first use."""
+        key = (kind, size)
+        if key not in self._programs:
+            build = prefill_graph if kind == "prefill" else decode_graph
+            programs = []
+            for first in self._groups():
+                graph = build(self.blocks[first:first + self.group], first, self.config, size)
+                program = Program.from_graph(graph, backend=self.backend, target=self.target, cache=self.cache,
+                                             budget=self.budget)
+                program.load()
+                self.stats.compiles += program.compiles
+                self.stats.cache_hits += program.cache_hits
+                programs.append(program)
+            self._programs[key] = programs
+        return self._programs[key]
+
+    def close(self) -> None:
+        for programs in self._programs.values():
+            for p in programs:
+                p.close()
+        self._programs.clear()
+
+    def __enter__(self) -> "GPT2":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- forward ------------------------------------------------------------------------------------------------
+
+    def _check_ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise BindingError("the prompt is empty: give at least one token")
+        if ids.size > self.config.n_positions:
+            raise BindingError(f"{ids.size} tokens do not fit the model's context of {self.config.n_positions}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise BindingError(f"token ids must be in [0, {self.config.vocab_size}); got {ids.min()}..{ids.max()}")
+        return ids
+
+    def _embed(self, ids: np.ndarray, start: int) -> np.ndarray:
+        return self.wte[ids] + self.wpe[start:start + ids.size]
+
+    def _head(self, hidden: np.ndarray) -> np.ndarray:
+        """Final LayerNorm and the tied classifier on the CPU, float32: ``[n, d] -> [n, vocab]``."""
+        g, b = self.final_norm
+        return _layer_norm(hidden.astype(np.float32), g, b, self.config.layer_norm_epsilon) @ self.wte.T
+
+    def _prefill(self, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+        """Run the prompt; returns the last block's hidden rows [n, d], every block's k/v [d, n], the bucket."""
+        n = ids.size
+        seq = bucket_for(n)
+        x = np.zeros((1, self.config.n_embd, 1, seq), np.float32)
+        x[0, :, 0, :n] = self._embed(ids, 0).T
+        mask = causal_mask(seq)
+        kv: dict[str, np.ndarray] = {}
+        for program in self.programs("prefill", seq):
+            out = program.run({"x": x, "mask": mask})
+            x = out.pop("y")
+            kv.update({name: array[0, :, 0, :n] for name, array in out.items()})
+        return x[0, :, 0, :n].T, kv, seq
+
+    def logits(self, token_ids) -> np.ndarray:
+        """float32 logits ``[len, vocab]`` for every position of one sequence (the prefill programs)."""
+        ids = self._check_ids(token_ids)
+        hidden, _, _ = self._prefill(ids)
+        return self._head(hidden)
+
+    # -- generation ---------------------------------------------------------------------------------------------
+
+    def generate_ids(self, ids, max_tokens: int = 64, sampler=None, stop_ids=()) -> Iterator[int]:
+        """Yield new token ids: prefill, then one decode step per token with the KV cache in the programs."""
+        if sampler is None:
+            from orion.models.sampling import Sampler
+
+            sampler = Sampler(temperature=0.0)
+        ids = self._check_ids(ids)
+        if max_tokens < 0:
+            raise BindingError(f"max_tokens must be >= 0, got {max_tokens}")
+        total = min(ids.size + max_tokens, self.config.n_positions)
+        stats = self.stats = GenerationStats(prompt_tokens=ids.size)
+        before = self._count()
+        t0 = time.perf_counter()
+        hidden, kv, _ = self._prefill(ids)
+        token = sampler.sample(self._head(hidden[-1:])[0])
+        stats.prefill_seconds = time.perf_counter() - t0
+        if max_tokens == 0:
+            return
+        programs = self.programs("decode", bucket_for(total))
+        self._load_cache(programs, kv, ids.size)
+        stats.dispatches_per_token = len(programs)
+        decode_start = time.perf_counter()
+        pos = ids.size
+        try:
+            for _ in range(max_tokens):
+                stats.new_tokens += 1
+                yield int(token)
+                if int(token) in stop_ids or pos >= total:
+                    break
+                token = sampler.sample(self._decode_step(programs, int(token), pos))
+                stats.decode_steps += 1
+                pos += 1
+        finally:
+            stats.decode_seconds = time.perf_counter() - decode_start
+            after = self._count()
+            stats.compiles, stats.cache_hits = after[0] - before[0], after[1] - before[1]
+
+    def _count(self) -> tuple[int, int]:
+        programs = [p for ps in self._programs.values() for p in ps]
+        return sum(p.compiles for p in programs), sum(p.cache_hits for p in programs)
+
+    def _load_cache(self, programs: list[Program], kv: dict[str, np.ndarray], n: int) -> None:
+        for program in programs:
+            for name in program.input_names:
+                if name[:2] in ("kc", "vc"):
+                    with program.input_tensor(name).view() as cache:
+                        cache[...] = 0
+                        cache[0, :, 0, :n] = kv[name[0] + name[2:]]
+            with program.input_tensor("mask").view() as mask:
+                mask[...] = MASK_VALUE
+                mask[..., :n] = 0
+            with program.input_tensor("x").view() as x:
+                x[...] = 0
+
+    def _decode_step(self, programs: list[Program], token: int, pos: int) -> np.ndarray:
+        """One token at position ``pos`` through every decode program; returns its logits."""
+        x = self._embed(np.array([token]), pos)[0]
+        for program in programs:
+            with program.input_tensor("x").view() as xin:
+                xin[0, :, 0, 0] = x
+            program.evaluate()
+            for name in program.output_names:
+                if name == "y":
+                    with program.output_tensor("y").view(read_only=True) as y:
+                        x = y[0, :, 0, 0].astype(np.float32)
+                    continue
+                # kn/vn column 0 is this token's key/value: it goes into the cache at its position
+                with program.output_tensor(name).view(read_only=True) as new, \
+                        program.input_tensor(name[0] + "c" + name[2:]).view() as cache:
+                    cache[0, :, 0, pos] = new[0, :, 0, 0]
+            with program.input_tensor("mask").view() as mask:
+                mask[..., pos] = 0
+        return self._head(x[None, :])[0]
+
+    def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stream: bool = False):
+        """Text in, text out (``stream=True``: an iterator of text pieces as tokens arrive)."""
+        from orion.models.sampling import Sampler
+
+        if self.tokenizer is None:
+            raise OrionError("this model has no tokenizer; use generate_ids with token ids")
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise BindingError("the prompt is empty: give some text")
+        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        stop = () if self.tokenizer.eos_id is None else (self.tokenizer.eos_id,)
+        pieces = self._stream_text(self.generate_ids(ids, max_tokens, sampler, stop))
+        return pieces if stream else "".join(pieces)
+
+    def _stream_text(self, ids: Iterator[int]) -> Iterator[str]:
+        decoder = self.tokenizer.stream()
+        for token in ids:
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        rest = decoder.flush()
+        if rest:
+            yield rest
+
+

@@ -315,6 +315,82 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
         out.print(f"wrote profile {profile_file}", highlight=False, markup=False)
 
 
+# -- models -------------------------------------------------------------------------------------------------------
+
+
+@cli.command("generate")
+@click.option("--model", "model_id", required=True, help="A Hugging Face folder (config.json, model.safetensors, "
+              "tokenizer files) or a hub id such as gpt2.")
+@click.option("--prompt", required=True, help="The text to continue.")
+@click.option("--max-tokens", type=click.IntRange(min=0), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="0 is greedy.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None)
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None)
+@click.option("--seed", type=int, default=None, help="Same seed, same text.")
+@click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True)
+@_target_option
+@click.option("--exact-numerics", is_flag=True,
+              help="On the emulator, use the target's accumulator model (slow) instead of the fp32 accumulator.")
+@handle_errors
+def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
+                 top_p: float | None, seed: int | None, backend: str, target_name: str, exact_numerics: bool) -> None:
+    """Generate text; tokens stream to the terminal as they come, then one line of figures."""
+    import orion
+
+    with orion.load(model_id, backend=backend, target=target_name,
+                    accumulator=None if exact_numerics else "fp32") as model:
+        click.echo(prompt, nl=False)
+        for piece in model.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, seed=seed, stream=True):
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        err.print(f"[dim]{escape(model.stats.line())} | backend {model.backend.name}[/]", highlight=False)
+
+
+@cli.group("bench")
+def bench_group() -> None:
+    """Benchmarks that print a table and write JSON."""
+
+
+@bench_group.command("gpt2")
+@click.option("--model", "model_dir", default=None, help="A local GPT-2 folder (default: random 124M weights).")
+@click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True)
+@click.option("--reference", type=click.Choice(["transformers", "none"]), default="transformers", show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--exact-numerics", is_flag=True, help="Emulator: the target's accumulator model instead of fp32.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@handle_errors
+def bench_gpt2_cmd(model_dir: str | None, backend: str, reference: str, prompt_tokens: int, new_tokens: int,
+                   exact_numerics: bool, json_file: Path) -> None:
+    """Orion's GPT-2 against transformers on the same weights, in the same run (each side in its own process)."""
+    import json
+
+    from orion.mil.emit import write_text_atomic
+    from orion.models.bench import bench_gpt2, flatten
+
+    report = bench_gpt2(model_dir, backend, None if reference == "none" else reference, prompt_tokens, new_tokens,
+                        exact_numerics)
+    table = Table(title=f"GPT-2 ({report['model']}): prompt {prompt_tokens} tokens, {new_tokens} new")
+    for col in ("", "prefill tok/s", "decode tok/s", "first prefill s", "cached prefill s", "peak MB", "backend"):
+        table.add_column(col, justify="right" if col.endswith(("s", "MB")) else "left")
+    for side in ("orion", "reference"):
+        r = report.get(side)
+        if r:
+            table.add_row(side, f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}",
+                          f"{r.get('first_prefill_s', float('nan')):.2f}", f"{r['cached_prefill_s']:.3f}",
+                          f"{r['peak_mb']:.0f}", f"{r['backend']}" + (f" ({r['accumulator']} accumulator)"
+                                                                     if r.get("accumulator") else ""))
+    if "ratios" in report:
+        table.add_row("orion / reference", f"{report['ratios']['prefill']:.2f}x", f"{report['ratios']['decode']:.2f}x",
+                      "", "", "", "")
+    out.print(table)
+    write_text_atomic(json_file, json.dumps(flatten(report), indent=2))
+    out.print(f"wrote {json_file}", highlight=False, markup=False)
+
+
 def main() -> None:
     cli()
 

@@ -1,1 +1,46 @@
 """Language models on Orion: Hugging Face folders (or hub ids) in, weights, tokenizer and sampled text out."""
+
+from __future__ import annotations
+
+from orion.compiler.targets import Target, get_target
+from orion.errors import OrionError
+
+#: On the emulator, model-sized programs default to the fp32 accumulator: the fixed-point model of the ANE's wide
+#: sum (a fitted model, reference N3) costs 10-20x more per matmul and changes logits by about 1e-3.
+MODEL_ACCUMULATOR = "fp32"
+
+
+def model_backend(backend="auto", target: Target | str = "default", accumulator: str | None = MODEL_ACCUMULATOR):
+    """The backend a model runs on; the emulator's accumulator is ``accumulator`` (None: the target's own)."""
+    from orion.runtime.backends.emulator import EmulatorBackend
+    from orion.runtime.backends.numerics import Numerics
+    from orion.runtime.program import get_backend
+
+    target = get_target(target) if isinstance(target, str) else target
+    chosen = get_backend(backend, target)
+    if isinstance(chosen, EmulatorBackend) and accumulator is not None:
+        chosen = EmulatorBackend(target, numerics=Numerics.from_dict({**chosen.numerics.to_dict(),
+                                                                      "accumulator": accumulator}))
+    return chosen
+
+
+def load(path_or_id: str, *, backend="auto", target: Target | str = "default", accumulator: str | None =
+         MODEL_ACCUMULATOR, cache=None, budget=None):
+    """A model from a Hugging Face folder or hub id: ``orion.load("gpt2").generate("Once upon a time")``."""
+    from orion.models.hub import Tokenizer, load_weights, read_config, resolve_model
+
+    folder = resolve_model(path_or_id)
+    config = read_config(folder)
+    kind = config.get("model_type")
+    if kind != "gpt2":
+        raise OrionError(f"{folder}: model_type {kind!r} is not supported; Orion runs gpt2")
+    from orion.models.gpt2 import GPT2, GPT2Config
+
+    gpt2_config = GPT2Config.from_hf(config)
+    tokenizer = Tokenizer.from_dir(folder) if _has_tokenizer(folder) else None
+    return GPT2(gpt2_config, load_weights(folder), tokenizer, backend=model_backend(backend, target, accumulator),
+                target=target, cache=cache, budget=budget)
+
+
+def _has_tokenizer(folder) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model"))

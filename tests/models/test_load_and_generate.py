@@ -1,0 +1,85 @@
+"""orion.load on a Hugging Face folder, generation through the Python API and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import orion
+import orion.errors
+from orion.cli.main import cli
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TEXTS = ["Once upon a time there was a little fox who loved the moon. " * 3,
+         "The cat sat on the mat and purred all day long. " * 3] * 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from orion.models.hub import train_bpe_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = train_bpe_tokenizer(TEXTS, 300, folder)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=tok.vocab_size, n_positions=128,
+                                     eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_load_generate_and_logits(model_dir):
+    with orion.load(str(model_dir), backend="emulator") as model:
+        text = model.generate("Once upon a time", max_tokens=12, temperature=0.8, seed=3)
+        again = model.generate("Once upon a time", max_tokens=12, temperature=0.8, seed=3)
+        assert text == again and isinstance(text, str)
+        pieces = list(model.generate("Once upon a time", max_tokens=12, temperature=0.8, seed=3, stream=True))
+        assert "".join(pieces) == text
+        assert model.stats.new_tokens <= 12 and model.stats.prompt_tokens == len(model.tokenizer.encode(
+            "Once upon a time"))
+        ids = model.tokenizer.encode("The cat sat on the mat")
+        logits = model.logits(ids)
+        reference = transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()
+        with torch.no_grad():
+            expected = reference(torch.tensor(ids)[None]).logits[0].numpy()
+        assert np.abs(logits - expected).max() < 0.02 * np.abs(expected).max()
+
+
+def test_generate_command_streams_text_and_prints_figures(model_dir):
+    result = CliRunner().invoke(cli, ["generate", "--model", str(model_dir), "--prompt", "The cat",
+                                      "--max-tokens", "8", "--seed", "1", "--backend", "emulator"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("The cat")
+    assert "prefill" in result.stderr and "decode" in result.stderr and "compiles" in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/folder", "--prompt", "x"], "no such model folder"),
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "word " * 400], "context of 128"),
+])
+def test_generate_command_errors(model_dir, args, message):
+    if "--model" not in args:
+        args = ["--model", str(model_dir)] + args
+    result = CliRunner().invoke(cli, ["generate", *args, "--backend", "emulator"])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_unknown_architecture_and_damaged_weights(model_dir, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    with pytest.raises(orion.errors.OrionError, match="model_type 'bert' is not supported"):
+        orion.load(str(other))
+    (other / "config.json").write_text(json.dumps(config))
+    data = (other / "model.safetensors").read_bytes()
+    (other / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(orion.errors.WeightFileError):
+        orion.load(str(other))

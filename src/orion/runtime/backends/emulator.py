@@ -49,12 +49,24 @@ class AneKernels(Kernels):
     """Conv/matmul and reduce_sum with the hardware's accumulator, as the numerics settings model it.
 
     Operands arrive as float32 arrays holding fp16 values. With the ``fp32`` accumulator they go straight to BLAS
-    (subnormals flushed first, except for operands in :attr:`flushed`, constants flushed once at load).
+    (subnormals flushed first, except for operands in :attr:`flushed`, constants flushed once at load) and the
+    sums are rounded in place on their float32 bits. Every result is final (rounded by the wide rules and
+    NaN-free, held as float32); :meth:`finished` tells the emulator so that it does not round it again.
     """
 
     def __init__(self, settings: Numerics):
         self.settings = settings
         self.flushed: set[int] = set()
+        self._last: np.ndarray | None = None
+
+    def finished(self, result: np.ndarray) -> bool:
+        """Whether ``result`` is the last kernel output, or a reshaped view of it (a conv's), and so final."""
+        last, self._last = self._last, None
+        return last is not None and (result is last or result.base is last)
+
+    def _final(self, out: np.ndarray) -> np.ndarray:
+        self._last = out
+        return out
 
     def _operand(self, x: np.ndarray) -> np.ndarray:
         if not self.settings.flush_subnormals_in_matmul:
@@ -67,12 +79,15 @@ class AneKernels(Kernels):
         return ane.flush_subnormals(x)
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        if self.settings.accumulator != "fp32":
-            return ane.matmul(a.astype(F16), b.astype(F16), self.settings)
-        return ane.finish_wide(np.matmul(self._operand(a), self._operand(b)), self.settings)
+        s = self.settings
+        if s.accumulator != "fp32":  # exact sums in float64: rounded from there by the fp16 reference path
+            return self._final(ane.matmul(a.astype(F16), b.astype(F16), s).astype(np.float32))
+        wide = np.matmul(self._operand(a), self._operand(b))
+        return self._final(ane.round_f32(wide, s.reduction_ties, ceiling=s.matmul_ceiling,
+                                         flush_subnormals=s.flush_subnormals_in_matmul, out=wide))
 
     def reduce_sum(self, x: np.ndarray, axes: tuple[int, ...], keep_dims: bool) -> np.ndarray:
-        return ane.reduce_sum(x.astype(F16), axes, keep_dims, self.settings)
+        return self._final(ane.reduce_sum(x.astype(F16), axes, keep_dims, self.settings).astype(np.float32))
 
 
 @dataclass
@@ -186,7 +201,8 @@ class EmulatedProgram:
     # -- running --------------------------------------------------------------------------------------------------
 
     def bind(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Check names and shapes, convert any float dtype to the fp16 the ANE would hold."""
+        """Check names and shapes, convert any float dtype to the fp16 the ANE would hold (new float32 arrays:
+        the caller's arrays are never held)."""
         check_input_names([name for name, _ in self.inputs], inputs)
         env: dict[str, np.ndarray] = {}
         for name, t in self.inputs:
@@ -195,40 +211,65 @@ class EmulatedProgram:
                 raise BindingError(f"input {name!r} has dtype {array.dtype}; give a float array")
             if tuple(array.shape) != t.shape:
                 raise BindingError(f"input {name!r} has shape {list(array.shape)}; the program declares {list(t.shape)}")
-            env[name] = ane.boundary_input(array, t.dtype).astype(np.float32)
+            env[name] = ane.hold_input(array, t.dtype)
         return env
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name in their declared dtype (fp16 for non-float declarations)."""
+        held = self.run_held(inputs)
+        return {name: output_value(held[name], t) for name, t in self.outputs}
+
+    def run_held(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name as the emulator holds them: float32 arrays of fp16 values, possibly shared with the
+        program (a constant, an input): read them, do not modify them."""
         env: dict[str, object] = dict(self._consts)
         env.update(self.bind(inputs))
         with np.errstate(all="ignore"):
             for step in self._steps:
                 env[step.var] = self._execute(step, env)
-        return {
-            name: np.asarray(env[name]).astype(t.numpy_dtype if t.dtype in ("fp16", "fp32") else F16)
-            for name, t in self.outputs
-        }
+        return {name: np.asarray(env[name], dtype=np.float32) for name, _ in self.outputs}
 
     def _execute(self, step: _Step, env: dict) -> np.ndarray:
         """One op on float32 arrays holding fp16 values; the result is rounded to fp16 and held as float32."""
-        flushed = self._wide_consts if step.op.kind == "wide" else {}
+        kind = step.op.kind
+        flushed = self._wide_consts if kind == "wide" else {}
         args = [[env[n] for n in i] if isinstance(i, tuple) else flushed.get(i, env[i]) for i in step.inputs]
         arrays = args[0] if step.op.variadic else args
-        kind = step.op.kind
         result = step.op.compute(self.kernels, arrays, step.attrs)
         if kind == "layout":  # moves values without computing: they stay fp16 values
             if step.op.name.startswith("slice") and self.settings.slice_offset_overflow:
                 overflow = ane.slice_overflow(result.astype(F16), bool(step.attrs["begin"][-1]), self.settings)
                 return overflow.astype(np.float32)
             return np.asarray(result, dtype=np.float32)
-        ties = self.settings.reduction_ties if kind in ("reduction", "wide") else self.settings.elementwise_ties
-        out = result if result.dtype == F16 else ane.round_fp16(np.asarray(result, dtype=np.float32), ties)
-        out = ane.ane_fix(out)
+        if self.kernels.finished(result):
+            out = result
+        else:
+            ties = self.settings.reduction_ties if kind in ("reduction", "wide") else self.settings.elementwise_ties
+            out = np.asarray(result, dtype=np.float32)
+            # a result the op allocated is rounded in place; one it may share (an input, a view) is copied first
+            owned = out is not result or (out.base is None and out.flags.writeable and
+                                          all(out is not a for a in arrays))
+            out = ane.round_f32(out, ties, out=out if owned else None)
         if step.op.name == "log":
             out[arrays[0] == 0] = LOG_OF_ZERO
         if kind == "activation" and self.settings.activation_quirks:
-            out = ane.activation_quirks(step.op.name, arrays[0].astype(F16), out, self.settings)
-        return out.astype(np.float32)
+            out = ane.activation_quirks(step.op.name, arrays[0].astype(F16), out.astype(F16), self.settings)
+            out = out.astype(np.float32)
+        return out
+
+
+def output_value(held: np.ndarray, t: TensorType, target: np.ndarray | None = None) -> np.ndarray:
+    """A held output in its declared dtype (fp16 for non-float declarations): a new array, or written into
+    ``target`` (an array of the output's shape, e.g. a view of a surface) and returned."""
+    if t.dtype == "fp32":
+        if target is None:
+            return held.copy()
+        np.copyto(target, held)
+        return target
+    if target is None or target.dtype == F16:
+        return ane.fp16_of_held(held, out=target)
+    np.copyto(target, ane.fp16_of_held(held), casting="unsafe")
+    return target
 
 
 def directory_blob_loader(model_dir: Path) -> Callable[[BlobRef, TensorType, Statement], np.ndarray]:
@@ -340,10 +381,10 @@ class EmulatorModel(BackendModel):
         for (name, t), surface in zip(in_types, inputs):
             with surface.lock(read_only=True) as raw:  # packed from byte 0 (ANE-20)
                 feed[name] = raw[: t.nbytes].view(t.numpy_dtype).reshape(t.shape).copy()
-        results = program.run(feed)
+        held = program.run_held(feed)
         for (name, t), surface in zip(out_types, outputs):
-            with surface.lock() as raw:
-                raw[: t.nbytes].view(t.numpy_dtype)[...] = results[name].reshape(-1)
+            with surface.lock() as raw:  # converted straight into the surface
+                output_value(held[name], t, raw[: t.nbytes].view(t.numpy_dtype).reshape(t.shape))
 
     def _check_surfaces(self, kind: str, types: list[tuple[str, TensorType]], surfaces: Sequence[Surface]) -> None:
         if len(surfaces) != len(types):

@@ -236,6 +236,182 @@ def _io_dtype(dtype: str | np.dtype | type) -> np.dtype:
     return resolved
 
 
+# --------------------------------------------------------------------------------- the same rules on float32 storage
+# The emulator holds fp16 values in float32 arrays. numpy's float32 <-> float16 casts cost 1.5-2.5 ns per element,
+# ten times an integer pass, so the functions below compute the same bits on the float32 bit pattern instead. Their
+# references are round_fp16/_finish/ane_fix/boundary_input above, which stay the definitions they are tested against.
+
+_F32_SIGN = np.uint32(0x80000000)
+_F32_MAGNITUDE = np.uint32(0x7FFFFFFF)
+_F32_INF = 0x7F800000
+_F32_KEEP = np.uint32(0xFFFFE000)  # sign, exponent and the 10 mantissa bits fp16 has; the low 13 bits go
+_F32_LOW = 0x1FFF
+_F32_HALF = 0x1000  # half of the last kept mantissa bit: the rounding tie
+#: 2**-14, the smallest normal fp16: below it fp16 has a fixed step of 2**-24, not 10 bits of mantissa.
+_F32_MIN_NORMAL16 = 0x38800000
+#: 2**-14 - 2**-25, the tie between the largest fp16 subnormal and 2**-14 (both tie modes round it up).
+_F32_SUBNORMAL_TIE = 0x387FE000
+_HALF = np.float32(0.5)
+_SUBNORMAL_STEP = np.float32(2.0**-24)
+
+
+@functools.lru_cache(maxsize=None)
+def _f32_overflow_bits(ceiling: float | None) -> tuple[int, int]:
+    """(T, P): a rounded magnitude with float32 bits >= T goes to inf; only magnitudes >= P can round that high.
+
+    T is the smallest fp16 >= ``ceiling`` (the fp16 overflow, 2**16 rounded, if none is smaller); P is the midpoint
+    between T and the fp16 value below it, a cheap bound checked before the exact test.
+    """
+    top = _INF if ceiling is None else _magnitude_bits_at_least(ceiling)
+    if top == _INF:  # no finite fp16 reaches the ceiling: fp16's own overflow, 2**16 once rounded to 11 bits
+        below, limit = 65504.0, 2.0**16
+    else:
+        below, limit = np.array([top - 1, top], dtype=np.uint16).view(np.float16).astype(np.float64)
+    as_bits = np.array([limit, (limit + below) / 2], dtype=np.float32).view(np.uint32)
+    return int(as_bits[0]), int(as_bits[1])
+
+
+def round_f32(x32: np.ndarray, ties: str = "half-even", *, ceiling: float | None = None,
+              flush_subnormals: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """``_finish(round_fp16(x32, ties), flush_subnormals, ceiling)`` as float32, computed on the float32 bits.
+
+    The bits of every result equal those of the reference path converted to float32: one rounding to fp16 with
+    ``ties`` (overflow to +-inf from 65520 on), magnitudes that round to ``ceiling`` or more sent to +-inf, NaN and
+    -0 to +0, and with ``flush_subnormals`` results below 2**-14 to +0. ``x32`` must be float32; the result goes to
+    ``out`` (which may be ``x32`` itself, to round in place) or to a new array.
+    """
+    if ties not in TIES:
+        raise ValueError(f"ties={ties!r} is not one of {TIES}")
+    x = np.asarray(x32)
+    if x.dtype != np.float32:
+        raise TypeError(f"round_f32 takes float32 values, got {x.dtype}; round float64 with round_fp16")
+    if out is None:
+        out = x.copy()
+    elif out is not x:
+        np.copyto(out, x)
+    _round_held(out, ties, ceiling, flush_subnormals, nan_to=0, zero_sign=True)
+    return out
+
+
+def _round_held(f: np.ndarray, ties: str, ceiling: float | None, flush: bool, nan_to: int, zero_sign: bool) -> None:
+    """Round the float32 array ``f`` in place to fp16 values (see :func:`round_f32`); NaN becomes the float32 bits
+    ``nan_to`` and -0 stays -0 unless ``zero_sign``. A dozen integer passes in the common case."""
+    if f.size == 0:
+        return
+    if f.ndim == 0:  # ufuncs return scalars for 0-d operands: work on a 1-element view
+        f = f.reshape(1)
+    u = f.view(np.uint32)
+    t = np.bitwise_and(u, _F32_MAGNITUDE)
+    np.subtract(t, 1, out=t)  # magnitude - 1: a zero wraps to 2**32 - 1 (or -1 read as int32) and joins no test
+    signed = t.view(np.int32)
+    largest = int(signed.max())  # the largest magnitude - 1
+    if largest >= _F32_INF:  # a NaN (its magnitude is above inf's)
+        np.copyto(u, np.uint32(nan_to), where=signed >= _F32_INF)
+    if t.min() < _F32_MIN_NORMAL16 - 1:  # nonzero magnitudes below 2**-14: fp16's fixed 2**-24 step
+        small = t < _F32_MIN_NORMAL16 - 1
+        if flush:
+            # they become 0, except those from the tie up that round to 2**-14: setting their low bits makes the
+            # 10-bit rounding below carry them there
+            np.bitwise_or(u, _F32_LOW, out=u, where=small)
+            np.copyto(u, np.uint32(0), where=t < _F32_SUBNORMAL_TIE - 1)
+        else:
+            _round_subnormals(f, small, t.view(np.float32), ties, keep_sign=not zero_sign)
+    # 10-bit mantissa rounding; values made exact fp16 above (at most 10 significant bits) pass through unchanged
+    if ties == "half-even":
+        np.right_shift(u, 13, out=t)
+        np.bitwise_and(t, 1, out=t)
+        np.add(u, t, out=u)
+        np.add(u, _F32_HALF - 1, out=u)
+    else:  # half-away: on sign-magnitude bits, adding half a step to the magnitude rounds away from zero
+        np.add(u, _F32_HALF, out=u)
+    np.bitwise_and(u, _F32_KEEP, out=u)
+    limit, maybe = _f32_overflow_bits(ceiling)
+    if largest >= maybe - 1:
+        np.bitwise_and(u, _F32_MAGNITUDE, out=t)
+        over = t >= limit
+        np.bitwise_and(u, _F32_SIGN, out=u, where=over)
+        np.bitwise_or(u, np.uint32(_F32_INF), out=u, where=over)
+    if zero_sign:
+        np.add(f, np.float32(0.0), out=f)  # -0 + +0 = +0; every other value is unchanged
+
+
+def _round_subnormals(f: np.ndarray, small: np.ndarray, scratch: np.ndarray, ties: str, keep_sign: bool) -> None:
+    """Round the elements of ``f`` where ``small`` (0 < |x| < 2**-14) to multiples of 2**-24, in place.
+
+    The float32 step between 0.5 and 1 is 2**-24, so adding +-0.5 makes the float32 addition itself round |x| to
+    that grid, ties to even; subtracting it back is exact. ``scratch`` is a float32 array of ``f``'s shape. A value
+    rounded to zero comes out +0 unless ``keep_sign``.
+    """
+    half = scratch
+    np.copysign(_HALF, f, out=half, where=small)
+    if ties == "half-even":
+        np.add(f, half, out=f, where=small)
+        np.subtract(f, half, out=f, where=small)
+    else:
+        y = np.add(f, half, out=np.empty_like(f), where=small)
+        np.subtract(y, half, out=y, where=small)
+        # half-away: a tie the addition sent toward zero left x - y = +-2**-25 with x's sign (exact: both are
+        # within 2**-25 of each other and below 2**-14); those move one step away from zero
+        np.subtract(f, y, out=f, where=small)
+        np.multiply(half, _SUBNORMAL_STEP, out=half, where=small)
+        toward_zero = np.equal(f, half, out=np.zeros(small.shape, dtype=bool), where=small)
+        np.add(y, half, out=y, where=toward_zero)
+        np.add(y, half, out=y, where=toward_zero)
+        np.copyto(f, y, where=small)
+    if keep_sign:
+        np.copysign(f, half, out=f, where=small)
+
+
+def hold_input(x: np.ndarray, dtype: str | np.dtype | type) -> np.ndarray:
+    """``boundary_input(x, dtype).astype(np.float32)``: a user's array as the float32-held fp16 values the emulator
+    computes with, the same bits with no float16 round trip for float16 and float32 data. Always a new array."""
+    declared = _io_dtype(dtype)
+    data = np.asarray(x)
+    if data.dtype == np.float16:
+        return _held_of_fp16_input(data)
+    if data.dtype.kind == "f" and (data.dtype == np.float32 or declared == np.float32):
+        with np.errstate(over="ignore"):
+            held = data.astype(np.float32)  # the host's cast for an fp32 input; a copy for float32 data
+        _round_held(held, "half-even", None, False, nan_to=_F32_INF, zero_sign=False)
+        return held
+    return boundary_input(data, declared).astype(np.float32)
+
+
+def _held_of_fp16_input(h16: np.ndarray) -> np.ndarray:
+    """fp16 bits widened on integers: the magnitude moved to float32's field and scaled by 2**112 (which also
+    normalizes subnormals exactly), then the sign; inf stays inf and NaN becomes +inf (N6)."""
+    w = h16.view(np.uint16).astype(np.uint32).reshape(h16.shape or (1,))
+    sign = np.bitwise_and(w, 0x8000)
+    np.bitwise_and(w, 0x7FFF, out=w)
+    if w.size and w.max() >= _INF:
+        np.copyto(sign, np.uint32(0), where=w > _INF)
+        np.copyto(w, np.uint32(_F32_INF >> 13), where=w >= _INF)  # float32 inf once shifted; inf * 2**112 = inf
+    np.left_shift(w, 13, out=w)
+    held = w.view(np.float32)
+    np.multiply(held, np.float32(2.0**112), out=held)
+    np.left_shift(sign, 16, out=sign)
+    np.bitwise_or(w, sign, out=w)
+    return held.reshape(h16.shape)
+
+
+def fp16_of_held(x32: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 arrays that hold fp16 values (every value the emulator holds) as float16, four times faster than
+    ``astype``: scaling by 2**-112 puts fp16's exponent (or subnormal step) in place, so the bits need only a
+    shift. Values that are not fp16 values are truncated, not rounded. Writes to ``out`` if given."""
+    x = np.asarray(x32)
+    if x.dtype != np.float32:
+        raise TypeError(f"fp16_of_held takes float32 arrays, got {x.dtype}")
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float16)
+    scaled = np.multiply(x.reshape(x.shape or (1,)), np.float32(2.0**-112))
+    bits = scaled.view(np.uint32)
+    sign = np.right_shift(bits, 16)
+    np.bitwise_and(sign, 0x8000, out=sign)
+    np.right_shift(bits, 13, out=bits)
+    np.bitwise_and(bits, 0x7FFF, out=bits)
+    np.bitwise_or(bits, sign, out=out.view(np.uint16).reshape(bits.shape), casting="unsafe")
+    return out
+
 # ----------------------------------------------------------------------------------------------- conv and matmul
 
 

@@ -1,0 +1,292 @@
+"""A Llama-2 style decoder (llama2.c's "Stories" models) as ANE programs for training: RMSNorm, rotary position
+embeddings, causal attention, SwiGLU.
+
+One block is two programs that take every weight as an INPUT (so new weights after an optimizer step are a surface
+write, never a compile): ``forward`` (x -> y, plus the activations the backward pass needs) and ``backward``
+(dy and those activations -> dx, plus the activation gradients the CPU turns into weight gradients with float32
+BLAS). Layout is the ANE's ``[1, C, 1, S]``; a linear layer with an input weight ``[1, 1, O, I]`` is a matmul.
+
+Rotary embeddings without concat (which some chips reject): each head's channels split into the halves that
+``rotate_half`` pairs, so the q and k projections are done as two half-size projections (rows of Wq gathered per
+half on the CPU), rotated as ``(a, b) -> (a cos - b sin, b cos + a sin)``, and the attention scores are the sum of
+the two halves' products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from orion.errors import OrionError
+from orion.ir.builder import GraphBuilder
+from orion.ir.graph import Value
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    hidden_dim: int
+    vocab_size: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise OrionError(f"dim {self.dim} must split into {self.n_heads} heads of even size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    # llama2.c's stories110M: 12 layers, d 768, 12 heads, SwiGLU hidden 2048, vocab 32000, seq 256
+    "stories110m": LlamaConfig(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, vocab_size=32000, max_seq_len=256),
+    # about 1M parameters: tests and the demo
+    "tiny": LlamaConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=192, vocab_size=2048, max_seq_len=128),
+}
+
+LAYER_WEIGHTS = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3")
+
+
+def init_weights(config: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """llama2.c-style initialization: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers), norms at 1.
+    Names: ``tok_embeddings``, ``layers.{i}.{wq,...}`` ([out, in]), ``norm``, ``output`` (absent when tied)."""
+    rng = np.random.default_rng(seed)
+    d, f = config.dim, config.hidden_dim
+    std, proj_std = 0.02, 0.02 / np.sqrt(2 * config.n_layers)
+
+    def normal(shape, s=std):
+        return rng.normal(0.0, s, size=shape).astype(np.float32)
+
+    w = {"tok_embeddings": normal((config.vocab_size, d))}
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        w[p + "attention_norm"] = np.ones(d, np.float32)
+        w[p + "wq"], w[p + "wk"], w[p + "wv"] = normal((d, d)), normal((d, d)), normal((d, d))
+        w[p + "wo"] = normal((d, d), proj_std)
+        w[p + "ffn_norm"] = np.ones(d, np.float32)
+        w[p + "w1"], w[p + "w3"] = normal((f, d)), normal((f, d))
+        w[p + "w2"] = normal((d, f), proj_std)
+    w["norm"] = np.ones(d, np.float32)
+    if not config.tie_embeddings:
+        w["output"] = normal((config.vocab_size, d))
+    return w
+
+
+def rope_tables(config: LlamaConfig, seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin ``[1, 1, hd/2, S]`` for positions 0..S-1 (Hugging Face's rotate_half convention)."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / config.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / config.head_dim)
+    angles = np.outer(inv_freq, np.arange(seq, dtype=np.float64))  # [hd/2, S]
+    return (np.cos(angles).reshape(1, 1, half, seq).astype(np.float32),
+            np.sin(angles).reshape(1, 1, half, seq).astype(np.float32))
+
+
+def half_rows(w: np.ndarray, config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a q/k projection ``[d, d]`` for the first and the second half of every head's channels."""
+    hd, half = config.head_dim, config.head_dim // 2
+    heads = w.reshape(config.n_heads, hd, -1)
+    return (np.ascontiguousarray(heads[:, :half].reshape(config.n_heads * half, -1)),
+            np.ascontiguousarray(heads[:, half:].reshape(config.n_heads * half, -1)))
+
+
+def join_halves(first: np.ndarray, second: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    """Inverse of :func:`half_rows` along axis 0 (for gradients ``[d/2, ...]`` of each half)."""
+    half = config.head_dim // 2
+    a = first.reshape(config.n_heads, half, -1)
+    b = second.reshape(config.n_heads, half, -1)
+    return np.concatenate([a, b], axis=1).reshape(config.dim, -1)
+
+
+def layer_inputs(weights: dict[str, np.ndarray], layer: int, config: LlamaConfig) -> dict[str, np.ndarray]:
+    """A block's weights as the programs' inputs: matmul form ``[1, 1, O, I]``, norms ``[1, d, 1, 1]``."""
+    p = f"layers.{layer}."
+    d, f = config.dim, config.hidden_dim
+    qa, qb = half_rows(weights[p + "wq"], config)
+    ka, kb = half_rows(weights[p + "wk"], config)
+    return {
+        "g_attn": weights[p + "attention_norm"].reshape(1, d, 1, 1),
+        "g_ffn": weights[p + "ffn_norm"].reshape(1, d, 1, 1),
+        "wq_a": qa.reshape(1, 1, d // 2, d), "wq_b": qb.reshape(1, 1, d // 2, d),
+        "wk_a": ka.reshape(1, 1, d // 2, d), "wk_b": kb.reshape(1, 1, d // 2, d),
+        "wv": weights[p + "wv"].reshape(1, 1, d, d), "wo": weights[p + "wo"].reshape(1, 1, d, d),
+        "w1": weights[p + "w1"].reshape(1, 1, f, d), "w3": weights[p + "w3"].reshape(1, 1, f, d),
+        "w2": weights[p + "w2"].reshape(1, 1, d, f),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Graph pieces
+
+
+class _Block:
+    """Builds one block's programs; inputs are declared as they are first used."""
+
+    def __init__(self, name: str, config: LlamaConfig, seq: int):
+        self.b = GraphBuilder(name)
+        self.c = config
+        self.s = seq
+        self.half = config.dim // 2
+
+    def weight(self, name: str, rows: int, cols: int) -> Value:
+        return self.b.input(name, (1, 1, rows, cols))
+
+    def linear(self, x: Value, w: Value, name: str, transpose: bool = False) -> Value:
+        """``W x`` (or ``W^T x``) for ``x [1, I, 1, S]`` and an input weight ``[1, 1, O, I]``."""
+        b = self.b
+        rows = b.reshape(x, shape=[1, 1, x.shape[1], self.s], name=f"{name}_rows")
+        out = b.matmul(w, rows, transpose_x=transpose, transpose_y=False, name=f"{name}_mm")
+        return b.reshape(out, shape=[1, out.shape[2], 1, self.s], name=name)
+
+    def heads(self, t: Value, name: str) -> Value:
+        """``[1, H*k, 1, S] -> [1, H, k, S]``."""
+        return self.b.reshape(t, shape=[1, self.c.n_heads, t.shape[1] // self.c.n_heads, self.s], name=name)
+
+    def flat(self, t: Value, name: str) -> Value:
+        """``[1, H, k, S] -> [1, H*k, 1, S]``."""
+        return self.b.reshape(t, shape=[1, t.shape[1] * t.shape[2], 1, self.s], name=name)
+
+    def rms(self, x: Value, name: str) -> tuple[Value, Value]:
+        """``x_hat = x * r`` with ``r = (mean(x^2) + eps)^-1/2`` over channels; returns (x_hat, r)."""
+        b = self.b
+        ms = b.reduce_mean(b.mul(x, x, name=f"{name}_sq"), axes=[1], keep_dims=True, name=f"{name}_ms")
+        r = b.pow(b.add(ms, self.c.norm_eps, name=f"{name}_eps"), -0.5, name=f"{name}_r")
+        return b.mul(x, r, name=f"{name}_hat"), r
+
+    def rms_backward(self, d_hat: Value, x_hat: Value, r: Value, name: str) -> Value:
+        """``dx = r * (d_hat - x_hat * mean(x_hat * d_hat))``."""
+        b = self.b
+        m = b.reduce_mean(b.mul(x_hat, d_hat, name=f"{name}_xd"), axes=[1], keep_dims=True, name=f"{name}_m")
+        return b.mul(r, b.sub(d_hat, b.mul(x_hat, m, name=f"{name}_xm"), name=f"{name}_diff"), name=name)
+
+
+def forward_graph(config: LlamaConfig, seq: int):
+    """One block forward. Inputs: x, cos, sin, mask and the weights. Outputs: y and the backward pass's taps."""
+    blk = _Block(f"llama_fwd{seq}", config, seq)
+    b, d, f, half = blk.b, config.dim, config.hidden_dim, config.dim // 2
+    x = b.input("x", (1, d, 1, seq))
+    cos = b.input("cos", (1, 1, config.head_dim // 2, seq))
+    sin = b.input("sin", (1, 1, config.head_dim // 2, seq))
+    mask = b.input("mask", (1, 1, seq, seq))
+    x_hat1, r1 = blk.rms(x, "rms1")
+    n1 = b.mul(x_hat1, b.input("g_attn", (1, d, 1, 1)), name="n1")
+    q1, q2 = (blk.heads(blk.linear(n1, blk.weight(w, half, d), f"q{i}"), f"q{i}h") for i, w in ((1, "wq_a"),
+                                                                                                (2, "wq_b")))
+    k1, k2 = (blk.heads(blk.linear(n1, blk.weight(w, half, d), f"k{i}"), f"k{i}h") for i, w in ((1, "wk_a"),
+                                                                                                (2, "wk_b")))
+    qr1 = b.sub(b.mul(q1, cos, name="q1c"), b.mul(q2, sin, name="q2s"), name="qr1")
+    qr2 = b.add(b.mul(q2, cos, name="q2c"), b.mul(q1, sin, name="q1s"), name="qr2")
+    kr1 = b.sub(b.mul(k1, cos, name="k1c"), b.mul(k2, sin, name="k2s"), name="kr1")
+    kr2 = b.add(b.mul(k2, cos, name="k2c"), b.mul(k1, sin, name="k1s"), name="kr2")
+    v = blk.heads(blk.linear(n1, blk.weight("wv", d, d), "v"), "vh")  # [1, H, hd, S]
+    scores = b.add(b.matmul(qr1, kr1, transpose_x=True, transpose_y=False, name="s1"),
+                   b.matmul(qr2, kr2, transpose_x=True, transpose_y=False, name="s2"), name="s12")
+    scores = b.add(b.mul(scores, 1.0 / np.sqrt(config.head_dim), name="scaled"), mask, name="masked")
+    p = b.softmax(scores, axis=-1, name="probs")  # [1, H, S(query), S(key)]
+    o = blk.flat(b.matmul(v, p, transpose_x=False, transpose_y=True, name="pv"), "o")  # [1, d, 1, S]
+    h = b.add(x, blk.linear(o, blk.weight("wo", d, d), "attn_out"), name="h")
+    x_hat2, r2 = blk.rms(h, "rms2")
+    n2 = b.mul(x_hat2, b.input("g_ffn", (1, d, 1, 1)), name="n2")
+    a = blk.linear(n2, blk.weight("w1", f, d), "a")
+    u = blk.linear(n2, blk.weight("w3", f, d), "u")
+    g = b.mul(b.silu(a, name="silu"), u, name="g")
+    y = b.add(h, blk.linear(g, blk.weight("w2", d, f), "ffn_out"), name="y")
+    taps = {"y": y, "t_xhat1": x_hat1, "t_r1": r1, "t_n1": n1, "t_qr1": qr1, "t_qr2": qr2, "t_kr1": kr1,
+            "t_kr2": kr2, "t_v": v, "t_p": p, "t_o": o, "t_xhat2": x_hat2, "t_r2": r2, "t_n2": n2, "t_a": a,
+            "t_u": u, "t_g": g}
+    for name, value in taps.items():
+        b.output(name, value)
+    return b.graph
+
+
+#: Forward outputs the backward program reads (the rest stay on the CPU for weight gradients).
+BACKWARD_TAPS = ("t_xhat1", "t_r1", "t_qr1", "t_qr2", "t_kr1", "t_kr2", "t_v", "t_p", "t_xhat2", "t_r2", "t_a",
+                 "t_u")
+
+
+def backward_graph(config: LlamaConfig, seq: int):
+    """One block backward through activations. Inputs: dy, the taps, cos/sin and the weights. Outputs: dx and the
+    gradients at each linear layer's output (and at each norm's output) for the CPU's weight gradients."""
+    blk = _Block(f"llama_bwd{seq}", config, seq)
+    b, d, f, half, H = blk.b, config.dim, config.hidden_dim, config.dim // 2, config.n_heads
+    hd2 = config.head_dim // 2
+    dy = b.input("dy", (1, d, 1, seq))
+    t = {name: b.input(name, shape) for name, shape in (
+        ("t_xhat1", (1, d, 1, seq)), ("t_r1", (1, 1, 1, seq)), ("t_qr1", (1, H, hd2, seq)),
+        ("t_qr2", (1, H, hd2, seq)), ("t_kr1", (1, H, hd2, seq)), ("t_kr2", (1, H, hd2, seq)),
+        ("t_v", (1, H, config.head_dim, seq)), ("t_p", (1, H, seq, seq)), ("t_xhat2", (1, d, 1, seq)),
+        ("t_r2", (1, 1, 1, seq)), ("t_a", (1, f, 1, seq)), ("t_u", (1, f, 1, seq)))}
+    cos = b.input("cos", (1, 1, hd2, seq))
+    sin = b.input("sin", (1, 1, hd2, seq))
+    # FFN
+    dg = blk.linear(dy, blk.weight("w2", d, f), "dg", transpose=True)
+    sig = b.sigmoid(t["t_a"], name="sig")
+    silu = b.mul(t["t_a"], sig, name="silu_a")
+    one_minus_sig = b.sub(b.mul(sig, -1.0, name="neg_sig"), -1.0, name="one_minus_sig")
+    dsilu = b.mul(sig, b.add(b.mul(t["t_a"], one_minus_sig, name="a_1ms"), 1.0, name="dsilu_in"), name="dsilu")
+    # silu'(a) = sigmoid(a) * (1 + a * (1 - sigmoid(a)))
+    da = b.mul(b.mul(dg, t["t_u"], name="dg_u"), dsilu, name="da")
+    du = b.mul(dg, silu, name="du")
+    dn2 = b.add(blk.linear(da, blk.weight("w1", f, d), "dn2_a", transpose=True),
+                blk.linear(du, blk.weight("w3", f, d), "dn2_u", transpose=True), name="dn2")
+    g_ffn = b.input("g_ffn", (1, d, 1, 1))
+    dh = b.add(dy, blk.rms_backward(b.mul(dn2, g_ffn, name="dxhat2"), t["t_xhat2"], t["t_r2"], "dh_norm"),
+               name="dh")
+    # attention
+    do = blk.heads(blk.linear(dh, blk.weight("wo", d, d), "do", transpose=True), "doh")  # [1, H, hd, S]
+    dp = b.matmul(do, t["t_v"], transpose_x=True, transpose_y=False, name="dp")  # [1, H, S, S]
+    dv = blk.flat(b.matmul(do, t["t_p"], transpose_x=False, transpose_y=False, name="dvh"), "dv")
+    rowdot = b.reduce_sum(b.mul(dp, t["t_p"], name="dp_p"), axes=[3], keep_dims=True, name="rowdot")
+    ds = b.mul(b.mul(t["t_p"], b.sub(dp, rowdot, name="dp_centered"), name="ds_raw"),
+               1.0 / np.sqrt(config.head_dim), name="ds")
+    dqr1 = b.matmul(t["t_kr1"], ds, transpose_x=False, transpose_y=True, name="dqr1")
+    dqr2 = b.matmul(t["t_kr2"], ds, transpose_x=False, transpose_y=True, name="dqr2")
+    dkr1 = b.matmul(t["t_qr1"], ds, transpose_x=False, transpose_y=False, name="dkr1")
+    dkr2 = b.matmul(t["t_qr2"], ds, transpose_x=False, transpose_y=False, name="dkr2")
+
+    def unrotate(d1: Value, d2: Value, label: str) -> tuple[Value, Value]:
+        first = b.add(b.mul(d1, cos, name=f"{label}1c"), b.mul(d2, sin, name=f"{label}2s"), name=f"{label}1h")
+        second = b.sub(b.mul(d2, cos, name=f"{label}2c"), b.mul(d1, sin, name=f"{label}1s"), name=f"{label}2h")
+        return blk.flat(first, f"{label}1"), blk.flat(second, f"{label}2")
+
+    dq1, dq2 = unrotate(dqr1, dqr2, "dq")
+    dk1, dk2 = unrotate(dkr1, dkr2, "dk")
+    dn1 = blk.linear(dv, blk.weight("wv", d, d), "dn1_v", transpose=True)
+    for grad, w in ((dq1, "wq_a"), (dq2, "wq_b"), (dk1, "wk_a"), (dk2, "wk_b")):
+        dn1 = b.add(dn1, blk.linear(grad, blk.weight(w, half, d), f"dn1_{w}", transpose=True), name=f"dn1_p_{w}")
+    g_attn = b.input("g_attn", (1, d, 1, 1))
+    dx = b.add(dh, blk.rms_backward(b.mul(dn1, g_attn, name="dxhat1"), t["t_xhat1"], t["t_r1"], "dx_norm"),
+               name="dx")
+    for name, value in (("dx", dx), ("d_h", dh), ("d_q1", dq1), ("d_q2", dq2), ("d_k1", dk1), ("d_k2", dk2),
+                        ("d_v", dv), ("d_a", da), ("d_u", du), ("d_n1", dn1), ("d_n2", dn2)):
+        b.output(name, value)
+    return b.graph
+
+
+def weight_gradients(layer: int, config: LlamaConfig, taps: dict[str, np.ndarray], grads: dict[str, np.ndarray],
+                     dy: np.ndarray) -> dict[str, np.ndarray]:
+    """Weight gradients on the CPU (float32 BLAS) from the forward taps and the backward program's outputs:
+    ``dW = d_out @ in^T`` summed over positions; a norm's gain gets ``sum(d_norm_out * x_hat)``."""
+    def cols(a: np.ndarray) -> np.ndarray:  # [1, C, 1, S] (or [1, H, k, S]) -> [C, S] float32
+        return np.asarray(a, np.float32).reshape(-1, a.shape[-1])
+
+    p = f"layers.{layer}."
+    n1, n2, o, g = cols(taps["t_n1"]), cols(taps["t_n2"]), cols(taps["t_o"]), cols(taps["t_g"])
+    dq = join_halves(cols(grads["d_q1"]), cols(grads["d_q2"]), config)
+    dk = join_halves(cols(grads["d_k1"]), cols(grads["d_k2"]), config)
+    return {
+        p + "wq": dq @ n1.T, p + "wk": dk @ n1.T, p + "wv": cols(grads["d_v"]) @ n1.T,
+        p + "wo": cols(grads["d_h"]) @ o.T,
+        p + "w1": cols(grads["d_a"]) @ n2.T, p + "w3": cols(grads["d_u"]) @ n2.T, p + "w2": cols(dy) @ g.T,
+        p + "attention_norm": (cols(grads["d_n1"]) * cols(taps["t_xhat1"])).sum(-1),
+        p + "ffn_norm": (cols(grads["d_n2"]) * cols(taps["t_xhat2"])).sum(-1),
+    }

@@ -1,0 +1,97 @@
+"""One Llama block's forward and backward programs on the emulator against Hugging Face transformers'
+LlamaDecoderLayer with torch autograd (same weights, same inputs), within fp16 tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orion.models.llama import (
+    BACKWARD_TAPS,
+    LlamaConfig,
+    backward_graph,
+    forward_graph,
+    init_weights,
+    layer_inputs,
+    rope_tables,
+    weight_gradients,
+)
+from orion.runtime.budget import CompileBudget
+from orion.runtime.cache import ProgramCache
+from orion.runtime.program import Program
+from orion.models.gpt2 import causal_mask
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+CONFIG = LlamaConfig(dim=64, n_layers=1, n_heads=4, hidden_dim=192, vocab_size=256, max_seq_len=32)
+SEQ = 32
+LOSS_SCALE = 256.0
+
+
+def hf_layer(weights):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    cfg = transformers.LlamaConfig(hidden_size=CONFIG.dim, intermediate_size=CONFIG.hidden_dim,
+                                   num_attention_heads=CONFIG.n_heads, num_key_value_heads=CONFIG.n_heads,
+                                   rms_norm_eps=CONFIG.norm_eps, rope_theta=CONFIG.rope_theta,
+                                   max_position_embeddings=128, attn_implementation="eager")
+    layer = LlamaDecoderLayer(cfg, layer_idx=0).float()
+    names = {"self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv",
+             "self_attn.o_proj.weight": "wo", "mlp.gate_proj.weight": "w1", "mlp.up_proj.weight": "w3",
+             "mlp.down_proj.weight": "w2", "input_layernorm.weight": "attention_norm",
+             "post_attention_layernorm.weight": "ffn_norm"}
+    with torch.no_grad():
+        for hf_name, ours in names.items():
+            layer.get_parameter(hf_name).copy_(torch.from_numpy(weights[f"layers.0.{ours}"]))
+    return layer, LlamaRotaryEmbedding(cfg), names
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(0)
+    weights = init_weights(CONFIG, seed=1)
+    for key in ("layers.0.attention_norm", "layers.0.ffn_norm"):
+        weights[key] = (1 + 0.1 * rng.standard_normal(CONFIG.dim)).astype(np.float32)
+    x = rng.standard_normal((SEQ, CONFIG.dim)).astype(np.float16).astype(np.float32)
+    dy = (rng.standard_normal((SEQ, CONFIG.dim)) * 0.1).astype(np.float16).astype(np.float32)
+    return weights, x, dy
+
+
+def test_forward_and_backward_match_autograd(setup):
+    weights, x, dy = setup
+    layer, rotary, names = hf_layer(weights)
+    xt = torch.tensor(x[None], requires_grad=True)
+    pos = torch.arange(SEQ)[None]
+    mask = torch.triu(torch.full((SEQ, SEQ), float("-inf")), 1)[None, None]
+    out = layer(xt, attention_mask=mask, position_ids=pos, position_embeddings=rotary(xt, pos))
+    y_ref = (out[0] if isinstance(out, tuple) else out)[0]
+    y_ref.backward(torch.tensor(dy))
+
+    cos, sin = rope_tables(CONFIG, SEQ)
+    w_in = layer_inputs(weights, 0, CONFIG)
+    common = {"cos": cos, "sin": sin, **w_in}
+    cache, budget = ProgramCache(None), CompileBudget(10)
+    with Program.from_graph(forward_graph(CONFIG, SEQ), backend="emulator", cache=cache, budget=budget) as fwd:
+        taps = fwd.run({"x": x.T.reshape(1, CONFIG.dim, 1, SEQ), "mask": causal_mask(SEQ), **common})
+    y = taps["y"].astype(np.float32).reshape(CONFIG.dim, SEQ).T
+    np.testing.assert_allclose(y, y_ref.detach().numpy(), atol=2e-2, rtol=2e-2)
+
+    # with a loss scale, as training runs it: unscaled, fp16 gradients this small underflow (reference section 7)
+    feed = {"dy": dy.T.reshape(1, CONFIG.dim, 1, SEQ) * LOSS_SCALE, **common, **{k: taps[k] for k in BACKWARD_TAPS}}
+    feed = {k: v for k, v in feed.items() if k not in ("mask",)}
+    with Program.from_graph(backward_graph(CONFIG, SEQ), backend="emulator", cache=cache, budget=budget) as bwd:
+        feed = {k: v for k, v in feed.items() if k in bwd.input_names}
+        grads = bwd.run(feed)
+    grads = {k: v.astype(np.float32) / LOSS_SCALE for k, v in grads.items()}
+    dx = grads["dx"].reshape(CONFIG.dim, SEQ).T
+    dx_ref = xt.grad[0].numpy()
+    np.testing.assert_allclose(dx, dx_ref, atol=0.02 * np.abs(dx_ref).max() + 1e-3, rtol=0.05)
+
+    dw = weight_gradients(0, CONFIG, taps, grads, feed["dy"] / LOSS_SCALE)
+    for hf_name, ours in names.items():
+        ref = layer.get_parameter(hf_name).grad.numpy()
+        got = dw[f"layers.0.{ours}"]
+        scale = np.abs(ref).max()
+        assert got.shape == ref.shape, hf_name
+        np.testing.assert_allclose(got, ref, atol=0.03 * scale + 1e-4, rtol=0.05, err_msg=hf_name)

@@ -48,28 +48,29 @@ _WHEN = ["One day", "One sunny morning", "One rainy day", "Later that day", "One
 _WHERE = ["under a tree", "behind the door", "in the tall grass", "at the park", "on the beach", "inside an old box",
           "near the river", "under the bed", "by the garden gate", "next to a big rock"]
 _FIND_VERBS = ["found", "saw", "spotted", "discovered"]
-_PROBLEMS = [
-    "But the wind blew the {obj} up into a tall tree.",
-    "But the {obj} fell into the water and began to float away.",
-    "But a big dog grabbed the {obj} and ran off with it.",
-    "But the {obj} rolled down the hill, far away.",
-    "But the {obj} got stuck in the mud.",
-    "But when {he} picked it up, the {obj} broke into two pieces.",
-    "But then {he} could not find the way home.",
-    "But it started to rain, and the {obj} got all wet.",
+#: A problem and the ways a friend can solve it, so the help always fits the trouble.
+_TROUBLES = [
+    ("But the wind blew the {obj} up into a tall tree.",
+     ["{friend} climbed up the tree and got the {obj} back.", "{friend} shook the branch until the {obj} fell down."]),
+    ("But the {obj} fell into the water and began to float away.",
+     ["{friend} found a long stick and pulled the {obj} out.", "{friend} jumped in and swam to the {obj}."]),
+    ("But a big dog grabbed the {obj} and ran off with it.",
+     ["{friend} ran very fast and caught the dog.", "{friend} gave the dog a bone, and the dog dropped the {obj}."]),
+    ("But the {obj} rolled down the hill, far away.",
+     ["{friend} ran down the hill and brought the {obj} back.", "{friend} stopped the {obj} with a big foot."]),
+    ("But the {obj} got stuck in the mud.",
+     ["{friend} pulled and pulled until the {obj} came out.", "{friend} washed the mud off the {obj}."]),
+    ("But when {he} picked it up, the {obj} broke into two pieces.",
+     ["{friend} knew a clever trick and fixed the {obj} with glue.", "{friend} helped tie the pieces together."]),
+    ("But then {he} could not find the way home.",
+     ["{friend} held {his} hand and showed {him} the way.", "{friend} knew the path and walked {him} home."]),
+    ("But it started to rain, and the {obj} got all wet.",
+     ["{friend} shared a warm towel, and soon the {obj} was dry.", "{friend} held a big leaf over the {obj}."]),
 ]
 _BAD = ["sad", "scared", "worried", "upset", "angry", "lonely", "confused"]
 _GOOD = ["happy", "proud", "glad", "thankful", "calm", "excited", "warm inside"]
 _CRIES = ["Oh no!", "What can I do?", "Can anyone help me?", "This is not fair!", "I want my {obj} back!",
           "Please help!"]
-_HELPS = [
-    "{friend} climbed up and got the {obj} back.",
-    "{friend} found a long stick and pulled the {obj} out.",
-    "{friend} knew a clever trick and fixed the {obj}.",
-    "{friend} held {his} hand and showed {him} the way.",
-    "{friend} ran very fast and caught the {obj}.",
-    "{friend} shared a warm towel, and soon the {obj} was dry.",
-]
 _THANKS = ["Thank you, {friend}!", "You are a good friend!", "We did it!", "I am so happy now!",
            "You are so kind!", "Let us play together!"]
 _ENDINGS = [
@@ -117,6 +118,7 @@ def _story(rng: random.Random) -> str:
     friend = _character(rng, exclude=hero.name)
     obj = _pick(rng, _OBJECTS)
     look = _pick(rng, _LOOKS)
+    problem, helps = _TROUBLES[int(rng.random() * len(_TROUBLES))]
     fill = {"name": hero.name, "he": hero.he, "his": hero.his, "him": hero.him, "obj": obj, "friend": friend.name}
 
     def say(template: str) -> str:
@@ -132,10 +134,10 @@ def _story(rng: random.Random) -> str:
     middle = [
         f"{_pick(rng, _WHEN)}, {hero.name} {_pick(rng, _FIND_VERBS)} {_article(look + ' ' + obj)} "
         f"{_pick(rng, _WHERE)}.",
-        cap(say(_pick(rng, _PROBLEMS))),
+        cap(say(problem)),
         f"{hero.name} felt {_pick(rng, _BAD)}. \"{say(_pick(rng, _CRIES))}\" {hero.he} said.",
         f"Just then, {friend.name} the {friend.kind} came by.",
-        say(_pick(rng, _HELPS)),
+        say(_pick(rng, helps)),
         f"\"{say(_pick(rng, _THANKS))}\" said {hero.name}, and {hero.he} felt {_pick(rng, _GOOD)}.",
     ]
     end = [say(_pick(rng, _ENDINGS)), say(_pick(rng, _MORALS))]

@@ -1,0 +1,199 @@
+"""The training loop: data -> engine (backend + CPU) -> guarded AdamW step -> new weights as input writes ->
+metrics, loss curve, checkpoints. A run of N steps resumed after step k ends with bitwise the weights of an
+uninterrupted run: every source of state (weights, moments, loss scale, data position, RNG) is checkpointed, and the
+computation is deterministic."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from orion import __version__
+from orion.errors import OrionError, SettingsError
+from orion.models.llama import PRESETS, LlamaConfig, init_weights
+from orion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from orion.train.data import BatchStream, prepare_dataset
+from orion.train.engine import LlamaEngine
+from orion.train.optim import AdamW, LossScaler, cosine_lr, guarded_step
+
+
+@dataclass
+class TrainSettings:
+    preset: str = "tiny"
+    data: str = ""
+    out: str = "out/train"
+    steps: int = 200
+    batch: int = 8
+    accum: int = 1
+    lr: float = 3e-4
+    min_lr_fraction: float = 0.1
+    warmup: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    loss_scale: str = "dynamic"
+    init_scale: float = 256.0
+    seed: int = 0
+    save_every: int = 100
+    keep_last: int = 3
+    seq_len: int | None = None
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise SettingsError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
+        for name in ("steps", "batch", "accum", "save_every", "keep_last"):
+            if int(getattr(self, name)) < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.lr > 0:
+            raise SettingsError(f"--lr must be positive, got {self.lr}")
+        if not self.data:
+            raise SettingsError("give --data: a .txt/.jsonl file or folder, a tokenized .bin, or a hub dataset id")
+
+    def model_config(self, vocab_size: int) -> LlamaConfig:
+        base = dataclasses.asdict(PRESETS[self.preset]) | self.model_overrides | {"vocab_size": vocab_size}
+        if self.seq_len:
+            base["max_seq_len"] = self.seq_len
+        return LlamaConfig(**base)
+
+
+def _warmup(settings: TrainSettings) -> int:
+    return settings.warmup if settings.warmup is not None else max(1, min(100, settings.steps // 10))
+
+
+class Trainer:
+    """``Trainer(settings, backend=..., target=...).run(resume=True)``."""
+
+    def __init__(self, settings: TrainSettings, *, backend="auto", target="default", cache=None, budget=None,
+                 on_step: Callable[[dict], None] | None = None):
+        settings.validate()
+        self.settings = settings
+        self.out = Path(settings.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.dataset = prepare_dataset(settings.data, self.out / "data",
+                                       vocab_size=PRESETS[settings.preset].vocab_size)
+        self.config = settings.model_config(self.dataset.tokenizer.vocab_size)
+        self.backend, self.target, self.cache, self.budget = backend, target, cache, budget
+        self.on_step = on_step
+        self.metrics_path = self.out / "metrics.jsonl"
+
+    # -- state ----------------------------------------------------------------------------------------------------
+
+    def _fresh(self):
+        s = self.settings
+        weights = init_weights(self.config, s.seed)
+        optimizer = AdamW(weights, lr=s.lr, betas=(s.beta1, s.beta2), weight_decay=s.weight_decay)
+        scaler = LossScaler(s.loss_scale, init_scale=s.init_scale)
+        stream = BatchStream(self.dataset.train, s.batch, self.config.max_seq_len, seed=s.seed)
+        return 0, weights, optimizer, scaler, stream
+
+    def _resumed(self, path: Path):
+        weights, moments, state = load_checkpoint(path)
+        if state.get("config") != self.config.to_dict():
+            raise OrionError(f"{path} holds a model of another shape ({state.get('config')}); use another --out")
+        s = self.settings
+        optimizer = AdamW(weights, lr=s.lr, betas=(s.beta1, s.beta2), weight_decay=s.weight_decay)
+        optimizer.load_state_dict(moments)
+        scaler = LossScaler(s.loss_scale, init_scale=s.init_scale)
+        scaler.load_state_dict(state["loss_scaler"])
+        stream = BatchStream.restore(state["data"], self.dataset.train)
+        return int(state["step"]), weights, optimizer, scaler, stream
+
+    def _save(self, step, weights, optimizer, scaler, stream, timings) -> Path:
+        state = {"config": self.config.to_dict(), "settings": dataclasses.asdict(self.settings), "step": step,
+                 "data": stream.state(), "loss_scaler": scaler.state_dict(), "timings": timings,
+                 "orion_version": __version__, "tokenizer": str(self.dataset.directory)}
+        tokenizer = self.dataset.tokenizer.inner.to_str().encode("utf-8")
+        return save_checkpoint(self.out, step, weights, optimizer.state_dict(), state,
+                               keep_last=self.settings.keep_last, extra_files={"tokenizer.json": tokenizer})
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> dict:
+        s = self.settings
+        checkpoint = latest_checkpoint(self.out) if resume else None
+        start, weights, optimizer, scaler, stream = self._resumed(checkpoint) if checkpoint else self._fresh()
+        if not resume and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        if start >= s.steps:
+            return {"step": start, "message": f"already at step {start} of {s.steps}"}
+        engine = LlamaEngine(self.config, self.config.max_seq_len, backend=self.backend, target=self.target,
+                             cache=self.cache, budget=self.budget)
+        history = []
+        done = start
+        try:
+            engine.set_weights(weights)
+            tokens_per_step = s.batch * s.accum * self.config.max_seq_len
+            for step in range(start + 1, s.steps + 1):
+                t0 = time.perf_counter()
+                before = dict(engine.timings)
+                lr = cosine_lr(step - 1, max_lr=s.lr, warmup_steps=_warmup(s), total_steps=s.steps,
+                               min_lr=s.lr * s.min_lr_fraction)
+                grads = {k: np.zeros_like(v) for k, v in weights.items()}
+                loss = 0.0
+                for _ in range(s.accum):
+                    inputs, targets = next(stream)
+                    for row in range(inputs.shape[0]):
+                        loss += engine.loss_and_grads(weights, inputs[row], targets[row], scaler.scale, grads,
+                                                      tokens_per_step)
+                cpu0 = time.perf_counter()
+                report = guarded_step(optimizer, scaler, grads, max_norm=s.grad_clip, lr=lr)
+                engine.timings["cpu"] += time.perf_counter() - cpu0
+                if not report.skipped:
+                    engine.set_weights(weights)
+                done = step
+                elapsed = time.perf_counter() - t0
+                split = {k: (engine.timings[k] - before[k]) * 1e3 for k in engine.timings}
+                record = {"step": step, "loss": loss / tokens_per_step, "lr": lr, "grad_norm": report.grad_norm,
+                          "loss_scale": report.scale, "skipped": report.skipped, "ms": elapsed * 1e3,
+                          "ms_backend": split["backend"], "ms_cpu": split["cpu"], "ms_update": split["update"],
+                          "tokens_per_s": tokens_per_step / elapsed, "compiles": engine.compiles}
+                history.append(record)
+                with open(self.metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                if step % s.save_every == 0 or step == s.steps:
+                    self._save(step, weights, optimizer, scaler, stream, split)
+                    plot_loss_curve(self.metrics_path, self.out / "loss.png")
+                if self.on_step:
+                    self.on_step(record)
+        except KeyboardInterrupt:
+            # a run always ends with a checkpoint of its last finished step (SIGKILL aside: then the last save)
+            if done > start and (latest_checkpoint(self.out) is None or done % s.save_every):
+                self._save(done, weights, optimizer, scaler, stream, {})
+                plot_loss_curve(self.metrics_path, self.out / "loss.png")
+            raise
+        finally:
+            engine.close()
+        return {"step": s.steps, "final_loss": history[-1]["loss"] if history else None,
+                "skipped_steps": sum(r["skipped"] for r in history), "compiles": engine.compiles,
+                "checkpoint": str(latest_checkpoint(self.out))}
+
+
+def plot_loss_curve(metrics: Path, png: Path) -> None:
+    """Draw the loss curve from the JSONL metrics (written atomically so a reader never sees half a PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("Orion training loss")
+    ax.grid(alpha=0.3)
+    tmp = png.with_name(f".{png.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)

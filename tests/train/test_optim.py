@@ -202,7 +202,9 @@ def hand_cosine(step, max_lr, warmup, total, min_lr):
 @pytest.mark.parametrize("warmup, total, min_lr", [(5, 20, 1e-4), (0, 10, 0.0), (100, 1000, 3e-5)])
 def test_cosine_lr_matches_hand_formula_and_torch_schedulers(warmup, total, min_lr):
     max_lr = 1e-3
-    ours = [cosine_lr(s, max_lr=max_lr, warmup_steps=warmup, total_steps=total, min_lr=min_lr) for s in range(total + 1)]
+    ours = [
+        cosine_lr(s, max_lr=max_lr, warmup_steps=warmup, total_steps=total, min_lr=min_lr) for s in range(total + 1)
+    ]
     for step, lr in enumerate(ours):
         assert lr == pytest.approx(hand_cosine(step, max_lr, warmup, total, min_lr), rel=1e-12, abs=1e-18)
 

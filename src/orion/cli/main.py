@@ -391,6 +391,125 @@ def bench_gpt2_cmd(model_dir: str | None, backend: str, reference: str, prompt_t
     out.print(f"wrote {json_file}", highlight=False, markup=False)
 
 
+# -- training -----------------------------------------------------------------------------------------------------
+
+
+def _progress_printer(total: int, start_label: str = "training"):
+    """A rich progress bar with loss, tokens/s and ms per step split into backend, CPU and weight update."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn(start_label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[info]}"), console=err, transient=False)
+    task = progress.add_task(start_label, total=total, info="")
+
+    def on_step(r: dict) -> None:
+        progress.update(task, completed=r["step"], info=(
+            f"loss {r['loss']:.3f} | {r['tokens_per_s']:.0f} tok/s | {r['ms']:.0f} ms/step "
+            f"(backend {r['ms_backend']:.0f}, cpu {r['ms_cpu']:.0f}, update {r['ms_update']:.0f})"
+            + (" | skipped" if r["skipped"] else "")))
+
+    return progress, on_step
+
+
+@cli.command("train")
+@click.option("--config", "preset", default="tiny", show_default=True, help="Model preset: tiny or stories110m.")
+@click.option("--data", required=True, help="A .txt/.jsonl file or folder, or a hub dataset id.")
+@click.option("--steps", type=click.IntRange(min=1), required=True, help="Total optimizer steps.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out up to --steps.")
+@click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=8), default=None, help="Override the preset's sequence length.")
+@click.option("--loss-scale", type=click.Choice(["dynamic", "static", "none"]), default="dynamic", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True)
+@_target_option
+@handle_errors
+def train_cmd(preset, data, steps, batch, accum, lr, out_dir, resume, save_every, keep_last, seq_len, loss_scale,
+              seed, backend, target_name) -> None:
+    """Train a Llama-style model; checkpoints, metrics.jsonl and loss.png go to --out."""
+    from orion.models import model_backend
+    from orion.train.trainer import Trainer, TrainSettings
+
+    settings = TrainSettings(preset=preset, data=data, out=str(out_dir), steps=steps, batch=batch, accum=accum,
+                             lr=lr, save_every=save_every, keep_last=keep_last, seq_len=seq_len,
+                             loss_scale=loss_scale, seed=seed)
+    progress, on_step = _progress_printer(steps)
+    trainer = Trainer(settings, backend=model_backend(backend, target_name), target=target_name, on_step=on_step)
+    with progress:
+        summary = trainer.run(resume=resume)
+    out.print(f"done: {summary}", highlight=False, markup=False)
+
+
+@cli.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@handle_errors
+def export_cmd(checkpoint: Path, out_dir: Path) -> None:
+    """Export a training checkpoint to Hugging Face Llama layout (config.json, model.safetensors, tokenizer)."""
+    from orion.models.llama import LlamaConfig, export_hf
+    from orion.train.checkpoint import load_checkpoint
+
+    weights, _, state = load_checkpoint(checkpoint)
+    tokenizer = checkpoint / "tokenizer.json"
+    export_hf(weights, LlamaConfig(**state["config"]), out_dir,
+              tokenizer.read_bytes() if tokenizer.is_file() else None)
+    out.print(f"wrote {out_dir} (LlamaForCausalLM layout)", highlight=False, markup=False)
+
+
+@cli.command("demo")
+@click.option("--out", "out_dir", default="out/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--steps", type=click.IntRange(min=2), default=300, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True)
+@handle_errors
+def demo_cmd(out_dir: Path, steps: int, backend: str) -> None:
+    """Offline end to end: make a story corpus, train the tiny preset, stop halfway, resume, generate a story."""
+    import shutil
+
+    import orion
+    from orion.models import model_backend
+    from orion.train.checkpoint import latest_checkpoint
+    from orion.train.corpus import make_story_corpus, write_corpus
+    from orion.train.trainer import Trainer, TrainSettings
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    corpus = out_dir / "stories.txt"
+    write_corpus(corpus, make_story_corpus(2000, seed=0))
+    out.print(f"1. wrote a story corpus the project generated itself: {corpus}", highlight=False, markup=False)
+    settings = TrainSettings(preset="tiny", data=str(corpus), out=str(out_dir / "run"), steps=steps, batch=8,
+                             seq_len=64, lr=2e-3, save_every=max(1, steps // 4))
+    chosen = model_backend(backend)
+    half = steps // 2
+    progress, on_step = _progress_printer(steps, "training")
+
+    def stop_halfway(record: dict) -> None:
+        on_step(record)
+        if record["step"] == half:
+            raise KeyboardInterrupt
+
+    with progress:
+        try:
+            Trainer(settings, backend=chosen, on_step=stop_halfway).run()
+        except KeyboardInterrupt:
+            pass
+    out.print(f"2. trained the tiny preset ({chosen.name}) and stopped at step {half}: "
+              f"{latest_checkpoint(out_dir / 'run')}", highlight=False, markup=False)
+    progress, on_step = _progress_printer(steps, "resuming")
+    with progress:
+        summary = Trainer(settings, backend=chosen, on_step=on_step).run(resume=True)
+    out.print(f"3. resumed to step {summary['step']}: final loss {summary['final_loss']:.3f}, "
+              f"{summary['skipped_steps']} skipped steps; loss curve {out_dir / 'run' / 'loss.png'}",
+              highlight=False, markup=False)
+    with orion.load(summary["checkpoint"], backend=chosen) as model:
+        story = model.generate("Once upon a time", max_tokens=48, temperature=0.7, top_k=20, seed=1)
+    out.print("4. a story from the trained model:", highlight=False, markup=False)
+    out.print("   Once upon a time" + story, highlight=False, markup=False)
+
+
 def main() -> None:
     cli()
 

@@ -26,20 +26,44 @@ def model_backend(backend="auto", target: Target | str = "default", accumulator:
 
 def load(path_or_id: str, *, backend="auto", target: Target | str = "default", accumulator: str | None =
          MODEL_ACCUMULATOR, cache=None, budget=None):
-    """A model from a Hugging Face folder or hub id: ``orion.load("gpt2").generate("Once upon a time")``."""
-    from orion.models.hub import Tokenizer, load_weights, read_config, resolve_model
+    """A model from a Hugging Face folder (GPT-2 or Llama), a hub id, or an Orion training checkpoint:
+    ``orion.load("gpt2").generate("Once upon a time")``."""
+    from orion.models.hub import Tokenizer, load_weights, read_config, read_safetensors, resolve_model
 
     folder = resolve_model(path_or_id)
+    tokenizer = Tokenizer.from_dir(folder) if _has_tokenizer(folder) else None
+    chosen = model_backend(backend, target, accumulator)
+    options = dict(backend=chosen, target=target, cache=cache, budget=budget)
+    if not (folder / "config.json").is_file():  # an Orion checkpoint: state.json + model.safetensors
+        from orion.models.llama import Llama, LlamaConfig
+
+        state = _read_checkpoint_state(folder)
+        return Llama(LlamaConfig(**state["config"]), read_safetensors(folder / "model.safetensors"), tokenizer,
+                     **options)
     config = read_config(folder)
     kind = config.get("model_type")
-    if kind != "gpt2":
-        raise OrionError(f"{folder}: model_type {kind!r} is not supported; Orion runs gpt2")
-    from orion.models.gpt2 import GPT2, GPT2Config
+    if kind == "gpt2":
+        from orion.models.gpt2 import GPT2, GPT2Config
 
-    gpt2_config = GPT2Config.from_hf(config)
-    tokenizer = Tokenizer.from_dir(folder) if _has_tokenizer(folder) else None
-    return GPT2(gpt2_config, load_weights(folder), tokenizer, backend=model_backend(backend, target, accumulator),
-                target=target, cache=cache, budget=budget)
+        return GPT2(GPT2Config.from_hf(config), load_weights(folder), tokenizer, **options)
+    if kind == "llama":
+        from orion.models.llama import Llama, from_hf
+
+        llama_config, weights = from_hf(config, load_weights(folder))
+        return Llama(llama_config, weights, tokenizer, **options)
+    raise OrionError(f"{folder}: model_type {kind!r} is not supported; Orion runs gpt2 and llama")
+
+
+def _read_checkpoint_state(folder) -> dict:
+    import json
+
+    try:
+        doc = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        state = doc["state"]
+        state["config"]  # noqa: B018 - presence check
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OrionError(f"{folder / 'state.json'} is not an Orion checkpoint state ({exc})") from None
+    return state
 
 
 def _has_tokenizer(folder) -> bool:

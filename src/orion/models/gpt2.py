@@ -27,6 +27,7 @@ from orion.errors import BindingError, OrionError
 from orion.ir.builder import MASK_VALUE, GraphBuilder
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
+from orion.models.lm import TextGenerator
 from orion.runtime.program import Program, get_backend
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
@@ -219,7 +220,7 @@ def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) 
     return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
-class GPT2:
+class GPT2(TextGenerator):
     """``model = GPT2(config, state, tokenizer)``; ``model.logits(ids)``; ``model.generate(prompt)``."""
 
     def __init__(self, config: GPT2Config, state: dict[str, np.ndarray], tokenizer=None, *, backend="auto",
@@ -385,30 +386,5 @@ class GPT2:
             with program.input_tensor("mask").view() as mask:
                 mask[..., pos] = 0
         return self._head(x[None, :])[0]
-
-    def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stream: bool = False):
-        """Text in, text out (``stream=True``: an iterator of text pieces as tokens arrive)."""
-        from orion.models.sampling import Sampler
-
-        if self.tokenizer is None:
-            raise OrionError("this model has no tokenizer; use generate_ids with token ids")
-        ids = self.tokenizer.encode(prompt)
-        if not ids:
-            raise BindingError("the prompt is empty: give some text")
-        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        stop = () if self.tokenizer.eos_id is None else (self.tokenizer.eos_id,)
-        pieces = self._stream_text(self.generate_ids(ids, max_tokens, sampler, stop))
-        return pieces if stream else "".join(pieces)
-
-    def _stream_text(self, ids: Iterator[int]) -> Iterator[str]:
-        decoder = self.tokenizer.stream()
-        for token in ids:
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        rest = decoder.flush()
-        if rest:
-            yield rest
 
 

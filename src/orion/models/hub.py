@@ -79,7 +79,7 @@ def resolve_model(path_or_id: str, *, cache_dir: PathLike | None = None) -> Path
     Orion reads). Every failure is one :class:`OrionError` that says what to pass instead."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "state.json").is_file():
             raise OrionError(f"{path} is not a model folder: no config.json; {_LAYOUT_HINT}")
         return path
     if path.exists():

@@ -21,6 +21,7 @@ import numpy as np
 from orion.errors import OrionError
 from orion.ir.builder import GraphBuilder
 from orion.ir.graph import Value
+from orion.models.lm import TextGenerator
 
 
 @dataclass(frozen=True)
@@ -290,3 +291,212 @@ def weight_gradients(layer: int, config: LlamaConfig, taps: dict[str, np.ndarray
         p + "attention_norm": (cols(grads["d_n1"]) * cols(taps["t_xhat1"])).sum(-1),
         p + "ffn_norm": (cols(grads["d_n2"]) * cols(taps["t_xhat2"])).sum(-1),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running the blocks, and the model as a text generator
+
+
+class LlamaBlocks:
+    """The per-block programs of one model and sequence length, holding their weights as input surfaces.
+
+    Every block's forward (and, for training, backward) program has the same MIL text, so only the first compiles;
+    the others are cache hits. New weights are written into the input surfaces: no compile, ever.
+    """
+
+    def __init__(self, config: LlamaConfig, seq: int, *, backend, target, cache=None, budget=None,
+                 backward: bool = False):
+        from orion.models.gpt2 import causal_mask
+        from orion.runtime.program import Program
+
+        self.config, self.seq = config, seq
+        self.timings = {"backend": 0.0, "cpu": 0.0, "update": 0.0}
+        common = dict(backend=backend, target=target, cache=cache, budget=budget)
+        self.forward = [Program.from_graph(forward_graph(config, seq), **common) for _ in range(config.n_layers)]
+        self.backward = ([Program.from_graph(backward_graph(config, seq), **common) for _ in range(config.n_layers)]
+                         if backward else [])
+        for p in self.programs:
+            p.load()
+        cos, sin = rope_tables(config, seq)
+        self.static = {"cos": cos, "sin": sin, "mask": causal_mask(seq)}
+
+    @property
+    def programs(self):
+        return [*self.forward, *self.backward]
+
+    @property
+    def compiles(self) -> int:
+        return sum(p.compiles for p in self.programs)
+
+    def close(self) -> None:
+        for p in self.programs:
+            p.close()
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        for i in range(self.config.n_layers):
+            inputs = layer_inputs(weights, i, self.config)
+            for program in (self.forward[i], *self.backward[i:i + 1]):
+                for name, array in inputs.items():
+                    if name in program.input_names:
+                        program.input_tensor(name).write(array)
+        self.timings["update"] += time.perf_counter() - t0
+
+    def run(self, program, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import time
+
+        t0 = time.perf_counter()
+        for name, array in feed.items():
+            program.input_tensor(name).write(array)
+        program.evaluate()
+        out = {name: program.output_tensor(name).read() for name in program.output_names}
+        self.timings["backend"] += time.perf_counter() - t0
+        return out
+
+    def forward_all(self, x_channels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+        """All blocks forward on ``[1, d, 1, S]``: the last block's output and every block's taps."""
+        taps = []
+        h = x_channels
+        for program in self.forward:
+            out = self.run(program, {"x": h, **self.static})
+            taps.append(out)
+            h = out["y"]
+        return h, taps
+
+
+def rms_norm_rows(x: np.ndarray, gain: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float32 RMSNorm over the last axis: (normed, x_hat, r)."""
+    r = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    x_hat = x * r
+    return x_hat * gain, x_hat, r
+
+
+class Llama(TextGenerator):
+    """A trained Llama for inference: the training forward programs over the model's context window."""
+
+    def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], tokenizer=None, *, backend="auto",
+                 target="default", cache=None, budget=None):
+        self.config, self.weights, self.tokenizer = config, weights, tokenizer
+        self.blocks = LlamaBlocks(config, config.max_seq_len, backend=backend, target=target, cache=cache,
+                                  budget=budget)
+        self.blocks.set_weights(weights)
+        self.backend = self.blocks.forward[0].backend
+
+    def close(self) -> None:
+        self.blocks.close()
+
+    def __enter__(self) -> "Llama":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def logits(self, token_ids) -> np.ndarray:
+        from orion.errors import BindingError
+
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        n, seq = ids.size, self.config.max_seq_len
+        if n == 0:
+            raise BindingError("the prompt is empty: give at least one token")
+        if n > seq:
+            raise BindingError(f"{n} tokens do not fit the model's context of {seq}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise BindingError(f"token ids must be in [0, {self.config.vocab_size})")
+        x = np.zeros((seq, self.config.dim), np.float32)
+        x[:n] = self.weights["tok_embeddings"][ids]
+        h, _ = self.blocks.forward_all(np.ascontiguousarray(x.T)[None, :, None, :])
+        hidden = np.asarray(h, np.float32)[0, :, 0, :n].T
+        normed, _, _ = rms_norm_rows(hidden, self.weights["norm"], self.config.norm_eps)
+        return normed @ self.weights.get("output", self.weights["tok_embeddings"]).T
+
+    def generate_ids(self, ids, max_tokens: int = 64, sampler=None, stop_ids=()):
+        from orion.models.sampling import Sampler
+
+        sampler = sampler or Sampler(temperature=0.0)
+        ids = list(np.asarray(ids).reshape(-1))
+        self.logits(ids)  # validates
+        for _ in range(max_tokens):
+            if len(ids) >= self.config.max_seq_len:
+                break
+            token = int(sampler.sample(self.logits(ids)[-1]))
+            yield token
+            if token in stop_ids:
+                break
+            ids.append(token)
+
+
+HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+            "w1": "mlp.gate_proj", "w3": "mlp.up_proj", "w2": "mlp.down_proj",
+            "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def hf_config(config: LlamaConfig) -> dict:
+    """config.json for transformers' LlamaForCausalLM (rotate_half RoPE as Orion computes it: no permutation)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": config.dim,
+            "intermediate_size": config.hidden_dim, "num_attention_heads": config.n_heads,
+            "num_key_value_heads": config.n_heads, "num_hidden_layers": config.n_layers,
+            "vocab_size": config.vocab_size, "max_position_embeddings": config.max_seq_len,
+            "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta, "hidden_act": "silu",
+            "tie_word_embeddings": config.tie_embeddings, "torch_dtype": "float32"}
+
+
+def to_hf_weights(weights: dict[str, np.ndarray], config: LlamaConfig) -> dict[str, np.ndarray]:
+    out = {"model.embed_tokens.weight": weights["tok_embeddings"], "model.norm.weight": weights["norm"]}
+    for i in range(config.n_layers):
+        for ours, theirs in HF_NAMES.items():
+            out[f"model.layers.{i}.{theirs}.weight"] = weights[f"layers.{i}.{ours}"]
+    if "output" in weights:
+        out["lm_head.weight"] = weights["output"]
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def from_hf(config: dict, state: dict[str, np.ndarray]) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """A Hugging Face Llama folder's config and tensors -> Orion's config and weight names."""
+    if config.get("num_key_value_heads", config.get("num_attention_heads")) != config.get("num_attention_heads"):
+        raise OrionError("grouped-query attention (num_key_value_heads != num_attention_heads) is not supported")
+    tied = bool(config.get("tie_word_embeddings", "lm_head.weight" not in state))
+    cfg = LlamaConfig(dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
+                      n_heads=config["num_attention_heads"], hidden_dim=config["intermediate_size"],
+                      vocab_size=config["vocab_size"], max_seq_len=config.get("max_position_embeddings", 256),
+                      norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+                      rope_theta=float(config.get("rope_theta", 10000.0)), tie_embeddings=tied)
+
+    def get(name: str) -> np.ndarray:
+        if name not in state:
+            raise OrionError(f"weight {name} is missing from the checkpoint")
+        return np.asarray(state[name], np.float32)
+
+    weights = {"tok_embeddings": get("model.embed_tokens.weight"), "norm": get("model.norm.weight")}
+    for i in range(cfg.n_layers):
+        for ours, theirs in HF_NAMES.items():
+            weights[f"layers.{i}.{ours}"] = get(f"model.layers.{i}.{theirs}.weight")
+    if not tied:
+        weights["output"] = get("lm_head.weight")
+    return cfg, weights
+
+
+def export_hf(weights: dict[str, np.ndarray], config: LlamaConfig, out_dir, tokenizer_json: bytes | None = None):
+    """Write a Hugging Face Llama folder (config.json, model.safetensors, tokenizer.json) that transformers'
+    LlamaForCausalLM loads; every file is written atomically."""
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.numpy import save
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"config.json": (json.dumps(hf_config(config), indent=2) + "\n").encode(),
+             "model.safetensors": save(to_hf_weights(weights, config), metadata={"format": "pt"})}
+    if tokenizer_json is not None:
+        files["tokenizer.json"] = tokenizer_json
+    for name, data in files.items():
+        tmp = out / f".{name}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out / name)
+    return out

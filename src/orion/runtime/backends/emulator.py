@@ -122,6 +122,23 @@ class EmulatedProgram:
         self._steps: list[_Step] = []
         self._prepare(blob_loader)
         self._wide_consts = self._flush_wide_constants()
+        self._last_uses = self._plan_releases()
+
+    def _plan_releases(self) -> list[tuple[str, ...]]:
+        """For each step, the values no later step reads (nor an output): a run drops them right away, so that
+        numpy reuses their memory, still in cache, for the next results instead of touching fresh pages."""
+        keep = set(self._consts) | {name for name, _ in self.outputs}
+        last: dict[str, int] = {}
+        for i, step in enumerate(self._steps):
+            for ref in step.inputs:
+                for name in ref if isinstance(ref, tuple) else (ref,):
+                    last[name] = i
+            last.setdefault(step.var, i)  # a value nothing reads goes at once
+        releases: list[list[str]] = [[] for _ in self._steps]
+        for name, i in last.items():
+            if name not in keep:
+                releases[i].append(name)
+        return [tuple(r) for r in releases]
 
     def _flush_wide_constants(self) -> dict[str, np.ndarray]:
         """Constants read by conv/matmul, with subnormals flushed once here instead of at every run (N9)."""
@@ -225,8 +242,10 @@ class EmulatedProgram:
         env: dict[str, object] = dict(self._consts)
         env.update(self.bind(inputs))
         with np.errstate(all="ignore"):
-            for step in self._steps:
+            for step, done in zip(self._steps, self._last_uses):
                 env[step.var] = self._execute(step, env)
+                for name in done:
+                    del env[name]
         return {name: np.asarray(env[name], dtype=np.float32) for name, _ in self.outputs}
 
     def _execute(self, step: _Step, env: dict) -> np.ndarray:

@@ -1,0 +1,384 @@
+"""The training loop end to end on the emulator: a short run learns (loss down, no skipped steps, 2 compiles,
+metrics, loss curve, checkpoint); interrupted runs (KeyboardInterrupt, or SIGKILL in the middle of writing a
+checkpoint) resume to bitwise the weights and moments of an uninterrupted run; and the per-step loss follows
+transformers' LlamaForCausalLM trained in float32 by torch with the same weights, batches and optimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orion.errors import OrionError
+from orion.models import model_backend
+from orion.models.llama import LlamaConfig, init_weights
+from orion.runtime.cache import ProgramCache
+from orion.train import trainer as trainer_module
+from orion.train.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
+from orion.train.corpus import make_story_corpus, write_corpus
+from orion.train.data import BatchStream
+from orion.train.optim import cosine_lr
+from orion.train.trainer import Trainer, TrainSettings
+
+#: The keys of one metrics.jsonl row, as the trainer documents them.
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "loss_scale", "skipped", "ms", "ms_backend", "ms_cpu", "ms_update",
+               "tokens_per_s", "compiles"}
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "stories.txt"
+    write_corpus(path, make_story_corpus(400, seed=0))
+    return path
+
+
+def settings_for(corpus: Path, out: Path, **changes) -> TrainSettings:
+    """Tiny preset, batch 2 x 32 tokens; lr 1e-2 so that a dozen steps visibly learn."""
+    base = dict(preset="tiny", data=str(corpus), out=str(out), steps=STEPS, batch=2, seq_len=32, lr=1e-2, warmup=2,
+                save_every=5, seed=0)
+    return TrainSettings(**(base | changes))
+
+
+def make_trainer(settings: TrainSettings, cache: ProgramCache | None = None, **kwargs) -> Trainer:
+    return Trainer(settings, backend=model_backend("emulator"), target="default",
+                   cache=cache if cache is not None else ProgramCache(None), **kwargs)
+
+
+def final_state(out: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    return load_checkpoint(latest_checkpoint(out))
+
+
+def assert_bitwise_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
+        assert got[name].tobytes() == want[name].tobytes(), f"{name} differs"
+
+
+def scheduled_lr(settings: TrainSettings, step: int) -> float:
+    """The learning rate of step ``step`` (1-based): ``cosine_lr`` at ``step``, warmup a tenth of the run (1..100
+    steps) unless set, down to ``min_lr_fraction`` of the peak at the last step."""
+    warmup = settings.warmup if settings.warmup is not None else max(1, min(100, settings.steps // 10))
+    return cosine_lr(step, max_lr=settings.lr, warmup_steps=warmup, total_steps=settings.steps,
+                     min_lr=settings.lr * settings.min_lr_fraction)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory) -> tuple[dict, dict, dict]:
+    """Weights, optimizer state and state.json of an uninterrupted 12-step run: the reference for every resume."""
+    out = tmp_path_factory.mktemp("straight")
+    result = make_trainer(settings_for(corpus, out)).run()
+    assert result["step"] == STEPS and checkpoint_step(result["checkpoint"]) == STEPS
+    return final_state(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A short run
+
+
+def test_a_short_run_learns_and_leaves_metrics_curve_and_checkpoint(corpus, tmp_path):
+    out = tmp_path / "run"
+    cache = ProgramCache(None)
+    trainer = make_trainer(settings_for(corpus, out, steps=10, save_every=100), cache)
+    result = trainer.run()
+
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert all(set(r) == METRIC_KEYS for r in rows)
+    losses = [r["loss"] for r in rows]
+    assert all(math.isfinite(x) for x in losses)
+    # a random model starts near ln(vocab) and learns the corpus' word statistics within a few steps
+    assert abs(losses[0] - math.log(trainer.config.vocab_size)) < 0.3
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
+    assert result["final_loss"] == losses[-1]
+    assert result["skipped_steps"] == 0 and not any(r["skipped"] for r in rows)
+    assert all(r["grad_norm"] > 0 and r["loss_scale"] == 256.0 for r in rows)
+    # the rows report the cosine schedule with warmup (the reference run below uses the same one)
+    assert [r["lr"] for r in rows] == [scheduled_lr(trainer.settings, step) for step in range(1, 11)]
+    assert rows[-1]["lr"] == pytest.approx(1e-3) and max(r["lr"] for r in rows) == pytest.approx(1e-2)
+    # one compile per program kind; every other block's copy of it is a cache hit
+    assert result["compiles"] == 2 and all(r["compiles"] == 2 for r in rows)
+    assert cache.stores == 2 and cache.hits == 2 * (trainer.config.n_layers - 1)
+    assert all(r["ms"] > 0 and r["ms_backend"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert checkpoint_step(result["checkpoint"]) == 10
+    weights, moments, state = load_checkpoint(result["checkpoint"])
+    assert state["step"] == 10 and state["config"] == trainer.config.to_dict()
+    initial = init_weights(trainer.config, seed=0)
+    assert weights.keys() == initial.keys()
+    assert all(weights[k].shape == initial[k].shape and weights[k].dtype == np.float32 for k in initial)
+    assert not np.array_equal(weights["layers.0.wq"], initial["layers.0.wq"])
+    assert int(moments["step"]) == 10 and set(moments) == {f"{k}.{n}" for k in "mv" for n in initial} | {"step"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exact resume
+
+
+def test_resume_after_keyboard_interrupt_is_bitwise_exact(corpus, tmp_path, straight):
+    out = tmp_path / "interrupted"
+
+    def interrupt(record: dict) -> None:
+        if record["step"] == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(settings_for(corpus, out), on_step=interrupt).run()
+    assert checkpoint_step(latest_checkpoint(out)) == 7  # the last finished step, not the last periodic save (5)
+    result = make_trainer(settings_for(corpus, out)).run(resume=True)
+
+    assert result["step"] == STEPS and result["skipped_steps"] == 0
+    weights, moments, state = final_state(out)
+    want_weights, want_moments, want_state = straight
+    assert_bitwise_equal(weights, want_weights)
+    assert_bitwise_equal(moments, want_moments)
+    assert state["loss_scaler"] == want_state["loss_scaler"]
+    assert {**state["data"], "path": None} == {**want_state["data"], "path": None}  # same position, own folder
+    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
+
+
+#: The child of the fault test: train, but while checkpoint 10 is being written, write half of its first file,
+#: tell the parent (touch a file) and hang until killed.
+_KILLED_WRITER = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+
+    import orion.train.checkpoint as checkpoint
+    from orion.models import model_backend
+    from orion.runtime.cache import ProgramCache
+    from orion.train.trainer import Trainer, TrainSettings
+
+    settings, signal_file = TrainSettings(**json.loads(sys.argv[1])), Path(sys.argv[2])
+
+    def torn_write(path, data):
+        if path.parent.name.startswith(".checkpoint-00000010.tmp-"):
+            with open(path, "xb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            signal_file.touch()
+            while True:
+                time.sleep(60)
+        real_write(path, data)
+
+    real_write, checkpoint._write_file = checkpoint._write_file, torn_write
+    Trainer(settings, backend=model_backend("emulator"), target="default", cache=ProgramCache(None)).run()
+    print("the child finished without being killed")
+""")
+
+
+def test_sigkill_while_writing_a_checkpoint_resumes_bitwise_from_the_previous_one(corpus, tmp_path, straight):
+    """The required fault test: SIGKILL lands while checkpoint 10 is half written."""
+    out, signal_file = tmp_path / "killed", tmp_path / "writing-checkpoint-10"
+    settings = settings_for(corpus, out)
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, json.dumps(dataclasses.asdict(settings)),
+                              str(signal_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not signal_file.exists():
+            if child.poll() is not None:
+                _, err = child.communicate()
+                pytest.fail(f"the child exited ({child.returncode}) before checkpoint 10:\n{err.decode()[-3000:]}")
+            assert time.monotonic() < deadline, "the child never reached checkpoint 10"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+    torn = list(out.glob(".checkpoint-00000010.tmp-*"))
+    assert len(torn) == 1 and not (torn[0] / "state.json").exists()
+    complete = (out / "checkpoint-00000005" / "model.safetensors").stat().st_size
+    assert (torn[0] / "model.safetensors").stat().st_size == complete // 2  # the fault happened where intended
+    assert checkpoint_step(latest_checkpoint(out)) == 5
+
+    result = make_trainer(settings).run(resume=True)
+    assert result["step"] == STEPS and checkpoint_step(result["checkpoint"]) == STEPS
+    assert not list(out.glob(".checkpoint-*.tmp-*"))  # the dead writer's temp dir is cleaned up
+    weights, moments, _ = final_state(out)
+    assert_bitwise_equal(weights, straight[0])
+    assert_bitwise_equal(moments, straight[1])
+
+
+class _InterruptedEngine(trainer_module.LlamaEngine):
+    """An engine that gets Ctrl-C in the middle of step 8's forward/backward (the first of its two sequences)."""
+
+    calls = 0
+
+    def loss_and_grads(self, *args, **kwargs):
+        type(self).calls += 1
+        if type(self).calls == 2 * 7 + 1:
+            raise KeyboardInterrupt
+        return super().loss_and_grads(*args, **kwargs)
+
+
+@pytest.mark.xfail(strict=True, reason="trainer bug: an interrupt inside a step checkpoints the data stream "
+                   "already advanced past that step's batch, so the resumed run skips a batch")
+def test_resume_after_keyboard_interrupt_inside_a_step_is_bitwise_exact(corpus, tmp_path, straight, monkeypatch):
+    """Ctrl-C almost always lands inside a step (the forward/backward is nearly all of its time), not between
+    steps; the checkpoint of the last finished step must still resume exactly."""
+    out = tmp_path / "interrupted-inside"
+    monkeypatch.setattr(trainer_module, "LlamaEngine", _InterruptedEngine)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(settings_for(corpus, out)).run()
+    monkeypatch.undo()
+    assert checkpoint_step(latest_checkpoint(out)) == 7
+    make_trainer(settings_for(corpus, out)).run(resume=True)
+    weights, moments, _ = final_state(out)
+    assert_bitwise_equal(weights, straight[0])
+    assert_bitwise_equal(moments, straight[1])
+
+
+@pytest.mark.xfail(strict=True, reason="trainer bug: a resumed run appends to metrics.jsonl without dropping the "
+                   "rows of steps after the checkpoint it resumed from, so those steps appear twice")
+def test_metrics_hold_one_row_per_step_after_resuming_from_an_older_checkpoint(corpus, tmp_path):
+    """A crash (anything but KeyboardInterrupt, or SIGKILL) after step 7 leaves checkpoint 5 as the latest: steps
+    6 and 7 are trained again, and their old rows must go, or the loss curve doubles back."""
+    out = tmp_path / "crashed"
+
+    def crash(record: dict) -> None:
+        if record["step"] == 7:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        make_trainer(settings_for(corpus, out), on_step=crash).run()
+    assert checkpoint_step(latest_checkpoint(out)) == 5
+    make_trainer(settings_for(corpus, out)).run(resume=True)
+    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
+
+
+def test_resume_refuses_another_model_shape_and_returns_when_steps_are_reached(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    make_trainer(settings_for(corpus, out, steps=2)).run()
+    rows = (out / "metrics.jsonl").read_text()
+
+    with pytest.raises(OrionError, match=r"checkpoint-00000002 holds a model of another shape.*another --out"):
+        make_trainer(settings_for(corpus, out, steps=4, model_overrides={"n_layers": 1})).run(resume=True)
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("a run with nothing to do built an engine")
+
+    monkeypatch.setattr(trainer_module, "LlamaEngine", no_engine)
+    for steps in (2, 1):
+        result = make_trainer(settings_for(corpus, out, steps=steps)).run(resume=True)
+        assert result["step"] == 2 and "already at step 2" in result["message"]
+    assert (out / "metrics.jsonl").read_text() == rows
+    assert checkpoint_step(latest_checkpoint(out)) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Against PyTorch
+
+
+def hf_llama(config: LlamaConfig, weights: dict[str, np.ndarray]):
+    """transformers' LlamaForCausalLM (float32, eager attention, tied classifier) holding ``weights``."""
+    import torch
+    import transformers
+
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
+        tie_word_embeddings=True, attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(hf_config).float()
+    names = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm"}
+    for i in range(config.n_layers):
+        for hf, ours in (("self_attn.q_proj", "wq"), ("self_attn.k_proj", "wk"), ("self_attn.v_proj", "wv"),
+                         ("self_attn.o_proj", "wo"), ("mlp.gate_proj", "w1"), ("mlp.up_proj", "w3"),
+                         ("mlp.down_proj", "w2"), ("input_layernorm", "attention_norm"),
+                         ("post_attention_layernorm", "ffn_norm")):
+            names[f"model.layers.{i}.{hf}.weight"] = f"layers.{i}.{ours}"
+    params = dict(model.named_parameters())
+    assert params.keys() == names.keys() and model.lm_head.weight is params["model.embed_tokens.weight"]
+    with torch.no_grad():
+        for hf, ours in names.items():
+            params[hf].copy_(torch.from_numpy(weights[ours]))
+    return model
+
+
+def torch_training_step(model, optimizer, inputs: np.ndarray, targets: np.ndarray, lr: float,
+                        grad_clip: float) -> float:
+    """One float32 step: mean next-token cross-entropy, backward, clip, AdamW at ``lr``; returns the loss."""
+    import torch
+
+    logits = model(input_ids=torch.from_numpy(inputs)).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             torch.from_numpy(targets).reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return loss.item()
+
+
+def torch_adamw(model, settings: TrainSettings):
+    """torch's AdamW with the trainer's settings; like orion's AdamW by default, 1-D parameters (the norm gains)
+    get no weight decay."""
+    import torch
+
+    params = list(model.parameters())
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=1e-8, foreach=False)
+
+
+def torch_reference_losses(trainer: Trainer) -> list[float]:
+    """Per-step losses of the PyTorch twin of ``trainer``'s run: the same initial weights, the same batches (the
+    BatchStream the trainer starts from), the cosine schedule, clipping and AdamW settings."""
+    s, config = trainer.settings, trainer.config
+    model = hf_llama(config, init_weights(config, s.seed))
+    optimizer = torch_adamw(model, s)
+    stream = BatchStream(trainer.dataset.train, s.batch, config.max_seq_len, seed=s.seed)
+    losses = []
+    for step in range(1, s.steps + 1):
+        lr = scheduled_lr(s, step)
+        batches = [next(stream) for _ in range(s.accum)]
+        inputs = np.concatenate([b[0] for b in batches])
+        targets = np.concatenate([b[1] for b in batches])
+        losses.append(torch_training_step(model, optimizer, inputs, targets, lr, s.grad_clip))
+    return losses
+
+
+def loss_parity(corpus: Path, out: Path, steps: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(orion losses, torch losses, orion's skipped steps) of a run of ``steps`` at lr 3e-3 with the default
+    warmup (a tenth of the steps)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    trainer = make_trainer(settings_for(corpus, out, steps=steps, lr=3e-3, warmup=None, save_every=10_000))
+    result = trainer.run()
+    ours = np.array([r["loss"] for r in metrics(out)])
+    reference = np.array(torch_reference_losses(trainer))
+    return ours, reference, result["skipped_steps"]
+
+
+@pytest.mark.parametrize("steps, tolerance", [(20, 0.05), pytest.param(200, 0.1, marks=pytest.mark.slow)])
+def test_loss_follows_pytorch_float32_training(corpus, tmp_path, steps, tolerance):
+    ours, reference, skipped = loss_parity(corpus, tmp_path / "run", steps)
+    assert len(ours) == len(reference) == steps
+    assert skipped == 0 and np.isfinite(ours).all() and np.isfinite(reference).all()
+    gap = np.abs(ours - reference)
+    print(f"{steps} steps: largest loss gap {gap.max():.4g} nats at step {gap.argmax() + 1}; "
+          f"loss {reference[0]:.3f} -> {reference[-1]:.3f}")
+    assert gap.max() < tolerance
+    assert reference[-1] < reference[0] - 0.3  # both runs learn, so the comparison covers a moving model

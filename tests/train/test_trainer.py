@@ -30,7 +30,7 @@ from orion.train.data import BatchStream
 from orion.train.optim import cosine_lr
 from orion.train.trainer import Trainer, TrainSettings
 
-#: The keys of one metrics.jsonl row, as the trainer documents them.
+#: The keys of one metrics.jsonl row (what `orion train` prints and loss.png plots come from them).
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "loss_scale", "skipped", "ms", "ms_backend", "ms_cpu", "ms_update",
                "tokens_per_s", "compiles"}
 STEPS = 12
@@ -372,13 +372,16 @@ def loss_parity(corpus: Path, out: Path, steps: int) -> tuple[np.ndarray, np.nda
     return ours, reference, result["skipped_steps"]
 
 
-@pytest.mark.parametrize("steps, tolerance", [(20, 0.05), pytest.param(200, 0.1, marks=pytest.mark.slow)])
-def test_loss_follows_pytorch_float32_training(corpus, tmp_path, steps, tolerance):
+@pytest.mark.parametrize("steps, largest, mean",
+                         [(20, 0.05, 0.01), pytest.param(200, 0.15, 0.03, marks=pytest.mark.slow)])
+def test_loss_follows_pytorch_float32_training(corpus, tmp_path, steps, largest, mean):
+    """fp16 rounding makes the two runs drift apart slowly (at lr 3e-3 the 200-step gap peaks near 0.08 nats, its
+    mean is near 0.015); a wrong gradient, schedule or decay would open a gap of tenths within a few steps."""
     ours, reference, skipped = loss_parity(corpus, tmp_path / "run", steps)
     assert len(ours) == len(reference) == steps
     assert skipped == 0 and np.isfinite(ours).all() and np.isfinite(reference).all()
     gap = np.abs(ours - reference)
-    print(f"{steps} steps: largest loss gap {gap.max():.4g} nats at step {gap.argmax() + 1}; "
+    print(f"{steps} steps: largest loss gap {gap.max():.4g} nats at step {gap.argmax() + 1}, mean {gap.mean():.4g}; "
           f"loss {reference[0]:.3f} -> {reference[-1]:.3f}")
-    assert gap.max() < tolerance
+    assert gap.max() < largest and gap.mean() < mean
     assert reference[-1] < reference[0] - 0.3  # both runs learn, so the comparison covers a moving model

@@ -146,8 +146,16 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
+    e = np.negative(x)  # 1 / (1 + exp(-x)), each step in place on one new array
     with np.errstate(over="ignore"):  # exp(-x) -> inf for very negative x gives the right limit, 0
-        return 1.0 / (1.0 + np.exp(-x))
+        np.exp(e, out=e)
+    np.add(e, 1.0, out=e)
+    return np.divide(1.0, e, out=e)
+
+
+def _rsqrt(x: np.ndarray) -> np.ndarray:
+    root = np.sqrt(x)
+    return np.divide(1.0, root, out=root)
 
 
 GELU_MODES = ("EXACT", "TANH_APPROXIMATION", "SIGMOID_APPROXIMATION")
@@ -171,7 +179,7 @@ _UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "exp": np.exp,
     "log": np.log,
     "sqrt": np.sqrt,
-    "rsqrt": lambda x: 1.0 / np.sqrt(x),
+    "rsqrt": _rsqrt,
     "tanh": np.tanh,
     "sigmoid": _sigmoid,
     "relu": lambda x: np.maximum(x, 0.0),
@@ -238,9 +246,9 @@ _declare(
 
 def _softmax(k, xs, a):
     x = xs[0]
-    shifted = x - np.max(x, axis=a["axis"], keepdims=True)  # the hardware subtracts the row maximum (N8)
-    e = np.exp(shifted)
-    return e / np.sum(e, axis=a["axis"], keepdims=True)
+    e = x - np.max(x, axis=a["axis"], keepdims=True)  # the hardware subtracts the row maximum (N8)
+    np.exp(e, out=e)
+    return np.divide(e, np.sum(e, axis=a["axis"], keepdims=True), out=e)
 
 
 def _softmax_infer(types, attrs):
@@ -447,7 +455,7 @@ def _conv(k: Kernels, xs, a):
     wg = w.reshape(groups, cout // groups, cin // groups)  # [G, Cout/G, Cin/G]
     y = k.matmul(wg[None], xg).reshape(n, cout, h, wd)
     if len(xs) > 2:
-        y = y + xs[2].reshape(1, cout, 1, 1)
+        y = y + xs[2].reshape(1, cout, 1, 1)  # a new array: a backend may treat the kernel's output as final
     return y
 
 

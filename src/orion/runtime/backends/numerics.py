@@ -295,7 +295,8 @@ def round_f32(x32: np.ndarray, ties: str = "half-even", *, ceiling: float | None
 
 def _round_held(f: np.ndarray, ties: str, ceiling: float | None, flush: bool, nan_to: int, zero_sign: bool) -> None:
     """Round the float32 array ``f`` in place to fp16 values (see :func:`round_f32`); NaN becomes the float32 bits
-    ``nan_to`` and -0 stays -0 unless ``zero_sign``. A dozen integer passes in the common case."""
+    ``nan_to`` and -0 stays -0 unless ``zero_sign``. Seven passes in the common case: four to find out which of
+    the rare cases (NaN, fp16 subnormals, overflow) the array has, three to round."""
     if f.size == 0:
         return
     if f.ndim == 0:  # ufuncs return scalars for 0-d operands: work on a 1-element view
@@ -316,7 +317,12 @@ def _round_held(f: np.ndarray, ties: str, ceiling: float | None, flush: bool, na
             np.copyto(u, np.uint32(0), where=t < _F32_SUBNORMAL_TIE - 1)
         else:
             _round_subnormals(f, small, t.view(np.float32), ties, keep_sign=not zero_sign)
-    # 10-bit mantissa rounding; values made exact fp16 above (at most 10 significant bits) pass through unchanged
+    # 11 significant bits from here; values already exact fp16 (as the small ones now are) pass through unchanged
+    limit, maybe = _f32_overflow_bits(ceiling)
+    overflow = largest >= maybe - 1
+    if ties == "half-even" and not overflow:
+        _split_half_even(f, t.view(np.float32), zero_sign)
+        return
     if ties == "half-even":
         np.right_shift(u, 13, out=t)
         np.bitwise_and(t, 1, out=t)
@@ -325,14 +331,26 @@ def _round_held(f: np.ndarray, ties: str, ceiling: float | None, flush: bool, na
     else:  # half-away: on sign-magnitude bits, adding half a step to the magnitude rounds away from zero
         np.add(u, _F32_HALF, out=u)
     np.bitwise_and(u, _F32_KEEP, out=u)
-    limit, maybe = _f32_overflow_bits(ceiling)
-    if largest >= maybe - 1:
+    if overflow:
         np.bitwise_and(u, _F32_MAGNITUDE, out=t)
         over = t >= limit
         np.bitwise_and(u, _F32_SIGN, out=u, where=over)
         np.bitwise_or(u, np.uint32(_F32_INF), out=u, where=over)
     if zero_sign:
         np.add(f, np.float32(0.0), out=f)  # -0 + +0 = +0; every other value is unchanged
+
+
+def _split_half_even(f: np.ndarray, scratch: np.ndarray, zero_sign: bool) -> None:
+    """Round finite float32 values below 65520 to 11 significant bits, ties to even, in place: Veltkamp's split
+    with c = (2**13 + 1) x, hi = c - (c - x), where float32 arithmetic does the rounding (checked against the
+    integer rounding for every float32 of that range). Written as (x - c) + c it also turns -0 into +0."""
+    c = np.multiply(f, np.float32(2**13 + 1), out=scratch)
+    if zero_sign:
+        np.subtract(f, c, out=f)
+        np.add(f, c, out=f)
+    else:
+        np.subtract(c, f, out=f)
+        np.subtract(c, f, out=f)
 
 
 def _round_subnormals(f: np.ndarray, small: np.ndarray, scratch: np.ndarray, ties: str, keep_sign: bool) -> None:

@@ -1,0 +1,187 @@
+"""Training step cost: Orion (block programs on a backend, the rest on the CPU) against a PyTorch CPU training step
+of the same model (transformers' LlamaForCausalLM, float32) on the same batch, timed in the same run.
+
+Each Orion step is the trainer's step (forward and backward of every sequence, guarded AdamW, new weights written
+into the programs' input surfaces), split into:
+
+* backend: the block programs (the emulator's numpy model of ANE numerics here; the ANE on a Mac);
+* cpu: embedding, final norm, classifier, loss and its gradient, the weight gradients (these run on a worker
+  thread while the backend runs the next block's backward, so backend + cpu can exceed the step);
+* update: the guarded AdamW step plus writing the new weights into the input surfaces.
+
+Configurations: ``tiny`` (the preset: 2 layers, d 64, vocab 2048) and ``d768`` (stories110m's shapes: 12 layers,
+d 768, 12 heads, hidden 2048, seq 256, with ``--vocab`` tokens, 2048 by default; 32000 is stories110m's own).
+``--parity-steps N`` also trains the tiny preset N steps on the story corpus with both and reports the largest
+per-step loss gap (the slow test's comparison).
+
+    python benchmarks/train.py [--backend emulator] [--configs tiny,d768] [--vocab 2048] [--parity-steps 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from orion import __version__  # noqa: E402
+from orion.models import model_backend  # noqa: E402
+from orion.models.llama import PRESETS, LlamaConfig, init_weights  # noqa: E402
+from orion.runtime.cache import ProgramCache  # noqa: E402
+from orion.train.corpus import make_story_corpus, write_corpus  # noqa: E402
+from orion.train.engine import LlamaEngine  # noqa: E402
+from orion.train.optim import AdamW, LossScaler, guarded_step  # noqa: E402
+from orion.train.trainer import TrainSettings  # noqa: E402
+from tests.train.test_trainer import hf_llama, loss_parity, torch_adamw, torch_training_step  # noqa: E402
+
+LR = 3e-4
+
+
+def orion_steps(config: LlamaConfig, batches: list[tuple[np.ndarray, np.ndarray]], backend) -> list[dict]:
+    """ms per step of the trainer's step on ``backend``, split as the module docstring says."""
+    settings = TrainSettings()
+    weights = init_weights(config, seed=0)
+    optimizer = AdamW(weights, lr=LR, betas=(settings.beta1, settings.beta2), weight_decay=settings.weight_decay)
+    scaler = LossScaler(settings.loss_scale, init_scale=settings.init_scale)
+    engine = LlamaEngine(config, config.max_seq_len, backend=backend, target="default", cache=ProgramCache(None))
+    rows = []
+    try:
+        engine.set_weights(weights)
+        for inputs, targets in batches:
+            tokens = inputs.size
+            t0 = time.perf_counter()
+            before = dict(engine.timings)
+            grads = {k: np.zeros_like(v) for k, v in weights.items()}
+            loss = sum(engine.loss_and_grads(weights, inputs[i], targets[i], scaler.scale, grads, tokens)
+                       for i in range(inputs.shape[0])) / tokens
+            t1 = time.perf_counter()
+            report = guarded_step(optimizer, scaler, grads, max_norm=settings.grad_clip, lr=LR)
+            t2 = time.perf_counter()
+            if not report.skipped:
+                engine.set_weights(weights)
+            t3 = time.perf_counter()
+            rows.append({"ms": (t3 - t0) * 1e3, "backend_ms": (engine.timings["backend"] - before["backend"]) * 1e3,
+                         "cpu_ms": (engine.timings["cpu"] - before["cpu"]) * 1e3, "adamw_ms": (t2 - t1) * 1e3,
+                         "write_ms": (t3 - t2) * 1e3, "loss": loss, "skipped": report.skipped})
+        rows[0]["compiles"] = engine.compiles
+    finally:
+        engine.close()
+    return rows
+
+
+def torch_steps(config: LlamaConfig, batches: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+    """ms per float32 PyTorch CPU step (forward, backward, clip, AdamW) of the same model on the same batches."""
+    settings = TrainSettings(lr=LR)
+    model = hf_llama(config, init_weights(config, seed=0))
+    model.train()
+    optimizer = torch_adamw(model, settings)
+    rows = []
+    for inputs, targets in batches:
+        t0 = time.perf_counter()
+        loss = torch_training_step(model, optimizer, inputs, targets, LR, settings.grad_clip)
+        rows.append({"ms": (time.perf_counter() - t0) * 1e3, "loss": loss})
+    return rows
+
+
+def measure(name: str, config: LlamaConfig, batch: int, steps: int, warmup: int, backend) -> dict:
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(warmup + steps):
+        windows = rng.integers(0, config.vocab_size, (batch, config.max_seq_len + 1))
+        batches.append((windows[:, :-1].copy(), windows[:, 1:].copy()))
+    ours = orion_steps(config, batches, backend)
+    reference = torch_steps(config, batches)
+
+    def mean(rows: list[dict], key: str) -> float:
+        return statistics.fmean(r[key] for r in rows[warmup:])
+
+    result = {
+        "config": name, "model": config.to_dict(), "batch": batch, "seq": config.max_seq_len,
+        "tokens_per_step": batch * config.max_seq_len, "measured_steps": steps, "warmup_steps": warmup,
+        "orion_ms": mean(ours, "ms"), "orion_backend_ms": mean(ours, "backend_ms"),
+        "orion_cpu_ms": mean(ours, "cpu_ms"),
+        "orion_update_ms": mean(ours, "adamw_ms") + mean(ours, "write_ms"), "orion_adamw_ms": mean(ours, "adamw_ms"),
+        "orion_weight_write_ms": mean(ours, "write_ms"), "pytorch_ms": mean(reference, "ms"),
+        "compiles": ours[0]["compiles"], "skipped_steps": sum(r["skipped"] for r in ours),
+        "first_step_loss": {"orion": ours[0]["loss"], "pytorch": reference[0]["loss"]},
+    }
+    result["ratio_orion_over_pytorch"] = result["orion_ms"] / result["pytorch_ms"]
+    return result
+
+
+def parity(steps: int) -> dict:
+    """The tiny preset trained ``steps`` steps on the story corpus by the Trainer and by PyTorch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "stories.txt"
+        write_corpus(corpus, make_story_corpus(400, seed=0))
+        ours, reference, skipped = loss_parity(corpus, Path(tmp) / "run", steps)
+    gap = np.abs(ours - reference)
+    finite = np.isfinite(ours) & np.isfinite(reference)
+    return {"steps": steps, "largest_loss_gap": float(np.nanmax(gap)), "at_step": int(np.nanargmax(gap)) + 1,
+            "mean_loss_gap": float(np.nanmean(gap)), "non_finite_steps": int((~finite).sum()) + skipped,
+            "orion_loss": [float(ours[0]), float(ours[-1])], "pytorch_loss": [float(reference[0]),
+                                                                              float(reference[-1])]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="emulator")
+    parser.add_argument("--configs", default="tiny,d768")
+    parser.add_argument("--vocab", type=int, default=2048, help="vocabulary of the d768 configuration")
+    parser.add_argument("--tiny-batch", type=int, default=4)
+    parser.add_argument("--tiny-steps", type=int, default=5)
+    parser.add_argument("--big-batch", type=int, default=2)
+    parser.add_argument("--big-steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--parity-steps", type=int, default=0, help="also compare N training steps' losses")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/train.json"))
+    args = parser.parse_args()
+    backend = model_backend(args.backend)
+    configs = {
+        "tiny": (PRESETS["tiny"], args.tiny_batch, args.tiny_steps),
+        "d768": (dataclasses.replace(PRESETS["stories110m"], vocab_size=args.vocab), args.big_batch, args.big_steps),
+    }
+    results = []
+    for name in args.configs.split(","):
+        config, batch, steps = configs[name]
+        print(f"{name}: {config.n_layers} layers, d {config.dim}, vocab {config.vocab_size}, batch {batch} x "
+              f"{config.max_seq_len}, {args.warmup} + {steps} steps ...", flush=True)
+        results.append(measure(name, config, batch, steps, args.warmup, backend))
+
+    table = Table(title=f"ms per training step: Orion ({args.backend}) vs PyTorch CPU fp32 "
+                        f"({torch.get_num_threads()} threads)")
+    for col in ("config", "tokens", "orion", "backend", "cpu", "update", "pytorch", "orion/pytorch"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(f"{r['config']} (vocab {r['model']['vocab_size']})", f"{r['batch']}x{r['seq']}",
+                      *(f"{r[k]:.1f}" for k in ("orion_ms", "orion_backend_ms", "orion_cpu_ms", "orion_update_ms",
+                                                "pytorch_ms")), f"{r['ratio_orion_over_pytorch']:.2f}")
+    Console(width=140).print(table)
+    report = {"orion_version": __version__, "torch_version": torch.__version__, "machine": platform.platform(),
+              "backend": args.backend, "torch_threads": torch.get_num_threads(), "lr": LR, "results": results}
+    if args.parity_steps:
+        print(f"parity: tiny preset, {args.parity_steps} steps ...", flush=True)
+        report["parity"] = parity(args.parity_steps)
+        p = report["parity"]
+        print(f"loss parity over {p['steps']} steps: largest gap {p['largest_loss_gap']:.4f} nats (step "
+              f"{p['at_step']}), mean gap {p['mean_loss_gap']:.4f}, non-finite steps {p['non_finite_steps']}; loss "
+              f"{p['pytorch_loss'][0]:.3f} -> {p['pytorch_loss'][1]:.3f} (pytorch), "
+              f"{p['orion_loss'][0]:.3f} -> {p['orion_loss'][1]:.3f} (orion)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

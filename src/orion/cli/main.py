@@ -413,7 +413,8 @@ def _progress_printer(total: int, start_label: str = "training"):
 
 @cli.command("train")
 @click.option("--config", "preset", default="tiny", show_default=True, help="Model preset: tiny or stories110m.")
-@click.option("--data", required=True, help="A .txt/.jsonl file or folder, or a hub dataset id.")
+@click.option("--data", required=True, help="A .txt/.jsonl file or folder, a pre-tokenized uint16 .bin, or a hub "
+              "dataset id (e.g. roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt).")
 @click.option("--steps", type=click.IntRange(min=1), required=True, help="Total optimizer steps.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per step.")
@@ -425,18 +426,20 @@ def _progress_printer(total: int, start_label: str = "training"):
 @click.option("--seq-len", type=click.IntRange(min=8), default=None, help="Override the preset's sequence length.")
 @click.option("--loss-scale", type=click.Choice(["dynamic", "static", "none"]), default="dynamic", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tokenizer", default=None, help="A tokenizer.json (or folder with one, or a SentencePiece model "
+              "folder); default: a BPE trained on the data.")
 @click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True)
 @_target_option
 @handle_errors
 def train_cmd(preset, data, steps, batch, accum, lr, out_dir, resume, save_every, keep_last, seq_len, loss_scale,
-              seed, backend, target_name) -> None:
+              seed, tokenizer, backend, target_name) -> None:
     """Train a Llama-style model; checkpoints, metrics.jsonl and loss.png go to --out."""
     from orion.models import model_backend
     from orion.train.trainer import Trainer, TrainSettings
 
     settings = TrainSettings(preset=preset, data=data, out=str(out_dir), steps=steps, batch=batch, accum=accum,
                              lr=lr, save_every=save_every, keep_last=keep_last, seq_len=seq_len,
-                             loss_scale=loss_scale, seed=seed)
+                             loss_scale=loss_scale, seed=seed, tokenizer=tokenizer)
     progress, on_step = _progress_printer(steps)
     trainer = Trainer(settings, backend=model_backend(backend, target_name), target=target_name, on_step=on_step)
     with progress:

@@ -27,7 +27,7 @@ from orion.errors import BindingError, OrionError
 from orion.ir.builder import MASK_VALUE, GraphBuilder
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
-from orion.models.lm import TextGenerator
+from orion.models.lm import GenerationStats, TextGenerator
 from orion.runtime.program import Program, get_backend
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
@@ -187,31 +187,6 @@ def bucket_for(length: int, buckets=PREFILL_BUCKETS) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The model
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    decode_steps: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    compiles: int = 0
-    cache_hits: int = 0
-    dispatches_per_token: int = 0
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
-
-    def line(self) -> str:
-        return (f"prompt {self.prompt_tokens} tokens | prefill {self.prefill_tok_s:.1f} tok/s | "
-                f"decode {self.decode_tok_s:.1f} tok/s ({self.new_tokens} tokens) | compiles {self.compiles} | "
-                f"cache hits {self.cache_hits} | {self.dispatches_per_token} dispatches/token")
 
 
 def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 from orion.errors import OrionError
 from orion.ir.builder import GraphBuilder
 from orion.ir.graph import Value
-from orion.models.lm import TextGenerator
+from orion.models.lm import GenerationStats, TextGenerator
 
 
 @dataclass(frozen=True)
@@ -383,6 +383,7 @@ class Llama(TextGenerator):
                                   budget=budget)
         self.blocks.set_weights(weights)
         self.backend = self.blocks.forward[0].backend
+        self.stats = GenerationStats()
 
     def close(self) -> None:
         self.blocks.close()
@@ -412,19 +413,32 @@ class Llama(TextGenerator):
         return normed @ self.weights.get("output", self.weights["tok_embeddings"]).T
 
     def generate_ids(self, ids, max_tokens: int = 64, sampler=None, stop_ids=()):
+        """Each token reruns the window (no KV cache: these programs are the training ones)."""
+        import time
+
         from orion.models.sampling import Sampler
 
         sampler = sampler or Sampler(temperature=0.0)
         ids = list(np.asarray(ids).reshape(-1))
-        self.logits(ids)  # validates
-        for _ in range(max_tokens):
-            if len(ids) >= self.config.max_seq_len:
-                break
-            token = int(sampler.sample(self.logits(ids)[-1]))
-            yield token
-            if token in stop_ids:
-                break
-            ids.append(token)
+        stats = self.stats = GenerationStats(prompt_tokens=len(ids), dispatches_per_token=self.config.n_layers,
+                                             compiles=self.blocks.compiles,
+                                             cache_hits=sum(p.cache_hits for p in self.blocks.programs))
+        t0 = time.perf_counter()
+        logits = self.logits(ids)[-1]
+        stats.prefill_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        try:
+            for _ in range(max_tokens):
+                token = int(sampler.sample(logits))
+                stats.new_tokens += 1
+                yield token
+                if token in stop_ids or len(ids) + 1 >= self.config.max_seq_len:
+                    break
+                ids.append(token)
+                logits = self.logits(ids)[-1]
+                stats.decode_steps += 1
+        finally:
+            stats.decode_seconds = time.perf_counter() - t1
 
 
 HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",

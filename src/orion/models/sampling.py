@@ -48,8 +48,9 @@ class Sampler:
         z = x / self.temperature
         p = np.exp(z - z.max())
         p /= p.sum()
-        # Most likely first; ties keep the lower index first, so filters are deterministic.
-        order = np.argsort(-p, kind="stable")
+        # Most likely first, ranked by the scores themselves (probabilities can round equal where scores differ);
+        # ties keep the lower index first, so filters are deterministic and top_k=1 is the argmax.
+        order = np.argsort(-z, kind="stable")
         kept = order if self.top_k is None else order[:self.top_k]
         if self.top_p is not None:
             mass = np.cumsum(p[kept]) / p[kept].sum()

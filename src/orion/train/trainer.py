@@ -19,7 +19,8 @@ from orion import __version__
 from orion.errors import OrionError, SettingsError
 from orion.models.llama import PRESETS, LlamaConfig, init_weights
 from orion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from orion.train.data import BatchStream, prepare_dataset
+from orion.models.hub import Tokenizer
+from orion.train.data import BatchStream, PreparedDataset, prepare_dataset
 from orion.train.engine import LlamaEngine
 from orion.train.optim import AdamW, LossScaler, cosine_lr, guarded_step
 
@@ -45,6 +46,7 @@ class TrainSettings:
     save_every: int = 100
     keep_last: int = 3
     seq_len: int | None = None
+    tokenizer: str | None = None
     model_overrides: dict = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
@@ -65,6 +67,27 @@ class TrainSettings:
         return LlamaConfig(**base)
 
 
+def _dataset(settings: TrainSettings, folder: Path) -> PreparedDataset:
+    """Text sources are tokenized into ``folder`` (training a BPE of the preset's vocabulary size unless a tokenizer
+    is given); a pre-tokenized uint16 ``.bin`` is used as it is, with the tokenizer it was made with."""
+    tokenizer = None
+    if settings.tokenizer:
+        tokenizer = Tokenizer.from_dir(Path(settings.tokenizer).parent if settings.tokenizer.endswith(".json")
+                                       else settings.tokenizer)
+    if settings.data.endswith(".bin"):
+        data = Path(settings.data)
+        if not data.is_file():
+            raise OrionError(f"token file {data} not found")
+        if tokenizer is None:
+            if not (data.parent / "tokenizer.json").is_file():
+                raise OrionError(f"{data} is pre-tokenized: give --tokenizer (the tokenizer.json or folder it was "
+                                 "made with)")
+            tokenizer = Tokenizer.from_dir(data.parent)
+        return PreparedDataset(data.parent, data, data, tokenizer, {"source": str(data)})
+    return prepare_dataset(settings.data, folder, tokenizer=tokenizer,
+                           vocab_size=PRESETS[settings.preset].vocab_size)
+
+
 def _warmup(settings: TrainSettings) -> int:
     return settings.warmup if settings.warmup is not None else max(1, min(100, settings.steps // 10))
 
@@ -78,8 +101,7 @@ class Trainer:
         self.settings = settings
         self.out = Path(settings.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.dataset = prepare_dataset(settings.data, self.out / "data",
-                                       vocab_size=PRESETS[settings.preset].vocab_size)
+        self.dataset = _dataset(settings, self.out / "data")
         self.config = settings.model_config(self.dataset.tokenizer.vocab_size)
         self.backend, self.target, self.cache, self.budget = backend, target, cache, budget
         self.on_step = on_step

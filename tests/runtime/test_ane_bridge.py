@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import ctypes
-import os
 import subprocess
 import sys
 from collections import Counter

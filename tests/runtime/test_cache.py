@@ -240,7 +240,7 @@ def test_bad_keys_are_refused(tmp_path, key):
 
 
 def test_disk_full_raises_cache_error_and_leaves_nothing(tmp_path, monkeypatch):
-    real = cache_mod._write_file
+    real = cache_mod.write_new_file
     calls = []
 
     def failing(path, data):
@@ -249,13 +249,13 @@ def test_disk_full_raises_cache_error_and_leaves_nothing(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, data)
 
-    monkeypatch.setattr(cache_mod, "_write_file", failing)
+    monkeypatch.setattr(cache_mod, "write_new_file", failing)
     cache = ArtifactCache(tmp_path)
     with pytest.raises(CacheError, match="ORION_CACHE_DIR") as info:
         cache.put(KEY, payload(5, big=10))
     assert str(calls[1]) in str(info.value) and os.strerror(errno.ENOSPC) in str(info.value)
     assert tmp_children(tmp_path) == [] and cache.entries() == []
-    monkeypatch.setattr(cache_mod, "_write_file", real)
+    monkeypatch.setattr(cache_mod, "write_new_file", real)
     assert cache.get(KEY) is None
     cache.put(KEY, payload(5, big=10))
     assert cache.get(KEY) == payload(5, big=10)
@@ -346,7 +346,7 @@ import orion.runtime.cache as c
 root, key, src, block_at, release, go = sys.argv[1:7]
 block_at = int(block_at)
 files = {p.relative_to(src).as_posix(): p.read_bytes() for p in sorted(Path(src).rglob("*")) if p.is_file()}
-real, calls = c._write_file, [0]
+real, calls = c.write_new_file, [0]
 
 def hooked(path, data):
     calls[0] += 1
@@ -360,7 +360,7 @@ def hooked(path, data):
         os.remove(path)
     real(path, data)
 
-c._write_file = hooked
+c.write_new_file = hooked
 cache = c.ArtifactCache(Path(root), lock_timeout_s=30)
 print("READY", flush=True)
 while go and not os.path.exists(go):

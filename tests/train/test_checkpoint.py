@@ -344,7 +344,7 @@ import os, sys, time
 import orion.train.checkpoint as ck
 from tests.train.test_checkpoint import make_run
 
-real_write = ck._write_file
+real_write = ck.write_new_file
 
 def write_half_then_hang(path, data):
     if path.name == ck.MODEL_FILE:
@@ -357,7 +357,7 @@ def write_half_then_hang(path, data):
             time.sleep(60)
     real_write(path, data)
 
-ck._write_file = write_half_then_hang
+ck.write_new_file = write_half_then_hang
 ck.save_checkpoint(sys.argv[1], 20, *make_run(20))
 print("finished", flush=True)
 """

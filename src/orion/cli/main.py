@@ -7,7 +7,6 @@ import functools
 import os
 import runpy
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -162,17 +161,10 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from orion.fileio import atomic_write
+
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 @cli.command("run")
@@ -368,7 +360,7 @@ def bench_gpt2_cmd(model_dir: str | None, backend: str, reference: str, prompt_t
     """Orion's GPT-2 against transformers on the same weights, in the same run (each side in its own process)."""
     import json
 
-    from orion.mil.emit import write_text_atomic
+    from orion.fileio import write_atomic
     from orion.models.bench import bench_gpt2, flatten
 
     report = bench_gpt2(model_dir, backend, None if reference == "none" else reference, prompt_tokens, new_tokens,
@@ -387,7 +379,7 @@ def bench_gpt2_cmd(model_dir: str | None, backend: str, reference: str, prompt_t
         table.add_row("orion / reference", f"{report['ratios']['prefill']:.2f}x", f"{report['ratios']['decode']:.2f}x",
                       "", "", "", "")
     out.print(table)
-    write_text_atomic(json_file, json.dumps(flatten(report), indent=2))
+    write_atomic(json_file, json.dumps(flatten(report), indent=2))
     out.print(f"wrote {json_file}", highlight=False, markup=False)
 
 

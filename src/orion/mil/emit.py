@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from orion.errors import GraphError, MILProgramError, WeightFileError
+from orion.fileio import write_atomic
 from orion.ir.graph import Graph, sanitize_name
 from orion.ir.ops import OPS, input_names
 from orion.ir.types import TensorType, dtype_name
@@ -81,7 +82,7 @@ class MILModule:
         """Write ``model.mil`` and the weight files under ``directory`` (each file atomically)."""
         root = Path(directory)
         self.write_weights(root, list(self.weight_files))
-        write_text_atomic(root / "model.mil", self.text)
+        write_atomic(root / "model.mil", self.text)
         return root
 
     def write_weights(self, directory: str | os.PathLike, files: list[str]) -> None:
@@ -112,20 +113,6 @@ class MILModule:
 
     def weight_bytes(self) -> int:
         return sum(a.nbytes for arrays in self.weight_files.values() for a in arrays)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _attr_literal(kind: str, value, dtype: str) -> Literal:

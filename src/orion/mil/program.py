@@ -15,7 +15,7 @@ from typing import Union
 
 import numpy as np
 
-from orion.ir.types import NUMPY_DTYPES, TensorType
+from orion.ir.types import NUMPY_DTYPES, TensorType  # noqa: F401 - re-exported for MIL users
 
 #: Where BLOBFILE paths are rooted: the model's directory.
 MODEL_PATH = "@model_path/"

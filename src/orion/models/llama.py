@@ -495,10 +495,11 @@ def export_hf(weights: dict[str, np.ndarray], config: LlamaConfig, out_dir, toke
     """Write a Hugging Face Llama folder (config.json, model.safetensors, tokenizer.json) that transformers'
     LlamaForCausalLM loads; every file is written atomically."""
     import json
-    import os
     from pathlib import Path
 
     from safetensors.numpy import save
+
+    from orion.fileio import write_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -507,10 +508,5 @@ def export_hf(weights: dict[str, np.ndarray], config: LlamaConfig, out_dir, toke
     if tokenizer_json is not None:
         files["tokenizer.json"] = tokenizer_json
     for name, data in files.items():
-        tmp = out / f".{name}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out / name)
+        write_atomic(out / name, data)
     return out

@@ -49,6 +49,7 @@ from filelock import FileLock, Timeout
 
 from orion import __version__
 from orion.errors import CacheError, SettingsError
+from orion.fileio import fsync_dir, write_new_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -158,26 +159,6 @@ def _names_problem(names: list[str]) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- file helpers
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (never overwrite) and make its bytes durable before the manifest can vouch for them."""
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a created file, a rename) durable; some filesystems refuse, which is harmless."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno != errno.EINVAL:
-            raise
-    finally:
-        os.close(fd)
 
 
 class _Torn(Exception):
@@ -389,7 +370,7 @@ class ArtifactCache:
             for name, data in payload:
                 path = tmp.joinpath(*name.split("/"))
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _write_file(path, data)
+                write_new_file(path, data)
                 listed.append({"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
             manifest = {
                 "format": MANIFEST_FORMAT,
@@ -398,9 +379,9 @@ class ArtifactCache:
                 "orion_version": __version__,
                 "files": listed,
             }
-            _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
+            write_new_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
             for dirpath, _dirs, _files in os.walk(tmp, topdown=False):  # tmp itself comes last
-                _fsync_dir(Path(dirpath))
+                fsync_dir(Path(dirpath))
             shard_existed = entry.parent.is_dir()
             entry.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, entry)
@@ -408,9 +389,9 @@ class ArtifactCache:
             with suppress(OSError):  # prune_stale gets it later
                 _remove_tree(tmp)
             raise
-        _fsync_dir(entry.parent)
+        fsync_dir(entry.parent)
         if not shard_existed:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
 
     def prune_stale(self, older_than_s: float = 3600) -> int:
         """Delete temp dirs of writers that died (older than ``older_than_s``); returns how many were removed."""

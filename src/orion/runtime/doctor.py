@@ -39,6 +39,7 @@ import numpy as np
 from orion import __version__
 from orion.compiler.targets import Target, get_target
 from orion.errors import BackendError, SettingsError
+from orion.fileio import atomic_write
 
 #: Prefix of the one line a child prints; anything else on stdout (framework chatter) is ignored.
 RESULT_MARK = "ORION-DOCTOR-RESULT "
@@ -1717,28 +1718,10 @@ def write_report(report: dict, path: str | os.PathLike) -> Path:
 
 
 def _write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
-    """Temp file in the same directory, fsync, rename, fsync the directory: the old file or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where directories can be opened
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
+    with atomic_write(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
+        f.write("\n")
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

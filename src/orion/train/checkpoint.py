@@ -25,7 +25,6 @@ names may be any string except ``__metadata__``, which the format reserves.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -47,6 +46,7 @@ from safetensors import SafetensorError
 
 from orion import __version__
 from orion.errors import OrionError, SettingsError
+from orion.fileio import fsync_dir, write_new_file
 
 FORMAT = "orion-checkpoint"
 FORMAT_VERSION = 1
@@ -115,7 +115,7 @@ def save_checkpoint(
         created = not out.is_dir()
         out.mkdir(parents=True, exist_ok=True)
         if created:
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
         with FileLock(str(out / LOCK_FILE)):
             _remove_stale(out)
             tmp = out / f".checkpoint-{step:08d}.tmp-{secrets.token_hex(6)}"
@@ -123,7 +123,7 @@ def save_checkpoint(
             try:
                 files = {}
                 for name, data in ((MODEL_FILE, model_bytes), (OPTIMIZER_FILE, optimizer_bytes), *extra.items()):
-                    _write_file(tmp / name, data)
+                    write_new_file(tmp / name, data)
                     files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                 doc = {
                     "format": FORMAT,
@@ -134,8 +134,8 @@ def save_checkpoint(
                     "state": user_state,
                 }
                 doc["checksum"] = _checksum(doc)
-                _write_file(tmp / STATE_FILE, (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode("ascii"))
-                _fsync_dir(tmp)
+                write_new_file(tmp / STATE_FILE, (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode("ascii"))
+                fsync_dir(tmp)
                 _install(tmp, final)
             except BaseException:
                 with suppress(OSError):  # the next save removes it if this fails too
@@ -214,26 +214,6 @@ def _checksum(doc: dict) -> str:
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """Create ``path`` and make its bytes durable before state.json can vouch for them."""
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (created files, renames) durable; some filesystems refuse, which is harmless."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno != errno.EINVAL:
-            raise
-    finally:
-        os.close(fd)
-
-
 def _install(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an old ``final`` is renamed aside first, and deleted only once the new is in."""
     out = final.parent
@@ -243,9 +223,9 @@ def _install(tmp: Path, final: Path) -> None:
             raise CheckpointError(f"{final} exists and is not a checkpoint directory; fix: move it out of {out}")
         aside = out / f".{final.name}.old-{secrets.token_hex(6)}"
         os.rename(final, aside)
-        _fsync_dir(out)
+        fsync_dir(out)
     os.rename(tmp, final)
-    _fsync_dir(out)
+    fsync_dir(out)
     if aside is not None:
         shutil.rmtree(aside)
 
@@ -267,7 +247,7 @@ def _remove_stale(out: Path) -> None:
                 shutil.rmtree(entry)
             else:
                 os.rename(entry, final)
-                _fsync_dir(out)
+                fsync_dir(out)
 
 
 def _prune(out: Path, keep_last: int, written: Path) -> None:

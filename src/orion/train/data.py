@@ -18,14 +18,14 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from orion.errors import OrionError, SettingsError
+from orion.fileio import atomic_write
 from orion.models.hub import END_OF_TEXT, Tokenizer, looks_like_hub_id, train_bpe_tokenizer
 
 PathLike = str | os.PathLike
@@ -46,34 +46,6 @@ _DATASET_FORMAT = 1
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Writing files
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
-    """A binary file that appears at ``path`` only when the block ends without error (temp file in the same folder,
-    fsync, rename): a crash or a full disk leaves the old file or none, never half of one."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise OrionError(f"cannot write {path} ({e.strerror or e}); choose a writable folder") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where directories can be opened
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from orion import __version__
 from orion.errors import OrionError, SettingsError
+from orion.fileio import atomic_write, write_atomic
 from orion.models.llama import PRESETS, LlamaConfig, init_weights
 from orion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from orion.models.hub import Tokenizer
@@ -129,9 +129,9 @@ class Trainer:
         stream = BatchStream.restore(state["data"], self.dataset.train)
         return int(state["step"]), weights, optimizer, scaler, stream
 
-    def _save(self, step, weights, optimizer, scaler, stream, timings) -> Path:
+    def _save(self, step, weights, optimizer, scaler, data_state, timings) -> Path:
         state = {"config": self.config.to_dict(), "settings": dataclasses.asdict(self.settings), "step": step,
-                 "data": stream.state(), "loss_scaler": scaler.state_dict(), "timings": timings,
+                 "data": data_state, "loss_scaler": scaler.state_dict(), "timings": timings,
                  "orion_version": __version__, "tokenizer": str(self.dataset.directory)}
         tokenizer = self.dataset.tokenizer.inner.to_str().encode("utf-8")
         return save_checkpoint(self.out, step, weights, optimizer.state_dict(), state,
@@ -152,14 +152,15 @@ class Trainer:
         s = self.settings
         checkpoint = latest_checkpoint(self.out) if resume else None
         start, weights, optimizer, scaler, stream = self._resumed(checkpoint) if checkpoint else self._fresh()
-        if not resume and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        self._trim_metrics(start)
         if start >= s.steps:
             return {"step": start, "message": f"already at step {start} of {s.steps}"}
         engine = LlamaEngine(self.config, self.config.max_seq_len, backend=self.backend, target=self.target,
                              cache=self.cache, budget=self.budget)
         history = []
         done = start
+        data_state = stream.state()  # the stream's position after the last finished step
+        committing = False
         try:
             engine.set_weights(weights)
             tokens_per_step = s.batch * s.accum * self.config.max_seq_len
@@ -170,17 +171,20 @@ class Trainer:
                                min_lr=s.lr * s.min_lr_fraction)
                 grads = {k: np.zeros_like(v) for k, v in weights.items()}
                 loss = 0.0
+                data_state = stream.state()
                 for _ in range(s.accum):
                     inputs, targets = next(stream)
                     for row in range(inputs.shape[0]):
                         loss += engine.loss_and_grads(weights, inputs[row], targets[row], scaler.scale, grads,
                                                       tokens_per_step)
                 cpu0 = time.perf_counter()
+                committing = True
                 report = guarded_step(optimizer, scaler, grads, max_norm=s.grad_clip, lr=lr)
                 engine.timings["cpu"] += time.perf_counter() - cpu0
                 if not report.skipped:
                     engine.set_weights(weights)
-                done = step
+                done, committing = step, False
+                data_state = stream.state()
                 elapsed = time.perf_counter() - t0
                 split = {k: (engine.timings[k] - before[k]) * 1e3 for k in engine.timings}
                 record = {"step": step, "loss": loss / tokens_per_step, "lr": lr, "grad_norm": report.grad_norm,
@@ -191,14 +195,16 @@ class Trainer:
                 with open(self.metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
                 if step % s.save_every == 0 or step == s.steps:
-                    self._save(step, weights, optimizer, scaler, stream, split)
+                    self._save(step, weights, optimizer, scaler, data_state, split)
                     plot_loss_curve(self.metrics_path, self.out / "loss.png")
                 if self.on_step:
                     self.on_step(record)
         except KeyboardInterrupt:
-            # a run always ends with a checkpoint of its last finished step (SIGKILL aside: then the last save)
-            if done > start and (latest_checkpoint(self.out) is None or done % s.save_every):
-                self._save(done, weights, optimizer, scaler, stream, {})
+            # a run always ends with a checkpoint of its last finished step (SIGKILL aside: then the last save),
+            # with the data position from before the interrupted step's batches; an interrupt while the optimizer
+            # commits could leave weights half-written, so then the last periodic checkpoint stands
+            if done > start and not committing and (latest_checkpoint(self.out) is None or done % s.save_every):
+                self._save(done, weights, optimizer, scaler, data_state, {})
                 plot_loss_curve(self.metrics_path, self.out / "loss.png")
             raise
         finally:
@@ -206,6 +212,15 @@ class Trainer:
         return {"step": s.steps, "final_loss": history[-1]["loss"] if history else None,
                 "skipped_steps": sum(r["skipped"] for r in history), "compiles": engine.compiles,
                 "checkpoint": str(latest_checkpoint(self.out))}
+
+
+    def _trim_metrics(self, start: int) -> None:
+        """Keep the metrics of steps up to ``start`` (the step the run continues from), written atomically."""
+        if not self.metrics_path.exists():
+            return
+        rows = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start]
+        write_atomic(self.metrics_path, "".join(row + "\n" for row in rows))
 
 
 def plot_loss_curve(metrics: Path, png: Path) -> None:
@@ -224,7 +239,6 @@ def plot_loss_curve(metrics: Path, png: Path) -> None:
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title("Orion training loss")
     ax.grid(alpha=0.3)
-    tmp = png.with_name(f".{png.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(png) as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, png)

@@ -1,5 +1,6 @@
 """Training step cost: Orion (block programs on a backend, the rest on the CPU) against a PyTorch CPU training step
-of the same model (transformers' LlamaForCausalLM, float32) on the same batch, timed in the same run.
+of the same model (transformers' LlamaForCausalLM, float32, eager attention) on the same batches, timed in the same
+run; the table and the JSON give the median over the measured steps (after warm-up steps) and orion/pytorch.
 
 Each Orion step is the trainer's step (forward and backward of every sequence, guarded AdamW, new weights written
 into the programs' input surfaces), split into:
@@ -7,14 +8,17 @@ into the programs' input surfaces), split into:
 * backend: the block programs (the emulator's numpy model of ANE numerics here; the ANE on a Mac);
 * cpu: embedding, final norm, classifier, loss and its gradient, the weight gradients (these run on a worker
   thread while the backend runs the next block's backward, so backend + cpu can exceed the step);
-* update: the guarded AdamW step plus writing the new weights into the input surfaces.
+* update: the guarded AdamW step plus writing the new weights into the input surfaces (the trainer's metrics count
+  the AdamW part as cpu).
 
-Configurations: ``tiny`` (the preset: 2 layers, d 64, vocab 2048) and ``d768`` (stories110m's shapes: 12 layers,
-d 768, 12 heads, hidden 2048, seq 256, with ``--vocab`` tokens, 2048 by default; 32000 is stories110m's own).
-``--parity-steps N`` also trains the tiny preset N steps on the story corpus with both and reports the largest
-per-step loss gap (the slow test's comparison).
+Configurations: ``tiny`` (the preset: 2 layers, d 64, vocab 2048, seq 128) and ``d768`` (stories110m's shapes: 12
+layers, d 768, 12 heads, hidden 2048, seq 256, with ``--vocab`` tokens, 2048 by default; 32000 is stories110m's
+own), on random token batches. ``--threads N`` caps numpy's BLAS and torch alike; on a busy machine multi-threaded
+OpenMP/BLAS timings swing by 10x, one thread each does not. ``--parity-steps N`` also trains the tiny preset N steps
+on the story corpus with both (the slow test's comparison) and reports the largest per-step loss gap.
 
-    python benchmarks/train.py [--backend emulator] [--configs tiny,d768] [--vocab 2048] [--parity-steps 200]
+    python benchmarks/train.py [--backend emulator] [--configs tiny,d768] [--vocab 2048] [--threads 1]
+                               [--parity-steps 200] [--json benchmarks/results/train.json]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orion import __version__  # noqa: E402
@@ -48,80 +53,90 @@ from tests.train.test_trainer import hf_llama, loss_parity, torch_adamw, torch_t
 LR = 3e-4
 
 
-def orion_steps(config: LlamaConfig, batches: list[tuple[np.ndarray, np.ndarray]], backend) -> list[dict]:
-    """ms per step of the trainer's step on ``backend``, split as the module docstring says."""
-    settings = TrainSettings()
-    weights = init_weights(config, seed=0)
-    optimizer = AdamW(weights, lr=LR, betas=(settings.beta1, settings.beta2), weight_decay=settings.weight_decay)
-    scaler = LossScaler(settings.loss_scale, init_scale=settings.init_scale)
-    engine = LlamaEngine(config, config.max_seq_len, backend=backend, target="default", cache=ProgramCache(None))
-    rows = []
-    try:
-        engine.set_weights(weights)
-        for inputs, targets in batches:
-            tokens = inputs.size
-            t0 = time.perf_counter()
-            before = dict(engine.timings)
-            grads = {k: np.zeros_like(v) for k, v in weights.items()}
-            loss = sum(engine.loss_and_grads(weights, inputs[i], targets[i], scaler.scale, grads, tokens)
-                       for i in range(inputs.shape[0])) / tokens
-            t1 = time.perf_counter()
-            report = guarded_step(optimizer, scaler, grads, max_norm=settings.grad_clip, lr=LR)
-            t2 = time.perf_counter()
-            if not report.skipped:
-                engine.set_weights(weights)
-            t3 = time.perf_counter()
-            rows.append({"ms": (t3 - t0) * 1e3, "backend_ms": (engine.timings["backend"] - before["backend"]) * 1e3,
-                         "cpu_ms": (engine.timings["cpu"] - before["cpu"]) * 1e3, "adamw_ms": (t2 - t1) * 1e3,
-                         "write_ms": (t3 - t2) * 1e3, "loss": loss, "skipped": report.skipped})
-        rows[0]["compiles"] = engine.compiles
-    finally:
-        engine.close()
-    return rows
+class OrionStep:
+    """The trainer's step on ``backend``, timed and split as the module docstring says."""
 
+    def __init__(self, config: LlamaConfig, backend):
+        settings = TrainSettings()
+        self.grad_clip = settings.grad_clip
+        self.weights = init_weights(config, seed=0)
+        self.optimizer = AdamW(self.weights, lr=LR, betas=(settings.beta1, settings.beta2),
+                               weight_decay=settings.weight_decay)
+        self.scaler = LossScaler(settings.loss_scale, init_scale=settings.init_scale)
+        self.engine = LlamaEngine(config, config.max_seq_len, backend=backend, target="default",
+                                  cache=ProgramCache(None))
+        self.engine.set_weights(self.weights)
 
-def torch_steps(config: LlamaConfig, batches: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
-    """ms per float32 PyTorch CPU step (forward, backward, clip, AdamW) of the same model on the same batches."""
-    settings = TrainSettings(lr=LR)
-    model = hf_llama(config, init_weights(config, seed=0))
-    model.train()
-    optimizer = torch_adamw(model, settings)
-    rows = []
-    for inputs, targets in batches:
+    def __call__(self, inputs: np.ndarray, targets: np.ndarray) -> dict:
+        engine, tokens = self.engine, inputs.size
         t0 = time.perf_counter()
-        loss = torch_training_step(model, optimizer, inputs, targets, LR, settings.grad_clip)
-        rows.append({"ms": (time.perf_counter() - t0) * 1e3, "loss": loss})
-    return rows
+        before = dict(engine.timings)
+        grads = {k: np.zeros_like(v) for k, v in self.weights.items()}
+        loss = sum(engine.loss_and_grads(self.weights, inputs[i], targets[i], self.scaler.scale, grads, tokens)
+                   for i in range(inputs.shape[0])) / tokens
+        t1 = time.perf_counter()
+        report = guarded_step(self.optimizer, self.scaler, grads, max_norm=self.grad_clip, lr=LR)
+        t2 = time.perf_counter()
+        if not report.skipped:
+            engine.set_weights(self.weights)
+        t3 = time.perf_counter()
+        return {"ms": (t3 - t0) * 1e3, "backend_ms": (engine.timings["backend"] - before["backend"]) * 1e3,
+                "cpu_ms": (engine.timings["cpu"] - before["cpu"]) * 1e3, "adamw_ms": (t2 - t1) * 1e3,
+                "write_ms": (t3 - t2) * 1e3, "loss": loss, "skipped": report.skipped}
+
+
+class TorchStep:
+    """A float32 PyTorch CPU step (forward, backward, clip, AdamW) of the same model, timed."""
+
+    def __init__(self, config: LlamaConfig):
+        self.settings = TrainSettings(lr=LR)
+        self.model = hf_llama(config, init_weights(config, seed=0)).train()
+        self.optimizer = torch_adamw(self.model, self.settings)
+
+    def __call__(self, inputs: np.ndarray, targets: np.ndarray) -> dict:
+        t0 = time.perf_counter()
+        loss = torch_training_step(self.model, self.optimizer, inputs, targets, LR, self.settings.grad_clip)
+        return {"ms": (time.perf_counter() - t0) * 1e3, "loss": loss}
 
 
 def measure(name: str, config: LlamaConfig, batch: int, steps: int, warmup: int, backend) -> dict:
+    """Both sides on the same random batches, one side after the other: interleaved, torch's OpenMP threads would
+    still be spinning while numpy's BLAS threads want the same cores."""
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(warmup + steps):
         windows = rng.integers(0, config.vocab_size, (batch, config.max_seq_len + 1))
         batches.append((windows[:, :-1].copy(), windows[:, 1:].copy()))
-    ours = orion_steps(config, batches, backend)
-    reference = torch_steps(config, batches)
+    orion_step = OrionStep(config, backend)
+    try:
+        ours = [orion_step(inputs, targets) for inputs, targets in batches]
+        compiles = orion_step.engine.compiles
+    finally:
+        orion_step.engine.close()
+    torch_step = TorchStep(config)
+    reference = [torch_step(inputs, targets) for inputs, targets in batches]
 
-    def mean(rows: list[dict], key: str) -> float:
-        return statistics.fmean(r[key] for r in rows[warmup:])
+    def median(rows: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in rows[warmup:])
 
     result = {
         "config": name, "model": config.to_dict(), "batch": batch, "seq": config.max_seq_len,
         "tokens_per_step": batch * config.max_seq_len, "measured_steps": steps, "warmup_steps": warmup,
-        "orion_ms": mean(ours, "ms"), "orion_backend_ms": mean(ours, "backend_ms"),
-        "orion_cpu_ms": mean(ours, "cpu_ms"),
-        "orion_update_ms": mean(ours, "adamw_ms") + mean(ours, "write_ms"), "orion_adamw_ms": mean(ours, "adamw_ms"),
-        "orion_weight_write_ms": mean(ours, "write_ms"), "pytorch_ms": mean(reference, "ms"),
-        "compiles": ours[0]["compiles"], "skipped_steps": sum(r["skipped"] for r in ours),
-        "first_step_loss": {"orion": ours[0]["loss"], "pytorch": reference[0]["loss"]},
+        "orion_ms": median(ours, "ms"), "orion_backend_ms": median(ours, "backend_ms"),
+        "orion_cpu_ms": median(ours, "cpu_ms"), "orion_update_ms": median(ours, "adamw_ms") + median(ours, "write_ms"),
+        "orion_adamw_ms": median(ours, "adamw_ms"), "orion_weight_write_ms": median(ours, "write_ms"),
+        "pytorch_ms": median(reference, "ms"), "orion_step_ms": [r["ms"] for r in ours[warmup:]],
+        "pytorch_step_ms": [r["ms"] for r in reference[warmup:]], "compiles": compiles,
+        "skipped_steps": sum(r["skipped"] for r in ours),
+        "loss": {"orion": [r["loss"] for r in ours], "pytorch": [r["loss"] for r in reference]},
     }
     result["ratio_orion_over_pytorch"] = result["orion_ms"] / result["pytorch_ms"]
     return result
 
 
 def parity(steps: int) -> dict:
-    """The tiny preset trained ``steps`` steps on the story corpus by the Trainer and by PyTorch."""
+    """The tiny preset trained ``steps`` steps on the story corpus by the Trainer and by PyTorch: the run of
+    ``loss_parity`` in tests/train/test_trainer.py (batch 2 x 32 tokens, lr 3e-3)."""
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "stories.txt"
         write_corpus(corpus, make_story_corpus(400, seed=0))
@@ -144,10 +159,15 @@ def main() -> None:
     parser.add_argument("--big-batch", type=int, default=2)
     parser.add_argument("--big-steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for numpy's BLAS and torch alike (default: theirs, one per core)")
     parser.add_argument("--parity-steps", type=int, default=0, help="also compare N training steps' losses")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/train.json"))
     args = parser.parse_args()
     backend = model_backend(args.backend)
+    if args.threads:
+        threadpool_limits(args.threads)
+        torch.set_num_threads(args.threads)
     configs = {
         "tiny": (PRESETS["tiny"], args.tiny_batch, args.tiny_steps),
         "d768": (dataclasses.replace(PRESETS["stories110m"], vocab_size=args.vocab), args.big_batch, args.big_steps),
@@ -159,8 +179,8 @@ def main() -> None:
               f"{config.max_seq_len}, {args.warmup} + {steps} steps ...", flush=True)
         results.append(measure(name, config, batch, steps, args.warmup, backend))
 
-    table = Table(title=f"ms per training step: Orion ({args.backend}) vs PyTorch CPU fp32 "
-                        f"({torch.get_num_threads()} threads)")
+    table = Table(title=f"median ms per training step: Orion ({args.backend}) vs PyTorch CPU fp32 "
+                        f"({torch.get_num_threads()} threads each)")
     for col in ("config", "tokens", "orion", "backend", "cpu", "update", "pytorch", "orion/pytorch"):
         table.add_column(col, justify="right")
     for r in results:
@@ -169,7 +189,8 @@ def main() -> None:
                                                 "pytorch_ms")), f"{r['ratio_orion_over_pytorch']:.2f}")
     Console(width=140).print(table)
     report = {"orion_version": __version__, "torch_version": torch.__version__, "machine": platform.platform(),
-              "backend": args.backend, "torch_threads": torch.get_num_threads(), "lr": LR, "results": results}
+              "backend": args.backend, "threads": args.threads or "default",
+              "torch_threads": torch.get_num_threads(), "lr": LR, "results": results}
     if args.parity_steps:
         print(f"parity: tiny preset, {args.parity_steps} steps ...", flush=True)
         report["parity"] = parity(args.parity_steps)

@@ -1,7 +1,8 @@
 """The training loop end to end on the emulator: a short run learns (loss down, no skipped steps, 2 compiles,
-metrics, loss curve, checkpoint); interrupted runs (KeyboardInterrupt, or SIGKILL in the middle of writing a
-checkpoint) resume to bitwise the weights and moments of an uninterrupted run; and the per-step loss follows
-transformers' LlamaForCausalLM trained in float32 by torch with the same weights, batches and optimizer."""
+metrics, loss curve, checkpoint); interrupted runs (KeyboardInterrupt between or inside steps, SIGKILL in the middle
+of writing a checkpoint) resume to bitwise the weights and moments of an uninterrupted run, with one metrics row per
+step; and the per-step loss follows transformers' LlamaForCausalLM trained in float32 by torch with the same
+weights, batches, schedule and optimizer."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from orion.train import trainer as trainer_module
 from orion.train.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
 from orion.train.corpus import make_story_corpus, write_corpus
 from orion.train.data import BatchStream
-from orion.train.optim import cosine_lr
+from orion.train.optim import cosine_lr, guarded_step
 from orion.train.trainer import Trainer, TrainSettings
 
 #: The keys of one metrics.jsonl row (what `orion train` prints and loss.png plots come from them).
@@ -167,7 +168,7 @@ _KILLED_WRITER = textwrap.dedent("""
     settings, signal_file = TrainSettings(**json.loads(sys.argv[1])), Path(sys.argv[2])
 
     def torn_write(path, data):
-        if path.parent.name.startswith(".checkpoint-00000010.tmp-"):
+        if Path(path).parent.name.startswith(".checkpoint-00000010.tmp-"):
             with open(path, "xb") as f:
                 f.write(data[: len(data) // 2])
                 f.flush()
@@ -177,24 +178,25 @@ _KILLED_WRITER = textwrap.dedent("""
                 time.sleep(60)
         real_write(path, data)
 
-    real_write, checkpoint._write_file = checkpoint._write_file, torn_write
+    real_write = checkpoint.write_new_file  # what checkpoint.py writes each file with
+    checkpoint.write_new_file = torn_write
     Trainer(settings, backend=model_backend("emulator"), target="default", cache=ProgramCache(None)).run()
-    print("the child finished without being killed")
 """)
 
 
 def test_sigkill_while_writing_a_checkpoint_resumes_bitwise_from_the_previous_one(corpus, tmp_path, straight):
     """The required fault test: SIGKILL lands while checkpoint 10 is half written."""
-    out, signal_file = tmp_path / "killed", tmp_path / "writing-checkpoint-10"
+    out, signal_file, log = tmp_path / "killed", tmp_path / "writing-checkpoint-10", tmp_path / "child.log"
     settings = settings_for(corpus, out)
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, json.dumps(dataclasses.asdict(settings)),
-                              str(signal_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with open(log, "wb") as log_file:
+        child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, json.dumps(dataclasses.asdict(settings)),
+                                  str(signal_file)], stdout=log_file, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while not signal_file.exists():
             if child.poll() is not None:
-                _, err = child.communicate()
-                pytest.fail(f"the child exited ({child.returncode}) before checkpoint 10:\n{err.decode()[-3000:]}")
+                pytest.fail(f"the child exited ({child.returncode}) without reaching checkpoint 10:\n"
+                            f"{log.read_text()[-3000:]}")
             assert time.monotonic() < deadline, "the child never reached checkpoint 10"
             time.sleep(0.05)
         os.kill(child.pid, signal.SIGKILL)
@@ -208,7 +210,7 @@ def test_sigkill_while_writing_a_checkpoint_resumes_bitwise_from_the_previous_on
     torn = list(out.glob(".checkpoint-00000010.tmp-*"))
     assert len(torn) == 1 and not (torn[0] / "state.json").exists()
     complete = (out / "checkpoint-00000005" / "model.safetensors").stat().st_size
-    assert (torn[0] / "model.safetensors").stat().st_size == complete // 2  # the fault happened where intended
+    assert 0 < (torn[0] / "model.safetensors").stat().st_size < complete  # the fault happened where intended
     assert checkpoint_step(latest_checkpoint(out)) == 5
 
     result = make_trainer(settings).run(resume=True)
@@ -222,34 +224,46 @@ def test_sigkill_while_writing_a_checkpoint_resumes_bitwise_from_the_previous_on
 class _InterruptedEngine(trainer_module.LlamaEngine):
     """An engine that gets Ctrl-C in the middle of step 8's forward/backward (the first of its two sequences)."""
 
-    calls = 0
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sequences = 0
 
     def loss_and_grads(self, *args, **kwargs):
-        type(self).calls += 1
-        if type(self).calls == 2 * 7 + 1:
+        self.sequences += 1
+        if self.sequences == 2 * 7 + 1:
             raise KeyboardInterrupt
         return super().loss_and_grads(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="trainer bug: an interrupt inside a step checkpoints the data stream "
-                   "already advanced past that step's batch, so the resumed run skips a batch")
-def test_resume_after_keyboard_interrupt_inside_a_step_is_bitwise_exact(corpus, tmp_path, straight, monkeypatch):
+def _guarded_step_interrupted_after_update_8(optimizer, *args, **kwargs):
+    """guarded_step, but Ctrl-C lands once step 8's update is committed, before the trainer records the step."""
+    report = guarded_step(optimizer, *args, **kwargs)
+    if optimizer.step_count == 8:
+        raise KeyboardInterrupt
+    return report
+
+
+@pytest.mark.parametrize("where", ["forward/backward", "optimizer"])
+def test_resume_after_keyboard_interrupt_inside_a_step_is_bitwise_exact(corpus, tmp_path, straight, monkeypatch,
+                                                                        where):
     """Ctrl-C almost always lands inside a step (the forward/backward is nearly all of its time), not between
-    steps; the checkpoint of the last finished step must still resume exactly."""
+    steps: the checkpoint it leaves must hold the weights, moments and data position of one finished step."""
     out = tmp_path / "interrupted-inside"
-    monkeypatch.setattr(trainer_module, "LlamaEngine", _InterruptedEngine)
+    if where == "optimizer":
+        monkeypatch.setattr(trainer_module, "guarded_step", _guarded_step_interrupted_after_update_8)
+    else:
+        monkeypatch.setattr(trainer_module, "LlamaEngine", _InterruptedEngine)
     with pytest.raises(KeyboardInterrupt):
         make_trainer(settings_for(corpus, out)).run()
     monkeypatch.undo()
-    assert checkpoint_step(latest_checkpoint(out)) == 7
+    if where == "forward/backward":
+        assert checkpoint_step(latest_checkpoint(out)) == 7  # the last finished step
     make_trainer(settings_for(corpus, out)).run(resume=True)
     weights, moments, _ = final_state(out)
     assert_bitwise_equal(weights, straight[0])
     assert_bitwise_equal(moments, straight[1])
 
 
-@pytest.mark.xfail(strict=True, reason="trainer bug: a resumed run appends to metrics.jsonl without dropping the "
-                   "rows of steps after the checkpoint it resumed from, so those steps appear twice")
 def test_metrics_hold_one_row_per_step_after_resuming_from_an_older_checkpoint(corpus, tmp_path):
     """A crash (anything but KeyboardInterrupt, or SIGKILL) after step 7 leaves checkpoint 5 as the latest: steps
     6 and 7 are trained again, and their old rows must go, or the loss curve doubles back."""
@@ -345,18 +359,25 @@ def torch_adamw(model, settings: TrainSettings):
 
 def torch_reference_losses(trainer: Trainer) -> list[float]:
     """Per-step losses of the PyTorch twin of ``trainer``'s run: the same initial weights, the same batches (the
-    BatchStream the trainer starts from), the cosine schedule, clipping and AdamW settings."""
+    BatchStream the trainer starts from), the cosine schedule, clipping and AdamW settings. One torch thread: for a
+    model this small more only cost (on a busy machine, 100x: OpenMP threads wait on each other)."""
+    import torch
+
     s, config = trainer.settings, trainer.config
     model = hf_llama(config, init_weights(config, s.seed))
     optimizer = torch_adamw(model, s)
     stream = BatchStream(trainer.dataset.train, s.batch, config.max_seq_len, seed=s.seed)
     losses = []
-    for step in range(1, s.steps + 1):
-        lr = scheduled_lr(s, step)
-        batches = [next(stream) for _ in range(s.accum)]
-        inputs = np.concatenate([b[0] for b in batches])
-        targets = np.concatenate([b[1] for b in batches])
-        losses.append(torch_training_step(model, optimizer, inputs, targets, lr, s.grad_clip))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in range(1, s.steps + 1):
+            batches = [next(stream) for _ in range(s.accum)]
+            inputs = np.concatenate([b[0] for b in batches])
+            targets = np.concatenate([b[1] for b in batches])
+            losses.append(torch_training_step(model, optimizer, inputs, targets, scheduled_lr(s, step), s.grad_clip))
+    finally:
+        torch.set_num_threads(threads)
     return losses
 
 
@@ -373,10 +394,12 @@ def loss_parity(corpus: Path, out: Path, steps: int) -> tuple[np.ndarray, np.nda
 
 
 @pytest.mark.parametrize("steps, largest, mean",
-                         [(20, 0.05, 0.01), pytest.param(200, 0.15, 0.03, marks=pytest.mark.slow)])
+                         [(20, 0.005, 0.001), pytest.param(200, 0.15, 0.03, marks=pytest.mark.slow)])
 def test_loss_follows_pytorch_float32_training(corpus, tmp_path, steps, largest, mean):
-    """fp16 rounding makes the two runs drift apart slowly (at lr 3e-3 the 200-step gap peaks near 0.08 nats, its
-    mean is near 0.015); a wrong gradient, schedule or decay would open a gap of tenths within a few steps."""
+    """fp16 rounding makes the two runs drift apart slowly: over 20 steps the gap stays near 2e-4 nats; over 200
+    (lr 3e-3) it peaks at 0.05-0.08 (the last bits depend on the BLAS thread count) with a mean near 0.01. Over 20
+    steps a reference without clipping, with torch's default beta2 or with the schedule one step off opens a gap of
+    0.02 to 0.17."""
     ours, reference, skipped = loss_parity(corpus, tmp_path / "run", steps)
     assert len(ours) == len(reference) == steps
     assert skipped == 0 and np.isfinite(ours).all() and np.isfinite(reference).all()

@@ -17,8 +17,8 @@ import pytest
 from orion.compiler.compile import compile_graph
 from orion.ir.builder import GraphBuilder
 from orion.ir.ops import OPS
-from orion.runtime.backends import numerics as nm
 from orion.mil.parse import parse_program
+from orion.runtime.backends import numerics as nm
 from orion.runtime.backends.emulator import (
     F16,
     LOG_OF_ZERO,
@@ -67,11 +67,12 @@ PATTERNS = bit_patterns()
 
 
 def assert_same_bits(got: np.ndarray, want: np.ndarray, x: np.ndarray) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape
+    """Equal float32 arrays bit for bit; a failure names the first input that differs."""
+    assert got.dtype == want.dtype == np.float32 and got.shape == want.shape
     bad = np.flatnonzero(got.view(np.uint32).ravel() != want.view(np.uint32).ravel())
     if bad.size:
         i = bad[0]
-        pytest.fail(f"{bad.size} differ, e.g. input bits {x.view(np.uint32).ravel()[i]:#010x}: "
+        pytest.fail(f"{bad.size} differ, e.g. input {np.asarray(x).ravel()[i]!r}: "
                     f"got {got.view(np.uint32).ravel()[i]:#010x}, want {want.view(np.uint32).ravel()[i]:#010x}")
 
 
@@ -86,6 +87,22 @@ def test_round_f32_gives_the_reference_bits_for_every_kind_of_pattern(ties, ceil
     assert np.array_equal(x.view(np.uint32), before.view(np.uint32))  # a new array unless asked
 
 
+@pytest.mark.slow
+def test_round_f32_and_hold_input_on_every_float32_pattern():
+    """All 2**32 patterns (about 15 minutes): both tie modes, with and without the 2**15 ceiling and the flush."""
+    chunk = 1 << 24
+    for start in range(0, 2**32, chunk):
+        x = np.arange(start, start + chunk, dtype=np.uint64).astype(np.uint32).view(np.float32)
+        for ties in ("half-even", "half-away"):
+            with np.errstate(all="ignore"):
+                fp16 = nm.round_fp16(x, ties)
+            for ceiling in (None, 32768.0):
+                for flush in (False, True):
+                    want = nm._finish(fp16, flush, ceiling).astype(np.float32)
+                    assert_same_bits(nm.round_f32(x, ties, ceiling=ceiling, flush_subnormals=flush), want, x)
+        assert_same_bits(nm.hold_input(x, "fp16"), nm.boundary_input(x, "fp16").astype(np.float32), x)
+
+
 @pytest.mark.parametrize("ties", ["half-even", "half-away"])
 def test_round_f32_in_place_and_on_strided_or_empty_arrays(ties):
     x = PATTERNS[: 300_000].view(np.float32).reshape(3000, 100)
@@ -98,6 +115,9 @@ def test_round_f32_in_place_and_on_strided_or_empty_arrays(ties):
     target = np.empty_like(x)
     assert nm.round_f32(x, ties, out=target) is target
     assert_same_bits(target, want, x)
+    strided_target = np.empty((100, 3000), np.float32).T[::2, ::2]  # a non-contiguous out
+    assert nm.round_f32(x[::2, ::2], ties, out=strided_target) is strided_target
+    assert_same_bits(strided_target, want[::2, ::2], x[::2, ::2])
     assert nm.round_f32(np.float32(-0.0), ties).view(np.uint32) == 0  # 0-d
     assert nm.round_f32(np.zeros((0, 4), np.float32), ties).shape == (0, 4)
 
@@ -151,7 +171,16 @@ def test_hold_input_is_boundary_input_held_as_float32(declared, rng):
     for data in (every_fp16, PATTERNS.view(np.float32), wide, wide.astype(np.longdouble), np.arange(-5, 5)):
         got = nm.hold_input(data, declared)
         want = nm.boundary_input(data, declared).astype(np.float32)
-        assert_same_bits(got, want, want)
+        assert_same_bits(got, want, data)
+        assert not np.shares_memory(got, data)
+
+
+def test_flush_subnormals_on_float32_matches_its_definition():
+    x = PATTERNS.view(np.float32)
+    for data in (x, x[: 600_000].reshape(600, 1000).T, np.float32(-1e-6)):
+        want = np.where(np.abs(data) < np.float32(2.0**-14), np.float32(0.0), data)
+        got = nm.flush_subnormals(data)
+        assert got.dtype == np.float32 and got.tobytes() == np.ascontiguousarray(want).tobytes()
         assert not np.shares_memory(got, data)
 
 
@@ -195,7 +224,7 @@ class ReferenceProgram(EmulatedProgram):
                 for name, t in self.inputs}
 
     def run(self, inputs):
-        held = self.run_held(inputs)
+        held = self.run_bound(self.bind(inputs))
         return {name: held[name].astype(t.numpy_dtype) for name, t in self.outputs}
 
     def _execute(self, step, env):

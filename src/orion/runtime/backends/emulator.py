@@ -117,6 +117,7 @@ class EmulatedProgram:
         self.settings = settings or Numerics()
         self.kernels = AneKernels(self.settings)
         self.inputs: list[tuple[str, TensorType]] = list(program.inputs)
+        self._input_types = dict(self.inputs)
         self.outputs: list[tuple[str, TensorType]] = program.output_types()
         self._consts: dict[str, object] = {}
         self._steps: list[_Step] = []
@@ -218,29 +219,31 @@ class EmulatedProgram:
     # -- running --------------------------------------------------------------------------------------------------
 
     def bind(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Check names and shapes, convert any float dtype to the fp16 the ANE would hold (new float32 arrays:
-        the caller's arrays are never held)."""
+        """Check names and shapes, convert any float dtype to the fp16 the ANE would hold."""
         check_input_names([name for name, _ in self.inputs], inputs)
-        env: dict[str, np.ndarray] = {}
-        for name, t in self.inputs:
-            array = np.asarray(inputs[name])
-            if array.dtype.kind != "f":
-                raise BindingError(f"input {name!r} has dtype {array.dtype}; give a float array")
-            if tuple(array.shape) != t.shape:
-                raise BindingError(f"input {name!r} has shape {list(array.shape)}; the program declares {list(t.shape)}")
-            env[name] = ane.hold_input(array, t.dtype)
-        return env
+        return {name: self.hold(name, inputs[name]) for name, _ in self.inputs}
+
+    def hold(self, name: str, data: np.ndarray) -> np.ndarray:
+        """One input, checked and converted to a new float32 array of fp16 values (``data`` is never kept)."""
+        t = self._input_types[name]
+        array = np.asarray(data)
+        if array.dtype.kind != "f":
+            raise BindingError(f"input {name!r} has dtype {array.dtype}; give a float array")
+        if tuple(array.shape) != t.shape:
+            raise BindingError(f"input {name!r} has shape {list(array.shape)}; the program declares {list(t.shape)}")
+        return ane.hold_input(array, t.dtype)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name in their declared dtype (fp16 for non-float declarations)."""
-        held = self.run_held(inputs)
+        held = self.run_bound(self.bind(inputs))
         return {name: output_value(held[name], t) for name, t in self.outputs}
 
-    def run_held(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs by name as the emulator holds them: float32 arrays of fp16 values, possibly shared with the
-        program (a constant, an input): read them, do not modify them."""
+    def run_bound(self, bound: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on inputs converted by :meth:`bind` (or :meth:`hold`); the outputs as the emulator holds them,
+        float32 arrays of fp16 values, possibly shared with the program (a constant): read them, do not modify
+        them."""
         env: dict[str, object] = dict(self._consts)
-        env.update(self.bind(inputs))
+        env.update(bound)
         with np.errstate(all="ignore"):
             for step, done in zip(self._steps, self._last_uses):
                 env[step.var] = self._execute(step, env)
@@ -396,11 +399,11 @@ class EmulatorModel(BackendModel):
         out_types = sorted(program.outputs)
         self._check_surfaces("input", in_types, inputs)
         self._check_surfaces("output", out_types, outputs)
-        feed = {}
+        bound = {}
         for (name, t), surface in zip(in_types, inputs):
-            with surface.lock(read_only=True) as raw:  # packed from byte 0 (ANE-20)
-                feed[name] = raw[: t.nbytes].view(t.numpy_dtype).reshape(t.shape).copy()
-        held = program.run_held(feed)
+            with surface.lock(read_only=True) as raw:  # packed from byte 0 (ANE-20); converted while locked
+                bound[name] = program.hold(name, raw[: t.nbytes].view(t.numpy_dtype).reshape(t.shape))
+        held = program.run_bound(bound)
         for (name, t), surface in zip(out_types, outputs):
             with surface.lock() as raw:  # converted straight into the surface
                 output_value(held[name], t, raw[: t.nbytes].view(t.numpy_dtype).reshape(t.shape))

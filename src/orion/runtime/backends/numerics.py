@@ -238,14 +238,14 @@ def _io_dtype(dtype: str | np.dtype | type) -> np.dtype:
 
 # --------------------------------------------------------------------------------- the same rules on float32 storage
 # The emulator holds fp16 values in float32 arrays. numpy's float32 <-> float16 casts cost 1.5-2.5 ns per element,
-# ten times an integer pass, so the functions below compute the same bits on the float32 bit pattern instead. Their
-# references are round_fp16/_finish/ane_fix/boundary_input above, which stay the definitions they are tested against.
+# ten times a pass of integer or float32 arithmetic, so the functions below get the same bits with such passes, in
+# place, and skip the passes for NaN, overflow and fp16 subnormals on arrays that have none. Their references are
+# round_fp16/_finish/ane_fix/boundary_input above, which stay the definitions they are tested against.
 
 _F32_SIGN = np.uint32(0x80000000)
 _F32_MAGNITUDE = np.uint32(0x7FFFFFFF)
 _F32_INF = 0x7F800000
 _F32_KEEP = np.uint32(0xFFFFE000)  # sign, exponent and the 10 mantissa bits fp16 has; the low 13 bits go
-_F32_LOW = 0x1FFF
 _F32_HALF = 0x1000  # half of the last kept mantissa bit: the rounding tie
 #: 2**-14, the smallest normal fp16: below it fp16 has a fixed step of 2**-24, not 10 bits of mantissa.
 _F32_MIN_NORMAL16 = 0x38800000
@@ -309,14 +309,19 @@ def _round_held(f: np.ndarray, ties: str, ceiling: float | None, flush: bool, na
     if largest >= _F32_INF:  # a NaN (its magnitude is above inf's)
         np.copyto(u, np.uint32(nan_to), where=signed >= _F32_INF)
     if t.min() < _F32_MIN_NORMAL16 - 1:  # nonzero magnitudes below 2**-14: fp16's fixed 2**-24 step
-        small = t < _F32_MIN_NORMAL16 - 1
-        if flush:
-            # they become 0, except those from the tie up that round to 2**-14: setting their low bits makes the
-            # 10-bit rounding below carry them there
-            np.bitwise_or(u, _F32_LOW, out=u, where=small)
-            np.copyto(u, np.uint32(0), where=t < _F32_SUBNORMAL_TIE - 1)
+        # done on their own, gathered: numpy's masked operations slow down on scattered masks
+        small = np.flatnonzero(t < _F32_MIN_NORMAL16 - 1)
+        flat = u.reshape(-1) if u.flags.c_contiguous else None
+        values = (flat if flat is not None else u.ravel())[small]
+        if flush:  # 0, but 2**-14 from the tie below it up (in both tie modes)
+            rounded = np.where((values & _F32_MAGNITUDE) >= _F32_SUBNORMAL_TIE,
+                               (values & _F32_SIGN) | np.uint32(_F32_MIN_NORMAL16), np.uint32(0))
         else:
-            _round_subnormals(f, small, t.view(np.float32), ties, keep_sign=not zero_sign)
+            rounded = _round_subnormals(values.view(np.float32), ties, keep_sign=not zero_sign).view(np.uint32)
+        if flat is not None:
+            flat[small] = rounded
+        else:
+            u[np.unravel_index(small, u.shape)] = rounded
     # 11 significant bits from here; values already exact fp16 (as the small ones now are) pass through unchanged
     limit, maybe = _f32_overflow_bits(ceiling)
     overflow = largest >= maybe - 1
@@ -353,31 +358,21 @@ def _split_half_even(f: np.ndarray, scratch: np.ndarray, zero_sign: bool) -> Non
         np.subtract(c, f, out=f)
 
 
-def _round_subnormals(f: np.ndarray, small: np.ndarray, scratch: np.ndarray, ties: str, keep_sign: bool) -> None:
-    """Round the elements of ``f`` where ``small`` (0 < |x| < 2**-14) to multiples of 2**-24, in place.
+def _round_subnormals(x: np.ndarray, ties: str, keep_sign: bool) -> np.ndarray:
+    """float32 values with 0 < |x| < 2**-14 rounded to multiples of 2**-24 (the fp16 subnormals, or 2**-14).
 
     The float32 step between 0.5 and 1 is 2**-24, so adding +-0.5 makes the float32 addition itself round |x| to
-    that grid, ties to even; subtracting it back is exact. ``scratch`` is a float32 array of ``f``'s shape. A value
-    rounded to zero comes out +0 unless ``keep_sign``.
+    that grid, ties to even; subtracting it back is exact. A value rounded to zero comes out +0 unless
+    ``keep_sign``.
     """
-    half = scratch
-    np.copysign(_HALF, f, out=half, where=small)
-    if ties == "half-even":
-        np.add(f, half, out=f, where=small)
-        np.subtract(f, half, out=f, where=small)
-    else:
-        y = np.add(f, half, out=np.empty_like(f), where=small)
-        np.subtract(y, half, out=y, where=small)
-        # half-away: a tie the addition sent toward zero left x - y = +-2**-25 with x's sign (exact: both are
-        # within 2**-25 of each other and below 2**-14); those move one step away from zero
-        np.subtract(f, y, out=f, where=small)
-        np.multiply(half, _SUBNORMAL_STEP, out=half, where=small)
-        toward_zero = np.equal(f, half, out=np.zeros(small.shape, dtype=bool), where=small)
-        np.add(y, half, out=y, where=toward_zero)
-        np.add(y, half, out=y, where=toward_zero)
-        np.copyto(f, y, where=small)
-    if keep_sign:
-        np.copysign(f, half, out=f, where=small)
+    half = np.copysign(_HALF, x)
+    rounded = (x + half) - half
+    if ties == "half-away":
+        # a tie the addition sent toward zero left x - rounded = +-2**-25 with x's sign (exact: both are within
+        # 2**-25 of each other and below 2**-14); those move one step away from zero
+        toward_zero = (x - rounded) == half * _SUBNORMAL_STEP
+        rounded[toward_zero] += 2 * half[toward_zero] * _SUBNORMAL_STEP
+    return np.copysign(rounded, x) if keep_sign else rounded
 
 
 def hold_input(x: np.ndarray, dtype: str | np.dtype | type) -> np.ndarray:
@@ -429,6 +424,7 @@ def fp16_of_held(x32: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     np.bitwise_and(bits, 0x7FFF, out=bits)
     np.bitwise_or(bits, sign, out=out.view(np.uint16).reshape(bits.shape), casting="unsafe")
     return out
+
 
 # ----------------------------------------------------------------------------------------------- conv and matmul
 
@@ -491,8 +487,12 @@ def finish_wide(wide: np.ndarray, numerics: Numerics) -> np.ndarray:
 
 
 def flush_subnormals(x: np.ndarray) -> np.ndarray:
-    """fp16 values (in any float storage) below the smallest normal fp16, 2^-14, become 0."""
-    return np.where(np.abs(x) < np.float32(2.0**-14), np.zeros((), x.dtype), x)
+    """fp16 values (in any float storage) below the smallest normal fp16, 2^-14, become 0 (a new array)."""
+    if x.dtype != np.float32:
+        return np.where(np.abs(x) < np.float32(2.0**-14), np.zeros((), x.dtype), x)
+    out = np.array(x, order="C")  # float32 as the emulator holds values: a copy and two integer passes
+    np.copyto(out, np.float32(0.0), where=np.bitwise_and(out.view(np.uint32), _F32_MAGNITUDE) < _F32_MIN_NORMAL16)
+    return out
 
 
 def _chunks(batch: int, m: int, k: int, n: int, k_step: int) -> Iterator[tuple[slice, slice, slice]]:

@@ -221,11 +221,11 @@ def check_cmd(path: Path, target_name: str) -> None:
     """Validate a MIL program (a .mil file or a directory holding model.mil) against the constraint catalog."""
     from orion.compiler.constraints import check_program
     from orion.compiler.targets import get_target
-    from orion.mil.parse import parse_program
+    from orion.mil.parse import parse_program, read_mil_file
 
     target = get_target(target_name)
-    mil = path / "model.mil" if path.is_dir() else path
-    program = parse_program(mil.read_text(encoding="utf-8"), str(mil))
+    text, mil = read_mil_file(path)
+    program = parse_program(text, str(mil))
     violations = check_program(program, target)
     out.print(f"{mil}: {len(program.statements)} statements, target {target.name}", highlight=False, markup=False)
     print_violations(violations)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from orion.errors import GraphError, MILProgramError, WeightFileError
+from orion.errors import GraphError, WeightFileError
 from orion.fileio import write_atomic
 from orion.ir.graph import Graph, sanitize_name
 from orion.ir.ops import OPS, input_names
 from orion.ir.types import TensorType, dtype_name
 from orion.mil.blob import BlobReader, BlobWriter, blob_record_offsets
-from orion.mil.parse import parse_program, resolve_blob_path
+from orion.mil.parse import parse_program, read_mil_file, resolve_blob_path
 from orion.mil.program import DIALECTS, MODEL_PATH, BlobRef, Literal, Program, Statement, VarRef
 
 #: ``per-tensor``: one weight file per constant (what Orion, maderix and M1 need); ``single``: all in one file.
@@ -43,14 +43,7 @@ class MILModule:
     @classmethod
     def read(cls, directory: str | os.PathLike) -> "MILModule":
         """Read ``directory/model.mil`` and every weight file it names (MIL from Orion or from another tool)."""
-        root = Path(directory)
-        mil = root / "model.mil" if root.is_dir() else root
-        if not mil.is_file():
-            raise MILProgramError(f"no MIL program at {mil}")
-        try:
-            text = mil.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise MILProgramError(f"{mil} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        text, mil = read_mil_file(directory)
         program = parse_program(text, str(mil))
         declared = {}
         for st, ref in program.blob_refs():

@@ -184,6 +184,18 @@ def _blob_relative_path(blob_path: str, where: str) -> PurePosixPath:
     return PurePosixPath(normal)
 
 
+def read_mil_file(path: str | Path) -> tuple[str, Path]:
+    """The MIL text of a ``.mil`` file, or of ``model.mil`` in a model folder, and the file's path."""
+    root = Path(path)
+    mil = root / "model.mil" if root.is_dir() else root
+    if not mil.is_file():
+        raise MILProgramError(f"no MIL program at {mil}")
+    try:
+        return mil.read_text(encoding="utf-8"), mil
+    except UnicodeDecodeError as exc:
+        raise MILProgramError(f"{mil} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def resolve_blob_path(model_dir: Path, blob_path: str) -> Path:
     """Join a BLOBFILE path to the model folder, refusing paths that would leave it (checked on the text only:
     symbolic links inside the folder are followed as the operating system does)."""

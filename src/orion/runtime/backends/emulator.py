@@ -26,7 +26,7 @@ from orion.errors import BackendError, BindingError, EvaluationError, MILProgram
 from orion.ir.ops import OPS, Kernels, OpDef, input_names
 from orion.ir.types import TensorType
 from orion.mil.blob import BlobReader
-from orion.mil.parse import parse_program, resolve_blob_path
+from orion.mil.parse import parse_program, read_mil_file, resolve_blob_path
 from orion.mil.program import BlobRef, Literal, Program, Statement, VarRef
 from orion.mil.program import MODEL_PATH
 from orion.runtime.backends import numerics as ane
@@ -316,14 +316,7 @@ def load_text(text: str, model_dir: str | Path, settings: Numerics | None = None
 
 def load_program(model_dir: str | Path, settings: Numerics | None = None) -> EmulatedProgram:
     """Load ``model_dir/model.mil`` with its weights resolved under ``model_dir``."""
-    model_dir = Path(model_dir)
-    mil = model_dir / "model.mil" if model_dir.is_dir() else model_dir
-    if not mil.is_file():
-        raise MILProgramError(f"no MIL program at {mil}")
-    try:
-        text = mil.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise MILProgramError(f"{mil} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text, mil = read_mil_file(model_dir)
     return load_text(text, mil.parent, settings, source=str(mil))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import struct
 import sys
 import types
@@ -103,20 +102,6 @@ def gpt2(tmp_path_factory, tok, tok_dir):
         shutil.copy(tok_dir / name, folder / name)
     return folder, model
 
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection is recorded and refused; tests assert none happened."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return attempts
 
 
 # ---------------------------------------------------------------------------------------------------------------------

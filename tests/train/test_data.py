@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import socket
 import tracemalloc
 
 import numpy as np
@@ -32,20 +31,6 @@ def stories():
 def tokenizer(stories, tmp_path_factory):
     return train_bpe_tokenizer(stories, 400, tmp_path_factory.mktemp("tok"))
 
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection is recorded and refused; tests assert none happened."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    return attempts
 
 
 def split_at(ids: np.ndarray, eos: int) -> list[list[int]]:

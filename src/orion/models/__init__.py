@@ -19,8 +19,7 @@ def model_backend(backend="auto", target: Target | str = "default", accumulator:
     target = get_target(target) if isinstance(target, str) else target
     chosen = get_backend(backend, target)
     if isinstance(chosen, EmulatorBackend) and accumulator is not None:
-        chosen = EmulatorBackend(target, numerics=Numerics.from_dict({**chosen.numerics.to_dict(),
-                                                                      "accumulator": accumulator}))
+        chosen.numerics = Numerics.from_dict({**chosen.numerics.to_dict(), "accumulator": accumulator})
     return chosen
 
 

@@ -165,17 +165,24 @@ class _Torn(Exception):
     """An entry that exists but does not match its manifest."""
 
 
-def _read_exact(path: str, size: int) -> bytes:
-    """Read a regular file (no symlink) of exactly ``size`` bytes; anything else is a torn entry."""
+def _open_regular(path: str | Path) -> int:
+    """A descriptor for a regular file, never through a symlink; anything else is a torn entry."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as err:
         if err.errno in _TORN_ERRNOS:
             raise _Torn(f"{path}: {err.strerror}") from err
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _Torn(f"{path}: not a regular file")
+    return fd
+
+
+def _read_exact(path: str, size: int) -> bytes:
+    """Read a regular file (no symlink) of exactly ``size`` bytes; anything else is a torn entry."""
+    fd = _open_regular(path)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _Torn(f"{path}: not a regular file")
         chunks, left = [], size + 1  # one byte more than promised reveals a file that grew
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 24))
@@ -193,15 +200,7 @@ def _read_exact(path: str, size: int) -> bytes:
 
 def _read_exact_any(path: Path) -> bytes:
     """Read a manifest (any size, no symlink); a missing one is a torn entry."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as err:
-        if err.errno in _TORN_ERRNOS:
-            raise _Torn(f"{path}: {err.strerror}") from err
-        raise
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise _Torn(f"{path}: not a regular file")
+    with os.fdopen(_open_regular(path), "rb") as f:
         return f.read()
 
 

@@ -211,7 +211,7 @@ class EmulatedProgram:
         if isinstance(value, BlobRef):
             value = blob_loader(value, st.type, st)
         if isinstance(value, np.ndarray) and st.type.dtype in ("fp16", "fp32"):
-            return ane.boundary_input(value, st.type.dtype).astype(np.float32)  # fp16 values, float32 storage
+            return ane.hold_input(value, st.type.dtype)  # fp16 values, float32 storage
         if value is None:
             raise MILProgramError(f"line {st.line}: const {st.var!r} has no val")
         return value

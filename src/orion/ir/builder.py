@@ -218,6 +218,18 @@ class GraphBuilder:
             ctx = self.transpose(ctx, perm=[0, 1, 3, 2], name="ctx_t")
             return self.reshape(ctx, shape=[1, d, 1, seq], name="merge")
 
+    def lora_down(self, x: Value, a: Value, name: str = "lora") -> Value:
+        """``A x`` of a LoRA path: ``x [1, I, 1, S]`` and ``a [1, 1, r, I]`` (a program input) -> ``[1, 1, r, S]``."""
+        _, cin, h, seq = x.shape
+        rows = self.reshape(x, shape=[1, 1, cin, h * seq], name=f"{name}_rows")
+        return self.matmul(a, rows, transpose_x=False, transpose_y=False, name=f"{name}_down")
+
+    def lora_up(self, u: Value, b: Value, name: str = "lora") -> Value:
+        """``B u`` back in the channel layout: ``u [1, 1, r, S]`` and ``b [1, 1, O, r]`` -> ``[1, O, 1, S]``. The
+        adapter's scale is folded into ``b``, so the path is two matmuls on inputs: a new adapter is an input write."""
+        out = self.matmul(b, u, transpose_x=False, transpose_y=False, name=f"{name}_up")
+        return self.reshape(out, shape=[1, b.shape[2], 1, u.shape[3]], name=f"{name}_cols")
+
     def cast(self, x: Value, dtype: str, name: str | None = None) -> Value:
         return self.op("cast", name=name or f"to_{dtype}", x=x, dtype=dtype)
 

@@ -12,6 +12,9 @@ Design (docs/gpt2.md has the reasoning and the numbers):
   input surfaces and each step writes one column into it, so a token costs one dispatch per program and no copies
   of the cache. Attention against the cache needs no concat (rejected on some chips): the cache's scores and the
   token's own score share one softmax written out with a common maximum.
+* LoRA adapters (PEFT's GPT-2 layout: ``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) are program
+  inputs ``h{i}_lora_{target}_a/_b`` next to the baked base weights. Where the adapted layer's input LayerNorm is
+  folded, the adapter is folded the same way: ``A' = A diag(gamma)`` and a bias input ``_c = s B A beta``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import numpy as np
 from orion.compiler.targets import Target, get_target
 from orion.errors import BindingError, OrionError
 from orion.ir.builder import MASK_VALUE, GraphBuilder
+from orion.lora import Adapter, AdapterSpec, LoraLayout
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
-from orion.models.lm import GenerationStats, TextGenerator
+from orion.models.lm import AdapterHost, GenerationStats, TextGenerator
 from orion.runtime.program import Program, get_backend
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
@@ -73,6 +77,8 @@ class BlockWeights:
     fc_b: np.ndarray
     out_w: np.ndarray
     out_b: np.ndarray
+    ln_1: tuple[np.ndarray, np.ndarray]  # the folded LayerNorms' (gamma, beta), for folding adapters the same way
+    ln_2: tuple[np.ndarray, np.ndarray]
 
 
 def _fold_norm(gamma: np.ndarray, beta: np.ndarray, w_in_out: np.ndarray, bias: np.ndarray):
@@ -99,15 +105,17 @@ def gpt2_weights(state: dict[str, np.ndarray], config: GPT2Config):
     blocks = []
     for i in range(config.n_layer):
         h = f"h.{i}"
-        qkv_w, qkv_b = _fold_norm(get(f"{h}.ln_1.weight", (d,)), get(f"{h}.ln_1.bias", (d,)),
-                                  get(f"{h}.attn.c_attn.weight", (d, 3 * d)), get(f"{h}.attn.c_attn.bias", (3 * d,)))
-        fc_w, fc_b = _fold_norm(get(f"{h}.ln_2.weight", (d,)), get(f"{h}.ln_2.bias", (d,)),
-                                get(f"{h}.mlp.c_fc.weight", (d, 4 * d)), get(f"{h}.mlp.c_fc.bias", (4 * d,)))
+        ln_1 = get(f"{h}.ln_1.weight", (d,)), get(f"{h}.ln_1.bias", (d,))
+        ln_2 = get(f"{h}.ln_2.weight", (d,)), get(f"{h}.ln_2.bias", (d,))
+        qkv_w, qkv_b = _fold_norm(*ln_1, get(f"{h}.attn.c_attn.weight", (d, 3 * d)),
+                                  get(f"{h}.attn.c_attn.bias", (3 * d,)))
+        fc_w, fc_b = _fold_norm(*ln_2, get(f"{h}.mlp.c_fc.weight", (d, 4 * d)), get(f"{h}.mlp.c_fc.bias", (4 * d,)))
         blocks.append(BlockWeights(
             qkv_w, qkv_b,
             get(f"{h}.attn.c_proj.weight", (d, d)).T.copy(), get(f"{h}.attn.c_proj.bias", (d,)),
             fc_w, fc_b,
             get(f"{h}.mlp.c_proj.weight", (4 * d, d)).T.copy(), get(f"{h}.mlp.c_proj.bias", (d,)),
+            ln_1, ln_2,
         ))
     embeddings = (get("wte.weight", (v, d)), get("wpe.weight", (p, d)))
     final_norm = (get("ln_f.weight", (d,)), get("ln_f.bias", (d,)))
@@ -115,42 +123,107 @@ def gpt2_weights(state: dict[str, np.ndarray], config: GPT2Config):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Adapters
+
+#: PEFT's names for the projections of a GPT-2 block, by Orion's short target name.
+LORA_MODULES = {"qkv": "attn.c_attn", "o": "attn.c_proj", "fc": "mlp.c_fc", "proj": "mlp.c_proj"}
+#: Targets whose input LayerNorm is folded into the base weights, and the norm.
+_FOLDED = {"qkv": "ln_1", "fc": "ln_2"}
+
+
+def adapter_spec(config: GPT2Config) -> AdapterSpec:
+    d = config.n_embd
+    return AdapterSpec("gpt2", "transformer.h", LORA_MODULES,
+                       {"qkv": (d, 3 * d), "o": (d, d), "fc": (d, 4 * d), "proj": (4 * d, d)}, config.n_layer,
+                       default_targets=("qkv",), aliases={"attn": ("qkv", "o"), "ffn": ("fc", "proj")},
+                       fan_in_fan_out=True)
+
+
+def lora_input_name(layer: int, target: str, part: str) -> str:
+    return f"h{layer:02d}_lora_{target}_{part}"
+
+
+def lora_inputs(adapter: Adapter | None, layout: LoraLayout, blocks: list[BlockWeights], first: int,
+                config: GPT2Config) -> dict[str, np.ndarray]:
+    """The adapter inputs of the programs for blocks ``first ...`` (zeros where ``adapter`` lacks a module)."""
+    spec = adapter_spec(config)
+    values = {}
+    for j, w in enumerate(blocks):
+        layer = first + j
+        for target in layout.targets:
+            fan_in, fan_out = spec.features[target]
+            module = adapter.modules.get((layer, target)) if adapter is not None else None
+            if module is None:
+                a, b = np.zeros((layout.rank, fan_in), np.float32), np.zeros((fan_out, layout.rank), np.float32)
+            else:
+                a, b = module.padded(layout.rank)
+            if target in _FOLDED:
+                gamma, beta = getattr(w, _FOLDED[target])
+                values[lora_input_name(layer, target, "c")] = (b @ (a @ beta)).reshape(1, fan_out, 1, 1)
+                a = a * gamma[None, :]
+            values[lora_input_name(layer, target, "a")] = a.reshape(1, 1, layout.rank, fan_in)
+            values[lora_input_name(layer, target, "b")] = b.reshape(1, 1, fan_out, layout.rank)
+    return values
+
+
+def _adapted(b: GraphBuilder, y, x, target: str, layer: int, lora: LoraLayout | None):
+    """``y`` plus the adapter path of ``target`` when the layout adapts it: ``B (A x)`` (+ ``c`` where folded)."""
+    if lora is None or target not in lora.targets:
+        return y
+    a = b.input(lora_input_name(layer, target, "a"), (1, 1, lora.rank, x.shape[1]))
+    w_b = b.input(lora_input_name(layer, target, "b"), (1, 1, y.shape[1], lora.rank))
+    y = b.add(y, b.lora_up(b.lora_down(x, a, name=f"lora_{target}"), w_b, name=f"lora_{target}"),
+              name=f"{target}_adapted")
+    if target in _FOLDED:
+        c = b.input(lora_input_name(layer, target, "c"), (1, y.shape[1], 1, 1))
+        y = b.add(y, c, name=f"{target}_adapted_bias")
+    return y
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Programs
 
 
-def _block_start(b: GraphBuilder, x, w: BlockWeights, config: GPT2Config):
+def _block_start(b: GraphBuilder, x, w: BlockWeights, config: GPT2Config, layer: int, lora: LoraLayout | None):
     """LN_1 (folded) and the fused q/k/v projection."""
     d = config.n_embd
     seq = x.shape[3]
-    qkv = b.linear(b.layer_norm(x, eps=config.layer_norm_epsilon, name="ln_1"), w.qkv_w, w.qkv_b, name="c_attn")
+    normed = b.layer_norm(x, eps=config.layer_norm_epsilon, name="ln_1")
+    qkv = _adapted(b, b.linear(normed, w.qkv_w, w.qkv_b, name="c_attn"), normed, "qkv", layer, lora)
     return [b.slice_by_index(qkv, begin=[0, i * d, 0, 0], end=[1, (i + 1) * d, 1, seq], name=n)
             for i, n in enumerate("qkv")]
 
 
-def _block_end(b: GraphBuilder, x, attn, w: BlockWeights, config: GPT2Config):
+def _block_end(b: GraphBuilder, x, attn, w: BlockWeights, config: GPT2Config, layer: int, lora: LoraLayout | None):
     """Attention output projection, residual, LN_2 (folded), MLP, residual."""
-    x = b.add(x, b.linear(attn, w.proj_w, w.proj_b, name="c_proj"), name="res_1")
-    h = b.linear(b.layer_norm(x, eps=config.layer_norm_epsilon, name="ln_2"), w.fc_w, w.fc_b, name="c_fc")
-    return b.add(x, b.linear(b.gelu_tanh(h, name="gelu"), w.out_w, w.out_b, name="mlp_proj"), name="res_2")
+    x = b.add(x, _adapted(b, b.linear(attn, w.proj_w, w.proj_b, name="c_proj"), attn, "o", layer, lora),
+              name="res_1")
+    n = b.layer_norm(x, eps=config.layer_norm_epsilon, name="ln_2")
+    h = b.gelu_tanh(_adapted(b, b.linear(n, w.fc_w, w.fc_b, name="c_fc"), n, "fc", layer, lora), name="gelu")
+    return b.add(x, _adapted(b, b.linear(h, w.out_w, w.out_b, name="mlp_proj"), h, "proj", layer, lora),
+                 name="res_2")
 
 
-def prefill_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, seq: int):
-    """Blocks ``first ...`` over a ``seq`` bucket: inputs x and the causal mask; outputs y and each block's k, v."""
+def prefill_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, seq: int,
+                  lora: LoraLayout | None = None):
+    """Blocks ``first ...`` over a ``seq`` bucket: inputs x and the causal mask (and the adapter inputs of
+    ``lora``); outputs y and each block's k, v."""
     b = GraphBuilder(f"gpt2_prefill{seq}_h{first}")
     x = b.input("x", (1, config.n_embd, 1, seq))
     mask = b.input("mask", (1, 1, seq, seq))
     for j, w in enumerate(blocks):
         i = first + j
         with b.scope(f"h{i}"):
-            q, k, v = _block_start(b, x, w, config)
-            x = _block_end(b, x, b.attention(q, k, v, config.n_head, mask=mask), w, config)
+            q, k, v = _block_start(b, x, w, config, i, lora)
+            x = _block_end(b, x, b.attention(q, k, v, config.n_head, mask=mask), w, config, i, lora)
         b.output(f"k{i:02d}", k)
         b.output(f"v{i:02d}", v)
     b.output("y", x)
     return b.graph
 
 
-def decode_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, capacity: int):
+def decode_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, capacity: int,
+                 lora: LoraLayout | None = None):
     """Blocks ``first ...`` for new tokens in a 16-column bucket against a KV cache of ``capacity`` positions."""
     b = GraphBuilder(f"gpt2_decode{capacity}_h{first}")
     d = config.n_embd
@@ -161,8 +234,8 @@ def decode_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, cap
         kc = b.input(f"kc{i:02d}", (1, d, 1, capacity))
         vc = b.input(f"vc{i:02d}", (1, d, 1, capacity))
         with b.scope(f"h{i}"):
-            q, k, v = _block_start(b, x, w, config)
-            x = _block_end(b, x, b.cached_attention(q, k, v, kc, vc, mask, config.n_head), w, config)
+            q, k, v = _block_start(b, x, w, config, i, lora)
+            x = _block_end(b, x, b.cached_attention(q, k, v, kc, vc, mask, config.n_head), w, config, i, lora)
         b.output(f"kn{i:02d}", k)
         b.output(f"vn{i:02d}", v)
     b.output("y", x)
@@ -195,8 +268,9 @@ def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) 
     return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
-class GPT2(TextGenerator):
-    """``model = GPT2(config, state, tokenizer)``; ``model.logits(ids)``; ``model.generate(prompt)``."""
+class GPT2(AdapterHost, TextGenerator):
+    """``model = GPT2(config, state, tokenizer)``; ``model.logits(ids)``; ``model.generate(prompt)``;
+    ``model.load_adapter(path, name)`` and ``model.set_adapter(name)`` for LoRA adapters."""
 
     def __init__(self, config: GPT2Config, state: dict[str, np.ndarray], tokenizer=None, *, backend="auto",
                  target: Target | str = "default", cache: ProgramCache | None = None,
@@ -211,6 +285,8 @@ class GPT2(TextGenerator):
         self.budget = budget
         self._programs: dict[tuple[str, int], list[Program]] = {}
         self.stats = GenerationStats()
+        self.adapter_spec = adapter_spec(config)
+        self._init_adapters()
 
     # -- programs -----------------------------------------------------------------------------------------------
 
@@ -224,9 +300,13 @@ class GPT2(TextGenerator):
             build = prefill_graph if kind == "prefill" else decode_graph
             programs = []
             for first in self._groups():
-                graph = build(self.blocks[first:first + self.group], first, self.config, size)
+                blocks = self.blocks[first:first + self.group]
+                graph = build(blocks, first, self.config, size, self.lora)
+                adapter_inputs = ({} if self.lora is None else
+                                  lora_inputs(self._current_adapter(), self.lora, blocks, first, self.config))
                 program = Program.from_graph(graph, backend=self.backend, target=self.target, cache=self.cache,
-                                             budget=self.budget)
+                                             budget=self.budget, weights_as_inputs=adapter_inputs)
+                program.update_weights(adapter_inputs)
                 program.load()
                 self.stats.compiles += program.compiles
                 self.stats.cache_hits += program.cache_hits
@@ -239,6 +319,18 @@ class GPT2(TextGenerator):
             for p in programs:
                 p.close()
         self._programs.clear()
+
+    def _use_layout(self, layout: LoraLayout) -> None:
+        self.close()
+
+    def _write_adapter(self, adapter: Adapter | None) -> None:
+        if not self._programs:
+            return
+        values = [lora_inputs(adapter, self.lora, self.blocks[first:first + self.group], first, self.config)
+                  for first in self._groups()]
+        for programs in self._programs.values():
+            for program, inputs in zip(programs, values):
+                program.update_weights(inputs)
 
     def __enter__(self) -> "GPT2":
         return self

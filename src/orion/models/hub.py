@@ -43,6 +43,9 @@ HUB_FILES = [
     "generation_config.json",
 ]
 
+#: What :func:`resolve_adapter` downloads: PEFT's two adapter files.
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+
 _LAYOUT_HINT = "pass a local folder in Hugging Face layout (config.json, model.safetensors, tokenizer files)"
 
 #: ``owner/name`` or ``name``: letters, digits, ``-``, ``_``, ``.``; no leading dot, so ``./x`` and ``../x`` are paths.
@@ -86,10 +89,29 @@ def resolve_model(path_or_id: str, *, cache_dir: PathLike | None = None) -> Path
         raise OrionError(f"{path} is a file, not a model folder; {_LAYOUT_HINT}")
     if not looks_like_hub_id(path_or_id):
         raise OrionError(f"no such model folder: {path}; {_LAYOUT_HINT}")
-    folder = Path(_snapshot_download(path_or_id, cache_dir))
+    folder = Path(_snapshot_download(path_or_id, cache_dir, HUB_FILES, _LAYOUT_HINT))
     if not (folder / "config.json").is_file():
         raise OrionError(f"the hub repository {path_or_id!r} has no config.json, so it is not a model Orion can load; "
                          f"{_LAYOUT_HINT}")
+    return folder
+
+
+def resolve_adapter(path_or_id: str, *, cache_dir: PathLike | None = None) -> Path:
+    """The folder of a PEFT adapter (adapter_config.json, adapter_model.safetensors): a local folder, or a hub id."""
+    hint = "pass a PEFT LoRA adapter folder (adapter_config.json and adapter_model.safetensors) or its hub id"
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        folder = path
+    elif path.exists() or not looks_like_hub_id(path_or_id):
+        raise OrionError(f"no adapter folder at {path}; {hint}")
+    else:
+        folder = Path(_snapshot_download(path_or_id, cache_dir, ADAPTER_FILES, hint))
+    if (folder / "adapter_model.bin").is_file() and not (folder / "adapter_model.safetensors").is_file():
+        raise OrionError(f"{folder} holds adapter_model.bin, a pickle file Orion never reads (unpickling can run code); "
+                         "re-save the adapter with safe_serialization=True")
+    for name in ADAPTER_FILES:
+        if not (folder / name).is_file():
+            raise OrionError(f"{folder} has no {name}; {hint}")
     return folder
 
 
@@ -98,10 +120,11 @@ def looks_like_hub_id(text: str) -> bool:
     return len(text) <= 96 and ".." not in text and _HUB_ID.fullmatch(text) is not None
 
 
-def _snapshot_download(repo_id: str, cache_dir: PathLike | None) -> str:
-    """``huggingface_hub.snapshot_download`` with every failure turned into one short, actionable error."""
+def _snapshot_download(repo_id: str, cache_dir: PathLike | None, patterns: list[str], hint: str) -> str:
+    """``huggingface_hub.snapshot_download`` of the files matching ``patterns``, with every failure turned into one
+    short, actionable error."""
     def fail(reason: str) -> OrionError:
-        return OrionError(f"could not fetch {repo_id!r} from the Hugging Face hub ({reason}); {_LAYOUT_HINT}")
+        return OrionError(f"could not fetch {repo_id!r} from the Hugging Face hub ({reason}); {hint}")
 
     try:
         import huggingface_hub
@@ -112,7 +135,7 @@ def _snapshot_download(repo_id: str, cache_dir: PathLike | None) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     try:
         return huggingface_hub.snapshot_download(
-            repo_id, allow_patterns=HUB_FILES, cache_dir=cache_dir, local_files_only=offline
+            repo_id, allow_patterns=patterns, cache_dir=cache_dir, local_files_only=offline
         )
     except hub_errors.GatedRepoError:
         raise fail("the repository is gated: accept its terms on the hub and log in with `hf auth login`") from None

@@ -10,6 +10,10 @@ Rotary embeddings without concat (which some chips reject): each head's channels
 ``rotate_half`` pairs, so the q and k projections are done as two half-size projections (rows of Wq gathered per
 half on the CPU), rotated as ``(a, b) -> (a cos - b sin, b cos + a sin)``, and the attention scores are the sum of
 the two halves' products.
+
+LoRA adapters are more inputs (``lora_{target}_a`` and ``_b``; q and k, split in halves, take ``_b1`` and ``_b2``):
+the forward program adds ``B (A x)`` to each adapted projection, the backward program adds ``A^T B^T dy`` to the
+gradient at its input, and the CPU computes the adapter's gradients from the taps (:func:`lora_gradients`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import numpy as np
 from orion.errors import OrionError
 from orion.ir.builder import GraphBuilder
 from orion.ir.graph import Value
-from orion.models.lm import GenerationStats, TextGenerator
+from orion.lora import Adapter, AdapterSpec, LoraLayout
+from orion.models.lm import AdapterHost, GenerationStats, TextGenerator
 
 
 @dataclass(frozen=True)
@@ -126,17 +131,113 @@ def layer_inputs(weights: dict[str, np.ndarray], layer: int, config: LlamaConfig
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Adapters
+
+#: Hugging Face module paths of the projections an adapter may target, by Orion's short target name.
+LORA_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+#: Targets whose output rows the programs split into the rotary halves.
+_HALVED = ("q", "k")
+
+
+def adapter_spec(config: LlamaConfig) -> AdapterSpec:
+    d, f = config.dim, config.hidden_dim
+    return AdapterSpec("llama", "model.layers", LORA_MODULES,
+                       {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "gate": (d, f), "up": (d, f),
+                        "down": (f, d)}, config.n_layers, default_targets=("q", "v"),
+                       aliases={"attn": ("q", "k", "v", "o"), "ffn": ("gate", "up", "down"),
+                                "mlp": ("gate", "up", "down")})
+
+
+def lora_inputs(adapter: Adapter | None, layout: LoraLayout, layer: int, config: LlamaConfig) -> dict[str, np.ndarray]:
+    """One block's adapter inputs (zeros where ``adapter`` lacks a module): ``A [1, 1, R, in]`` and the scaled
+    ``B [1, 1, out, R]`` (its rotary halves for q and k), with R the layout's rank."""
+    spec, r = adapter_spec(config), layout.rank
+    values = {}
+    for target in layout.targets:
+        fan_in, fan_out = spec.features[target]
+        module = adapter.modules.get((layer, target)) if adapter is not None else None
+        if module is None:
+            a, b = np.zeros((r, fan_in), np.float32), np.zeros((fan_out, r), np.float32)
+        else:
+            a, b = module.padded(r)
+        values[f"lora_{target}_a"] = a.reshape(1, 1, r, fan_in)
+        if target in _HALVED:
+            for part, rows in zip(("b1", "b2"), half_rows(b, config)):
+                values[f"lora_{target}_{part}"] = rows.reshape(1, 1, fan_out // 2, r)
+        else:
+            values[f"lora_{target}_b"] = b.reshape(1, 1, fan_out, r)
+    return values
+
+
+def lora_gradients(adapter: Adapter, layer: int, config: LlamaConfig, taps: dict[str, np.ndarray],
+                   grads: dict[str, np.ndarray], dy: np.ndarray) -> dict[str, np.ndarray]:
+    """Gradients of one block's adapter modules on the CPU, from each adapted projection's input ``x`` (a forward
+    tap) and the gradient ``d`` at its output (a backward output): with ``u = A x``, ``dB = s d u^T`` and
+    ``dA = s (B^T d) x^T``. Names as :meth:`Adapter.to_arrays`."""
+    def cols(a: np.ndarray) -> np.ndarray:
+        return np.asarray(a, np.float32).reshape(-1, a.shape[-1])
+
+    inputs = {"q": "t_n1", "k": "t_n1", "v": "t_n1", "o": "t_o", "gate": "t_n2", "up": "t_n2", "down": "t_g"}
+    outputs = {"q": lambda: join_halves(cols(grads["d_q1"]), cols(grads["d_q2"]), config),
+               "k": lambda: join_halves(cols(grads["d_k1"]), cols(grads["d_k2"]), config),
+               "v": lambda: cols(grads["d_v"]), "o": lambda: cols(grads["d_h"]), "gate": lambda: cols(grads["d_a"]),
+               "up": lambda: cols(grads["d_u"]), "down": lambda: cols(dy)}
+    out = {}
+    for (i, target), m in adapter.modules.items():
+        if i != layer:
+            continue
+        x, d = cols(taps[inputs[target]]), outputs[target]()
+        out[f"layers.{i}.{target}.lora_B"] = m.scale * (d @ (m.a @ x).T)
+        out[f"layers.{i}.{target}.lora_A"] = m.scale * ((m.b.T @ d) @ x.T)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Graph pieces
 
 
 class _Block:
     """Builds one block's programs; inputs are declared as they are first used."""
 
-    def __init__(self, name: str, config: LlamaConfig, seq: int):
+    def __init__(self, name: str, config: LlamaConfig, seq: int, lora: LoraLayout | None = None):
         self.b = GraphBuilder(name)
         self.c = config
         self.s = seq
         self.half = config.dim // 2
+        self.lora = lora
+        self._down: dict[str, Value] = {}
+
+    def adapts(self, target: str) -> bool:
+        return self.lora is not None and target in self.lora.targets
+
+    def adapted(self, y: Value, x: Value, target: str, part: str = "b") -> Value:
+        """``y`` plus the adapter path ``B (A x)`` of ``target`` when the layout adapts it (``A x`` shared by the
+        two halves of q and k)."""
+        if not self.adapts(target):
+            return y
+        b = self.b
+        if target not in self._down:
+            a = b.input(f"lora_{target}_a", (1, 1, self.lora.rank, x.shape[1]))
+            self._down[target] = b.lora_down(x, a, name=f"lora_{target}")
+        w = b.input(f"lora_{target}_{part}", (1, 1, y.shape[1], self.lora.rank))
+        return b.add(y, b.lora_up(self._down[target], w, name=f"lora_{target}_{part}"), name=f"{target}_{part}_lora")
+
+    def adapted_back(self, dx: Value, target: str, grads: list[tuple[Value, str]]) -> Value:
+        """``dx`` plus the adapter's share of the gradient at its input: ``A^T sum_p(B_p^T d_p)``."""
+        if not self.adapts(target):
+            return dx
+        b, r = self.b, self.lora.rank
+        du = None
+        for d, part in grads:
+            w = b.input(f"lora_{target}_{part}", (1, 1, d.shape[1], r))
+            rows = b.reshape(d, shape=[1, 1, d.shape[1], self.s], name=f"lora_{target}_{part}_drows")
+            t = b.matmul(w, rows, transpose_x=True, transpose_y=False, name=f"lora_{target}_{part}_dup")
+            du = t if du is None else b.add(du, t, name=f"lora_{target}_du")
+        a = b.input(f"lora_{target}_a", (1, 1, r, dx.shape[1]))
+        back = b.matmul(a, du, transpose_x=True, transpose_y=False, name=f"lora_{target}_ddown")
+        return b.add(dx, b.reshape(back, shape=[1, dx.shape[1], 1, self.s], name=f"lora_{target}_dx"),
+                     name=f"{dx.name}_lora_{target}")
 
     def weight(self, name: str, rows: int, cols: int) -> Value:
         return self.b.input(name, (1, 1, rows, cols))
@@ -170,9 +271,10 @@ class _Block:
         return b.mul(r, b.sub(d_hat, b.mul(x_hat, m, name=f"{name}_xm"), name=f"{name}_diff"), name=name)
 
 
-def forward_graph(config: LlamaConfig, seq: int):
-    """One block forward. Inputs: x, cos, sin, mask and the weights. Outputs: y and the backward pass's taps."""
-    blk = _Block(f"llama_fwd{seq}", config, seq)
+def forward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None):
+    """One block forward. Inputs: x, cos, sin, mask, the weights (and ``lora``'s adapter inputs). Outputs: y and the
+    backward pass's taps."""
+    blk = _Block(f"llama_fwd{seq}", config, seq, lora)
     b, d, f, half = blk.b, config.dim, config.hidden_dim, config.dim // 2
     x = b.input("x", (1, d, 1, seq))
     cos = b.input("cos", (1, 1, config.head_dim // 2, seq))
@@ -180,27 +282,27 @@ def forward_graph(config: LlamaConfig, seq: int):
     mask = b.input("mask", (1, 1, seq, seq))
     x_hat1, r1 = blk.rms(x, "rms1")
     n1 = b.mul(x_hat1, b.input("g_attn", (1, d, 1, 1)), name="n1")
-    q1, q2 = (blk.heads(blk.linear(n1, blk.weight(w, half, d), f"q{i}"), f"q{i}h") for i, w in ((1, "wq_a"),
-                                                                                                (2, "wq_b")))
-    k1, k2 = (blk.heads(blk.linear(n1, blk.weight(w, half, d), f"k{i}"), f"k{i}h") for i, w in ((1, "wk_a"),
-                                                                                                (2, "wk_b")))
+    q1, q2, k1, k2 = (
+        blk.heads(blk.adapted(blk.linear(n1, blk.weight(f"w{t}_{ab}", half, d), f"{t}{i}"), n1, t, f"b{i}"),
+                  f"{t}{i}h")
+        for t in "qk" for i, ab in ((1, "a"), (2, "b")))
     qr1 = b.sub(b.mul(q1, cos, name="q1c"), b.mul(q2, sin, name="q2s"), name="qr1")
     qr2 = b.add(b.mul(q2, cos, name="q2c"), b.mul(q1, sin, name="q1s"), name="qr2")
     kr1 = b.sub(b.mul(k1, cos, name="k1c"), b.mul(k2, sin, name="k2s"), name="kr1")
     kr2 = b.add(b.mul(k2, cos, name="k2c"), b.mul(k1, sin, name="k1s"), name="kr2")
-    v = blk.heads(blk.linear(n1, blk.weight("wv", d, d), "v"), "vh")  # [1, H, hd, S]
+    v = blk.heads(blk.adapted(blk.linear(n1, blk.weight("wv", d, d), "v"), n1, "v"), "vh")  # [1, H, hd, S]
     scores = b.add(b.matmul(qr1, kr1, transpose_x=True, transpose_y=False, name="s1"),
                    b.matmul(qr2, kr2, transpose_x=True, transpose_y=False, name="s2"), name="s12")
     scores = b.add(b.mul(scores, 1.0 / np.sqrt(config.head_dim), name="scaled"), mask, name="masked")
     p = b.softmax(scores, axis=-1, name="probs")  # [1, H, S(query), S(key)]
     o = blk.flat(b.matmul(v, p, transpose_x=False, transpose_y=True, name="pv"), "o")  # [1, d, 1, S]
-    h = b.add(x, blk.linear(o, blk.weight("wo", d, d), "attn_out"), name="h")
+    h = b.add(x, blk.adapted(blk.linear(o, blk.weight("wo", d, d), "attn_out"), o, "o"), name="h")
     x_hat2, r2 = blk.rms(h, "rms2")
     n2 = b.mul(x_hat2, b.input("g_ffn", (1, d, 1, 1)), name="n2")
-    a = blk.linear(n2, blk.weight("w1", f, d), "a")
-    u = blk.linear(n2, blk.weight("w3", f, d), "u")
+    a = blk.adapted(blk.linear(n2, blk.weight("w1", f, d), "a"), n2, "gate")
+    u = blk.adapted(blk.linear(n2, blk.weight("w3", f, d), "u"), n2, "up")
     g = b.mul(b.silu(a, name="silu"), u, name="g")
-    y = b.add(h, blk.linear(g, blk.weight("w2", d, f), "ffn_out"), name="y")
+    y = b.add(h, blk.adapted(blk.linear(g, blk.weight("w2", d, f), "ffn_out"), g, "down"), name="y")
     taps = {"y": y, "t_xhat1": x_hat1, "t_r1": r1, "t_n1": n1, "t_qr1": qr1, "t_qr2": qr2, "t_kr1": kr1,
             "t_kr2": kr2, "t_v": v, "t_p": p, "t_o": o, "t_xhat2": x_hat2, "t_r2": r2, "t_n2": n2, "t_a": a,
             "t_u": u, "t_g": g}
@@ -214,10 +316,11 @@ BACKWARD_TAPS = ("t_xhat1", "t_r1", "t_qr1", "t_qr2", "t_kr1", "t_kr2", "t_v", "
                  "t_u")
 
 
-def backward_graph(config: LlamaConfig, seq: int):
-    """One block backward through activations. Inputs: dy, the taps, cos/sin and the weights. Outputs: dx and the
-    gradients at each linear layer's output (and at each norm's output) for the CPU's weight gradients."""
-    blk = _Block(f"llama_bwd{seq}", config, seq)
+def backward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None):
+    """One block backward through activations. Inputs: dy, the taps, cos/sin, the weights (and ``lora``'s adapter
+    inputs). Outputs: dx and the gradients at each linear layer's output (and at each norm's output) for the CPU's
+    weight and adapter gradients."""
+    blk = _Block(f"llama_bwd{seq}", config, seq, lora)
     b, d, f, half, H = blk.b, config.dim, config.hidden_dim, config.dim // 2, config.n_heads
     hd2 = config.head_dim // 2
     dy = b.input("dy", (1, d, 1, seq))
@@ -229,7 +332,7 @@ def backward_graph(config: LlamaConfig, seq: int):
     cos = b.input("cos", (1, 1, hd2, seq))
     sin = b.input("sin", (1, 1, hd2, seq))
     # FFN
-    dg = blk.linear(dy, blk.weight("w2", d, f), "dg", transpose=True)
+    dg = blk.adapted_back(blk.linear(dy, blk.weight("w2", d, f), "dg", transpose=True), "down", [(dy, "b")])
     sig = b.sigmoid(t["t_a"], name="sig")
     silu = b.mul(t["t_a"], sig, name="silu_a")
     one_minus_sig = b.sub(b.mul(sig, -1.0, name="neg_sig"), -1.0, name="one_minus_sig")
@@ -239,11 +342,13 @@ def backward_graph(config: LlamaConfig, seq: int):
     du = b.mul(dg, silu, name="du")
     dn2 = b.add(blk.linear(da, blk.weight("w1", f, d), "dn2_a", transpose=True),
                 blk.linear(du, blk.weight("w3", f, d), "dn2_u", transpose=True), name="dn2")
+    dn2 = blk.adapted_back(blk.adapted_back(dn2, "gate", [(da, "b")]), "up", [(du, "b")])
     g_ffn = b.input("g_ffn", (1, d, 1, 1))
     dh = b.add(dy, blk.rms_backward(b.mul(dn2, g_ffn, name="dxhat2"), t["t_xhat2"], t["t_r2"], "dh_norm"),
                name="dh")
     # attention
-    do = blk.heads(blk.linear(dh, blk.weight("wo", d, d), "do", transpose=True), "doh")  # [1, H, hd, S]
+    do = blk.heads(blk.adapted_back(blk.linear(dh, blk.weight("wo", d, d), "do", transpose=True), "o", [(dh, "b")]),
+                   "doh")  # [1, H, hd, S]
     dp = b.matmul(do, t["t_v"], transpose_x=True, transpose_y=False, name="dp")  # [1, H, S, S]
     dv = blk.flat(b.matmul(do, t["t_p"], transpose_x=False, transpose_y=False, name="dvh"), "dv")
     rowdot = b.reduce_sum(b.mul(dp, t["t_p"], name="dp_p"), axes=[3], keep_dims=True, name="rowdot")
@@ -264,6 +369,9 @@ def backward_graph(config: LlamaConfig, seq: int):
     dn1 = blk.linear(dv, blk.weight("wv", d, d), "dn1_v", transpose=True)
     for grad, w in ((dq1, "wq_a"), (dq2, "wq_b"), (dk1, "wk_a"), (dk2, "wk_b")):
         dn1 = b.add(dn1, blk.linear(grad, blk.weight(w, half, d), f"dn1_{w}", transpose=True), name=f"dn1_p_{w}")
+    dn1 = blk.adapted_back(dn1, "v", [(dv, "b")])
+    dn1 = blk.adapted_back(dn1, "q", [(dq1, "b1"), (dq2, "b2")])
+    dn1 = blk.adapted_back(dn1, "k", [(dk1, "b1"), (dk2, "b2")])
     g_attn = b.input("g_attn", (1, d, 1, 1))
     dx = b.add(dh, blk.rms_backward(b.mul(dn1, g_attn, name="dxhat1"), t["t_xhat1"], t["t_r1"], "dx_norm"),
                name="dx")
@@ -305,16 +413,17 @@ class LlamaBlocks:
     """
 
     def __init__(self, config: LlamaConfig, seq: int, *, backend, target, cache=None, budget=None,
-                 backward: bool = False):
+                 backward: bool = False, lora: LoraLayout | None = None):
         from orion.models.gpt2 import causal_mask
         from orion.runtime.program import Program
 
-        self.config, self.seq = config, seq
+        self.config, self.seq, self.lora = config, seq, lora
         self.timings = {"backend": 0.0, "cpu": 0.0, "update": 0.0}
         common = dict(backend=backend, target=target, cache=cache, budget=budget)
-        self.forward = [Program.from_graph(forward_graph(config, seq), **common) for _ in range(config.n_layers)]
-        self.backward = ([Program.from_graph(backward_graph(config, seq), **common) for _ in range(config.n_layers)]
-                         if backward else [])
+        self.forward = [Program.from_graph(forward_graph(config, seq, lora), **common)
+                        for _ in range(config.n_layers)]
+        self.backward = ([Program.from_graph(backward_graph(config, seq, lora), **common)
+                          for _ in range(config.n_layers)] if backward else [])
         for p in self.programs:
             p.load()
         cos, sin = rope_tables(config, seq)
@@ -333,11 +442,20 @@ class LlamaBlocks:
             p.close()
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self._write_layers(lambda i: layer_inputs(weights, i, self.config))
+
+    def set_adapter(self, adapter: Adapter | None) -> None:
+        """The adapter's inputs (zeros for None) into every block's programs: the base model when None."""
+        if self.lora is None:
+            raise OrionError("these block programs were built without adapter inputs (lora=None)")
+        self._write_layers(lambda i: lora_inputs(adapter, self.lora, i, self.config))
+
+    def _write_layers(self, inputs_of) -> None:
         import time
 
         t0 = time.perf_counter()
         for i in range(self.config.n_layers):
-            inputs = layer_inputs(weights, i, self.config)
+            inputs = inputs_of(i)
             for program in (self.forward[i], *self.backward[i:i + 1]):
                 for name, array in inputs.items():
                     if name in program.input_names:
@@ -373,17 +491,37 @@ def rms_norm_rows(x: np.ndarray, gain: np.ndarray, eps: float) -> tuple[np.ndarr
     return x_hat * gain, x_hat, r
 
 
-class Llama(TextGenerator):
-    """A trained Llama for inference: the training forward programs over the model's context window."""
+class Llama(AdapterHost, TextGenerator):
+    """A trained Llama for inference: the training forward programs over the model's context window. LoRA adapters:
+    ``load_adapter(path, name)``, ``set_adapter(name)``."""
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], tokenizer=None, *, backend="auto",
                  target="default", cache=None, budget=None):
+        from orion.compiler.targets import get_target
+
         self.config, self.weights, self.tokenizer = config, weights, tokenizer
-        self.blocks = LlamaBlocks(config, config.max_seq_len, backend=backend, target=target, cache=cache,
-                                  budget=budget)
-        self.blocks.set_weights(weights)
+        self.target = get_target(target) if isinstance(target, str) else target
+        self._options = dict(backend=backend, target=self.target, cache=cache, budget=budget)
+        self.adapter_spec = adapter_spec(config)
+        self._init_adapters()
+        self.blocks = self._build_blocks()
         self.backend = self.blocks.forward[0].backend
         self.stats = GenerationStats()
+
+    def _build_blocks(self) -> LlamaBlocks:
+        blocks = LlamaBlocks(self.config, self.config.max_seq_len, lora=self.lora, **self._options)
+        blocks.set_weights(self.weights)
+        if self.lora is not None:
+            blocks.set_adapter(self._current_adapter())
+        return blocks
+
+    def _use_layout(self, layout: LoraLayout) -> None:
+        """Rebuild the block programs with adapter inputs now (one compile; the other blocks are cache hits)."""
+        self.blocks.close()
+        self.blocks = self._build_blocks()
+
+    def _write_adapter(self, adapter: Adapter | None) -> None:
+        self.blocks.set_adapter(adapter)
 
     def close(self) -> None:
         self.blocks.close()

@@ -65,3 +65,83 @@ class TextGenerator:
         rest = decoder.flush()
         if rest:
             yield rest
+
+
+class AdapterHost:
+    """LoRA adapters resident in a model, one (or none) active: ``load_adapter(path, name)``, ``set_adapter(name)``.
+
+    The model's programs are built for one :class:`~orion.lora.LoraLayout` that every resident adapter fits (the
+    union of their targets, the largest rank), with A and B as program inputs. Switching adapters, or to none (zero
+    inputs: exactly the base model), writes those inputs and compiles nothing. Only loading an adapter that does not
+    fit the current layout rebuilds the programs, once, at the next run: load every adapter before the first run to
+    compile once. A model sets ``adapter_spec`` and ``target`` and implements the two hooks.
+    """
+
+    adapter_spec = None
+    target = None
+
+    def _init_adapters(self) -> None:
+        self._adapters: dict = {}
+        self._active: str | None = None
+        self.lora = None  # the LoraLayout the programs are built with; None: base programs
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    def load_adapter(self, path, name: str | None = None):
+        """Read a PEFT LoRA adapter (a folder or a hub id) and keep it resident under ``name`` (default: the
+        folder's name); it becomes active with :meth:`set_adapter`. Returns the name."""
+        from orion.lora import CONFIG_FILE, WEIGHTS_FILE, parse_peft
+        from orion.models.hub import _read_json_object, read_safetensors, resolve_adapter
+
+        folder = resolve_adapter(str(path))
+        config = _read_json_object(folder / CONFIG_FILE, OrionError)
+        adapter = parse_peft(config, read_safetensors(folder / WEIGHTS_FILE), self.adapter_spec, str(folder))
+        return self.add_adapter(adapter, name or folder.resolve().name)
+
+    def add_adapter(self, adapter, name: str):
+        """Keep an :class:`~orion.lora.Adapter` resident under ``name`` (replacing one of that name)."""
+        from orion.lora import LoraLayout
+
+        if adapter.family != self.adapter_spec.family:
+            raise OrionError(f"adapter {name!r} is for {adapter.family}, not {self.adapter_spec.family}")
+        self._adapters[name] = adapter
+        if self.lora is None or not self.lora.fits(adapter):
+            self.lora = LoraLayout.covering(self._adapters.values(), self.target.matmul_inner_multiple)
+            self._use_layout(self.lora)
+        if name == self._active:
+            self._write_adapter(adapter)
+        return name
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the active adapter, or None for the base model; no compile."""
+        if name is not None and name not in self._adapters:
+            raise BindingError(f"no adapter named {name!r}; loaded: {self.adapters or 'none'}")
+        self._active = name
+        if self.lora is not None:
+            self._write_adapter(self._adapters.get(name))
+
+    def delete_adapter(self, name: str) -> None:
+        """Forget an adapter (the programs keep their layout; deleting the active one leaves the base model)."""
+        if name not in self._adapters:
+            raise BindingError(f"no adapter named {name!r}; loaded: {self.adapters or 'none'}")
+        del self._adapters[name]
+        if name == self._active:
+            self.set_adapter(None)
+
+    def _current_adapter(self):
+        return self._adapters.get(self._active)
+
+    # hooks
+    def _use_layout(self, layout) -> None:
+        """Drop programs built for another layout (they are rebuilt, for ``layout``, when next needed)."""
+        raise NotImplementedError
+
+    def _write_adapter(self, adapter) -> None:
+        """Write ``adapter``'s inputs (zeros for None) into every built program."""
+        raise NotImplementedError

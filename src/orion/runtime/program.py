@@ -78,12 +78,17 @@ class Program:
     @classmethod
     def from_graph(cls, graph: Graph, *, target: Target | str = "default", weights_as_inputs: Iterable[str] = (),
                    check: bool = True, **kwargs) -> "Program":
-        """Compile ``graph`` for ``target``; ``weights_as_inputs`` names constants to pass as inputs instead."""
+        """Compile ``graph`` for ``target``. ``weights_as_inputs`` names constants to pass as inputs instead (they
+        start with the graph's values), or graph inputs to treat as weights (they start at zero); either kind is set
+        with :meth:`update_weights` and is not part of :meth:`run`'s inputs."""
         target = get_target(target) if isinstance(target, str) else target
         names = list(weights_as_inputs)
-        initial = {n.name: n.attrs["val"] for n in graph.nodes if n.is_const and n.name in set(names)}
-        if names:
-            graph = weights_to_inputs(names)(graph)
+        graph_inputs = {v.name: v for v in graph.inputs}
+        constants = [n for n in names if n not in graph_inputs]
+        initial = {n.name: n.attrs["val"] for n in graph.nodes if n.is_const and n.name in set(constants)}
+        initial |= {n: np.zeros(graph_inputs[n].shape, np.float32) for n in names if n in graph_inputs}
+        if constants:
+            graph = weights_to_inputs(constants)(graph)
         result = compile_graph(graph, target)
         if check:
             raise_on_errors(result.violations)

@@ -1,0 +1,273 @@
+"""LoRA adapters as data: what they adapt, their A and B, their scale, and PEFT's file format.
+
+An adapted projection computes ``y = W x + s B (A x)`` with ``A [r, in]``, ``B [out, r]`` and ``s = alpha / r``
+(``alpha / sqrt(r)`` for rsLoRA). Programs take A and B as INPUTS (reference section 7), so swapping adapters is a
+surface write, never a compile. A program is built for a :class:`LoraLayout` (which projections take an adapter,
+and one rank every slot is padded to); any adapter that fits the layout runs in it unchanged: its A gets zero rows
+and its B zero columns up to the slot's rank (exact: the extra products are zeros), and ``s`` is folded into B.
+
+This module is pure (arrays and dicts in, arrays and bytes out): the models read and write the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from orion.errors import OrionError
+
+
+class AdapterError(OrionError):
+    """An adapter that cannot run: a format Orion does not read, a module it cannot adapt, shapes that disagree."""
+
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterSpec:
+    """How one model names and shapes the projections an adapter may target, in Hugging Face module paths."""
+
+    family: str  # "gpt2", "llama"
+    layer_prefix: str  # "transformer.h", "model.layers"
+    modules: dict[str, str]  # short target name -> module path inside a layer ("q" -> "self_attn.q_proj")
+    features: dict[str, tuple[int, int]]  # target -> (in_features, out_features)
+    n_layers: int
+    default_targets: tuple[str, ...]
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # "ffn" -> ("gate", "up", "down")
+    fan_in_fan_out: bool = False  # GPT-2's Conv1D stores W as [in, out]; A and B keep PEFT's layout regardless
+
+    def module_key(self, layer: int, target: str) -> str:
+        return f"{self.layer_prefix}.{layer}.{self.modules[target]}"
+
+    def parse_targets(self, text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+        """``"q,v"`` (or a list) -> targets in declaration order; aliases expand, ``all`` is every target."""
+        names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+        if not names:
+            raise AdapterError(f"no LoRA targets given; {self._choices()}")
+        chosen: set[str] = set()
+        for name in names:
+            if name == "all":
+                chosen |= set(self.modules)
+            elif name in self.aliases:
+                chosen |= set(self.aliases[name])
+            elif name in self.modules:
+                chosen.add(name)
+            else:
+                raise AdapterError(f"unknown LoRA target {name!r} for {self.family}; {self._choices()}")
+        return tuple(t for t in self.modules if t in chosen)
+
+    def _choices(self) -> str:
+        extra = [*self.aliases, "all"]
+        return f"choose from {', '.join(self.modules)} (or {', '.join(extra)})"
+
+
+@dataclass
+class LoraModule:
+    """One adapted projection: ``a [r, in]``, ``b [out, r]`` (float32) and the scale ``s``."""
+
+    a: np.ndarray
+    b: np.ndarray
+    alpha: float
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def delta(self) -> np.ndarray:
+        """``s B A``, the change to the base weight ``[out, in]`` (for references and merging)."""
+        return self.scale * (self.b.astype(np.float64) @ self.a.astype(np.float64))
+
+    def padded(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """``A`` with zero rows and ``s B`` with zero columns up to ``rank``: the program inputs of one slot."""
+        if self.rank > rank:
+            raise AdapterError(f"an adapter of rank {self.rank} does not fit a slot of rank {rank}")
+        a = np.zeros((rank, self.a.shape[1]), np.float32)
+        b = np.zeros((self.b.shape[0], rank), np.float32)
+        a[:self.rank] = self.a
+        b[:, :self.rank] = self.scale * self.b
+        return a, b
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter for one model: its modules by ``(layer, target)`` and where it came from."""
+
+    family: str
+    modules: dict[tuple[int, str], LoraModule]
+    base_model: str | None = None
+    rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(sorted({t for _, t in self.modules}))
+
+    @property
+    def rank(self) -> int:
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Trainable arrays by name (``layers.{i}.{target}.lora_A`` / ``.lora_B``), sharing memory with the modules."""
+        out = {}
+        for (layer, target), m in sorted(self.modules.items()):
+            out[f"layers.{layer}.{target}.lora_A"] = m.a
+            out[f"layers.{layer}.{target}.lora_B"] = m.b
+        return out
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """The adapter slots programs are built with: projections that take A and B as inputs, and one rank for all."""
+
+    targets: tuple[str, ...]
+    rank: int
+
+    def fits(self, adapter: Adapter) -> bool:
+        return set(adapter.targets) <= set(self.targets) and adapter.rank <= self.rank
+
+    @classmethod
+    def covering(cls, adapters, multiple: int = 1) -> "LoraLayout":
+        """The smallest layout every adapter fits, its rank rounded up to ``multiple`` (the target's matmul
+        inner-dimension multiple: B's product sums over the rank)."""
+        adapters = list(adapters)
+        targets = tuple(sorted({t for a in adapters for t in a.targets}))
+        rank = max((a.rank for a in adapters), default=1)
+        return cls(targets, -(-rank // multiple) * multiple)
+
+
+def scale_of(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def new_adapter(spec: AdapterSpec, targets, rank: int, alpha: float, seed: int = 0) -> Adapter:
+    """A fresh adapter as PEFT initializes one: ``A ~ U(-1/sqrt(in), 1/sqrt(in))`` (kaiming-uniform with
+    ``a = sqrt(5)``), ``B = 0``, so the adapted model starts equal to its base."""
+    if rank < 1:
+        raise AdapterError(f"LoRA rank must be at least 1, got {rank}")
+    if not alpha > 0:
+        raise AdapterError(f"LoRA alpha must be positive, got {alpha}")
+    rng = np.random.default_rng(seed)
+    modules = {}
+    for layer in range(spec.n_layers):
+        for target in spec.parse_targets(targets):
+            fan_in, fan_out = spec.features[target]
+            bound = 1.0 / math.sqrt(fan_in)
+            modules[(layer, target)] = LoraModule(rng.uniform(-bound, bound, (rank, fan_in)).astype(np.float32),
+                                                  np.zeros((fan_out, rank), np.float32), float(alpha),
+                                                  scale_of(alpha, rank, False))
+    return Adapter(spec.family, modules)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PEFT format: adapter_config.json + adapter_model.safetensors
+
+_PEFT_PREFIX = "base_model.model."
+_TENSOR = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight")
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: the first pattern that matches the end of the module key."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def parse_peft(config: dict, tensors: dict[str, np.ndarray], spec: AdapterSpec, where: str = "adapter") -> Adapter:
+    """A PEFT LoRA adapter (its config and tensors) for a model of ``spec``; every fault names the file and fix."""
+    def fail(message: str) -> AdapterError:
+        return AdapterError(f"{where}: {message}")
+
+    kind = str(config.get("peft_type", "")).upper()
+    if kind != "LORA":
+        raise fail(f"peft_type {config.get('peft_type')!r} is not LORA; Orion runs LoRA adapters only")
+    for key, bad, why in (("use_dora", True, "DoRA adapters need a weight norm Orion does not compute"),
+                          ("bias", ("all", "lora_only"), "adapters that train biases are not supported")):
+        if config.get(key) in (bad if isinstance(bad, tuple) else (bad,)):
+            raise fail(f"{key}={config.get(key)!r}: {why}; export the adapter with {key} off")
+    if config.get("modules_to_save"):
+        raise fail(f"modules_to_save={config['modules_to_save']!r}: the adapter replaces whole modules; Orion runs "
+                   "adapters of projections only (merge those modules into the base model)")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
+            raise fail(f"{key} must be a positive number, got {config.get(key)!r}")
+    rslora = bool(config.get("use_rslora", False))
+    by_path = {path: target for target, path in spec.modules.items()}
+    layer_re = re.compile(rf"{re.escape(spec.layer_prefix)}\.(\d+)\.(.+)")
+    found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for name, array in tensors.items():
+        short = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+        m = _TENSOR.fullmatch(short)
+        layer = m and layer_re.fullmatch(m["module"])
+        if not (m and layer and layer[2] in by_path):
+            raise fail(f"tensor {name!r} is not a LoRA weight of a projection Orion adapts in {spec.family} "
+                       f"({', '.join(f'{spec.layer_prefix}.N.{p}' for p in spec.modules.values())})")
+        index = int(layer[1])
+        if index >= spec.n_layers:
+            raise fail(f"tensor {name!r} is for layer {index}; the model has {spec.n_layers} layers")
+        pair = found.setdefault((index, by_path[layer[2]]), {})
+        if m["which"] in pair:
+            raise fail(f"two lora_{m['which']} tensors for {m['module']}")
+        pair[m["which"]] = np.asarray(array, np.float32)
+    if not found:
+        raise fail("holds no LoRA tensors")
+    modules = {}
+    for (layer, target), pair in sorted(found.items()):
+        key = spec.module_key(layer, target)
+        if set(pair) != {"A", "B"}:
+            raise fail(f"{key} has lora_{''.join(pair)} but not lora_{'B' if 'A' in pair else 'A'}")
+        a, b = pair["A"], pair["B"]
+        fan_in, fan_out = spec.features[target]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape[0] != fan_out or a.shape[0] != b.shape[1]:
+            raise fail(f"{key}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not make a LoRA of a "
+                       f"{fan_in} -> {fan_out} projection (A [r, {fan_in}], B [{fan_out}, r]); is the adapter for "
+                       "another model size?")
+        rank = a.shape[0]
+        declared = _pattern_value(config.get("rank_pattern"), key, config["r"])
+        if rank != declared:
+            raise fail(f"{key}: lora_A has {rank} rows but the config says r={declared}")
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise fail(f"{key}: the adapter holds NaN or infinite values")
+        alpha = float(_pattern_value(config.get("alpha_pattern"), key, config["lora_alpha"]))
+        modules[(layer, target)] = LoraModule(a, b, alpha, scale_of(alpha, rank, rslora))
+    return Adapter(spec.family, modules, config.get("base_model_name_or_path"), rslora)
+
+
+def peft_files(adapter: Adapter, spec: AdapterSpec, base_model: str | None = None) -> dict[str, bytes]:
+    """The two files of a PEFT LoRA adapter (float32 tensors), ready to write; peft's ``PeftModel.from_pretrained``
+    loads them. Modules whose rank or alpha differs from the most common one go in rank/alpha patterns."""
+    from safetensors.numpy import save
+
+    if not adapter.modules:
+        raise AdapterError("the adapter has no modules to save")
+
+    def common(values):
+        values = list(values)
+        return max(set(values), key=values.count)
+
+    rank = common(m.rank for m in adapter.modules.values())
+    alpha = common(m.alpha for m in adapter.modules.values())
+    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    for (layer, target), m in sorted(adapter.modules.items()):
+        key = spec.module_key(layer, target)
+        tensors[f"{_PEFT_PREFIX}{key}.lora_A.weight"] = np.ascontiguousarray(m.a, np.float32)
+        tensors[f"{_PEFT_PREFIX}{key}.lora_B.weight"] = np.ascontiguousarray(m.b, np.float32)
+        if m.rank != rank:
+            rank_pattern[re.escape(key)] = m.rank
+        if m.alpha != alpha:
+            alpha_pattern[re.escape(key)] = m.alpha
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": sorted({spec.modules[t] for t in adapter.targets}), "bias": "none",
+        "fan_in_fan_out": spec.fan_in_fan_out, "use_rslora": adapter.rslora, "use_dora": False, "modules_to_save": None,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "inference_mode": True,
+        "base_model_name_or_path": base_model if base_model is not None else adapter.base_model,
+    }
+    return {CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode(),
+            WEIGHTS_FILE: save(tensors, metadata={"format": "pt"})}

@@ -324,14 +324,19 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
 @_target_option
 @click.option("--exact-numerics", is_flag=True,
               help="On the emulator, use the target's accumulator model (slow) instead of the fp32 accumulator.")
+@click.option("--adapter", "adapter_path", default=None,
+              help="A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) or hub id to apply.")
 @handle_errors
 def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
-                 top_p: float | None, seed: int | None, backend: str, target_name: str, exact_numerics: bool) -> None:
+                 top_p: float | None, seed: int | None, backend: str, target_name: str, exact_numerics: bool,
+                 adapter_path: str | None) -> None:
     """Generate text; tokens stream to the terminal as they come, then one line of figures."""
     import orion
 
     with orion.load(model_id, backend=backend, target=target_name,
                     accumulator=None if exact_numerics else "fp32") as model:
+        if adapter_path is not None:
+            model.set_adapter(model.load_adapter(adapter_path))
         click.echo(prompt, nl=False)
         for piece in model.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                     top_p=top_p, seed=seed, stream=True):

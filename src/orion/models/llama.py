@@ -498,33 +498,38 @@ class Llama(AdapterHost, TextGenerator):
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], tokenizer=None, *, backend="auto",
                  target="default", cache=None, budget=None):
         from orion.compiler.targets import get_target
+        from orion.runtime.program import get_backend
 
         self.config, self.weights, self.tokenizer = config, weights, tokenizer
         self.target = get_target(target) if isinstance(target, str) else target
-        self._options = dict(backend=backend, target=self.target, cache=cache, budget=budget)
+        self.backend = get_backend(backend, self.target)
+        self._options = dict(backend=self.backend, target=self.target, cache=cache, budget=budget)
         self.adapter_spec = adapter_spec(config)
         self._init_adapters()
-        self.blocks = self._build_blocks()
-        self.backend = self.blocks.forward[0].backend
+        self._blocks: LlamaBlocks | None = None
         self.stats = GenerationStats()
 
-    def _build_blocks(self) -> LlamaBlocks:
-        blocks = LlamaBlocks(self.config, self.config.max_seq_len, lora=self.lora, **self._options)
-        blocks.set_weights(self.weights)
-        if self.lora is not None:
-            blocks.set_adapter(self._current_adapter())
-        return blocks
+    @property
+    def blocks(self) -> LlamaBlocks:
+        """The block programs, built (for the current adapter layout) on first use."""
+        if self._blocks is None:
+            self._blocks = LlamaBlocks(self.config, self.config.max_seq_len, lora=self.lora, **self._options)
+            self._blocks.set_weights(self.weights)
+            if self.lora is not None:
+                self._blocks.set_adapter(self._current_adapter())
+        return self._blocks
 
     def _use_layout(self, layout: LoraLayout) -> None:
-        """Rebuild the block programs with adapter inputs now (one compile; the other blocks are cache hits)."""
-        self.blocks.close()
-        self.blocks = self._build_blocks()
+        self.close()
 
     def _write_adapter(self, adapter: Adapter | None) -> None:
-        self.blocks.set_adapter(adapter)
+        if self._blocks is not None:
+            self._blocks.set_adapter(adapter)
 
     def close(self) -> None:
-        self.blocks.close()
+        if self._blocks is not None:
+            self._blocks.close()
+            self._blocks = None
 
     def __enter__(self) -> "Llama":
         return self

@@ -427,16 +427,25 @@ def _progress_printer(total: int, start_label: str = "training"):
               "folder); default: a BPE trained on the data.")
 @click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True)
 @_target_option
+@click.option("--base", default=None, help="Start from this trained Llama (Hugging Face folder, hub id or Orion "
+              "checkpoint) instead of fresh weights; its tokenizer is used unless --tokenizer is given.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=None,
+              help="Train only a LoRA adapter of this rank on the frozen --base; checkpoints are PEFT adapters.")
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True,
+              help="LoRA scale numerator: the adapter adds (alpha / rank) B A.")
+@click.option("--lora-targets", default="q,v", show_default=True,
+              help="Projections to adapt: q, k, v, o, gate, up, down (or attn, ffn, all), comma-separated.")
 @handle_errors
 def train_cmd(preset, data, steps, batch, accum, lr, out_dir, resume, save_every, keep_last, seq_len, loss_scale,
-              seed, tokenizer, backend, target_name) -> None:
-    """Train a Llama-style model; checkpoints, metrics.jsonl and loss.png go to --out."""
+              seed, tokenizer, backend, target_name, base, lora_rank, lora_alpha, lora_targets) -> None:
+    """Train a Llama-style model (or a LoRA adapter of one); checkpoints, metrics.jsonl and loss.png go to --out."""
     from orion.models import model_backend
     from orion.train.trainer import Trainer, TrainSettings
 
     settings = TrainSettings(preset=preset, data=data, out=str(out_dir), steps=steps, batch=batch, accum=accum,
                              lr=lr, save_every=save_every, keep_last=keep_last, seq_len=seq_len,
-                             loss_scale=loss_scale, seed=seed, tokenizer=tokenizer)
+                             loss_scale=loss_scale, seed=seed, tokenizer=tokenizer, base=base, lora_rank=lora_rank,
+                             lora_alpha=lora_alpha, lora_targets=lora_targets)
     progress, on_step = _progress_printer(steps)
     trainer = Trainer(settings, backend=model_backend(backend, target_name), target=target_name, on_step=on_step)
     with progress:
@@ -449,14 +458,25 @@ def train_cmd(preset, data, steps, batch, accum, lr, out_dir, resume, save_every
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @handle_errors
 def export_cmd(checkpoint: Path, out_dir: Path) -> None:
-    """Export a training checkpoint to Hugging Face Llama layout (config.json, model.safetensors, tokenizer)."""
-    from orion.models.llama import LlamaConfig, export_hf
+    """Export a training checkpoint to Hugging Face Llama layout (config.json, model.safetensors, tokenizer), or a
+    LoRA checkpoint to a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)."""
+    from orion.fileio import write_atomic
+    from orion.lora import Adapter, peft_files
+    from orion.models.llama import LlamaConfig, adapter_spec, export_hf
     from orion.train.checkpoint import load_checkpoint
 
     weights, _, state = load_checkpoint(checkpoint)
-    tokenizer = checkpoint / "tokenizer.json"
+    if "lora" in state:
+        spec = adapter_spec(LlamaConfig(**state["config"]))
+        adapter = Adapter.from_arrays(spec, weights, state["lora"]["alpha"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in peft_files(adapter, spec, state["base"]["path"]).items():
+            write_atomic(out_dir / name, data)
+        out.print(f"wrote {out_dir} (PEFT LoRA adapter of {state['base']['path']})", highlight=False, markup=False)
+        return
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     export_hf(weights, LlamaConfig(**state["config"]), out_dir,
-              tokenizer.read_bytes() if tokenizer.is_file() else None)
+              {name: (checkpoint / name).read_bytes() for name in tokenizer_files if (checkpoint / name).is_file()})
     out.print(f"wrote {out_dir} (LlamaForCausalLM layout)", highlight=False, markup=False)
 
 

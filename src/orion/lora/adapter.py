@@ -112,6 +112,24 @@ class Adapter:
     def rank(self) -> int:
         return max((m.rank for m in self.modules.values()), default=0)
 
+    @classmethod
+    def from_arrays(cls, spec: AdapterSpec, arrays: dict[str, np.ndarray], alpha: float, rslora: bool = False,
+                    base_model: str | None = None) -> "Adapter":
+        """The inverse of :meth:`to_arrays` (the modules share the arrays' memory)."""
+        pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+        for name, array in arrays.items():
+            m = re.fullmatch(r"layers\.(\d+)\.(\w+)\.lora_([AB])", name)
+            if not m or m[2] not in spec.modules or int(m[1]) >= spec.n_layers:
+                raise AdapterError(f"{name!r} is not an adapter array of this {spec.family} model")
+            pairs.setdefault((int(m[1]), m[2]), {})[m[3]] = array
+        modules = {}
+        for key, pair in pairs.items():
+            if set(pair) != {"A", "B"}:
+                raise AdapterError(f"adapter arrays of layer {key[0]} {key[1]} lack lora_{'B' if 'A' in pair else 'A'}")
+            rank = pair["A"].shape[0]
+            modules[key] = LoraModule(pair["A"], pair["B"], float(alpha), scale_of(alpha, rank, rslora))
+        return cls(spec.family, modules, base_model, rslora)
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Trainable arrays by name (``layers.{i}.{target}.lora_A`` / ``.lora_B``), sharing memory with the modules."""
         out = {}
@@ -168,6 +186,17 @@ def new_adapter(spec: AdapterSpec, targets, rank: int, alpha: float, seed: int =
 # PEFT format: adapter_config.json + adapter_model.safetensors
 
 _PEFT_PREFIX = "base_model.model."
+#: PEFT LoraConfig keys of variants whose forward is not ``W x + s B A x`` (aLoRA keeps LoRA's tensors, so only its
+#: config tells it apart: it acts only after its invocation tokens).
+_VARIANTS = {
+    "alora_invocation_tokens": "an aLoRA adapter acts only after its invocation tokens",
+    "lora_bias": "the adapter adds a trained bias to lora_B",
+    "use_bdlora": "a BD-LoRA adapter has block-diagonal factors",
+    "kasa_config": "a KaSA adapter has singular values between A and B and changes the base weight",
+    "monteclora_config": "a MonteCLoRA adapter samples its weights",
+    "arrow_config": "an Arrow adapter routes between several LoRA modules",
+    "layer_replication": "the adapter's base model repeats layers",
+}
 _TENSOR = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight")
 
 
@@ -191,6 +220,9 @@ def parse_peft(config: dict, tensors: dict[str, np.ndarray], spec: AdapterSpec, 
                           ("bias", ("all", "lora_only"), "adapters that train biases are not supported")):
         if config.get(key) in (bad if isinstance(bad, tuple) else (bad,)):
             raise fail(f"{key}={config.get(key)!r}: {why}; export the adapter with {key} off")
+    for key, what in _VARIANTS.items():
+        if config.get(key):
+            raise fail(f"{key}={config[key]!r}: {what}, not plain LoRA; Orion runs plain LoRA adapters only")
     if config.get("modules_to_save"):
         raise fail(f"modules_to_save={config['modules_to_save']!r}: the adapter replaces whole modules; Orion runs "
                    "adapters of projections only (merge those modules into the base model)")

@@ -27,30 +27,42 @@ def load(path_or_id: str, *, backend="auto", target: Target | str = "default", a
          MODEL_ACCUMULATOR, cache=None, budget=None):
     """A model from a Hugging Face folder (GPT-2 or Llama), a hub id, or an Orion training checkpoint:
     ``orion.load("gpt2").generate("Once upon a time")``."""
-    from orion.models.hub import Tokenizer, load_weights, read_config, read_safetensors, resolve_model
+    from orion.models.hub import Tokenizer, load_weights, read_config, resolve_model
 
     folder = resolve_model(path_or_id)
+    if not (folder / "config.json").is_file() and "lora" in _read_checkpoint_state(folder):
+        # a LoRA training checkpoint: its base model with the adapter (PEFT files in the checkpoint) active
+        model = load(_read_checkpoint_state(folder)["base"]["path"], backend=backend, target=target,
+                     accumulator=accumulator, cache=cache, budget=budget)
+        model.set_adapter(model.load_adapter(folder))
+        return model
     tokenizer = Tokenizer.from_dir(folder) if _has_tokenizer(folder) else None
-    chosen = model_backend(backend, target, accumulator)
-    options = dict(backend=chosen, target=target, cache=cache, budget=budget)
-    if not (folder / "config.json").is_file():  # an Orion checkpoint: state.json + model.safetensors
-        from orion.models.llama import Llama, LlamaConfig
-
-        state = _read_checkpoint_state(folder)
-        return Llama(LlamaConfig(**state["config"]), read_safetensors(folder / "model.safetensors"), tokenizer,
-                     **options)
-    config = read_config(folder)
-    kind = config.get("model_type")
-    if kind == "gpt2":
+    options = dict(backend=model_backend(backend, target, accumulator), target=target, cache=cache, budget=budget)
+    if (folder / "config.json").is_file() and read_config(folder).get("model_type") == "gpt2":
         from orion.models.gpt2 import GPT2, GPT2Config
 
-        return GPT2(GPT2Config.from_hf(config), load_weights(folder), tokenizer, **options)
-    if kind == "llama":
-        from orion.models.llama import Llama, from_hf
+        return GPT2(GPT2Config.from_hf(read_config(folder)), load_weights(folder), tokenizer, **options)
+    from orion.models.llama import Llama
 
-        llama_config, weights = from_hf(config, load_weights(folder))
-        return Llama(llama_config, weights, tokenizer, **options)
-    raise OrionError(f"{folder}: model_type {kind!r} is not supported; Orion runs gpt2 and llama")
+    return Llama(*read_llama(folder), tokenizer, **options)
+
+
+def read_llama(path_or_id) -> tuple["LlamaConfig", dict]:
+    """A Llama's config and float32 weights from a Hugging Face folder (or hub id) or an Orion training checkpoint."""
+    from orion.models.hub import load_weights, read_config, read_safetensors, resolve_model
+    from orion.models.llama import LlamaConfig, from_hf
+
+    folder = resolve_model(str(path_or_id))
+    if not (folder / "config.json").is_file():  # an Orion checkpoint: state.json + model.safetensors
+        state = _read_checkpoint_state(folder)
+        if "lora" in state:
+            raise OrionError(f"{folder} holds a LoRA adapter, not a model; its base is {state['base']['path']}")
+        return LlamaConfig(**state["config"]), read_safetensors(folder / "model.safetensors")
+    config = read_config(folder)
+    kind = config.get("model_type")
+    if kind != "llama":
+        raise OrionError(f"{folder}: model_type {kind!r} is not supported here; Orion runs gpt2 and llama")
+    return from_hf(config, load_weights(folder))
 
 
 def _read_checkpoint_state(folder) -> dict:

@@ -634,9 +634,11 @@ def from_hf(config: dict, state: dict[str, np.ndarray]) -> tuple[LlamaConfig, di
     return cfg, weights
 
 
-def export_hf(weights: dict[str, np.ndarray], config: LlamaConfig, out_dir, tokenizer_json: bytes | None = None):
-    """Write a Hugging Face Llama folder (config.json, model.safetensors, tokenizer.json) that transformers'
-    LlamaForCausalLM loads; every file is written atomically."""
+def export_hf(weights: dict[str, np.ndarray], config: LlamaConfig, out_dir,
+              tokenizer_files: dict[str, bytes] | None = None):
+    """Write a Hugging Face Llama folder (config.json, model.safetensors and the tokenizer's files, e.g.
+    tokenizer.json and tokenizer_config.json) that transformers' LlamaForCausalLM loads; every file is written
+    atomically."""
     import json
     from pathlib import Path
 
@@ -648,8 +650,7 @@ def export_hf(weights: dict[str, np.ndarray], config: LlamaConfig, out_dir, toke
     out.mkdir(parents=True, exist_ok=True)
     files = {"config.json": (json.dumps(hf_config(config), indent=2) + "\n").encode(),
              "model.safetensors": save(to_hf_weights(weights, config), metadata={"format": "pt"})}
-    if tokenizer_json is not None:
-        files["tokenizer.json"] = tokenizer_json
+    files |= tokenizer_files or {}
     for name, data in files.items():
         write_atomic(out / name, data)
     return out

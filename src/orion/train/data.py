@@ -479,15 +479,24 @@ def _save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
     if tokenizer.eos_id is None:
         raise SettingsError("the tokenizer has no end-of-text token, which separates documents in the token files; "
                             "use a tokenizer whose tokenizer_config.json names its eos_token")
-    name, data = _serialized(tokenizer)
-    for stale in {"tokenizer.json", "tokenizer.model"} - {name}:  # Tokenizer.from_dir prefers tokenizer.json
+    files = tokenizer_files(tokenizer)
+    for stale in {"tokenizer.json", "tokenizer.model"} - set(files):  # Tokenizer.from_dir prefers tokenizer.json
         with contextlib.suppress(FileNotFoundError):
             (folder / stale).unlink()
-    with atomic_write(folder / name) as f:
-        f.write(data)
-    config = {"eos_token": tokenizer.id_to_token(tokenizer.eos_id)}
-    with atomic_write(folder / "tokenizer_config.json") as f:
-        f.write((json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    for name, data in files.items():
+        with atomic_write(folder / name) as f:
+            f.write(data)
+
+
+def tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
+    """The files :meth:`Tokenizer.from_dir` reads back as this tokenizer: its own file, and a tokenizer_config.json
+    naming its end-of-text token (if it has one)."""
+    name, data = _serialized(tokenizer)
+    files = {name: data}
+    if tokenizer.eos_id is not None:
+        config = {"eos_token": tokenizer.id_to_token(tokenizer.eos_id)}
+        files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode("utf-8")
+    return files
 
 
 def _tokenizer_file(folder: Path) -> Path:

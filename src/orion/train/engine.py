@@ -5,6 +5,10 @@ program input, so the two programs compile once (the other blocks' copies are ca
 only writes input surfaces. The CPU (float32 BLAS) does the embedding, the final RMSNorm, the tied classifier, the
 cross-entropy loss and its gradient, and every weight gradient from the taps; the weight gradients of block i are
 computed on a worker thread while the backend runs the backward program of block i-1.
+
+Only what is trained gets a gradient: the caller's ``grads`` dict names the trainable arrays. Training a LoRA adapter
+on a frozen base gives only the adapter's names (``layers.{i}.{target}.lora_A/B``), so the CPU skips the classifier,
+embedding and base weight gradients and computes the adapter's from the same taps.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from orion.models.llama import BACKWARD_TAPS, LlamaBlocks, LlamaConfig, rms_norm_rows, weight_gradients
+from orion.lora import Adapter, LoraLayout
+from orion.models.llama import (BACKWARD_TAPS, LlamaBlocks, LlamaConfig, lora_gradients, rms_norm_rows,
+                                weight_gradients)
 
 
 def _to_channels(rows: np.ndarray) -> np.ndarray:
@@ -30,9 +36,17 @@ def _to_rows(channels: np.ndarray) -> np.ndarray:
 class LlamaEngine(LlamaBlocks):
     """The block programs (forward and backward) of one model size and sequence length, and the CPU half."""
 
-    def __init__(self, config: LlamaConfig, seq: int, *, backend, target, cache=None, budget=None):
-        super().__init__(config, seq, backend=backend, target=target, cache=cache, budget=budget, backward=True)
+    def __init__(self, config: LlamaConfig, seq: int, *, backend, target, cache=None, budget=None,
+                 lora: LoraLayout | None = None):
+        super().__init__(config, seq, backend=backend, target=target, cache=cache, budget=budget, backward=True,
+                         lora=lora)
         self._pool = ThreadPoolExecutor(max_workers=1)
+        self.adapter: Adapter | None = None
+
+    def set_adapter(self, adapter: Adapter | None) -> None:
+        """Run with ``adapter`` (its arrays are read again at each call: an optimizer step then this)."""
+        super().set_adapter(adapter)
+        self.adapter = adapter
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -41,7 +55,7 @@ class LlamaEngine(LlamaBlocks):
     def loss_and_grads(self, weights: dict[str, np.ndarray], ids: np.ndarray, targets: np.ndarray, scale: float,
                        grads: dict[str, np.ndarray], tokens_in_step: int) -> float:
         """Forward and backward of one sequence; adds ``scale`` times its gradients (of the step's mean loss) into
-        ``grads``. Returns the sequence's summed cross-entropy."""
+        ``grads``, for the names it holds. Returns the sequence's summed cross-entropy."""
         c = self.config
         cpu = time.perf_counter()
         x = weights["tok_embeddings"][ids]  # [S, d]
@@ -61,9 +75,11 @@ class LlamaEngine(LlamaBlocks):
         dlogits = probs
         dlogits[positions, targets] -= 1.0
         dlogits *= scale / tokens_in_step
-        grads[classifier_name] += dlogits.T @ normed
+        if classifier_name in grads:
+            grads[classifier_name] += dlogits.T @ normed
         dnormed = dlogits @ classifier
-        grads["norm"] += (dnormed * x_hat).sum(0)
+        if "norm" in grads:
+            grads["norm"] += (dnormed * x_hat).sum(0)
         d_hat = dnormed * weights["norm"]
         dy = r * (d_hat - x_hat * (x_hat * d_hat).mean(-1, keepdims=True))
         self.timings["cpu"] += time.perf_counter() - cpu
@@ -79,12 +95,19 @@ class LlamaEngine(LlamaBlocks):
         cpu = time.perf_counter()
         for job in pending:
             job.result()
-        np.add.at(grads["tok_embeddings"], ids, _to_rows(d))
+        if "tok_embeddings" in grads:
+            np.add.at(grads["tok_embeddings"], ids, _to_rows(d))
         self.timings["cpu"] += time.perf_counter() - cpu
         return loss
 
     def _accumulate(self, layer: int, taps, out, dy, grads) -> None:
         t0 = time.perf_counter()
-        for name, g in weight_gradients(layer, self.config, taps, out, dy).items():
-            grads[name] += g
+        found = {}
+        if f"layers.{layer}.wq" in grads:
+            found |= weight_gradients(layer, self.config, taps, out, dy)
+        if self.adapter is not None:
+            found |= lora_gradients(self.adapter, layer, self.config, taps, out, dy)
+        for name, g in found.items():
+            if name in grads:
+                grads[name] += g
         self.timings["cpu"] += time.perf_counter() - t0

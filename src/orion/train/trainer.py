@@ -1,11 +1,16 @@
 """The training loop: data -> engine (backend + CPU) -> guarded AdamW step -> new weights as input writes ->
 metrics, loss curve, checkpoints. A run of N steps resumed after step k ends with bitwise the weights of an
 uninterrupted run: every source of state (weights, moments, loss scale, data position, RNG) is checkpointed, and the
-computation is deterministic."""
+computation is deterministic.
+
+``base`` starts from a trained model instead of fresh weights; with ``lora_rank`` only a LoRA adapter is trained on
+that frozen base: the programs take the adapter as inputs, checkpoints hold the adapter and its moments (and PEFT's
+two files, so a checkpoint folder is also an adapter peft loads), and the base is checked by digest on resume."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -15,12 +20,14 @@ from typing import Callable
 import numpy as np
 
 from orion import __version__
+from orion.compiler.targets import get_target
 from orion.errors import OrionError, SettingsError
 from orion.fileio import atomic_write, write_atomic
-from orion.models.llama import PRESETS, LlamaConfig, init_weights
+from orion.lora import Adapter, LoraLayout, new_adapter, peft_files
+from orion.models.llama import PRESETS, LlamaConfig, adapter_spec, init_weights
 from orion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from orion.models.hub import Tokenizer
-from orion.train.data import BatchStream, PreparedDataset, prepare_dataset
+from orion.train.data import BatchStream, PreparedDataset, prepare_dataset, tokenizer_files
 from orion.train.engine import LlamaEngine
 from orion.train.optim import AdamW, LossScaler, cosine_lr, guarded_step
 
@@ -48,6 +55,10 @@ class TrainSettings:
     seq_len: int | None = None
     tokenizer: str | None = None
     model_overrides: dict = dataclasses.field(default_factory=dict)
+    base: str | None = None  # a trained Llama (HF folder, hub id or Orion checkpoint) to start from
+    lora_rank: int | None = None  # train only a LoRA adapter of this rank on the frozen base
+    lora_alpha: float = 16.0
+    lora_targets: str = "q,v"
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -59,21 +70,39 @@ class TrainSettings:
             raise SettingsError(f"--lr must be positive, got {self.lr}")
         if not self.data:
             raise SettingsError("give --data: a .txt/.jsonl file or folder, a tokenized .bin, or a hub dataset id")
+        if self.lora_rank is not None:
+            if self.base is None:
+                raise SettingsError("LoRA training needs a base model to adapt: give --base (a Llama folder, hub id "
+                                    "or Orion checkpoint)")
+            if self.lora_rank < 1:
+                raise SettingsError(f"--lora-rank must be at least 1, got {self.lora_rank}")
+            if not self.lora_alpha > 0:
+                raise SettingsError(f"--lora-alpha must be positive, got {self.lora_alpha}")
 
-    def model_config(self, vocab_size: int) -> LlamaConfig:
-        base = dataclasses.asdict(PRESETS[self.preset]) | self.model_overrides | {"vocab_size": vocab_size}
+    def model_config(self, vocab_size: int, base: LlamaConfig | None = None) -> LlamaConfig:
+        """The preset's shape (or the base model's), with the tokenizer's vocabulary and ``seq_len``."""
+        if base is not None:
+            if base.vocab_size != vocab_size:
+                raise SettingsError(f"the base model has a vocabulary of {base.vocab_size} but the tokenizer has "
+                                    f"{vocab_size}: give --tokenizer, the one the base was trained with")
+            fields = dataclasses.asdict(base)
+        else:
+            fields = dataclasses.asdict(PRESETS[self.preset]) | self.model_overrides | {"vocab_size": vocab_size}
         if self.seq_len:
-            base["max_seq_len"] = self.seq_len
-        return LlamaConfig(**base)
+            fields["max_seq_len"] = self.seq_len
+        return LlamaConfig(**fields)
 
 
-def _dataset(settings: TrainSettings, folder: Path) -> PreparedDataset:
-    """Text sources are tokenized into ``folder`` (training a BPE of the preset's vocabulary size unless a tokenizer
-    is given); a pre-tokenized uint16 ``.bin`` is used as it is, with the tokenizer it was made with."""
+def _dataset(settings: TrainSettings, folder: Path, base_folder: Path | None) -> PreparedDataset:
+    """Text sources are tokenized into ``folder`` (with the base model's tokenizer when there is one, else training a
+    BPE of the preset's vocabulary size unless a tokenizer is given); a pre-tokenized uint16 ``.bin`` is used as it
+    is, with the tokenizer it was made with."""
     tokenizer = None
     if settings.tokenizer:
         tokenizer = Tokenizer.from_dir(Path(settings.tokenizer).parent if settings.tokenizer.endswith(".json")
                                        else settings.tokenizer)
+    elif base_folder is not None and (base_folder / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_dir(base_folder)
     if settings.data.endswith(".bin"):
         data = Path(settings.data)
         if not data.is_file():
@@ -101,17 +130,42 @@ class Trainer:
         self.settings = settings
         self.out = Path(settings.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.dataset = _dataset(settings, self.out / "data")
-        self.config = settings.model_config(self.dataset.tokenizer.vocab_size)
-        self.backend, self.target, self.cache, self.budget = backend, target, cache, budget
+        self.base_weights, base_config, base_folder = None, None, None
+        if settings.base is not None:
+            from orion.models import read_llama
+            from orion.models.hub import resolve_model
+
+            base_folder = resolve_model(settings.base)
+            base_config, self.base_weights = read_llama(base_folder)
+            self.base_digest = weights_digest(self.base_weights)
+        self.dataset = _dataset(settings, self.out / "data", base_folder)
+        self.config = settings.model_config(self.dataset.tokenizer.vocab_size, base_config)
+        self.spec = adapter_spec(self.config)
+        self.lora_targets = (self.spec.parse_targets(settings.lora_targets) if settings.lora_rank is not None
+                             else None)
+        self.backend, self.cache, self.budget = backend, cache, budget
+        self.target = get_target(target) if isinstance(target, str) else target
         self.on_step = on_step
         self.metrics_path = self.out / "metrics.jsonl"
 
     # -- state ----------------------------------------------------------------------------------------------------
 
+    @property
+    def trains_adapter(self) -> bool:
+        return self.settings.lora_rank is not None
+
+    def _lora_state(self) -> dict:
+        s = self.settings
+        return {"rank": s.lora_rank, "alpha": s.lora_alpha, "targets": list(self.lora_targets)}
+
     def _fresh(self):
         s = self.settings
-        weights = init_weights(self.config, s.seed)
+        if self.trains_adapter:
+            weights = new_adapter(self.spec, self.lora_targets, s.lora_rank, s.lora_alpha, s.seed).to_arrays()
+        elif self.base_weights is not None:
+            weights = {k: v.copy() for k, v in self.base_weights.items()}
+        else:
+            weights = init_weights(self.config, s.seed)
         optimizer = AdamW(weights, lr=s.lr, betas=(s.beta1, s.beta2), weight_decay=s.weight_decay)
         scaler = LossScaler(s.loss_scale, init_scale=s.init_scale)
         stream = BatchStream(self.dataset.train, s.batch, self.config.max_seq_len, seed=s.seed)
@@ -121,6 +175,13 @@ class Trainer:
         weights, moments, state = load_checkpoint(path)
         if state.get("config") != self.config.to_dict():
             raise OrionError(f"{path} holds a model of another shape ({state.get('config')}); use another --out")
+        if state.get("lora") != (self._lora_state() if self.trains_adapter else None):
+            held = f"a LoRA adapter {state['lora']}" if state.get("lora") else "a whole model"
+            raise OrionError(f"{path} holds {held}, not what these settings train; use the same LoRA settings or "
+                             "another --out")
+        if self.trains_adapter and state["base"]["sha256"] != self.base_digest:
+            raise OrionError(f"{path} was trained on another base model ({state['base']['path']}); resume with that "
+                             "base, or use another --out")
         s = self.settings
         optimizer = AdamW(weights, lr=s.lr, betas=(s.beta1, s.beta2), weight_decay=s.weight_decay)
         optimizer.load_state_dict(moments)
@@ -133,9 +194,16 @@ class Trainer:
         state = {"config": self.config.to_dict(), "settings": dataclasses.asdict(self.settings), "step": step,
                  "data": data_state, "loss_scaler": scaler.state_dict(), "timings": timings,
                  "orion_version": __version__, "tokenizer": str(self.dataset.directory)}
-        tokenizer = self.dataset.tokenizer.inner.to_str().encode("utf-8")
+        extra = tokenizer_files(self.dataset.tokenizer)
+        if self.trains_adapter:
+            base = str(Path(self.settings.base).resolve()) if Path(self.settings.base).exists() else self.settings.base
+            state |= {"lora": self._lora_state(), "base": {"path": base, "sha256": self.base_digest}}
+            extra |= peft_files(self._adapter(weights), self.spec, base)
         return save_checkpoint(self.out, step, weights, optimizer.state_dict(), state,
-                               keep_last=self.settings.keep_last, extra_files={"tokenizer.json": tokenizer})
+                               keep_last=self.settings.keep_last, extra_files=extra)
+
+    def _adapter(self, arrays: dict[str, np.ndarray]) -> Adapter:
+        return Adapter.from_arrays(self.spec, arrays, self.settings.lora_alpha)
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
@@ -155,14 +223,28 @@ class Trainer:
         self._trim_metrics(start)
         if start >= s.steps:
             return {"step": start, "message": f"already at step {start} of {s.steps}"}
+        adapter = self._adapter(weights) if self.trains_adapter else None
         engine = LlamaEngine(self.config, self.config.max_seq_len, backend=self.backend, target=self.target,
-                             cache=self.cache, budget=self.budget)
+                             cache=self.cache, budget=self.budget,
+                             lora=None if adapter is None else LoraLayout.covering(
+                                 [adapter], self.target.matmul_inner_multiple))
+        model_weights = weights if adapter is None else self.base_weights | weights
+
+        def push_weights() -> None:
+            """The optimizer's new values into the programs' input surfaces."""
+            if adapter is None:
+                engine.set_weights(weights)
+            else:
+                engine.set_adapter(adapter)
+
         history = []
         done = start
         data_state = stream.state()  # the stream's position after the last finished step
         committing = False
         try:
-            engine.set_weights(weights)
+            if adapter is not None:
+                engine.set_weights(self.base_weights)
+            push_weights()
             tokens_per_step = s.batch * s.accum * self.config.max_seq_len
             for step in range(start + 1, s.steps + 1):
                 t0 = time.perf_counter()
@@ -175,14 +257,14 @@ class Trainer:
                 for _ in range(s.accum):
                     inputs, targets = next(stream)
                     for row in range(inputs.shape[0]):
-                        loss += engine.loss_and_grads(weights, inputs[row], targets[row], scaler.scale, grads,
-                                                      tokens_per_step)
+                        loss += engine.loss_and_grads(model_weights, inputs[row], targets[row], scaler.scale,
+                                                      grads, tokens_per_step)
                 cpu0 = time.perf_counter()
                 committing = True
                 report = guarded_step(optimizer, scaler, grads, max_norm=s.grad_clip, lr=lr)
                 engine.timings["cpu"] += time.perf_counter() - cpu0
                 if not report.skipped:
-                    engine.set_weights(weights)
+                    push_weights()
                 done, committing = step, False
                 data_state = stream.state()
                 elapsed = time.perf_counter() - t0
@@ -221,6 +303,16 @@ class Trainer:
         rows = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= start]
         write_atomic(self.metrics_path, "".join(row + "\n" for row in rows))
+
+
+def weights_digest(weights: dict[str, np.ndarray]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: tells a resumed adapter run that its base is the same model."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        array = np.ascontiguousarray(weights[name])
+        h.update(f"{name}|{array.dtype.str}|{array.shape}\n".encode())
+        h.update(array.data)
+    return h.hexdigest()
 
 
 def plot_loss_curve(metrics: Path, png: Path) -> None:

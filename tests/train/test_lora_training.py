@@ -243,3 +243,16 @@ def test_cli_trains_exports_and_generates_with_the_adapter(corpus, base, tmp_pat
     refused = CliRunner().invoke(cli, ["train", "--data", str(corpus), "--steps", "3", "--lora-rank", "4",
                                        "--out", str(tmp_path / "x"), "--backend", "emulator"])
     assert refused.exit_code == 2 and "--base" in refused.output
+
+
+def test_base_without_lora_fine_tunes_the_whole_model(corpus, base, straight, tmp_path):
+    """Step 1 of a fine-tune from the base and of an adapter run (B = 0) both evaluate the base on the same batch."""
+    result = make_trainer(lora_settings(corpus, base, tmp_path / "full", lora_rank=None, steps=3)).run()
+    first = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[0])
+    adapter_first = json.loads((straight[0] / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(adapter_first["loss"], abs=1e-6)
+    weights, _, state = load_checkpoint(result["checkpoint"])
+    config, base_weights = read_llama(base)
+    assert "lora" not in state and weights.keys() == base_weights.keys()
+    assert state["config"] == config.to_dict()
+    assert not np.array_equal(weights["layers.0.wq"], base_weights["layers.0.wq"])

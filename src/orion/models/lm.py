@@ -95,21 +95,37 @@ class AdapterHost:
 
     def load_adapter(self, path, name: str | None = None):
         """Read a PEFT LoRA adapter (a folder or a hub id) and keep it resident under ``name`` (default: the
-        folder's name); it becomes active with :meth:`set_adapter`. Returns the name."""
+        folder's name, or the hub id: a hub snapshot's folder is named after a commit); it becomes active with
+        :meth:`set_adapter`. Returns the name."""
+        from pathlib import Path
+
         from orion.lora import CONFIG_FILE, WEIGHTS_FILE, parse_peft
         from orion.models.hub import _read_json_object, read_safetensors, resolve_adapter
 
         folder = resolve_adapter(str(path))
         config = _read_json_object(folder / CONFIG_FILE, OrionError)
         adapter = parse_peft(config, read_safetensors(folder / WEIGHTS_FILE), self.adapter_spec, str(folder))
-        return self.add_adapter(adapter, name or folder.resolve().name)
+        local = Path(str(path)).expanduser().is_dir()
+        return self.add_adapter(adapter, name or (folder.resolve().name if local else str(path)))
 
     def add_adapter(self, adapter, name: str):
         """Keep an :class:`~orion.lora.Adapter` resident under ``name`` (replacing one of that name)."""
-        from orion.lora import LoraLayout
+        from orion.lora import AdapterError, LoraLayout
 
-        if adapter.family != self.adapter_spec.family:
-            raise OrionError(f"adapter {name!r} is for {adapter.family}, not {self.adapter_spec.family}")
+        spec = self.adapter_spec
+        if adapter.family != spec.family:
+            raise AdapterError(f"adapter {name!r} is for {adapter.family}, not {spec.family}")
+        if not adapter.modules:
+            raise AdapterError(f"adapter {name!r} has no modules")
+        for (layer, target), m in sorted(adapter.modules.items()):  # before it is resident: a refusal changes nothing
+            if target not in spec.modules or not 0 <= layer < spec.n_layers:
+                raise AdapterError(f"adapter {name!r} adapts {target!r} of layer {layer}; this {spec.family} model has "
+                                   f"{spec.n_layers} layers and targets {', '.join(spec.modules)}")
+            fan_in, fan_out = spec.features[target]
+            if m.a.ndim != 2 or m.a.shape[1] != fan_in or m.b.shape != (fan_out, m.a.shape[0]):
+                raise AdapterError(f"adapter {name!r}: layer {layer} {target} has A {list(m.a.shape)} and B "
+                                   f"{list(m.b.shape)}; this model needs A [r, {fan_in}] and B [{fan_out}, r] "
+                                   "(is the adapter for another model size?)")
         self._adapters[name] = adapter
         if self.lora is None or not self.lora.fits(adapter):
             self.lora = LoraLayout.covering(self._adapters.values(), self.target.matmul_inner_multiple)

@@ -428,3 +428,15 @@ def test_new_adapter_starts_as_peft_does(llama):
 def test_new_adapter_refuses_bad_settings(llama, kwargs, message):
     with pytest.raises(AdapterError, match=re.escape(message)):
         new_adapter(llama[1], **kwargs)
+
+
+def test_parse_peft_reads_adapters_of_the_bare_model(saved, gpt2):
+    """peft on GPT2Model (no LM head) names tensors ``h.0...`` instead of ``transformer.h.0...``: the same adapter."""
+    config, tensors = saved
+    bare = {k.replace("base_model.model.transformer.", "base_model.model."): v for k, v in tensors.items()}
+    assert bare.keys() != tensors.keys()
+    ours, theirs = parse_peft(config, bare, gpt2[1]), parse_peft(config, tensors, gpt2[1])
+    assert ours.modules.keys() == theirs.modules.keys()
+    for key, m in theirs.modules.items():
+        np.testing.assert_array_equal(ours.modules[key].a, m.a)
+        np.testing.assert_array_equal(ours.modules[key].b, m.b)

@@ -45,6 +45,29 @@ class AdapterSpec:
     def module_key(self, layer: int, target: str) -> str:
         return f"{self.layer_prefix}.{layer}.{self.modules[target]}"
 
+    def check_module(self, layer: int, target: str, a: np.ndarray, b: np.ndarray, where: str) -> None:
+        """Refuse a module this model cannot run: a layer past its depth, an unknown target, or A and B shapes of
+        another model size."""
+        if target not in self.modules:
+            raise AdapterError(f"{where}: {target!r} is not a projection Orion adapts in {self.family}; "
+                               f"{self._choices()}")
+        if not 0 <= layer < self.n_layers:
+            raise AdapterError(f"{where}: {target} is for layer {layer}; the model has {self.n_layers} layers")
+        fan_in, fan_out = self.features[target]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape[0] != fan_out or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{where}: {self.module_key(layer, target)}: lora_A {list(a.shape)} and lora_B "
+                               f"{list(b.shape)} do not make a LoRA of a {fan_in} -> {fan_out} projection (A [r, "
+                               f"{fan_in}], B [{fan_out}, r]); is the adapter for another model size?")
+
+    def check(self, adapter: "Adapter", where: str) -> None:
+        """Refuse an adapter of another family, with no modules, or with a module :meth:`check_module` refuses."""
+        if adapter.family != self.family:
+            raise AdapterError(f"{where} is for {adapter.family}, not {self.family}")
+        if not adapter.modules:
+            raise AdapterError(f"{where} has no modules")
+        for (layer, target), m in sorted(adapter.modules.items()):
+            self.check_module(layer, target, m.a, m.b, where)
+
     def parse_targets(self, text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         """``"q,v"`` (or a list) -> targets in declaration order; aliases expand, ``all`` is every target."""
         names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
@@ -231,7 +254,9 @@ def parse_peft(config: dict, tensors: dict[str, np.ndarray], spec: AdapterSpec, 
             raise fail(f"{key} must be a positive number, got {config.get(key)!r}")
     rslora = bool(config.get("use_rslora", False))
     by_path = {path: target for target, path in spec.modules.items()}
-    layer_re = re.compile(rf"{re.escape(spec.layer_prefix)}\.(\d+)\.(.+)")
+    # the layers' path in the model peft wrapped: the LM head model's ("model.layers") or the bare model's ("layers")
+    bare = spec.layer_prefix.rsplit(".", 1)[-1]
+    layer_re = re.compile(rf"(?:{re.escape(spec.layer_prefix)}|{re.escape(bare)})\.(\d+)\.(.+)")
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, array in tensors.items():
         short = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
@@ -240,10 +265,7 @@ def parse_peft(config: dict, tensors: dict[str, np.ndarray], spec: AdapterSpec, 
         if not (m and layer and layer[2] in by_path):
             raise fail(f"tensor {name!r} is not a LoRA weight of a projection Orion adapts in {spec.family} "
                        f"({', '.join(f'{spec.layer_prefix}.N.{p}' for p in spec.modules.values())})")
-        index = int(layer[1])
-        if index >= spec.n_layers:
-            raise fail(f"tensor {name!r} is for layer {index}; the model has {spec.n_layers} layers")
-        pair = found.setdefault((index, by_path[layer[2]]), {})
+        pair = found.setdefault((int(layer[1]), by_path[layer[2]]), {})
         if m["which"] in pair:
             raise fail(f"two lora_{m['which']} tensors for {m['module']}")
         pair[m["which"]] = np.asarray(array, np.float32)
@@ -255,11 +277,7 @@ def parse_peft(config: dict, tensors: dict[str, np.ndarray], spec: AdapterSpec, 
         if set(pair) != {"A", "B"}:
             raise fail(f"{key} has lora_{''.join(pair)} but not lora_{'B' if 'A' in pair else 'A'}")
         a, b = pair["A"], pair["B"]
-        fan_in, fan_out = spec.features[target]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != fan_in or b.shape[0] != fan_out or a.shape[0] != b.shape[1]:
-            raise fail(f"{key}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not make a LoRA of a "
-                       f"{fan_in} -> {fan_out} projection (A [r, {fan_in}], B [{fan_out}, r]); is the adapter for "
-                       "another model size?")
+        spec.check_module(layer, target, a, b, where)
         rank = a.shape[0]
         declared = _pattern_value(config.get("rank_pattern"), key, config["r"])
         if rank != declared:

@@ -110,22 +110,9 @@ class AdapterHost:
 
     def add_adapter(self, adapter, name: str):
         """Keep an :class:`~orion.lora.Adapter` resident under ``name`` (replacing one of that name)."""
-        from orion.lora import AdapterError, LoraLayout
+        from orion.lora import LoraLayout
 
-        spec = self.adapter_spec
-        if adapter.family != spec.family:
-            raise AdapterError(f"adapter {name!r} is for {adapter.family}, not {spec.family}")
-        if not adapter.modules:
-            raise AdapterError(f"adapter {name!r} has no modules")
-        for (layer, target), m in sorted(adapter.modules.items()):  # before it is resident: a refusal changes nothing
-            if target not in spec.modules or not 0 <= layer < spec.n_layers:
-                raise AdapterError(f"adapter {name!r} adapts {target!r} of layer {layer}; this {spec.family} model has "
-                                   f"{spec.n_layers} layers and targets {', '.join(spec.modules)}")
-            fan_in, fan_out = spec.features[target]
-            if m.a.ndim != 2 or m.a.shape[1] != fan_in or m.b.shape != (fan_out, m.a.shape[0]):
-                raise AdapterError(f"adapter {name!r}: layer {layer} {target} has A {list(m.a.shape)} and B "
-                                   f"{list(m.b.shape)}; this model needs A [r, {fan_in}] and B [{fan_out}, r] "
-                                   "(is the adapter for another model size?)")
+        self.adapter_spec.check(adapter, f"adapter {name!r}")  # before it is resident: a refusal changes nothing
         self._adapters[name] = adapter
         if self.lora is None or not self.lora.fits(adapter):
             self.lora = LoraLayout.covering(self._adapters.values(), self.target.matmul_inner_multiple)

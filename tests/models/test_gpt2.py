@@ -117,3 +117,11 @@ def test_bad_input_is_refused_with_a_clear_error(reference, orion_model):
     bad["transformer.wte.weight"] = bad["transformer.wte.weight"][:, :10]
     with pytest.raises(OrionError, match="wte.weight has shape"):
         GPT2(GPT2Config.from_hf(config.to_dict()), bad, backend="emulator")
+
+
+def test_generation_runs_one_decode_step_per_token_after_the_first(orion_model):
+    """The first token comes from the prefill; each later one costs one decode step, and none is run past the last."""
+    prompt = np.random.default_rng(4).integers(1, VOCAB, 10)
+    tokens = list(orion_model.generate_ids(prompt, max_tokens=5))
+    assert len(tokens) == 5
+    assert orion_model.stats.new_tokens == 5 and orion_model.stats.decode_steps == 4

@@ -343,7 +343,8 @@ def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()
-        err.print(f"[dim]{escape(model.stats.line())} | backend {model.backend.name}[/]", highlight=False)
+        adapter = f" | adapter {model.active_adapter}" if model.active_adapter else ""
+        err.print(f"[dim]{escape(model.stats.line() + adapter)} | backend {model.backend.name}[/]", highlight=False)
 
 
 @cli.group("bench")

@@ -407,7 +407,7 @@ class GPT2(AdapterHost, TextGenerator):
             for _ in range(max_tokens):
                 stats.new_tokens += 1
                 yield int(token)
-                if int(token) in stop_ids or pos >= total:
+                if int(token) in stop_ids or pos >= total or stats.new_tokens == max_tokens:
                     break
                 token = sampler.sample(self._decode_step(programs, int(token), pos))
                 stats.decode_steps += 1

@@ -575,7 +575,7 @@ class Llama(AdapterHost, TextGenerator):
                 token = int(sampler.sample(logits))
                 stats.new_tokens += 1
                 yield token
-                if token in stop_ids or len(ids) + 1 >= self.config.max_seq_len:
+                if token in stop_ids or len(ids) + 1 >= self.config.max_seq_len or stats.new_tokens == max_tokens:
                     break
                 ids.append(token)
                 logits = self.logits(ids)[-1]

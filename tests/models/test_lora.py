@@ -402,6 +402,9 @@ def test_lora_programs_bind_inputs_alphabetically_on_one_surface_size(family):
         names = [n for n, _ in program.plan.inputs]
         assert names == sorted(names) == sorted(declared)
         lora = [n for n in names if "lora" in n]
+        # the base weights are baked (BLOBFILE constants): the other inputs are activations, the mask and RoPE tables
+        assert {n for n in names if n not in lora} <= {"x", "mask", "cos", "sin"}
+        assert len(program.module.weight_names) >= 4
         # every adapted projection of the layout has its A and B (or B's two rotary halves) in the program
         for target in model.lora.targets:
             mine = [n for n in lora if re.search(rf"lora_{target}_", n)]

@@ -198,14 +198,19 @@ def lora_gradients(adapter: Adapter, layer: int, config: LlamaConfig, taps: dict
 
 
 class _Block:
-    """Builds one block's programs; inputs are declared as they are first used."""
+    """Builds one block's programs; inputs are declared as they are first used. With ``baked`` (one layer's
+    :func:`layer_inputs`) the weights are constants named after ``layer`` instead of inputs, and each linear layer
+    is a 1x1 conv: an inference program."""
 
-    def __init__(self, name: str, config: LlamaConfig, seq: int, lora: LoraLayout | None = None):
+    def __init__(self, name: str, config: LlamaConfig, seq: int, lora: LoraLayout | None = None,
+                 baked: dict[str, np.ndarray] | None = None, layer: int = 0):
         self.b = GraphBuilder(name)
         self.c = config
         self.s = seq
         self.half = config.dim // 2
         self.lora = lora
+        self.baked = baked
+        self.prefix = f"l{layer:02d}_"  # distinct constant names: each layer's program is its own compile
         self._down: dict[str, Value] = {}
 
     def adapts(self, target: str) -> bool:
@@ -240,11 +245,21 @@ class _Block:
                      name=f"{dx.name}_lora_{target}")
 
     def weight(self, name: str, rows: int, cols: int) -> Value:
+        if self.baked is not None:
+            return self.b.weight(self.prefix + name, self.baked[name].reshape(rows, cols, 1, 1))
         return self.b.input(name, (1, 1, rows, cols))
 
+    def gain(self, name: str) -> Value:
+        if self.baked is not None:
+            return self.b.weight(self.prefix + name, self.baked[name])
+        return self.b.input(name, (1, self.c.dim, 1, 1))
+
     def linear(self, x: Value, w: Value, name: str, transpose: bool = False) -> Value:
-        """``W x`` (or ``W^T x``) for ``x [1, I, 1, S]`` and an input weight ``[1, 1, O, I]``."""
+        """``W x`` (or ``W^T x``) for ``x [1, I, 1, S]`` and an input weight ``[1, 1, O, I]`` (a baked ``[O, I, 1,
+        1]`` weight: a 1x1 conv)."""
         b = self.b
+        if self.baked is not None:
+            return b.op("conv", name=name, x=x, weight=w)
         rows = b.reshape(x, shape=[1, 1, x.shape[1], self.s], name=f"{name}_rows")
         out = b.matmul(w, rows, transpose_x=transpose, transpose_y=False, name=f"{name}_mm")
         return b.reshape(out, shape=[1, out.shape[2], 1, self.s], name=name)
@@ -271,17 +286,19 @@ class _Block:
         return b.mul(r, b.sub(d_hat, b.mul(x_hat, m, name=f"{name}_xm"), name=f"{name}_diff"), name=name)
 
 
-def forward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None):
+def forward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None,
+                  baked: dict[str, np.ndarray] | None = None, layer: int = 0):
     """One block forward. Inputs: x, cos, sin, mask, the weights (and ``lora``'s adapter inputs). Outputs: y and the
-    backward pass's taps."""
-    blk = _Block(f"llama_fwd{seq}", config, seq, lora)
+    backward pass's taps. With ``baked`` (layer ``layer``'s :func:`layer_inputs`): the weights are constants and y
+    is the only output, for inference."""
+    blk = _Block(f"llama_fwd{seq}", config, seq, lora, baked, layer)
     b, d, f, half = blk.b, config.dim, config.hidden_dim, config.dim // 2
     x = b.input("x", (1, d, 1, seq))
     cos = b.input("cos", (1, 1, config.head_dim // 2, seq))
     sin = b.input("sin", (1, 1, config.head_dim // 2, seq))
     mask = b.input("mask", (1, 1, seq, seq))
     x_hat1, r1 = blk.rms(x, "rms1")
-    n1 = b.mul(x_hat1, b.input("g_attn", (1, d, 1, 1)), name="n1")
+    n1 = b.mul(x_hat1, blk.gain("g_attn"), name="n1")
     q1, q2, k1, k2 = (
         blk.heads(blk.adapted(blk.linear(n1, blk.weight(f"w{t}_{ab}", half, d), f"{t}{i}"), n1, t, f"b{i}"),
                   f"{t}{i}h")
@@ -298,7 +315,7 @@ def forward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None)
     o = blk.flat(b.matmul(v, p, transpose_x=False, transpose_y=True, name="pv"), "o")  # [1, d, 1, S]
     h = b.add(x, blk.adapted(blk.linear(o, blk.weight("wo", d, d), "attn_out"), o, "o"), name="h")
     x_hat2, r2 = blk.rms(h, "rms2")
-    n2 = b.mul(x_hat2, b.input("g_ffn", (1, d, 1, 1)), name="n2")
+    n2 = b.mul(x_hat2, blk.gain("g_ffn"), name="n2")
     a = blk.adapted(blk.linear(n2, blk.weight("w1", f, d), "a"), n2, "gate")
     u = blk.adapted(blk.linear(n2, blk.weight("w3", f, d), "u"), n2, "up")
     g = b.mul(b.silu(a, name="silu"), u, name="g")
@@ -306,7 +323,7 @@ def forward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None)
     taps = {"y": y, "t_xhat1": x_hat1, "t_r1": r1, "t_n1": n1, "t_qr1": qr1, "t_qr2": qr2, "t_kr1": kr1,
             "t_kr2": kr2, "t_v": v, "t_p": p, "t_o": o, "t_xhat2": x_hat2, "t_r2": r2, "t_n2": n2, "t_a": a,
             "t_u": u, "t_g": g}
-    for name, value in taps.items():
+    for name, value in (taps if baked is None else {"y": y}).items():
         b.output(name, value)
     return b.graph
 
@@ -406,22 +423,27 @@ def weight_gradients(layer: int, config: LlamaConfig, taps: dict[str, np.ndarray
 
 
 class LlamaBlocks:
-    """The per-block programs of one model and sequence length, holding their weights as input surfaces.
+    """The per-block programs of one model and sequence length.
 
-    Every block's forward (and, for training, backward) program has the same MIL text, so only the first compiles;
-    the others are cache hits. New weights are written into the input surfaces: no compile, ever.
+    For training the weights are input surfaces: every block's forward and backward program has the same MIL text,
+    so only the first compiles (the others are cache hits), and new weights are surface writes, never a compile.
+    For inference (``baked``: the model's weights) each block's weights are baked into its own forward program
+    (1x1 convs, one compile per block); only LoRA adapters are inputs.
     """
 
     def __init__(self, config: LlamaConfig, seq: int, *, backend, target, cache=None, budget=None,
-                 backward: bool = False, lora: LoraLayout | None = None):
+                 backward: bool = False, lora: LoraLayout | None = None, baked: dict[str, np.ndarray] | None = None):
         from orion.models.gpt2 import causal_mask
         from orion.runtime.program import Program
 
-        self.config, self.seq, self.lora = config, seq, lora
+        if baked is not None and backward:
+            raise OrionError("training programs take the weights as inputs; baked weights are for inference")
+        self.config, self.seq, self.lora, self.baked = config, seq, lora, baked is not None
         self.timings = {"backend": 0.0, "cpu": 0.0, "update": 0.0}
         common = dict(backend=backend, target=target, cache=cache, budget=budget)
-        self.forward = [Program.from_graph(forward_graph(config, seq, lora), **common)
-                        for _ in range(config.n_layers)]
+        self.forward = [Program.from_graph(forward_graph(config, seq, lora, None if baked is None else
+                                                         layer_inputs(baked, i, config), i), **common)
+                        for i in range(config.n_layers)]
         self.backward = ([Program.from_graph(backward_graph(config, seq, lora), **common)
                           for _ in range(config.n_layers)] if backward else [])
         for p in self.programs:
@@ -442,6 +464,8 @@ class LlamaBlocks:
             p.close()
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        if self.baked:
+            raise OrionError("these block programs have their weights baked in; build new ones for new weights")
         self._write_layers(lambda i: layer_inputs(weights, i, self.config))
 
     def set_adapter(self, adapter: Adapter | None) -> None:
@@ -492,8 +516,8 @@ def rms_norm_rows(x: np.ndarray, gain: np.ndarray, eps: float) -> tuple[np.ndarr
 
 
 class Llama(AdapterHost, TextGenerator):
-    """A trained Llama for inference: the training forward programs over the model's context window. LoRA adapters:
-    ``load_adapter(path, name)``, ``set_adapter(name)``."""
+    """A trained Llama for inference: one forward program per block with its weights baked in, over the model's
+    context window. LoRA adapters (program inputs): ``load_adapter(path, name)``, ``set_adapter(name)``."""
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], tokenizer=None, *, backend="auto",
                  target="default", cache=None, budget=None):
@@ -513,8 +537,8 @@ class Llama(AdapterHost, TextGenerator):
     def blocks(self) -> LlamaBlocks:
         """The block programs, built (for the current adapter layout) on first use."""
         if self._blocks is None:
-            self._blocks = LlamaBlocks(self.config, self.config.max_seq_len, lora=self.lora, **self._options)
-            self._blocks.set_weights(self.weights)
+            self._blocks = LlamaBlocks(self.config, self.config.max_seq_len, lora=self.lora, baked=self.weights,
+                                       **self._options)
             if self.lora is not None:
                 self._blocks.set_adapter(self._current_adapter())
         return self._blocks

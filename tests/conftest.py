@@ -55,3 +55,24 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     return attempts
+
+
+#: Short stories for the tiny tokenizer of :func:`tiny_gpt2_dir`.
+STORY_TEXTS = ["Once upon a time there was a little fox who loved the moon. " * 3,
+               "The cat sat on the mat and purred all day long. " * 3] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A random GPT-2 (2 blocks, d 64) saved by transformers in Hugging Face layout, with a BPE tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from orion.models.hub import train_bpe_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = train_bpe_tokenizer(STORY_TEXTS, 300, folder)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=tok.vocab_size, n_positions=128,
+                                     eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder

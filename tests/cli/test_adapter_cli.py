@@ -16,24 +16,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-TEXTS = ["Once upon a time there was a little fox who loved the moon. " * 3,
-         "The cat sat on the mat and purred all day long. " * 3] * 20
 PROMPT = "Once upon a time"
 NEW = 8
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """A tiny GPT-2 folder with a BPE tokenizer, and a PEFT adapter for it (random A and B: it changes the text)."""
-    from orion.models.hub import train_bpe_tokenizer
-
-    model_dir = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = train_bpe_tokenizer(TEXTS, 300, model_dir)
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=tok.vocab_size, n_positions=128,
-                                     eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
-    base = transformers.GPT2LMHeadModel(config)
-    base.save_pretrained(model_dir, safe_serialization=True)
+def folders(tiny_gpt2_dir, tmp_path_factory):
+    """The tiny GPT-2 folder, and a PEFT adapter for it (random A and B: it changes the text)."""
+    model_dir = tiny_gpt2_dir
+    base = transformers.GPT2LMHeadModel.from_pretrained(model_dir)
     adapter_dir = tmp_path_factory.mktemp("adapters") / "story-lora"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -13,21 +13,10 @@ from orion.cli.main import cli
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-TEXTS = ["Once upon a time there was a little fox who loved the moon. " * 3,
-         "The cat sat on the mat and purred all day long. " * 3] * 20
-
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from orion.models.hub import train_bpe_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = train_bpe_tokenizer(TEXTS, 300, folder)
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=tok.vocab_size, n_positions=128,
-                                     eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
-    return folder
+def model_dir(tiny_gpt2_dir):
+    return tiny_gpt2_dir
 
 
 def test_load_generate_and_logits(model_dir):

@@ -453,3 +453,29 @@ def test_with_an_ane_both_backends_run_and_are_compared(monkeypatch, tmp_path):
     console = Console(record=True, width=200)
     print_report(rep, console)
     assert "the emulator disagrees" in console.export_text()
+
+
+def test_lora_inputs_probe_swaps_adapters_without_a_compile_and_sees_a_stale_one(report, tmp_path):
+    """On the emulator the adapter inputs give the merged weight's outputs; a backend that keeps the first inputs it
+    saw (as a chip that cached them would) is called stale."""
+    from orion.runtime.backends.emulator import EmulatorBackend, EmulatorModel
+
+    assert entry(report, "lora-inputs")["verdict"] == "adapters swap as inputs"
+    assert observations(report, "lora-inputs")["compiles"] == 1
+
+    class FirstInputsModel(EmulatorModel):
+        def evaluate(self, inputs, outputs):
+            if not hasattr(self, "_first"):
+                self._first = [bytes(s._memory) for s in inputs]
+            for surface, saved in zip(inputs, self._first):
+                if surface is not inputs[-1]:  # "x" binds last; the adapter inputs keep their first values
+                    surface._memory[:] = np.frombuffer(saved, np.uint8)
+            super().evaluate(inputs, outputs)
+
+    class FirstInputsBackend(EmulatorBackend):
+        def new_model(self, mil_text, weight_files):
+            return FirstInputsModel(self, mil_text, weight_files)
+
+    backend = FirstInputsBackend(get_target("default"), root=tmp_path / "emu")
+    verdict, _ = decide("lora-inputs", backend)
+    assert verdict.startswith("stale")

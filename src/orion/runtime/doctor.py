@@ -926,6 +926,72 @@ for _strategy in ("reload", "patch"):
                    _run_weight_update(_strategy), _verdict_weight_update))
 
 
+def _run_lora_inputs(backend) -> dict:
+    """A linear layer with its weight baked and a LoRA adapter's A and B as inputs (reference section 7): the program
+    with one adapter, then the other written into the same input surfaces, against programs with each adapter merged
+    into the baked weight."""
+    from orion.runtime.budget import CompileBudget
+    from orion.runtime.cache import ProgramCache
+    from orion.runtime.program import Program
+
+    rng = _rng()
+    d, rank = 64, 32
+    w = rng.normal(0, 0.1, (d, d))
+    adapters = [(rng.normal(0, 0.2, (rank, d)), rng.normal(0, 0.2, (d, rank))) for _ in range(2)]
+    feed = {"x": rng.normal(0, 1, (1, d, 1, S))}
+
+    def graph(weight, lora: bool):
+        b = _builder("lora")
+        x = b.input("x", (1, d, 1, S))
+        y = b.linear(x, weight, name="fc")
+        if lora:
+            a, up = b.input("fc_lora_a", (1, 1, rank, d)), b.input("fc_lora_b", (1, 1, d, rank))
+            y = b.add(y, b.lora_up(b.lora_down(x, a), up), name="fc_adapted")
+        b.output("y", y)
+        return b.graph
+
+    def program(weight, lora: bool = False):
+        return Program.from_graph(graph(weight, lora), target=backend.target, backend=backend,
+                                  cache=ProgramCache(None), budget=CompileBudget(8),
+                                  weights_as_inputs=["fc_lora_a", "fc_lora_b"] if lora else ())
+
+    merged = []
+    for a, up in adapters:
+        with program(w + up @ a) as p:
+            merged.append(p.run(feed)["y"].astype(np.float64))
+    outputs, ms = [], []
+    with program(w, lora=True) as p:
+        for a, up in adapters:
+            t0 = time.perf_counter()
+            p.update_weights({"fc_lora_a": a.reshape(1, 1, rank, d), "fc_lora_b": up.reshape(1, 1, d, rank)})
+            ms.append(round((time.perf_counter() - t0) * 1e3, 3))
+            outputs.append(p.run(feed)["y"].astype(np.float64))
+        compiles = p.compiles
+    return {"compiles": compiles, "swap_ms": ms, "values": {
+        "max_abs_diff_to_merged": _nums([np.abs(o - m).max() for o, m in zip(outputs, merged)]),
+        "second_to_first_merged": _num(np.abs(outputs[1] - merged[0]).max()),
+        "adapters_differ_by": _num(np.abs(merged[0] - merged[1]).max()),
+        "scale": _num(max(np.abs(m).max() for m in merged))}}
+
+
+def _verdict_lora_inputs(obs: dict) -> tuple[str, dict]:
+    values = obs["values"]
+    errors, tolerance = _decode(values["max_abs_diff_to_merged"]), 0.01 * float(values["scale"])  # fp16 rounding
+    if obs["compiles"] != 1:
+        return f"the swap compiled ({obs['compiles']} compiles)", {}
+    if (errors <= tolerance).all():
+        return "adapters swap as inputs", {}
+    if float(values["second_to_first_merged"]) <= tolerance:
+        return "stale: the second adapter's inputs did not reach the program", {}
+    return "wrong: adapter inputs do not give the merged weight's outputs", {}
+
+
+register(Probe("lora-inputs", ("ANE-18", "ANE-19"),
+               "do LoRA A and B passed as inputs next to a baked weight give the merged weight's outputs, "
+               "and does writing another adapter change them without a compile",
+               _run_lora_inputs, _verdict_lora_inputs))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Numerics (reference section 9): raw values of the probes it lists, and the settings they imply.
 

@@ -113,6 +113,10 @@ def join_halves(first: np.ndarray, second: np.ndarray, config: LlamaConfig) -> n
     return np.concatenate([a, b], axis=1).reshape(config.dim, -1)
 
 
+#: The names of a block's weights as program inputs (:func:`layer_inputs`).
+LAYER_INPUTS = ("g_attn", "g_ffn", "wq_a", "wq_b", "wk_a", "wk_b", "wv", "wo", "w1", "w3", "w2")
+
+
 def layer_inputs(weights: dict[str, np.ndarray], layer: int, config: LlamaConfig) -> dict[str, np.ndarray]:
     """A block's weights as the programs' inputs: matmul form ``[1, 1, O, I]``, norms ``[1, d, 1, 1]``."""
     p = f"layers.{layer}."
@@ -441,11 +445,16 @@ class LlamaBlocks:
         self.config, self.seq, self.lora, self.baked = config, seq, lora, baked is not None
         self.timings = {"backend": 0.0, "cpu": 0.0, "update": 0.0}
         common = dict(backend=backend, target=target, cache=cache, budget=budget)
-        self.forward = [Program.from_graph(forward_graph(config, seq, lora, None if baked is None else
-                                                         layer_inputs(baked, i, config), i), **common)
-                        for i in range(config.n_layers)]
-        self.backward = ([Program.from_graph(backward_graph(config, seq, lora), **common)
-                          for _ in range(config.n_layers)] if backward else [])
+
+        def program(graph) -> Program:
+            """Weights and adapters are set with update_weights; the rest is each run's feed."""
+            weights = [v.name for v in graph.inputs if v.name in LAYER_INPUTS or v.name.startswith("lora_")]
+            return Program.from_graph(graph, weights_as_inputs=weights, **common)
+
+        self.forward = [program(forward_graph(config, seq, lora, None if baked is None else
+                                              layer_inputs(baked, i, config), i)) for i in range(config.n_layers)]
+        self.backward = [program(backward_graph(config, seq, lora)) for _ in range(config.n_layers)] if backward \
+            else []
         for p in self.programs:
             p.load()
         cos, sin = rope_tables(config, seq)
@@ -481,19 +490,14 @@ class LlamaBlocks:
         for i in range(self.config.n_layers):
             inputs = inputs_of(i)
             for program in (self.forward[i], *self.backward[i:i + 1]):
-                for name, array in inputs.items():
-                    if name in program.input_names:
-                        program.input_tensor(name).write(array)
+                program.update_weights(inputs)
         self.timings["update"] += time.perf_counter() - t0
 
     def run(self, program, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import time
 
         t0 = time.perf_counter()
-        for name, array in feed.items():
-            program.input_tensor(name).write(array)
-        program.evaluate()
-        out = {name: program.output_tensor(name).read() for name in program.output_names}
+        out = program.run(feed)
         self.timings["backend"] += time.perf_counter() - t0
         return out
 

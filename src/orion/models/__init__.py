@@ -61,7 +61,8 @@ def read_llama(path_or_id) -> tuple["LlamaConfig", dict]:
     config = read_config(folder)
     kind = config.get("model_type")
     if kind != "llama":
-        raise OrionError(f"{folder}: model_type {kind!r} is not supported here; Orion runs gpt2 and llama")
+        raise OrionError(f"{folder}: model_type {kind!r} is not supported here: Orion runs gpt2 and llama, and "
+                         "trains llama")
     return from_hf(config, load_weights(folder))
 
 

@@ -136,21 +136,26 @@ def torch_lora_losses(trainer: Trainer) -> list[float]:
             for step in range(1, s.steps + 1)]
 
 
-def test_a_lora_run_follows_peft_training_and_its_checkpoint_is_a_peft_adapter(corpus, base, tmp_path):
-    """lr 3e-2 so that the adapter moves (a frozen-adapter run is the control)."""
-    trainer = make_trainer(lora_settings(corpus, base, tmp_path / "run", lr=3e-2, save_every=100))
+@pytest.mark.parametrize("steps, lr, largest_gap", [(STEPS, 3e-2, 0.02),
+                                                   pytest.param(150, 1e-2, 0.1, marks=pytest.mark.slow)])
+def test_a_lora_run_follows_peft_training_and_its_checkpoint_is_a_peft_adapter(corpus, base, tmp_path, steps, lr,
+                                                                               largest_gap):
+    """A frozen-adapter run is the control: the adapter must move the loss well past the gap. Measured: 10 steps at
+    lr 3e-2, largest per-step gap to peft 0.004 nats while the adapter moves the loss by up to 0.099; 150 steps at
+    lr 1e-2 (3e-2 makes both runs spike at random steps), largest gap 0.041, mean 0.0044, the adapter's effect 0.18."""
+    trainer = make_trainer(lora_settings(corpus, base, tmp_path / "run", steps=steps, lr=lr, save_every=1000))
     before = weights_digest(trainer.base_weights)
     result = trainer.run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     ours = np.array([r["loss"] for r in rows])
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and result["skipped_steps"] == 0
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)) and result["skipped_steps"] == 0
     reference = np.array(torch_lora_losses(trainer))
-    frozen = np.array(torch_lora_losses(make_trainer(lora_settings(corpus, base, tmp_path / "frozen", lr=1e-9))))
-    print(f"largest loss gap to peft {np.abs(ours - reference).max():.3g} nats; the adapter moves the loss by up to "
-          f"{np.abs(reference - frozen).max():.3g}")
-    # measured: gap to peft 0.0046 nats; the adapter moves the loss by up to 0.099 (so the runs are compared while
-    # the adapter matters)
-    assert np.abs(ours - reference).max() < 0.02
+    frozen = np.array(torch_lora_losses(make_trainer(lora_settings(corpus, base, tmp_path / "frozen", steps=steps,
+                                                                   lr=1e-9))))
+    gap = np.abs(ours - reference)
+    print(f"{steps} steps: largest loss gap to peft {gap.max():.3g} nats (mean {gap.mean():.3g}); the adapter moves "
+          f"the loss by up to {np.abs(reference - frozen).max():.3g}")
+    assert gap.max() < largest_gap and gap.mean() < 0.01
     assert np.abs(reference - frozen).max() > 0.05
     assert result["compiles"] == 2  # forward and backward with adapter inputs; every other block is a cache hit
     assert weights_digest(read_llama(base)[1]) == before

@@ -159,7 +159,7 @@ def lora_inputs(adapter: Adapter | None, layout: LoraLayout, blocks: list[BlockW
                 a, b = module.padded(layout.rank)
             if target in _FOLDED:
                 gamma, beta = getattr(w, _FOLDED[target])
-                values[lora_input_name(layer, target, "c")] = (b @ (a @ beta)).reshape(1, fan_out, 1, 1)
+                values[lora_input_name(layer, target, "c")] = (b @ (a @ beta)).reshape(1, 1, 1, fan_out)
                 a = a * gamma[None, :]
             values[lora_input_name(layer, target, "a")] = a.reshape(1, 1, layout.rank, fan_in)
             values[lora_input_name(layer, target, "b")] = b.reshape(1, 1, fan_out, layout.rank)
@@ -174,9 +174,10 @@ def _adapted(b: GraphBuilder, y, x, target: str, layer: int, lora: LoraLayout | 
     w_b = b.input(lora_input_name(layer, target, "b"), (1, 1, y.shape[1], lora.rank))
     y = b.add(y, b.lora_up(b.lora_down(x, a, name=f"lora_{target}"), w_b, name=f"lora_{target}"),
               name=f"{target}_adapted")
-    if target in _FOLDED:
-        c = b.input(lora_input_name(layer, target, "c"), (1, y.shape[1], 1, 1))
-        y = b.add(y, c, name=f"{target}_adapted_bias")
+    if target in _FOLDED:  # the bias is an input row (64-byte multiple, ANE-35), added as [1, O, 1, 1]
+        c = b.input(lora_input_name(layer, target, "c"), (1, 1, 1, y.shape[1]))
+        y = b.add(y, b.reshape(c, shape=[1, y.shape[1], 1, 1], name=f"{target}_adapted_bias_channels"),
+                  name=f"{target}_adapted_bias")
     return y
 
 

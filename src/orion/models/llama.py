@@ -118,14 +118,15 @@ LAYER_INPUTS = ("g_attn", "g_ffn", "wq_a", "wq_b", "wk_a", "wk_b", "wv", "wo", "
 
 
 def layer_inputs(weights: dict[str, np.ndarray], layer: int, config: LlamaConfig) -> dict[str, np.ndarray]:
-    """A block's weights as the programs' inputs: matmul form ``[1, 1, O, I]``, norms ``[1, d, 1, 1]``."""
+    """A block's weights as the programs' inputs: matmul form ``[1, 1, O, I]``, norm gains ``[1, 1, 1, d]`` (a row:
+    its bytes are a multiple of 64, so packed and 64-byte-aligned reads agree, ANE-35)."""
     p = f"layers.{layer}."
     d, f = config.dim, config.hidden_dim
     qa, qb = half_rows(weights[p + "wq"], config)
     ka, kb = half_rows(weights[p + "wk"], config)
     return {
-        "g_attn": weights[p + "attention_norm"].reshape(1, d, 1, 1),
-        "g_ffn": weights[p + "ffn_norm"].reshape(1, d, 1, 1),
+        "g_attn": weights[p + "attention_norm"].reshape(1, 1, 1, d),
+        "g_ffn": weights[p + "ffn_norm"].reshape(1, 1, 1, d),
         "wq_a": qa.reshape(1, 1, d // 2, d), "wq_b": qb.reshape(1, 1, d // 2, d),
         "wk_a": ka.reshape(1, 1, d // 2, d), "wk_b": kb.reshape(1, 1, d // 2, d),
         "wv": weights[p + "wv"].reshape(1, 1, d, d), "wo": weights[p + "wo"].reshape(1, 1, d, d),
@@ -254,9 +255,11 @@ class _Block:
         return self.b.input(name, (1, 1, rows, cols))
 
     def gain(self, name: str) -> Value:
+        """A norm's gain as ``[1, d, 1, 1]``: a baked constant, or an input row ``[1, 1, 1, d]`` reshaped."""
+        d = self.c.dim
         if self.baked is not None:
-            return self.b.weight(self.prefix + name, self.baked[name])
-        return self.b.input(name, (1, self.c.dim, 1, 1))
+            return self.b.weight(self.prefix + name, self.baked[name].reshape(1, d, 1, 1))
+        return self.b.reshape(self.b.input(name, (1, 1, 1, d)), shape=[1, d, 1, 1], name=f"{name}_channels")
 
     def linear(self, x: Value, w: Value, name: str, transpose: bool = False) -> Value:
         """``W x`` (or ``W^T x``) for ``x [1, I, 1, S]`` and an input weight ``[1, 1, O, I]`` (a baked ``[O, I, 1,
@@ -364,7 +367,7 @@ def backward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None
     dn2 = b.add(blk.linear(da, blk.weight("w1", f, d), "dn2_a", transpose=True),
                 blk.linear(du, blk.weight("w3", f, d), "dn2_u", transpose=True), name="dn2")
     dn2 = blk.adapted_back(blk.adapted_back(dn2, "gate", [(da, "b")]), "up", [(du, "b")])
-    g_ffn = b.input("g_ffn", (1, d, 1, 1))
+    g_ffn = blk.gain("g_ffn")
     dh = b.add(dy, blk.rms_backward(b.mul(dn2, g_ffn, name="dxhat2"), t["t_xhat2"], t["t_r2"], "dh_norm"),
                name="dh")
     # attention
@@ -393,7 +396,7 @@ def backward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None
     dn1 = blk.adapted_back(dn1, "v", [(dv, "b")])
     dn1 = blk.adapted_back(dn1, "q", [(dq1, "b1"), (dq2, "b2")])
     dn1 = blk.adapted_back(dn1, "k", [(dk1, "b1"), (dk2, "b2")])
-    g_attn = b.input("g_attn", (1, d, 1, 1))
+    g_attn = blk.gain("g_attn")
     dx = b.add(dh, blk.rms_backward(b.mul(dn1, g_attn, name="dxhat1"), t["t_xhat1"], t["t_r1"], "dx_norm"),
                name="dx")
     for name, value in (("dx", dx), ("d_h", dh), ("d_q1", dq1), ("d_q2", dq2), ("d_k1", dk1), ("d_k2", dk2),

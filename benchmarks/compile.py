@@ -10,9 +10,7 @@ shared machines are noise. Goals: text emission under 1 s; weight writing within
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,7 +21,6 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from orion import __version__
 from orion.compiler.passes import default_passes, run_pipeline
 from orion.compiler.targets import get_target
 from orion.ir.builder import GraphBuilder
@@ -31,6 +28,7 @@ from orion.mil.emit import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples.transformer_block import add_block  # noqa: E402
+from common import write_report  # noqa: E402
 
 
 def build_stack(layers: int, d: int, heads: int, seq: int):
@@ -90,8 +88,6 @@ def main() -> None:
     weight_bytes = module.weight_bytes()
     ratio = med["weights"] / med["plain_write"]
     result = {
-        "orion_version": __version__,
-        "machine": platform.platform(),
         "config": vars(args) | {"json": str(args.json)},
         "statements": len(module.program.statements),
         "weight_files": len(module.weight_files),
@@ -115,9 +111,7 @@ def main() -> None:
     table.add_row("plain write+fsync", f"{med['plain_write']:.3f}", f"{result['plain_write_MBps']:.0f} MB/s")
     table.add_row("weights / plain", f"{ratio:.2f}x", "goal <= 1.5x: " + ("met" if ratio <= 1.5 else "MISSED"))
     Console(width=110).print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, result)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,12 +23,12 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples.transformer_block import add_block  # noqa: E402
-from orion import __version__  # noqa: E402
 from orion.compiler.compile import compile_graph  # noqa: E402
 from orion.ir.builder import GraphBuilder  # noqa: E402
 from orion.ir.graph import Graph  # noqa: E402
 from orion.runtime.backends.emulator import EmulatedProgram, load_program  # noqa: E402
 from orion.runtime.backends.numerics import Numerics  # noqa: E402
+from common import timed, write_report  # noqa: E402
 
 
 def block_graph(d: int, heads: int, seq: int, seed: int = 0) -> Graph:
@@ -71,17 +67,6 @@ def reference_matmuls(graph: Graph, d: int, heads: int, seq: int, rng: np.random
     return run
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d", type=int, default=768)
@@ -97,8 +82,8 @@ def main() -> None:
             graph = block_graph(args.d, args.heads, seq)
             program = emulated(graph, Path(tmp) / f"seq{seq}")
             feed = {"x": rng.normal(0.0, 1.0, (1, args.d, 1, seq)).astype(np.float16)}
-            emulator_s = timed(functools.partial(program.run, feed), args.repeats)
-            reference_s = timed(reference_matmuls(graph, args.d, args.heads, seq, rng), args.repeats)
+            emulator_s = timed(functools.partial(program.run, feed), args.repeats, warmup=1)
+            reference_s = timed(reference_matmuls(graph, args.d, args.heads, seq, rng), args.repeats, warmup=1)
             ops = sum(1 for st in program.program.statements if st.op != "const")
             rows.append({"seq": seq, "ops": ops, "emulator_ms": emulator_s * 1e3,
                          "numpy_matmul_ms": reference_s * 1e3, "overhead_ratio": emulator_s / reference_s})
@@ -111,12 +96,8 @@ def main() -> None:
         table.add_row(str(r["seq"]), str(r["ops"]), f"{r['emulator_ms']:.2f}", f"{r['numpy_matmul_ms']:.2f}",
                       f"{r['overhead_ratio']:.2f}x")
     Console(width=110).print(table)
-    report = {"orion_version": __version__, "machine": platform.platform(), "numpy": np.__version__,
-              "config": {"d": args.d, "heads": args.heads, "repeats": args.repeats, "accumulator": "fp32"},
-              "results": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, {"config": {"d": args.d, "heads": args.heads, "repeats": args.repeats,
+                                        "accumulator": "fp32"}, "results": rows})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ max logit error and top-1 agreement over every position of a few sequences, and 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from transformers import GPT2LMHeadModel
 import orion
 from orion.models.bench import make_random_gpt2
 from orion.runtime.cache import ProgramCache
+from common import write_report
 
 
 def main() -> None:
@@ -58,9 +58,7 @@ def main() -> None:
     for r in rows:
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()])
     Console(width=140).print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"backend": args.backend, "rows": rows}, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, {"backend": args.backend, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -22,9 +22,6 @@ short on the emulator); the adapters come from ``orion.lora.new_adapter`` with a
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,8 +33,6 @@ from rich.table import Table
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from orion import __version__
-from orion.fileio import write_atomic
 from orion.lora import Adapter, new_adapter
 from orion.models import model_backend
 from orion.models.gpt2 import (
@@ -54,6 +49,7 @@ from orion.models.gpt2 import (
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
 from orion.runtime.program import Program
+from common import write_report  # noqa: E402
 
 #: Standard deviation of the adapters' random B: large enough that an adapter changes the logits well past the
 #: fp16 error of the comparison with merged weights, so that check can fail.
@@ -304,9 +300,6 @@ def main() -> None:
     Console(width=120).print(table)
 
     report = {
-        "orion_version": __version__,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__},
         "backend": args.backend, "threads": args.threads or "one per core",
         "config": {k: str(v) for k, v in vars(args).items()},
         "layout": {"targets": list(layout.targets), "rank": layout.rank},
@@ -314,8 +307,7 @@ def main() -> None:
                      "per_phase": len(io["lora_prefill"]["inputs"])},
         "results": results, "ratios": ratios, "checks": checks, "input_surfaces": io, "compiles": budget.used,
     }
-    write_atomic(args.json, json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
     if checks["swap_compiles"] or not checks["merged_within_tolerance"]:
         sys.exit("a check failed: swaps must not compile and must compute the merged model")
 

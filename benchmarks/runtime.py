@@ -15,12 +15,8 @@ Goals: reload/patch at least 20x faster than recompiling; a weights-as-inputs up
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +25,11 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples.transformer_block import add_block  # noqa: E402
-from orion import __version__  # noqa: E402
 from orion.ir.builder import GraphBuilder  # noqa: E402
 from orion.runtime.budget import CompileBudget  # noqa: E402
 from orion.runtime.cache import ProgramCache  # noqa: E402
 from orion.runtime.program import Program  # noqa: E402
+from common import timed, write_report  # noqa: E402
 
 
 def block_graph(layer: int, d: int, heads: int, seq: int, seed: int):
@@ -42,15 +38,6 @@ def block_graph(layer: int, d: int, heads: int, seq: int, seed: int):
     with b.scope(f"h{layer}"):
         b.output("y", add_block(b, x, d, heads, np.random.default_rng(seed)))
     return b.graph
-
-
-def timed(fn, repeats: int = 1) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -139,12 +126,8 @@ def main() -> None:
     for key, ok in goals.items():
         table.add_row(key, "met" if ok else "MISSED")
     Console(width=110).print(table)
-    report = {"orion_version": __version__, "machine": platform.platform(), "backend": args.backend,
-              "config": {k: str(v) for k, v in vars(args).items()}, "results": results, "ratios": ratios,
-              "goals": goals}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, {"backend": args.backend, "config": {k: str(v) for k, v in vars(args).items()},
+                             "results": results, "ratios": ratios, "goals": goals})
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,7 +38,6 @@ from rich.table import Table
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from orion import __version__  # noqa: E402
 from orion.models import model_backend  # noqa: E402
 from orion.models.llama import PRESETS, LlamaConfig, init_weights  # noqa: E402
 from orion.runtime.cache import ProgramCache  # noqa: E402
@@ -48,6 +45,7 @@ from orion.train.corpus import make_story_corpus, write_corpus  # noqa: E402
 from orion.train.engine import LlamaEngine  # noqa: E402
 from orion.train.optim import AdamW, LossScaler, guarded_step  # noqa: E402
 from orion.train.trainer import TrainSettings  # noqa: E402
+from common import write_report  # noqa: E402
 from tests.train.test_trainer import hf_llama, loss_parity, torch_adamw, torch_training_step  # noqa: E402
 
 LR = 3e-4
@@ -188,8 +186,7 @@ def main() -> None:
                       *(f"{r[k]:.1f}" for k in ("orion_ms", "orion_backend_ms", "orion_cpu_ms", "orion_update_ms",
                                                 "pytorch_ms")), f"{r['ratio_orion_over_pytorch']:.2f}")
     Console(width=140).print(table)
-    report = {"orion_version": __version__, "torch_version": torch.__version__, "machine": platform.platform(),
-              "backend": args.backend, "threads": args.threads or "default",
+    report = {"torch_version": torch.__version__, "backend": args.backend, "threads": args.threads or "default",
               "torch_threads": torch.get_num_threads(), "lr": LR, "results": results}
     if args.parity_steps:
         print(f"parity: tiny preset, {args.parity_steps} steps ...", flush=True)
@@ -199,9 +196,7 @@ def main() -> None:
               f"{p['at_step']}), mean gap {p['mean_loss_gap']:.4f}, non-finite steps {p['non_finite_steps']}; loss "
               f"{p['pytorch_loss'][0]:.3f} -> {p['pytorch_loss'][1]:.3f} (pytorch), "
               f"{p['orion_loss'][0]:.3f} -> {p['orion_loss'][1]:.3f} (orion)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

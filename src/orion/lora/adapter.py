@@ -172,6 +172,16 @@ class LoraLayout:
     def fits(self, adapter: Adapter) -> bool:
         return set(adapter.targets) <= set(self.targets) and adapter.rank <= self.rank
 
+    def slot(self, adapter: Adapter | None, layer: int, target: str, spec: AdapterSpec) -> tuple[np.ndarray,
+                                                                                              np.ndarray]:
+        """One slot's ``A [R, in]`` and scaled ``B [out, R]``: the adapter's module padded, or zeros where the
+        adapter (or None: the base model) leaves the projection alone."""
+        module = adapter.modules.get((layer, target)) if adapter is not None else None
+        if module is not None:
+            return module.padded(self.rank)
+        fan_in, fan_out = spec.features[target]
+        return np.zeros((self.rank, fan_in), np.float32), np.zeros((fan_out, self.rank), np.float32)
+
     @classmethod
     def covering(cls, adapters, multiple: int = 1) -> "LoraLayout":
         """The smallest layout every adapter fits, its rank rounded up to ``multiple`` (the target's matmul

@@ -152,11 +152,7 @@ def lora_inputs(adapter: Adapter | None, layout: LoraLayout, blocks: list[BlockW
         layer = first + j
         for target in layout.targets:
             fan_in, fan_out = spec.features[target]
-            module = adapter.modules.get((layer, target)) if adapter is not None else None
-            if module is None:
-                a, b = np.zeros((layout.rank, fan_in), np.float32), np.zeros((fan_out, layout.rank), np.float32)
-            else:
-                a, b = module.padded(layout.rank)
+            a, b = layout.slot(adapter, layer, target, spec)
             if target in _FOLDED:
                 gamma, beta = getattr(w, _FOLDED[target])
                 values[lora_input_name(layer, target, "c")] = (b @ (a @ beta)).reshape(1, 1, 1, fan_out)

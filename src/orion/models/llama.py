@@ -161,11 +161,7 @@ def lora_inputs(adapter: Adapter | None, layout: LoraLayout, layer: int, config:
     values = {}
     for target in layout.targets:
         fan_in, fan_out = spec.features[target]
-        module = adapter.modules.get((layer, target)) if adapter is not None else None
-        if module is None:
-            a, b = np.zeros((r, fan_in), np.float32), np.zeros((fan_out, r), np.float32)
-        else:
-            a, b = module.padded(r)
+        a, b = layout.slot(adapter, layer, target, spec)
         values[f"lora_{target}_a"] = a.reshape(1, 1, r, fan_in)
         if target in _HALVED:
             for part, rows in zip(("b1", "b2"), half_rows(b, config)):

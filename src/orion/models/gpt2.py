@@ -221,10 +221,14 @@ def prefill_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, se
 
 def decode_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, capacity: int,
                  lora: LoraLayout | None = None):
-    """Blocks ``first ...`` for new tokens in a 16-column bucket against a KV cache of ``capacity`` positions."""
+    """Blocks ``first ...`` for new tokens in a 16-column bucket against a KV cache of ``capacity`` positions.
+
+    The 16-column tensors cross in fp32 (cast inside): ``[768, 16]`` fp32 is the surface reported to work, and its
+    64-byte rows read the same whether the ANE reads packed or 64-byte-aligned rows (ANE-35); fp16 rows would be 32
+    bytes. Values are the same: the program rounds x to fp16 where an fp16 input would have been rounded."""
     b = GraphBuilder(f"gpt2_decode{capacity}_h{first}")
     d = config.n_embd
-    x = b.input("x", (1, d, 1, DECODE_BUCKET))
+    x = b.cast(b.input("x", (1, d, 1, DECODE_BUCKET), dtype="fp32"), "fp16", name="x_fp16")
     mask = b.input("mask", (1, 1, 1, capacity))
     for j, w in enumerate(blocks):
         i = first + j
@@ -233,9 +237,9 @@ def decode_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, cap
         with b.scope(f"h{i}"):
             q, k, v = _block_start(b, x, w, config, i, lora)
             x = _block_end(b, x, b.cached_attention(q, k, v, kc, vc, mask, config.n_head), w, config, i, lora)
-        b.output(f"kn{i:02d}", k)
-        b.output(f"vn{i:02d}", v)
-    b.output("y", x)
+        b.output(f"kn{i:02d}", b.cast(k, "fp32", name=f"kn{i:02d}_fp32"))
+        b.output(f"vn{i:02d}", b.cast(v, "fp32", name=f"vn{i:02d}_fp32"))
+    b.output("y", b.cast(x, "fp32", name="y_fp32"))
     return b.graph
 
 

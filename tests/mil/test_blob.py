@@ -420,3 +420,27 @@ def test_write_speed_close_to_plain_write(tmp_path):
         return min(times)
 
     assert best(lambda: write_blob_file(tmp_path / "orion.bin", [a])) < 1.5 * best(plain)
+
+
+def test_a_check_without_data_refuses_the_same_truncations_as_a_read(valid, tmp_path):
+    """``read(data=False)`` (the emulator's compile-time check) reads no data but refuses every file a full read
+    refuses, and gives zeros of the record's shape otherwise."""
+    path, offsets, arrays = valid
+    data = path.read_bytes()
+    cut_path = tmp_path / "cut.bin"
+    for cut in range(64 + 3 * 64, len(data) + 1):
+        cut_path.write_bytes(data[:cut])
+        try:
+            reader = BlobReader(cut_path)
+        except WeightFileError:
+            continue
+        for offset, array in zip(offsets, arrays):
+            try:
+                full = reader.read(offset, array.dtype, array.shape)
+            except WeightFileError:
+                with pytest.raises(WeightFileError):
+                    reader.read(offset, array.dtype, array.shape, data=False)
+                continue
+            np.testing.assert_array_equal(full, array)
+            checked = reader.read(offset, array.dtype, array.shape, data=False)
+            assert checked.shape == array.shape and checked.dtype == array.dtype and not checked.any()

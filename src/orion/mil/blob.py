@@ -258,9 +258,12 @@ class BlobReader:
             )
 
     def read(
-        self, offset: int, dtype: Optional[DTypeLike] = None, shape: Optional[tuple[int, ...]] = None
+        self, offset: int, dtype: Optional[DTypeLike] = None, shape: Optional[tuple[int, ...]] = None,
+        data: bool = True,
     ) -> np.ndarray:
-        """The array whose record is at ``offset``; ``dtype`` and ``shape``, if given, must match the record."""
+        """The array whose record is at ``offset``; ``dtype`` and ``shape``, if given, must match the record. With
+        ``data=False`` only the record and the file's length are checked and the array is zeros (a check of a
+        program's weights that costs no reading)."""
         offset = operator.index(offset)
         with self._open() as f:
             record_dtype, nbytes = self._record(f, offset)
@@ -273,6 +276,9 @@ class BlobReader:
                 raise self._error(
                     offset, f"blob holds {count} elements, shape {tuple(shape)} needs {math.prod(shape)}; fix the shape"
                 )
+            if not data:  # the record (checked above) vouches that its data fits in the file
+                arr = np.zeros(count, dtype=record_dtype)
+                return arr if shape is None else arr.reshape(shape)
             arr = np.empty(count, dtype=record_dtype)
             if nbytes:
                 f.seek(offset + _RECORD.size)

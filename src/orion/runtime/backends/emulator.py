@@ -112,8 +112,10 @@ class EmulatedProgram:
     """A MIL program ready to run. Build one with :func:`load_program` or :func:`load_text`."""
 
     def __init__(self, program: Program, blob_loader: Callable[[BlobRef, TensorType, Statement], np.ndarray],
-                 settings: Numerics | None = None):
+                 settings: Numerics | None = None, check_only: bool = False):
+        """``check_only``: check every statement and weight record, but hold no weights (it cannot run)."""
         self.program = program
+        self.check_only = check_only
         self.settings = settings or Numerics()
         self.kernels = AneKernels(self.settings)
         self.inputs: list[tuple[str, TensorType]] = list(program.inputs)
@@ -122,7 +124,7 @@ class EmulatedProgram:
         self._consts: dict[str, object] = {}
         self._steps: list[_Step] = []
         self._prepare(blob_loader)
-        self._wide_consts = self._flush_wide_constants()
+        self._wide_consts = {} if check_only else self._flush_wide_constants()
         self._last_uses = self._plan_releases()
 
     def _plan_releases(self) -> list[tuple[str, ...]]:
@@ -210,6 +212,8 @@ class EmulatedProgram:
         value = st.const_value
         if isinstance(value, BlobRef):
             value = blob_loader(value, st.type, st)
+            if self.check_only:
+                return value
         if isinstance(value, np.ndarray) and st.type.dtype in ("fp16", "fp32"):
             return ane.hold_input(value, st.type.dtype)  # fp16 values, float32 storage
         if value is None:
@@ -242,6 +246,8 @@ class EmulatedProgram:
         """Run on inputs converted by :meth:`bind` (or :meth:`hold`); the outputs as the emulator holds them,
         float32 arrays of fp16 values, possibly shared with the program (a constant): read them, do not modify
         them."""
+        if self.check_only:
+            raise BackendError("this program was only checked (check_only=True); load it with its weights to run it")
         env: dict[str, object] = dict(self._consts)
         env.update(bound)
         with np.errstate(all="ignore"):
@@ -294,8 +300,10 @@ def output_value(held: np.ndarray, t: TensorType, target: np.ndarray | None = No
     return target
 
 
-def directory_blob_loader(model_dir: Path) -> Callable[[BlobRef, TensorType, Statement], np.ndarray]:
-    """Read BLOBFILE constants from files under ``model_dir`` (paths may not leave it)."""
+def directory_blob_loader(model_dir: Path, data: bool = True) -> Callable[[BlobRef, TensorType, Statement],
+                                                                         np.ndarray]:
+    """Read BLOBFILE constants from files under ``model_dir`` (paths may not leave it); ``data=False`` checks each
+    record and gives zeros."""
     readers: dict[Path, BlobReader] = {}
 
     def load(ref: BlobRef, t: TensorType, st: Statement) -> np.ndarray:
@@ -304,7 +312,7 @@ def directory_blob_loader(model_dir: Path) -> Callable[[BlobRef, TensorType, Sta
             if not path.is_file():
                 raise WeightFileError(f"line {st.line}: weight file {ref.path!r} of {st.var!r} not found at {path}")
             readers[path] = BlobReader(path)
-        return readers[path].read(ref.offset, dtype=t.numpy_dtype, shape=t.shape)
+        return readers[path].read(ref.offset, dtype=t.numpy_dtype, shape=t.shape, data=data)
 
     return load
 
@@ -353,8 +361,8 @@ class EmulatorModel(BackendModel):
 
     def compile(self) -> None:
         text = (self.directory / "model.mil").read_text(encoding="utf-8")
-        EmulatedProgram(parse_program(text, str(self.directory / "model.mil")),
-                        directory_blob_loader(self.directory), self.backend.numerics)  # checks every statement
+        EmulatedProgram(parse_program(text, str(self.directory / "model.mil")),  # checks every statement and record
+                        directory_blob_loader(self.directory, data=False), self.backend.numerics, check_only=True)
         self._snapshot_weights()
         plist = {"mil_sha256": hashlib.sha256(text.encode()).hexdigest(), "weights": sorted(self._weight_paths)}
         (self.directory / "net.plist").write_text(json.dumps(plist), encoding="utf-8")

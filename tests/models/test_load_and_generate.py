@@ -72,3 +72,23 @@ def test_unknown_architecture_and_damaged_weights(model_dir, tmp_path):
     (other / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(orion.errors.WeightFileError):
         orion.load(str(other))
+
+
+def test_the_end_of_text_token_that_stops_generation_is_not_in_the_text(model_dir):
+    """generate_ids yields the stop token (it is a generated token, counted in the figures); the text omits it."""
+    from orion.models.hub import Tokenizer
+    from orion.models.lm import TextGenerator
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    story = tokenizer.encode(" The cat sat")
+
+    class Scripted(TextGenerator):
+        def generate_ids(self, ids, max_tokens=64, sampler=None, stop_ids=()):
+            assert tuple(stop_ids) == (tokenizer.eos_id,)
+            yield from [*story, tokenizer.eos_id]
+
+    model = Scripted()
+    model.tokenizer = tokenizer
+    assert tokenizer.eos_id is not None
+    assert model.generate("Once", max_tokens=10) == " The cat sat"
+    assert "".join(model.generate("Once", max_tokens=10, stream=True)) == " The cat sat"

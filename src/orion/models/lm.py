@@ -53,12 +53,15 @@ class TextGenerator:
             raise BindingError("the prompt is empty: give some text")
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stop = () if self.tokenizer.eos_id is None else (self.tokenizer.eos_id,)
-        pieces = self._stream_text(self.generate_ids(ids, max_tokens, sampler, stop))
+        pieces = self._stream_text(self.generate_ids(ids, max_tokens, sampler, stop), stop)
         return pieces if stream else "".join(pieces)
 
-    def _stream_text(self, ids: Iterator[int]) -> Iterator[str]:
+    def _stream_text(self, ids: Iterator[int], stop=()) -> Iterator[str]:
+        """Text as tokens arrive; the end-of-text token that stops generation is not part of it."""
         decoder = self.tokenizer.stream()
         for token in ids:
+            if token in stop:
+                continue
             piece = decoder.push(token)
             if piece:
                 yield piece

@@ -15,10 +15,12 @@ Configurations: ``tiny`` (the preset: 2 layers, d 64, vocab 2048, seq 128) and `
 layers, d 768, 12 heads, hidden 2048, seq 256, with ``--vocab`` tokens, 2048 by default; 32000 is stories110m's
 own), on random token batches. ``--threads N`` caps numpy's BLAS and torch alike; on a busy machine multi-threaded
 OpenMP/BLAS timings swing by 10x, one thread each does not. ``--parity-steps N`` also trains the tiny preset N steps
-on the story corpus with both (the slow test's comparison) and reports the largest per-step loss gap.
+on the story corpus with both (the slow test's comparison) and reports the largest per-step loss gap. ``--lora
+RANK:TARGETS`` (default ``16:q,v``) adds, for each configuration, the step of a LoRA adapter on the frozen model
+against peft's on the PyTorch side (``none`` skips it).
 
     python benchmarks/train.py [--backend emulator] [--configs tiny,d768] [--vocab 2048] [--threads 1]
-                               [--parity-steps 200] [--json benchmarks/results/train.json]
+                               [--lora 16:q,v] [--parity-steps 200] [--json benchmarks/results/train.json]
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from rich.table import Table
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from orion.lora import LoraLayout, new_adapter  # noqa: E402
 from orion.models import model_backend  # noqa: E402
-from orion.models.llama import PRESETS, LlamaConfig, init_weights  # noqa: E402
+from orion.models.llama import PRESETS, LlamaConfig, adapter_spec, init_weights  # noqa: E402
 from orion.runtime.cache import ProgramCache  # noqa: E402
 from orion.train.corpus import make_story_corpus, write_corpus  # noqa: E402
 from orion.train.engine import LlamaEngine  # noqa: E402
@@ -52,31 +55,44 @@ LR = 3e-4
 
 
 class OrionStep:
-    """The trainer's step on ``backend``, timed and split as the module docstring says."""
+    """The trainer's step on ``backend``, timed and split as the module docstring says; with ``lora`` (rank,
+    targets), the step of an adapter on the frozen model."""
 
-    def __init__(self, config: LlamaConfig, backend):
+    def __init__(self, config: LlamaConfig, backend, lora: tuple[int, str] | None = None):
         settings = TrainSettings()
         self.grad_clip = settings.grad_clip
         self.weights = init_weights(config, seed=0)
-        self.optimizer = AdamW(self.weights, lr=LR, betas=(settings.beta1, settings.beta2),
+        self.adapter = None if lora is None else new_adapter(adapter_spec(config), lora[1], lora[0], lora[0])
+        self.params = self.weights if lora is None else self.adapter.to_arrays()
+        self.optimizer = AdamW(self.params, lr=LR, betas=(settings.beta1, settings.beta2),
                                weight_decay=settings.weight_decay)
         self.scaler = LossScaler(settings.loss_scale, init_scale=settings.init_scale)
         self.engine = LlamaEngine(config, config.max_seq_len, backend=backend, target="default",
-                                  cache=ProgramCache(None))
+                                  cache=ProgramCache(None),
+                                  lora=None if lora is None else LoraLayout.covering([self.adapter], 32))
         self.engine.set_weights(self.weights)
+        self.push()
+
+    def push(self) -> None:
+        """The optimizer's new values into the programs' inputs."""
+        if self.adapter is None:
+            self.engine.set_weights(self.weights)
+        else:
+            self.engine.set_adapter(self.adapter)
 
     def __call__(self, inputs: np.ndarray, targets: np.ndarray) -> dict:
         engine, tokens = self.engine, inputs.size
         t0 = time.perf_counter()
         before = dict(engine.timings)
-        grads = {k: np.zeros_like(v) for k, v in self.weights.items()}
-        loss = sum(engine.loss_and_grads(self.weights, inputs[i], targets[i], self.scaler.scale, grads, tokens)
+        grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        weights = self.weights | self.params
+        loss = sum(engine.loss_and_grads(weights, inputs[i], targets[i], self.scaler.scale, grads, tokens)
                    for i in range(inputs.shape[0])) / tokens
         t1 = time.perf_counter()
         report = guarded_step(self.optimizer, self.scaler, grads, max_norm=self.grad_clip, lr=LR)
         t2 = time.perf_counter()
         if not report.skipped:
-            engine.set_weights(self.weights)
+            self.push()
         t3 = time.perf_counter()
         return {"ms": (t3 - t0) * 1e3, "backend_ms": (engine.timings["backend"] - before["backend"]) * 1e3,
                 "cpu_ms": (engine.timings["cpu"] - before["cpu"]) * 1e3, "adamw_ms": (t2 - t1) * 1e3,
@@ -84,11 +100,18 @@ class OrionStep:
 
 
 class TorchStep:
-    """A float32 PyTorch CPU step (forward, backward, clip, AdamW) of the same model, timed."""
+    """A float32 PyTorch CPU step (forward, backward, clip, AdamW) of the same model, timed; with ``lora``, of a
+    peft LoRA adapter of the same rank and targets on the frozen model."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, lora: tuple[int, str] | None = None):
         self.settings = TrainSettings(lr=LR)
         self.model = hf_llama(config, init_weights(config, seed=0)).train()
+        if lora is not None:
+            import peft
+
+            spec = adapter_spec(config)
+            self.model = peft.get_peft_model(self.model, peft.LoraConfig(
+                r=lora[0], lora_alpha=lora[0], target_modules=[spec.modules[t] for t in spec.parse_targets(lora[1])]))
         self.optimizer = torch_adamw(self.model, self.settings)
 
     def __call__(self, inputs: np.ndarray, targets: np.ndarray) -> dict:
@@ -97,7 +120,8 @@ class TorchStep:
         return {"ms": (time.perf_counter() - t0) * 1e3, "loss": loss}
 
 
-def measure(name: str, config: LlamaConfig, batch: int, steps: int, warmup: int, backend) -> dict:
+def measure(name: str, config: LlamaConfig, batch: int, steps: int, warmup: int, backend,
+            lora: tuple[int, str] | None = None) -> dict:
     """Both sides on the same random batches, one side after the other: interleaved, torch's OpenMP threads would
     still be spinning while numpy's BLAS threads want the same cores."""
     rng = np.random.default_rng(0)
@@ -105,13 +129,13 @@ def measure(name: str, config: LlamaConfig, batch: int, steps: int, warmup: int,
     for _ in range(warmup + steps):
         windows = rng.integers(0, config.vocab_size, (batch, config.max_seq_len + 1))
         batches.append((windows[:, :-1].copy(), windows[:, 1:].copy()))
-    orion_step = OrionStep(config, backend)
+    orion_step = OrionStep(config, backend, lora)
     try:
         ours = [orion_step(inputs, targets) for inputs, targets in batches]
         compiles = orion_step.engine.compiles
     finally:
         orion_step.engine.close()
-    torch_step = TorchStep(config)
+    torch_step = TorchStep(config, lora)
     reference = [torch_step(inputs, targets) for inputs, targets in batches]
 
     def median(rows: list[dict], key: str) -> float:
@@ -159,6 +183,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for numpy's BLAS and torch alike (default: theirs, one per core)")
+    parser.add_argument("--lora", default="16:q,v", help="also an adapter's training step, RANK:TARGETS (peft on "
+                        "the PyTorch side); 'none' to skip")
     parser.add_argument("--parity-steps", type=int, default=0, help="also compare N training steps' losses")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/train.json"))
     args = parser.parse_args()
@@ -176,6 +202,11 @@ def main() -> None:
         print(f"{name}: {config.n_layers} layers, d {config.dim}, vocab {config.vocab_size}, batch {batch} x "
               f"{config.max_seq_len}, {args.warmup} + {steps} steps ...", flush=True)
         results.append(measure(name, config, batch, steps, args.warmup, backend))
+        if args.lora != "none":
+            rank, targets = args.lora.split(":")
+            print(f"{name}, LoRA rank {rank} on {targets} ...", flush=True)
+            results.append(measure(f"{name} LoRA r{rank} {targets}", config, batch, steps, args.warmup, backend,
+                                   (int(rank), targets)))
 
     table = Table(title=f"median ms per training step: Orion ({args.backend}) vs PyTorch CPU fp32 "
                         f"({torch.get_num_threads()} threads each)")

@@ -31,7 +31,7 @@ from orion.ir.builder import MASK_VALUE, GraphBuilder
 from orion.lora import Adapter, AdapterSpec, LoraLayout
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
-from orion.models.lm import AdapterHost, GenerationStats, TextGenerator
+from orion.models.lm import AdapterHost, GenerationStats, TextGenerator, check_token_ids
 from orion.runtime.program import Program, get_backend
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
@@ -333,23 +333,10 @@ class GPT2(AdapterHost, TextGenerator):
             for program, inputs in zip(programs, values):
                 program.update_weights(inputs)
 
-    def __enter__(self) -> "GPT2":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # -- forward ------------------------------------------------------------------------------------------------
 
     def _check_ids(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise BindingError("the prompt is empty: give at least one token")
-        if ids.size > self.config.n_positions:
-            raise BindingError(f"{ids.size} tokens do not fit the model's context of {self.config.n_positions}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise BindingError(f"token ids must be in [0, {self.config.vocab_size}); got {ids.min()}..{ids.max()}")
-        return ids
+        return check_token_ids(ids, self.config.vocab_size, self.config.n_positions)
 
     def _embed(self, ids: np.ndarray, start: int) -> np.ndarray:
         return self.wte[ids] + self.wpe[start:start + ids.size]

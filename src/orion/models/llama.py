@@ -26,7 +26,7 @@ from orion.errors import OrionError
 from orion.ir.builder import GraphBuilder
 from orion.ir.graph import Value
 from orion.lora import Adapter, AdapterSpec, LoraLayout
-from orion.models.lm import AdapterHost, GenerationStats, TextGenerator
+from orion.models.lm import AdapterHost, GenerationStats, TextGenerator, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -558,23 +558,9 @@ class Llama(AdapterHost, TextGenerator):
             self._blocks.close()
             self._blocks = None
 
-    def __enter__(self) -> "Llama":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def logits(self, token_ids) -> np.ndarray:
-        from orion.errors import BindingError
-
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        ids = check_token_ids(token_ids, self.config.vocab_size, self.config.max_seq_len)
         n, seq = ids.size, self.config.max_seq_len
-        if n == 0:
-            raise BindingError("the prompt is empty: give at least one token")
-        if n > seq:
-            raise BindingError(f"{n} tokens do not fit the model's context of {seq}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise BindingError(f"token ids must be in [0, {self.config.vocab_size})")
         x = np.zeros((seq, self.config.dim), np.float32)
         x[:n] = self.weights["tok_embeddings"][ids]
         h, _ = self.blocks.forward_all(np.ascontiguousarray(x.T)[None, :, None, :])

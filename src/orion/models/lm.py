@@ -33,13 +33,38 @@ class GenerationStats:
                 f"cache hits {self.cache_hits} | {self.dispatches_per_token} dispatches/token")
 
 
+def check_token_ids(ids, vocab_size: int, context: int):
+    """One sequence of token ids as int64, refused (naming the fault) when empty, longer than the model's context or
+    outside its vocabulary."""
+    import numpy as np
+
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        raise BindingError("the prompt is empty: give at least one token")
+    if ids.size > context:
+        raise BindingError(f"{ids.size} tokens do not fit the model's context of {context}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise BindingError(f"token ids must be in [0, {vocab_size}); got {ids.min()}..{ids.max()}")
+    return ids
+
+
 class TextGenerator:
-    """Mixin over ``generate_ids(ids, max_tokens, sampler, stop_ids)`` and a ``tokenizer``."""
+    """Mixin over ``generate_ids(ids, max_tokens, sampler, stop_ids)``, a ``tokenizer`` and ``close()`` (the model
+    is a context manager that closes its programs)."""
 
     tokenizer = None
 
     def generate_ids(self, ids, max_tokens: int = 64, sampler=None, stop_ids=()) -> Iterator[int]:
         raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stream: bool = False):

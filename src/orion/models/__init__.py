@@ -27,38 +27,50 @@ def load(path_or_id: str, *, backend="auto", target: Target | str = "default", a
          MODEL_ACCUMULATOR, cache=None, budget=None):
     """A model from a Hugging Face folder (GPT-2 or Llama), a hub id, or an Orion training checkpoint:
     ``orion.load("gpt2").generate("Once upon a time")``."""
-    from orion.models.hub import Tokenizer, load_weights, read_config, resolve_model
+    from orion.models.hub import Tokenizer, load_weights
 
-    folder = resolve_model(path_or_id)
-    if not (folder / "config.json").is_file() and "lora" in _read_checkpoint_state(folder):
+    folder, config, state = _describe(path_or_id)
+    if state is not None and "lora" in state:
         # a LoRA training checkpoint: its base model with the adapter (PEFT files in the checkpoint) active
-        model = load(_read_checkpoint_state(folder)["base"]["path"], backend=backend, target=target,
-                     accumulator=accumulator, cache=cache, budget=budget)
+        model = load(state["base"]["path"], backend=backend, target=target, accumulator=accumulator, cache=cache,
+                     budget=budget)
         model.set_adapter(model.load_adapter(folder))
         return model
     tokenizer = Tokenizer.from_dir(folder) if _has_tokenizer(folder) else None
     options = dict(backend=model_backend(backend, target, accumulator), target=target, cache=cache, budget=budget)
-    if (folder / "config.json").is_file() and read_config(folder).get("model_type") == "gpt2":
+    if config is not None and config.get("model_type") == "gpt2":
         from orion.models.gpt2 import GPT2, GPT2Config
 
-        return GPT2(GPT2Config.from_hf(read_config(folder)), load_weights(folder), tokenizer, **options)
+        return GPT2(GPT2Config.from_hf(config), load_weights(folder), tokenizer, **options)
     from orion.models.llama import Llama
 
-    return Llama(*read_llama(folder), tokenizer, **options)
+    return Llama(*_llama(folder, config, state), tokenizer, **options)
 
 
 def read_llama(path_or_id) -> tuple["LlamaConfig", dict]:
     """A Llama's config and float32 weights from a Hugging Face folder (or hub id) or an Orion training checkpoint."""
-    from orion.models.hub import load_weights, read_config, read_safetensors, resolve_model
-    from orion.models.llama import LlamaConfig, from_hf
+    return _llama(*_describe(path_or_id))
+
+
+def _describe(path_or_id) -> tuple:
+    """(folder, config.json or None, checkpoint state or None): a Hugging Face folder has the first, an Orion
+    checkpoint (state.json + model.safetensors) the second."""
+    from orion.models.hub import read_config, resolve_model
 
     folder = resolve_model(str(path_or_id))
-    if not (folder / "config.json").is_file():  # an Orion checkpoint: state.json + model.safetensors
-        state = _read_checkpoint_state(folder)
+    if (folder / "config.json").is_file():
+        return folder, read_config(folder), None
+    return folder, None, _read_checkpoint_state(folder)
+
+
+def _llama(folder, config: dict | None, state: dict | None) -> tuple["LlamaConfig", dict]:
+    from orion.models.hub import load_weights, read_safetensors
+    from orion.models.llama import LlamaConfig, from_hf
+
+    if state is not None:
         if "lora" in state:
             raise OrionError(f"{folder} holds a LoRA adapter, not a model; its base is {state['base']['path']}")
         return LlamaConfig(**state["config"]), read_safetensors(folder / "model.safetensors")
-    config = read_config(folder)
     kind = config.get("model_type")
     if kind != "llama":
         raise OrionError(f"{folder}: model_type {kind!r} is not supported here: Orion runs gpt2 and llama, and "

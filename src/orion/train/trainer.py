@@ -137,7 +137,8 @@ class Trainer:
 
             base_folder = resolve_model(settings.base)
             base_config, self.base_weights = read_llama(base_folder)
-            self.base_digest = weights_digest(self.base_weights)
+            if settings.lora_rank is not None:  # a frozen base: resume checks it is the same model
+                self.base_digest = weights_digest(self.base_weights)
         self.dataset = _dataset(settings, self.out / "data", base_folder)
         self.config = settings.model_config(self.dataset.tokenizer.vocab_size, base_config)
         self.spec = adapter_spec(self.config)

@@ -136,22 +136,22 @@ class Adapter:
         return max((m.rank for m in self.modules.values()), default=0)
 
     @classmethod
-    def from_arrays(cls, spec: AdapterSpec, arrays: dict[str, np.ndarray], alpha: float, rslora: bool = False,
-                    base_model: str | None = None) -> "Adapter":
-        """The inverse of :meth:`to_arrays` (the modules share the arrays' memory)."""
+    def from_arrays(cls, spec: AdapterSpec, arrays: dict[str, np.ndarray], alpha: float) -> "Adapter":
+        """The inverse of :meth:`to_arrays` (the modules share the arrays' memory), checked against ``spec``."""
         pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
         for name, array in arrays.items():
             m = re.fullmatch(r"layers\.(\d+)\.(\w+)\.lora_([AB])", name)
-            if not m or m[2] not in spec.modules or int(m[1]) >= spec.n_layers:
-                raise AdapterError(f"{name!r} is not an adapter array of this {spec.family} model")
+            if not m:
+                raise AdapterError(f"{name!r} is not an adapter array (layers.N.TARGET.lora_A or lora_B)")
             pairs.setdefault((int(m[1]), m[2]), {})[m[3]] = array
         modules = {}
         for key, pair in pairs.items():
             if set(pair) != {"A", "B"}:
                 raise AdapterError(f"adapter arrays of layer {key[0]} {key[1]} lack lora_{'B' if 'A' in pair else 'A'}")
-            rank = pair["A"].shape[0]
-            modules[key] = LoraModule(pair["A"], pair["B"], float(alpha), scale_of(alpha, rank, rslora))
-        return cls(spec.family, modules, base_model, rslora)
+            modules[key] = LoraModule(pair["A"], pair["B"], float(alpha), scale_of(alpha, pair["A"].shape[0], False))
+        adapter = cls(spec.family, modules)
+        spec.check(adapter, "adapter arrays")
+        return adapter
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Trainable arrays by name (``layers.{i}.{target}.lora_A`` / ``.lora_B``), sharing memory with the modules."""

@@ -434,8 +434,9 @@ def _progress_printer(total: int, start_label: str = "training"):
               help="Train only a LoRA adapter of this rank on the frozen --base; checkpoints are PEFT adapters.")
 @click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True,
               help="LoRA scale numerator: the adapter adds (alpha / rank) B A.")
-@click.option("--lora-targets", default="q,v", show_default=True,
-              help="Projections to adapt: q, k, v, o, gate, up, down (or attn, ffn, all), comma-separated.")
+@click.option("--lora-targets", default=None,
+              help="Projections to adapt: q, k, v, o, gate, up, down (or attn, ffn, all), comma-separated "
+              "[default: q,v].")
 @handle_errors
 def train_cmd(preset, data, steps, batch, accum, lr, out_dir, resume, save_every, keep_last, seq_len, loss_scale,
               seed, tokenizer, backend, target_name, base, lora_rank, lora_alpha, lora_targets) -> None:

@@ -58,7 +58,7 @@ class TrainSettings:
     base: str | None = None  # a trained Llama (HF folder, hub id or Orion checkpoint) to start from
     lora_rank: int | None = None  # train only a LoRA adapter of this rank on the frozen base
     lora_alpha: float = 16.0
-    lora_targets: str = "q,v"
+    lora_targets: str | None = None  # None: the model's default (Llama: q,v)
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -142,8 +142,10 @@ class Trainer:
         self.dataset = _dataset(settings, self.out / "data", base_folder)
         self.config = settings.model_config(self.dataset.tokenizer.vocab_size, base_config)
         self.spec = adapter_spec(self.config)
-        self.lora_targets = (self.spec.parse_targets(settings.lora_targets) if settings.lora_rank is not None
-                             else None)
+        self.lora_targets = None
+        if settings.lora_rank is not None:
+            chosen = self.spec.default_targets if settings.lora_targets is None else settings.lora_targets
+            self.lora_targets = self.spec.parse_targets(chosen)
         self.backend, self.cache, self.budget = backend, cache, budget
         self.target = get_target(target) if isinstance(target, str) else target
         self.on_step = on_step

@@ -18,7 +18,6 @@ from rich.console import Console
 
 from orion.compiler.targets import get_target
 from orion.errors import BackendError, SettingsError
-from orion.runtime import doctor
 from orion.runtime.backends.numerics import Numerics
 from orion.runtime.doctor import (
     NO_ANE_MESSAGE,
@@ -26,6 +25,7 @@ from orion.runtime.doctor import (
     Probe,
     activation_errors,
     all_finite_fp16,
+    compare,
     print_report,
     profile_overrides,
     register,
@@ -33,6 +33,7 @@ from orion.runtime.doctor import (
     run_probe_in_child,
     write_profile,
 )
+from orion.runtime.doctor import report as doctor_report
 
 # -- hidden probes that exist only here (the child imports this module to find them) ----------------------------------
 
@@ -415,17 +416,17 @@ def test_compare_reports_equal_values_and_the_largest_difference():
     def run(verdict, vals):
         return {"verdict": verdict, "value": {}, "observations": {"values": vals}}
 
-    same = doctor.compare(run("a", {"x": [1.0, "inf"]}), run("a", {"x": [1.0, "inf"]}))
+    same = compare(run("a", {"x": [1.0, "inf"]}), run("a", {"x": [1.0, "inf"]}))
     assert same["outputs_equal"] is True and same["max_abs_diff"] == 0.0 and same["verdict_equal"] is True
-    diff = doctor.compare(run("a", {"x": [1.0, 2.5], "y": [0.0]}), run("b", {"x": [1.0, 2.0], "y": [0.0]}))
+    diff = compare(run("a", {"x": [1.0, 2.5], "y": [0.0]}), run("b", {"x": [1.0, 2.0], "y": [0.0]}))
     assert diff["differing"] == ["x"] and diff["max_abs_diff"] == 0.5 and diff["verdict_equal"] is False
-    assert doctor.compare(run("a", {"x": ["inf"]}), run("a", {"x": [65504.0]}))["max_abs_diff"] == "inf"
+    assert compare(run("a", {"x": ["inf"]}), run("a", {"x": [65504.0]}))["max_abs_diff"] == "inf"
 
 
 def test_with_an_ane_both_backends_run_and_are_compared(monkeypatch, tmp_path):
     """A stand-in ANE (the emulator under the m4 profile, in children) drives the ANE path of run_doctor."""
-    monkeypatch.setattr(doctor, "ane_status", lambda: (True, "a stand-in ANE"))
-    real = doctor.run_probe_in_child
+    monkeypatch.setattr(doctor_report, "ane_status", lambda: (True, "a stand-in ANE"))
+    real = run_probe_in_child
     calls = []
 
     def fake(probe, backend, *, target="default", timeout=60.0, mil_version=None):
@@ -434,7 +435,7 @@ def test_with_an_ane_both_backends_run_and_are_compared(monkeypatch, tmp_path):
             return real(probe, "emulator", target="m4", timeout=timeout, mil_version=mil_version)
         return real(probe, backend, target=target, timeout=timeout, mil_version=mil_version)
 
-    monkeypatch.setattr(doctor, "run_probe_in_child", fake)
+    monkeypatch.setattr(doctor_report, "run_probe_in_child", fake)  # the name run_doctor calls
     rep = run_doctor(backend="auto", probes=["slice-offset-overflow", "concat-interleave", "mil-dialect"])
     assert rep["backends"] == ["ane", "emulator"] and rep["ane_present"] is True
     assert [c[0] for c in calls[:2]] == ["mil-dialect", "mil-dialect"]  # the dialect first ...

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from orion.compiler.analysis import plan_io, sram_warnings, sram_working_sets
+from orion.compiler.analysis import plan_io, sram_warnings, sram_working_sets, surface_bytes
 from orion.compiler.compile import compile_graph
 from orion.compiler.targets import get_target
 from orion.ir.builder import GraphBuilder
@@ -34,6 +34,20 @@ def test_io_plan_sorts_names_and_makes_sizes_uniform():
     assert [name for name, _ in plan.inputs] == ["alpha", "zeta"]
     assert plan.input_surface_bytes == 6016  # the largest, rounded up to 64 bytes
     assert plan.output_surface_bytes == 4096  # raised to the target's minimum
+
+
+def test_surfaces_follow_the_targets_row_alignment_and_minimum():
+    target = get_target("default").with_overrides(min_surface_bytes=1024)
+    assert target.io_row_align_bytes == 64
+    assert surface_bytes(1100, target) == 1152  # 17 rows of 64 bytes
+    assert surface_bytes(1000, target) == 1024  # raised to the minimum
+    wide = target.with_overrides(io_row_align_bytes=768)
+    assert surface_bytes(1100, wide) == 1536  # two 768-byte steps (64-byte steps would give 1152)
+    assert surface_bytes(1536, wide) == 1536  # already aligned: unchanged
+    assert surface_bytes(1100, target.with_overrides(io_row_align_bytes=None)) == 1100  # packed: no rounding
+    assert surface_bytes(1100, wide.with_overrides(min_surface_bytes=4096)) == 4096
+    plan = plan_io({"x": 1100}, {"y": 500}, wide)
+    assert (plan.input_surface_bytes, plan.output_surface_bytes) == (1536, 1024)
 
 
 def test_compile_reports_the_plan_of_the_emitted_program():

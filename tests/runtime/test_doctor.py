@@ -389,6 +389,17 @@ def test_compile_probes_read_back_each_target_field(tmp_path, probe_id, override
     assert decide(probe_id, emulator(tmp_path, **overrides))[1] == expected
 
 
+def test_probe_surfaces_are_the_runtimes_plan_for_the_target(tmp_path):
+    """The probes allocate what the runtime would: the target's row alignment and minimum apply."""
+    def surfaces(**overrides):
+        variant = PROBES["mil-dialect"].run(emulator(tmp_path, **overrides))["variants"]["1.3"]
+        assert variant["works"] is True
+        return variant["surfaces"]
+
+    assert surfaces() == {"inputs": [49152], "outputs": [49152]}  # [1, 768, 1, 32] fp16, exactly the minimum
+    assert surfaces(min_surface_bytes=1024, io_row_align_bytes=32768) == {"inputs": [65536], "outputs": [65536]}
+
+
 def test_concat_interleave_true_is_checked_against_interleaved_data(tmp_path):
     obs = PROBES["concat-interleave"].run(emulator(tmp_path, concat="allow"))
     assert obs["variants"]["interleave-true"]["layout"] == "interleaved"

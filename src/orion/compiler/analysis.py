@@ -38,9 +38,12 @@ def sram_warnings(graph: Graph, target: Target) -> list[str]:
     ]
 
 
-def _surface_bytes(nbytes: int, minimum: int) -> int:
-    """Round up to 64 bytes (row alignment) and to the target's minimum surface size."""
-    return max(minimum, -(-nbytes // 64) * 64)
+def surface_bytes(nbytes: int, target: Target) -> int:
+    """The surface a tensor of ``nbytes`` gets on ``target``: rounded up to a multiple of the target's I/O row
+    alignment (reference section 5: packed reads and 64-byte rows agree on such sizes; None rounds nothing) and
+    raised to the smallest surface the target accepts (ANE-04)."""
+    align = target.io_row_align_bytes or 1
+    return max(target.min_surface_bytes, -(-nbytes // align) * align)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class IOPlan:
 def plan_io(inputs: dict[str, int], outputs: dict[str, int], target: Target) -> IOPlan:
     """``inputs``/``outputs`` map MIL names to the packed byte size of each tensor."""
     def uniform(sizes: dict[str, int]) -> int:
-        return _surface_bytes(max(sizes.values(), default=0), target.min_surface_bytes) if sizes else 0
+        return surface_bytes(max(sizes.values()), target) if sizes else 0
 
     return IOPlan(
         inputs=tuple(sorted(inputs.items())),

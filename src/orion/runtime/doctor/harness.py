@@ -12,6 +12,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from orion.compiler.analysis import surface_bytes
+from orion.compiler.targets import Target
 from orion.runtime.doctor.registry import _error, _num
 
 #: Where a child writes its scratch files: a directory its parent owns and removes even if the child crashes.
@@ -83,9 +85,9 @@ def _loaded(backend, module, catalog: Sequence[str] = ()) -> Iterator[tuple[Any,
                 model.release()
 
 
-def _surface_size(types, minimum: int) -> int:
-    largest = max((t.nbytes for _, t in types), default=0)
-    return max(minimum, -(-largest // 64) * 64)
+def _surface_size(types, target: Target) -> int:
+    """The runtime's surface for the largest of ``types`` on ``target``."""
+    return surface_bytes(max((t.nbytes for _, t in types), default=0), target)
 
 
 def _sizes(given: int | Sequence[int] | None, count: int, default: int) -> list[int]:
@@ -108,13 +110,12 @@ def _raw(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def _evaluate(backend, model, program, inputs: dict | list, input_bytes=None, output_bytes=None,
               raw: bool = False) -> dict:
     """One evaluation with raw surface I/O. ``inputs`` by MIL name (bound in sorted order) or as a list of
-    arrays in surface order; sizes default to the runtime's plan (largest tensor, at least the minimum)."""
+    arrays in surface order; sizes default to the runtime's plan (largest tensor, aligned, at least the minimum)."""
     in_types = sorted(program.inputs)
     out_types = sorted(program.output_types())
-    minimum = backend.target.min_surface_bytes
     arrays = [inputs[name] for name, _ in in_types] if isinstance(inputs, dict) else list(inputs)
-    in_sizes = _sizes(input_bytes, len(arrays), _surface_size(in_types, minimum))
-    out_sizes = _sizes(output_bytes, len(out_types), _surface_size(out_types, minimum))
+    in_sizes = _sizes(input_bytes, len(arrays), _surface_size(in_types, backend.target))
+    out_sizes = _sizes(output_bytes, len(out_types), _surface_size(out_types, backend.target))
     result: dict[str, Any] = {"evaluated": False, "error": None, "status": None, "surfaces": {
         "inputs": in_sizes, "outputs": out_sizes}}
     surfaces = []

@@ -111,7 +111,7 @@ def _run_unequal(backend) -> dict:
     rng = _rng()
     feed = {"a": _fp16(rng.integers(-50, 50, (1, C, 1, S))), "b": _fp16(rng.integers(-50, 50, (1, C, 1, S)))}
     expected = {"d": feed["a"].astype(np.float64) - feed["b"], "s": feed["a"].astype(np.float64) + feed["b"]}
-    size = _surface_size(module.program.inputs, backend.target.min_surface_bytes)
+    size = _surface_size(module.program.inputs, backend.target)
     cases = {"equal": {}, "inputs-unequal": {"input_bytes": [size, 2 * size]},
              "outputs-unequal": {"output_bytes": [size, 2 * size]}}
     obs: dict[str, Any] = {"cases": {}}
@@ -198,7 +198,7 @@ def _run_packed(backend) -> dict:
     x = _fp16(np.arange(C * PACKED_SEQ).reshape(1, C, 1, PACKED_SEQ) % 512)
     expected = x.astype(np.float64) + 0.5
     rows = 64 // 2  # fp16 elements per 64-byte row
-    size = max(_surface_size(module.program.inputs, backend.target.min_surface_bytes), C * 64)
+    size = max(_surface_size(module.program.inputs, backend.target), C * 64)
 
     def strided(a: np.ndarray) -> np.ndarray:
         out = np.zeros((C, rows), dtype=np.float16)

@@ -494,10 +494,68 @@ def test_prepare_dataset_from_the_hub_is_reused_offline(stories, tmp_path, monke
     assert prepare_dataset("someone/stories", tmp_path / "out", vocab_size=300).info == first.info
 
 
-def test_prepare_dataset_needs_documents_for_both_splits(tmp_path):
-    (tmp_path / "one.txt").write_text("Only one story here.\n")
-    with pytest.raises(OrionError, match="0 training and .* validation tokens"):
-        prepare_dataset(str(tmp_path / "one.txt"), tmp_path / "out", vocab_size=300)
+def one_sentence_per_line(stories: list[str]) -> str:
+    """A corpus as many are kept: one sentence per line, no blank lines, so the whole file is one document."""
+    return "".join(s + ".\n" for story in stories for s in story.replace("\n", " ").split(". ") if s)
+
+
+def test_a_file_of_too_few_documents_is_split_on_its_token_stream(stories, tokenizer, tmp_path):
+    source = tmp_path / "notes.txt"
+    source.write_text(one_sentence_per_line(stories[:40]))
+    assert len(list(open_source(str(source)))) == 1
+    ds = prepare_dataset(str(source), tmp_path / "out", tokenizer=tokenizer, val_fraction=0.05)
+    assert ds.info["split"] == "tokens" and ds.info["documents"] == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [  # the whole stream was a temporary file
+        "dataset.json", "tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin"]
+    # nanoGPT's split: the stream's first tokens train, its last ceil(n f) validate; nothing shared, nothing lost
+    total = tokenize_to_bin(open_source(str(source)), tokenizer, tmp_path / "stream.bin")
+    stream = np.asarray(TokenFile(tmp_path / "stream.bin")[:])
+    train, val = np.asarray(TokenFile(ds.train)[:]), np.asarray(TokenFile(ds.val)[:])
+    assert len(val) == math.ceil(total * 0.05) == ds.info["val_tokens"] and len(train) == ds.info["train_tokens"]
+    assert np.array_equal(train, stream[:len(train)]) and np.array_equal(val, stream[len(train):])
+    assert len(train) + len(val) == total
+    note = ds.split_note
+    assert "notes.txt has 1 document, too few" in note and "5% of them for validation" in note
+    assert "at least 20 documents" in note and "split on its token stream" in note
+    assert f"the last {len(val)} of {total} tokens" in note
+    # the same source gives the same files, and a prepared folder is reused
+    again = prepare_dataset(str(source), tmp_path / "again", tokenizer=tokenizer, val_fraction=0.05)
+    assert (tmp_path / "again" / "train.bin").read_bytes() == ds.train.read_bytes()
+    assert (tmp_path / "again" / "val.bin").read_bytes() == ds.val.read_bytes()
+    assert prepare_dataset(str(source), tmp_path / "out", tokenizer=tokenizer, val_fraction=0.05).info == ds.info
+
+
+@pytest.mark.parametrize("documents, split", [(19, "tokens"), (20, "documents")])
+def test_documents_are_split_whole_from_one_per_validation_share(stories, tokenizer, tmp_path, documents, split):
+    """With val_fraction 0.05, 20 documents hold out one; 19 cannot, so their token stream is split."""
+    write_corpus(tmp_path / "c.txt", stories[:documents])
+    ds = prepare_dataset(str(tmp_path / "c.txt"), tmp_path / "out", tokenizer=tokenizer, val_fraction=0.05)
+    assert ds.info["split"] == split
+    eos_in_val = np.count_nonzero(TokenFile(ds.val)[:] == tokenizer.eos_id)
+    if split == "documents":
+        assert eos_in_val == 1 and ds.split_note is None
+        assert tokenizer.decode(TokenFile(ds.val)[:-1].tolist()) == stories[0]
+    else:
+        assert ds.info["documents"] == 19 and "has 19 documents" in ds.split_note
+        assert ds.info["val_tokens"] == math.ceil(0.05 * (ds.info["train_tokens"] + ds.info["val_tokens"]))
+
+
+def test_prepare_dataset_needs_text(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(OrionError, match="gave 0 training and 0 validation tokens: too little text"):
+        prepare_dataset(str(tmp_path / "empty.txt"), tmp_path / "out", vocab_size=300)
     assert not (tmp_path / "out" / "dataset.json").exists()
     with pytest.raises(SettingsError, match="val_fraction"):
-        prepare_dataset(str(tmp_path / "one.txt"), tmp_path / "out", val_fraction=1.0)
+        prepare_dataset(str(tmp_path / "empty.txt"), tmp_path / "out", val_fraction=1.0)
+
+
+def test_a_given_tokenizer_reuses_a_folder_made_with_that_tokenizer(stories, tokenizer, tmp_path, monkeypatch):
+    """A resumed run passes the checkpoint's copy of the tokenizer a fresh run trained: the folder is reused."""
+    write_corpus(tmp_path / "c.txt", stories[:120])
+    first = prepare_dataset(str(tmp_path / "c.txt"), tmp_path / "out", vocab_size=300)
+    copy = Tokenizer.from_dir(tmp_path / "out")
+    with monkeypatch.context() as m:
+        m.setattr(data, "tokenize_to_bin", lambda *a, **k: pytest.fail("must reuse the prepared files"))
+        assert prepare_dataset(str(tmp_path / "c.txt"), tmp_path / "out", tokenizer=copy).info == first.info
+    other = prepare_dataset(str(tmp_path / "c.txt"), tmp_path / "out", tokenizer=tokenizer)
+    assert other.info["tokenizer_source"][0] == "given" and other.tokenizer.vocab_size == tokenizer.vocab_size

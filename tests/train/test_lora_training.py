@@ -192,7 +192,7 @@ def test_lora_resume_is_bitwise_exact(corpus, base, straight, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         make_trainer(lora_settings(corpus, base, out), on_step=interrupt).run()
-    make_trainer(lora_settings(corpus, base, out)).run(resume=True)
+    make_trainer(lora_settings(corpus, base, out), resume=True).run()
     got, want = load_checkpoint(latest_checkpoint(out)), load_checkpoint(straight[1]["checkpoint"])
     for mine, theirs in zip(got[:2], want[:2]):
         assert mine.keys() == theirs.keys()
@@ -208,9 +208,9 @@ def test_lora_settings_errors(corpus, base, straight, tmp_path):
         make_trainer(lora_settings(corpus, base, tmp_path / "b", lora_targets="q,qq"))
     # resuming the run with other LoRA settings, or as a whole-model run, is refused
     with pytest.raises(OrionError, match="holds a LoRA adapter"):
-        make_trainer(lora_settings(corpus, base, straight[0], lora_rank=8, steps=STEPS + 1)).run(resume=True)
+        make_trainer(lora_settings(corpus, base, straight[0], lora_rank=8, steps=STEPS + 1), resume=True).run()
     with pytest.raises(OrionError, match="holds a LoRA adapter"):
-        make_trainer(lora_settings(corpus, base, straight[0], lora_rank=None, steps=STEPS + 1)).run(resume=True)
+        make_trainer(lora_settings(corpus, base, straight[0], lora_rank=None, steps=STEPS + 1), resume=True).run()
 
 
 def test_lora_resume_refuses_another_base(corpus, base, straight, tmp_path):
@@ -219,7 +219,7 @@ def test_lora_resume_refuses_another_base(corpus, base, straight, tmp_path):
     other = export_hf(weights, config, tmp_path / "other",
                       {n: (base / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")})
     with pytest.raises(OrionError, match="another base model"):
-        make_trainer(lora_settings(corpus, other, straight[0], steps=STEPS + 1)).run(resume=True)
+        make_trainer(lora_settings(corpus, other, straight[0], steps=STEPS + 1), resume=True).run()
 
 
 def test_cli_trains_exports_and_generates_with_the_adapter(corpus, base, tmp_path):

@@ -142,7 +142,7 @@ def test_resume_after_keyboard_interrupt_is_bitwise_exact(corpus, tmp_path, stra
     with pytest.raises(KeyboardInterrupt):
         make_trainer(settings_for(corpus, out), on_step=interrupt).run()
     assert checkpoint_step(latest_checkpoint(out)) == 7  # the last finished step, not the last periodic save (5)
-    result = make_trainer(settings_for(corpus, out)).run(resume=True)
+    result = make_trainer(settings_for(corpus, out), resume=True).run()
 
     assert result["step"] == STEPS and result["skipped_steps"] == 0
     weights, moments, state = final_state(out)
@@ -213,7 +213,7 @@ def test_sigkill_while_writing_a_checkpoint_resumes_bitwise_from_the_previous_on
     assert 0 < (torn[0] / "model.safetensors").stat().st_size < complete  # the fault happened where intended
     assert checkpoint_step(latest_checkpoint(out)) == 5
 
-    result = make_trainer(settings).run(resume=True)
+    result = make_trainer(settings, resume=True).run()
     assert result["step"] == STEPS and checkpoint_step(result["checkpoint"]) == STEPS
     assert not list(out.glob(".checkpoint-*.tmp-*"))  # the dead writer's temp dir is cleaned up
     weights, moments, _ = final_state(out)
@@ -258,7 +258,7 @@ def test_resume_after_keyboard_interrupt_inside_a_step_is_bitwise_exact(corpus, 
     monkeypatch.undo()
     if where == "forward/backward":
         assert checkpoint_step(latest_checkpoint(out)) == 7  # the last finished step
-    make_trainer(settings_for(corpus, out)).run(resume=True)
+    make_trainer(settings_for(corpus, out), resume=True).run()
     weights, moments, _ = final_state(out)
     assert_bitwise_equal(weights, straight[0])
     assert_bitwise_equal(moments, straight[1])
@@ -276,7 +276,7 @@ def test_metrics_hold_one_row_per_step_after_resuming_from_an_older_checkpoint(c
     with pytest.raises(RuntimeError, match="crash"):
         make_trainer(settings_for(corpus, out), on_step=crash).run()
     assert checkpoint_step(latest_checkpoint(out)) == 5
-    make_trainer(settings_for(corpus, out)).run(resume=True)
+    make_trainer(settings_for(corpus, out), resume=True).run()
     assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
 
 
@@ -285,15 +285,16 @@ def test_resume_refuses_another_model_shape_and_returns_when_steps_are_reached(c
     make_trainer(settings_for(corpus, out, steps=2)).run()
     rows = (out / "metrics.jsonl").read_text()
 
-    with pytest.raises(OrionError, match=r"checkpoint-00000002 holds a model of another shape.*another --out"):
-        make_trainer(settings_for(corpus, out, steps=4, model_overrides={"n_layers": 1})).run(resume=True)
+    with pytest.raises(OrionError, match=r"model_overrides sets n_layers 1, but .*checkpoint-00000002 holds a model "
+                                          r"with n_layers 2; .*another --out"):
+        make_trainer(settings_for(corpus, out, steps=4, model_overrides={"n_layers": 1}), resume=True).run()
 
     def no_engine(*args, **kwargs):
         raise AssertionError("a run with nothing to do built an engine")
 
     monkeypatch.setattr(trainer_module, "LlamaEngine", no_engine)
     for steps in (2, 1):
-        result = make_trainer(settings_for(corpus, out, steps=steps)).run(resume=True)
+        result = make_trainer(settings_for(corpus, out, steps=steps), resume=True).run()
         assert result["step"] == 2 and "already at step 2" in result["message"]
     assert (out / "metrics.jsonl").read_text() == rows
     assert checkpoint_step(latest_checkpoint(out)) == 2

@@ -392,25 +392,36 @@ def bench_gpt2_cmd(model_dir: str | None, backend: str, reference: str, prompt_t
 # -- training -----------------------------------------------------------------------------------------------------
 
 
-def _progress_printer(total: int, start_label: str = "training"):
-    """A rich progress bar with loss, tokens/s and ms per step split into backend, CPU and weight update."""
+def _warn(message: str) -> None:
+    _report("warning", message)
+
+
+def _train_with_progress(trainer, label: str, stop_after: int | None = None) -> dict:
+    """``trainer.run()`` under a rich progress bar (loss, tokens/s, ms per step split into backend, CPU and weight
+    update), drawn from the step it starts at once the trainer is ready, so a refused resume draws none.
+    ``stop_after``: a KeyboardInterrupt after that step, as a user's Ctrl-C (the demo's halfway stop)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn(start_label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), console=err, transient=False)
-    task = progress.add_task(start_label, total=total, info="")
+    task = progress.add_task(label, total=trainer.settings.steps, completed=trainer.start_step, info="")
 
     def on_step(r: dict) -> None:
         progress.update(task, completed=r["step"], info=(
             f"loss {r['loss']:.3f} | {r['tokens_per_s']:.0f} tok/s | {r['ms']:.0f} ms/step "
             f"(backend {r['ms_backend']:.0f}, cpu {r['ms_cpu']:.0f}, update {r['ms_update']:.0f})"
             + (" | skipped" if r["skipped"] else "")))
+        if r["step"] == stop_after:
+            raise KeyboardInterrupt
 
-    return progress, on_step
+    trainer.on_step = on_step
+    with progress:
+        return trainer.run()
 
 
 @cli.command("train")
-@click.option("--config", "preset", default="tiny", show_default=True, help="Model preset: tiny or stories110m.")
+@click.option("--config", "preset", default="tiny", show_default=True,
+              help="Model preset: tiny or stories110m (on --resume: the checkpoint's).")
 @click.option("--data", required=True, help="A .txt/.jsonl file or folder, a pre-tokenized uint16 .bin, or a hub "
               "dataset id (e.g. roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt).")
 @click.option("--steps", type=click.IntRange(min=1), required=True, help="Total optimizer steps.")
@@ -418,14 +429,16 @@ def _progress_printer(total: int, start_label: str = "training"):
 @click.option("--accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per step.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out up to --steps.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out up to --steps, with "
+              "the checkpoint's model shape and tokenizer.")
 @click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=8), default=None, help="Override the preset's sequence length.")
+@click.option("--seq-len", type=click.IntRange(min=8), default=None,
+              help="Override the preset's sequence length (on --resume: the checkpoint's).")
 @click.option("--loss-scale", type=click.Choice(["dynamic", "static", "none"]), default="dynamic", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tokenizer", default=None, help="A tokenizer.json (or folder with one, or a SentencePiece model "
-              "folder); default: a BPE trained on the data.")
+              "folder); default: a BPE trained on the data (on --resume: the checkpoint's).")
 @click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True)
 @_target_option
 @click.option("--base", default=None, help="Start from this trained Llama (Hugging Face folder, hub id or Orion "
@@ -441,17 +454,21 @@ def _progress_printer(total: int, start_label: str = "training"):
 def train_cmd(preset, data, steps, batch, accum, lr, out_dir, resume, save_every, keep_last, seq_len, loss_scale,
               seed, tokenizer, backend, target_name, base, lora_rank, lora_alpha, lora_targets) -> None:
     """Train a Llama-style model (or a LoRA adapter of one); checkpoints, metrics.jsonl and loss.png go to --out."""
+    from click.core import ParameterSource
+
     from orion.models import model_backend
     from orion.train.trainer import Trainer, TrainSettings
 
-    settings = TrainSettings(preset=preset, data=data, out=str(out_dir), steps=steps, batch=batch, accum=accum,
-                             lr=lr, save_every=save_every, keep_last=keep_last, seq_len=seq_len,
-                             loss_scale=loss_scale, seed=seed, tokenizer=tokenizer, base=base, lora_rank=lora_rank,
-                             lora_alpha=lora_alpha, lora_targets=lora_targets)
-    progress, on_step = _progress_printer(steps)
-    trainer = Trainer(settings, backend=model_backend(backend, target_name), target=target_name, on_step=on_step)
-    with progress:
-        summary = trainer.run(resume=resume)
+    # A --config left at its default is no preset at all, so a resumed run takes the checkpoint's (--seq-len and
+    # --tokenizer default to None, which says the same).
+    given_preset = click.get_current_context().get_parameter_source("preset") is not ParameterSource.DEFAULT
+    settings = TrainSettings(preset=preset if given_preset else None, data=data, out=str(out_dir), steps=steps,
+                             batch=batch, accum=accum, lr=lr, save_every=save_every, keep_last=keep_last,
+                             seq_len=seq_len, loss_scale=loss_scale, seed=seed, tokenizer=tokenizer, base=base,
+                             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets)
+    trainer = Trainer(settings, resume=resume, backend=model_backend(backend, target_name), target=target_name,
+                      on_notice=_warn)
+    summary = _train_with_progress(trainer, "training")
     out.print(f"done: {summary}", highlight=False, markup=False)
 
 
@@ -506,23 +523,13 @@ def demo_cmd(out_dir: Path, steps: int, backend: str) -> None:
                              seq_len=64, lr=2e-3, save_every=max(1, steps // 4))
     chosen = model_backend(backend)
     half = steps // 2
-    progress, on_step = _progress_printer(steps, "training")
-
-    def stop_halfway(record: dict) -> None:
-        on_step(record)
-        if record["step"] == half:
-            raise KeyboardInterrupt
-
-    with progress:
-        try:
-            Trainer(settings, backend=chosen, on_step=stop_halfway).run()
-        except KeyboardInterrupt:
-            pass
+    try:
+        _train_with_progress(Trainer(settings, backend=chosen, on_notice=_warn), "training", stop_after=half)
+    except KeyboardInterrupt:
+        pass
     out.print(f"2. trained the tiny preset ({chosen.name}) and stopped at step {half}: "
               f"{latest_checkpoint(out_dir / 'run')}", highlight=False, markup=False)
-    progress, on_step = _progress_printer(steps, "resuming")
-    with progress:
-        summary = Trainer(settings, backend=chosen, on_step=on_step).run(resume=True)
+    summary = _train_with_progress(Trainer(settings, resume=True, backend=chosen, on_notice=_warn), "resuming")
     out.print(f"3. resumed to step {summary['step']}: final loss {summary['final_loss']:.3f}, "
               f"{summary['skipped_steps']} skipped steps; loss curve {out_dir / 'run' / 'loss.png'}",
               highlight=False, markup=False)

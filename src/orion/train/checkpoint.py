@@ -285,9 +285,19 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     temp dirs of writers are ignored. If a writer died while replacing a step's checkpoint, the set-aside old copy
     of that step counts (the next save puts it back in place).
     """
+    path, damaged = find_latest_checkpoint(out_dir)
+    for problem in damaged:
+        warnings.warn(f"skipping damaged {problem}", RuntimeWarning, stacklevel=2)
+    return path
+
+
+def find_latest_checkpoint(out_dir: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """:func:`latest_checkpoint` and, newest first, what is wrong with each damaged checkpoint newer than it (each
+    problem names its checkpoint's path), for a caller that reports them in its own words."""
     out = Path(out_dir)
+    damaged: list[str] = []
     if not out.is_dir():
-        return None
+        return None, damaged
     candidates = {step: [path] for step, path in _regular_checkpoints(out)}
     regular = set(candidates)
     for entry in sorted(out.iterdir()):
@@ -298,9 +308,9 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
         for path in candidates[step]:
             problem = _problem(path, deep=True)
             if problem is None:
-                return path
-            warnings.warn(f"skipping damaged checkpoint {path}: {problem}", RuntimeWarning, stacklevel=2)
-    return None
+                return path, damaged
+            damaged.append(problem)
+    return None, damaged
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:

@@ -41,6 +41,7 @@ _SOURCE_HINT = "pass a local .txt, .jsonl or tokenized .bin file"
 _SNIFF_BYTES = 1 << 20
 _EOT_LINE = END_OF_TEXT.encode()
 _ENCODE_BATCH = 1024  # documents per tokenizer call: large enough for the Rust tokenizer's threads to pay off
+_COPY_TOKENS = 1 << 22  # tokens per slice when splitting a token stream into two files
 _DATASET_FORMAT = 1
 
 
@@ -364,6 +365,18 @@ class PreparedDataset:
     tokenizer: Tokenizer
     info: dict
 
+    @property
+    def split_note(self) -> str | None:
+        """What a user should know about the validation split when it is not whole documents, else None."""
+        if self.info.get("split") != "tokens":
+            return None
+        n, fraction = self.info["documents"], self.info["val_fraction"]
+        total = self.info["train_tokens"] + self.info["val_tokens"]
+        return (f"{self.info['source']} has {n} document{'s' if n != 1 else ''}, too few to hold out "
+                f"{fraction * 100:g}% of them for validation (that takes at least {_min_documents(fraction)} "
+                f"documents; in a .txt file, blank lines separate them): split on its token stream instead, the last "
+                f"{self.info['val_tokens']} of {total} tokens for validation")
+
 
 def prepare_dataset(spec: str, out_dir: PathLike, tokenizer: Tokenizer | None = None, vocab_size: int = 4096,
                     val_fraction: float = 0.01, *, tokenizer_documents: int = 100_000) -> PreparedDataset:
@@ -371,8 +384,12 @@ def prepare_dataset(spec: str, out_dir: PathLike, tokenizer: Tokenizer | None = 
 
     Without ``tokenizer``, a byte-level BPE of ``vocab_size`` is trained on the first ``tokenizer_documents``
     documents and saved there as ``tokenizer.json``; a given tokenizer is saved there too, so the folder is
-    self-contained. Every ``1 / val_fraction``-th document (the first included) goes to ``val.bin``. ``dataset.json``
-    records the settings, source files and token counts; when it still matches, the files are reused as they are.
+    self-contained. Every ``1 / val_fraction``-th document (the first included) goes to ``val.bin``; a source of
+    fewer than ``1 / val_fraction`` documents (a text file with no blank lines is one document) cannot spare whole
+    documents, so its token stream is split instead, as nanoGPT does: the last ``val_fraction`` of the tokens go to
+    ``val.bin`` (``info["split"]`` says which, :attr:`PreparedDataset.split_note` explains it). ``dataset.json``
+    records the settings, source files and token counts; when it still matches (a given tokenizer: when the folder's
+    tokenizer is that one), the files are reused as they are.
     """
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise SettingsError(f"val_fraction {val_fraction!r} must be between 0 and 1 (e.g. 0.01)")
@@ -391,7 +408,7 @@ def prepare_dataset(spec: str, out_dir: PathLike, tokenizer: Tokenizer | None = 
         else ("given", _fingerprint(tokenizer)),
     }
     wanted = json.loads(json.dumps(wanted))  # tuples become lists, as they read back from dataset.json
-    reused = _reuse(folder, wanted)
+    reused = _reuse(folder, wanted, tokenizer)
     if reused is not None:
         return reused
     with contextlib.suppress(FileNotFoundError):
@@ -410,28 +427,36 @@ def prepare_dataset(spec: str, out_dir: PathLike, tokenizer: Tokenizer | None = 
             if (math.ceil((i + 1) * val_fraction) > math.ceil(i * val_fraction)) == val:
                 yield doc
 
-    # Two passes over the text, one per split: reading it costs little next to tokenizing it.
-    train_tokens = tokenize_to_bin(split(False), tokenizer, folder / "train.bin")
-    val_tokens = tokenize_to_bin(split(True), tokenizer, folder / "val.bin")
+    enough = _min_documents(val_fraction)
+    documents = sum(1 for _ in itertools.islice(_documents(files), enough))  # stops reading once there are enough
+    if documents >= enough:
+        # Two passes over the text, one per split: reading it costs little next to tokenizing it.
+        train_tokens = tokenize_to_bin(split(False), tokenizer, folder / "train.bin")
+        val_tokens = tokenize_to_bin(split(True), tokenizer, folder / "val.bin")
+        how = {"split": "documents"}
+    else:
+        train_tokens, val_tokens = _split_token_stream(_documents(files), tokenizer, folder, val_fraction)
+        how = {"split": "tokens", "documents": documents}
     if train_tokens == 0 or val_tokens == 0:
-        raise OrionError(f"{spec} gave {train_tokens} training and {val_tokens} validation tokens; it needs enough "
-                         f"documents for both (at least {math.ceil(1 / val_fraction) + 1} with val_fraction "
-                         f"{val_fraction})")
+        raise OrionError(f"{spec} gave {train_tokens} training and {val_tokens} validation tokens: too little text "
+                         "to train on; use a larger corpus")
     info = {**wanted, "tokenizer": _tokenizer_file(folder).name, "tokenizer_sha256": _sha256(_tokenizer_file(folder)),
             "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "train_tokens": train_tokens,
-            "val_tokens": val_tokens}
+            "val_tokens": val_tokens, **how}
     with atomic_write(folder / "dataset.json") as f:
         f.write((json.dumps(info, indent=2) + "\n").encode("utf-8"))
     return PreparedDataset(folder, folder / "train.bin", folder / "val.bin", tokenizer, info)
 
 
-def _reuse(folder: Path, wanted: dict) -> PreparedDataset | None:
-    """The dataset already in ``folder`` if its dataset.json has the wanted settings and its files are intact."""
+def _reuse(folder: Path, wanted: dict, tokenizer: Tokenizer | None) -> PreparedDataset | None:
+    """The dataset already in ``folder`` if its dataset.json has the wanted settings and its files are intact. A given
+    tokenizer need only be the folder's (a resumed run passes the checkpoint's copy of the tokenizer trained here)."""
     try:
         info = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(info, dict) or any(info.get(k) != v for k, v in wanted.items()):
+    settings = [k for k in wanted if k != "tokenizer_source" or tokenizer is None]
+    if not isinstance(info, dict) or any(info.get(k) != wanted[k] for k in settings):
         return None
     tokenizer_file = folder / str(info.get("tokenizer"))
     for name, key in (("train.bin", "train_tokens"), ("val.bin", "val_tokens")):
@@ -442,7 +467,36 @@ def _reuse(folder: Path, wanted: dict) -> PreparedDataset | None:
             return None
     if not tokenizer_file.is_file() or _sha256(tokenizer_file) != info.get("tokenizer_sha256"):
         return None
-    return PreparedDataset(folder, folder / "train.bin", folder / "val.bin", Tokenizer.from_dir(folder), info)
+    held = Tokenizer.from_dir(folder)
+    if tokenizer is not None and _fingerprint(held) != _fingerprint(tokenizer):
+        return None
+    return PreparedDataset(folder, folder / "train.bin", folder / "val.bin", held, info)
+
+
+def _min_documents(val_fraction: float) -> int:
+    """Fewer documents than this cannot hold out ``val_fraction`` of them: one would be more than that share."""
+    return math.ceil(1 / val_fraction)
+
+
+def _split_token_stream(documents: Iterable[str], tokenizer: Tokenizer, folder: Path,
+                        val_fraction: float) -> tuple[int, int]:
+    """Tokenize ``documents`` as one stream, then its first tokens become train.bin and the last ``ceil(n f)`` val.bin
+    (nanoGPT's split of a text); returns both counts. Copied in slices, so memory stays small however long it is."""
+    stream = folder / "stream.bin"
+    try:
+        total = tokenize_to_bin(documents, tokenizer, stream)
+        if total == 0:
+            return 0, 0
+        tokens = TokenFile(stream)
+        boundary = total - math.ceil(total * val_fraction)
+        for name, start, stop in (("train.bin", 0, boundary), ("val.bin", boundary, total)):
+            with atomic_write(folder / name) as f:
+                for first in range(start, stop, _COPY_TOKENS):
+                    f.write(tokens[first:min(first + _COPY_TOKENS, stop)].tobytes())
+        return boundary, total - boundary
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            stream.unlink()
 
 
 def _file_stamp(path: Path) -> list:

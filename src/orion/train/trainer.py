@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,16 +26,24 @@ from orion.errors import OrionError, SettingsError
 from orion.fileio import atomic_write, write_atomic
 from orion.lora import Adapter, LoraLayout, new_adapter, peft_files
 from orion.models.llama import PRESETS, LlamaConfig, adapter_spec, init_weights
-from orion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from orion.train.checkpoint import find_latest_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from orion.models.hub import Tokenizer
 from orion.train.data import BatchStream, PreparedDataset, prepare_dataset, tokenizer_files
 from orion.train.engine import LlamaEngine
 from orion.train.optim import AdamW, LossScaler, cosine_lr, guarded_step
 
 
+#: The model preset of a fresh run that names none.
+DEFAULT_PRESET = "tiny"
+
+
 @dataclass
 class TrainSettings:
-    preset: str = "tiny"
+    """What a run trains and how. On resume, the model's preset, shape and tokenizer come from the checkpoint, as
+    nanoGPT's resume takes its model arguments from it: leave ``preset``, ``seq_len`` and ``tokenizer`` at None
+    (unset), or give what the checkpoint holds."""
+
+    preset: str | None = None  # None: the checkpoint's on resume, else DEFAULT_PRESET
     data: str = ""
     out: str = "out/train"
     steps: int = 200
@@ -52,8 +61,8 @@ class TrainSettings:
     seed: int = 0
     save_every: int = 100
     keep_last: int = 3
-    seq_len: int | None = None
-    tokenizer: str | None = None
+    seq_len: int | None = None  # None: the checkpoint's on resume, else the preset's (or the base model's)
+    tokenizer: str | None = None  # None: the checkpoint's on resume, else the base model's or a BPE of the data
     model_overrides: dict = dataclasses.field(default_factory=dict)
     base: str | None = None  # a trained Llama (HF folder, hub id or Orion checkpoint) to start from
     lora_rank: int | None = None  # train only a LoRA adapter of this rank on the frozen base
@@ -61,7 +70,7 @@ class TrainSettings:
     lora_targets: str | None = None  # None: the model's default (Llama: q,v)
 
     def validate(self) -> None:
-        if self.preset not in PRESETS:
+        if self.preset is not None and self.preset not in PRESETS:
             raise SettingsError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
         for name in ("steps", "batch", "accum", "save_every", "keep_last"):
             if int(getattr(self, name)) < 1:
@@ -81,28 +90,72 @@ class TrainSettings:
 
     def model_config(self, vocab_size: int, base: LlamaConfig | None = None) -> LlamaConfig:
         """The preset's shape (or the base model's), with the tokenizer's vocabulary and ``seq_len``."""
+        if base is not None and base.vocab_size != vocab_size:
+            raise SettingsError(f"the base model has a vocabulary of {base.vocab_size} but the tokenizer has "
+                                f"{vocab_size}: give --tokenizer, the one the base was trained with")
+        fields = {name: value for name, (_, value) in self.shape(self.preset or DEFAULT_PRESET, base).items()}
+        return LlamaConfig(**(fields | {"vocab_size": vocab_size}))
+
+    def shape(self, preset: str | None, base: LlamaConfig | None) -> dict[str, tuple[str, object]]:
+        """Each model field these settings fix, with the setting that fixes it ("base", "preset",
+        "model_overrides", "seq_len"): the base model's shape, else the preset's (if any) with model_overrides over
+        it; ``seq_len`` over either."""
         if base is not None:
-            if base.vocab_size != vocab_size:
-                raise SettingsError(f"the base model has a vocabulary of {base.vocab_size} but the tokenizer has "
-                                    f"{vocab_size}: give --tokenizer, the one the base was trained with")
-            fields = dataclasses.asdict(base)
+            fields = {name: ("base", value) for name, value in dataclasses.asdict(base).items()}
         else:
-            fields = dataclasses.asdict(PRESETS[self.preset]) | self.model_overrides | {"vocab_size": vocab_size}
+            fields = {name: ("preset", value) for name, value in dataclasses.asdict(PRESETS[preset]).items()
+                      } if preset else {}
+            fields |= {name: ("model_overrides", value) for name, value in self.model_overrides.items()}
         if self.seq_len:
-            fields["max_seq_len"] = self.seq_len
-        return LlamaConfig(**fields)
+            fields["max_seq_len"] = ("seq_len", self.seq_len)
+        return fields
 
 
-def _dataset(settings: TrainSettings, folder: Path, base_folder: Path | None) -> PreparedDataset:
-    """Text sources are tokenized into ``folder`` (with the base model's tokenizer when there is one, else training a
-    BPE of the preset's vocabulary size unless a tokenizer is given); a pre-tokenized uint16 ``.bin`` is used as it
-    is, with the tokenizer it was made with."""
-    tokenizer = None
+def _load_tokenizer(spec: str) -> Tokenizer:
+    """``--tokenizer``: a tokenizer.json, or a folder with one (or with a SentencePiece tokenizer.model)."""
+    return Tokenizer.from_dir(Path(spec).parent if spec.endswith(".json") else spec)
+
+
+def _fresh_tokenizer(settings: TrainSettings, base_folder: Path | None) -> Tokenizer | None:
+    """The tokenizer a fresh run is given: ``--tokenizer``, else the base model's, else None (a BPE of the data)."""
     if settings.tokenizer:
-        tokenizer = Tokenizer.from_dir(Path(settings.tokenizer).parent if settings.tokenizer.endswith(".json")
-                                       else settings.tokenizer)
-    elif base_folder is not None and (base_folder / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_dir(base_folder)
+        return _load_tokenizer(settings.tokenizer)
+    if base_folder is not None and (base_folder / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(base_folder)
+    return None
+
+
+def _resumed_settings(settings: TrainSettings, state: dict, base: LlamaConfig | None, tokenizer: Tokenizer,
+                      checkpoint: Path) -> TrainSettings:
+    """``settings`` completed from the checkpoint a run resumes (its preset, sequence length and tokenizer), after
+    refusing any setting given that contradicts the model the checkpoint holds, naming it and both values."""
+    held = state["config"]
+    flags = {"base": f"--base {settings.base}", "preset": f"--config {settings.preset}",
+             "model_overrides": "model_overrides", "seq_len": f"--seq-len {settings.seq_len}"}
+    for name, (source, value) in settings.shape(settings.preset, base).items():
+        # A preset's vocabulary is only the size of the BPE a fresh run trains, and the context length of a preset
+        # or base model is a default that --seq-len overrides, so only --seq-len pins max_seq_len.
+        if (name == "max_seq_len" and source != "seq_len") or (name == "vocab_size" and source == "preset"):
+            continue
+        if held.get(name) != value:
+            flag = flags[source]
+            raise SettingsError(f"{flag} sets {name} {value}, but {checkpoint} holds a model with {name} "
+                                f"{held.get(name)}; on --resume the model's shape comes from the checkpoint: leave "
+                                f"{flag.split()[0]} out, or use another --out")
+    given = _load_tokenizer(settings.tokenizer) if settings.tokenizer else None
+    if given is not None and tokenizer_files(given) != tokenizer_files(tokenizer):
+        raise SettingsError(f"--tokenizer {settings.tokenizer} ({given.vocab_size} tokens) is not the tokenizer "
+                            f"{checkpoint} was trained with (saved in it, {tokenizer.vocab_size} tokens); on "
+                            "--resume the tokenizer comes from the checkpoint: leave --tokenizer out, or use another "
+                            "--out")
+    saved = state.get("settings", {})
+    return dataclasses.replace(settings, preset=settings.preset or saved.get("preset") or DEFAULT_PRESET,
+                               seq_len=held["max_seq_len"], tokenizer=settings.tokenizer or saved.get("tokenizer"))
+
+
+def _dataset(settings: TrainSettings, folder: Path, tokenizer: Tokenizer | None) -> PreparedDataset:
+    """Text sources are tokenized into ``folder`` with ``tokenizer``, or a BPE of the preset's vocabulary size trained
+    on them; a pre-tokenized uint16 ``.bin`` is used as it is, with the tokenizer it was made with."""
     if settings.data.endswith(".bin"):
         data = Path(settings.data)
         if not data.is_file():
@@ -122,14 +175,19 @@ def _warmup(settings: TrainSettings) -> int:
 
 
 class Trainer:
-    """``Trainer(settings, backend=..., target=...).run(resume=True)``."""
+    """``Trainer(settings, resume=True, backend=..., target=...).run()``.
 
-    def __init__(self, settings: TrainSettings, *, backend="auto", target="default", cache=None, budget=None,
-                 on_step: Callable[[dict], None] | None = None):
+    With ``resume``, the newest intact checkpoint in ``settings.out`` is found and read here, before anything is
+    prepared, because it decides the model's shape and tokenizer. ``on_notice`` receives what the user should know
+    (a damaged checkpoint skipped, a corpus split on its token stream); without it, each is a RuntimeWarning."""
+
+    def __init__(self, settings: TrainSettings, *, resume: bool = False, backend="auto", target="default",
+                 cache=None, budget=None, on_step: Callable[[dict], None] | None = None,
+                 on_notice: Callable[[str], None] | None = None):
         settings.validate()
-        self.settings = settings
         self.out = Path(settings.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.on_notice = on_notice
         self.base_weights, base_config, base_folder = None, None, None
         if settings.base is not None:
             from orion.models import read_llama
@@ -139,8 +197,20 @@ class Trainer:
             base_config, self.base_weights = read_llama(base_folder)
             if settings.lora_rank is not None:  # a frozen base: resume checks it is the same model
                 self.base_digest = weights_digest(self.base_weights)
-        self.dataset = _dataset(settings, self.out / "data", base_folder)
-        self.config = settings.model_config(self.dataset.tokenizer.vocab_size, base_config)
+        self.checkpoint = self._find_checkpoint() if resume else None
+        if self.checkpoint is None:
+            restored = None
+            self.settings = dataclasses.replace(settings, preset=settings.preset or DEFAULT_PRESET)
+            self.dataset = _dataset(self.settings, self.out / "data", _fresh_tokenizer(settings, base_folder))
+            self.config = self.settings.model_config(self.dataset.tokenizer.vocab_size, base_config)
+        else:
+            restored = load_checkpoint(self.checkpoint)  # (weights, moments, state)
+            tokenizer = Tokenizer.from_dir(self.checkpoint)
+            self.settings = _resumed_settings(settings, restored[2], base_config, tokenizer, self.checkpoint)
+            self.dataset = _dataset(self.settings, self.out / "data", tokenizer)
+            self.config = LlamaConfig(**restored[2]["config"])
+        if self.dataset.split_note:
+            self._notice(self.dataset.split_note)
         self.spec = adapter_spec(self.config)
         self.lora_targets = None
         if settings.lora_rank is not None:
@@ -150,6 +220,24 @@ class Trainer:
         self.target = get_target(target) if isinstance(target, str) else target
         self.on_step = on_step
         self.metrics_path = self.out / "metrics.jsonl"
+        # Everything that can refuse the run (a checkpoint of other LoRA settings, too little data) happens here,
+        # so run() only trains: (step, weights, optimizer, loss scaler, batch stream) to start from.
+        self._start = self._fresh() if restored is None else self._resumed(*restored)
+        self.start_step = self._start[0]
+
+    def _notice(self, message: str) -> None:
+        if self.on_notice is None:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        else:
+            self.on_notice(message)
+
+    def _find_checkpoint(self) -> Path | None:
+        """The newest intact checkpoint, after a notice naming each damaged one skipped and what it resumes from."""
+        found, damaged = find_latest_checkpoint(self.out)
+        if damaged:
+            then = f"resuming from {found}" if found else "no intact checkpoint is left, so training starts at step 0"
+            self._notice(f"{'; '.join(damaged)}; skipped {'it' if len(damaged) == 1 else 'them'}, {then}")
+        return found
 
     # -- state ----------------------------------------------------------------------------------------------------
 
@@ -174,10 +262,8 @@ class Trainer:
         stream = BatchStream(self.dataset.train, s.batch, self.config.max_seq_len, seed=s.seed)
         return 0, weights, optimizer, scaler, stream
 
-    def _resumed(self, path: Path):
-        weights, moments, state = load_checkpoint(path)
-        if state.get("config") != self.config.to_dict():
-            raise OrionError(f"{path} holds a model of another shape ({state.get('config')}); use another --out")
+    def _resumed(self, weights: dict[str, np.ndarray], moments: dict[str, np.ndarray], state: dict):
+        path = self.checkpoint
         if state.get("lora") != (self._lora_state() if self.trains_adapter else None):
             held = f"a LoRA adapter {state['lora']}" if state.get("lora") else "a whole model"
             raise OrionError(f"{path} holds {held}, not what these settings train; use the same LoRA settings or "
@@ -210,19 +296,18 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
-    def run(self, resume: bool = False) -> dict:
-        """Train up to ``settings.steps`` (from the newest checkpoint with ``resume``). BLAS runs one thread per
-        caller: the engine already overlaps the backend with a CPU worker, and two BLAS thread pools spinning on two
-        cores slow both down (measured 2.3x on this machine's 2 cores)."""
+    def run(self) -> dict:
+        """Train up to ``settings.steps`` (from the checkpoint found when resuming); call it once. BLAS runs one
+        thread per caller: the engine already overlaps the backend with a CPU worker, and two BLAS thread pools
+        spinning on two cores slow both down (measured 2.3x on this machine's 2 cores)."""
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1, user_api="blas"):
-            return self._run(resume)
+            return self._run()
 
-    def _run(self, resume: bool) -> dict:
+    def _run(self) -> dict:
         s = self.settings
-        checkpoint = latest_checkpoint(self.out) if resume else None
-        start, weights, optimizer, scaler, stream = self._resumed(checkpoint) if checkpoint else self._fresh()
+        start, weights, optimizer, scaler, stream = self._start
         self._trim_metrics(start)
         if start >= s.steps:
             return {"step": start, "message": f"already at step {start} of {s.steps}"}

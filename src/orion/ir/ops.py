@@ -373,6 +373,15 @@ _declare(
 )
 
 
+def last_axis_slice_offset(op: str, shape: Sequence[int], attrs: dict) -> int:
+    """Where a slice starts on the last axis: the lowest index it reads there, with negative begins counted from the
+    end and a set ``begin_mask`` bit read as 0 (for the usual positive stride). The M1/M2 slice rule (N11) applies
+    when this is nonzero; the constraint catalog (ANE-29) and the emulator both decide by this one function."""
+    slices = _index_slices(op, shape, attrs) if op == "slice_by_index" else _size_slices(shape, attrs)
+    kept = range(*slices[-1].indices(shape[-1]))
+    return min(kept) if kept else 0
+
+
 def _cast_infer(types, attrs):
     if attrs["dtype"] not in ("fp16", "fp32", "int32", "bool"):
         raise _fail("cast", f"unsupported dtype {attrs['dtype']!r}")
@@ -533,4 +542,5 @@ def get_op(name: str) -> OpDef:
         raise GraphError(f"unknown op {name!r}; known ops: {', '.join(sorted(OPS))}") from None
 
 
-__all__ = ["OPS", "OpDef", "Attr", "Kernels", "get_op", "input_names", "GELU_MODES", "REQUIRED"]
+__all__ = ["OPS", "OpDef", "Attr", "Kernels", "get_op", "input_names", "last_axis_slice_offset", "GELU_MODES",
+           "REQUIRED"]

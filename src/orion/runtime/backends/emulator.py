@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from orion.errors import BackendError, BindingError, EvaluationError, MILProgramError, OrionError, WeightFileError
-from orion.ir.ops import OPS, Kernels, OpDef, input_names
+from orion.ir.ops import OPS, Kernels, OpDef, input_names, last_axis_slice_offset
 from orion.ir.types import TensorType
 from orion.mil.blob import BlobReader
 from orion.mil.parse import parse_program, read_mil_file, resolve_blob_path
@@ -99,6 +99,8 @@ class _Step:
     inputs: list[str | tuple[str, ...]]
     attrs: dict
     statement: Statement
+    #: A slice that starts inside its last axis: on M1/M2 it sends |x| > 4094 to inf (N11).
+    offset_slice: bool = False
 
 
 def _attr_value(value) -> object:
@@ -199,7 +201,8 @@ class EmulatedProgram:
                 raise MILProgramError(f"line {st.line}: {st.var!r} is declared {st.type} but {st.op} gives shape "
                                       f"{list(inferred.shape)}")
             types[st.var] = st.type
-            self._steps.append(_Step(st.var, op, inputs, attrs, st))
+            offset = last_axis_slice_offset(op.name, arg_types[0].shape, attrs) if op.name.startswith("slice") else 0
+            self._steps.append(_Step(st.var, op, inputs, attrs, st, offset_slice=offset != 0))
 
     def _attr(self, st: Statement, key: str, arg) -> object:
         if isinstance(arg, Literal):
@@ -265,9 +268,8 @@ class EmulatedProgram:
         arrays = args[0] if step.op.variadic else args
         result = step.op.compute(self.kernels, arrays, step.attrs)
         if kind == "layout":  # moves values without computing: they stay fp16 values
-            if step.op.name.startswith("slice") and self.settings.slice_offset_overflow:
-                overflow = ane.slice_overflow(result.astype(F16), bool(step.attrs["begin"][-1]), self.settings)
-                return overflow.astype(np.float32)
+            if step.offset_slice and self.settings.slice_offset_overflow:
+                return ane.slice_overflow(result.astype(F16), step.offset_slice, self.settings).astype(np.float32)
             return np.asarray(result, dtype=np.float32)
         if self.kernels.finished(result):
             out = result

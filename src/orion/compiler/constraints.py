@@ -232,8 +232,8 @@ _ENTRIES = (
     ),
     Constraint(
         "ANE-37", "fp16 everywhere: beyond +-65504 is inf, NaN inputs read as +inf", "numerics", "warning", "run",
-        "inf cascades and NaN in training", "clamp to +-65504 on every CPU<->ANE copy, sanitize weights when "
-        "writing (NaN -> 0, +-inf -> +-65504)", "Orion; ANE guide (N1, N5, N6)",
+        "inf cascades and NaN in training", "clamp to +-65504 on every copy into the ANE (outputs read back keep "
+        "+-inf), sanitize weights when writing (NaN -> 0, +-inf -> +-65504)", "Orion; ANE guide (N1, N5, N6)",
     ),
 )
 

@@ -528,7 +528,7 @@ class Llama(AdapterHost, TextGenerator):
         from orion.runtime.program import get_backend
 
         self.config, self.weights, self.tokenizer = config, weights, tokenizer
-        self.target = get_target(target) if isinstance(target, str) else target
+        self.target = get_target(target)
         self.backend = get_backend(backend, self.target)
         self._options = dict(backend=self.backend, target=self.target, cache=cache, budget=budget)
         self.adapter_spec = adapter_spec(config)

@@ -377,8 +377,7 @@ def backward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None
         dg = blk.adapted_back(blk.linear(dy, blk.weight("w2", d, f), transpose=True), "down", [(dy, "b")])
         sig = b.sigmoid(t["t_a"])
         silu = b.mul(t["t_a"], sig)
-        one_minus_sig = b.sub(b.mul(sig, -1.0), -1.0)
-        dsilu = b.mul(sig, b.add(b.mul(t["t_a"], one_minus_sig), 1.0))  # silu'(a) = sig(a) (1 + a (1 - sig(a)))
+        dsilu = b.mul(sig, b.add(b.mul(t["t_a"], b.sub(1.0, sig)), 1.0))  # silu'(a) = sig(a) (1 + a (1 - sig(a)))
         da = b.mul(b.mul(dg, t["t_u"]), dsilu)
         du = b.mul(dg, silu)
         dn2 = b.add(blk.linear(da, blk.weight("w1", f, d), transpose=True),

@@ -25,7 +25,7 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Attr:
     """An op attribute. ``kind`` is how MIL spells it: ``int`` (int32 scalar), ``ints`` (1-D int32 tensor),
-    ``bool``, ``bools`` (1-D bool tensor), ``string``, ``float`` (a scalar of the op's dtype)."""
+    ``bool``, ``bools`` (1-D bool tensor), ``string``, ``tensor`` (a const's value)."""
 
     kind: str
     default: Any = REQUIRED
@@ -44,7 +44,6 @@ class OpDef:
     optional: tuple[str, ...] = ()
     #: The single input that takes a tuple of values (concat ``values``).
     variadic: str | None = None
-    doc: str = ""
 
     def resolve_attrs(self, attrs: dict) -> dict:
         """Fill defaults and reject unknown or missing attributes, naming them."""
@@ -132,7 +131,6 @@ for _name, _fn in _BINARY.items():
         ("x", "y"),
         infer=_broadcast(_name),
         compute=lambda k, xs, a, fn=_fn: fn(xs[0], xs[1]),
-        doc=f"elementwise {_fn.__name__} with numpy broadcasting",
     )
 
 
@@ -482,7 +480,6 @@ _declare(
     compute=_conv,
     kind="wide",
     optional=("bias",),
-    doc="1x1 convolution: the ANE's fast linear layer (weight [O, I/groups, 1, 1])",
 )
 
 

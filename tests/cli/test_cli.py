@@ -220,6 +220,25 @@ def test_run_accepts_float64_float32_and_float16_inputs_alike(compiled, tmp_path
     assert results["float64"].tobytes() == results["float32"].tobytes() == results["float16"].tobytes()
 
 
+def test_run_keeps_an_overflow_as_inf_and_counts_it(tmp_path):
+    from orion.compiler.compile import compile_graph
+    from orion.ir.builder import GraphBuilder
+
+    b = GraphBuilder("overflow")
+    b.output("y", b.mul(b.input("x", (1, 32, 1, 32)), 100.0, name="y"))
+    compile_graph(b.graph, "default").module.write(tmp_path / "model")
+    x = np.random.default_rng(4).uniform(-100, 100, (1, 32, 1, 32)).astype(np.float16)
+    x[0, :3, 0, 0] = [1000, -1000, 655]  # 100000 and -100000 overflow fp16; 65500 does not
+    np.savez(tmp_path / "in.npz", x=x)
+    result = invoke("run", tmp_path / "model", "--inputs", tmp_path / "in.npz", "--out", tmp_path / "out.npz")
+    assert_ok(result)
+    with np.load(tmp_path / "out.npz") as got:
+        y = got["y"]
+    assert y[0, :3, 0, 0].tolist() == [math.inf, -math.inf, 65504.0]  # 65500 rounds to fp16's largest value
+    assert np.isfinite(y).sum() == y.size - 2
+    assert "non-finite 2" in result.stdout
+
+
 def test_m1_target_writes_program_1_0_that_runs_like_the_default(compiled, tmp_path):
     m1_text = (compiled["m1"] / "model.mil").read_text(encoding="utf-8")
     assert m1_text.lstrip().startswith("program(1.0)")

@@ -20,6 +20,11 @@ def test_profiles_are_named_and_complete():
         assert get_target(name.upper()) is target
 
 
+def test_a_target_is_its_own_target():
+    custom = get_target("m1").with_overrides(min_surface_bytes=4096)  # a target that no name reaches
+    assert get_target(custom) is custom
+
+
 def test_unknown_target_lists_the_known_names():
     with pytest.raises(OrionError) as err:
         get_target("m9")

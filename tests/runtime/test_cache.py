@@ -555,32 +555,18 @@ def test_cache_key_is_equal_exactly_when_parts_are(p, q):
 
 
 def test_lru_bound_and_eviction_order():
-    evicted = []
-    lru = LRUCache(2, on_evict=lambda k, v: evicted.append((k, v)))
+    lru = LRUCache(2)
     lru.put("a", 1)
     lru.put("b", 2)
     assert lru.get("a") == 1  # a is now the most recent
-    lru.put("c", 3)
-    assert evicted == [("b", 2)] and len(lru) == 2
-    lru.put("d", 4)
-    assert evicted == [("b", 2), ("a", 1)]
-    assert lru.get("a") is None and lru.get("b") is None
-    assert (lru.hits, lru.misses) == (1, 2)
-    assert lru.pop("c") == 3 and evicted == [("b", 2), ("a", 1)]  # pop hands the value back, no callback
-    lru.put("e", 5)
-    lru.clear()
-    assert evicted[2:] == [("d", 4), ("e", 5)] and len(lru) == 0
-
-
-def test_lru_replacing_a_value_evicts_the_old_one_only_if_different():
-    evicted = []
-    lru = LRUCache(3, on_evict=lambda k, v: evicted.append(v))
-    value = object()
-    lru.put("k", value)
-    lru.put("k", value)
-    assert evicted == []
-    lru.put("k", "new")
-    assert evicted == [value] and lru.get("k") == "new"
+    lru.put("c", 3)  # evicts b, the least recently used
+    assert len(lru) == 2 and lru.get("b") is None
+    lru.put("d", 4)  # evicts a
+    assert lru.get("a") is None and lru.get("c") == 3 and lru.get("d") == 4
+    lru.put("c", 5)  # a replaced value is the most recent too
+    lru.put("e", 6)  # so d goes
+    assert lru.get("d") is None and lru.get("c") == 5 and lru.get("e") == 6 and len(lru) == 2
+    assert (lru.hits, lru.misses) == (5, 3)
 
 
 def test_lru_refuses_a_bound_below_one():
@@ -588,46 +574,8 @@ def test_lru_refuses_a_bound_below_one():
         LRUCache(0)
 
 
-def test_lru_callback_runs_outside_the_lock():
-    blocked = []
-
-    def on_evict(key, value):
-        other = threading.Thread(target=lambda: lru.get("x"))  # needs the internal lock
-        other.start()
-        other.join(timeout=5)
-        blocked.append(other.is_alive())
-        if not blocked[-1]:
-            assert lru.get(key) is None  # and the callback may use the cache itself
-
-    lru = LRUCache(1, on_evict=on_evict)
-    lru.put("a", 1)
-    lru.put("b", 2)
-    assert blocked == [False]
-
-
-def test_lru_every_callback_runs_even_if_one_fails():
-    seen = []
-
-    def on_evict(key, value):
-        seen.append(key)
-        if key == "a":
-            raise RuntimeError("unload failed")
-
-    lru = LRUCache(5, on_evict=on_evict)
-    for k in "abc":
-        lru.put(k, k)
-    with pytest.raises(RuntimeError, match="unload failed"):
-        lru.clear()
-    assert seen == ["a", "b", "c"] and len(lru) == 0
-
-
 ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("get"), st.integers(0, 4)),
-        st.tuples(st.just("put"), st.integers(0, 4), st.booleans()),
-        st.tuples(st.just("pop"), st.integers(0, 4)),
-        st.tuples(st.just("clear")),
-    ),
+    st.one_of(st.tuples(st.just("get"), st.integers(0, 4)), st.tuples(st.just("put"), st.integers(0, 4))),
     max_size=40,
 )
 
@@ -635,70 +583,54 @@ ops = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 4), ops)
 def test_lru_matches_a_naive_list_model(bound, script):
-    evicted, model_evicted = [], []
-    lru = LRUCache(bound, on_evict=lambda k, v: evicted.append((k, v)))
+    lru = LRUCache(bound)
     model: list[tuple[int, object]] = []  # least recently used first
     hits = misses = 0
-    for op in script:
-        index = next((i for i, (k, _) in enumerate(model) if len(op) > 1 and k == op[1]), None)
-        if op[0] == "get":
+    for op, key in script:
+        index = next((i for i, (k, _) in enumerate(model) if k == key), None)
+        if op == "get":
             expected = None
             if index is not None:
                 expected = model.pop(index)[1]
-                model.append((op[1], expected))
+                model.append((key, expected))
                 hits += 1
             else:
                 misses += 1
-            assert lru.get(op[1]) is expected
-        elif op[0] == "put":
-            value = model[index][1] if (index is not None and not op[2]) else [op[1]]  # fresh object unless reused
-            if index is not None:
-                old = model.pop(index)[1]
-                if old is not value:
-                    model_evicted.append((op[1], old))
-            model.append((op[1], value))
-            while len(model) > bound:
-                model_evicted.append(model.pop(0))
-            lru.put(op[1], value)
-        elif op[0] == "pop":
-            assert lru.pop(op[1]) is (model.pop(index)[1] if index is not None else None)
+            assert lru.get(key) is expected
         else:
-            model_evicted.extend(model)
-            model.clear()
-            lru.clear()
+            value = [key]  # a fresh object: identity tells which put a get sees
+            if index is not None:
+                model.pop(index)
+            model.append((key, value))
+            del model[:-bound]
+            lru.put(key, value)
         assert len(lru) == len(model)
-        assert [(k, id(v)) for k, v in evicted] == [(k, id(v)) for k, v in model_evicted]
     assert (lru.hits, lru.misses) == (hits, misses)
 
 
-def test_lru_threads_lose_and_duplicate_nothing():
+def test_lru_threads_keep_the_bound_and_the_counts():
     bound, per_thread = 8, 3000
-    evicted, popped, put_values = [], [], []
-    record = threading.Lock()
-    lru = LRUCache(bound, on_evict=lambda k, v: evicted.append(v))
+    lru = LRUCache(bound)
     gets = [0]
+    wrong: list[tuple[int, object]] = []
     sizes_ok = [True]
+    record = threading.Lock()
 
     def work(seed):
         rnd = random.Random(seed)
-        mine_put, mine_pop, mine_gets = [], [], 0
+        mine_gets = 0
         for i in range(per_thread):
-            key, r = rnd.randrange(16), rnd.random()
-            if r < 0.5:
-                value = (seed, i)
-                mine_put.append(value)
-                lru.put(key, value)
+            key = rnd.randrange(16)
+            if rnd.random() < 0.5:
+                lru.put(key, (key, seed, i))
                 sizes_ok[0] &= len(lru) <= bound
-            elif r < 0.85:
-                lru.get(key)
-                mine_gets += 1
             else:
-                v = lru.pop(key)
-                if v is not None:
-                    mine_pop.append(v)
+                value = lru.get(key)
+                mine_gets += 1
+                if value is not None and value[0] != key:
+                    with record:
+                        wrong.append((key, value))
         with record:
-            put_values.extend(mine_put)
-            popped.extend(mine_pop)
             gets[0] += mine_gets
 
     threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
@@ -706,8 +638,5 @@ def test_lru_threads_lose_and_duplicate_nothing():
         t.start()
     for t in threads:
         t.join(timeout=60)
-    lru.clear()
-    assert sizes_ok[0]
-    # every value put left exactly once: popped by a caller or handed to on_evict
-    assert sorted(popped + evicted) == sorted(put_values)
+    assert sizes_ok[0] and not wrong
     assert lru.hits + lru.misses == gets[0]

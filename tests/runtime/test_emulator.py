@@ -8,7 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from orion.compiler.compile import compile_graph
 from orion.errors import BindingError, MILProgramError
+from orion.ir.builder import GraphBuilder
 from orion.runtime.backends.emulator import load_program, load_text
 from orion.runtime.backends.numerics import Numerics
 
@@ -216,3 +218,28 @@ def test_load_program_reads_model_dir(tmp_path):
     assert out.dtype == np.float16 and np.allclose(out, np.tanh(0.5), atol=1e-3)
     with pytest.raises(MILProgramError, match="no MIL program"):
         load_program(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(
+    "begin, begin_mask, starts_inside",
+    [
+        ([0, 0, 0, 5], [False, False, False, True], False),  # a masked begin reads from 0 (the review's case)
+        ([0, 0, 0, 5], [False, False, False, False], True),
+        ([0, 0, 0, -64], [False, False, False, False], False),  # counted from the end of a 64-wide axis: offset 0
+        ([0, 0, 0, -59], [False, False, False, False], True),
+        ([0, 5, 0, 0], [False, False, False, False], False),  # another axis: no effect
+    ],
+)
+def test_catalog_and_emulator_agree_on_the_m1_slice_rule(tmp_path, rng, begin, begin_mask, starts_inside):
+    b = GraphBuilder("slice")
+    x = b.input("x", (1, 32, 1, 64))
+    b.output("y", b.slice_by_index(x, begin=begin, end=[0, 0, 0, 0], begin_mask=begin_mask, end_mask=[True] * 4))
+    result = compile_graph(b.graph, target="m1")
+    assert ("ANE-29" in [v.constraint for v in result.violations]) == starts_inside
+    assert "ANE-29" not in [v.constraint for v in compile_graph(b.graph, target="m4").violations]
+    result.module.write(tmp_path)
+    data = rng.uniform(-8000, 8000, (1, 32, 1, 64)).astype(np.float16)
+    got = load_text(result.module.text, tmp_path, Numerics(slice_offset_overflow=True)).run({"x": data})["y"]
+    kept = data[tuple(slice(None if m else b_, None) for b_, m in zip(begin, begin_mask))]
+    expected = np.where(np.abs(kept) > 4094, np.copysign(np.inf, kept), kept) if starts_inside else kept
+    assert got.tolist() == expected.tolist()

@@ -24,7 +24,6 @@ from orion.runtime.backends.numerics import (
     activation_quirks,
     ane_fix,
     boundary_input,
-    conv1x1,
     matmul,
     reduce_sum,
     round_fp16,
@@ -432,35 +431,6 @@ def test_matmul_rejects_bad_shapes_and_dtypes():
         matmul(np.zeros((2, 2, 3), F16), np.zeros((3, 3, 2), F16), numerics)
     with pytest.raises(TypeError, match="float16"):
         matmul(np.zeros((2, 3), np.float32), np.zeros((3, 2), F16), numerics)
-
-
-# ------------------------------------------------------------------------------------------------- conv1x1
-
-
-@pytest.mark.parametrize("groups", [1, 2, 6])
-@pytest.mark.parametrize("accumulator", ACCUMULATORS)
-def test_conv1x1_is_a_grouped_channel_matmul(groups, accumulator):
-    rng = np.random.default_rng(groups)
-    x = rng.integers(-8, 9, (2, 6, 3, 4)).astype(F16)
-    c_out, per_group_in = 2 * groups if groups > 1 else 3, 6 // groups
-    w = rng.integers(-8, 9, (c_out, per_group_in, 1, 1)).astype(F16)
-    per_group_out = c_out // groups
-    expected = np.zeros((2, c_out, 3, 4))
-    for o in range(c_out):
-        g = o // per_group_out
-        for c in range(per_group_in):
-            expected[:, o] += float(w[o, c, 0, 0]) * x[:, g * per_group_in + c].astype(np.float64)
-    y = conv1x1(x, w, groups, Numerics(accumulator=accumulator))
-    assert y.dtype == F16 and y.shape == (2, c_out, 3, 4)
-    np.testing.assert_array_equal(y.astype(np.float64), expected)
-
-
-def test_conv1x1_rejects_groups_that_do_not_fit():
-    x = np.zeros((1, 6, 1, 4), F16)
-    with pytest.raises(GraphError, match="groups=4"):
-        conv1x1(x, np.zeros((4, 1, 1, 1), F16), 4, Numerics())
-    with pytest.raises(GraphError, match="Cout"):
-        conv1x1(x, np.zeros((4, 6, 3, 3), F16), 1, Numerics())
 
 
 # ------------------------------------------------------------------------------------------------- reduce_sum

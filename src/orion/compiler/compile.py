@@ -43,7 +43,7 @@ def compile_graph(graph: Graph, target: Target | str = "default", weight_layout:
 
     Violations are returned, not raised: the caller decides (the CLI prints them; the runtime refuses errors).
     """
-    target = get_target(target) if isinstance(target, str) else target
+    target = get_target(target)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     optimized = run_pipeline(graph, passes if passes is not None else default_passes(target))

@@ -20,7 +20,8 @@ from typing import Mapping
 import numpy as np
 
 from orion.compiler.targets import Target
-from orion.errors import ConstraintError
+from orion.errors import ConstraintError, GraphError
+from orion.ir.ops import OPS, last_axis_slice_offset
 from orion.mil.program import NUMPY_DTYPES, BlobRef, Literal, Program, Statement, TensorType, VarRef
 
 CATEGORIES = ("compile", "io-binding", "numerics", "runtime", "performance", "weights")
@@ -231,8 +232,8 @@ _ENTRIES = (
     ),
     Constraint(
         "ANE-37", "fp16 everywhere: beyond +-65504 is inf, NaN inputs read as +inf", "numerics", "warning", "run",
-        "inf cascades and NaN in training", "clamp to +-65504 on every CPU<->ANE copy, sanitize weights when "
-        "writing (NaN -> 0, +-inf -> +-65504)", "Orion; ANE guide (N1, N5, N6)",
+        "inf cascades and NaN in training", "clamp to +-65504 on every copy into the ANE (outputs read back keep "
+        "+-inf), sanitize weights when writing (NaN -> 0, +-inf -> +-65504)", "Orion; ANE guide (N1, N5, N6)",
     ),
 )
 
@@ -321,8 +322,6 @@ def check_program(program: Program, target: Target) -> list[Violation]:
 
     Not checked here: the SRAM working set (ANE-36, the compiler's estimate), and rules that need run-time data.
     """
-    from orion.ir.ops import OPS  # imported late so that importing the catalog never pulls in the IR layer
-
     return _Checker(program, target, frozenset(OPS)).run()
 
 
@@ -451,17 +450,20 @@ class _Checker:
             self.add("ANE-16", where, f"{x.shape[1]} input channels exceed {limit}")
 
     def check_slice(self, st: Statement, where: str) -> None:
-        if not self.target.slice_offset_overflow:
+        x = self.arg_type(st.args.get("x"))
+        attrs = {k: self.value(v) for k, v in st.args.items() if k != "x"}
+        if not self.target.slice_offset_overflow or x is None or any(v is None for v in attrs.values()):
             return
-        begin = self.value(st.args.get("begin"))
-        last = int(begin.reshape(-1)[-1]) if begin is not None and begin.size else 0
-        mask = self.value(st.args.get("begin_mask")) if st.op == "slice_by_index" else None
-        if mask is not None and mask.size and bool(mask.reshape(-1)[-1]):
-            last = 0  # a masked begin starts at 0
-        if last:
+        try:
+            offset = last_axis_slice_offset(st.op, x.shape, OPS[st.op].resolve_attrs(
+                {k: v.tolist() for k, v in attrs.items()}))
+        except GraphError:
+            return  # a malformed slice: the parser and the emulator refuse it with its line
+        if offset:
             self.add(
                 "ANE-29", where,
-                f"last-axis begin {last} is nonzero: on target {self.target.name!r} values with |x| > 4094 become inf",
+                f"last-axis offset {offset} is nonzero: on target {self.target.name!r} values with |x| > 4094 "
+                "become inf",
             )
 
     # -- weights ---------------------------------------------------------------------------------------------------

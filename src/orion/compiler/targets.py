@@ -254,9 +254,11 @@ M5 = DEFAULT.with_overrides(
 TARGETS: dict[str, Target] = {t.name: t for t in (DEFAULT, M1, M2, M3, M4, M5)}
 
 
-def get_target(name: str) -> Target:
+def get_target(name: str | Target) -> Target:
     """The profile called ``name`` (case-insensitive), or a profile file (``*.json``) that ``orion doctor
-    --write-profile`` wrote: ``{"base": "default", "overrides": {...}}``."""
+    --write-profile`` wrote: ``{"base": "default", "overrides": {...}}``; a :class:`Target` is returned as is."""
+    if isinstance(name, Target):
+        return name
     if name.lower().endswith(".json"):
         return load_profile(Path(name))
     try:

@@ -167,11 +167,7 @@ class GraphBuilder:
             raise GraphError(f"attention: {d} channels do not split into {heads} heads")
         hd = d // heads
         with self.scope(name):
-            def heads_first(t: Value, label: str) -> Value:
-                t = self.reshape(t, shape=[1, heads, hd, seq], name=f"{label}_heads")
-                return self.transpose(t, perm=[0, 1, 3, 2], name=f"{label}_t")
-
-            qh, kh, vh = heads_first(q, "q"), heads_first(k, "k"), heads_first(v, "v")
+            qh, kh, vh = (self.split_heads(t, heads, label) for t, label in ((q, "q"), (k, "k"), (v, "v")))
             scores = self.matmul(qh, kh, transpose_x=False, transpose_y=True, name="scores")
             scores = self.mul(scores, 1.0 / math.sqrt(hd), name="scaled")
             if mask is None:
@@ -181,6 +177,12 @@ class GraphBuilder:
             ctx = self.matmul(probs, vh, transpose_x=False, transpose_y=False, name="ctx")  # [1, H, S, hd]
             ctx = self.transpose(ctx, perm=[0, 1, 3, 2], name="ctx_t")
             return self.reshape(ctx, shape=[1, d, 1, seq], name="merge")
+
+    def split_heads(self, t: Value, heads: int, label: str) -> Value:
+        """``[1, d, 1, S] -> [1, H, S, d/H]``: one head per slot of axis 1, positions before head channels."""
+        _, d, _, seq = t.shape
+        t = self.reshape(t, shape=[1, heads, d // heads, seq], name=f"{label}_heads")
+        return self.transpose(t, perm=[0, 1, 3, 2], name=f"{label}_t")
 
     def cached_attention(self, q: Value, k: Value, v: Value, k_cache: Value, v_cache: Value, mask: Value,
                          heads: int, name: str = "attn") -> Value:
@@ -195,11 +197,7 @@ class GraphBuilder:
         hd = d // heads
         scale = 1.0 / math.sqrt(hd)
         with self.scope(name):
-            def heads_last(t: Value, label: str) -> Value:  # [1, d, 1, S] -> [1, H, S, hd]
-                t = self.reshape(t, shape=[1, heads, hd, seq], name=f"{label}_heads")
-                return self.transpose(t, perm=[0, 1, 3, 2], name=f"{label}_t")
-
-            qh, kh, vh = heads_last(q, "q"), heads_last(k, "k"), heads_last(v, "v")
+            qh, kh, vh = (self.split_heads(t, heads, label) for t, label in ((q, "q"), (k, "k"), (v, "v")))
             kc = self.reshape(k_cache, shape=[1, heads, hd, cap], name="kc_heads")  # [1, H, hd, T]
             vc = self.reshape(v_cache, shape=[1, heads, hd, cap], name="vc_heads")
             s_cache = self.add(self.mul(self.matmul(qh, kc, transpose_x=False, transpose_y=False, name="qk"),

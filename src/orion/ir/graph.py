@@ -209,18 +209,6 @@ class Graph:
         g.outputs = {k: mapping[v.id] for k, v in self.outputs.items()}
         return g
 
-    def replace_uses(self, old: Value, new: Value) -> None:
-        """Make every reader of ``old`` (nodes and outputs) read ``new``."""
-        for node in self.nodes:
-            for k, v in node.inputs.items():
-                if isinstance(v, list):
-                    node.inputs[k] = [new if x is old else x for x in v]
-                elif v is old:
-                    node.inputs[k] = new
-        for k, v in self.outputs.items():
-            if v is old:
-                self.outputs[k] = new
-
     # -- printing ------------------------------------------------------------------------------------------------
 
     def __str__(self) -> str:

@@ -25,7 +25,7 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Attr:
     """An op attribute. ``kind`` is how MIL spells it: ``int`` (int32 scalar), ``ints`` (1-D int32 tensor),
-    ``bool``, ``bools`` (1-D bool tensor), ``string``, ``float`` (a scalar of the op's dtype)."""
+    ``bool``, ``bools`` (1-D bool tensor), ``string``, ``tensor`` (a const's value)."""
 
     kind: str
     default: Any = REQUIRED
@@ -44,7 +44,6 @@ class OpDef:
     optional: tuple[str, ...] = ()
     #: The single input that takes a tuple of values (concat ``values``).
     variadic: str | None = None
-    doc: str = ""
 
     def resolve_attrs(self, attrs: dict) -> dict:
         """Fill defaults and reject unknown or missing attributes, naming them."""
@@ -132,7 +131,6 @@ for _name, _fn in _BINARY.items():
         ("x", "y"),
         infer=_broadcast(_name),
         compute=lambda k, xs, a, fn=_fn: fn(xs[0], xs[1]),
-        doc=f"elementwise {_fn.__name__} with numpy broadcasting",
     )
 
 
@@ -373,6 +371,15 @@ _declare(
 )
 
 
+def last_axis_slice_offset(op: str, shape: Sequence[int], attrs: dict) -> int:
+    """Where a slice starts on the last axis: the lowest index it reads there, with negative begins counted from the
+    end and a set ``begin_mask`` bit read as 0 (for the usual positive stride). The M1/M2 slice rule (N11) applies
+    when this is nonzero; the constraint catalog (ANE-29) and the emulator both decide by this one function."""
+    slices = _index_slices(op, shape, attrs) if op == "slice_by_index" else _size_slices(shape, attrs)
+    kept = range(*slices[-1].indices(shape[-1]))
+    return min(kept) if kept else 0
+
+
 def _cast_infer(types, attrs):
     if attrs["dtype"] not in ("fp16", "fp32", "int32", "bool"):
         raise _fail("cast", f"unsupported dtype {attrs['dtype']!r}")
@@ -473,7 +480,6 @@ _declare(
     compute=_conv,
     kind="wide",
     optional=("bias",),
-    doc="1x1 convolution: the ANE's fast linear layer (weight [O, I/groups, 1, 1])",
 )
 
 
@@ -533,4 +539,5 @@ def get_op(name: str) -> OpDef:
         raise GraphError(f"unknown op {name!r}; known ops: {', '.join(sorted(OPS))}") from None
 
 
-__all__ = ["OPS", "OpDef", "Attr", "Kernels", "get_op", "input_names", "GELU_MODES", "REQUIRED"]
+__all__ = ["OPS", "OpDef", "Attr", "Kernels", "get_op", "input_names", "last_axis_slice_offset", "GELU_MODES",
+           "REQUIRED"]

@@ -108,7 +108,7 @@ class MILModule:
         return sum(a.nbytes for arrays in self.weight_files.values() for a in arrays)
 
 
-def _attr_literal(kind: str, value, dtype: str) -> Literal:
+def _attr_literal(kind: str, value) -> Literal:
     if kind == "int":
         return Literal(TensorType("int32"), np.asarray(int(value), dtype=np.int32))
     if kind == "ints":
@@ -121,8 +121,6 @@ def _attr_literal(kind: str, value, dtype: str) -> Literal:
         return Literal(TensorType("bool", arr.shape), arr)
     if kind == "string":
         return Literal(TensorType("string"), str(value))
-    if kind == "float":
-        return Literal(TensorType(dtype), np.asarray(value, dtype=TensorType(dtype).numpy_dtype))
     raise GraphError(f"attribute kind {kind!r} cannot be emitted")
 
 
@@ -191,7 +189,7 @@ def emit(graph: Graph, version: str = "1.3", weight_layout: str = "per-tensor",
             value = node.attrs.get(key)
             if value is None:
                 continue
-            lit = _attr_literal(attr.kind, value, out.dtype)
+            lit = _attr_literal(attr.kind, value)
             const_var = claim(f"{var}_{key}")
             statements.append(Statement(lit.type, const_var, "const", {}, {**_name_attr(const_var), "val": lit}))
             args[key] = VarRef(const_var)

@@ -58,8 +58,6 @@ from orion.mil.program import (
 
 __all__ = ["parse_program", "resolve_blob_path"]
 
-#: Every BLOBFILE path starts with this; the rest is relative to the compiled model's folder.
-
 #: Names coremltools never gives a variable (its NameSanitizer list) because they are keywords of the text.
 RESERVED = frozenset(
     "any bool program func tensor list dict tuple true false string bf16 fp16 fp32 fp64 int8 int16 int32 int64 "

@@ -16,7 +16,7 @@ def model_backend(backend="auto", target: Target | str = "default", accumulator:
     from orion.runtime.backends.numerics import Numerics
     from orion.runtime.program import get_backend
 
-    target = get_target(target) if isinstance(target, str) else target
+    target = get_target(target)
     chosen = get_backend(backend, target)
     if isinstance(chosen, EmulatorBackend) and accumulator is not None:
         chosen.numerics = Numerics.from_dict({**chosen.numerics.to_dict(), "accumulator": accumulator})

@@ -278,7 +278,7 @@ class GPT2(AdapterHost, TextGenerator):
                  budget: CompileBudget | None = None):
         self.config = config
         self.tokenizer = tokenizer
-        self.target = get_target(target) if isinstance(target, str) else target
+        self.target = get_target(target)
         self.backend = get_backend(backend, self.target)
         (self.wte, self.wpe), self.blocks, self.final_norm = gpt2_weights(state, config)
         self.group = blocks_per_program(self.target, config.n_layer)

@@ -201,17 +201,21 @@ def lora_gradients(adapter: Adapter, layer: int, config: LlamaConfig, taps: dict
 class _Block:
     """Builds one block's programs; inputs are declared as they are first used. With ``baked`` (one layer's
     :func:`layer_inputs`) the weights are constants named after ``layer`` instead of inputs, and each linear layer
-    is a 1x1 conv: an inference program."""
+    is a 1x1 conv: an inference program. The graph functions name values by scope (``with builder.scope("ffn")``),
+    the ops inside take their default names."""
 
     def __init__(self, name: str, config: LlamaConfig, seq: int, lora: LoraLayout | None = None,
                  baked: dict[str, np.ndarray] | None = None, layer: int = 0):
-        self.b = GraphBuilder(name)
-        self.c = config
-        self.s = seq
-        self.half = config.dim // 2
+        self.builder = GraphBuilder(name)
+        self.config = config
+        self.seq = seq
         self.lora = lora
-        self.baked = baked
-        self.prefix = f"l{layer:02d}_"  # distinct constant names: each layer's program is its own compile
+        # Baked weights are made here, outside any scope, so that each keeps its name (its weight file's), distinct
+        # per layer (each layer's program is its own compile); in conv form: gains [1, d, 1, 1], matrices [O, I, 1, 1].
+        self.consts = None if baked is None else {
+            name: self.builder.weight(f"l{layer:02d}_{name}", w.reshape(1, -1, 1, 1) if name.startswith("g_")
+                                      else w.reshape(*w.shape[2:], 1, 1))
+            for name, w in baked.items()}
         self._down: dict[str, Value] = {}
 
     def adapts(self, target: str) -> bool:
@@ -222,71 +226,84 @@ class _Block:
         two halves of q and k)."""
         if not self.adapts(target):
             return y
-        b = self.b
+        b, rank = self.builder, self.lora.rank
         if target not in self._down:
-            a = b.input(f"lora_{target}_a", (1, 1, self.lora.rank, x.shape[1]))
+            a = b.input(f"lora_{target}_a", (1, 1, rank, x.shape[1]))
             self._down[target] = b.lora_down(x, a, name=f"lora_{target}")
-        w = b.input(f"lora_{target}_{part}", (1, 1, y.shape[1], self.lora.rank))
-        return b.add(y, b.lora_up(self._down[target], w, name=f"lora_{target}_{part}"), name=f"{target}_{part}_lora")
+        w = b.input(f"lora_{target}_{part}", (1, 1, y.shape[1], rank))
+        return b.add(y, b.lora_up(self._down[target], w, name=f"lora_{target}_{part}"))
 
     def adapted_back(self, dx: Value, target: str, grads: list[tuple[Value, str]]) -> Value:
         """``dx`` plus the adapter's share of the gradient at its input: ``A^T sum_p(B_p^T d_p)``."""
         if not self.adapts(target):
             return dx
-        b, r = self.b, self.lora.rank
-        du = None
-        for d, part in grads:
-            w = b.input(f"lora_{target}_{part}", (1, 1, d.shape[1], r))
-            rows = b.reshape(d, shape=[1, 1, d.shape[1], self.s], name=f"lora_{target}_{part}_drows")
-            t = b.matmul(w, rows, transpose_x=True, transpose_y=False, name=f"lora_{target}_{part}_dup")
-            du = t if du is None else b.add(du, t, name=f"lora_{target}_du")
-        a = b.input(f"lora_{target}_a", (1, 1, r, dx.shape[1]))
-        back = b.matmul(a, du, transpose_x=True, transpose_y=False, name=f"lora_{target}_ddown")
-        return b.add(dx, b.reshape(back, shape=[1, dx.shape[1], 1, self.s], name=f"lora_{target}_dx"),
-                     name=f"{dx.name}_lora_{target}")
+        b, rank = self.builder, self.lora.rank
+        with b.scope(f"lora_{target}"):
+            du = None
+            for d, part in grads:
+                w = b.input(f"lora_{target}_{part}", (1, 1, d.shape[1], rank))
+                rows = b.reshape(d, shape=[1, 1, d.shape[1], self.seq])
+                t = b.matmul(w, rows, transpose_x=True, transpose_y=False)
+                du = t if du is None else b.add(du, t)
+            a = b.input(f"lora_{target}_a", (1, 1, rank, dx.shape[1]))
+            back = b.matmul(a, du, transpose_x=True, transpose_y=False)
+            return b.add(dx, b.reshape(back, shape=[1, dx.shape[1], 1, self.seq]))
 
     def weight(self, name: str, rows: int, cols: int) -> Value:
-        if self.baked is not None:
-            return self.b.weight(self.prefix + name, self.baked[name].reshape(rows, cols, 1, 1))
-        return self.b.input(name, (1, 1, rows, cols))
+        """A linear layer's weight: an input ``[1, 1, rows, cols]``, or the baked constant."""
+        if self.consts is not None:
+            return self.consts[name]
+        return self.builder.input(name, (1, 1, rows, cols))
 
     def gain(self, name: str) -> Value:
-        """A norm's gain as ``[1, d, 1, 1]``: a baked constant, or an input row ``[1, 1, 1, d]`` reshaped."""
-        d = self.c.dim
-        if self.baked is not None:
-            return self.b.weight(self.prefix + name, self.baked[name].reshape(1, d, 1, 1))
-        return self.b.reshape(self.b.input(name, (1, 1, 1, d)), shape=[1, d, 1, 1], name=f"{name}_channels")
+        """A norm's gain as ``[1, d, 1, 1]``: the baked constant, or an input row ``[1, 1, 1, d]`` reshaped."""
+        if self.consts is not None:
+            return self.consts[name]
+        d = self.config.dim
+        return self.builder.reshape(self.builder.input(name, (1, 1, 1, d)), shape=[1, d, 1, 1])
 
-    def linear(self, x: Value, w: Value, name: str, transpose: bool = False) -> Value:
+    def linear(self, x: Value, w: Value, transpose: bool = False) -> Value:
         """``W x`` (or ``W^T x``) for ``x [1, I, 1, S]`` and an input weight ``[1, 1, O, I]`` (a baked ``[O, I, 1,
         1]`` weight: a 1x1 conv)."""
-        b = self.b
-        if self.baked is not None:
-            return b.op("conv", name=name, x=x, weight=w)
-        rows = b.reshape(x, shape=[1, 1, x.shape[1], self.s], name=f"{name}_rows")
-        out = b.matmul(w, rows, transpose_x=transpose, transpose_y=False, name=f"{name}_mm")
-        return b.reshape(out, shape=[1, out.shape[2], 1, self.s], name=name)
+        b = self.builder
+        if self.consts is not None:
+            return b.conv(x=x, weight=w)
+        rows = b.reshape(x, shape=[1, 1, x.shape[1], self.seq])
+        out = b.matmul(w, rows, transpose_x=transpose, transpose_y=False)
+        return b.reshape(out, shape=[1, out.shape[2], 1, self.seq])
 
-    def heads(self, t: Value, name: str) -> Value:
+    def project(self, x: Value, target: str, weight: str, rows: int, part: str = "b") -> Value:
+        """``target``'s projection of ``x`` by the weight called ``weight`` (``rows`` outputs), plus its adapter."""
+        return self.adapted(self.linear(x, self.weight(weight, rows, x.shape[1])), x, target, part)
+
+    def heads(self, t: Value) -> Value:
         """``[1, H*k, 1, S] -> [1, H, k, S]``."""
-        return self.b.reshape(t, shape=[1, self.c.n_heads, t.shape[1] // self.c.n_heads, self.s], name=name)
+        n_heads = self.config.n_heads
+        return self.builder.reshape(t, shape=[1, n_heads, t.shape[1] // n_heads, self.seq])
 
-    def flat(self, t: Value, name: str) -> Value:
+    def flat(self, t: Value) -> Value:
         """``[1, H, k, S] -> [1, H*k, 1, S]``."""
-        return self.b.reshape(t, shape=[1, t.shape[1] * t.shape[2], 1, self.s], name=name)
+        return self.builder.reshape(t, shape=[1, t.shape[1] * t.shape[2], 1, self.seq])
 
-    def rms(self, x: Value, name: str) -> tuple[Value, Value]:
+    def rotate(self, a: Value, c: Value, cos: Value, sin: Value, inverse: bool = False) -> tuple[Value, Value]:
+        """Rotary embedding of the two halves of every head: ``(a cos - c sin, c cos + a sin)``; ``inverse`` turns
+        the other way, ``(a cos + c sin, c cos - a sin)`` (the transpose: how a gradient goes back)."""
+        b = self.builder
+        first, second = (b.add, b.sub) if inverse else (b.sub, b.add)
+        return first(b.mul(a, cos), b.mul(c, sin)), second(b.mul(c, cos), b.mul(a, sin))
+
+    def rms(self, x: Value) -> tuple[Value, Value]:
         """``x_hat = x * r`` with ``r = (mean(x^2) + eps)^-1/2`` over channels; returns (x_hat, r)."""
-        b = self.b
-        ms = b.reduce_mean(b.mul(x, x, name=f"{name}_sq"), axes=[1], keep_dims=True, name=f"{name}_ms")
-        r = b.pow(b.add(ms, self.c.norm_eps, name=f"{name}_eps"), -0.5, name=f"{name}_r")
-        return b.mul(x, r, name=f"{name}_hat"), r
+        b = self.builder
+        mean_square = b.reduce_mean(b.mul(x, x), axes=[1], keep_dims=True)
+        r = b.pow(b.add(mean_square, self.config.norm_eps), -0.5)
+        return b.mul(x, r), r
 
-    def rms_backward(self, d_hat: Value, x_hat: Value, r: Value, name: str) -> Value:
+    def rms_backward(self, d_hat: Value, x_hat: Value, r: Value) -> Value:
         """``dx = r * (d_hat - x_hat * mean(x_hat * d_hat))``."""
-        b = self.b
-        m = b.reduce_mean(b.mul(x_hat, d_hat, name=f"{name}_xd"), axes=[1], keep_dims=True, name=f"{name}_m")
-        return b.mul(r, b.sub(d_hat, b.mul(x_hat, m, name=f"{name}_xm"), name=f"{name}_diff"), name=name)
+        b = self.builder
+        m = b.reduce_mean(b.mul(x_hat, d_hat), axes=[1], keep_dims=True)
+        return b.mul(r, b.sub(d_hat, b.mul(x_hat, m)))
 
 
 def forward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None,
@@ -295,34 +312,39 @@ def forward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None,
     backward pass's taps. With ``baked`` (layer ``layer``'s :func:`layer_inputs`): the weights are constants and y
     is the only output, for inference."""
     blk = _Block(f"llama_fwd{seq}", config, seq, lora, baked, layer)
-    b, d, f, half = blk.b, config.dim, config.hidden_dim, config.dim // 2
+    b, d, f, half = blk.builder, config.dim, config.hidden_dim, config.dim // 2
     x = b.input("x", (1, d, 1, seq))
     cos = b.input("cos", (1, 1, config.head_dim // 2, seq))
     sin = b.input("sin", (1, 1, config.head_dim // 2, seq))
     mask = b.input("mask", (1, 1, seq, seq))
-    x_hat1, r1 = blk.rms(x, "rms1")
-    n1 = b.mul(x_hat1, blk.gain("g_attn"), name="n1")
-    q1, q2, k1, k2 = (
-        blk.heads(blk.adapted(blk.linear(n1, blk.weight(f"w{t}_{ab}", half, d), f"{t}{i}"), n1, t, f"b{i}"),
-                  f"{t}{i}h")
-        for t in "qk" for i, ab in ((1, "a"), (2, "b")))
-    qr1 = b.sub(b.mul(q1, cos, name="q1c"), b.mul(q2, sin, name="q2s"), name="qr1")
-    qr2 = b.add(b.mul(q2, cos, name="q2c"), b.mul(q1, sin, name="q1s"), name="qr2")
-    kr1 = b.sub(b.mul(k1, cos, name="k1c"), b.mul(k2, sin, name="k2s"), name="kr1")
-    kr2 = b.add(b.mul(k2, cos, name="k2c"), b.mul(k1, sin, name="k1s"), name="kr2")
-    v = blk.heads(blk.adapted(blk.linear(n1, blk.weight("wv", d, d), "v"), n1, "v"), "vh")  # [1, H, hd, S]
-    scores = b.add(b.matmul(qr1, kr1, transpose_x=True, transpose_y=False, name="s1"),
-                   b.matmul(qr2, kr2, transpose_x=True, transpose_y=False, name="s2"), name="s12")
-    scores = b.add(b.mul(scores, 1.0 / np.sqrt(config.head_dim), name="scaled"), mask, name="masked")
-    p = b.softmax(scores, axis=-1, name="probs")  # [1, H, S(query), S(key)]
-    o = blk.flat(b.matmul(v, p, transpose_x=False, transpose_y=True, name="pv"), "o")  # [1, d, 1, S]
-    h = b.add(x, blk.adapted(blk.linear(o, blk.weight("wo", d, d), "attn_out"), o, "o"), name="h")
-    x_hat2, r2 = blk.rms(h, "rms2")
-    n2 = b.mul(x_hat2, blk.gain("g_ffn"), name="n2")
-    a = blk.adapted(blk.linear(n2, blk.weight("w1", f, d), "a"), n2, "gate")
-    u = blk.adapted(blk.linear(n2, blk.weight("w3", f, d), "u"), n2, "up")
-    g = b.mul(b.silu(a, name="silu"), u, name="g")
-    y = b.add(h, blk.adapted(blk.linear(g, blk.weight("w2", d, f), "ffn_out"), g, "down"), name="y")
+    with b.scope("attn_norm"):
+        x_hat1, r1 = blk.rms(x)
+        n1 = b.mul(x_hat1, blk.gain("g_attn"))
+    with b.scope("q"):  # q and k in the halves rotate_half pairs: [1, H, hd/2, S] each
+        q1, q2 = (blk.heads(blk.project(n1, "q", w, half, part)) for w, part in (("wq_a", "b1"), ("wq_b", "b2")))
+    with b.scope("k"):
+        k1, k2 = (blk.heads(blk.project(n1, "k", w, half, part)) for w, part in (("wk_a", "b1"), ("wk_b", "b2")))
+    with b.scope("rope"):
+        qr1, qr2 = blk.rotate(q1, q2, cos, sin)
+        kr1, kr2 = blk.rotate(k1, k2, cos, sin)
+    with b.scope("v"):
+        v = blk.heads(blk.project(n1, "v", "wv", d))  # [1, H, hd, S]
+    with b.scope("attn"):
+        scores = b.add(b.matmul(qr1, kr1, transpose_x=True, transpose_y=False),  # the sum of the halves' products
+                       b.matmul(qr2, kr2, transpose_x=True, transpose_y=False))
+        scores = b.add(b.mul(scores, 1.0 / np.sqrt(config.head_dim)), mask)
+        p = b.softmax(scores, axis=-1)  # [1, H, S(query), S(key)]
+        o = blk.flat(b.matmul(v, p, transpose_x=False, transpose_y=True))  # [1, d, 1, S]
+    with b.scope("o"):
+        h = b.add(x, blk.project(o, "o", "wo", d))
+    with b.scope("ffn_norm"):
+        x_hat2, r2 = blk.rms(h)
+        n2 = b.mul(x_hat2, blk.gain("g_ffn"))
+    with b.scope("ffn"):
+        a = blk.project(n2, "gate", "w1", f)
+        u = blk.project(n2, "up", "w3", f)
+        g = b.mul(b.silu(a), u)
+        y = b.add(h, blk.project(g, "down", "w2", d))
     taps = {"y": y, "t_xhat1": x_hat1, "t_r1": r1, "t_n1": n1, "t_qr1": qr1, "t_qr2": qr2, "t_kr1": kr1,
             "t_kr2": kr2, "t_v": v, "t_p": p, "t_o": o, "t_xhat2": x_hat2, "t_r2": r2, "t_n2": n2, "t_a": a,
             "t_u": u, "t_g": g}
@@ -341,7 +363,7 @@ def backward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None
     inputs). Outputs: dx and the gradients at each linear layer's output (and at each norm's output) for the CPU's
     weight and adapter gradients."""
     blk = _Block(f"llama_bwd{seq}", config, seq, lora)
-    b, d, f, half, H = blk.b, config.dim, config.hidden_dim, config.dim // 2, config.n_heads
+    b, d, f, half, H = blk.builder, config.dim, config.hidden_dim, config.dim // 2, config.n_heads
     hd2 = config.head_dim // 2
     dy = b.input("dy", (1, d, 1, seq))
     t = {name: b.input(name, shape) for name, shape in (
@@ -351,50 +373,42 @@ def backward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None
         ("t_r2", (1, 1, 1, seq)), ("t_a", (1, f, 1, seq)), ("t_u", (1, f, 1, seq)))}
     cos = b.input("cos", (1, 1, hd2, seq))
     sin = b.input("sin", (1, 1, hd2, seq))
-    # FFN
-    dg = blk.adapted_back(blk.linear(dy, blk.weight("w2", d, f), "dg", transpose=True), "down", [(dy, "b")])
-    sig = b.sigmoid(t["t_a"], name="sig")
-    silu = b.mul(t["t_a"], sig, name="silu_a")
-    one_minus_sig = b.sub(b.mul(sig, -1.0, name="neg_sig"), -1.0, name="one_minus_sig")
-    dsilu = b.mul(sig, b.add(b.mul(t["t_a"], one_minus_sig, name="a_1ms"), 1.0, name="dsilu_in"), name="dsilu")
-    # silu'(a) = sigmoid(a) * (1 + a * (1 - sigmoid(a)))
-    da = b.mul(b.mul(dg, t["t_u"], name="dg_u"), dsilu, name="da")
-    du = b.mul(dg, silu, name="du")
-    dn2 = b.add(blk.linear(da, blk.weight("w1", f, d), "dn2_a", transpose=True),
-                blk.linear(du, blk.weight("w3", f, d), "dn2_u", transpose=True), name="dn2")
-    dn2 = blk.adapted_back(blk.adapted_back(dn2, "gate", [(da, "b")]), "up", [(du, "b")])
-    g_ffn = blk.gain("g_ffn")
-    dh = b.add(dy, blk.rms_backward(b.mul(dn2, g_ffn, name="dxhat2"), t["t_xhat2"], t["t_r2"], "dh_norm"),
-               name="dh")
-    # attention
-    do = blk.heads(blk.adapted_back(blk.linear(dh, blk.weight("wo", d, d), "do", transpose=True), "o", [(dh, "b")]),
-                   "doh")  # [1, H, hd, S]
-    dp = b.matmul(do, t["t_v"], transpose_x=True, transpose_y=False, name="dp")  # [1, H, S, S]
-    dv = blk.flat(b.matmul(do, t["t_p"], transpose_x=False, transpose_y=False, name="dvh"), "dv")
-    rowdot = b.reduce_sum(b.mul(dp, t["t_p"], name="dp_p"), axes=[3], keep_dims=True, name="rowdot")
-    ds = b.mul(b.mul(t["t_p"], b.sub(dp, rowdot, name="dp_centered"), name="ds_raw"),
-               1.0 / np.sqrt(config.head_dim), name="ds")
-    dqr1 = b.matmul(t["t_kr1"], ds, transpose_x=False, transpose_y=True, name="dqr1")
-    dqr2 = b.matmul(t["t_kr2"], ds, transpose_x=False, transpose_y=True, name="dqr2")
-    dkr1 = b.matmul(t["t_qr1"], ds, transpose_x=False, transpose_y=False, name="dkr1")
-    dkr2 = b.matmul(t["t_qr2"], ds, transpose_x=False, transpose_y=False, name="dkr2")
-
-    def unrotate(d1: Value, d2: Value, label: str) -> tuple[Value, Value]:
-        first = b.add(b.mul(d1, cos, name=f"{label}1c"), b.mul(d2, sin, name=f"{label}2s"), name=f"{label}1h")
-        second = b.sub(b.mul(d2, cos, name=f"{label}2c"), b.mul(d1, sin, name=f"{label}1s"), name=f"{label}2h")
-        return blk.flat(first, f"{label}1"), blk.flat(second, f"{label}2")
-
-    dq1, dq2 = unrotate(dqr1, dqr2, "dq")
-    dk1, dk2 = unrotate(dkr1, dkr2, "dk")
-    dn1 = blk.linear(dv, blk.weight("wv", d, d), "dn1_v", transpose=True)
-    for grad, w in ((dq1, "wq_a"), (dq2, "wq_b"), (dk1, "wk_a"), (dk2, "wk_b")):
-        dn1 = b.add(dn1, blk.linear(grad, blk.weight(w, half, d), f"dn1_{w}", transpose=True), name=f"dn1_p_{w}")
-    dn1 = blk.adapted_back(dn1, "v", [(dv, "b")])
-    dn1 = blk.adapted_back(dn1, "q", [(dq1, "b1"), (dq2, "b2")])
-    dn1 = blk.adapted_back(dn1, "k", [(dk1, "b1"), (dk2, "b2")])
-    g_attn = blk.gain("g_attn")
-    dx = b.add(dh, blk.rms_backward(b.mul(dn1, g_attn, name="dxhat1"), t["t_xhat1"], t["t_r1"], "dx_norm"),
-               name="dx")
+    with b.scope("ffn"):
+        dg = blk.adapted_back(blk.linear(dy, blk.weight("w2", d, f), transpose=True), "down", [(dy, "b")])
+        sig = b.sigmoid(t["t_a"])
+        silu = b.mul(t["t_a"], sig)
+        dsilu = b.mul(sig, b.add(b.mul(t["t_a"], b.sub(1.0, sig)), 1.0))  # silu'(a) = sig(a) (1 + a (1 - sig(a)))
+        da = b.mul(b.mul(dg, t["t_u"]), dsilu)
+        du = b.mul(dg, silu)
+        dn2 = b.add(blk.linear(da, blk.weight("w1", f, d), transpose=True),
+                    blk.linear(du, blk.weight("w3", f, d), transpose=True))
+        dn2 = blk.adapted_back(blk.adapted_back(dn2, "gate", [(da, "b")]), "up", [(du, "b")])
+    with b.scope("ffn_norm"):
+        dh = b.add(dy, blk.rms_backward(b.mul(dn2, blk.gain("g_ffn")), t["t_xhat2"], t["t_r2"]))
+    with b.scope("o"):
+        do = blk.linear(dh, blk.weight("wo", d, d), transpose=True)
+        do = blk.heads(blk.adapted_back(do, "o", [(dh, "b")]))  # [1, H, hd, S]
+    with b.scope("attn"):
+        dp = b.matmul(do, t["t_v"], transpose_x=True, transpose_y=False)  # [1, H, S, S]
+        dv = blk.flat(b.matmul(do, t["t_p"], transpose_x=False, transpose_y=False))
+        rowdot = b.reduce_sum(b.mul(dp, t["t_p"]), axes=[3], keep_dims=True)
+        ds = b.mul(b.mul(t["t_p"], b.sub(dp, rowdot)), 1.0 / np.sqrt(config.head_dim))
+        dqr1 = b.matmul(t["t_kr1"], ds, transpose_x=False, transpose_y=True)
+        dqr2 = b.matmul(t["t_kr2"], ds, transpose_x=False, transpose_y=True)
+        dkr1 = b.matmul(t["t_qr1"], ds, transpose_x=False, transpose_y=False)
+        dkr2 = b.matmul(t["t_qr2"], ds, transpose_x=False, transpose_y=False)
+    with b.scope("rope"):
+        dq1, dq2 = (blk.flat(g) for g in blk.rotate(dqr1, dqr2, cos, sin, inverse=True))
+        dk1, dk2 = (blk.flat(g) for g in blk.rotate(dkr1, dkr2, cos, sin, inverse=True))
+    with b.scope("qkv"):
+        dn1 = blk.linear(dv, blk.weight("wv", d, d), transpose=True)
+        for grad, w in ((dq1, "wq_a"), (dq2, "wq_b"), (dk1, "wk_a"), (dk2, "wk_b")):
+            dn1 = b.add(dn1, blk.linear(grad, blk.weight(w, half, d), transpose=True))
+        dn1 = blk.adapted_back(dn1, "v", [(dv, "b")])
+        dn1 = blk.adapted_back(dn1, "q", [(dq1, "b1"), (dq2, "b2")])
+        dn1 = blk.adapted_back(dn1, "k", [(dk1, "b1"), (dk2, "b2")])
+    with b.scope("attn_norm"):
+        dx = b.add(dh, blk.rms_backward(b.mul(dn1, blk.gain("g_attn")), t["t_xhat1"], t["t_r1"]))
     for name, value in (("dx", dx), ("d_h", dh), ("d_q1", dq1), ("d_q2", dq2), ("d_k1", dk1), ("d_k2", dk2),
                         ("d_v", dv), ("d_a", da), ("d_u", du), ("d_n1", dn1), ("d_n2", dn2)):
         b.output(name, value)
@@ -528,7 +542,7 @@ class Llama(AdapterHost, TextGenerator):
         from orion.runtime.program import get_backend
 
         self.config, self.weights, self.tokenizer = config, weights, tokenizer
-        self.target = get_target(target) if isinstance(target, str) else target
+        self.target = get_target(target)
         self.backend = get_backend(backend, self.target)
         self._options = dict(backend=self.backend, target=self.target, cache=cache, budget=budget)
         self.adapter_spec = adapter_spec(config)

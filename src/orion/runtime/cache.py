@@ -1,4 +1,4 @@
-"""Program caches: an on-disk store of compiled artifacts shared by processes, and an in-memory LRU of loaded models.
+"""Program caches: compiled artifacts in an on-disk store shared by processes, behind an in-memory LRU for this one.
 
 A compile costs 10-80 ms and a process gets only ~119 of them (reference section 2), so the compiled artifacts of a
 program (``net.plist``, ``data``: :data:`orion.runtime.backends.base.COMPILED_ARTIFACTS`) are kept on disk under a
@@ -40,7 +40,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -477,18 +477,12 @@ V = TypeVar("V")
 
 
 class LRUCache(Generic[K, V]):
-    """Thread-safe map bounded by entry count that drops the least recently used entry first.
+    """Thread-safe map bounded by entry count that drops the least recently used entry first."""
 
-    ``on_evict(key, value)`` runs for entries evicted by ``put``, replaced by ``put`` with a different value, or
-    dropped by ``clear`` (the runtime unloads models there); it runs outside the internal lock, so a slow unload
-    does not stall other threads and the callback may use the cache. ``pop`` hands the value back instead.
-    """
-
-    def __init__(self, max_entries: int, on_evict: Callable[[K, V], None] | None = None):
+    def __init__(self, max_entries: int):
         if type(max_entries) is not int or max_entries < 1:
             raise SettingsError(f"LRU cache size {max_entries!r} is not a positive integer; fix: pass max_entries >= 1")
         self.max_entries = max_entries
-        self._on_evict = on_evict
         self._data: OrderedDict[K, V] = OrderedDict()
         self._lock = threading.Lock()
         self._hits = 0
@@ -514,45 +508,15 @@ class LRUCache(Generic[K, V]):
 
     def put(self, key: K, value: V) -> None:
         """Insert or replace ``key`` as most recently used, evicting beyond ``max_entries``."""
-        evicted: list[tuple[K, V]] = []
         with self._lock:
-            if key in self._data:
-                old = self._data.pop(key)
-                if old is not value:
-                    evicted.append((key, old))
+            self._data.pop(key, None)
             self._data[key] = value
             while len(self._data) > self.max_entries:
-                evicted.append(self._data.popitem(last=False))
-        self._notify(evicted)
-
-    def pop(self, key: K, default: V | None = None) -> V | None:
-        """Remove ``key`` and return its value (no eviction callback: the caller now owns it)."""
-        with self._lock:
-            return self._data.pop(key, default)
-
-    def clear(self) -> None:
-        """Drop everything, calling ``on_evict`` from least to most recently used."""
-        with self._lock:
-            evicted = list(self._data.items())
-            self._data.clear()
-        self._notify(evicted)
+                self._data.popitem(last=False)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._data)
-
-    def _notify(self, evicted: list[tuple[K, V]]) -> None:
-        """Call back for every evicted entry even if one callback fails; the first failure is re-raised."""
-        if self._on_evict is None:
-            return
-        first: BaseException | None = None
-        for key, value in evicted:
-            try:
-                self._on_evict(key, value)
-            except Exception as err:  # noqa: BLE001 - every entry must be released; the first error is re-raised
-                first = first or err
-        if first is not None:
-            raise first
 
 
 class ProgramCache:

@@ -35,7 +35,7 @@ def get_backend(name: str | Backend = "auto", target: Target | str = "default") 
     """``auto`` picks the ANE where it is available (macOS on Apple silicon), else the emulator."""
     if isinstance(name, Backend):
         return name
-    target = get_target(target) if isinstance(target, str) else target
+    target = get_target(target)
     if name not in BACKENDS:
         raise SettingsError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name in ("auto", "ane"):
@@ -54,7 +54,7 @@ class Program:
     def __init__(self, module: MILModule, *, backend: Backend | str = "auto", target: Target | str = "default",
                  cache: ProgramCache | None = None, budget: CompileBudget | None = None,
                  weight_inputs: Iterable[str] = (), weight_update: str | None = None):
-        self.target = get_target(target) if isinstance(target, str) else target
+        self.target = get_target(target)
         self.backend = get_backend(backend, self.target)
         self.module = module
         self.cache = cache if cache is not None else default_program_cache()
@@ -81,7 +81,7 @@ class Program:
         """Compile ``graph`` for ``target``. ``weights_as_inputs`` names constants to pass as inputs instead (they
         start with the graph's values), or graph inputs to treat as weights (they start at zero); either kind is set
         with :meth:`update_weights` and is not part of :meth:`run`'s inputs."""
-        target = get_target(target) if isinstance(target, str) else target
+        target = get_target(target)
         names = list(weights_as_inputs)
         graph_inputs = {v.name: v for v in graph.inputs}
         constants = [n for n in names if n not in graph_inputs]
@@ -101,7 +101,7 @@ class Program:
         """A program from ``directory/model.mil`` and its weight files (written by Orion or another tool)."""
         module = MILModule.read(directory)
         target = kwargs.pop("target", "default")
-        target = get_target(target) if isinstance(target, str) else target
+        target = get_target(target)
         if check:
             raise_on_errors(check_program(module.program, target))
         return cls(module, target=target, **kwargs)

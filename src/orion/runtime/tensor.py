@@ -4,9 +4,10 @@ byte 0, with zero-copy numpy views.
 On macOS a surface is an IOSurface (width = bytes, height 1, one byte per element) that must be locked while
 mapped; elsewhere it is plain memory with the same interface. Layout is channel-first: element (c, s) at c*S + s.
 
-NaN policy (stated once, used by every copy): writing clamps to +-65504 and turns NaN into 0, so no NaN or inf ever
-reaches the ANE from the CPU; reading clamps +-inf to +-65504 and turns NaN into +65504 (Orion's rule), so an fp16
-overflow inside a program shows up as a saturated value instead of poisoning later CPU math.
+NaN policy (stated once, used by every write): writing clamps to +-65504 and turns NaN into 0, so no NaN or inf ever
+reaches the ANE from the CPU. Reading copies the values as they are: an overflow inside a program gives +-inf on the
+hardware (N5), and the caller must see it (a loss scaler backs off on it; ``orion run`` counts it), not a 65504 that
+looks finite.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ _CHUNK = 1 << 16
 _NONFINITE = {np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000)}
 
 
-def _repair(values: np.ndarray, zero_nan: bool) -> None:
-    """Apply the NaN policy in place: +-inf and magnitudes past 65504 -> +-65504; NaN -> 0 when writing to the
-    ANE (``zero_nan``), +65504 when reading back. Scans the bits as integers (fast) and repairs only if needed."""
+def _repair(values: np.ndarray) -> None:
+    """Apply the NaN policy in place to values bound for the ANE: +-inf and magnitudes past 65504 -> +-65504,
+    NaN -> 0. Scans the bits as integers (fast) and repairs only if needed."""
     if values.dtype == np.float32:
         np.clip(values, -FP16_MAX, FP16_MAX, out=values)  # fp32 tensors still hold fp16 range on the ANE
     utype, magnitude, exponent = _NONFINITE[values.dtype]
@@ -67,14 +68,14 @@ def _repair(values: np.ndarray, zero_nan: bool) -> None:
         bad = bits >= exponent
         nan = bad & (bits > exponent)
         np.copyto(values, np.where(values > 0, FP16_MAX, -FP16_MAX).astype(values.dtype), where=bad & ~nan)
-        values[nan] = 0.0 if zero_nan else FP16_MAX
+        values[nan] = 0.0
 
 
 class Tensor:
     """A ``[1, C, 1, S]`` (or any static shape) fp16/fp32 tensor stored packed at the start of a surface.
 
-    ``with t.view() as a:`` gives a zero-copy numpy array of the declared shape. ``write``/``read`` copy with the
-    clamp and NaN policy above; ``from_rows``/``to_rows`` convert from/to the CPU's ``[S, C]`` row-major layout.
+    ``with t.view() as a:`` gives a zero-copy numpy array of the declared shape. ``write`` copies with the clamp and
+    NaN policy above, ``read`` copies as is; ``from_rows``/``to_rows`` convert from/to the CPU's ``[S, C]`` row-major layout.
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: str = "fp16", surface: Surface | None = None):
@@ -109,13 +110,11 @@ class Tensor:
             for start in range(0, flat_out.size, _CHUNK):  # copy and check chunk by chunk, while it is in cache
                 chunk = flat_out[start:start + _CHUNK]
                 np.copyto(chunk, flat_in[start:start + _CHUNK], casting="unsafe")
-                _repair(chunk, zero_nan=True)
+                _repair(chunk)
 
     def read(self) -> np.ndarray:
         with self.view(read_only=True) as v:
-            out = v.copy()
-        _repair(out, zero_nan=False)
-        return out
+            return v.copy()
 
     # -- the CPU's [S, C] row-major layout --------------------------------------------------------------------
 
@@ -133,13 +132,11 @@ class Tensor:
         with self.view() as v:
             v[0, :, 0, : rows.shape[0]] = rows.T
             v[0, :, 0, rows.shape[0]:] = 0
-            _repair(v, zero_nan=True)
+            _repair(v)
 
     def to_rows(self, count: int | None = None) -> np.ndarray:
         """The first ``count`` positions as a float32 ``[count, C]`` array."""
         c, s = self._channels_seq()
         count = s if count is None else count
         with self.view(read_only=True) as v:
-            out = v[0, :, 0, :count].astype(np.float32).T.copy()
-        _repair(out, zero_nan=False)
-        return out
+            return v[0, :, 0, :count].astype(np.float32).T.copy()

@@ -217,7 +217,7 @@ class Trainer:
             chosen = self.spec.default_targets if settings.lora_targets is None else settings.lora_targets
             self.lora_targets = self.spec.parse_targets(chosen)
         self.backend, self.cache, self.budget = backend, cache, budget
-        self.target = get_target(target) if isinstance(target, str) else target
+        self.target = get_target(target)
         self.on_step = on_step
         self.metrics_path = self.out / "metrics.jsonl"
         # Everything that can refuse the run (a checkpoint of other LoRA settings, too little data) happens here,

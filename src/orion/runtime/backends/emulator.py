@@ -23,13 +23,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from orion.errors import BackendError, BindingError, EvaluationError, MILProgramError, OrionError, WeightFileError
-from orion.ir.ops import OPS, Kernels, OpDef, input_names
+from orion.ir.ops import OPS, Kernels, OpDef, input_names, last_axis_slice_offset
 from orion.ir.types import TensorType
 from orion.mil.blob import BlobReader
 from orion.mil.parse import parse_program, read_mil_file, resolve_blob_path
 from orion.mil.program import BlobRef, Literal, Program, Statement, VarRef
 from orion.mil.program import MODEL_PATH
-from orion.runtime.backends import numerics as ane
+from orion.runtime.backends import numerics
 from orion.runtime.backends.base import (
     DIRECTORY_CLAIMS,
     Backend,
@@ -76,18 +76,18 @@ class AneKernels(Kernels):
             if id(view) in self.flushed:
                 return x
             view = view.base
-        return ane.flush_subnormals(x)
+        return numerics.flush_subnormals(x)
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         s = self.settings
         if s.accumulator != "fp32":  # exact sums in float64: rounded from there by the fp16 reference path
-            return self._final(ane.matmul(a.astype(F16), b.astype(F16), s).astype(np.float32))
+            return self._final(numerics.matmul(a.astype(F16), b.astype(F16), s).astype(np.float32))
         wide = np.matmul(self._operand(a), self._operand(b))
-        return self._final(ane.round_f32(wide, s.reduction_ties, ceiling=s.matmul_ceiling,
-                                         flush_subnormals=s.flush_subnormals_in_matmul, out=wide))
+        return self._final(numerics.round_f32(wide, s.reduction_ties, ceiling=s.matmul_ceiling,
+                                              flush_subnormals=s.flush_subnormals_in_matmul, out=wide))
 
     def reduce_sum(self, x: np.ndarray, axes: tuple[int, ...], keep_dims: bool) -> np.ndarray:
-        return self._final(ane.reduce_sum(x.astype(F16), axes, keep_dims, self.settings).astype(np.float32))
+        return self._final(numerics.reduce_sum(x.astype(F16), axes, keep_dims, self.settings).astype(np.float32))
 
 
 @dataclass
@@ -99,6 +99,8 @@ class _Step:
     inputs: list[str | tuple[str, ...]]
     attrs: dict
     statement: Statement
+    #: A slice that starts inside its last axis: on M1/M2 it sends |x| > 4094 to inf (N11).
+    offset_slice: bool = False
 
 
 def _attr_value(value) -> object:
@@ -152,7 +154,7 @@ class EmulatedProgram:
             if step.op.kind == "wide":
                 for name in step.inputs:
                     if isinstance(name, str) and isinstance(self._consts.get(name), np.ndarray):
-                        out[name] = ane.flush_subnormals(self._consts[name])
+                        out[name] = numerics.flush_subnormals(self._consts[name])
                         self.kernels.flushed.add(id(out[name]))
         return out
 
@@ -199,7 +201,8 @@ class EmulatedProgram:
                 raise MILProgramError(f"line {st.line}: {st.var!r} is declared {st.type} but {st.op} gives shape "
                                       f"{list(inferred.shape)}")
             types[st.var] = st.type
-            self._steps.append(_Step(st.var, op, inputs, attrs, st))
+            offset = last_axis_slice_offset(op.name, arg_types[0].shape, attrs) if op.name.startswith("slice") else 0
+            self._steps.append(_Step(st.var, op, inputs, attrs, st, offset_slice=offset != 0))
 
     def _attr(self, st: Statement, key: str, arg) -> object:
         if isinstance(arg, Literal):
@@ -215,7 +218,7 @@ class EmulatedProgram:
             if self.check_only:
                 return value
         if isinstance(value, np.ndarray) and st.type.dtype in ("fp16", "fp32"):
-            return ane.hold_input(value, st.type.dtype)  # fp16 values, float32 storage
+            return numerics.hold_input(value, st.type.dtype)  # fp16 values, float32 storage
         if value is None:
             raise MILProgramError(f"line {st.line}: const {st.var!r} has no val")
         return value
@@ -235,7 +238,7 @@ class EmulatedProgram:
             raise BindingError(f"input {name!r} has dtype {array.dtype}; give a float array")
         if tuple(array.shape) != t.shape:
             raise BindingError(f"input {name!r} has shape {list(array.shape)}; the program declares {list(t.shape)}")
-        return ane.hold_input(array, t.dtype)
+        return numerics.hold_input(array, t.dtype)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name in their declared dtype (fp16 for non-float declarations)."""
@@ -265,9 +268,8 @@ class EmulatedProgram:
         arrays = args[0] if step.op.variadic else args
         result = step.op.compute(self.kernels, arrays, step.attrs)
         if kind == "layout":  # moves values without computing: they stay fp16 values
-            if step.op.name.startswith("slice") and self.settings.slice_offset_overflow:
-                overflow = ane.slice_overflow(result.astype(F16), bool(step.attrs["begin"][-1]), self.settings)
-                return overflow.astype(np.float32)
+            if step.offset_slice and self.settings.slice_offset_overflow:
+                return numerics.slice_overflow(result.astype(F16), step.offset_slice, self.settings).astype(np.float32)
             return np.asarray(result, dtype=np.float32)
         if self.kernels.finished(result):
             out = result
@@ -277,11 +279,11 @@ class EmulatedProgram:
             # a result the op allocated is rounded in place; one it may share (an input, a view) is copied first
             owned = out is not result or (out.base is None and out.flags.writeable and
                                           all(out is not a for a in arrays))
-            out = ane.round_f32(out, ties, out=out if owned else None)
+            out = numerics.round_f32(out, ties, out=out if owned else None)
         if step.op.name == "log":
             out[arrays[0] == 0] = LOG_OF_ZERO
         if kind == "activation" and self.settings.activation_quirks:
-            out = ane.activation_quirks(step.op.name, arrays[0].astype(F16), out.astype(F16), self.settings)
+            out = numerics.activation_quirks(step.op.name, arrays[0].astype(F16), out.astype(F16), self.settings)
             out = out.astype(np.float32)
         return out
 
@@ -295,8 +297,8 @@ def output_value(held: np.ndarray, t: TensorType, target: np.ndarray | None = No
         np.copyto(target, held)
         return target
     if target is None or target.dtype == F16:
-        return ane.fp16_of_held(held, out=target)
-    np.copyto(target, ane.fp16_of_held(held), casting="unsafe")
+        return numerics.fp16_of_held(held, out=target)
+    np.copyto(target, numerics.fp16_of_held(held), casting="unsafe")
     return target
 
 

@@ -541,27 +541,6 @@ def _exact_sum_matmul(a3: np.ndarray, b3: np.ndarray, numerics: Numerics) -> np.
     return acc
 
 
-def conv1x1(x16: np.ndarray, w16: np.ndarray, groups: int, numerics: Numerics) -> np.ndarray:
-    """A 1x1 conv ``[N, Cin, H, W]`` x ``[Cout, Cin/groups, 1, 1]`` -> ``[N, Cout, H, W]``, as a matmul per group."""
-    x, w = _as_fp16(x16, "conv x"), _as_fp16(w16, "conv weight")
-    if x.ndim != 4 or w.ndim != 4 or w.shape[2:] != (1, 1):
-        raise GraphError(
-            f"conv1x1 needs x [N, Cin, H, W] and weight [Cout, Cin/groups, 1, 1], got {x.shape} and {w.shape}"
-        )
-    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
-        raise GraphError(f"conv groups={groups!r} must be a positive integer")
-    n, c_in, h, wd = x.shape
-    c_out = w.shape[0]
-    if c_in % groups or c_out % groups or w.shape[1] != c_in // groups:
-        raise GraphError(
-            f"conv groups={groups} does not fit x channels {c_in} and weight {w.shape}: "
-            f"need Cin and Cout divisible by groups and weight [Cout, Cin/groups, 1, 1]"
-        )
-    weights = w[:, :, 0, 0].reshape(groups, c_out // groups, c_in // groups)
-    columns = x.reshape(n, groups, c_in // groups, h * wd)
-    return matmul(weights[None], columns, numerics).reshape(n, c_out, h, wd)
-
-
 # ---------------------------------------------------------------------------------------------------- reduce_sum
 
 

@@ -35,7 +35,7 @@ from orion.lora import Adapter, AdapterSpec, LoraLayout
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
 from orion.models.lm import AdapterHost, GenerationStats, TextGenerator, check_token_ids
-from orion.runtime.program import Program, get_backend
+from orion.runtime.program import Program, backends_that_ran, get_backend
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
 #: Weight constants one block needs once LayerNorms are folded: c_attn, attn c_proj, c_fc, mlp c_proj (w and b).
@@ -418,6 +418,7 @@ class GPT2(AdapterHost, TextGenerator):
         hidden, kv, _ = self._prefill(ids)
         token = sampler.sample(self._head(hidden[-1:])[0])
         stats.prefill_seconds = time.perf_counter() - t0
+        stats.backend = backends_that_ran(self._all_programs())
         if max_tokens == 0:
             return
         programs = self.programs("decode", bucket_for(total))
@@ -438,9 +439,13 @@ class GPT2(AdapterHost, TextGenerator):
             stats.decode_seconds = time.perf_counter() - decode_start
             after = self._count()
             stats.compiles, stats.cache_hits = after[0] - before[0], after[1] - before[1]
+            stats.backend = backends_that_ran(self._all_programs())
+
+    def _all_programs(self) -> list[Program]:
+        return [p for ps in self._programs.values() for p in ps]
 
     def _count(self) -> tuple[int, int]:
-        programs = [p for ps in self._programs.values() for p in ps]
+        programs = self._all_programs()
         return sum(p.compiles for p in programs), sum(p.cache_hits for p in programs)
 
     def _load_cache(self, programs: list[Program], kv: dict[str, np.ndarray], n: int) -> None:

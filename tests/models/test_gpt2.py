@@ -8,6 +8,7 @@ import pytest
 from orion.compiler.compile import compile_graph
 from orion.compiler.targets import get_target
 from orion.errors import BindingError, OrionError
+from orion.lora import LoraLayout
 from orion.mil.parse import parse_program
 from orion.models.gpt2 import GPT2, GPT2Config, blocks_per_program, decode_graph, gpt2_weights, prefill_graph
 from orion.runtime.budget import CompileBudget
@@ -136,6 +137,23 @@ def test_greedy_tokens_are_the_same_under_every_profile(reference, orion_model):
                                      for dtype in mil_io_dtypes(p.module.text)}
     assert io["m1"] == {("prefill", "fp16"), ("decode", "fp16")}
     assert io["m4"] == io["m4-unlimited"] == {("prefill", "fp16"), ("decode", "fp16"), ("decode", "fp32")}
+
+
+def test_adapted_programs_follow_the_profile_too(reference):
+    """With every projection adapted (A, B and the folded-bias inputs), the m1 programs still cross only fp16 and
+    stay within the weight-tensor limit; m4's decode keeps its fp32 per-token tensors."""
+    _, config, state = reference
+    cfg = GPT2Config.from_hf(config.to_dict())
+    _, blocks, _ = gpt2_weights(state, cfg)
+    lora = LoraLayout(("fc", "o", "proj", "qkv"), 32)
+    for name, decode_dtypes in (("m1", {"fp16"}), ("m4", {"fp16", "fp32"})):
+        target = get_target(name)
+        prefill = compile_graph(prefill_graph(blocks[:1], 0, cfg, 32, lora), target)
+        decode = compile_graph(decode_graph(blocks[:1], 0, cfg, 64, lora, target=target), target)
+        assert prefill.errors == decode.errors == [], name
+        assert any("lora" in n for n, _ in decode.module.program.inputs)
+        assert mil_io_dtypes(prefill.module.text) == {"fp16"}
+        assert mil_io_dtypes(decode.module.text) == decode_dtypes, name
 
 
 def mil_io_dtypes(text: str) -> set[str]:

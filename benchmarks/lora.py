@@ -105,7 +105,8 @@ def recompile(state: dict[str, np.ndarray], adapter: Adapter, config: GPT2Config
     t0 = time.perf_counter()
     _, blocks, _ = gpt2_weights(merged_state(state, adapter), config)
     group = blocks_per_program(target, config.n_layer)
-    graphs = [(prefill_graph if kind == "prefill" else decode_graph)(blocks[first:first + group], first, config, size)
+    graphs = [prefill_graph(blocks[first:first + group], first, config, size) if kind == "prefill" else
+              decode_graph(blocks[first:first + group], first, config, size, target=target)
               for kind, size in kinds for first in range(0, config.n_layer, group)]
     t1 = time.perf_counter()
     cache = ProgramCache(None)

@@ -25,9 +25,11 @@ def emulate(graph: Graph, inputs: dict[str, np.ndarray], directory: Path, **emit
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_program_cache(tmp_path_factory):
-    """Tests never read or write the user's ~/.cache/orion."""
+    """Tests never read or write the user's ~/.cache/orion, and ``auto`` means this machine's default whatever the
+    user's ORION_BACKEND says."""
     mp = pytest.MonkeyPatch()
     mp.setenv("ORION_CACHE_DIR", str(tmp_path_factory.mktemp("orion-cache")))
+    mp.delenv("ORION_BACKEND", raising=False)
     yield
     mp.undo()
 

@@ -35,7 +35,7 @@ def tt(*shape: int, dtype: str = "fp16") -> TensorType:
     return TensorType(dtype, tuple(shape))
 
 
-NP = {"bool": np.bool_, "int32": np.int32, "fp16": np.float16}
+NP = {"bool": np.bool_, "int32": np.int32, "fp16": np.float16, "fp32": np.float32}
 
 
 def lit(dtype: str, value, shape: tuple[int, ...] = ()) -> Literal:
@@ -254,15 +254,24 @@ def small_blobs(n: int) -> list[Statement]:
     return [const(f"k{i}", blob((1, 768, 1, 1), f"k{i}.bin")) for i in range(n)]
 
 
-def test_blob_constant_limit_counts_blobs_and_inline_scalars():
-    # valid_program holds 2 blobs.
-    assert check_program(with_statements(valid_program(), *small_blobs(14)), DEFAULT) == []
-    assert ids(check_program(with_statements(valid_program(), *small_blobs(15)), DEFAULT)) == ["ANE-21"]
-    scalar = op(X, "inl", "add", x="y1", y=lit("fp16", 1.0))
-    assert check_program(with_statements(valid_program(), *small_blobs(13), scalar), DEFAULT) == []
-    scalar2 = op(X, "inl2", "mul", x="inl", y=lit("fp16", 2.0))
-    over = with_statements(valid_program(), *small_blobs(13), scalar, scalar2)
-    assert ids(check_program(over, DEFAULT)) == ["ANE-21"]
+def test_weight_tensor_limit_counts_blobs_and_float_constant_operands():
+    # valid_program holds 2 blobs and reads one named fp16 scalar (half): 3 of the 16 weight tensors. Its int and
+    # bool parameters (groups, axis, transpose flags) take no slot.
+    assert check_program(with_statements(valid_program(), *small_blobs(13)), DEFAULT) == []
+    violations = check_program(with_statements(valid_program(), *small_blobs(14)), DEFAULT)
+    assert ids(violations) == ["ANE-21"] and "17 weight tensors (16 BLOBFILE constants + 1" in violations[0].message
+    # a second read of the same named scalar takes no new slot, nor does a scalar nobody reads
+    again = [op(X, "again", "mul", x="z", y="half"), const("unread", lit("fp16", 3.0))]
+    assert check_program(with_statements(valid_program(), *small_blobs(13), *again), DEFAULT) == []
+    # another named scalar (fp16 or fp32), or an inline one, takes a slot each
+    for extra in ([const("eps", lit("fp16", 1e-5)), op(X, "e", "add", x="y1", y="eps")],
+                  [const("eps", lit("fp32", 1e-5)), op(X, "e", "add", x="y1", y="eps")],
+                  [op(X, "inl", "pow", x="y1", y=lit("fp16", -0.5))]):
+        assert ids(check_program(with_statements(valid_program(), *small_blobs(13), *extra), DEFAULT)) == ["ANE-21"]
+    inline_twice = [op(X, "i1", "add", x="y1", y=lit("fp16", 1.0)), op(X, "i2", "add", x="i1", y=lit("fp16", 1.0))]
+    assert check_program(with_statements(valid_program(), *small_blobs(12), inline_twice[0]), DEFAULT) == []
+    assert ids(check_program(with_statements(valid_program(), *small_blobs(12), *inline_twice), DEFAULT)) == \
+        ["ANE-21"]
     unlimited = DEFAULT.with_overrides(max_blob_constants=None)
     assert check_program(with_statements(valid_program(), *small_blobs(40)), unlimited) == []
 
@@ -395,7 +404,7 @@ def test_io_rows_should_be_multiples_of_64_bytes():
 def test_fp32_inputs_need_a_cast_first():
     xf = tt(1, 768, 1, 16, dtype="fp32")
     used = Program(inputs=[("xf", xf)], statements=[op(xf, "r", "relu", x="xf")], outputs=["r"], version="1.3")
-    violations = check_program(used, DEFAULT)
+    violations = check_program(used, M4)
     assert ids(violations) == ["ANE-33"] and "relu 'r'" in violations[0].message
     cast = Program(
         inputs=[("xf", xf)],
@@ -405,7 +414,27 @@ def test_fp32_inputs_need_a_cast_first():
         outputs=["out"],
         version="1.3",
     )
-    assert check_program(cast, DEFAULT) == []
+    assert check_program(cast, M4) == []
+
+
+def test_fp32_inputs_and_outputs_are_rejected_where_the_profile_says_so():
+    """Orion-fork (2026-09-06): M1 rejects fp32 program inputs and outputs; default takes that side, M4 takes fp32."""
+    xf = tt(1, 768, 1, 16, dtype="fp32")
+
+    def program(target: Target) -> Program:
+        return Program(
+            inputs=[("xf", xf)],
+            statements=[const("d", lit("string", "fp16")), op(tt(1, 768, 1, 16), "h", "cast", dtype="d", x="xf"),
+                        const("d32", lit("string", "fp32")), op(xf, "out", "cast", dtype="d32", x="h")],
+            outputs=["out"], version=target.mil_version, opset={"1.0": "ios16", "1.3": "ios18"}[target.mil_version],
+        )
+
+    assert check_program(program(M4), M4) == []
+    for target in (DEFAULT, M1, get_target("m2")):
+        violations = check_program(program(target), target)
+        assert ids(violations) == ["ANE-23", "ANE-23"], target.name
+        assert {v.where for v in violations} == {"input 'xf'", "output 'out'"}
+        assert all("fp32 is not one of fp16" in v.message for v in violations)
 
 
 # --- binding ----------------------------------------------------------------------------------------------------------
@@ -492,9 +521,12 @@ def test_every_conflict_of_the_reference_maps_to_a_target_field():
 
 def test_later_reports_are_in_the_catalog():
     titles = " | ".join(c.title.lower() for c in CATALOG.values())
-    for fact in ("16 blobfile", "rsqrt", "fp16 or fp32", "rank at most 5", "per-axis", "multiple of 32", "silu",
-                 "one blob per weight file", "slice", "dialect", "32768"):
+    for fact in ("16 weight tensors", "a scalar", "rsqrt", "fp16 or fp32", "m1 rejects fp32", "rank at most 5",
+                 "per-axis", "multiple of 32", "silu", "one blob per weight file", "slice", "dialect", "32768"):
         assert fact in titles, fact
+    # the replication of 2026-09-06 is named as the source of each of its facts
+    for cid in ("ANE-21", "ANE-22", "ANE-23"):
+        assert "HiQS-Labs/Orion-fork test results of 2026-09-06 (M1 Pro, M4 Pro)" in CATALOG[cid].source, cid
 
 
 def test_format_catalog_rows():

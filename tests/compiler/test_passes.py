@@ -100,6 +100,7 @@ EXACT_PASSES = {
     "eliminate_casts": P.eliminate_casts,
     "eliminate_dead_code": P.eliminate_dead_code,
     "fold_constants": P.fold_constants,
+    "merge_scalar_constants": P.merge_scalar_constants,
     "canonicalize_io": P.canonicalize_io,
 }
 
@@ -187,3 +188,36 @@ def test_legalize_respects_target_flags():
     assert {n.op for n in P.legalize(native)(b.graph).nodes} >= {"gelu", "silu", "rsqrt", "concat"}
     rewritten = {n.op for n in P.legalize(CONSERVATIVE)(b.graph).nodes}
     assert not rewritten & {"gelu", "silu", "rsqrt", "concat"}
+
+
+def test_equal_scalars_become_one_constant_and_weights_keep_their_names():
+    """Each distinct constant takes a weight-tensor slot (ANE-21): the two norms' eps and -0.5 exponent are one
+    constant each after the pipeline; equal weight tensors and scalars of another dtype stay apart."""
+    b = GraphBuilder()
+    x = b.input("x", (1, C, 1, S))
+    gain = np.linspace(0.5, 1.5, C)
+    h = b.rms_norm(b.rms_norm(x, gain, name="n1"), gain, name="n2")
+    wide = b.cast(h, "fp32")
+    b.output("y", b.cast(b.mul(wide, 0.5), "fp16"))
+    b.output("z", b.mul(h, 0.5))
+    g = P.run_pipeline(b.graph, P.default_passes(CONSERVATIVE))
+    scalars = sorted((n.output.dtype, float(n.attrs["val"])) for n in g.nodes
+                     if n.is_const and n.output.type.size == 1)
+    assert scalars == sorted([("fp16", 1.0 / C), ("fp16", float(np.float16(1e-5))), ("fp16", -0.5), ("fp16", 0.5),
+                              ("fp32", 0.5)])
+    assert sorted(n.name for n in g.nodes if n.is_const and n.output.type.size > 1) == ["n1_weight", "n2_weight"]
+
+
+def test_rsqrt_is_lowered_to_pow_for_every_profile():
+    """rsqrt fails to compile on M1 Pro and M4 Pro (Orion-fork, 2026-09-06): no profile emits it."""
+    from orion.compiler.compile import compile_graph
+    from orion.compiler.targets import TARGETS
+
+    b = GraphBuilder()
+    x = b.input("x", (1, 768, 1, 32))
+    b.output("y", b.rsqrt(b.add(b.mul(x, x), 1.0)))
+    for target in TARGETS.values():
+        result = compile_graph(b.graph, target)
+        ops = [st.op for st in result.module.program.statements]
+        assert "rsqrt" not in ops and "pow" in ops, target.name
+        assert result.errors == [], target.name

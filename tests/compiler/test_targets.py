@@ -99,7 +99,8 @@ def test_describe_has_one_row_per_field_with_a_note():
         assert isinstance(value, str) and value
         assert isinstance(note, str) and len(note) > 10
     values = {r[0]: r[1] for r in rows}
-    assert values["mil_version"] == "1.0" and values["io_dtypes"] == "fp16, fp32"
+    assert values["mil_version"] == "1.0" and values["io_dtypes"] == "fp16"
+    assert dict((r[0], r[1]) for r in get_target("m4").describe())["io_dtypes"] == "fp16, fp32"
     assert dict((r[0], r[1]) for r in get_target("default").with_overrides(max_blob_constants=None).describe())[
         "max_blob_constants"
     ].startswith("none")
@@ -131,7 +132,8 @@ def test_reported_values():
     assert d.max_blob_constants == 16
     assert d.matmul_inner_multiple == 32
     assert d.max_rank == 5
-    assert set(d.io_dtypes) == {"fp16", "fp32"}
+    assert d.io_dtypes == ("fp16",)  # M1 rejects fp32 I/O (Orion-fork, 2026-09-06)
+    assert d.rsqrt_native is False  # rsqrt fails on M1 Pro and M4 Pro (Orion-fork)
     assert d.sram_budget_bytes == 32 * 1024 * 1024
     # Orion #16: a 32,000-input-channel conv was rejected, so no profile may allow it.
     assert all(t.max_conv_input_channels < 32000 for t in TARGETS.values())
@@ -151,6 +153,10 @@ def test_profiles_differ_where_chips_differ():
     assert t["m4"].max_axis == t["m5"].max_axis == 65536
     # CONFLICT #1: maderix's concat with interleave compiled on M4.
     assert t["m4"].concat == "interleave"
+    # fp32 I/O: rejected on M1 (Orion-fork), used by Orion on M4; unreported chips take the conservative side.
+    assert [t[c].io_dtypes for c in CHIPS] == [("fp16",), ("fp16",), ("fp16",), ("fp16", "fp32"), ("fp16",)]
+    # rsqrt and the 16-weight-tensor limit: reported on M1 Pro and M4 Pro, assumed on every chip.
+    assert all(not t[c].rsqrt_native and t[c].max_blob_constants == 16 for c in CHIPS)
 
 
 def test_a_profile_file_from_doctor_is_a_target(tmp_path):

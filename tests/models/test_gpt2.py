@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from orion.compiler.compile import compile_graph
+from orion.compiler.targets import get_target
 from orion.errors import BindingError, OrionError
-from orion.models.gpt2 import GPT2, GPT2Config, blocks_per_program
+from orion.lora import LoraLayout
+from orion.mil.parse import parse_program
+from orion.models.gpt2 import GPT2, GPT2Config, blocks_per_program, decode_graph, gpt2_weights, prefill_graph
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
 
@@ -18,7 +22,8 @@ VOCAB = 211
 
 @pytest.fixture(scope="module")
 def reference():
-    """A small random GPT-2 (3 blocks, d 64) with weights scaled up so its logits are not near ties."""
+    """A small random GPT-2 (3 blocks, d 64) with weights scaled up so its logits are not near ties, and random
+    non-zero biases and LayerNorm parameters (transformers initializes them to 0 and 1)."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128,
                                      bos_token_id=0, eos_token_id=0)
@@ -27,6 +32,10 @@ def reference():
         for name, p in model.named_parameters():
             if name.endswith("weight") and p.ndim == 2:
                 p.mul_(4.0)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif ".ln_" in name:  # LayerNorm gains
+                p.normal_(1.0, 0.1)
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     return model, config, state
 
@@ -90,13 +99,67 @@ def test_greedy_generation_equals_transformers_until_a_near_tie(reference, orion
     assert stats.dispatches_per_token == -(-3 // orion_model.group)
 
 
-def test_blocks_per_program_follow_the_blob_limit():
-    from orion.compiler.targets import get_target
-
+def test_blocks_per_program_follow_the_weight_tensor_limit(reference):
+    """A block takes 8 weight tensors and a program's scalars 8 more (ANE-21): under 16 one block per program, and
+    every group the rule picks compiles within its limit, prefill and decode."""
     default = get_target("default")
-    assert blocks_per_program(default, 12) == default.max_blob_constants // 8
+    assert blocks_per_program(default, 12) == 1
     assert blocks_per_program(default.with_overrides(max_blob_constants=None), 12) == 12
     assert blocks_per_program(default.with_overrides(max_blob_constants=4), 12) == 1
+    _, config, state = reference
+    cfg = GPT2Config.from_hf(config.to_dict())
+    _, blocks, _ = gpt2_weights(state, cfg)
+    for limit, group in ((16, 1), (23, 1), (24, 2), (40, 3)):
+        target = default.with_overrides(max_blob_constants=limit)
+        assert blocks_per_program(target, cfg.n_layer) == group, limit
+        for graph in (prefill_graph(blocks[:group], 0, cfg, 32), decode_graph(blocks[:group], 0, cfg, 32,
+                                                                              target=target)):
+            assert compile_graph(graph, target).errors == [], (limit, graph.name)
+
+
+def test_greedy_tokens_are_the_same_under_every_profile(reference, orion_model):
+    """default, m1 (fp16-only I/O, MIL 1.0) and m4 (fp32 I/O) give the same greedy tokens; m1's programs cross no
+    fp32 tensor while m4's decode programs use the fp32 form; with no weight-tensor limit all 3 blocks share one
+    program and still agree."""
+    _, config, state = reference
+    prompt = np.random.default_rng(5).integers(1, VOCAB, 12)
+    expected = list(orion_model.generate_ids(prompt, max_tokens=10))
+    unlimited = get_target("m4").with_overrides(max_blob_constants=None, name="m4-unlimited")
+    io = {}
+    for target in ("m1", "m4", unlimited):
+        model = GPT2(GPT2Config.from_hf(config.to_dict()), state, backend="emulator", target=target,
+                     cache=ProgramCache(None), budget=CompileBudget(100))
+        with model:
+            assert list(model.generate_ids(prompt, max_tokens=10)) == expected, model.target.name
+            programs = [p for ps in model._programs.values() for p in ps]
+            assert len(programs) == 2 * -(-config.n_layer // model.group)
+            io[model.target.name] = {(kind, dtype) for (kind, _), ps in model._programs.items() for p in ps
+                                     for dtype in mil_io_dtypes(p.module.text)}
+    assert io["m1"] == {("prefill", "fp16"), ("decode", "fp16")}
+    assert io["m4"] == io["m4-unlimited"] == {("prefill", "fp16"), ("decode", "fp16"), ("decode", "fp32")}
+
+
+def test_adapted_programs_follow_the_profile_too(reference):
+    """With every projection adapted (A, B and the folded-bias inputs), the m1 programs still cross only fp16 and
+    stay within the weight-tensor limit; m4's decode keeps its fp32 per-token tensors."""
+    _, config, state = reference
+    cfg = GPT2Config.from_hf(config.to_dict())
+    _, blocks, _ = gpt2_weights(state, cfg)
+    lora = LoraLayout(("fc", "o", "proj", "qkv"), 32)
+    for name, decode_dtypes in (("m1", {"fp16"}), ("m4", {"fp16", "fp32"})):
+        target = get_target(name)
+        prefill = compile_graph(prefill_graph(blocks[:1], 0, cfg, 32, lora), target)
+        decode = compile_graph(decode_graph(blocks[:1], 0, cfg, 64, lora, target=target), target)
+        assert prefill.errors == decode.errors == [], name
+        assert any("lora" in n for n, _ in decode.module.program.inputs)
+        assert mil_io_dtypes(prefill.module.text) == {"fp16"}
+        assert mil_io_dtypes(decode.module.text) == decode_dtypes, name
+
+
+def mil_io_dtypes(text: str) -> set[str]:
+    """The dtypes of a MIL program's inputs and outputs, read from its text."""
+    program = parse_program(text)
+    return {t.dtype for _, t in program.inputs} | {t.dtype for _, t in program.output_types()}
 
 
 def test_bad_input_is_refused_with_a_clear_error(reference, orion_model):

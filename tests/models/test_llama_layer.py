@@ -95,3 +95,24 @@ def test_forward_and_backward_match_autograd(setup):
         scale = np.abs(ref).max()
         assert got.shape == ref.shape, hf_name
         np.testing.assert_allclose(got, ref, atol=0.03 * scale + 1e-4, rtol=0.05, err_msg=hf_name)
+
+
+def test_every_llama_program_crosses_fp16_only_where_the_profile_takes_no_fp32():
+    """Training forward and backward (weights and LoRA factors as inputs) and inference (weights baked) on m1, which
+    rejects fp32 I/O (Orion-fork, 2026-09-06): no fp32 input or output, no constraint error."""
+    from orion.compiler.compile import compile_graph
+    from orion.compiler.targets import get_target
+    from orion.lora import LoraLayout
+    from orion.mil.parse import parse_program
+
+    m1 = get_target("m1")
+    lora = LoraLayout(("down", "gate", "k", "o", "q", "up", "v"), 32)
+    graphs = [forward_graph(CONFIG, SEQ, lora), backward_graph(CONFIG, SEQ, lora),
+              forward_graph(CONFIG, SEQ, lora, layer_inputs(init_weights(CONFIG, 0), 0, CONFIG), 0)]
+    for graph in graphs:
+        result = compile_graph(graph, m1)
+        assert result.errors == [], graph.name
+        program = parse_program(result.module.text)
+        io = [*program.inputs, *program.output_types()]
+        assert any(name.startswith("lora_") for name, _ in io)
+        assert {t.dtype for _, t in io} == {"fp16"}, graph.name

@@ -10,12 +10,13 @@ import pytest
 
 from orion.compiler.compile import compile_graph
 from orion.compiler.targets import get_target
-from orion.errors import BindingError, CompileBudgetExceeded, EvaluationError
+from orion.errors import BackendError, BindingError, CompileBudgetExceeded, EvaluationError, SettingsError
 from orion.ir.builder import GraphBuilder
+from orion.runtime.backends.ane import AneBackend
 from orion.runtime.backends.emulator import EmulatorBackend, load_program
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
-from orion.runtime.program import Program
+from orion.runtime.program import Program, backends_that_ran, get_backend
 from orion.runtime.tensor import Surface
 
 D, S = 32, 32
@@ -226,3 +227,59 @@ def test_a_cached_compile_the_backend_cannot_reuse_falls_back_to_compiling(tmp_p
     with Program.from_graph(two_layer_graph(), backend="emulator", cache=cache) as p2:
         np.testing.assert_array_equal(p2.run(feed)["y"], expected["y"])
     assert (p2.cache_hits, p2.compiles) == (0, 1)
+
+
+# --- which backend runs: asked for, resolved, reported ------------------------------------------------------------
+
+no_ane_here = pytest.mark.skipif(AneBackend.available(), reason="checks a machine without an ANE")
+
+
+@no_ane_here
+def test_auto_is_the_emulator_here_and_ane_is_an_error_naming_why():
+    assert get_backend("auto").name == "emulator"
+    with pytest.raises(BackendError, match=r"^backend 'ane': the ANE backend needs macOS on Apple silicon.*\(this is "):
+        get_backend("ane")
+
+
+@no_ane_here
+def test_orion_backend_decides_what_auto_means(monkeypatch):
+    monkeypatch.setenv("ORION_BACKEND", "ane")
+    with pytest.raises(BackendError, match=r"^ORION_BACKEND='ane': the ANE backend needs macOS on Apple silicon"):
+        get_backend("auto")
+    assert get_backend("emulator").name == "emulator"  # an explicit choice is not overridden
+    monkeypatch.setenv("ORION_BACKEND", "emulator")
+    assert get_backend("auto").name == "emulator"
+    monkeypatch.setenv("ORION_BACKEND", "gpu")
+    with pytest.raises(SettingsError, match=r"unknown ORION_BACKEND='gpu'; choose one of auto, ane, emulator"):
+        get_backend("auto")
+
+
+def test_the_reported_backend_is_the_one_that_ran_programs(tmp_path, feed):
+    """A program a backend refuses is an error, never a run elsewhere: it reports no backend; one that ran reports
+    the backend that executed it, whatever was asked for."""
+
+    class RefusingAne(EmulatorBackend):
+        name = "ane"
+
+        def new_model(self, mil_text, weight_files):
+            model = super().new_model(mil_text, weight_files)
+
+            def refuse():
+                raise BackendError("the ANE compiler refused the program: InvalidMILProgram")
+
+            model.compile = refuse
+            return model
+
+    refused = Program.from_graph(two_layer_graph(), backend=RefusingAne(get_target("default"), root=tmp_path / "a"),
+                                 cache=ProgramCache(None))
+    with pytest.raises(BackendError, match="InvalidMILProgram"):
+        refused.run(feed)
+    assert refused.evaluations == 0 and backends_that_ran([refused]) == "none"
+    refused.close()
+    with Program.from_graph(two_layer_graph(), backend="auto", cache=ProgramCache(None)) as p:
+        idle = Program.from_graph(two_layer_graph(seed=1), backend=RefusingAne(get_target("default"),
+                                                                                root=tmp_path / "b"))
+        assert backends_that_ran([p, idle]) == "none"
+        p.run(feed)
+        assert backends_that_ran([p, idle]) == p.backend.name
+        idle.close()

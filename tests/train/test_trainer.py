@@ -33,7 +33,7 @@ from orion.train.trainer import Trainer, TrainSettings
 
 #: The keys of one metrics.jsonl row (what `orion train` prints and loss.png plots come from them).
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "loss_scale", "skipped", "ms", "ms_backend", "ms_cpu", "ms_update",
-               "tokens_per_s", "compiles"}
+               "tokens_per_s", "compiles", "backend"}
 STEPS = 12
 
 
@@ -108,6 +108,7 @@ def test_a_short_run_learns_and_leaves_metrics_curve_and_checkpoint(corpus, tmp_
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
     assert result["final_loss"] == losses[-1]
     assert result["skipped_steps"] == 0 and not any(r["skipped"] for r in rows)
+    assert result["backend"] == "emulator" and all(r["backend"] == "emulator" for r in rows)  # the one that ran
     assert all(r["grad_norm"] > 0 and r["loss_scale"] == 256.0 for r in rows)
     # the rows report the cosine schedule with warmup (the reference run below uses the same one)
     assert [r["lr"] for r in rows] == [scheduled_lr(trainer.settings, step) for step in range(1, 11)]

@@ -69,6 +69,15 @@ def _target_option(fn):
                         help="Target profile (see `orion targets`).")(fn)
 
 
+def _backend_option(help_text: str | None = None):
+    """Every command's ``--backend``, from the backend registry; ``help_text`` replaces the registry's meanings."""
+    from orion.runtime.backends import BACKEND_ENV, BACKENDS
+
+    meanings = "; ".join(f"{name}: {meaning}" for name, meaning in BACKENDS.items())
+    return click.option("--backend", type=click.Choice(list(BACKENDS)), default="auto", show_default=True,
+                        help=help_text or f"{meanings}. {BACKEND_ENV} sets what auto means.")
+
+
 # -- compile ------------------------------------------------------------------------------------------------------
 
 
@@ -174,8 +183,7 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
 @click.option("--random-inputs", "seed", type=int, default=None,
               help="Instead of --inputs: standard-normal inputs from this seed.")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path), help="Output .npz.")
-@click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True,
-              help="auto: the ANE where there is one, else the emulator.")
+@_backend_option()
 @_target_option
 @handle_errors
 def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_file: Path, backend: str,
@@ -183,7 +191,7 @@ def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_fil
     """Run MODEL_DIR/model.mil (weights resolved under MODEL_DIR) and write its outputs to OUT."""
     from orion.compiler.constraints import check_program
     from orion.compiler.targets import get_target
-    from orion.runtime.program import Program
+    from orion.runtime.program import Program, backends_that_ran
 
     if (inputs_file is None) == (seed is None):
         raise OrionError("give exactly one of --inputs IN.npz or --random-inputs SEED")
@@ -200,7 +208,7 @@ def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_fil
             inputs = {name: rng.standard_normal(program.module.program.var_types()[name].shape).astype(np.float32)
                       for name in program.input_names}
         outputs = program.run(inputs)
-        used = program.backend.name
+        used = backends_that_ran([program])
     write_npz_atomic(out_file, outputs)
     for name, array in outputs.items():
         finite = array[np.isfinite(array)].astype(np.float64)
@@ -274,8 +282,8 @@ def targets_cmd(name: str | None) -> None:
 
 
 @cli.command("doctor")
-@click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True,
-              help="auto: the ANE and the emulator side by side where an ANE exists, else the emulator.")
+@_backend_option("auto: the ANE and the emulator side by side where an ANE exists, else the emulator; ane, emulator: "
+                 "that backend only.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the full report (strict JSON) to this file.")
 @click.option("--probe", "probe_ids", multiple=True, metavar="ID",
@@ -320,7 +328,7 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
 @click.option("--top-k", type=click.IntRange(min=1), default=None)
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None)
 @click.option("--seed", type=int, default=None, help="Same seed, same text.")
-@click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True)
+@_backend_option()
 @_target_option
 @click.option("--exact-numerics", is_flag=True,
               help="On the emulator, use the target's accumulator model (slow) instead of the fp32 accumulator.")
@@ -344,7 +352,7 @@ def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float
             sys.stdout.flush()
         click.echo()
         adapter = f" | adapter {model.active_adapter}" if model.active_adapter else ""
-        err.print(f"[dim]{escape(model.stats.line() + adapter)} | backend {model.backend.name}[/]", highlight=False)
+        err.print(f"[dim]{escape(model.stats.line() + adapter)}[/]", highlight=False)
 
 
 @cli.group("bench")
@@ -354,7 +362,7 @@ def bench_group() -> None:
 
 @bench_group.command("gpt2")
 @click.option("--model", "model_dir", default=None, help="A local GPT-2 folder (default: random 124M weights).")
-@click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True)
+@_backend_option()
 @click.option("--reference", type=click.Choice(["transformers", "none"]), default="transformers", show_default=True)
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True)
@@ -439,7 +447,7 @@ def _train_with_progress(trainer, label: str, stop_after: int | None = None) -> 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tokenizer", default=None, help="A tokenizer.json (or folder with one, or a SentencePiece model "
               "folder); default: a BPE trained on the data (on --resume: the checkpoint's).")
-@click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True)
+@_backend_option()
 @_target_option
 @click.option("--base", default=None, help="Start from this trained Llama (Hugging Face folder, hub id or Orion "
               "checkpoint) instead of fresh weights; its tokenizer is used unless --tokenizer is given.")
@@ -502,7 +510,7 @@ def export_cmd(checkpoint: Path, out_dir: Path) -> None:
 @cli.command("demo")
 @click.option("--out", "out_dir", default="out/demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--steps", type=click.IntRange(min=2), default=300, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "ane", "emulator"]), default="auto", show_default=True)
+@_backend_option()
 @handle_errors
 def demo_cmd(out_dir: Path, steps: int, backend: str) -> None:
     """Offline end to end: make a story corpus, train the tiny preset, stop halfway, resume, generate a story."""

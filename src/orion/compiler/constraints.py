@@ -22,6 +22,7 @@ import numpy as np
 from orion.compiler.targets import Target
 from orion.errors import ConstraintError, GraphError
 from orion.ir.ops import OPS, last_axis_slice_offset
+from orion.ir.types import FLOAT_DTYPES
 from orion.mil.program import NUMPY_DTYPES, BlobRef, Literal, Program, Statement, TensorType, VarRef
 
 CATEGORIES = ("compile", "io-binding", "numerics", "runtime", "performance", "weights")
@@ -45,6 +46,9 @@ class Constraint:
     conflict: str | None = None
     setting: str | None = None
 
+
+#: The public replication of Orion that reported the 16-weight-tensor limit with scalars, rsqrt and M1's fp16-only I/O.
+ORION_FORK = "HiQS-Labs/Orion-fork test results of 2026-09-06 (M1 Pro, M4 Pro)"
 
 _ENTRIES = (
     # --- Orion paper, Table 3 (numbers kept) ------------------------------------------------------------------------
@@ -153,19 +157,23 @@ _ENTRIES = (
     ),
     # --- later reports and the other facts (reference sections 3, 4, 5, 9) --------------------------------------------
     Constraint(
-        "ANE-21", "at most 16 BLOBFILE-backed constants per program (an inline scalar operand of add/mul/pow "
-        "counts too)", "weights", "error", "compile", "InvalidMILProgram with 17", "split the program, merge "
-        "weights into fewer blobs, or pass weights as inputs", "Orion (later report; unverified elsewhere)",
-        setting="max_blob_constants",
+        "ANE-21", "at most 16 weight tensors per program: BLOBFILE constants, and every fp16/fp32 constant "
+        "operand written in the text (a scalar such as an eps or a -0.5 exponent takes a slot too)", "weights",
+        "error", "compile", "InvalidMILProgram with 17", "put fewer blocks in one program, share equal scalar "
+        "constants, merge weights into fewer blobs, or pass weights as inputs",
+        f"Orion (later report); {ORION_FORK}", setting="max_blob_constants",
     ),
     Constraint(
-        "ANE-22", "rsqrt fails to compile", "compile", "error", "compile", "compile fails", "write pow(x, -0.5)",
-        "later report (reference section 3)", setting="rsqrt_native",
+        "ANE-22", "rsqrt fails to compile (pow(x, -0.5) works)", "compile", "error", "compile", "compile fails",
+        "write pow(x, -0.5) (the compiler's legalization does)", f"later report (reference section 3); {ORION_FORK}",
+        setting="rsqrt_native",
     ),
     Constraint(
-        "ANE-23", "I/O dtypes are fp16 or fp32 only (int32 and bf16 are rejected)", "io-binding", "error",
-        "compile", "rejected", "cast to fp16 inside the program; declare inputs and outputs fp16 or fp32",
-        "reference section 5; ANEForge", setting="io_dtypes",
+        "ANE-23", "I/O dtypes are fp16 or fp32 only (int32 and bf16 are rejected); M1 rejects fp32 inputs and "
+        "outputs too", "io-binding", "error", "compile", "rejected at compile (Orion's own GPT-2 inference "
+        "programs, which cross fp32 tensors, do not compile on M1)", "declare inputs and outputs fp16 where the "
+        "target takes no fp32 (32 fp16 columns keep the 64-byte rows 16 fp32 columns have)",
+        f"reference section 5; ANEForge; {ORION_FORK} (fp32 on M1)", setting="io_dtypes",
     ),
     Constraint(
         "ANE-24", "static shapes of rank at most 5", "compile", "error", "compile", "compile fails",
@@ -329,6 +337,11 @@ def _nbytes(t: TensorType) -> int | None:
     return t.nbytes if t.dtype in NUMPY_DTYPES else None
 
 
+def _is_text_float(value) -> bool:
+    """An fp16/fp32 literal whose values are written in the MIL text (not a BLOBFILE reference)."""
+    return isinstance(value, Literal) and value.type.dtype in FLOAT_DTYPES and not isinstance(value.value, BlobRef)
+
+
 class _Checker:
     def __init__(self, program: Program, target: Target, known_ops: frozenset[str]):
         self.program = program
@@ -371,6 +384,23 @@ class _Checker:
         if isinstance(arg, Literal) and isinstance(arg.value, np.ndarray):
             return arg.value
         return None
+
+    def text_constant_operands(self) -> int:
+        """fp16/fp32 constants written in the text (not BLOBFILE) that ops read: a named const counts once however
+        many ops read it, an inline literal once per use. Each takes a weight-tensor slot (ANE-21)."""
+        named: set[str] = set()
+        inline = 0
+        for st in self.program.statements:
+            if st.op == "const":
+                continue
+            for arg in st.args.values():
+                for ref in arg if isinstance(arg, tuple) else (arg,):
+                    if isinstance(ref, VarRef) and ref.name in self.consts:
+                        if _is_text_float(self.consts[ref.name].attrs.get("val")):
+                            named.add(ref.name)
+                    elif _is_text_float(ref):
+                        inline += 1
+        return len(named) + inline
 
     def is_const(self, arg) -> bool:
         return isinstance(arg, Literal) or (isinstance(arg, VarRef) and arg.name in self.consts)
@@ -479,18 +509,13 @@ class _Checker:
                 )
         limit = self.target.max_blob_constants
         if limit is not None:
-            inline = sum(
-                1
-                for st in self.program.statements
-                if st.op in ("add", "mul", "pow")
-                for arg in st.args.values()
-                if isinstance(arg, Literal) and not isinstance(arg.value, BlobRef) and arg.type.is_scalar
-            )
-            if len(refs) + inline > limit:
+            operands = self.text_constant_operands()
+            if len(refs) + operands > limit:
                 self.add(
                     "ANE-21", "program",
-                    f"{len(refs) + inline} BLOBFILE-backed constants ({len(refs)} blobs + {inline} inline scalar "
-                    f"operands of add/mul/pow), more than the {limit} target {self.target.name!r} allows",
+                    f"{len(refs) + operands} weight tensors ({len(refs)} BLOBFILE constants + {operands} fp16/fp32 "
+                    f"constant operands written in the text), more than the {limit} target {self.target.name!r} "
+                    "allows",
                 )
         if self.target.blobs_per_file == "one":
             offsets: dict[str, set[int]] = defaultdict(set)

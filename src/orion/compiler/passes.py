@@ -105,6 +105,24 @@ def eliminate_dead_code(graph: Graph) -> Graph:
     return g
 
 
+def merge_scalar_constants(graph: Graph) -> Graph:
+    """Read one constant for each scalar value: equal scalars (the eps and the -0.5 exponent of every norm, the
+    constants of every GELU) become one, because each distinct constant takes one of the program's few
+    weight-tensor slots (catalog ANE-21). Weights keep their own names: only single-element constants merge."""
+    first: dict[tuple, Value] = {}
+
+    def rewrite(g, node, lookup):
+        if not node.is_const or node.output.type.size != 1:
+            return None
+        key = (node.output.type, np.asarray(node.attrs["val"]).tobytes())
+        if key in first:
+            return lookup(first[key])
+        first[key] = node.output
+        return None
+
+    return _rebuild(graph, rewrite)
+
+
 #: Op kinds whose result on constants is the same under every emulator numerics setting.
 _FOLDABLE = ("elementwise", "layout")
 
@@ -287,7 +305,8 @@ def canonicalize_io(graph: Graph) -> Graph:
 # ---------------------------------------------------------------------------------------------------------------------
 # Pipeline
 
-CLEANUP: tuple[Pass, ...] = (eliminate_identities, eliminate_casts, fold_constants, eliminate_dead_code)
+CLEANUP: tuple[Pass, ...] = (eliminate_identities, eliminate_casts, fold_constants, merge_scalar_constants,
+                             eliminate_dead_code)
 
 
 def default_passes(target: Target) -> list[Pass]:

@@ -58,7 +58,10 @@ class Target:
         metadata=_note("CONFLICT (section 3): Orion reports silu invalid; others use it. False: write x*sigmoid(x)")
     )
     rsqrt_native: bool = field(
-        metadata=_note("one later report: rsqrt fails to compile while pow(x, -0.5) works. False: write pow")
+        metadata=_note(
+            "rsqrt fails to compile while pow(x, -0.5) works (a later report; HiQS-Labs/Orion-fork 2026-09-06, "
+            "M1 Pro and M4 Pro). False: write pow"
+        )
     )
     max_axis: int = field(
         metadata=_note("largest extent of any tensor axis: 16384 on older chips, 65536 on newer (reference section 5)")
@@ -71,8 +74,9 @@ class Target:
     )
     max_blob_constants: int | None = field(
         metadata=_note(
-            "BLOBFILE constants per program (an inline scalar operand of add/mul/pow counts too); one later Orion "
-            "report, unverified elsewhere. None: no limit"
+            "weight tensors per program: BLOBFILE constants plus every fp16/fp32 constant operand written in the "
+            "text (a scalar takes a slot too); 16 in a later Orion report and in HiQS-Labs/Orion-fork 2026-09-06 "
+            "(M1 Pro, M4 Pro). None: no limit"
         )
     )
     blobs_per_file: str = field(
@@ -92,7 +96,11 @@ class Target:
     )
     max_rank: int = field(metadata=_note("largest tensor rank (reference section 5)"))
     io_dtypes: tuple[str, ...] = field(
-        metadata=_note("dtypes a program input or output may have; int32 and bf16 I/O are rejected")
+        metadata=_note(
+            "dtypes a program input or output may have: int32 and bf16 are rejected everywhere (reference section "
+            "5); M1 rejects fp32 too (HiQS-Labs/Orion-fork 2026-09-06, M1 Pro); fp32 works on M4 (Orion, "
+            "[768, 16] fp32 surfaces)"
+        )
     )
     io_row_align_bytes: int | None = field(
         metadata=_note(
@@ -193,16 +201,16 @@ DEFAULT = Target(
     concat="forbid",  # CONFLICT #1: separate outputs work on every chip
     gelu_native=False,  # CONFLICT #10: the tanh form compiles everywhere (Orion)
     silu_native=False,  # CONFLICT (section 3): x*sigmoid(x) compiles everywhere
-    rsqrt_native=False,  # later report: rsqrt fails, pow works
+    rsqrt_native=False,  # later reports (Orion-fork, M1 Pro and M4 Pro): rsqrt fails, pow works
     max_axis=16384,  # older chips' limit (ref. section 5)
     max_conv_input_channels=16384,  # below the 32,000 Orion #16 saw rejected; within every chip's axis limit
-    max_blob_constants=16,  # later Orion report (unverified)
+    max_blob_constants=16,  # later Orion report; Orion-fork on M1 Pro and M4 Pro (scalar operands count)
     blobs_per_file="one",  # M1 rejects several blobs per file (ref. section 4)
     min_surface_bytes=49152,  # Orion #4: [768, 16] fp32 works
     slice_offset_overflow=True,  # N11 on M1/M2
     matmul_inner_multiple=32,  # one report: zeros otherwise (a warning)
     max_rank=5,  # ref. section 5
-    io_dtypes=("fp16", "fp32"),  # ref. section 5: int32 and bf16 I/O are rejected
+    io_dtypes=("fp16",),  # ref. section 5: int32 and bf16 are rejected; Orion-fork: M1 rejects fp32 too
     io_row_align_bytes=64,  # ref. section 5: packed reads vs 64-byte rows agree at multiples of 64
     weight_update="recompile",  # CONFLICT (section 2): the only path known correct on every chip
     sram_budget_bytes=32 * MiB,  # maderix: ~32 MB
@@ -214,6 +222,7 @@ M1 = DEFAULT.with_overrides(
     max_axis=16384,  # ref. section 5 (older chips); ANEForge: 16384 through the A15 family
     blobs_per_file="one",  # ref. section 4: M1 rejects several blobs in one file
     slice_offset_overflow=True,  # N11: measured on M1/M2
+    io_dtypes=("fp16",),  # Orion-fork (M1 Pro, 2026-09-06): fp32 inputs and outputs are rejected
 )
 
 M2 = DEFAULT.with_overrides(
@@ -222,6 +231,7 @@ M2 = DEFAULT.with_overrides(
     max_axis=16384,  # ref. section 5; ANEForge: 16384 through the A15 family (M2)
     blobs_per_file="many",  # only M1 is reported to reject several blobs per file (ref. section 4)
     slice_offset_overflow=True,  # N11: measured on M1/M2
+    io_dtypes=("fp16",),  # M2 shares M1's generation and dialect; fp32 I/O unmeasured -> as M1
 )
 
 M3 = DEFAULT.with_overrides(
@@ -240,6 +250,7 @@ M4 = DEFAULT.with_overrides(
     max_axis=65536,  # ref. section 5 (newer chips)
     blobs_per_file="many",  # Orion and maderix write one file per weight; only M1 is reported to reject several
     slice_offset_overflow=False,  # N11: exact on M4 and later
+    io_dtypes=("fp16", "fp32"),  # ref. section 5: Orion's [768, 16] fp32 surfaces work on M4 Max
 )
 
 M5 = DEFAULT.with_overrides(

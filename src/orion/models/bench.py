@@ -48,8 +48,8 @@ def run_orion(model_dir: Path, prompt_tokens: int, new_tokens: int, backend: str
     list(model.generate_ids(ids, max_tokens=new_tokens))  # measured: everything cached and loaded
     stats = model.stats
     out = {
-        "backend": model.backend.name, "accumulator": getattr(getattr(model.backend, "numerics", None),
-                                                              "accumulator", None),
+        "backend": stats.backend, "accumulator": getattr(getattr(model.backend, "numerics", None), "accumulator",
+                                                         None),
         "load_s": load_s, "first_prefill_s": first_prefill_s, "cached_prefill_s": stats.prefill_seconds,
         "prefill_tok_s": stats.prefill_tok_s, "decode_tok_s": stats.decode_tok_s,
         "dispatches_per_token": stats.dispatches_per_token, "blocks_per_program": model.group,
@@ -113,7 +113,11 @@ def _child(side: str, model_dir: Path, args) -> dict:
 
 def bench_gpt2(model: str | None, backend: str, reference: str | None, prompt_tokens: int, new_tokens: int,
                exact_numerics: bool = False) -> dict:
-    args = argparse.Namespace(prompt_tokens=prompt_tokens, new_tokens=new_tokens, backend=backend,
+    from orion.runtime.program import get_backend
+
+    # resolved here, before any weights are made: an unavailable backend is an error naming why, and the child
+    # runs on exactly the backend resolved here (its report names the one that ran)
+    args = argparse.Namespace(prompt_tokens=prompt_tokens, new_tokens=new_tokens, backend=get_backend(backend).name,
                               exact_numerics=exact_numerics)
     with tempfile.TemporaryDirectory(prefix="orion-bench-gpt2-") as tmp:
         folder = Path(model) if model else make_random_gpt2(Path(tmp) / "gpt2-random")

@@ -5,12 +5,15 @@ Design (docs/gpt2.md has the reasoning and the numbers):
 * The transformer blocks run as compiled programs in the ANE layout ``[1, C, 1, S]``; embeddings, the final
   LayerNorm and the classifier run on the CPU in float32 (the 50,257 x 768 classifier is past the per-axis limit
   of older chips and is one BLAS call on the CPU).
-* Several blocks per program, as many as the target's BLOBFILE-constant limit allows: each LayerNorm's affine part
-  is folded into the linear layer after it, so a block costs 8 weight constants and the causal mask is an input.
-* Prefill runs on the smallest sequence bucket (32 ... 1024) that holds the prompt. Decode runs on a 16-column bucket
-  (the smallest surface known to work) with the new token in column 0; the KV cache lives in the decode programs'
-  input surfaces and each step writes one column into it, so a token costs one dispatch per program and no copies
-  of the cache. Attention against the cache needs no concat (rejected on some chips): the cache's scores and the
+* Several blocks per program, as many as the target's weight-tensor limit allows (ANE-21): each LayerNorm's affine
+  part is folded into the linear layer after it, so a block costs 8 weight constants, the causal mask is an input,
+  and the program's scalar constants (at most 8, shared by its blocks once the compiler merges equal ones) take the
+  rest. Under a 16-tensor limit that is one block per program.
+* Prefill runs on the smallest sequence bucket (32 ... 1024) that holds the prompt. Decode runs on the smallest
+  surface known to work, with the new token in column 0: 16 fp32 columns where the target takes fp32 I/O, else 32
+  fp16 columns (M1 rejects fp32 I/O); both have 64-byte rows. The KV cache lives in the decode programs' input
+  surfaces and each step writes one column into it, so a token costs one dispatch per program and no copies of the
+  cache. Attention against the cache needs no concat (rejected on some chips): the cache's scores and the
   token's own score share one softmax written out with a common maximum.
 * LoRA adapters (PEFT's GPT-2 layout: ``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) are program
   inputs ``h{i}_lora_{target}_a/_b`` next to the baked base weights. Where the adapted layer's input LayerNorm is
@@ -32,12 +35,14 @@ from orion.lora import Adapter, AdapterSpec, LoraLayout
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
 from orion.models.lm import AdapterHost, GenerationStats, TextGenerator, check_token_ids
-from orion.runtime.program import Program, get_backend
+from orion.runtime.program import Program, backends_that_ran, get_backend
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
-DECODE_BUCKET = 16
 #: Weight constants one block needs once LayerNorms are folded: c_attn, attn c_proj, c_fc, mlp c_proj (w and b).
 CONSTANTS_PER_BLOCK = 8
+#: Distinct scalar constants a program reads, whatever its number of blocks (each takes a weight-tensor slot,
+#: ANE-21): LayerNorm's eps and -0.5 exponent, the attention scale, decode's -1 exponent, the tanh GELU's four.
+SCALAR_CONSTANTS = 8
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,16 @@ def _adapted(b: GraphBuilder, y, x, target: str, layer: int, lora: LoraLayout | 
 # ---------------------------------------------------------------------------------------------------------------------
 # Programs
 
+#: Where a block's keys or values are: the prefill programs' outputs, the decode programs' cache inputs, and the
+#: decode programs' outputs holding the new position's column.
+_KV_ROLES = {"prefill": "", "cache": "c", "new": "n"}
+
+
+def kv_name(kind: str, layer: int, role: str) -> str:
+    """The program tensor holding block ``layer``'s keys (``kind`` "k") or values ("v") in ``role``: ``k03``,
+    ``kc03``, ``kn03``."""
+    return f"{kind}{_KV_ROLES[role]}{layer:02d}"
+
 
 def _block_start(b: GraphBuilder, x, w: BlockWeights, config: GPT2Config, layer: int, lora: LoraLayout | None):
     """LN_1 (folded) and the fused q/k/v projection."""
@@ -213,39 +228,54 @@ def prefill_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, se
         with b.scope(f"h{i}"):
             q, k, v = _block_start(b, x, w, config, i, lora)
             x = _block_end(b, x, b.attention(q, k, v, config.n_head, mask=mask), w, config, i, lora)
-        b.output(f"k{i:02d}", k)
-        b.output(f"v{i:02d}", v)
+        b.output(kv_name("k", i, "prefill"), k)
+        b.output(kv_name("v", i, "prefill"), v)
     b.output("y", x)
     return b.graph
 
 
-def decode_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, capacity: int,
-                 lora: LoraLayout | None = None):
-    """Blocks ``first ...`` for new tokens in a 16-column bucket against a KV cache of ``capacity`` positions.
+def decode_io(target: Target) -> tuple[str, int]:
+    """The dtype and column count of the decode programs' per-token tensors (x, y, the new k and v).
 
-    The 16-column tensors cross in fp32 (cast inside): ``[768, 16]`` fp32 is the surface reported to work, and its
-    64-byte rows read the same whether the ANE reads packed or 64-byte-aligned rows (ANE-35); fp16 rows would be 32
-    bytes. Values are the same: the program rounds x to fp16 where an fp16 input would have been rounded."""
+    ``[768, 16]`` fp32 is the surface reported to work, and its 64-byte rows read the same whether the ANE reads
+    packed or 64-byte-aligned rows (ANE-35). Where the target takes no fp32 I/O (M1), 32 fp16 columns give the same
+    rows and surface size. Values are the same either way: the program rounds x to fp16 where an fp16 input is
+    rounded on the way in, and fp32 outputs are exact widenings of fp16 results."""
+    return ("fp32", 16) if "fp32" in target.io_dtypes else ("fp16", 32)
+
+
+def decode_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, capacity: int,
+                 lora: LoraLayout | None = None, *, target: Target):
+    """Blocks ``first ...`` for new tokens in a bucket of :func:`decode_io` columns against a KV cache of
+    ``capacity`` positions."""
     b = GraphBuilder(f"gpt2_decode{capacity}_h{first}")
     d = config.n_embd
-    x = b.cast(b.input("x", (1, d, 1, DECODE_BUCKET), dtype="fp32"), "fp16", name="x_fp16")
+    io_dtype, columns = decode_io(target)
+
+    def out(name: str, value):
+        b.output(name, b.cast(value, io_dtype, name=f"{name}_{io_dtype}"))
+
+    x = b.cast(b.input("x", (1, d, 1, columns), dtype=io_dtype), "fp16", name="x_fp16")
     mask = b.input("mask", (1, 1, 1, capacity))
     for j, w in enumerate(blocks):
         i = first + j
-        kc = b.input(f"kc{i:02d}", (1, d, 1, capacity))
-        vc = b.input(f"vc{i:02d}", (1, d, 1, capacity))
+        kc = b.input(kv_name("k", i, "cache"), (1, d, 1, capacity))
+        vc = b.input(kv_name("v", i, "cache"), (1, d, 1, capacity))
         with b.scope(f"h{i}"):
             q, k, v = _block_start(b, x, w, config, i, lora)
             x = _block_end(b, x, b.cached_attention(q, k, v, kc, vc, mask, config.n_head), w, config, i, lora)
-        b.output(f"kn{i:02d}", b.cast(k, "fp32", name=f"kn{i:02d}_fp32"))
-        b.output(f"vn{i:02d}", b.cast(v, "fp32", name=f"vn{i:02d}_fp32"))
-    b.output("y", b.cast(x, "fp32", name="y_fp32"))
+        out(kv_name("k", i, "new"), k)
+        out(kv_name("v", i, "new"), v)
+    out("y", x)
     return b.graph
 
 
 def blocks_per_program(target: Target, n_layer: int) -> int:
+    """As many blocks as the target's weight-tensor limit holds next to the program's scalar constants (ANE-21)."""
     limit = target.max_blob_constants
-    return n_layer if limit is None else max(1, min(n_layer, limit // CONSTANTS_PER_BLOCK))
+    if limit is None:
+        return n_layer
+    return max(1, min(n_layer, (limit - SCALAR_CONSTANTS) // CONSTANTS_PER_BLOCK))
 
 
 def causal_mask(seq: int) -> np.ndarray:
@@ -294,15 +324,19 @@ class GPT2(AdapterHost, TextGenerator):
     def _groups(self) -> list[int]:
         return list(range(0, self.config.n_layer, self.group))
 
+    def _layers(self, first: int) -> range:
+        """The blocks of the program that starts at block ``first``."""
+        return range(first, min(first + self.group, self.config.n_layer))
+
     def programs(self, kind: str, size: int) -> list[Program]:
         """The programs for one phase and size, compiled (or taken from the cache) on first use."""
         key = (kind, size)
         if key not in self._programs:
-            build = prefill_graph if kind == "prefill" else decode_graph
             programs = []
             for first in self._groups():
                 blocks = self.blocks[first:first + self.group]
-                graph = build(blocks, first, self.config, size, self.lora)
+                graph = (prefill_graph(blocks, first, self.config, size, self.lora) if kind == "prefill" else
+                         decode_graph(blocks, first, self.config, size, self.lora, target=self.target))
                 adapter_inputs = ({} if self.lora is None else
                                   lora_inputs(self._current_adapter(), self.lora, blocks, first, self.config))
                 program = Program.from_graph(graph, backend=self.backend, target=self.target, cache=self.cache,
@@ -384,6 +418,7 @@ class GPT2(AdapterHost, TextGenerator):
         hidden, kv, _ = self._prefill(ids)
         token = sampler.sample(self._head(hidden[-1:])[0])
         stats.prefill_seconds = time.perf_counter() - t0
+        stats.backend = backends_that_ran(self._all_programs())
         if max_tokens == 0:
             return
         programs = self.programs("decode", bucket_for(total))
@@ -404,18 +439,22 @@ class GPT2(AdapterHost, TextGenerator):
             stats.decode_seconds = time.perf_counter() - decode_start
             after = self._count()
             stats.compiles, stats.cache_hits = after[0] - before[0], after[1] - before[1]
+            stats.backend = backends_that_ran(self._all_programs())
+
+    def _all_programs(self) -> list[Program]:
+        return [p for ps in self._programs.values() for p in ps]
 
     def _count(self) -> tuple[int, int]:
-        programs = [p for ps in self._programs.values() for p in ps]
+        programs = self._all_programs()
         return sum(p.compiles for p in programs), sum(p.cache_hits for p in programs)
 
     def _load_cache(self, programs: list[Program], kv: dict[str, np.ndarray], n: int) -> None:
-        for program in programs:
-            for name in program.input_names:
-                if name[:2] in ("kc", "vc"):
-                    with program.input_tensor(name).view() as cache:
+        for first, program in zip(self._groups(), programs):
+            for i in self._layers(first):
+                for kind in "kv":
+                    with program.input_tensor(kv_name(kind, i, "cache")).view() as cache:
                         cache[...] = 0
-                        cache[0, :, 0, :n] = kv[name[0] + name[2:]]
+                        cache[0, :, 0, :n] = kv[kv_name(kind, i, "prefill")]
             with program.input_tensor("mask").view() as mask:
                 mask[...] = MASK_VALUE
                 mask[..., :n] = 0
@@ -425,19 +464,17 @@ class GPT2(AdapterHost, TextGenerator):
     def _decode_step(self, programs: list[Program], token: int, pos: int) -> np.ndarray:
         """One token at position ``pos`` through every decode program; returns its logits."""
         x = self._embed(np.array([token]), pos)[0]
-        for program in programs:
+        for first, program in zip(self._groups(), programs):
             with program.input_tensor("x").view() as xin:
                 xin[0, :, 0, 0] = x
             program.evaluate()
-            for name in program.output_names:
-                if name == "y":
-                    with program.output_tensor("y").view(read_only=True) as y:
-                        x = y[0, :, 0, 0].astype(np.float32)
-                    continue
-                # kn/vn column 0 is this token's key/value: it goes into the cache at its position
-                with program.output_tensor(name).view(read_only=True) as new, \
-                        program.input_tensor(name[0] + "c" + name[2:]).view() as cache:
-                    cache[0, :, 0, pos] = new[0, :, 0, 0]
+            with program.output_tensor("y").view(read_only=True) as y:
+                x = y[0, :, 0, 0].astype(np.float32)
+            for i in self._layers(first):
+                for kind in "kv":  # column 0 of the new k/v is this token's: it goes into the cache at its position
+                    with program.output_tensor(kv_name(kind, i, "new")).view(read_only=True) as new, \
+                            program.input_tensor(kv_name(kind, i, "cache")).view() as cache:
+                        cache[0, :, 0, pos] = new[0, :, 0, 0]
             with program.input_tensor("mask").view() as mask:
                 mask[..., pos] = 0
         return self._head(x[None, :])[0]

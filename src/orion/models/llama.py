@@ -587,6 +587,7 @@ class Llama(AdapterHost, TextGenerator):
         import time
 
         from orion.models.sampling import Sampler
+        from orion.runtime.program import backends_that_ran
 
         sampler = sampler or Sampler(temperature=0.0)
         ids = list(np.asarray(ids).reshape(-1))
@@ -596,6 +597,7 @@ class Llama(AdapterHost, TextGenerator):
         t0 = time.perf_counter()
         logits = self.logits(ids)[-1]
         stats.prefill_seconds = time.perf_counter() - t0
+        stats.backend = backends_that_ran(self.blocks.programs)
         t1 = time.perf_counter()
         try:
             for _ in range(max_tokens):

@@ -18,6 +18,7 @@ class GenerationStats:
     compiles: int = 0
     cache_hits: int = 0
     dispatches_per_token: int = 0
+    backend: str = "none"  # the backend that executed the programs (orion.runtime.program.backends_that_ran)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -30,7 +31,8 @@ class GenerationStats:
     def line(self) -> str:
         return (f"prompt {self.prompt_tokens} tokens | prefill {self.prefill_tok_s:.1f} tok/s | "
                 f"decode {self.decode_tok_s:.1f} tok/s ({self.new_tokens} tokens) | compiles {self.compiles} | "
-                f"cache hits {self.cache_hits} | {self.dispatches_per_token} dispatches/token")
+                f"cache hits {self.cache_hits} | {self.dispatches_per_token} dispatches/token | "
+                f"backend {self.backend}")
 
 
 def check_token_ids(ids, vocab_size: int, context: int):

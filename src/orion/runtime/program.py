@@ -5,6 +5,7 @@ surface is which input, one allocation size per side), the cache, the compile bu
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -23,29 +24,42 @@ from orion.compiler.targets import WEIGHT_UPDATES, Target, get_target
 from orion.errors import BackendError, BindingError, SettingsError
 from orion.ir.graph import Graph, sanitize_name
 from orion.mil.emit import MILModule
+from orion.runtime.backends import BACKEND_ENV, BACKENDS
 from orion.runtime.backends.base import Backend, BackendModel
 from orion.runtime.budget import PROCESS_BUDGET, CompileBudget
 from orion.runtime.cache import ProgramCache, cache_key, default_program_cache, os_build
 from orion.runtime.tensor import Tensor, check_input_names
 
-BACKENDS = ("auto", "ane", "emulator")
-
-
 def get_backend(name: str | Backend = "auto", target: Target | str = "default") -> Backend:
-    """``auto`` picks the ANE where it is available (macOS on Apple silicon), else the emulator."""
+    """The backend ``name`` asks for (:data:`~orion.runtime.backends.BACKENDS`). ``auto`` is the one
+    ``$ORION_BACKEND`` names when set, else the ANE where this machine has one (macOS on Apple silicon), else the
+    emulator. ``ane`` never falls back: where there is no ANE it is an error naming why."""
     if isinstance(name, Backend):
         return name
     target = get_target(target)
+    asked = f"backend {name!r}"
+    if name == "auto" and os.environ.get(BACKEND_ENV):
+        name = os.environ[BACKEND_ENV]
+        asked = f"{BACKEND_ENV}={name!r}"
     if name not in BACKENDS:
-        raise SettingsError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise SettingsError(f"unknown {asked}; choose one of {', '.join(BACKENDS)}")
     if name in ("auto", "ane"):
         from orion.runtime.backends.ane import AneBackend
 
         if name == "ane" or AneBackend.available():
-            return AneBackend(target)
+            try:
+                return AneBackend(target)
+            except BackendError as exc:
+                raise BackendError(f"{asked}: {exc}") from None
     from orion.runtime.backends.emulator import EmulatorBackend
 
     return EmulatorBackend(target)
+
+
+def backends_that_ran(programs: Iterable["Program"]) -> str:
+    """The backend that executed these programs (``ane+emulator`` were it several; ``none`` before any ran): what
+    summaries report, rather than the backend that was asked for."""
+    return "+".join(sorted({p.backend.name for p in programs if p.evaluations})) or "none"
 
 
 class Program:
@@ -74,6 +88,7 @@ class Program:
         self._outputs = {name: self._tensor(name, self.plan.output_surface_bytes) for name, _ in self.plan.outputs}
         self.compiles = 0
         self.cache_hits = 0
+        self.evaluations = 0
 
     @classmethod
     def from_graph(cls, graph: Graph, *, target: Target | str = "default", weights_as_inputs: Iterable[str] = (),
@@ -211,6 +226,7 @@ class Program:
             self.load()
             self._model.evaluate([self._inputs[n].surface for n, _ in self.plan.inputs],
                                  [self._outputs[n].surface for n, _ in self.plan.outputs])
+            self.evaluations += 1
 
     # -- weights -----------------------------------------------------------------------------------------------
 

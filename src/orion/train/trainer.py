@@ -28,6 +28,7 @@ from orion.lora import Adapter, LoraLayout, new_adapter, peft_files
 from orion.models.llama import PRESETS, LlamaConfig, adapter_spec, init_weights
 from orion.train.checkpoint import find_latest_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from orion.models.hub import Tokenizer
+from orion.runtime.program import backends_that_ran
 from orion.train.data import BatchStream, PreparedDataset, prepare_dataset, tokenizer_files
 from orion.train.engine import LlamaEngine
 from orion.train.optim import AdamW, LossScaler, cosine_lr, guarded_step
@@ -360,7 +361,8 @@ class Trainer:
                 record = {"step": step, "loss": loss / tokens_per_step, "lr": lr, "grad_norm": report.grad_norm,
                           "loss_scale": report.scale, "skipped": report.skipped, "ms": elapsed * 1e3,
                           "ms_backend": split["backend"], "ms_cpu": split["cpu"], "ms_update": split["update"],
-                          "tokens_per_s": tokens_per_step / elapsed, "compiles": engine.compiles}
+                          "tokens_per_s": tokens_per_step / elapsed, "compiles": engine.compiles,
+                          "backend": backends_that_ran(engine.programs)}
                 history.append(record)
                 with open(self.metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
@@ -381,7 +383,7 @@ class Trainer:
             engine.close()
         return {"step": s.steps, "final_loss": history[-1]["loss"] if history else None,
                 "skipped_steps": sum(r["skipped"] for r in history), "compiles": engine.compiles,
-                "checkpoint": str(latest_checkpoint(self.out))}
+                "backend": backends_that_ran(engine.programs), "checkpoint": str(latest_checkpoint(self.out))}
 
 
     def _trim_metrics(self, start: int) -> None:

@@ -54,6 +54,8 @@ from orion.runtime.tensor import Surface
 ANE_FRAMEWORK = "/System/Library/PrivateFrameworks/AppleNeuralEngine.framework"
 #: Library paths for dlopen. Since macOS 11 system binaries live in the dyld shared cache: dlopen finds them at these
 #: paths although no file exists there, so presence is checked on the framework DIRECTORY.
+#: They are looked up under ``$ORION_ANE_ROOT`` (default ``/``): the one seam by which the tests substitute a stand-in
+#: of these frameworks (``tests/runtime/standin``) for the real ones; nothing else differs.
 LIBRARIES = {
     "objc": "/usr/lib/libobjc.A.dylib",
     "system": "/usr/lib/libSystem.B.dylib",
@@ -162,6 +164,17 @@ C_FUNCTIONS: dict[str, tuple[str, Any, tuple[Any, ...]]] = {
         (ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p, ctypes.c_size_t),
     ),
 }
+
+
+def library_root() -> str:
+    """The directory the framework paths are resolved under: ``$ORION_ANE_ROOT``, else ``/``."""
+    return os.environ.get("ORION_ANE_ROOT") or "/"
+
+
+def library_paths(root: str | None = None) -> dict[str, str]:
+    """:data:`LIBRARIES` resolved under ``root`` (default :func:`library_root`)."""
+    root = root or library_root()
+    return {key: os.path.join(root, path.lstrip("/")) for key, path in LIBRARIES.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -342,15 +355,11 @@ class _Runtime:
 
     def __init__(self) -> None:
         try:
-            self._libs = {key: ctypes.CDLL(path) for key, path in LIBRARIES.items()}
+            self._libs = {key: ctypes.CDLL(path) for key, path in library_paths().items()}
         except OSError as exc:
             raise BackendError(f"cannot load the ANE libraries ({exc}) on macOS {platform.mac_ver()[0] or '?'}: "
                                "macOS updates have broken private-API paths before") from None
-        self._c: dict[str, Any] = {}
-        for name, (lib, restype, argtypes) in C_FUNCTIONS.items():
-            function = getattr(self._libs[lib], name)
-            function.restype, function.argtypes = restype, list(argtypes)
-            self._c[name] = function
+        self._c: dict[str, Any] = {name: _bind(self._libs[lib], name) for name, (lib, _, _) in C_FUNCTIONS.items()}
         self._msg_send = ctypes.cast(self._libs["objc"].objc_msgSend, ctypes.c_void_p).value
         self._senders: dict[str, Any] = {}
         self._selectors: dict[str, int] = {}
@@ -512,14 +521,7 @@ class _Runtime:
         self._c["CFRelease"](ref)
 
     def sysctl_string(self, name: str) -> str:
-        sysctl = self._c["sysctlbyname"]
-        size = ctypes.c_size_t(0)
-        if sysctl(name.encode(), None, ctypes.byref(size), None, 0) != 0 or size.value == 0:
-            return "unknown"
-        buffer = ctypes.create_string_buffer(size.value)
-        if sysctl(name.encode(), buffer, ctypes.byref(size), None, 0) != 0:
-            return "unknown"
-        return buffer.value.decode("utf-8", "replace")
+        return sysctl_string(self._c["sysctlbyname"], name)
 
 
 _RUNTIME: _Runtime | None = None
@@ -536,8 +538,36 @@ def runtime() -> _Runtime:
 
 
 def this_machine() -> tuple[str, str, bool]:
-    """(sys.platform, machine, whether the framework directory exists): what :func:`unavailable_reason` needs."""
-    return sys.platform, platform.machine(), os.path.isdir(ANE_FRAMEWORK)
+    """(system, machine, whether the framework directory exists): what :func:`unavailable_reason` needs.
+
+    Where the framework is present, the system library says what the system is (``kern.ostype``, ``hw.machine``:
+    a Python under Rosetta sees x86_64); elsewhere nothing is loaded and Python's own facts are enough."""
+    if not os.path.isdir(os.path.join(library_root(), ANE_FRAMEWORK.lstrip("/"))):
+        return sys.platform, platform.machine(), False
+    try:
+        sysctl = _bind(ctypes.CDLL(library_paths()["system"]), "sysctlbyname")
+    except (OSError, AttributeError):
+        return sys.platform, platform.machine(), True
+    return sysctl_string(sysctl, "kern.ostype").lower(), sysctl_string(sysctl, "hw.machine"), True
+
+
+def _bind(library: ctypes.CDLL, name: str) -> Any:
+    """A C function of :data:`C_FUNCTIONS` from a loaded library, with its prototype."""
+    _, restype, argtypes = C_FUNCTIONS[name]
+    function = getattr(library, name)
+    function.restype, function.argtypes = restype, list(argtypes)
+    return function
+
+
+def sysctl_string(sysctl: Any, name: str) -> str:
+    """A string fact from ``sysctlbyname`` ("unknown" when the system has no such name)."""
+    size = ctypes.c_size_t(0)
+    if sysctl(name.encode(), None, ctypes.byref(size), None, 0) != 0 or size.value == 0:
+        return "unknown"
+    buffer = ctypes.create_string_buffer(size.value)
+    if sysctl(name.encode(), buffer, ctypes.byref(size), None, 0) != 0:
+        return "unknown"
+    return buffer.value.decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -615,18 +645,19 @@ class AneModel(BackendModel):
         return self._model
 
     def _call(self, action: str, selector: str, *args: Any) -> None:
+        """Send ``selector`` with ``args`` (dicts become NSDictionary objects inside the call's own pool)."""
         model = self._live_model()
         rt = self._runtime
         with rt.pool():
-            ok, error = rt.send_checked(model, selector, *args)
+            ok, error = rt.send_checked(model, selector, *[rt.plist(a) if isinstance(a, dict) else a for a in args])
         if not ok:
             raise call_failure(action, self.identifier, self.directory, error)
 
     def compile(self) -> None:
-        self._call("compile", "compileWithQoS:options:error:", QOS, self._runtime.plist({}))
+        self._call("compile", "compileWithQoS:options:error:", QOS, {})
 
     def load(self) -> None:
-        self._call("load", "loadWithQoS:options:error:", QOS, self._runtime.plist({}))
+        self._call("load", "loadWithQoS:options:error:", QOS, {})
         self._loaded = True
 
     def unload(self) -> None:

@@ -51,12 +51,14 @@ class Standin:
         self.lib.standin_last_failure.restype = ctypes.c_char_p
         self.lib.standin_fail_next.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
         self.lib.standin_set_option.argtypes = [ctypes.c_char_p, ctypes.c_long]
+        self._failures_before = self.lib.standin_failures()
 
     def live_objects(self) -> int:
         return self.lib.standin_live_objects()
 
     def failures(self) -> int:
-        return self.lib.standin_failures()
+        """Failures the stand-in reported since this test began."""
+        return self.lib.standin_failures() - self._failures_before
 
     def last_failure(self) -> str:
         return self.lib.standin_last_failure().decode()

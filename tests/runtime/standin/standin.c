@@ -159,6 +159,7 @@ struct Object {
     char identifier[33];
     enum ModelState state;
     long load_id;
+    char *compiled_plist; /* what its own compile produced: loads even if net.plist is not in the directory */
     /* _ANERequest: the arrays it was built from, and the load its surfaces were mapped for (0: not yet) */
     Object *inputs, *outputs, *input_indices, *output_indices, *procedure;
     long mapped_load_id;
@@ -543,7 +544,8 @@ static Callback emulator(void) {
  * Options the tests set: a failure to inject once, and compile side effects. */
 
 static char fail_selector[256], fail_description[1024];
-static long compile_count, skip_net_plist;
+static long compile_count;
+static long skip_net_plist; /* a compile that leaves no net.plist in the model directory (the model still loads) */
 
 EXPORT void standin_fail_next(const char *selector, const char *text) {
     snprintf(fail_selector, sizeof fail_selector, "%s", selector ? selector : "");
@@ -801,6 +803,10 @@ static BOOL compile_model(Object *m, unsigned qos, void *options, void **error) 
             set_error(error, "com.apple.appleneuralengine.compiler", 1, "ANECCompile() FAILED", strerror(errno));
         }
     }
+    if (ok) {
+        free(m->compiled_plist);
+        m->compiled_plist = strdup(plist.text);
+    }
     free(plist.text);
     free(data.text);
     if (!ok) return 0;
@@ -824,6 +830,7 @@ static BOOL load_model(Object *m, unsigned qos, void *options, void **error) {
     size_t plist_len = 0, data_len = 0;
     snprintf(path, sizeof path, "%s/net.plist", dir);
     char *plist = read_file(path, &plist_len);
+    if (!plist && m->compiled_plist) plist = strdup(m->compiled_plist); /* skip_net_plist: held by the model */
     snprintf(path, sizeof path, "%s/data", dir);
     char *data = read_file(path, &data_len);
     const char *problem = NULL;
@@ -1009,6 +1016,7 @@ static void dealloc(Object *o) {
             run_callback(STAGE_UNLOAD, o, NULL, 0, NULL, NULL, 0, NULL, NULL, message, sizeof message);
         }
         release(o->descriptor);
+        free(o->compiled_plist);
     } else if (o->isa == &Request) {
         release(o->inputs);
         release(o->outputs);

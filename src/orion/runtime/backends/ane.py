@@ -31,6 +31,7 @@ import re
 import shutil
 import sys
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -113,7 +114,8 @@ MSG_SIGNATURES: dict[str, Signature] = {
     "numberWithInt:": (_ID, (_CLASS, _SEL, ctypes.c_int)),
     "retain": (_ID, (_ID, _SEL)),
     "release": (None, (_ID, _SEL)),
-    "localizedDescription": (_ID, (_ID, _SEL)),
+    "description": (_ID, (_ID, _SEL)),
+    "userInfo": (_ID, (_ID, _SEL)),
     "domain": (_ID, (_ID, _SEL)),
     "code": (_NSINTEGER, (_ID, _SEL)),
 }
@@ -311,11 +313,13 @@ def model_directory(temporary_directory: str, identifier: str) -> Path:
 
 @dataclass(frozen=True)
 class NSErrorInfo:
-    """What the bridge reads from an NSError."""
+    """What the bridge reads from an NSError: its full ``description`` (domain, code, localized text and user info,
+    as Foundation prints it) and its ``userInfo`` dictionary's description, where the framework puts the details."""
 
     domain: str
     code: int
     description: str
+    user_info: str = ""
 
 
 _STATUS = re.compile(r"\bstatus=(0x[0-9a-fA-F]+)")
@@ -330,11 +334,15 @@ def parse_status(text: str) -> int | None:
 def describe_error(error: NSErrorInfo | None) -> str:
     if error is None:
         return "the framework returned NO without an NSError"
-    return f"{error.description or 'no description'} ({error.domain} code {error.code})"
+    text = f"{error.description or 'no description'} ({error.domain} code {error.code})"
+    if error.user_info and error.user_info not in text:
+        text += f"; userInfo {error.user_info}"
+    return text
 
 
 def call_failure(action: str, identifier: str, directory: Path, error: NSErrorInfo | None) -> BackendError:
-    """The error for a failed compile/load/unload, naming the model's directory where its MIL text lies."""
+    """The error for a failed compile/load/unload, naming the model's directory where its MIL text lies (kept after
+    a failed compile, for inspection)."""
     return BackendError(f"ANE {action} of model {identifier} failed: {describe_error(error)}; "
                         f"the program is in {directory / MODEL_FILE}")
 
@@ -417,7 +425,8 @@ class _Runtime:
         return NSErrorInfo(
             domain=self.text(self.send(error, "domain")),
             code=int(self.send(error, "code")),
-            description=self.text(self.send(error, "localizedDescription")),
+            description=self.text(self.send(error, "description")),
+            user_info=self.text(self.send(self.send(error, "userInfo"), "description")),
         )
 
     @contextlib.contextmanager
@@ -440,6 +449,8 @@ class _Runtime:
         return raw.decode("utf-8", "replace") if raw else ""
 
     def string(self, value: str) -> int:
+        if not isinstance(value, str) or "\0" in value:
+            raise TypeError(f"an NSString is made from a str without NUL characters, not {value!r}")
         return self.send(self.cls("NSString"), "stringWithUTF8String:", value.encode("utf-8"))
 
     def data(self, value: bytes) -> int:
@@ -451,13 +462,20 @@ class _Runtime:
         return self.send(self.cls("NSNumber"), "numberWithInt:", value)
 
     def array(self, items: Sequence[int]) -> int:
+        if not all(items):  # nil in an NSArray raises NSInvalidArgumentException: the process would die
+            raise BackendError(f"an NSArray cannot hold nil (item {[bool(i) for i in items].index(False)})")
         return self.send(self.cls("NSArray"), "arrayWithObjects:count:", (ctypes.c_void_p * len(items))(*items),
                          len(items))
 
     def plist(self, value: Any) -> int | None:
-        """An autoreleased Foundation object for nested dict/list/str/bytes/int values (None is nil)."""
+        """An autoreleased Foundation object for nested dict/list/str/bytes/int values (None is nil, refused inside a
+        collection: Foundation raises on nil there, which kills the process)."""
         if value is None:
             return None
+        if isinstance(value, (dict, list)):
+            inner = [*value, *value.values()] if isinstance(value, dict) else value
+            if any(v is None for v in inner):
+                raise TypeError(f"a dictionary or array for the framework cannot hold None: {value!r}")
         if isinstance(value, dict):
             keys = [self.string(k) for k in value]
             values = [self.plist(v) for v in value.values()]
@@ -635,6 +653,7 @@ class AneModel(BackendModel):
         self.directory = directory
         self._weight_paths = sorted(weight_paths)
         self._loaded = False
+        self._keep_directory = False  # set by a failed compile: the error message points into the directory
         DIRECTORY_CLAIMS.claim(directory)
         #: (inputs, outputs) -> retained _ANERequest; the keys keep the surfaces alive while a request names them.
         self._requests: dict[tuple[tuple[Surface, ...], tuple[Surface, ...]], int] = {}
@@ -654,36 +673,57 @@ class AneModel(BackendModel):
             raise call_failure(action, self.identifier, self.directory, error)
 
     def compile(self) -> None:
-        self._call("compile", "compileWithQoS:options:error:", QOS, {})
+        try:
+            self._call("compile", "compileWithQoS:options:error:", QOS, {})
+        except BackendError:
+            self._keep_directory = True
+            raise
 
     def load(self) -> None:
         self._call("load", "loadWithQoS:options:error:", QOS, {})
         self._loaded = True
 
     def unload(self) -> None:
+        """Unload, and drop the requests: they were built for this load (nothing of one load is reused by the next)."""
         if not self._loaded:
             return
         self._loaded = False  # a failed unload leaves the state unknown: never unload twice
-        self._call("unload", "unloadWithQoS:error:", QOS)
+        try:
+            self._call("unload", "unloadWithQoS:error:", QOS)
+        finally:
+            self._release_requests()
+
+    def _release_requests(self) -> None:
+        rt = self._runtime
+        with rt.pool():
+            for request in self._requests.values():
+                rt.release(request)
+        self._requests.clear()
 
     # -- delta compilation (reference section 2): plain file operations in the model directory
 
     def artifacts(self) -> dict[str, bytes]:
+        """Every file the compile left (``net.plist`` and ``data``, weightless programs included)."""
         self._live_model()
         try:
-            return {NET_PLIST: (self.directory / NET_PLIST).read_bytes()}
-        except FileNotFoundError:
-            raise BackendError(f"model {self.identifier} has no {NET_PLIST} in {self.directory}; compile it first") \
-                from None
+            return {name: (self.directory / name).read_bytes() for name in COMPILED_ARTIFACTS}
+        except FileNotFoundError as exc:
+            raise BackendError(f"model {self.identifier} has no {Path(exc.filename).name} in {self.directory}; "
+                               "compile it first") from None
 
     def install_artifacts(self, artifacts: dict[str, bytes]) -> None:
-        """Orion's tested recipe: the donor's net.plist, and the ``data`` file rebuilt from this model's weights."""
+        """Orion's tested recipe: the donor's net.plist, and the ``data`` file rebuilt from this model's weights (the
+        donor's may hold other values); a weightless program takes the donor's ``data`` as it is."""
         self._live_model()
         source = compiled_data_source(self._weight_paths)
-        if NET_PLIST not in artifacts:
-            raise BackendError(f"the artifacts to install lack {NET_PLIST} (got {sorted(artifacts)})")
+        needed = [NET_PLIST] if source is not None else [NET_PLIST, COMPILED_DATA]
+        missing = [name for name in needed if name not in artifacts]
+        if missing:
+            raise BackendError(f"the artifacts to install lack {missing} (got {sorted(artifacts)})")
         _write_atomic(self.directory / NET_PLIST, artifacts[NET_PLIST])
-        if source is not None:
+        if source is None:
+            _write_atomic(self.directory / COMPILED_DATA, artifacts[COMPILED_DATA])
+        else:
             _write_atomic(self.directory / COMPILED_DATA, self.directory / source)
 
     def write_weights(self, weight_files: dict[str, Path]) -> None:
@@ -745,22 +785,23 @@ class AneModel(BackendModel):
         return request
 
     def release(self, remove_directory: bool = True) -> None:
+        """Unload (a failure is a warning: the model is released all the same), release every object, and delete
+        the directory unless another model uses it, ``remove_directory`` is False, or a failed compile kept it."""
         if self._model is None:
             return
         rt = self._runtime
         try:
             self.unload()
-        finally:
-            with rt.pool():
-                for request in self._requests.values():
-                    rt.release(request)
-                self._requests.clear()
-                rt.release(self._model)
-                if self._descriptor is not None:
-                    rt.release(self._descriptor)
-            self._model = self._descriptor = None
-            if DIRECTORY_CLAIMS.release(self.directory) and remove_directory:
-                _remove_directory(self.directory)
+        except BackendError as exc:
+            warnings.warn(f"releasing model {self.identifier} anyway: {exc}", RuntimeWarning, stacklevel=2)
+        self._release_requests()
+        with rt.pool():
+            rt.release(self._model)
+            if self._descriptor is not None:
+                rt.release(self._descriptor)
+        self._model = self._descriptor = None
+        if DIRECTORY_CLAIMS.release(self.directory) and remove_directory and not self._keep_directory:
+            _remove_directory(self.directory)
 
 
 def _remove_directory(directory: Path) -> None:
@@ -816,6 +857,9 @@ class AneBackend(Backend):
 
     def new_surface(self, nbytes: int) -> IOSurfaceBuffer:
         return IOSurfaceBuffer(self._runtime, nbytes)
+
+    def loads_disk_cache(self) -> bool:
+        return self.target.load_disk_cache
 
     def describe(self) -> dict[str, str]:
         facts = super().describe()

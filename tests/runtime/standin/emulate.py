@@ -6,8 +6,9 @@ It gets the program as compiled at load (a directory with ``model.mil`` and the 
 and the surfaces' memory in binding order at evaluate, and runs the emulator backend's own model on them, so the
 binding order, the surface rules and the numerics are the emulator's, with no second copy here.
 
-The chip's numerics are the emulator's defaults, or the JSON object in ``$ORION_STANDIN_NUMERICS`` (model tests use
-the fp32 accumulator, as model programs on the emulator do).
+The chip is the one a target profile describes (``$ORION_STANDIN_TARGET``, default ``default``): its compiler rejects
+what the constraint catalog says that chip rejects, and it computes with that profile's numerics, changed by the JSON
+object in ``$ORION_STANDIN_NUMERICS`` (model tests use the fp32 accumulator, as model programs on the emulator do).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from orion.compiler.constraints import check_program
 from orion.compiler.targets import get_target
-from orion.errors import EvaluationError, OrionError
+from orion.errors import ConstraintError, EvaluationError, OrionError
 from orion.mil.emit import MILModule
 from orion.runtime.backends import ane
 from orion.runtime.backends.emulator import EmulatorBackend, EmulatorModel, load_program
@@ -45,14 +47,20 @@ class _Memory(Surface):
         self._lock = threading.RLock()
 
 
-def _chip() -> EmulatorBackend:
-    numerics = Numerics.from_dict(json.loads(os.environ.get("ORION_STANDIN_NUMERICS") or "{}"))
-    root = Path(tempfile.mkdtemp(prefix="orion-standin-chip-"))
-    return EmulatorBackend(get_target("default"), numerics=numerics, root=root)
-
-
-_backend: EmulatorBackend | None = None
+_chips: dict[tuple[str, str], EmulatorBackend] = {}
 _loaded: dict[int, EmulatorModel] = {}
+
+
+def _chip() -> EmulatorBackend:
+    """The emulator backend of the profile and numerics the environment asks for now."""
+    profile = os.environ.get("ORION_STANDIN_TARGET") or "default"
+    numerics = os.environ.get("ORION_STANDIN_NUMERICS") or "{}"
+    if (profile, numerics) not in _chips:
+        root = Path(tempfile.mkdtemp(prefix="orion-standin-chip-"))
+        chip = EmulatorBackend(get_target(profile), root=root)
+        chip.numerics = Numerics.from_dict({**chip.numerics.to_dict(), **json.loads(numerics)})
+        _chips[profile, numerics] = chip
+    return _chips[profile, numerics]
 
 
 def _status_text(exc: OrionError) -> str:
@@ -65,14 +73,14 @@ def _status_text(exc: OrionError) -> str:
 
 def _run(stage: int, model: int, directory: bytes | None, n_in: int, in_base, in_size, n_out: int, out_base,
          out_size) -> None:
-    global _backend
     if stage == COMPILE:
-        load_program(directory.decode())  # parses and checks every statement, reads every weight record
+        program = load_program(directory.decode())  # parses and checks every statement, reads every weight record
+        rejected = [v for v in check_program(program.program, _chip().target) if v.severity == "error"]
+        if rejected:
+            raise ConstraintError(rejected)
     elif stage == LOAD:
         module = MILModule.read(directory.decode())
-        if _backend is None:
-            _backend = _chip()
-        emulated = _backend.new_model(module.text, {rel: Path(directory.decode()) / rel for rel in module.weight_files})
+        emulated = _chip().new_model(module.text, {rel: Path(directory.decode()) / rel for rel in module.weight_files})
         emulated.compile()
         emulated.load()
         _loaded[model] = emulated

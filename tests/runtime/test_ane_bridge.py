@@ -610,9 +610,8 @@ def test_orion_run_writes_its_outputs_before_cleanup(ane_standin, rng, tmp_path)
     from click.testing import CliRunner
 
     from orion.cli.main import cli
-    from orion.mil.emit import emit
 
-    emit(_graph(rng)).write(tmp_path / "model")
+    _emitted(_graph(rng), tmp_path / "model")
     np.savez(tmp_path / "in.npz", x=rng.normal(0, 1, (1, 64, 1, SEQ)).astype(np.float32))
     outputs = {}
     for backend in ("emulator", "ane"):

@@ -341,6 +341,15 @@ def test_evaluation_failure_carries_the_status_and_the_hint():
     assert bare.status is None and "without an NSError" in str(bare)
 
 
+def test_error_text_carries_the_user_info_once():
+    detail = "{NSLocalizedDescription = ANECCompile() FAILED; compilerLog = line 3: bad op; }"
+    full = f'Error Domain=com.apple.appleneuralengine.compiler Code=1 "ANECCompile() FAILED" UserInfo={detail}'
+    with_info = ane.describe_error(NSErrorInfo("com.apple.appleneuralengine.compiler", 1, full, detail))
+    assert with_info.count("line 3: bad op") == 1
+    terse = ane.describe_error(NSErrorInfo("com.apple.appleneuralengine.compiler", 1, "ANECCompile() FAILED", detail))
+    assert "ANECCompile() FAILED" in terse and "line 3: bad op" in terse  # a description without it gets it added
+
+
 def test_call_failure_names_the_program(tmp_path):
     info = NSErrorInfo("com.apple.appleneuralengine", 10, "verifyBundleAtPath: invalid model")
     err = ane.call_failure("compile", "ABC", tmp_path / "ABC", info)

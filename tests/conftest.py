@@ -78,3 +78,6 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
                                      eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
     transformers.GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+from tests.runtime.standin import ane_standin, standin_root  # noqa: E402,F401  (fixtures for backend="ane" tests)

@@ -209,7 +209,7 @@ def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_fil
                       for name in program.input_names}
         outputs = program.run(inputs)
         used = backends_that_ran([program])
-    write_npz_atomic(out_file, outputs)
+        write_npz_atomic(out_file, outputs)  # before cleanup: a failing unload must not lose the results
     for name, array in outputs.items():
         finite = array[np.isfinite(array)].astype(np.float64)
         out.print(f"{name}: {array.dtype}{list(array.shape)} mean {finite.mean() if finite.size else 0:.4g} "

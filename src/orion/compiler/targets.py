@@ -123,6 +123,13 @@ class Target:
         hash=False,
         metadata=_note("overrides of the emulator's numerics settings for this chip (str -> value)"),
     )
+    load_disk_cache: bool = field(
+        default=False,
+        metadata=_note(
+            "load a compile that another process cached on disk, without compiling: shown only within one process on "
+            "hardware (Orion's delta-compilation recipe, ref. section 2); off until `orion doctor` shows it on the chip"
+        ),
+    )
 
     def __post_init__(self) -> None:
         def bad(field_name: str, value: Any, expected: str) -> SettingsError:

@@ -331,8 +331,9 @@ class ArtifactCache:
         self._count(**({"hits": 1} if files is not None else {"misses": 1}))
         return files
 
-    def put(self, key: str, files: Mapping[str, bytes]) -> None:
-        """Store ``files`` under ``key`` atomically; does nothing if a valid entry exists."""
+    def put(self, key: str, files: Mapping[str, bytes], replace: bool = False) -> None:
+        """Store ``files`` under ``key`` atomically; does nothing if a valid entry exists, unless ``replace`` (the
+        entry's files compiled but did not load)."""
         _check_key(key)
         names = list(files)
         problem = _names_problem(names)
@@ -348,7 +349,9 @@ class ArtifactCache:
             with self._locked(key):
                 try:
                     if self._read_entry(key, entry) is not None:
-                        return
+                        if not replace:
+                            return
+                        self._discard(entry)
                 except _Torn:
                     self._discard(entry)
                     self._count(corrupted=1)
@@ -530,9 +533,10 @@ class ProgramCache:
         self._lock = threading.Lock()
         self.hits = self.misses = self.stores = 0
 
-    def get(self, key: str) -> dict[str, bytes] | None:
+    def get(self, key: str, disk: bool = True) -> dict[str, bytes] | None:
+        """From memory, else (``disk``) from the disk store, where other processes' compiles are."""
         found = self.memory.get(key)
-        if found is None and self.disk is not None:
+        if found is None and disk and self.disk is not None:
             found = self.disk.get(key)
             if found is not None:
                 self.memory.put(key, found)
@@ -543,11 +547,11 @@ class ProgramCache:
                 self.hits += 1
         return found
 
-    def put(self, key: str, files: Mapping[str, bytes]) -> None:
+    def put(self, key: str, files: Mapping[str, bytes], replace: bool = False) -> None:
         files = dict(files)
         self.memory.put(key, files)
         if self.disk is not None:
-            self.disk.put(key, files)
+            self.disk.put(key, files, replace=replace)
         with self._lock:
             self.stores += 1
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 import weakref
 from pathlib import Path
 from typing import Iterable
@@ -21,7 +22,7 @@ from orion.compiler.compile import compile_graph, io_plan_of
 from orion.compiler.constraints import check_program, raise_on_errors
 from orion.compiler.passes import weights_to_inputs
 from orion.compiler.targets import WEIGHT_UPDATES, Target, get_target
-from orion.errors import BackendError, BindingError, SettingsError
+from orion.errors import BackendError, BindingError, CacheError, SettingsError
 from orion.ir.graph import Graph, sanitize_name
 from orion.mil.emit import MILModule
 from orion.runtime.backends import BACKEND_ENV, BACKENDS
@@ -138,41 +139,62 @@ class Program:
         """Compile (unless the cache has this program) and load. Idempotent."""
         with self._lock:
             if self._model is None:
-                self._model = self._build_model()
-                self._model.load()
+                self._model = self._loaded_model()
             return self
 
-    def _build_model(self) -> BackendModel:
+    def _loaded_model(self) -> BackendModel:
+        """A loaded model: from cached artifacts where they load, else compiled (and cached)."""
         model = self.backend.new_model(self.module.text, self._weight_sources())
         key = self._key()
         try:
-            artifacts = self.cache.get(key)
+            artifacts = self.cache.get(key, disk=self.backend.loads_disk_cache())
+            failed_load = False
             if artifacts is not None:
                 try:
                     model.install_artifacts(artifacts)
+                except BackendError:
+                    artifacts = None  # this backend cannot reuse that compile for these weights (several files)
+            if artifacts is not None:
+                try:
+                    model.load()
                     self.cache_hits += 1
                     return model
-                except BackendError:
-                    pass  # this backend cannot reuse that compile for these weights (e.g. several weight files)
+                except BackendError as exc:
+                    failed_load = True
+                    warnings.warn(f"the cached compile of program {model.identifier[:12]} did not load, compiling it "
+                                  f"again: {exc}", RuntimeWarning, stacklevel=3)
             self.budget.charge(f"program {model.identifier[:12]}")
             model.compile()
             self.compiles += 1
-            self.cache.put(key, model.artifacts())
+            self._store(key, model, replace=failed_load)
+            model.load()
         except BaseException:
             model.release()
             raise
         return model
 
+    def _store(self, key: str, model: BackendModel, replace: bool) -> None:
+        """Cache a compile; a compile that cannot be cached still runs (with a warning)."""
+        try:
+            self.cache.put(key, model.artifacts(), replace=replace)
+        except (BackendError, CacheError) as exc:
+            warnings.warn(f"program {model.identifier[:12]} compiled but was not cached: {exc}", RuntimeWarning,
+                          stacklevel=4)
+
     def unload(self) -> None:
         with self._lock:
             if self._model is not None:
-                self._model.release()
-                self._model = None
+                model, self._model = self._model, None
+                model.release()
 
     def close(self) -> None:
-        """Unload, free the surfaces and remove the staging directory; safe to call twice."""
+        """Unload, free the surfaces and remove the staging directory; safe to call twice. Never raises for a
+        failed unload (a warning says what went wrong): results already read must not be lost to cleanup."""
         with self._lock:
-            self.unload()
+            try:
+                self.unload()
+            except BackendError as exc:
+                warnings.warn(f"closing the program anyway: {exc}", RuntimeWarning, stacklevel=2)
             for t in (*self._inputs.values(), *self._outputs.values()):
                 t.surface.close()
             self._cleanup()

@@ -31,6 +31,7 @@ import re
 import shutil
 import sys
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -54,6 +55,8 @@ from orion.runtime.tensor import Surface
 ANE_FRAMEWORK = "/System/Library/PrivateFrameworks/AppleNeuralEngine.framework"
 #: Library paths for dlopen. Since macOS 11 system binaries live in the dyld shared cache: dlopen finds them at these
 #: paths although no file exists there, so presence is checked on the framework DIRECTORY.
+#: They are looked up under ``$ORION_ANE_ROOT`` (default ``/``): the one seam by which the tests substitute a stand-in
+#: of these frameworks (``tests/runtime/standin``) for the real ones; nothing else differs.
 LIBRARIES = {
     "objc": "/usr/lib/libobjc.A.dylib",
     "system": "/usr/lib/libSystem.B.dylib",
@@ -111,7 +114,8 @@ MSG_SIGNATURES: dict[str, Signature] = {
     "numberWithInt:": (_ID, (_CLASS, _SEL, ctypes.c_int)),
     "retain": (_ID, (_ID, _SEL)),
     "release": (None, (_ID, _SEL)),
-    "localizedDescription": (_ID, (_ID, _SEL)),
+    "description": (_ID, (_ID, _SEL)),
+    "userInfo": (_ID, (_ID, _SEL)),
     "domain": (_ID, (_ID, _SEL)),
     "code": (_NSINTEGER, (_ID, _SEL)),
 }
@@ -162,6 +166,17 @@ C_FUNCTIONS: dict[str, tuple[str, Any, tuple[Any, ...]]] = {
         (ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p, ctypes.c_size_t),
     ),
 }
+
+
+def library_root() -> str:
+    """The directory the framework paths are resolved under: ``$ORION_ANE_ROOT``, else ``/``."""
+    return os.environ.get("ORION_ANE_ROOT") or "/"
+
+
+def library_paths(root: str | None = None) -> dict[str, str]:
+    """:data:`LIBRARIES` resolved under ``root`` (default :func:`library_root`)."""
+    root = root or library_root()
+    return {key: os.path.join(root, path.lstrip("/")) for key, path in LIBRARIES.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -298,11 +313,13 @@ def model_directory(temporary_directory: str, identifier: str) -> Path:
 
 @dataclass(frozen=True)
 class NSErrorInfo:
-    """What the bridge reads from an NSError."""
+    """What the bridge reads from an NSError: its full ``description`` (domain, code, localized text and user info,
+    as Foundation prints it) and its ``userInfo`` dictionary's description, where the framework puts the details."""
 
     domain: str
     code: int
     description: str
+    user_info: str = ""
 
 
 _STATUS = re.compile(r"\bstatus=(0x[0-9a-fA-F]+)")
@@ -317,11 +334,15 @@ def parse_status(text: str) -> int | None:
 def describe_error(error: NSErrorInfo | None) -> str:
     if error is None:
         return "the framework returned NO without an NSError"
-    return f"{error.description or 'no description'} ({error.domain} code {error.code})"
+    text = f"{error.description or 'no description'} ({error.domain} code {error.code})"
+    if error.user_info and error.user_info not in text:
+        text += f"; userInfo {error.user_info}"
+    return text
 
 
 def call_failure(action: str, identifier: str, directory: Path, error: NSErrorInfo | None) -> BackendError:
-    """The error for a failed compile/load/unload, naming the model's directory where its MIL text lies."""
+    """The error for a failed compile/load/unload, naming the model's directory where its MIL text lies (kept after
+    a failed compile, for inspection)."""
     return BackendError(f"ANE {action} of model {identifier} failed: {describe_error(error)}; "
                         f"the program is in {directory / MODEL_FILE}")
 
@@ -342,15 +363,11 @@ class _Runtime:
 
     def __init__(self) -> None:
         try:
-            self._libs = {key: ctypes.CDLL(path) for key, path in LIBRARIES.items()}
+            self._libs = {key: ctypes.CDLL(path) for key, path in library_paths().items()}
         except OSError as exc:
             raise BackendError(f"cannot load the ANE libraries ({exc}) on macOS {platform.mac_ver()[0] or '?'}: "
                                "macOS updates have broken private-API paths before") from None
-        self._c: dict[str, Any] = {}
-        for name, (lib, restype, argtypes) in C_FUNCTIONS.items():
-            function = getattr(self._libs[lib], name)
-            function.restype, function.argtypes = restype, list(argtypes)
-            self._c[name] = function
+        self._c: dict[str, Any] = {name: _bind(self._libs[lib], name) for name, (lib, _, _) in C_FUNCTIONS.items()}
         self._msg_send = ctypes.cast(self._libs["objc"].objc_msgSend, ctypes.c_void_p).value
         self._senders: dict[str, Any] = {}
         self._selectors: dict[str, int] = {}
@@ -408,7 +425,8 @@ class _Runtime:
         return NSErrorInfo(
             domain=self.text(self.send(error, "domain")),
             code=int(self.send(error, "code")),
-            description=self.text(self.send(error, "localizedDescription")),
+            description=self.text(self.send(error, "description")),
+            user_info=self.text(self.send(self.send(error, "userInfo"), "description")),
         )
 
     @contextlib.contextmanager
@@ -431,6 +449,8 @@ class _Runtime:
         return raw.decode("utf-8", "replace") if raw else ""
 
     def string(self, value: str) -> int:
+        if not isinstance(value, str) or "\0" in value:
+            raise TypeError(f"an NSString is made from a str without NUL characters, not {value!r}")
         return self.send(self.cls("NSString"), "stringWithUTF8String:", value.encode("utf-8"))
 
     def data(self, value: bytes) -> int:
@@ -442,13 +462,20 @@ class _Runtime:
         return self.send(self.cls("NSNumber"), "numberWithInt:", value)
 
     def array(self, items: Sequence[int]) -> int:
+        if not all(items):  # nil in an NSArray raises NSInvalidArgumentException: the process would die
+            raise BackendError(f"an NSArray cannot hold nil (item {[bool(i) for i in items].index(False)})")
         return self.send(self.cls("NSArray"), "arrayWithObjects:count:", (ctypes.c_void_p * len(items))(*items),
                          len(items))
 
     def plist(self, value: Any) -> int | None:
-        """An autoreleased Foundation object for nested dict/list/str/bytes/int values (None is nil)."""
+        """An autoreleased Foundation object for nested dict/list/str/bytes/int values (None is nil, refused inside a
+        collection: Foundation raises on nil there, which kills the process)."""
         if value is None:
             return None
+        if isinstance(value, (dict, list)):
+            inner = [*value, *value.values()] if isinstance(value, dict) else value
+            if any(v is None for v in inner):
+                raise TypeError(f"a dictionary or array for the framework cannot hold None: {value!r}")
         if isinstance(value, dict):
             keys = [self.string(k) for k in value]
             values = [self.plist(v) for v in value.values()]
@@ -512,14 +539,7 @@ class _Runtime:
         self._c["CFRelease"](ref)
 
     def sysctl_string(self, name: str) -> str:
-        sysctl = self._c["sysctlbyname"]
-        size = ctypes.c_size_t(0)
-        if sysctl(name.encode(), None, ctypes.byref(size), None, 0) != 0 or size.value == 0:
-            return "unknown"
-        buffer = ctypes.create_string_buffer(size.value)
-        if sysctl(name.encode(), buffer, ctypes.byref(size), None, 0) != 0:
-            return "unknown"
-        return buffer.value.decode("utf-8", "replace")
+        return sysctl_string(self._c["sysctlbyname"], name)
 
 
 _RUNTIME: _Runtime | None = None
@@ -536,8 +556,36 @@ def runtime() -> _Runtime:
 
 
 def this_machine() -> tuple[str, str, bool]:
-    """(sys.platform, machine, whether the framework directory exists): what :func:`unavailable_reason` needs."""
-    return sys.platform, platform.machine(), os.path.isdir(ANE_FRAMEWORK)
+    """(system, machine, whether the framework directory exists): what :func:`unavailable_reason` needs.
+
+    Where the framework is present, the system library says what the system is (``kern.ostype``, ``hw.machine``:
+    a Python under Rosetta sees x86_64); elsewhere nothing is loaded and Python's own facts are enough."""
+    if not os.path.isdir(os.path.join(library_root(), ANE_FRAMEWORK.lstrip("/"))):
+        return sys.platform, platform.machine(), False
+    try:
+        sysctl = _bind(ctypes.CDLL(library_paths()["system"]), "sysctlbyname")
+    except (OSError, AttributeError):
+        return sys.platform, platform.machine(), True
+    return sysctl_string(sysctl, "kern.ostype").lower(), sysctl_string(sysctl, "hw.machine"), True
+
+
+def _bind(library: ctypes.CDLL, name: str) -> Any:
+    """A C function of :data:`C_FUNCTIONS` from a loaded library, with its prototype."""
+    _, restype, argtypes = C_FUNCTIONS[name]
+    function = getattr(library, name)
+    function.restype, function.argtypes = restype, list(argtypes)
+    return function
+
+
+def sysctl_string(sysctl: Any, name: str) -> str:
+    """A string fact from ``sysctlbyname`` ("unknown" when the system has no such name)."""
+    size = ctypes.c_size_t(0)
+    if sysctl(name.encode(), None, ctypes.byref(size), None, 0) != 0 or size.value == 0:
+        return "unknown"
+    buffer = ctypes.create_string_buffer(size.value)
+    if sysctl(name.encode(), buffer, ctypes.byref(size), None, 0) != 0:
+        return "unknown"
+    return buffer.value.decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -605,6 +653,7 @@ class AneModel(BackendModel):
         self.directory = directory
         self._weight_paths = sorted(weight_paths)
         self._loaded = False
+        self._keep_directory = False  # set by a failed compile: the error message points into the directory
         DIRECTORY_CLAIMS.claim(directory)
         #: (inputs, outputs) -> retained _ANERequest; the keys keep the surfaces alive while a request names them.
         self._requests: dict[tuple[tuple[Surface, ...], tuple[Surface, ...]], int] = {}
@@ -615,44 +664,66 @@ class AneModel(BackendModel):
         return self._model
 
     def _call(self, action: str, selector: str, *args: Any) -> None:
+        """Send ``selector`` with ``args`` (dicts become NSDictionary objects inside the call's own pool)."""
         model = self._live_model()
         rt = self._runtime
         with rt.pool():
-            ok, error = rt.send_checked(model, selector, *args)
+            ok, error = rt.send_checked(model, selector, *[rt.plist(a) if isinstance(a, dict) else a for a in args])
         if not ok:
             raise call_failure(action, self.identifier, self.directory, error)
 
     def compile(self) -> None:
-        self._call("compile", "compileWithQoS:options:error:", QOS, self._runtime.plist({}))
+        try:
+            self._call("compile", "compileWithQoS:options:error:", QOS, {})
+        except BackendError:
+            self._keep_directory = True
+            raise
 
     def load(self) -> None:
-        self._call("load", "loadWithQoS:options:error:", QOS, self._runtime.plist({}))
+        self._call("load", "loadWithQoS:options:error:", QOS, {})
         self._loaded = True
 
     def unload(self) -> None:
+        """Unload, and drop the requests: they were built for this load (nothing of one load is reused by the next)."""
         if not self._loaded:
             return
         self._loaded = False  # a failed unload leaves the state unknown: never unload twice
-        self._call("unload", "unloadWithQoS:error:", QOS)
+        try:
+            self._call("unload", "unloadWithQoS:error:", QOS)
+        finally:
+            self._release_requests()
+
+    def _release_requests(self) -> None:
+        rt = self._runtime
+        with rt.pool():
+            for request in self._requests.values():
+                rt.release(request)
+        self._requests.clear()
 
     # -- delta compilation (reference section 2): plain file operations in the model directory
 
     def artifacts(self) -> dict[str, bytes]:
+        """Every file the compile left (``net.plist`` and ``data``, weightless programs included)."""
         self._live_model()
         try:
-            return {NET_PLIST: (self.directory / NET_PLIST).read_bytes()}
-        except FileNotFoundError:
-            raise BackendError(f"model {self.identifier} has no {NET_PLIST} in {self.directory}; compile it first") \
-                from None
+            return {name: (self.directory / name).read_bytes() for name in COMPILED_ARTIFACTS}
+        except FileNotFoundError as exc:
+            raise BackendError(f"model {self.identifier} has no {Path(exc.filename).name} in {self.directory}; "
+                               "compile it first") from None
 
     def install_artifacts(self, artifacts: dict[str, bytes]) -> None:
-        """Orion's tested recipe: the donor's net.plist, and the ``data`` file rebuilt from this model's weights."""
+        """Orion's tested recipe: the donor's net.plist, and the ``data`` file rebuilt from this model's weights (the
+        donor's may hold other values); a weightless program takes the donor's ``data`` as it is."""
         self._live_model()
         source = compiled_data_source(self._weight_paths)
-        if NET_PLIST not in artifacts:
-            raise BackendError(f"the artifacts to install lack {NET_PLIST} (got {sorted(artifacts)})")
+        needed = [NET_PLIST] if source is not None else [NET_PLIST, COMPILED_DATA]
+        missing = [name for name in needed if name not in artifacts]
+        if missing:
+            raise BackendError(f"the artifacts to install lack {missing} (got {sorted(artifacts)})")
         _write_atomic(self.directory / NET_PLIST, artifacts[NET_PLIST])
-        if source is not None:
+        if source is None:
+            _write_atomic(self.directory / COMPILED_DATA, artifacts[COMPILED_DATA])
+        else:
             _write_atomic(self.directory / COMPILED_DATA, self.directory / source)
 
     def write_weights(self, weight_files: dict[str, Path]) -> None:
@@ -714,22 +785,23 @@ class AneModel(BackendModel):
         return request
 
     def release(self, remove_directory: bool = True) -> None:
+        """Unload (a failure is a warning: the model is released all the same), release every object, and delete
+        the directory unless another model uses it, ``remove_directory`` is False, or a failed compile kept it."""
         if self._model is None:
             return
         rt = self._runtime
         try:
             self.unload()
-        finally:
-            with rt.pool():
-                for request in self._requests.values():
-                    rt.release(request)
-                self._requests.clear()
-                rt.release(self._model)
-                if self._descriptor is not None:
-                    rt.release(self._descriptor)
-            self._model = self._descriptor = None
-            if DIRECTORY_CLAIMS.release(self.directory) and remove_directory:
-                _remove_directory(self.directory)
+        except BackendError as exc:
+            warnings.warn(f"releasing model {self.identifier} anyway: {exc}", RuntimeWarning, stacklevel=2)
+        self._release_requests()
+        with rt.pool():
+            rt.release(self._model)
+            if self._descriptor is not None:
+                rt.release(self._descriptor)
+        self._model = self._descriptor = None
+        if DIRECTORY_CLAIMS.release(self.directory) and remove_directory and not self._keep_directory:
+            _remove_directory(self.directory)
 
 
 def _remove_directory(directory: Path) -> None:
@@ -785,6 +857,9 @@ class AneBackend(Backend):
 
     def new_surface(self, nbytes: int) -> IOSurfaceBuffer:
         return IOSurfaceBuffer(self._runtime, nbytes)
+
+    def loads_disk_cache(self) -> bool:
+        return self.target.load_disk_cache
 
     def describe(self) -> dict[str, str]:
         facts = super().describe()

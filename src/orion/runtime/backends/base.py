@@ -95,6 +95,10 @@ class Backend(ABC):
     def new_surface(self, nbytes: int) -> Surface:
         """A surface of ``nbytes`` for this backend (an IOSurface on the ANE)."""
 
+    def loads_disk_cache(self) -> bool:
+        """Whether a compile another process cached on disk may be loaded instead of compiling."""
+        return True
+
     def describe(self) -> dict[str, str]:
         """Machine facts recorded with every result (chip, OS build): macOS updates have broken private-API paths."""
         import platform

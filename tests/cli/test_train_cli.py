@@ -16,6 +16,7 @@ from orion.cli.main import cli
 from orion.models.hub import train_bpe_tokenizer
 from orion.train.checkpoint import load_checkpoint
 from orion.train.corpus import make_story_corpus, write_corpus
+from orion.train.optim import cosine_lr
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +138,11 @@ def trained(corpus, tmp_path_factory):
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--seq-len", "64", "--seq-len 64 sets max_seq_len 64, but {checkpoint} holds a model with max_seq_len 32; "),
+    ("--batch", "4", "--batch is 4, but {checkpoint} was trained with batch 2; "),
+    ("--batch", "8", "--batch is 8, but {checkpoint} was trained with batch 2; "),  # the default, given
+    ("--accum", "2", "--accum is 2, but {checkpoint} was trained with accum 1; "),
+    ("--seed", "5", "--seed is 5, but {checkpoint} was trained with seed 0; "),
+    ("--loss-scale", "none", "--loss-scale is none, but {checkpoint} was trained with loss_scale dynamic; "),
     ("--config", "stories110m", "--config stories110m sets dim 768, but {checkpoint} holds a model with dim 64; "),
     ("--tokenizer", None, "--tokenizer {value} (300 tokens) is not the tokenizer {checkpoint} was trained with "
                           "(saved in it, {held} tokens); "),
@@ -147,8 +153,8 @@ def test_resume_refuses_a_flag_given_that_contradicts_the_checkpoint(corpus, tra
         train_bpe_tokenizer(make_story_corpus(50, seed=3), 300, tmp_path)
         value = str(tmp_path / "tokenizer.json")
     before = sorted(p.name for p in trained.iterdir())
-    result = CliRunner().invoke(cli, ["train", "--data", str(corpus), "--steps", "3", "--batch", "2", "--backend",
-                                      "emulator", "--out", str(trained), "--resume", flag, value])
+    result = CliRunner().invoke(cli, ["train", "--data", str(corpus), "--steps", "3", "--backend", "emulator",
+                                      "--out", str(trained), "--resume", flag, value])
     assert result.exit_code == 2, result.output
     checkpoint = trained / "checkpoint-00000002"
     held = load_checkpoint(checkpoint)[2]["config"]["vocab_size"]
@@ -157,6 +163,57 @@ def test_resume_refuses_a_flag_given_that_contradicts_the_checkpoint(corpus, tra
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(expected), result.stderr
     assert "leave " + flag + " out, or use another --out" in result.stderr
     assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_resume_with_flags_left_out_continues_the_run_exactly_and_may_change_lr(corpus, tmp_path):
+    """The review's bug: a run of --batch 2 resumed with --batch left out got the default 8 in its loss average while
+    its restored batch stream still drew 2 sequences, scaling the loss and gradients by 1/4. Now every flag left out
+    is the checkpoint's (batch, accum, seed, loss scaling, lr, save-every, keep-last), so the resumed run ends with
+    bitwise the weights and losses of an uninterrupted one; a --lr given on resume is the new peak of the schedule."""
+    from orion.models import model_backend
+    from orion.train.trainer import Trainer, TrainSettings
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert train("--data", str(corpus), "--steps", "4", "--out", str(whole), "--batch", "2", "--accum", "2",
+                 "--seed", "3", "--loss-scale", "static", "--lr", "1e-2", "--save-every", "1", "--keep-last", "5",
+                 "--seq-len", "32").exit_code == 0
+
+    def stop_after_two(record):
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    settings = TrainSettings(preset="tiny", data=str(corpus), out=str(part), steps=4, batch=2, accum=2, seed=3,
+                             loss_scale="static", lr=1e-2, save_every=1, keep_last=5, seq_len=32)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(settings, backend=model_backend("emulator"), on_step=stop_after_two).run()
+    resumed = CliRunner().invoke(cli, ["train", "--data", str(corpus), "--steps", "4", "--backend", "emulator",
+                                       "--out", str(part), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(p.name for p in part.glob("checkpoint-*")) == [f"checkpoint-0000000{i}" for i in (1, 2, 3, 4)]
+    want, got = (load_checkpoint(out / "checkpoint-00000004") for out in (whole, part))
+    for name in want[0]:
+        assert got[0][name].tobytes() == want[0][name].tobytes(), name
+    assert got[2]["settings"] | {"out": ""} == want[2]["settings"] | {"out": ""}
+    assert got[2]["loss_scaler"] == want[2]["loss_scaler"]
+    assert got[2]["data"] | {"path": ""} == want[2]["data"] | {"path": ""}
+    losses = [[json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+              for out in (whole, part)]
+    assert losses[1] == losses[0]
+
+    more = CliRunner().invoke(cli, ["train", "--data", str(corpus), "--steps", "5", "--backend", "emulator",
+                                    "--out", str(part), "--resume", "--lr", "5e-3"])
+    assert more.exit_code == 0, more.output
+    row = json.loads((part / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 5 and row["lr"] == cosine_lr(5, max_lr=5e-3, warmup_steps=1, total_steps=5, min_lr=5e-4)
+    assert load_checkpoint(part / "checkpoint-00000005")[2]["settings"]["lr"] == 5e-3
+
+
+def test_train_flag_defaults_are_a_fresh_runs_defaults():
+    """A flag left at its default is passed as unset, so its shown default must be the one a fresh run uses."""
+    from orion.train.trainer import FRESH_DEFAULTS
+
+    defaults = {p.name: p.default for p in cli.commands["train"].params}
+    assert {name: defaults[name] for name in FRESH_DEFAULTS} == FRESH_DEFAULTS
 
 
 def test_a_text_file_without_blank_lines_trains_on_its_token_stream(tmp_path):

@@ -433,18 +433,23 @@ def _train_with_progress(trainer, label: str, stop_after: int | None = None) -> 
 @click.option("--data", required=True, help="A .txt/.jsonl file or folder, a pre-tokenized uint16 .bin, or a hub "
               "dataset id (e.g. roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt).")
 @click.option("--steps", type=click.IntRange(min=1), required=True, help="Total optimizer steps.")
-@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--accum", type=click.IntRange(min=1), default=1, show_default=True, help="Micro-batches per step.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences per micro-batch (on --resume: the checkpoint's).")
+@click.option("--accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batches per step (on --resume: the checkpoint's).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True,
+              help="Peak learning rate of the cosine schedule (on --resume: the checkpoint's unless given).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out up to --steps, with "
-              "the checkpoint's model shape and tokenizer.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out up to --steps; a flag "
+              "left out is the checkpoint's, and --steps, --lr, --save-every and --keep-last may change.")
 @click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=8), default=None,
               help="Override the preset's sequence length (on --resume: the checkpoint's).")
-@click.option("--loss-scale", type=click.Choice(["dynamic", "static", "none"]), default="dynamic", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--loss-scale", type=click.Choice(["dynamic", "static", "none"]), default="dynamic", show_default=True,
+              help="fp16 gradient loss scaling (on --resume: the checkpoint's).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the weights and the batch order (on --resume: the checkpoint's).")
 @click.option("--tokenizer", default=None, help="A tokenizer.json (or folder with one, or a SentencePiece model "
               "folder); default: a BPE trained on the data (on --resume: the checkpoint's).")
 @_backend_option()
@@ -467,13 +472,14 @@ def train_cmd(preset, data, steps, batch, accum, lr, out_dir, resume, save_every
     from orion.models import model_backend
     from orion.train.trainer import Trainer, TrainSettings
 
-    # A --config left at its default is no preset at all, so a resumed run takes the checkpoint's (--seq-len and
-    # --tokenizer default to None, which says the same).
-    given_preset = click.get_current_context().get_parameter_source("preset") is not ParameterSource.DEFAULT
-    settings = TrainSettings(preset=preset if given_preset else None, data=data, out=str(out_dir), steps=steps,
-                             batch=batch, accum=accum, lr=lr, save_every=save_every, keep_last=keep_last,
-                             seq_len=seq_len, loss_scale=loss_scale, seed=seed, tokenizer=tokenizer, base=base,
-                             lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets)
+    # A flag left at its default is unset (None), so a resumed run takes the checkpoint's value and a fresh run
+    # the same default (--seq-len and --tokenizer default to None, which says the same).
+    source = click.get_current_context().get_parameter_source
+    given = {name: value for name, value in dict(preset=preset, batch=batch, accum=accum, lr=lr, save_every=save_every,
+                                                 keep_last=keep_last, loss_scale=loss_scale, seed=seed).items()
+             if source(name) is not ParameterSource.DEFAULT}
+    settings = TrainSettings(data=data, out=str(out_dir), steps=steps, seq_len=seq_len, tokenizer=tokenizer,
+                             base=base, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, **given)
     trainer = Trainer(settings, resume=resume, backend=model_backend(backend, target_name), target=target_name,
                       on_notice=_warn)
     summary = _train_with_progress(trainer, "training")

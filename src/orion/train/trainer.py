@@ -37,33 +37,48 @@ from orion.train.optim import AdamW, LossScaler, cosine_lr, guarded_step
 #: The model preset of a fresh run that names none.
 DEFAULT_PRESET = "tiny"
 
+#: What a fresh run uses for each setting left at None (unset); a resumed run takes the checkpoint's instead.
+FRESH_DEFAULTS = {"preset": DEFAULT_PRESET, "batch": 8, "accum": 1, "lr": 3e-4, "loss_scale": "dynamic", "seed": 0,
+                  "save_every": 100, "keep_last": 3}
+
+#: The settings an exact resume depends on, each with what the checkpoint restores that fixes it. Given on resume,
+#: each must agree with the checkpoint; the rest of the settings may change (the learning-rate schedule is no state:
+#: every step's rate is computed from ``lr``, ``warmup``, ``min_lr_fraction`` and ``steps``).
+FIXED_ON_RESUME = {
+    "batch": "its batch stream draws batches of that size, and the loss is averaged over them",
+    "accum": "each step draws that many batches from its batch stream",
+    "seed": "its batch stream shuffles with that seed",
+    "loss_scale": "its loss scaler keeps its mode",
+}
+
 
 @dataclass
 class TrainSettings:
-    """What a run trains and how. On resume, the model's preset, shape and tokenizer come from the checkpoint, as
-    nanoGPT's resume takes its model arguments from it: leave ``preset``, ``seq_len`` and ``tokenizer`` at None
-    (unset), or give what the checkpoint holds."""
+    """What a run trains and how. A setting left at None (unset) is the checkpoint's on resume, as nanoGPT's resume
+    takes its model arguments from it, and ``FRESH_DEFAULTS`` (or the preset's, the base model's) on a fresh run. On
+    resume, the model's shape and tokenizer and the settings in ``FIXED_ON_RESUME`` must be unset or agree with the
+    checkpoint; ``steps``, ``lr``, ``save_every`` and ``keep_last`` may change."""
 
-    preset: str | None = None  # None: the checkpoint's on resume, else DEFAULT_PRESET
+    preset: str | None = None
     data: str = ""
     out: str = "out/train"
     steps: int = 200
-    batch: int = 8
-    accum: int = 1
-    lr: float = 3e-4
+    batch: int | None = None
+    accum: int | None = None
+    lr: float | None = None  # on resume, a new peak of the same cosine schedule from the resumed step on
     min_lr_fraction: float = 0.1
     warmup: int | None = None
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    loss_scale: str = "dynamic"
-    init_scale: float = 256.0
-    seed: int = 0
-    save_every: int = 100
-    keep_last: int = 3
-    seq_len: int | None = None  # None: the checkpoint's on resume, else the preset's (or the base model's)
-    tokenizer: str | None = None  # None: the checkpoint's on resume, else the base model's or a BPE of the data
+    loss_scale: str | None = None
+    init_scale: float = 256.0  # the loss scale a fresh run starts from; a resumed run restores its scaler's
+    seed: int | None = None
+    save_every: int | None = None
+    keep_last: int | None = None
+    seq_len: int | None = None  # fresh: the preset's (or the base model's)
+    tokenizer: str | None = None  # fresh: the base model's, else a BPE of the data
     model_overrides: dict = dataclasses.field(default_factory=dict)
     base: str | None = None  # a trained Llama (HF folder, hub id or Orion checkpoint) to start from
     lora_rank: int | None = None  # train only a LoRA adapter of this rank on the frozen base
@@ -74,9 +89,9 @@ class TrainSettings:
         if self.preset is not None and self.preset not in PRESETS:
             raise SettingsError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
         for name in ("steps", "batch", "accum", "save_every", "keep_last"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise SettingsError(f"--lr must be positive, got {self.lr}")
         if not self.data:
             raise SettingsError("give --data: a .txt/.jsonl file or folder, a tokenized .bin, or a hub dataset id")
@@ -126,10 +141,28 @@ def _fresh_tokenizer(settings: TrainSettings, base_folder: Path | None) -> Token
     return None
 
 
+def _filled(settings: TrainSettings, values: dict) -> TrainSettings:
+    """``settings`` with each setting left at None taken from ``values``."""
+    return dataclasses.replace(settings, **{name: value for name, value in values.items()
+                                            if getattr(settings, name) is None})
+
+
+def _held_settings(state: dict) -> dict:
+    """The settings of the run a checkpoint's ``state`` saved. Those in ``FIXED_ON_RESUME`` are read from what
+    restores them where it records them (the batch stream, the loss scaler), so the values compared are the ones the
+    resumed run will use."""
+    saved = state.get("settings", {})
+    held = {name: saved[name] for name in FRESH_DEFAULTS if saved.get(name) is not None}
+    held |= {"preset": saved.get("preset") or DEFAULT_PRESET, "batch": state["data"]["batch_size"],
+             "seed": state["data"]["seed"], "loss_scale": state["loss_scaler"]["mode"]}
+    return held | {"seq_len": state["config"]["max_seq_len"], "tokenizer": saved.get("tokenizer")}
+
+
 def _resumed_settings(settings: TrainSettings, state: dict, base: LlamaConfig | None, tokenizer: Tokenizer,
                       checkpoint: Path) -> TrainSettings:
-    """``settings`` completed from the checkpoint a run resumes (its preset, sequence length and tokenizer), after
-    refusing any setting given that contradicts the model the checkpoint holds, naming it and both values."""
+    """``settings`` with each one left unset taken from the checkpoint a run resumes, after refusing any setting
+    given that contradicts the model the checkpoint holds or a setting the exact resume depends on (naming it and
+    both values)."""
     held = state["config"]
     flags = {"base": f"--base {settings.base}", "preset": f"--config {settings.preset}",
              "model_overrides": "model_overrides", "seq_len": f"--seq-len {settings.seq_len}"}
@@ -149,9 +182,15 @@ def _resumed_settings(settings: TrainSettings, state: dict, base: LlamaConfig | 
                             f"{checkpoint} was trained with (saved in it, {tokenizer.vocab_size} tokens); on "
                             "--resume the tokenizer comes from the checkpoint: leave --tokenizer out, or use another "
                             "--out")
-    saved = state.get("settings", {})
-    return dataclasses.replace(settings, preset=settings.preset or saved.get("preset") or DEFAULT_PRESET,
-                               seq_len=held["max_seq_len"], tokenizer=settings.tokenizer or saved.get("tokenizer"))
+    run = _held_settings(state)
+    for name, why in FIXED_ON_RESUME.items():
+        given = getattr(settings, name)
+        if given is not None and name in run and given != run[name]:
+            flag = "--" + name.replace("_", "-")
+            raise SettingsError(f"{flag} is {given}, but {checkpoint} was trained with {name} {run[name]}; on "
+                                f"--resume {name} comes from the checkpoint ({why}): leave {flag} out, or use "
+                                "another --out")
+    return _filled(settings, run)
 
 
 def _dataset(settings: TrainSettings, folder: Path, tokenizer: Tokenizer | None) -> PreparedDataset:
@@ -201,7 +240,7 @@ class Trainer:
         self.checkpoint = self._find_checkpoint() if resume else None
         if self.checkpoint is None:
             restored = None
-            self.settings = dataclasses.replace(settings, preset=settings.preset or DEFAULT_PRESET)
+            self.settings = _filled(settings, FRESH_DEFAULTS)
             self.dataset = _dataset(self.settings, self.out / "data", _fresh_tokenizer(settings, base_folder))
             self.config = self.settings.model_config(self.dataset.tokenizer.vocab_size, base_config)
         else:
@@ -334,7 +373,7 @@ class Trainer:
             if adapter is not None:
                 engine.set_weights(self.base_weights)
             push_weights()
-            tokens_per_step = s.batch * s.accum * self.config.max_seq_len
+            tokens_per_step = s.accum * stream.batch_size * stream.seq_len  # the tokens each step draws
             for step in range(start + 1, s.steps + 1):
                 t0 = time.perf_counter()
                 before = dict(engine.timings)

@@ -64,9 +64,11 @@ STORY_TEXTS = ["Once upon a time there was a little fox who loved the moon. " * 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
-    """A random GPT-2 (2 blocks, d 64) saved by transformers in Hugging Face layout, with a BPE tokenizer."""
+    """A random GPT-2 (2 blocks, d 64; random biases and norms too) saved by transformers in Hugging Face layout,
+    with a BPE tokenizer."""
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
+    from orion.models.bench import randomize_biases_and_norms
     from orion.models.hub import train_bpe_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-gpt2")
@@ -74,5 +76,6 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=tok.vocab_size, n_positions=128,
                                      eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    model = randomize_biases_and_norms(transformers.GPT2LMHeadModel(config))
+    model.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -24,7 +24,7 @@ from orion.train.corpus import make_story_corpus, write_corpus
 from orion.train.data import BatchStream, tokenizer_files
 from orion.train.engine import LlamaEngine
 from orion.train.trainer import Trainer, TrainSettings, weights_digest
-from tests.train.test_trainer import hf_llama, scheduled_lr, torch_training_step
+from tests.train.torch_reference import hf_llama, scheduled_lr, torch_training_step
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -11,6 +11,7 @@ import pytest
 
 from orion.ir.graph import Graph
 from orion.mil.emit import emit
+from orion.models.llama import LlamaConfig, init_weights
 from orion.runtime.backends.emulator import load_program
 
 _counter = itertools.count()
@@ -21,6 +22,17 @@ def emulate(graph: Graph, inputs: dict[str, np.ndarray], directory: Path, **emit
     target = directory / f"g{next(_counter)}"
     emit(graph, **emit_options).write(target)
     return load_program(target).run(inputs)
+
+
+def llama_weights(config: LlamaConfig, seed: int = 0, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Orion's Llama initialization with its matrices times ``scale`` and every RMSNorm gain drawn from
+    1 + N(0, 0.2): at init's gains of 1, code that dropped a gain or applied one in the wrong place would pass."""
+    rng = np.random.default_rng(seed)
+    weights = init_weights(config, seed)
+    for name, w in weights.items():
+        gain = name.endswith("norm")
+        weights[name] = (1 + 0.2 * rng.standard_normal(w.shape) if gain else scale * w).astype(np.float32)
+    return weights
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -49,7 +49,7 @@ from orion.train.engine import LlamaEngine  # noqa: E402
 from orion.train.optim import AdamW, LossScaler, guarded_step  # noqa: E402
 from orion.train.trainer import TrainSettings  # noqa: E402
 from common import write_report  # noqa: E402
-from tests.train.test_trainer import hf_llama, loss_parity, torch_adamw, torch_training_step  # noqa: E402
+from tests.train.torch_reference import hf_llama, loss_parity, torch_adamw, torch_training_step  # noqa: E402
 
 LR = 3e-4
 
@@ -158,7 +158,7 @@ def measure(name: str, config: LlamaConfig, batch: int, steps: int, warmup: int,
 
 def parity(steps: int) -> dict:
     """The tiny preset trained ``steps`` steps on the story corpus by the Trainer and by PyTorch: the run of
-    ``loss_parity`` in tests/train/test_trainer.py (batch 2 x 32 tokens, lr 3e-3)."""
+    ``loss_parity`` in tests/train/torch_reference.py (batch 2 x 32 tokens, lr 3e-3)."""
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "stories.txt"
         write_corpus(corpus, make_story_corpus(400, seed=0))

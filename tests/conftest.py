@@ -11,6 +11,7 @@ import pytest
 
 from orion.ir.graph import Graph
 from orion.mil.emit import emit
+from orion.models.llama import LlamaConfig, init_weights
 from orion.runtime.backends.emulator import load_program
 
 _counter = itertools.count()
@@ -21,6 +22,17 @@ def emulate(graph: Graph, inputs: dict[str, np.ndarray], directory: Path, **emit
     target = directory / f"g{next(_counter)}"
     emit(graph, **emit_options).write(target)
     return load_program(target).run(inputs)
+
+
+def llama_weights(config: LlamaConfig, seed: int = 0, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Orion's Llama initialization with its matrices times ``scale`` and every RMSNorm gain drawn from
+    1 + N(0, 0.2): at init's gains of 1, code that dropped a gain or applied one in the wrong place would pass."""
+    rng = np.random.default_rng(seed)
+    weights = init_weights(config, seed)
+    for name, w in weights.items():
+        gain = name.endswith("norm")
+        weights[name] = (1 + 0.2 * rng.standard_normal(w.shape) if gain else scale * w).astype(np.float32)
+    return weights
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -66,9 +78,11 @@ STORY_TEXTS = ["Once upon a time there was a little fox who loved the moon. " * 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
-    """A random GPT-2 (2 blocks, d 64) saved by transformers in Hugging Face layout, with a BPE tokenizer."""
+    """A random GPT-2 (2 blocks, d 64; random biases and norms too) saved by transformers in Hugging Face layout,
+    with a BPE tokenizer."""
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
+    from orion.models.bench import randomize_biases_and_norms
     from orion.models.hub import train_bpe_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-gpt2")
@@ -76,7 +90,8 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=tok.vocab_size, n_positions=128,
                                      eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    model = randomize_biases_and_norms(transformers.GPT2LMHeadModel(config))
+    model.save_pretrained(folder, safe_serialization=True)
     return folder
 
 

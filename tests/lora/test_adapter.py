@@ -32,6 +32,7 @@ from orion.lora import (
     parse_peft,
     peft_files,
 )
+from orion.models.bench import randomize_biases_and_norms
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -64,7 +65,7 @@ def gpt2():
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                      bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = randomize_biases_and_norms(transformers.GPT2LMHeadModel(config)).eval()
     return model, _spec_of(model, "gpt2", "transformer.h", GPT2_PATHS, 2)
 
 
@@ -73,7 +74,7 @@ def llama():
     torch.manual_seed(1)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = randomize_biases_and_norms(transformers.LlamaForCausalLM(config)).eval()
     return model, _spec_of(model, "llama", "model.layers", LLAMA_PATHS, 2)
 
 

@@ -15,26 +15,31 @@ from orion.mil.parse import parse_program
 from orion.mil.program import BlobRef, VarRef
 from examples.transformer_block import build as build_block
 
-ct_registry = pytest.importorskip("coremltools.converters.mil.mil.ops.registry")
-ct_types = pytest.importorskip("coremltools.converters.mil.mil.types")
 
+@pytest.fixture(scope="module")
+def ios18_op():
+    """``ios18_op(name)``: coremltools' definition of op ``name`` in its newest opset (iOS18); a fixture, so that
+    only the tests against coremltools skip without it."""
+    registry = pytest.importorskip("coremltools.converters.mil.mil.ops.registry")
 
-def _ios18_op(name: str):
-    versions = ct_registry.SSAOpRegistry.core_ops.get(name)
-    assert versions, f"{name!r} is not an op in coremltools' registry"
-    return versions[max(versions)]  # the newest opset: iOS18
+    def newest(name: str):
+        versions = registry.SSAOpRegistry.core_ops.get(name)
+        assert versions, f"{name!r} is not an op in coremltools' registry"
+        return versions[max(versions)]
+
+    return newest
 
 
 def _small_block():
     return build_block(d=64, heads=4, seq=16)
 
 
-def test_every_declared_op_and_parameter_exists_in_coremltools_ios18():
+def test_every_declared_op_and_parameter_exists_in_coremltools_ios18(ios18_op):
     kind_domain = {"int": "int", "ints": "int", "bool": "bool", "bools": "bool", "string": "str"}
     for op in OPS.values():
         if op.name == "const":
             continue
-        spec = _ios18_op(op.name).input_spec.input_types
+        spec = ios18_op(op.name).input_spec.input_types
         tensor_inputs = [op.variadic] if op.variadic else list(op.inputs)
         for name in tensor_inputs:
             assert name in spec, f"{op.name}: input {name!r} is not in coremltools' {sorted(spec)}"
@@ -46,10 +51,10 @@ def test_every_declared_op_and_parameter_exists_in_coremltools_ios18():
 
 
 @pytest.mark.parametrize("version", ["1.3", "1.0"])
-def test_every_emitted_statement_uses_coremltools_names(version):
+def test_every_emitted_statement_uses_coremltools_names(ios18_op, version):
     module = emit(_small_block(), version=version)
     for st in parse_program(module.text).statements:
-        spec = _ios18_op(st.op).input_spec.input_types
+        spec = ios18_op(st.op).input_spec.input_types
         assert set(st.args) <= set(spec), (st.op, set(st.args) - set(spec))
 
 

@@ -10,6 +10,7 @@ from orion.compiler.targets import get_target
 from orion.errors import BindingError, OrionError
 from orion.lora import LoraLayout
 from orion.mil.parse import parse_program
+from orion.models.bench import randomize_biases_and_norms
 from orion.models.gpt2 import GPT2, GPT2Config, blocks_per_program, decode_graph, gpt2_weights, prefill_graph
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
@@ -23,7 +24,7 @@ VOCAB = 211
 @pytest.fixture(scope="module")
 def reference():
     """A small random GPT-2 (3 blocks, d 64) with weights scaled up so its logits are not near ties, and random
-    non-zero biases and LayerNorm parameters (transformers initializes them to 0 and 1)."""
+    biases and norms: a bias or a norm's gain or offset dropped or put in another's place changes the logits."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128,
                                      bos_token_id=0, eos_token_id=0)
@@ -32,10 +33,7 @@ def reference():
         for name, p in model.named_parameters():
             if name.endswith("weight") and p.ndim == 2:
                 p.mul_(4.0)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif ".ln_" in name:  # LayerNorm gains
-                p.normal_(1.0, 0.1)
+    randomize_biases_and_norms(model)
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     return model, config, state
 

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orion.errors import BindingError, OrionError, SettingsError, UnsafePathError, WeightFileError
+from orion.models.bench import randomize_biases_and_norms
 from orion.models.hub import (
     HUB_FILES,
     Tokenizer,
@@ -89,7 +90,7 @@ def save_model(folder, tok, dtype=torch.float32, **save_options):
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=tok.vocab_size, n_positions=128,
                                      bos_token_id=eos, eos_token_id=eos)
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval().to(dtype)
+    model = randomize_biases_and_norms(transformers.GPT2LMHeadModel(config)).eval().to(dtype)
     model.save_pretrained(folder, safe_serialization=True, **save_options)
     return model
 

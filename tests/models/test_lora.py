@@ -6,7 +6,7 @@ adapter", a model that never saw an adapter. Compile counts are read from an exp
 program's own counters.
 
 Tolerance: the programs compute in fp16 (unit roundoff u = 2^-11 ~ 4.9e-4) and every op rounds its output, so a
-few blocks leave the logits (magnitude ~1) within a few u of float32 PyTorch: measured 4.5e-4 without an adapter and
+few blocks leave the logits (magnitude ~1) within a few u of float32 PyTorch: measured 5e-4 without an adapter and
 up to 2e-3 with one (the error grows with the adapter's scale, which enlarges the q/k and FFN activations fp16
 rounds; a scale-5.7 rsLoRA adapter on GPT-2's c_attn measured 2.3e-3). We allow 5e-3 * max(1, |logits|), about
 10 u, and require the adapter's own effect on the logits to be at least 20 times that, so a dropped module, a wrong
@@ -29,6 +29,7 @@ import orion
 from orion.errors import BindingError, OrionError
 from orion.lora import AdapterError, LoraLayout, new_adapter
 from orion.models import model_backend
+from orion.models.bench import randomize_biases_and_norms
 from orion.runtime.budget import PROCESS_BUDGET, CompileBudget
 from orion.runtime.cache import ProgramCache
 
@@ -91,15 +92,6 @@ LLAMA_ADAPTERS = {
 }
 
 
-def _perturb_norms(model) -> None:
-    """Norm gains and biases away from 1 and 0 (their initial values), so folding a norm into an adapted
-    projection (GPT-2: A diag(gamma) and the bias s B A beta) is tested, not a no-op."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" in name or "norm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
-
-
 @pytest.fixture(scope="module")
 def gpt2_family(tmp_path_factory):
     from orion.models.gpt2 import GPT2, GPT2Config
@@ -107,8 +99,9 @@ def gpt2_family(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64,
                                      bos_token_id=0, eos_token_id=0)
-    base = transformers.GPT2LMHeadModel(config).eval()
-    _perturb_norms(base)
+    # random biases and norms: folding a norm into an adapted projection (GPT-2: A diag(gamma) and the bias
+    # s B A beta) is tested, not a no-op
+    base = randomize_biases_and_norms(transformers.GPT2LMHeadModel(config)).eval()
     state = {k: v.detach().numpy().copy() for k, v in base.state_dict().items()}
 
     def make(budget=None):
@@ -125,8 +118,7 @@ def llama_family(tmp_path_factory):
     torch.manual_seed(1)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
-    base = transformers.LlamaForCausalLM(config).eval()
-    _perturb_norms(base)
+    base = randomize_biases_and_norms(transformers.LlamaForCausalLM(config), seed=1).eval()
     ours, weights = from_hf(config.to_dict(), {k: v.detach().numpy().copy() for k, v in base.state_dict().items()})
 
     def make(budget=None):
@@ -248,7 +240,7 @@ def _peft_greedy(model, prompt, n: int) -> tuple[list[int], list[float]]:
 def test_greedy_generation_with_an_adapter_equals_peft_gpt2(gpt2_family):
     """Prefill, then the decode programs with the KV cache; switching adapters reaches the decode programs too.
     Tokens are compared up to the reference's first near tie (top-2 gap under 2 TOL, where fp16 may flip them)."""
-    prompt = np.random.default_rng(1).integers(0, VOCAB, 9)  # no near ties for either adapter
+    prompt = np.random.default_rng(81).integers(0, VOCAB, 9)  # no near ties for either adapter
     new = 8
     with gpt2_family.make() as model:
         model.load_adapter(gpt2_family.folders["a"], name="a")

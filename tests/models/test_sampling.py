@@ -128,9 +128,20 @@ def test_bad_settings_are_named(options, named):
         Sampler(**options)
 
 
-def test_boundary_settings_are_accepted():
-    Sampler(temperature=0, top_k=1, top_p=1.0, seed=0)
-    Sampler(temperature=np.float32(0.5), top_k=np.int64(3), top_p=np.float64(0.5), seed=np.uint32(7))
+def test_boundary_settings_are_accepted_and_mean_what_they_say():
+    logits = np.array([0.5, 2.0, -1.0, 1.5, 0.0])
+    greedy = Sampler(temperature=0, top_k=1, top_p=1.0, seed=0)
+    assert greedy.sample(logits) == 1 and greedy.probabilities(logits).tolist() == [0, 1, 0, 0, 0]
+    # top_p 1.0 keeps every token: the plain softmax
+    everything = Sampler(temperature=1.0, top_p=1.0, seed=0).probabilities(logits)
+    np.testing.assert_allclose(everything, np.exp(logits) / np.exp(logits).sum(), rtol=1e-12)
+    # numpy scalars are taken as the Python numbers they hold: the same distribution (three tokens) and draws
+    typed = Sampler(temperature=np.float32(0.5), top_k=np.int64(3), top_p=np.float64(0.99), seed=np.uint32(7))
+    plain = Sampler(temperature=0.5, top_k=3, top_p=0.99, seed=7)
+    assert np.count_nonzero(plain.probabilities(logits)) == 3
+    np.testing.assert_array_equal(typed.probabilities(logits), plain.probabilities(logits))
+    np.testing.assert_allclose(typed.probabilities(logits), reference_distribution(logits, 0.5, 3, 0.99), atol=1e-12)
+    assert [typed.sample(logits) for _ in range(50)] == [plain.sample(logits) for _ in range(50)]
 
 
 @pytest.mark.parametrize("logits", [np.zeros((2, 3)), np.zeros(0), np.array([0.0, np.nan]),

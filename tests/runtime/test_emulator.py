@@ -14,7 +14,11 @@ from orion.ir.builder import GraphBuilder
 from orion.runtime.backends.emulator import load_program, load_text
 from orion.runtime.backends.numerics import Numerics
 
-ms = pytest.importorskip("coremltools.libmilstoragepython")
+
+@pytest.fixture(scope="module")
+def ms():
+    """coremltools' blob storage binding: only the test of a weight file written by coremltools needs it."""
+    return pytest.importorskip("coremltools.libmilstoragepython")
 
 # Verbose program(1.0) text in the style of maderix/ANE-era kernels: spaces inside brackets, variable names that
 # differ from name= attributes, both weights in ONE file (written below by coremltools, not by Orion).
@@ -42,7 +46,7 @@ VERBOSE = """program(1.0)
 """
 
 
-def test_runs_verbose_mil_with_two_blobs_in_one_file_written_by_coremltools(tmp_path, rng):
+def test_runs_verbose_mil_with_two_blobs_in_one_file_written_by_coremltools(ms, tmp_path, rng):
     w = rng.normal(0, 0.5, (8, 4, 1, 1)).astype(np.float16)
     bias = rng.normal(0, 0.5, (1, 8, 1, 1)).astype(np.float16)
     (tmp_path / "weights").mkdir()

@@ -131,11 +131,18 @@ def test_strided_and_big_endian_arrays_keep_their_values(tmp_path):
     assert got_o["big_endian"].dtype == np.dtype("<f8")
 
 
-def test_loaded_arrays_are_writable(tmp_path):
+def test_loaded_arrays_are_writable_and_leave_the_checkpoint_as_saved(tmp_path):
+    """A resumed run updates its master weights and moments in place: the loaded arrays must take that, and the
+    files must not (arrays mapped onto a checkpoint's files would write the update into them)."""
     weights, optimizer, state = make_run(2)
-    w, o, _ = load_checkpoint(save_checkpoint(tmp_path, 3, weights, optimizer, state))
-    w["embed.weight"] += 1  # a resumed run updates its master weights in place
+    path = save_checkpoint(tmp_path, 3, weights, optimizer, state)
+    w, o, _ = load_checkpoint(path)
+    assert all(a.flags.writeable for a in [*w.values(), *o.values()])
+    w["embed.weight"] += 1
     o["m.embed.weight"] *= 0
+    np.testing.assert_array_equal(w["embed.weight"], weights["embed.weight"] + 1)
+    assert not o["m.embed.weight"].any()
+    assert_loads_as(path, weights, optimizer, state)
 
 
 @pytest.mark.parametrize(

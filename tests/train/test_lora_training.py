@@ -17,14 +17,15 @@ from orion.cli.main import cli
 from orion.errors import OrionError, SettingsError
 from orion.lora import LoraLayout, new_adapter
 from orion.models import model_backend, read_llama
-from orion.models.llama import LlamaConfig, adapter_spec, export_hf, init_weights
+from orion.models.llama import LlamaConfig, adapter_spec, export_hf
 from orion.runtime.cache import ProgramCache
 from orion.train.checkpoint import latest_checkpoint, load_checkpoint
 from orion.train.corpus import make_story_corpus, write_corpus
 from orion.train.data import BatchStream, tokenizer_files
 from orion.train.engine import LlamaEngine
 from orion.train.trainer import Trainer, TrainSettings, weights_digest
-from tests.train.test_trainer import hf_llama, scheduled_lr, torch_training_step
+from tests.conftest import llama_weights
+from tests.train.torch_reference import hf_llama, scheduled_lr, torch_training_step
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -38,7 +39,7 @@ def test_adapter_gradients_match_autograd_through_peft():
     Orion's engine (fp16 programs, CPU float32 gradients) against peft's LoRA layers under torch autograd. Layer 0's
     gradients flow back through layer 1's adapters in the backward program, so a missing adapter path there shows."""
     config = LlamaConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=96, vocab_size=128, max_seq_len=32)
-    weights = init_weights(config, seed=1)
+    weights = llama_weights(config, seed=1)
     rng = np.random.default_rng(0)
     spec = adapter_spec(config)
     adapter = new_adapter(spec, "all", rank=4, alpha=8.0, seed=3)

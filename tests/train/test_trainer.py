@@ -22,14 +22,14 @@ import pytest
 
 from orion.errors import OrionError
 from orion.models import model_backend
-from orion.models.llama import LlamaConfig, init_weights
+from orion.models.llama import init_weights
 from orion.runtime.cache import ProgramCache
 from orion.train import trainer as trainer_module
 from orion.train.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
 from orion.train.corpus import make_story_corpus, write_corpus
-from orion.train.data import BatchStream
-from orion.train.optim import cosine_lr, guarded_step
+from orion.train.optim import guarded_step
 from orion.train.trainer import Trainer, TrainSettings
+from tests.train.torch_reference import loss_parity, scheduled_lr
 
 #: The keys of one metrics.jsonl row (what `orion train` prints and loss.png plots come from them).
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "loss_scale", "skipped", "ms", "ms_backend", "ms_cpu", "ms_update",
@@ -65,14 +65,6 @@ def assert_bitwise_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray]
     for name in want:
         assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
         assert got[name].tobytes() == want[name].tobytes(), f"{name} differs"
-
-
-def scheduled_lr(settings: TrainSettings, step: int) -> float:
-    """The learning rate of step ``step`` (1-based): ``cosine_lr`` at ``step``, warmup a tenth of the run (1..100
-    steps) unless set, down to ``min_lr_fraction`` of the peak at the last step."""
-    warmup = settings.warmup if settings.warmup is not None else max(1, min(100, settings.steps // 10))
-    return cosine_lr(step, max_lr=settings.lr, warmup_steps=warmup, total_steps=settings.steps,
-                     min_lr=settings.lr * settings.min_lr_fraction)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -305,96 +297,6 @@ def test_resume_refuses_another_model_shape_and_returns_when_steps_are_reached(c
 # Against PyTorch
 
 
-def hf_llama(config: LlamaConfig, weights: dict[str, np.ndarray]):
-    """transformers' LlamaForCausalLM (float32, eager attention, tied classifier) holding ``weights``."""
-    import torch
-    import transformers
-
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,
-        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
-        tie_word_embeddings=True, attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(hf_config).float()
-    names = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "norm"}
-    for i in range(config.n_layers):
-        for hf, ours in (("self_attn.q_proj", "wq"), ("self_attn.k_proj", "wk"), ("self_attn.v_proj", "wv"),
-                         ("self_attn.o_proj", "wo"), ("mlp.gate_proj", "w1"), ("mlp.up_proj", "w3"),
-                         ("mlp.down_proj", "w2"), ("input_layernorm", "attention_norm"),
-                         ("post_attention_layernorm", "ffn_norm")):
-            names[f"model.layers.{i}.{hf}.weight"] = f"layers.{i}.{ours}"
-    params = dict(model.named_parameters())
-    assert params.keys() == names.keys() and model.lm_head.weight is params["model.embed_tokens.weight"]
-    with torch.no_grad():
-        for hf, ours in names.items():
-            params[hf].copy_(torch.from_numpy(weights[ours]))
-    return model
-
-
-def torch_training_step(model, optimizer, inputs: np.ndarray, targets: np.ndarray, lr: float,
-                        grad_clip: float) -> float:
-    """One float32 step: mean next-token cross-entropy, backward, clip, AdamW at ``lr``; returns the loss."""
-    import torch
-
-    logits = model(input_ids=torch.from_numpy(inputs)).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             torch.from_numpy(targets).reshape(-1))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
-    return loss.item()
-
-
-def torch_adamw(model, settings: TrainSettings):
-    """torch's AdamW with the trainer's settings; like orion's AdamW by default, 1-D parameters (the norm gains)
-    get no weight decay."""
-    import torch
-
-    params = list(model.parameters())
-    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
-                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                             lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=1e-8, foreach=False)
-
-
-def torch_reference_losses(trainer: Trainer) -> list[float]:
-    """Per-step losses of the PyTorch twin of ``trainer``'s run: the same initial weights, the same batches (the
-    BatchStream the trainer starts from), the cosine schedule, clipping and AdamW settings. One torch thread: for a
-    model this small more only cost (on a busy machine, 100x: OpenMP threads wait on each other)."""
-    import torch
-
-    s, config = trainer.settings, trainer.config
-    model = hf_llama(config, init_weights(config, s.seed))
-    optimizer = torch_adamw(model, s)
-    stream = BatchStream(trainer.dataset.train, s.batch, config.max_seq_len, seed=s.seed)
-    losses = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for step in range(1, s.steps + 1):
-            batches = [next(stream) for _ in range(s.accum)]
-            inputs = np.concatenate([b[0] for b in batches])
-            targets = np.concatenate([b[1] for b in batches])
-            losses.append(torch_training_step(model, optimizer, inputs, targets, scheduled_lr(s, step), s.grad_clip))
-    finally:
-        torch.set_num_threads(threads)
-    return losses
-
-
-def loss_parity(corpus: Path, out: Path, steps: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(orion losses, torch losses, orion's skipped steps) of a run of ``steps`` at lr 3e-3 with the default
-    warmup (a tenth of the steps)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    trainer = make_trainer(settings_for(corpus, out, steps=steps, lr=3e-3, warmup=None, save_every=10_000))
-    result = trainer.run()
-    ours = np.array([r["loss"] for r in metrics(out)])
-    reference = np.array(torch_reference_losses(trainer))
-    return ours, reference, result["skipped_steps"]
-
-
 @pytest.mark.parametrize("steps, largest, mean",
                          [(20, 0.005, 0.001), pytest.param(200, 0.15, 0.03, marks=pytest.mark.slow)])
 def test_loss_follows_pytorch_float32_training(corpus, tmp_path, steps, largest, mean):
@@ -402,6 +304,8 @@ def test_loss_follows_pytorch_float32_training(corpus, tmp_path, steps, largest,
     (lr 3e-3) it peaks at 0.05-0.08 (the last bits depend on the BLAS thread count) with a mean near 0.01. Over 20
     steps a reference without clipping, with torch's default beta2 or with the schedule one step off opens a gap of
     0.02 to 0.17."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     ours, reference, skipped = loss_parity(corpus, tmp_path / "run", steps)
     assert len(ours) == len(reference) == steps
     assert skipped == 0 and np.isfinite(ours).all() and np.isfinite(reference).all()

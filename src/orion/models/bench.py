@@ -87,7 +87,8 @@ def run_transformers(model_dir: Path, prompt_tokens: int, new_tokens: int) -> di
 
 
 def make_random_gpt2(folder: Path, seed: int = 0) -> Path:
-    """GPT-2 124M with random weights, saved as safetensors in Hugging Face layout (needs torch + transformers)."""
+    """GPT-2 124M with random weights, biases and norms included, saved as safetensors in Hugging Face layout
+    (needs torch + transformers)."""
     try:
         import torch
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -95,8 +96,29 @@ def make_random_gpt2(folder: Path, seed: int = 0) -> Path:
         raise OrionError(f"making random GPT-2 weights needs torch and transformers ({exc}); install the test "
                          "extra, or pass --model with a local GPT-2 folder") from None
     torch.manual_seed(seed)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder, safe_serialization=True)
+    model = randomize_biases_and_norms(GPT2LMHeadModel(GPT2Config()), seed)
+    model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def randomize_biases_and_norms(model, seed: int = 0, norm_std: float = 0.2):
+    """``model`` (a torch module, changed in place and returned) with random non-zero biases and norms: a layer's
+    bias from N(0, std of its weight), a norm's gain from 1 + N(0, norm_std) and its offset from N(0, norm_std).
+    transformers starts them at 0 and 1, where a model that dropped a bias or a norm's gain or offset, or put one
+    in another's place, computes the same as a correct one."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+            for name, p in module.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+                if is_norm:
+                    p.copy_((1.0 if name == "weight" else 0.0) + norm_std * noise)
+                elif name == "bias":
+                    p.copy_(float(module.weight.std()) * noise)
+    return model
 
 
 def _child(side: str, model_dir: Path, args) -> dict:

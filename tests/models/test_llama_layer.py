@@ -15,6 +15,7 @@ from orion.models.llama import (
     LlamaConfig,
     backward_graph,
     forward_graph,
+    init_weights,
     layer_inputs,
     rope_tables,
     weight_gradients,

@@ -96,6 +96,8 @@ def test_every_public_probe_ran_in_a_child_and_no_ane_is_claimed(report):
         assert e["ane"] is None and e["comparison"] is None
         assert e["verdict"] == e["emulator"]["verdict"] and e["value"] == e["emulator"]["value"]
         assert e["settles"] == list(PROBES[e["id"]].settles) and e["seconds"] > 0
+        assert e["ran_on"] == ["emulator"] and e["emulator"]["reached"] is True
+        assert e["emulator"]["machine"]["backend"] == "emulator"
 
 
 def test_report_is_strict_json_and_round_trips(report):
@@ -104,7 +106,7 @@ def test_report_is_strict_json_and_round_trips(report):
     for key in ("orion_version", "platform", "chip", "os_build", "ane_present", "backends", "probes", "target"):
         assert key in report
     for e in report["probes"]:
-        for key in ("id", "settles", "verdict", "value", "ane", "emulator", "comparison", "seconds"):
+        for key in ("id", "settles", "verdict", "value", "ane", "emulator", "comparison", "seconds", "ran_on"):
             assert key in e
 
 
@@ -228,13 +230,18 @@ def test_a_segfaulting_probe_is_a_crashed_verdict_and_the_parent_survives(tmp_pa
     rep = run_doctor(backend="emulator", probes=["test-exit139"], timeout=60)
     e = rep["probes"][0]
     assert e["verdict"] == "crashed (139)" and e["emulator"]["returncode"] == 139 and e["value"] == {}
+    assert e["ran_on"] == ["emulator"] and rep["backends"] == ["emulator"]  # it died on the backend: a finding there
 
 
-def test_a_hanging_probe_times_out():
+def test_a_hanging_probe_times_out_and_did_not_run():
     t0 = time.perf_counter()
-    result = run_probe_in_child(PROBES["test-hang"], "emulator", timeout=1.5)
+    rep = run_doctor(backend="emulator", probes=["test-hang"], timeout=1.5)
+    result = rep["probes"][0]["emulator"]
     assert result["status"] == "timeout" and "1.5" in result["error"]
     assert time.perf_counter() - t0 < 30
+    assert result["reached"] is True  # it hung on the backend, and answered nothing
+    assert rep["probes"][0]["ran_on"] == [] and rep["backends"] == []
+    assert rep["message"] == doctor_report.NOTHING_RAN_MESSAGE
 
 
 def test_an_exception_in_a_probe_is_an_error_verdict_with_its_text():
@@ -248,8 +255,38 @@ def test_bad_arguments_are_user_errors():
         run_doctor(backend="emulator", probes=["no-such-probe"])
     with pytest.raises(SettingsError, match="backend"):
         run_doctor(backend="gpu")
-    with pytest.raises(BackendError, match="no Apple Neural Engine|cannot be used"):
+    with pytest.raises(BackendError, match="backend 'ane': .*(no Apple Neural Engine|cannot be used)"):
         run_doctor(backend="ane", probes=["silu"])
+
+
+def test_orion_backend_decides_what_auto_means(monkeypatch):
+    monkeypatch.setenv("ORION_BACKEND", "ane")
+    with pytest.raises(BackendError, match="ORION_BACKEND='ane': .*(no Apple Neural Engine|cannot be used)"):
+        run_doctor(probes=["silu"])
+    monkeypatch.setenv("ORION_BACKEND", "gpu")
+    with pytest.raises(SettingsError, match="ORION_BACKEND='gpu'"):
+        run_doctor(probes=["silu"])
+    monkeypatch.setenv("ORION_BACKEND", "emulator")  # with an ANE present, auto would have run both
+    monkeypatch.setattr(doctor_report, "ane_status", lambda: (True, "a stand-in ANE"))
+    rep = run_doctor(probes=["silu"])
+    assert rep["backends"] == ["emulator"] and rep["probes"][0]["ane"] is None
+    assert rep["message"] == doctor_report.EMULATOR_ONLY_MESSAGE and rep["backend_asked"] == "ORION_BACKEND='emulator'"
+    assert run_doctor(backend="emulator", probes=["silu"])["backend_asked"] == "backend 'emulator'"
+
+
+def test_an_ane_child_that_fails_before_its_backend_did_not_run_there(monkeypatch):
+    """Off a Mac the real ANE child cannot make its backend: the probe did not run on the ANE, whatever was asked."""
+    monkeypatch.setattr(doctor_report, "ane_status", lambda: (True, "a stand-in ANE"))
+    rep = run_doctor(probes=["silu"])
+    e = rep["probes"][0]
+    assert e["ane"]["status"] == "error" and e["ane"]["reached"] is False and "machine" not in e["ane"]
+    assert e["ran_on"] == ["emulator"] and rep["backends"] == ["emulator"]
+    assert rep["message"] == doctor_report.ANE_NOT_REACHED_MESSAGE and rep["chip"] is None
+    with pytest.raises(SettingsError, match="Apple Neural Engine"):
+        write_profile(rep, "never-written.json")
+    console = Console(record=True, width=200)
+    print_report(rep, console)
+    assert first_line(console).endswith(", target default, backends emulator")
 
 
 # -- profiles ---------------------------------------------------------------------------------------------------------
@@ -262,6 +299,7 @@ def ane_report(report, changes: dict[str, dict]):
     fake["chip"], fake["os_build"] = "Apple M4 Max", "25A354"
     for e in fake["probes"]:
         e["ane"] = dict(e["emulator"], value=changes.get(e["id"], e["emulator"]["value"]))
+        e["ran_on"] = ["ane", "emulator"]
     return fake
 
 
@@ -309,9 +347,15 @@ def test_write_profile_writes_the_overrides_atomically(report, tmp_path, monkeyp
     assert sorted(p.name for p in path.parent.iterdir()) == ["m4.json"]  # no temp file left behind
 
 
+def first_line(console) -> str:
+    """The report's first printed line (before the table's title), unwrapped."""
+    return " ".join(console.export_text(clear=False).split("ANE probes")[0].split())
+
+
 def test_print_report_shows_every_probe_and_says_no_ane(report):
     console = Console(record=True, width=200)
     print_report(report, console)
+    assert first_line(console).endswith(", target default, backends emulator")
     text = console.export_text()
     assert "No Apple Neural Engine here" in text
     for e in report["probes"]:
@@ -449,6 +493,7 @@ def test_with_an_ane_both_backends_run_and_are_compared(monkeypatch, tmp_path):
     monkeypatch.setattr(doctor_report, "run_probe_in_child", fake)  # the name run_doctor calls
     rep = run_doctor(backend="auto", probes=["slice-offset-overflow", "concat-interleave", "mil-dialect"])
     assert rep["backends"] == ["ane", "emulator"] and rep["ane_present"] is True
+    assert all(e["ran_on"] == ["ane", "emulator"] for e in rep["probes"])
     assert [c[0] for c in calls[:2]] == ["mil-dialect", "mil-dialect"]  # the dialect first ...
     assert {c[2] for c in calls[2:]} == {"1.3"}  # ... and every later child prints programs in it
     slice_entry = entry(rep, "slice-offset-overflow")
@@ -464,6 +509,7 @@ def test_with_an_ane_both_backends_run_and_are_compared(monkeypatch, tmp_path):
     assert get_target("default").with_overrides(**written).concat == "interleave"
     console = Console(record=True, width=200)
     print_report(rep, console)
+    assert first_line(console).endswith(", target default, backends ane+emulator")
     assert "the emulator disagrees" in console.export_text()
 
 

@@ -131,6 +131,7 @@ def test_emulator_values_are_the_default_profile_where_the_target_decides(report
     # (the numerics twin of slice_offset_overflow follows its target field, decided by slice-offset-overflow)
     assert {f"numerics.{f.name}" for f in dataclasses.fields(Numerics) if f.name != "slice_offset_overflow"} <= seen
     assert {"concat", "gelu_native", "silu_native", "rsqrt_native", "weight_update", "max_blob_constants",
+            "shared_scalar_slots",
             "min_surface_bytes", "max_conv_input_channels", "slice_offset_overflow", "mil_version"} <= seen
 
 
@@ -206,8 +207,12 @@ def test_compile_time_conflicts_follow_the_default_target(report):
     assert entry(report, "concat-interleave")["value"] == {"concat": "forbid"}
     for variant in observations(report, "concat-interleave")["variants"].values():
         assert variant["assumed"] is True and "ANE-01" in variant["error"]
-    assert observations(report, "blob-constant-limit")["variants"]["17"]["assumed"] is True
-    assert observations(report, "blob-constant-limit")["variants"]["16"]["works"] is True
+    blobs = observations(report, "blob-constant-limit")["variants"]
+    assert blobs["17"]["assumed"] is True and blobs["17+s"]["assumed"] is True  # 16 blobs and a scalar: 17 tensors
+    assert blobs["16"]["works"] is True and blobs["16+s"]["works"] is True
+    assert blobs["16+shared"]["works"] is True and set(blobs) == {f"{n}{s}" for n in (8, 16, 17, 64)
+                                                                    for s in ("", "+s")} | {"16+shared"}
+    assert entry(report, "blob-constant-limit")["value"] == {"max_blob_constants": 16, "shared_scalar_slots": "one"}
     assert entry(report, "min-surface")["value"] == {"min_surface_bytes": 49152}
     assert observations(report, "min-surface")["small_tensor_on_49152_byte_surfaces"]["correct"] is True
     assert entry(report, "weight-update-reload")["verdict"] == "fresh"
@@ -423,6 +428,9 @@ def test_numerics_probes_read_back_each_emulator_setting(tmp_path, probe_id, set
     ("silu", {"silu_native": True}, {"silu_native": True}),
     ("rsqrt", {"rsqrt_native": True}, {"rsqrt_native": True}),
     ("blob-constant-limit", {"max_blob_constants": None}, {"max_blob_constants": 64}),
+    ("blob-constant-limit", {"max_blob_constants": 17}, {"max_blob_constants": 17}),  # 17..63: sharing unsettled
+    ("blob-constant-limit", {"shared_scalar_slots": "per-use"},
+     {"max_blob_constants": 16, "shared_scalar_slots": "per-use"}),
     ("blobs-per-file", {"blobs_per_file": "many"}, {"blobs_per_file": "many"}),
     ("min-surface", {"min_surface_bytes": 3072}, {"min_surface_bytes": 3072}),
     ("mil-dialect", {"mil_version": "1.0"}, {"mil_version": "1.0"}),
@@ -431,6 +439,18 @@ def test_numerics_probes_read_back_each_emulator_setting(tmp_path, probe_id, set
 ])
 def test_compile_probes_read_back_each_target_field(tmp_path, probe_id, overrides, expected):
     assert decide(probe_id, emulator(tmp_path, **overrides))[1] == expected
+
+
+def test_blob_limit_verdict_says_when_a_scalar_took_no_slot():
+    """A chip that takes 16 blobs plus a scalar but not 17 blobs: the limit stays 16, and the verdict says so."""
+    works = {"8": True, "8+s": True, "16": True, "16+s": True, "17": False, "17+s": True, "64": False,
+             "64+s": False, "16+shared": True}
+    verdict, value = PROBES["blob-constant-limit"].verdict({"variants": {k: {"works": v} for k, v in works.items()}})
+    assert value == {"max_blob_constants": 16, "shared_scalar_slots": "one"}
+    assert "16 weight tensors work, 17 fail (yet 16 blobs and a scalar work: a scalar took no slot)" in verdict
+    works.update({"16+s": False})  # now the scalar costs a slot at 16: the ladder stops at 8, sharing unsettled
+    verdict, value = PROBES["blob-constant-limit"].verdict({"variants": {k: {"works": v} for k, v in works.items()}})
+    assert value == {"max_blob_constants": 8} and verdict.startswith("8 weight tensors work, 16 fail")
 
 
 def test_probe_surfaces_are_the_runtimes_plan_for_the_target(tmp_path):

@@ -26,6 +26,7 @@ from orion.runtime.doctor import (
     activation_errors,
     all_finite_fp16,
     compare,
+    jsonable,
     print_report,
     profile_overrides,
     register,
@@ -125,14 +126,13 @@ def test_emulator_values_are_the_default_profile_where_the_target_decides(report
                 assert value == emulator_facts[key], (e["id"], key, value)
             elif key == "weight_update":
                 assert value == e["id"].rsplit("-", 1)[1]  # both strategies give fresh outputs on the emulator
-            else:
-                assert value == getattr(target, key), (e["id"], key, value)
+            else:  # a tuple field travels as a JSON list
+                assert value == jsonable(getattr(target, key)), (e["id"], key, value)
     # every open numerics setting and every contested target field is decided by some probe
     # (the numerics twin of slice_offset_overflow follows its target field, decided by slice-offset-overflow)
     assert {f"numerics.{f.name}" for f in dataclasses.fields(Numerics) if f.name != "slice_offset_overflow"} <= seen
     assert {"concat", "gelu_native", "silu_native", "rsqrt_native", "weight_update", "max_blob_constants",
-            "shared_scalar_slots",
-            "min_surface_bytes", "max_conv_input_channels", "slice_offset_overflow", "mil_version"} <= seen
+            "shared_scalar_slots", "io_dtypes", "min_surface_bytes", "max_conv_input_channels", "slice_offset_overflow", "mil_version"} <= seen
 
 
 # -- hand-reasoned verdicts -------------------------------------------------------------------------------------------
@@ -214,6 +214,8 @@ def test_compile_time_conflicts_follow_the_default_target(report):
                                                                     for s in ("", "+s")} | {"16+shared"}
     assert entry(report, "blob-constant-limit")["value"] == {"max_blob_constants": 16, "shared_scalar_slots": "one"}
     assert entry(report, "min-surface")["value"] == {"min_surface_bytes": 49152}
+    assert entry(report, "fp32-io")["verdict"] == "fp16 only: fp32-input fails (compile), fp32-output fails (compile)"
+    assert entry(report, "fp32-io")["value"] == {"io_dtypes": ["fp16"]}
     assert observations(report, "min-surface")["small_tensor_on_49152_byte_surfaces"]["correct"] is True
     assert entry(report, "weight-update-reload")["verdict"] == "fresh"
     assert entry(report, "weight-update-patch")["verdict"] == "fresh"
@@ -311,6 +313,7 @@ def ane_report(report, changes: dict[str, dict]):
 def test_profile_overrides_map_ane_values_to_target_fields_and_numerics(report):
     fake = ane_report(report, {"concat-interleave": {"concat": "interleave"},
                                "numerics-reduce-sum": {"numerics.reduce_sum_fp16": True},
+                               "fp32-io": {"io_dtypes": ["fp16", "fp32"]},
                                "weight-update-patch": {}})  # patch stale, reload fresh
     overrides = profile_overrides(fake)
     assert overrides["concat"] == "interleave" and overrides["weight_update"] == "reload"
@@ -319,6 +322,7 @@ def test_profile_overrides_map_ane_values_to_target_fields_and_numerics(report):
     fields = {k: v for k, v in overrides.items() if k != "numerics"}
     target = get_target("default").with_overrides(**fields, numerics=overrides["numerics"])  # a valid profile
     assert target.concat == "interleave" and Numerics.from_dict(target.numerics).reduce_sum_fp16 is True
+    assert target.io_dtypes == ("fp16", "fp32")
     both_stale = ane_report(report, {"weight-update-patch": {}, "weight-update-reload": {}})
     assert profile_overrides(both_stale)["weight_update"] == "recompile"
     crashed = ane_report(report, {})
@@ -434,6 +438,8 @@ def test_numerics_probes_read_back_each_emulator_setting(tmp_path, probe_id, set
     ("blobs-per-file", {"blobs_per_file": "many"}, {"blobs_per_file": "many"}),
     ("min-surface", {"min_surface_bytes": 3072}, {"min_surface_bytes": 3072}),
     ("mil-dialect", {"mil_version": "1.0"}, {"mil_version": "1.0"}),
+    ("fp32-io", {"io_dtypes": ("fp16", "fp32")}, {"io_dtypes": ["fp16", "fp32"]}),
+    ("fp32-io", {"io_dtypes": ("fp32",)}, {}),  # the fp16 control fails: nothing settled
     ("conv-32k-input-channels", {"max_conv_input_channels": 32000, "max_axis": 65536},
      {"max_conv_input_channels": 32000}),
 ])

@@ -33,7 +33,9 @@ from orion.runtime.doctor import (
     run_doctor,
     run_probe_in_child,
     write_profile,
+    write_report,
 )
+from orion.runtime.doctor import registry
 from orion.runtime.doctor import report as doctor_report
 
 # -- hidden probes that exist only here (the child imports this module to find them) ----------------------------------
@@ -55,12 +57,39 @@ def _raise(backend):
     raise ValueError("probe bug on purpose")
 
 
+#: An NSError description as the framework might word it: several lines, longer than any display cut.
+NSERROR_TEXT = ("InvalidMILProgram: the program could not be compiled.\n  in function main: operation 'y' (mul)\n"
+                + "    detail: " + "tensor type mismatch; " * 150)
+
+
+def _nserror(backend):
+    """fp32-io on a backend whose every compile fails as the ANE bridge reports a framework NSError."""
+    from pathlib import Path
+
+    from orion.runtime.backends.ane import NSErrorInfo, call_failure
+
+    real = backend.new_model
+
+    def new_model(mil_text, weight_files):
+        model = real(mil_text, weight_files)
+
+        def compile():
+            raise call_failure("compile", "0123abcd", Path("/private/var/folders/T/0123abcd"),
+                               NSErrorInfo("com.apple.appleneuralengine", 3, NSERROR_TEXT))
+
+        model.compile = compile
+        return model
+
+    backend.new_model = new_model
+    return PROBES["fp32-io"].run(backend)
+
+
 def _ok(obs):
     return "ok", {}
 
 
 for _id, _run in (("test-segfault", _segfault), ("test-exit139", _exit139), ("test-hang", _hang),
-                  ("test-raise", _raise)):
+                  ("test-raise", _raise), ("test-nserror", _nserror)):
     if _id not in PROBES:
         register(Probe(_id, ("test",), "a test-only probe", _run, _ok, hidden=True))
 
@@ -255,6 +284,19 @@ def test_an_exception_in_a_probe_is_an_error_verdict_with_its_text():
     rep = run_doctor(backend="emulator", probes=["test-raise"], timeout=60)
     e = rep["probes"][0]
     assert e["verdict"] == "error" and "probe bug on purpose" in e["emulator"]["error"]
+
+
+def test_a_framework_error_reaches_the_json_report_verbatim(tmp_path):
+    """The NSError text travels from the bridge's exception through the child and the report to the JSON file
+    unchanged: line breaks, length and all; only the printed table shortens it."""
+    rep = run_doctor(backend="emulator", probes=["test-nserror"], timeout=60)
+    write_report(rep, tmp_path / "report.json")
+    variants = json.loads((tmp_path / "report.json").read_text())["probes"][0]["emulator"]["observations"]["variants"]
+    control = variants["fp16-control"]  # the fp32 forms the default target refuses before any compile
+    assert control["stage"] == "compile" and NSERROR_TEXT in control["error"] and len(control["error"]) > 3000
+    assert "(com.apple.appleneuralengine code 3)" in control["error"]
+    text = "BackendError: " + "x" * 30000  # past 20,000 characters a report says how much it left out
+    assert registry._error(BackendError("x" * 30000)) == text[:20000] + " ... [10014 more characters]"
 
 
 def test_bad_arguments_are_user_errors():
@@ -491,6 +533,31 @@ def test_weight_update_probe_sees_stale_weights(tmp_path):
     backend = StaleBackend(get_target("default"), root=tmp_path / "emu")
     assert decide("weight-update-reload", backend) == ("stale", {})
     assert decide("weight-update-patch", backend) == ("fresh", {"weight_update": "patch"})
+
+
+def test_a_chip_that_refuses_fp32_io_at_compile(tmp_path):
+    """As Orion-fork saw on M1: any program with an fp32 input or output fails to compile. fp32-io says fp16 only
+    (at compile), and the boundary-cast probe says it cannot measure there instead of reporting a failure."""
+    import re
+
+    from orion.runtime.backends.emulator import EmulatorBackend, EmulatorModel
+    from orion.runtime.doctor.numerics_probes import BOUNDARY_UNMEASURABLE
+
+    class RefusingModel(EmulatorModel):
+        def compile(self):
+            raise BackendError("ANE compile of model 0123abcd failed: InvalidMILProgram (com.apple.appleneuralengine "
+                               "code 3)")
+
+    class Fp16OnlyBackend(EmulatorBackend):
+        def new_model(self, mil_text, weight_files):
+            fp32_io = re.search(r"main<\w+>\([^)]*fp32", mil_text) or re.search(r"tensor<fp32[^>]*> y = ", mil_text)
+            return (RefusingModel if fp32_io else EmulatorModel)(self, mil_text, weight_files)
+
+    backend = Fp16OnlyBackend(get_target("m4"), root=tmp_path / "emu")  # a profile that expects fp32 I/O to work
+    assert decide("fp32-io", backend) == ("fp16 only: fp32-input fails (compile), fp32-output fails (compile)",
+                                          {"io_dtypes": ["fp16"]})
+    assert decide("numerics-boundary-casts", backend) == (BOUNDARY_UNMEASURABLE, {})
+    assert decide("numerics-boundary-casts", emulator(tmp_path))[0].startswith("as modelled")
 
 
 def test_compare_reports_equal_values_and_the_largest_difference():

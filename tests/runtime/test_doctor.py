@@ -579,8 +579,10 @@ def test_with_an_ane_both_backends_run_and_are_compared(monkeypatch, tmp_path):
 
     def fake(probe, backend, *, target="default", timeout=60.0, mil_version=None):
         calls.append((probe.id, backend, mil_version))
-        if backend == "ane":
-            return real(probe, "emulator", target="m4", timeout=timeout, mil_version=mil_version)
+        if backend == "ane":  # with the facts AneBackend.describe() gives
+            result = real(probe, "emulator", target="m4", timeout=timeout, mil_version=mil_version)
+            return dict(result, machine={**result["machine"], "backend": "ane", "chip": "Apple M4 Max",
+                                         "macos": "15.1", "macos_build": "24B83"})
         return real(probe, backend, target=target, timeout=timeout, mil_version=mil_version)
 
     monkeypatch.setattr(doctor_report, "run_probe_in_child", fake)  # the name run_doctor calls
@@ -597,7 +599,9 @@ def test_with_an_ane_both_backends_run_and_are_compared(monkeypatch, tmp_path):
     assert entry(rep, "mil-dialect")["comparison"]["verdict_equal"] is True
     overrides = profile_overrides(rep)
     assert overrides == {"mil_version": "1.3", "concat": "interleave", "slice_offset_overflow": False}
+    assert rep["chip"] == "Apple M4 Max" and rep["os_build"] == "24B83"  # the ANE child's, not this machine's
     path = write_profile(rep, tmp_path / "m4.json")
+    assert json.loads(path.read_text())["chip"] == "Apple M4 Max"
     written = json.loads(path.read_text())["overrides"]
     assert get_target("default").with_overrides(**written).concat == "interleave"
     console = Console(record=True, width=200)

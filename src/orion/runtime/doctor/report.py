@@ -291,7 +291,8 @@ def print_report(report: dict, console) -> None:
         table.add_row(*(escape(s) for s in (e["id"], ", ".join(e["settles"]) or "-", _cell(e["ane"]),
                                              _cell(e["emulator"]), verdict)))
     console.print(table)
-    console.print(escape(report["message"]), highlight=False)
+    why = "" if "ane" in report["backends"] or not report.get("ane_note") else f" ({report['ane_note']})"
+    console.print(escape(report["message"] + why), highlight=False)
     overrides = profile_overrides(report)
     if overrides:
         console.print(escape(f"profile overrides the ANE implies: {json.dumps(overrides, sort_keys=True)}"),

@@ -263,6 +263,10 @@ def test_weight_tensor_limit_counts_blobs_and_float_constant_operands():
     # a second read of the same named scalar takes no new slot, nor does a scalar nobody reads
     again = [op(X, "again", "mul", x="z", y="half"), const("unread", lit("fp16", 3.0))]
     assert check_program(with_statements(valid_program(), *small_blobs(13), *again), DEFAULT) == []
+    per_use = DEFAULT.with_overrides(shared_scalar_slots="per-use")  # where orion doctor finds each read costs one
+    assert check_program(with_statements(valid_program(), *small_blobs(13)), per_use) == []
+    violations = check_program(with_statements(valid_program(), *small_blobs(13), *again), per_use)
+    assert ids(violations) == ["ANE-21"] and "17 weight tensors (15 BLOBFILE constants + 2" in violations[0].message
     # another named scalar (fp16 or fp32), or an inline one, takes a slot each
     for extra in ([const("eps", lit("fp16", 1e-5)), op(X, "e", "add", x="y1", y="eps")],
                   [const("eps", lit("fp32", 1e-5)), op(X, "e", "add", x="y1", y="eps")],

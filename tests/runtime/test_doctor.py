@@ -26,13 +26,16 @@ from orion.runtime.doctor import (
     activation_errors,
     all_finite_fp16,
     compare,
+    jsonable,
     print_report,
     profile_overrides,
     register,
     run_doctor,
     run_probe_in_child,
     write_profile,
+    write_report,
 )
+from orion.runtime.doctor import registry
 from orion.runtime.doctor import report as doctor_report
 
 # -- hidden probes that exist only here (the child imports this module to find them) ----------------------------------
@@ -54,12 +57,39 @@ def _raise(backend):
     raise ValueError("probe bug on purpose")
 
 
+#: An NSError description as the framework might word it: several lines, longer than any display cut.
+NSERROR_TEXT = ("InvalidMILProgram: the program could not be compiled.\n  in function main: operation 'y' (mul)\n"
+                + "    detail: " + "tensor type mismatch; " * 150)
+
+
+def _nserror(backend):
+    """fp32-io on a backend whose every compile fails as the ANE bridge reports a framework NSError."""
+    from pathlib import Path
+
+    from orion.runtime.backends.ane import NSErrorInfo, call_failure
+
+    real = backend.new_model
+
+    def new_model(mil_text, weight_files):
+        model = real(mil_text, weight_files)
+
+        def compile():
+            raise call_failure("compile", "0123abcd", Path("/private/var/folders/T/0123abcd"),
+                               NSErrorInfo("com.apple.appleneuralengine", 3, NSERROR_TEXT))
+
+        model.compile = compile
+        return model
+
+    backend.new_model = new_model
+    return PROBES["fp32-io"].run(backend)
+
+
 def _ok(obs):
     return "ok", {}
 
 
 for _id, _run in (("test-segfault", _segfault), ("test-exit139", _exit139), ("test-hang", _hang),
-                  ("test-raise", _raise)):
+                  ("test-raise", _raise), ("test-nserror", _nserror)):
     if _id not in PROBES:
         register(Probe(_id, ("test",), "a test-only probe", _run, _ok, hidden=True))
 
@@ -96,6 +126,8 @@ def test_every_public_probe_ran_in_a_child_and_no_ane_is_claimed(report):
         assert e["ane"] is None and e["comparison"] is None
         assert e["verdict"] == e["emulator"]["verdict"] and e["value"] == e["emulator"]["value"]
         assert e["settles"] == list(PROBES[e["id"]].settles) and e["seconds"] > 0
+        assert e["ran_on"] == ["emulator"] and e["emulator"]["reached"] is True
+        assert e["emulator"]["machine"]["backend"] == "emulator"
 
 
 def test_report_is_strict_json_and_round_trips(report):
@@ -104,7 +136,7 @@ def test_report_is_strict_json_and_round_trips(report):
     for key in ("orion_version", "platform", "chip", "os_build", "ane_present", "backends", "probes", "target"):
         assert key in report
     for e in report["probes"]:
-        for key in ("id", "settles", "verdict", "value", "ane", "emulator", "comparison", "seconds"):
+        for key in ("id", "settles", "verdict", "value", "ane", "emulator", "comparison", "seconds", "ran_on"):
             assert key in e
 
 
@@ -123,13 +155,13 @@ def test_emulator_values_are_the_default_profile_where_the_target_decides(report
                 assert value == emulator_facts[key], (e["id"], key, value)
             elif key == "weight_update":
                 assert value == e["id"].rsplit("-", 1)[1]  # both strategies give fresh outputs on the emulator
-            else:
-                assert value == getattr(target, key), (e["id"], key, value)
+            else:  # a tuple field travels as a JSON list
+                assert value == jsonable(getattr(target, key)), (e["id"], key, value)
     # every open numerics setting and every contested target field is decided by some probe
     # (the numerics twin of slice_offset_overflow follows its target field, decided by slice-offset-overflow)
     assert {f"numerics.{f.name}" for f in dataclasses.fields(Numerics) if f.name != "slice_offset_overflow"} <= seen
     assert {"concat", "gelu_native", "silu_native", "rsqrt_native", "weight_update", "max_blob_constants",
-            "min_surface_bytes", "max_conv_input_channels", "slice_offset_overflow", "mil_version"} <= seen
+            "shared_scalar_slots", "io_dtypes", "min_surface_bytes", "max_conv_input_channels", "slice_offset_overflow", "mil_version"} <= seen
 
 
 # -- hand-reasoned verdicts -------------------------------------------------------------------------------------------
@@ -204,9 +236,15 @@ def test_compile_time_conflicts_follow_the_default_target(report):
     assert entry(report, "concat-interleave")["value"] == {"concat": "forbid"}
     for variant in observations(report, "concat-interleave")["variants"].values():
         assert variant["assumed"] is True and "ANE-01" in variant["error"]
-    assert observations(report, "blob-constant-limit")["variants"]["17"]["assumed"] is True
-    assert observations(report, "blob-constant-limit")["variants"]["16"]["works"] is True
+    blobs = observations(report, "blob-constant-limit")["variants"]
+    assert blobs["17"]["assumed"] is True and blobs["17+s"]["assumed"] is True  # 16 blobs and a scalar: 17 tensors
+    assert blobs["16"]["works"] is True and blobs["16+s"]["works"] is True
+    assert blobs["16+shared"]["works"] is True and set(blobs) == {f"{n}{s}" for n in (8, 16, 17, 64)
+                                                                    for s in ("", "+s")} | {"16+shared"}
+    assert entry(report, "blob-constant-limit")["value"] == {"max_blob_constants": 16, "shared_scalar_slots": "one"}
     assert entry(report, "min-surface")["value"] == {"min_surface_bytes": 49152}
+    assert entry(report, "fp32-io")["verdict"] == "fp16 only: fp32-input fails (compile), fp32-output fails (compile)"
+    assert entry(report, "fp32-io")["value"] == {"io_dtypes": ["fp16"]}
     assert observations(report, "min-surface")["small_tensor_on_49152_byte_surfaces"]["correct"] is True
     assert entry(report, "weight-update-reload")["verdict"] == "fresh"
     assert entry(report, "weight-update-patch")["verdict"] == "fresh"
@@ -228,13 +266,18 @@ def test_a_segfaulting_probe_is_a_crashed_verdict_and_the_parent_survives(tmp_pa
     rep = run_doctor(backend="emulator", probes=["test-exit139"], timeout=60)
     e = rep["probes"][0]
     assert e["verdict"] == "crashed (139)" and e["emulator"]["returncode"] == 139 and e["value"] == {}
+    assert e["ran_on"] == ["emulator"] and rep["backends"] == ["emulator"]  # it died on the backend: a finding there
 
 
-def test_a_hanging_probe_times_out():
+def test_a_hanging_probe_times_out_and_did_not_run():
     t0 = time.perf_counter()
-    result = run_probe_in_child(PROBES["test-hang"], "emulator", timeout=1.5)
+    rep = run_doctor(backend="emulator", probes=["test-hang"], timeout=1.5)
+    result = rep["probes"][0]["emulator"]
     assert result["status"] == "timeout" and "1.5" in result["error"]
     assert time.perf_counter() - t0 < 30
+    assert result["reached"] is True  # it hung on the backend, and answered nothing
+    assert rep["probes"][0]["ran_on"] == [] and rep["backends"] == []
+    assert rep["message"] == doctor_report.NOTHING_RAN_MESSAGE
 
 
 def test_an_exception_in_a_probe_is_an_error_verdict_with_its_text():
@@ -243,13 +286,56 @@ def test_an_exception_in_a_probe_is_an_error_verdict_with_its_text():
     assert e["verdict"] == "error" and "probe bug on purpose" in e["emulator"]["error"]
 
 
+def test_a_framework_error_reaches_the_json_report_verbatim(tmp_path):
+    """The NSError text travels from the bridge's exception through the child and the report to the JSON file
+    unchanged: line breaks, length and all; only the printed table shortens it."""
+    rep = run_doctor(backend="emulator", probes=["test-nserror"], timeout=60)
+    write_report(rep, tmp_path / "report.json")
+    variants = json.loads((tmp_path / "report.json").read_text())["probes"][0]["emulator"]["observations"]["variants"]
+    control = variants["fp16-control"]  # the fp32 forms the default target refuses before any compile
+    assert control["stage"] == "compile" and NSERROR_TEXT in control["error"] and len(control["error"]) > 3000
+    assert "(com.apple.appleneuralengine code 3)" in control["error"]
+    text = "BackendError: " + "x" * 30000  # past 20,000 characters a report says how much it left out
+    assert registry._error(BackendError("x" * 30000)) == text[:20000] + " ... [10014 more characters]"
+
+
 def test_bad_arguments_are_user_errors():
     with pytest.raises(SettingsError, match="unknown probe"):
         run_doctor(backend="emulator", probes=["no-such-probe"])
     with pytest.raises(SettingsError, match="backend"):
         run_doctor(backend="gpu")
-    with pytest.raises(BackendError, match="no Apple Neural Engine|cannot be used"):
+    with pytest.raises(BackendError, match="backend 'ane': .*(no Apple Neural Engine|cannot be used)"):
         run_doctor(backend="ane", probes=["silu"])
+
+
+def test_orion_backend_decides_what_auto_means(monkeypatch):
+    monkeypatch.setenv("ORION_BACKEND", "ane")
+    with pytest.raises(BackendError, match="ORION_BACKEND='ane': .*(no Apple Neural Engine|cannot be used)"):
+        run_doctor(probes=["silu"])
+    monkeypatch.setenv("ORION_BACKEND", "gpu")
+    with pytest.raises(SettingsError, match="ORION_BACKEND='gpu'"):
+        run_doctor(probes=["silu"])
+    monkeypatch.setenv("ORION_BACKEND", "emulator")  # with an ANE present, auto would have run both
+    monkeypatch.setattr(doctor_report, "ane_status", lambda: (True, "a stand-in ANE"))
+    rep = run_doctor(probes=["silu"])
+    assert rep["backends"] == ["emulator"] and rep["probes"][0]["ane"] is None
+    assert rep["message"] == doctor_report.EMULATOR_ONLY_MESSAGE and rep["backend_asked"] == "ORION_BACKEND='emulator'"
+    assert run_doctor(backend="emulator", probes=["silu"])["backend_asked"] == "backend 'emulator'"
+
+
+def test_an_ane_child_that_fails_before_its_backend_did_not_run_there(monkeypatch):
+    """Off a Mac the real ANE child cannot make its backend: the probe did not run on the ANE, whatever was asked."""
+    monkeypatch.setattr(doctor_report, "ane_status", lambda: (True, "a stand-in ANE"))
+    rep = run_doctor(probes=["silu"])
+    e = rep["probes"][0]
+    assert e["ane"]["status"] == "error" and e["ane"]["reached"] is False and "machine" not in e["ane"]
+    assert e["ran_on"] == ["emulator"] and rep["backends"] == ["emulator"]
+    assert rep["message"] == doctor_report.ANE_NOT_REACHED_MESSAGE and rep["chip"] is None
+    with pytest.raises(SettingsError, match="Apple Neural Engine"):
+        write_profile(rep, "never-written.json")
+    console = Console(record=True, width=200)
+    print_report(rep, console)
+    assert first_line(console).endswith(", target default, backends emulator")
 
 
 # -- profiles ---------------------------------------------------------------------------------------------------------
@@ -262,12 +348,14 @@ def ane_report(report, changes: dict[str, dict]):
     fake["chip"], fake["os_build"] = "Apple M4 Max", "25A354"
     for e in fake["probes"]:
         e["ane"] = dict(e["emulator"], value=changes.get(e["id"], e["emulator"]["value"]))
+        e["ran_on"] = ["ane", "emulator"]
     return fake
 
 
 def test_profile_overrides_map_ane_values_to_target_fields_and_numerics(report):
     fake = ane_report(report, {"concat-interleave": {"concat": "interleave"},
                                "numerics-reduce-sum": {"numerics.reduce_sum_fp16": True},
+                               "fp32-io": {"io_dtypes": ["fp16", "fp32"]},
                                "weight-update-patch": {}})  # patch stale, reload fresh
     overrides = profile_overrides(fake)
     assert overrides["concat"] == "interleave" and overrides["weight_update"] == "reload"
@@ -276,6 +364,7 @@ def test_profile_overrides_map_ane_values_to_target_fields_and_numerics(report):
     fields = {k: v for k, v in overrides.items() if k != "numerics"}
     target = get_target("default").with_overrides(**fields, numerics=overrides["numerics"])  # a valid profile
     assert target.concat == "interleave" and Numerics.from_dict(target.numerics).reduce_sum_fp16 is True
+    assert target.io_dtypes == ("fp16", "fp32")
     both_stale = ane_report(report, {"weight-update-patch": {}, "weight-update-reload": {}})
     assert profile_overrides(both_stale)["weight_update"] == "recompile"
     crashed = ane_report(report, {})
@@ -309,11 +398,18 @@ def test_write_profile_writes_the_overrides_atomically(report, tmp_path, monkeyp
     assert sorted(p.name for p in path.parent.iterdir()) == ["m4.json"]  # no temp file left behind
 
 
+def first_line(console) -> str:
+    """The report's first printed line (before the table's title), unwrapped."""
+    return " ".join(console.export_text(clear=False).split("ANE probes")[0].split())
+
+
 def test_print_report_shows_every_probe_and_says_no_ane(report):
     console = Console(record=True, width=200)
     print_report(report, console)
+    assert first_line(console).endswith(", target default, backends emulator")
     text = console.export_text()
-    assert "No Apple Neural Engine here" in text
+    assert f"No Apple Neural Engine here: the probes ran on the emulator, which shows what Orion assumes, not what " \
+           f"your chip does. ({report['ane_note']})" in " ".join(text.split())
     for e in report["probes"]:
         assert e["id"] in text
 
@@ -379,14 +475,31 @@ def test_numerics_probes_read_back_each_emulator_setting(tmp_path, probe_id, set
     ("silu", {"silu_native": True}, {"silu_native": True}),
     ("rsqrt", {"rsqrt_native": True}, {"rsqrt_native": True}),
     ("blob-constant-limit", {"max_blob_constants": None}, {"max_blob_constants": 64}),
+    ("blob-constant-limit", {"max_blob_constants": 17}, {"max_blob_constants": 17}),  # 17..63: sharing unsettled
+    ("blob-constant-limit", {"shared_scalar_slots": "per-use"},
+     {"max_blob_constants": 16, "shared_scalar_slots": "per-use"}),
     ("blobs-per-file", {"blobs_per_file": "many"}, {"blobs_per_file": "many"}),
     ("min-surface", {"min_surface_bytes": 3072}, {"min_surface_bytes": 3072}),
     ("mil-dialect", {"mil_version": "1.0"}, {"mil_version": "1.0"}),
+    ("fp32-io", {"io_dtypes": ("fp16", "fp32")}, {"io_dtypes": ["fp16", "fp32"]}),
+    ("fp32-io", {"io_dtypes": ("fp32",)}, {}),  # the fp16 control fails: nothing settled
     ("conv-32k-input-channels", {"max_conv_input_channels": 32000, "max_axis": 65536},
      {"max_conv_input_channels": 32000}),
 ])
 def test_compile_probes_read_back_each_target_field(tmp_path, probe_id, overrides, expected):
     assert decide(probe_id, emulator(tmp_path, **overrides))[1] == expected
+
+
+def test_blob_limit_verdict_says_when_a_scalar_took_no_slot():
+    """A chip that takes 16 blobs plus a scalar but not 17 blobs: the limit stays 16, and the verdict says so."""
+    works = {"8": True, "8+s": True, "16": True, "16+s": True, "17": False, "17+s": True, "64": False,
+             "64+s": False, "16+shared": True}
+    verdict, value = PROBES["blob-constant-limit"].verdict({"variants": {k: {"works": v} for k, v in works.items()}})
+    assert value == {"max_blob_constants": 16, "shared_scalar_slots": "one"}
+    assert "16 weight tensors work, 17 fail (yet 16 blobs and a scalar work: a scalar took no slot)" in verdict
+    works.update({"16+s": False})  # now the scalar costs a slot at 16: the ladder stops at 8, sharing unsettled
+    verdict, value = PROBES["blob-constant-limit"].verdict({"variants": {k: {"works": v} for k, v in works.items()}})
+    assert value == {"max_blob_constants": 8} and verdict.startswith("8 weight tensors work, 16 fail")
 
 
 def test_probe_surfaces_are_the_runtimes_plan_for_the_target(tmp_path):
@@ -423,6 +536,31 @@ def test_weight_update_probe_sees_stale_weights(tmp_path):
     assert decide("weight-update-patch", backend) == ("fresh", {"weight_update": "patch"})
 
 
+def test_a_chip_that_refuses_fp32_io_at_compile(tmp_path):
+    """As Orion-fork saw on M1: any program with an fp32 input or output fails to compile. fp32-io says fp16 only
+    (at compile), and the boundary-cast probe says it cannot measure there instead of reporting a failure."""
+    import re
+
+    from orion.runtime.backends.emulator import EmulatorBackend, EmulatorModel
+    from orion.runtime.doctor.numerics_probes import BOUNDARY_UNMEASURABLE
+
+    class RefusingModel(EmulatorModel):
+        def compile(self):
+            raise BackendError("ANE compile of model 0123abcd failed: InvalidMILProgram (com.apple.appleneuralengine "
+                               "code 3)")
+
+    class Fp16OnlyBackend(EmulatorBackend):
+        def new_model(self, mil_text, weight_files):
+            fp32_io = re.search(r"main<\w+>\([^)]*fp32", mil_text) or re.search(r"tensor<fp32[^>]*> y = ", mil_text)
+            return (RefusingModel if fp32_io else EmulatorModel)(self, mil_text, weight_files)
+
+    backend = Fp16OnlyBackend(get_target("m4"), root=tmp_path / "emu")  # a profile that expects fp32 I/O to work
+    assert decide("fp32-io", backend) == ("fp16 only: fp32-input fails (compile), fp32-output fails (compile)",
+                                          {"io_dtypes": ["fp16"]})
+    assert decide("numerics-boundary-casts", backend) == (BOUNDARY_UNMEASURABLE, {})
+    assert decide("numerics-boundary-casts", emulator(tmp_path))[0].startswith("as modelled")
+
+
 def test_compare_reports_equal_values_and_the_largest_difference():
     def run(verdict, vals):
         return {"verdict": verdict, "value": {}, "observations": {"values": vals}}
@@ -442,13 +580,16 @@ def test_with_an_ane_both_backends_run_and_are_compared(monkeypatch, tmp_path):
 
     def fake(probe, backend, *, target="default", timeout=60.0, mil_version=None):
         calls.append((probe.id, backend, mil_version))
-        if backend == "ane":
-            return real(probe, "emulator", target="m4", timeout=timeout, mil_version=mil_version)
+        if backend == "ane":  # with the facts AneBackend.describe() gives
+            result = real(probe, "emulator", target="m4", timeout=timeout, mil_version=mil_version)
+            return dict(result, machine={**result["machine"], "backend": "ane", "chip": "Apple M4 Max",
+                                         "macos": "15.1", "macos_build": "24B83"})
         return real(probe, backend, target=target, timeout=timeout, mil_version=mil_version)
 
     monkeypatch.setattr(doctor_report, "run_probe_in_child", fake)  # the name run_doctor calls
     rep = run_doctor(backend="auto", probes=["slice-offset-overflow", "concat-interleave", "mil-dialect"])
     assert rep["backends"] == ["ane", "emulator"] and rep["ane_present"] is True
+    assert all(e["ran_on"] == ["ane", "emulator"] for e in rep["probes"])
     assert [c[0] for c in calls[:2]] == ["mil-dialect", "mil-dialect"]  # the dialect first ...
     assert {c[2] for c in calls[2:]} == {"1.3"}  # ... and every later child prints programs in it
     slice_entry = entry(rep, "slice-offset-overflow")
@@ -459,11 +600,14 @@ def test_with_an_ane_both_backends_run_and_are_compared(monkeypatch, tmp_path):
     assert entry(rep, "mil-dialect")["comparison"]["verdict_equal"] is True
     overrides = profile_overrides(rep)
     assert overrides == {"mil_version": "1.3", "concat": "interleave", "slice_offset_overflow": False}
+    assert rep["chip"] == "Apple M4 Max" and rep["os_build"] == "24B83"  # the ANE child's, not this machine's
     path = write_profile(rep, tmp_path / "m4.json")
+    assert json.loads(path.read_text())["chip"] == "Apple M4 Max"
     written = json.loads(path.read_text())["overrides"]
     assert get_target("default").with_overrides(**written).concat == "interleave"
     console = Console(record=True, width=200)
     print_report(rep, console)
+    assert first_line(console).endswith(", target default, backends ane+emulator")
     assert "the emulator disagrees" in console.export_text()
 
 

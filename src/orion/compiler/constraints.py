@@ -158,7 +158,8 @@ _ENTRIES = (
     # --- later reports and the other facts (reference sections 3, 4, 5, 9) --------------------------------------------
     Constraint(
         "ANE-21", "at most 16 weight tensors per program: BLOBFILE constants, and every fp16/fp32 constant "
-        "operand written in the text (a scalar such as an eps or a -0.5 exponent takes a slot too)", "weights",
+        "operand written in the text (a scalar such as an eps or a -0.5 exponent takes a slot too: a named one "
+        "once, or once per reading op where shared_scalar_slots is per-use)", "weights",
         "error", "compile", "InvalidMILProgram with 17", "put fewer blocks in one program, share equal scalar "
         "constants, merge weights into fewer blobs, or pass weights as inputs",
         f"Orion (later report); {ORION_FORK}", setting="max_blob_constants",
@@ -386,21 +387,26 @@ class _Checker:
         return None
 
     def text_constant_operands(self) -> int:
-        """fp16/fp32 constants written in the text (not BLOBFILE) that ops read: a named const counts once however
-        many ops read it, an inline literal once per use. Each takes a weight-tensor slot (ANE-21)."""
+        """fp16/fp32 constants written in the text (not BLOBFILE) that ops read: an inline literal once per use, a
+        named const once however many ops read it, or once per reading op where the target's
+        ``shared_scalar_slots`` is ``per-use``. Each takes a weight-tensor slot (ANE-21)."""
+        per_use = self.target.shared_scalar_slots == "per-use"
         named: set[str] = set()
-        inline = 0
+        slots = 0
         for st in self.program.statements:
             if st.op == "const":
                 continue
+            read: set[str] = set()
             for arg in st.args.values():
                 for ref in arg if isinstance(arg, tuple) else (arg,):
                     if isinstance(ref, VarRef) and ref.name in self.consts:
                         if _is_text_float(self.consts[ref.name].attrs.get("val")):
-                            named.add(ref.name)
+                            read.add(ref.name)
                     elif _is_text_float(ref):
-                        inline += 1
-        return len(named) + inline
+                        slots += 1
+            slots += len(read) if per_use else len(read - named)
+            named |= read
+        return slots
 
     def is_const(self, arg) -> bool:
         return isinstance(arg, Literal) or (isinstance(arg, VarRef) and arg.name in self.consts)

@@ -22,6 +22,7 @@ from orion.mil.program import DIALECTS, NUMPY_DTYPES
 
 CONCAT_MODES = ("forbid", "interleave", "allow")
 BLOBS_PER_FILE = ("one", "many")
+SHARED_SCALAR_SLOTS = ("one", "per-use")
 WEIGHT_UPDATES = ("reload", "patch", "recompile", "inputs")
 MiB = 1024 * 1024
 
@@ -77,6 +78,12 @@ class Target:
             "weight tensors per program: BLOBFILE constants plus every fp16/fp32 constant operand written in the "
             "text (a scalar takes a slot too); 16 in a later Orion report and in HiQS-Labs/Orion-fork 2026-09-06 "
             "(M1 Pro, M4 Pro). None: no limit"
+        )
+    )
+    shared_scalar_slots: str = field(
+        metadata=_note(
+            'weight-tensor slots a named fp16/fp32 scalar const read by several ops takes: "one" (as the catalog '
+            'assumed from HiQS-Labs/Orion-fork\'s "a scalar takes a slot") or "per-use"; orion doctor measures it'
         )
     )
     blobs_per_file: str = field(
@@ -140,6 +147,7 @@ class Target:
         for name, allowed in (
             ("concat", CONCAT_MODES),
             ("blobs_per_file", BLOBS_PER_FILE),
+            ("shared_scalar_slots", SHARED_SCALAR_SLOTS),
             ("weight_update", WEIGHT_UPDATES),
         ):
             if getattr(self, name) not in allowed:
@@ -212,6 +220,7 @@ DEFAULT = Target(
     max_axis=16384,  # older chips' limit (ref. section 5)
     max_conv_input_channels=16384,  # below the 32,000 Orion #16 saw rejected; within every chip's axis limit
     max_blob_constants=16,  # later Orion report; Orion-fork on M1 Pro and M4 Pro (scalar operands count)
+    shared_scalar_slots="one",  # unmeasured: the fork counts scalars, not their uses
     blobs_per_file="one",  # M1 rejects several blobs per file (ref. section 4)
     min_surface_bytes=49152,  # Orion #4: [768, 16] fp32 works
     slice_offset_overflow=True,  # N11 on M1/M2
@@ -306,4 +315,5 @@ def load_profile(path: Path) -> Target:
     return base.with_overrides(name=path.stem, numerics=numerics, **overrides)
 
 
-__all__ = ["Target", "TARGETS", "get_target", "CONCAT_MODES", "BLOBS_PER_FILE", "WEIGHT_UPDATES"]
+__all__ = ["Target", "TARGETS", "get_target", "CONCAT_MODES", "BLOBS_PER_FILE", "SHARED_SCALAR_SLOTS",
+           "WEIGHT_UPDATES"]

@@ -5,7 +5,6 @@ surface is which input, one allocation size per side), the cache, the compile bu
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import threading
@@ -25,7 +24,7 @@ from orion.compiler.targets import WEIGHT_UPDATES, Target, get_target
 from orion.errors import BackendError, BindingError, CacheError, SettingsError
 from orion.ir.graph import Graph, sanitize_name
 from orion.mil.emit import MILModule
-from orion.runtime.backends import BACKEND_ENV, BACKENDS
+from orion.runtime.backends import requested_backend
 from orion.runtime.backends.base import Backend, BackendModel
 from orion.runtime.budget import PROCESS_BUDGET, CompileBudget
 from orion.runtime.cache import ProgramCache, cache_key, default_program_cache, os_build
@@ -38,12 +37,7 @@ def get_backend(name: str | Backend = "auto", target: Target | str = "default") 
     if isinstance(name, Backend):
         return name
     target = get_target(target)
-    asked = f"backend {name!r}"
-    if name == "auto" and os.environ.get(BACKEND_ENV):
-        name = os.environ[BACKEND_ENV]
-        asked = f"{BACKEND_ENV}={name!r}"
-    if name not in BACKENDS:
-        raise SettingsError(f"unknown {asked}; choose one of {', '.join(BACKENDS)}")
+    name, asked = requested_backend(name)
     if name in ("auto", "ane"):
         from orion.runtime.backends.ane import AneBackend
 

@@ -12,3 +12,19 @@ BACKENDS = {
 }
 #: Set for a process (e.g. ``ORION_BACKEND=ane``), it decides what ``auto`` means, in the library and the CLI alike.
 BACKEND_ENV = "ORION_BACKEND"
+
+
+def requested_backend(name: str) -> tuple[str, str]:
+    """(the backend ``name`` asks for, how an error names that request): ``auto`` is ``$ORION_BACKEND`` when set.
+    An unknown name is an error naming where it came from."""
+    import os
+
+    from orion.errors import SettingsError
+
+    asked = f"backend {name!r}"
+    if name == "auto" and os.environ.get(BACKEND_ENV):
+        name = os.environ[BACKEND_ENV]
+        asked = f"{BACKEND_ENV}={name!r}"
+    if name not in BACKENDS:
+        raise SettingsError(f"unknown {asked}; choose one of {', '.join(BACKENDS)}")
+    return name, asked

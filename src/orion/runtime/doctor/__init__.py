@@ -20,10 +20,9 @@ from orion.runtime.doctor.registry import PROBES, Probe, jsonable, register
 
 # The probe modules register their probes on import; this order is the order of the report.
 from orion.runtime.doctor import compile_probes, io_probes, numerics_probes  # noqa: F401
-from orion.runtime.doctor.child import RESULT_MARK, child_main, run_probe_in_child
+from orion.runtime.doctor.child import REACHED_MARK, RESULT_MARK, child_main, run_probe_in_child
 from orion.runtime.doctor.numerics_probes import activation_errors, all_finite_fp16
 from orion.runtime.doctor.report import (
-    BACKEND_CHOICES,
     EMULATOR_ONLY_MESSAGE,
     NO_ANE_MESSAGE,
     ane_status,
@@ -36,7 +35,7 @@ from orion.runtime.doctor.report import (
     write_report,
 )
 
-__all__ = ["PROBES", "Probe", "register", "jsonable", "RESULT_MARK", "child_main", "run_probe_in_child",
-           "activation_errors", "all_finite_fp16", "BACKEND_CHOICES", "EMULATOR_ONLY_MESSAGE", "NO_ANE_MESSAGE",
+__all__ = ["PROBES", "Probe", "register", "jsonable", "REACHED_MARK", "RESULT_MARK", "child_main", "run_probe_in_child",
+           "activation_errors", "all_finite_fp16", "EMULATOR_ONLY_MESSAGE", "NO_ANE_MESSAGE",
            "ane_status", "compare", "print_report", "profile_overrides", "run_doctor", "select_probes",
            "write_profile", "write_report"]

@@ -22,6 +22,9 @@ from orion.runtime.doctor.registry import PROBES, Probe, _error, jsonable
 
 #: Prefix of the one line a child prints; anything else on stdout (framework chatter) is ignored.
 RESULT_MARK = "ORION-DOCTOR-RESULT "
+#: Prefix of the line a child prints once its backend exists (with the machine's facts): a child that crashes or
+#: hangs after it still ran on that backend, one that dies before it did not.
+REACHED_MARK = "ORION-DOCTOR-REACHED "
 
 
 def _make_backend(name: str, target: Target, root: Path):
@@ -58,7 +61,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
             target = target.with_overrides(mil_version=args.mil_version)
         with tempfile.TemporaryDirectory(prefix="backend-", dir=harness._scratch) as root:
             backend = _make_backend(args.backend, target, Path(root))
-            result["machine"] = backend.describe()
+            print(REACHED_MARK + json.dumps(jsonable(backend.describe())), flush=True)
             result["observations"] = jsonable(PROBES[args.child].run(backend))
     except Exception as exc:
         result["error"] = _error(exc)
@@ -83,6 +86,10 @@ def _child_env(backend: str, workdir: str) -> dict[str, str]:
     return env
 
 
+#: How much of a failed child's stderr the report keeps (the end, where a crash report or framework log ends).
+STDERR_KEPT = 8000
+
+
 def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
@@ -93,7 +100,8 @@ def _signal_name(number: int) -> str:
 def run_probe_in_child(probe: Probe, backend: str, *, target: str = "default", timeout: float = 60.0,
                        mil_version: str | None = None) -> dict:
     """Run ``probe`` on ``backend`` in a fresh process. Returns ``{"status": "ok" | "error" | "crashed" |
-    "timeout", "observations"?, "error"?, "returncode"?, "signal"?, "stderr"?, "machine"?, "seconds"}``."""
+    "timeout", "reached": whether the child got as far as the backend, "observations"?, "error"?, "returncode"?,
+    "signal"?, "stderr"?, "machine"? (the backend's facts, once reached), "seconds"}``."""
     cmd = [sys.executable, "-m", "orion.runtime.doctor", "--child", probe.id, "--backend", backend,
            "--target", target]
     if mil_version:
@@ -106,7 +114,8 @@ def run_probe_in_child(probe: Probe, backend: str, *, target: str = "default", t
 
 
 def _supervise(cmd: list[str], env: dict[str, str], timeout: float) -> dict:
-    """Start the child in its own session, wait at most ``timeout``, and read its one result line."""
+    """Start the child in its own session, wait at most ``timeout``, and read its result line (and whether it
+    reached its backend, which a child that crashes or hangs afterwards has still said)."""
     t0 = time.perf_counter()
     posix = os.name == "posix"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
@@ -121,29 +130,40 @@ def _supervise(cmd: list[str], env: dict[str, str], timeout: float) -> dict:
 
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
+        out: dict[str, Any] = {}
     except subprocess.TimeoutExpired:
         kill()
         stdout, stderr = proc.communicate()
-        return {"status": "timeout", "error": f"no answer within {timeout:g} s; the child was killed",
-                "stderr": stderr[-2000:], "seconds": round(time.perf_counter() - t0, 3)}
+        out = {"status": "timeout", "error": f"no answer within {timeout:g} s; the child was killed",
+               "stderr": stderr[-STDERR_KEPT:]}
     except BaseException:  # Ctrl-C in the parent: a child in its own session would not get it
         kill()
         proc.wait()
         raise
-    seconds = round(time.perf_counter() - t0, 3)
-    line = next((ln for ln in reversed(stdout.splitlines()) if ln.startswith(RESULT_MARK)), None)
-    if line is None or proc.returncode != 0:
-        out: dict[str, Any] = {"status": "crashed", "returncode": proc.returncode, "stderr": stderr[-2000:],
-                               "seconds": seconds}
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    reached = _marked(stdout, REACHED_MARK)
+    out["reached"] = reached is not None
+    if reached is not None:
+        out["machine"] = reached
+    if out.get("status") == "timeout":
+        return out
+    result = _marked(stdout, RESULT_MARK)
+    if result is None or proc.returncode != 0:
+        out.update(status="crashed", returncode=proc.returncode, stderr=stderr[-STDERR_KEPT:])
         if proc.returncode is not None and proc.returncode < 0:
             out["signal"] = _signal_name(-proc.returncode)
             out["error"] = f"the child died of {out['signal']}"
         else:
             out["error"] = f"the child exited with code {proc.returncode} without a result"
         return out
-    result = json.loads(line[len(RESULT_MARK):])
-    out = {"status": "error" if "error" in result else "ok", "seconds": seconds}
-    for key in ("observations", "error", "traceback", "machine"):
+    out["status"] = "error" if "error" in result else "ok"
+    for key in ("observations", "error", "traceback"):
         if key in result:
             out[key] = result[key]
     return out
+
+
+def _marked(stdout: str, mark: str) -> Any:
+    """The JSON after the last line starting with ``mark``, or None."""
+    line = next((ln for ln in reversed(stdout.splitlines()) if ln.startswith(mark)), None)
+    return None if line is None else json.loads(line[len(mark):])

@@ -167,30 +167,58 @@ register(Probe("rsqrt", ("ANE-22", "rsqrt_native"), "does rsqrt compile and matc
 
 
 BLOB_COUNTS = (8, 16, 17, 64)
+SCALAR = 0.5  # an fp16 scalar operand: every partial sum below stays exact in fp16
+
+
+def _blob_program(backend, x: np.ndarray, blobs: int, scalar_reads: int = 0):
+    """``x`` plus ``blobs`` BLOBFILE constants, then plus one named fp16 scalar const read by ``scalar_reads`` ops
+    (an explicit const: the doctor runs no passes, so nothing merges or folds it): (module, expected output)."""
+    b = _builder("blobs")
+    y = b.input("x", x.shape)
+    expected = x.astype(np.float64)
+    for i in range(blobs):
+        w = ((np.arange(C) + i) % 4 / 4.0).reshape(1, C, 1, 1)  # quarters: every partial sum is exact in fp16
+        expected = expected + w
+        y = b.add(y, b.weight(f"w{i}", w), name=f"acc{i}")
+    if scalar_reads:
+        s = b.const(np.float16(SCALAR), name="s")
+        for i in range(scalar_reads):
+            y = b.add(y, s, name=f"plus_s{i}")
+        expected = expected + SCALAR * scalar_reads
+    b.output("y", y)
+    return _emit(b, backend), expected
 
 
 def _run_blob_limit(backend) -> dict:
+    """Variants ``N`` (N blobs) and ``N+s`` (N-1 blobs and one scalar operand: N weight tensors) for each count;
+    then, where the limit is found exactly, ``L+shared``: L-1 blobs and one scalar read by two ops, L tensors if a
+    shared scalar takes one slot and L+1 if it takes one per use."""
     rng = _rng()
     x = _fp16(rng.integers(-8, 9, (1, C, 1, S)))
+
+    def attempt(blobs: int, scalar_reads: int = 0) -> dict:
+        module, expected = _blob_program(backend, x, blobs, scalar_reads)
+        return _public(_attempt(backend, module, {"x": x}, {"y": expected}, ("ANE-21",)))
+
     variants = {}
     for n in BLOB_COUNTS:
-        b = _builder("blobs")
-        y = b.input("x", x.shape)
-        expected = x.astype(np.float64)
-        for i in range(n):
-            w = ((np.arange(C) + i) % 4 / 4.0).reshape(1, C, 1, 1)  # quarters: every partial sum is exact in fp16
-            expected = expected + w
-            y = b.add(y, b.weight(f"w{i}", w), name=f"acc{i}")
-        b.output("y", y)
-        variants[str(n)] = _public(_attempt(backend, _emit(b, backend), {"x": x}, {"y": expected}, ("ANE-21",)))
-    return {"variants": variants}
+        variants[str(n)] = attempt(n)
+        variants[f"{n}+s"] = attempt(n - 1, 1)
+    obs = {"variants": variants}
+    best, failed = _blob_ladder(obs)
+    if best is not None and failed == best + 1:
+        variants[f"{best}+shared"] = attempt(best - 1, 2)
+    return obs
 
 
-def _ladder(obs: dict, steps: Sequence[int]) -> tuple[int | None, int | None]:
-    """(largest step that works with every smaller step working, first step that fails)."""
+def _ladder(obs: dict, steps: Sequence[int],
+            works: Callable[[int], bool] | None = None) -> tuple[int | None, int | None]:
+    """(largest step that works with every smaller step working, first step that fails); a step works when its
+    variant does, or when ``works(step)`` says so."""
+    works = works or (lambda n: _variants_verdict(obs, str(n)))
     best, failed = None, None
     for n in steps:
-        if _variants_verdict(obs, str(n)):
+        if works(n):
             if failed is None:
                 best = n
         elif failed is None:
@@ -198,17 +226,33 @@ def _ladder(obs: dict, steps: Sequence[int]) -> tuple[int | None, int | None]:
     return best, failed
 
 
+def _blob_ladder(obs: dict) -> tuple[int | None, int | None]:
+    """The ladder of weight-tensor counts where N blobs and N-1 blobs plus a scalar both work."""
+    return _ladder(obs, BLOB_COUNTS, lambda n: _variants_verdict(obs, str(n)) and _variants_verdict(obs, f"{n}+s"))
+
+
 def _verdict_blob_limit(obs: dict) -> tuple[str, dict]:
-    best, failed = _ladder(obs, BLOB_COUNTS)
+    best, failed = _blob_ladder(obs)
     if best is None:
-        return f"fails already with {BLOB_COUNTS[0]} constants", {}
+        return f"fails already with {BLOB_COUNTS[0]} weight tensors", {}
     if failed is None:
-        return f"no limit up to {best} constants", {"max_blob_constants": best}
-    return f"{best} constants work, {failed} fail", {"max_blob_constants": best}
+        return f"no limit up to {best} weight tensors", {"max_blob_constants": best}
+    scalar_free = [n for n in BLOB_COUNTS if n > best and _variants_verdict(obs, f"{n}+s")]
+    text = f"{best} weight tensors work, {failed} fail"
+    if scalar_free:
+        text += f" (yet {scalar_free[0] - 1} blobs and a scalar work: a scalar took no slot)"
+    value: dict = {"max_blob_constants": best}
+    shared = obs["variants"].get(f"{best}+shared")
+    if shared is not None:
+        one = bool(shared.get("works"))
+        value["shared_scalar_slots"] = "one" if one else "per-use"
+        text += "; a scalar read by two ops takes " + ("one slot" if one else "a slot per use")
+    return text, value
 
 
-register(Probe("blob-constant-limit", ("ANE-21", "max_blob_constants"),
-               f"how many BLOBFILE constants one program may have (tries {', '.join(map(str, BLOB_COUNTS))})",
+register(Probe("blob-constant-limit", ("ANE-21", "max_blob_constants", "shared_scalar_slots"),
+               f"how many weight tensors one program may have: N BLOBFILE constants, or N-1 and a named scalar "
+               f"operand (N = {', '.join(map(str, BLOB_COUNTS))}), and whether a scalar read twice costs one slot",
                _run_blob_limit, _verdict_blob_limit))
 
 

@@ -11,12 +11,14 @@ import numpy as np
 from orion.runtime.doctor.harness import (
     C,
     S,
+    _attempt,
     _builder,
     _emit,
     _evaluate,
     _fp16,
     _loaded,
     _mismatch,
+    _public,
     _rng,
     _surface_size,
 )
@@ -186,6 +188,51 @@ def _verdict_min_surface(obs: dict) -> tuple[str, dict]:
 register(Probe("min-surface", ("ANE-04", "min_surface_bytes"),
                "the smallest I/O surface an evaluation accepts (64 bytes to 49,152 bytes), and whether a small "
                "tensor on a large surface works", _run_min_surface, _verdict_min_surface))
+
+
+FP32_SEQ = 16  # [1, 768, 1, 16] fp32 is 49,152 bytes: Orion's fp32 surfaces that work on M4 Max
+
+
+def _run_fp32_io(backend) -> dict:
+    """An fp32 input cast to fp16 inside, an fp16 value cast to an fp32 output, and an all-fp16 control; each
+    ``x * 2`` on integers, exact in both types."""
+    x = _fp16(_rng().integers(-512, 512, (1, C, 1, S)))
+    narrow = x[..., :FP32_SEQ]
+    cases = {
+        "fp32-input": ("fp32", "fp16", narrow),
+        "fp32-output": ("fp16", "fp32", narrow),
+        "fp16-control": ("fp16", "fp16", x),
+    }
+    variants = {}
+    for name, (dtype_in, dtype_out, data) in cases.items():
+        b = _builder("fp32_io")
+        y = b.input("x", data.shape, dtype_in)
+        if dtype_in == "fp32":
+            y = b.cast(y, "fp16", name="x16")
+        y = b.mul(y, 2.0, name="twice" if dtype_out == "fp32" else "y")
+        if dtype_out == "fp32":
+            y = b.cast(y, "fp32", name="y")
+        b.output("y", y)
+        feed, expected = {"x": data}, {"y": data.astype(np.float64) * 2}  # the surface gets x in its declared type
+        variants[name] = _public(_attempt(backend, _emit(b, backend), feed, expected, ("ANE-23",)))
+    return {"variants": variants}
+
+
+def _verdict_fp32_io(obs: dict) -> tuple[str, dict]:
+    variants = obs["variants"]
+    if not variants["fp16-control"].get("works"):
+        return "the fp16 control fails: nothing settled", {}
+    failed = {name: variants[name].get("stage") or "wrong data" for name in ("fp32-input", "fp32-output")
+              if not variants[name].get("works")}
+    if not failed:
+        return "fp32 inputs and outputs work", {"io_dtypes": ["fp16", "fp32"]}
+    return "fp16 only: " + ", ".join(f"{name} fails ({stage})" for name, stage in failed.items()), \
+        {"io_dtypes": ["fp16"]}
+
+
+register(Probe("fp32-io", ("ANE-23", "io_dtypes"),
+               "may a program take an fp32 input (cast to fp16 inside) and give an fp32 output (cast from fp16), "
+               "next to an fp16 control", _run_fp32_io, _verdict_fp32_io))
 
 
 PACKED_SEQ = 17  # 34 bytes per row: packed and 64-byte-row layouts differ

@@ -335,6 +335,10 @@ register(Probe("numerics-activations", ("numerics.activation_quirks",),
 
 BOUNDARY_VALUES = (70000.0, -70000.0, 65519.0, 65520.0, 65504.0, float("nan"), 1e-7, 1e-8)
 BOUNDARY_MODEL = (math.inf, -math.inf, 65504.0, math.inf, 65504.0, math.inf)  # N1, N5, N6 for the first six
+#: The verdict where the fp32 program does not compile: a chip without fp32 I/O (fp32-io) has no such cast.
+BOUNDARY_UNMEASURABLE = ("not measurable here: the fp32-input program did not compile, as on a chip that takes no "
+                         "fp32 inputs or outputs (see fp32-io); there Orion's runtime makes fp16 on the CPU, and no "
+                         "fp32 value reaches the ANE")
 
 
 def _run_boundary(backend) -> dict:
@@ -353,6 +357,8 @@ def _run_boundary(backend) -> dict:
 
 
 def _verdict_boundary(obs: dict) -> tuple[str, dict]:
+    if "values" not in obs and obs.get("stage") == "compile":
+        return BOUNDARY_UNMEASURABLE, {}
     if "values" not in obs:
         return "did not run", {}
     got = _decode(obs["values"]["fp16"])[: len(BOUNDARY_MODEL)]
@@ -363,7 +369,8 @@ def _verdict_boundary(obs: dict) -> tuple[str, dict]:
 
 
 register(Probe("numerics-boundary-casts", (), "fp32 inputs 70000, 65519, 65520, NaN, 1e-7, 1e-8 cast to fp16 inside "
-               "a program: overflow, rounding and NaN at the boundary (N1, N5, N6)", _run_boundary, _verdict_boundary))
+               "a program: overflow, rounding and NaN at the boundary (N1, N5, N6); needs fp32 I/O",
+               _run_boundary, _verdict_boundary))
 
 
 #: (label, output, column, value N6 predicts)

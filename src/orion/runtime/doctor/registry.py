@@ -74,5 +74,13 @@ def _decode(values: Any) -> np.ndarray:
     return np.asarray([float(v) if isinstance(v, str) else v for v in items], dtype=np.float64)
 
 
-def _error(msg: BaseException) -> str:
-    return " ".join(f"{type(msg).__name__}: {msg}".split())[:2000]
+#: The longest error text a report keeps; the framework's NSError text is a finding, so anything shorter is verbatim.
+ERROR_KEPT = 20000
+
+
+def _error(exc: BaseException) -> str:
+    """``Type: message`` verbatim (line breaks and all), cut only past :data:`ERROR_KEPT` characters."""
+    text = f"{type(exc).__name__}: {exc}"
+    if len(text) <= ERROR_KEPT:
+        return text
+    return f"{text[:ERROR_KEPT]} ... [{len(text) - ERROR_KEPT} more characters]"

@@ -16,14 +16,17 @@ from orion import __version__
 from orion.compiler.targets import get_target
 from orion.errors import BackendError, SettingsError
 from orion.fileio import atomic_write
+from orion.runtime.backends import BACKENDS, requested_backend
 from orion.runtime.doctor.child import run_probe_in_child
 from orion.runtime.doctor.registry import PROBES, Probe, _decode, _error, _num, jsonable
 
 NO_ANE_MESSAGE = ("No Apple Neural Engine here: the probes ran on the emulator, which shows what Orion assumes, "
                   "not what your chip does.")
-EMULATOR_ONLY_MESSAGE = ("The probes ran on the emulator only (--backend emulator): they show what Orion assumes, "
-                         "not what your chip does.")
-BACKEND_CHOICES = ("auto", "ane", "emulator")
+EMULATOR_ONLY_MESSAGE = ("The probes ran on the emulator only, as asked: they show what Orion assumes, not what your "
+                         "chip does.")
+ANE_NOT_REACHED_MESSAGE = ("No probe reached the Apple Neural Engine (each ANE child failed before it: see the "
+                           "errors); what ran, ran on the emulator.")
+NOTHING_RAN_MESSAGE = "No probe reached a backend: every child failed before it (see each probe's error)."
 
 
 def _judge(probe: Probe, child: dict) -> dict:
@@ -38,6 +41,12 @@ def _judge(probe: Probe, child: dict) -> dict:
     except Exception as exc:  # observations the verdict cannot read are a finding, not a doctor crash
         verdict, value = f"unreadable observations: {_error(exc)}", {}
     return {**child, "verdict": verdict, "value": value}
+
+
+def _ran(run: dict) -> bool:
+    """Whether a backend's run counts as run there: its child reached the backend and answered or died there (a
+    timeout answered nothing, a child that failed before its backend never touched it)."""
+    return bool(run.get("reached")) and run["status"] != "timeout"
 
 
 def _flatten_values(obs: dict) -> dict[str, np.ndarray]:
@@ -100,19 +109,19 @@ def select_probes(ids: Sequence[str] | None) -> list[Probe]:
 
 def run_doctor(backend: str = "auto", probes: Sequence[str] | None = None, timeout: float = 60.0,
                target: str = "default", on_result: Callable[[dict], None] | None = None) -> dict:
-    """Run the probes (each in a child) and return the report. ``backend``: ``auto`` (the ANE and the emulator
-    where an ANE exists, else the emulator), ``ane`` (the ANE only), ``emulator`` (the emulator only)."""
-    if backend not in BACKEND_CHOICES:
-        raise SettingsError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    """Run the probes (each in a child) and return the report. ``backend``: ``auto`` (``$ORION_BACKEND`` when set,
+    else the ANE and the emulator where an ANE exists, else the emulator), ``ane`` (the ANE only, an error where
+    there is none), ``emulator`` (the emulator only). The report's ``backends`` are those some child reached."""
+    backend, asked = requested_backend(backend)
     if not timeout > 0:
         raise SettingsError(f"timeout {timeout!r} must be a positive number of seconds")
     get_target(target)  # an unknown target fails here, not once per child
     selected = select_probes(probes)
     present, note = ane_status()
     if backend == "ane" and not present:
-        raise BackendError(f"--backend ane: {note}; use --backend emulator (or auto) to see what Orion assumes")
-    backends = {"auto": ["ane", "emulator"] if present else ["emulator"], "ane": ["ane"],
-                "emulator": ["emulator"]}[backend]
+        raise BackendError(f"{asked}: {note}; use the emulator backend to see what Orion assumes")
+    planned = {"auto": ["ane", "emulator"] if present else ["emulator"], "ane": ["ane"],
+               "emulator": ["emulator"]}[backend]
     started = time.perf_counter()
     mil_version = None
     machine: dict[str, Any] = {}
@@ -121,7 +130,7 @@ def run_doctor(backend: str = "auto", probes: Sequence[str] | None = None, timeo
     entries = []
     for probe in ordered:
         runs: dict[str, dict] = {}
-        for name in backends:
+        for name in planned:
             child = run_probe_in_child(probe, name, target=target, timeout=timeout, mil_version=mil_version)
             runs[name] = _judge(probe, child)
             if child.get("machine") and (not machine or name == "ane"):
@@ -138,15 +147,22 @@ def run_doctor(backend: str = "auto", probes: Sequence[str] | None = None, timeo
             "ane": runs.get("ane"),
             "emulator": runs.get("emulator"),
             "comparison": compare(runs["ane"], runs["emulator"]) if len(runs) == 2 else None,
+            "ran_on": [name for name, run in runs.items() if _ran(run)],
             "seconds": round(sum(r["seconds"] for r in runs.values()), 3),
         }
         entries.append(entry)
         if on_result is not None:
             on_result(entry)
+    ran = {name for e in entries for name in e["ran_on"]}
+    backends = [name for name in BACKENDS if name in ran]
     ran_ane = "ane" in backends
     if ran_ane:
         message = "Probes ran on the Apple Neural Engine and on the emulator." if len(backends) == 2 else \
             "Probes ran on the Apple Neural Engine only."
+    elif "ane" in planned:
+        message = ANE_NOT_REACHED_MESSAGE if backends else NOTHING_RAN_MESSAGE
+    elif not backends:
+        message = NOTHING_RAN_MESSAGE
     else:
         message = EMULATOR_ONLY_MESSAGE if present else NO_ANE_MESSAGE
     os_build = None
@@ -164,6 +180,7 @@ def run_doctor(backend: str = "auto", probes: Sequence[str] | None = None, timeo
         "target": target,
         "ane_present": present,
         "ane_note": note,
+        "backend_asked": asked,
         "backends": backends,
         "message": message,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -250,7 +267,7 @@ def _cell(run: dict | None) -> str:
         return "-"
     text = run["verdict"]
     if run["status"] != "ok" and run.get("error"):
-        text += f": {run['error'][:160]}"
+        text += f": {' '.join(run['error'].split())[:160]}"  # one line here; the JSON report keeps it verbatim
     return text
 
 
@@ -262,7 +279,8 @@ def print_report(report: dict, console) -> None:
     console.print(escape(f"orion {report['orion_version']} doctor on {report['platform']}"
                          + (f", chip {report['chip']}" if report.get("chip") else "")
                          + (f", OS build {report['os_build']}" if report.get("os_build") else "")
-                         + f", target {report['target']}"), highlight=False)
+                         + f", target {report['target']}"
+                         + f", backends {'+'.join(report['backends']) or 'none'}"), highlight=False)
     table = Table(title="ANE probes", show_lines=True)
     for col in ("probe", "settles", "ANE", "emulator", "verdict"):
         table.add_column(col, overflow="fold")
@@ -273,7 +291,8 @@ def print_report(report: dict, console) -> None:
         table.add_row(*(escape(s) for s in (e["id"], ", ".join(e["settles"]) or "-", _cell(e["ane"]),
                                              _cell(e["emulator"]), verdict)))
     console.print(table)
-    console.print(escape(report["message"]), highlight=False)
+    why = "" if "ane" in report["backends"] or not report.get("ane_note") else f" ({report['ane_note']})"
+    console.print(escape(report["message"] + why), highlight=False)
     overrides = profile_overrides(report)
     if overrides:
         console.print(escape(f"profile overrides the ANE implies: {json.dumps(overrides, sort_keys=True)}"),

@@ -293,18 +293,20 @@ def targets_cmd(name: str | None) -> None:
 @click.option("--write-profile", "profile_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a target profile with the overrides the ANE's verdicts imply (needs an ANE); "
                    "use it with --target FILE.json.")
+@_target_option
 @handle_errors
 def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...], timeout: float,
-               profile_file: Path | None) -> None:
+               profile_file: Path | None, target_name: str) -> None:
     """Settle the contested ANE facts on this machine: each probe runs in its own process, on the ANE and the
     emulator where an ANE exists, else on the emulator (which shows what Orion assumes)."""
     from orion.errors import SettingsError
+    from orion.runtime.backends import requested_backend
     from orion.runtime.doctor import ane_status, print_report, run_doctor, write_profile, write_report
 
-    if profile_file is not None and (backend == "emulator" or not ane_status()[0]):
+    if profile_file is not None and (requested_backend(backend)[0] == "emulator" or not ane_status()[0]):
         raise SettingsError("--write-profile needs probe results from an Apple Neural Engine, and none can run "
                             "here; drop --write-profile or run on a Mac with Apple silicon")
-    report = run_doctor(backend=backend, probes=list(probe_ids) or None, timeout=timeout,
+    report = run_doctor(backend=backend, probes=list(probe_ids) or None, timeout=timeout, target=target_name,
                         on_result=lambda e: err.print(f"{e['id']}: {e['verdict']}", highlight=False, markup=False))
     print_report(report, out)
     if json_file is not None:

@@ -158,8 +158,10 @@ def test_emulator_values_are_the_default_profile_where_the_target_decides(report
             else:  # a tuple field travels as a JSON list
                 assert value == jsonable(getattr(target, key)), (e["id"], key, value)
     # every open numerics setting and every contested target field is decided by some probe
-    # (the numerics twin of slice_offset_overflow follows its target field, decided by slice-offset-overflow)
-    assert {f"numerics.{f.name}" for f in dataclasses.fields(Numerics) if f.name != "slice_offset_overflow"} <= seen
+    # (the numerics twin of slice_offset_overflow follows its target field, decided by slice-offset-overflow;
+    # activation_quirks needs gelu or silu, which the default target says the ANE rejects)
+    assert {f"numerics.{f.name}" for f in dataclasses.fields(Numerics)
+            if f.name not in ("slice_offset_overflow", "activation_quirks")} <= seen
     assert {"concat", "gelu_native", "silu_native", "rsqrt_native", "weight_update", "max_blob_constants",
             "shared_scalar_slots", "io_dtypes", "min_surface_bytes", "max_conv_input_channels", "slice_offset_overflow", "mil_version"} <= seen
 
@@ -222,14 +224,27 @@ def test_boundary_casts_and_nan_rules(report):
         "-0 - 0": 0.0}
 
 
-def test_activation_sweep_is_correctly_rounded_on_the_emulator(report):
+def test_activation_sweep_skips_what_the_target_says_the_ane_rejects(report):
     acts = observations(report, "numerics-activations")["activations"]
+    for op, catalog in (("gelu", "ANE-10"), ("silu", "ANE-27"), ("rsqrt", "ANE-22")):  # the default target's view
+        assert acts[op]["assumed"] is True and catalog in acts[op]["error"] and "special" not in acts[op], op
+    assert all("max_abs_error" in acts[op] for op in ("sigmoid", "tanh", "exp", "log", "sqrt"))  # the others ran
+    assert entry(report, "numerics-activations")["value"] == {}  # gelu(0) and silu(0) unmeasured: nothing settled
+
+
+#: A target whose ANE compiles gelu, silu and rsqrt, so the activation probe measures them all on the emulator.
+NATIVE_ACTIVATIONS = {"gelu_native": True, "silu_native": True, "rsqrt_native": True}
+
+
+def test_activation_sweep_is_correctly_rounded_on_the_emulator(tmp_path):
+    obs = PROBES["numerics-activations"].run(emulator(tmp_path, **NATIVE_ACTIVATIONS))
+    acts = obs["activations"]
     assert set(acts) == {"sigmoid", "tanh", "gelu", "silu", "exp", "log", "sqrt", "rsqrt"}
     for op in ("tanh", "exp", "log", "sqrt", "rsqrt"):  # float32 then one rounding: half an ulp (+ double rounding)
         assert acts[op]["max_error_ulps"] <= 0.5001, (op, acts[op])
     assert acts["gelu"]["special"]["gelu(0)"] == 0.0 and acts["silu"]["special"]["silu(0)"] == 0.0
     assert acts["exp"]["inf_from"] == float(np.float16(11.09375))  # exp(11.09375) > 65520 > exp(11.0859375)
-    assert entry(report, "numerics-activations")["value"] == {"numerics.activation_quirks": False}
+    assert PROBES["numerics-activations"].verdict(obs)[1] == {"numerics.activation_quirks": False}
 
 
 def test_compile_time_conflicts_follow_the_default_target(report):
@@ -461,11 +476,15 @@ def decide(probe_id, backend):
     ("numerics-ceiling", {"matmul_ceiling": 65520.0}, {"numerics.matmul_ceiling": 65520.0}),
     ("numerics-reduce-sum", {"reduce_sum_fp16": True}, {"numerics.reduce_sum_fp16": True}),
     ("numerics-subnormals", {"flush_subnormals_in_matmul": False}, {"numerics.flush_subnormals_in_matmul": False}),
-    ("numerics-activations", {"activation_quirks": True}, {"numerics.activation_quirks": True}),
     ("slice-offset-overflow", {"slice_offset_overflow": False}, {"slice_offset_overflow": False}),
 ])
 def test_numerics_probes_read_back_each_emulator_setting(tmp_path, probe_id, settings, expected):
     assert decide(probe_id, emulator(tmp_path, numerics=Numerics(**settings)))[1] == expected
+
+
+def test_activation_probe_reads_back_the_table_quirks(tmp_path):
+    backend = emulator(tmp_path, numerics=Numerics(activation_quirks=True), **NATIVE_ACTIVATIONS)
+    assert decide("numerics-activations", backend)[1] == {"numerics.activation_quirks": True}
 
 
 @pytest.mark.parametrize("probe_id, overrides, expected", [

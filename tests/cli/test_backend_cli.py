@@ -93,6 +93,23 @@ def test_bench(tiny_gpt2_dir, tmp_path):
     assert_ok(invoke(*args))
     data = json.loads(report.read_text())
     assert data["orion"]["backend"] == data["orion.backend"] == "emulator"
+    assert data["target"] == "default"
+
+
+def test_bench_records_the_target_the_model_was_built_for_and_the_machine(tiny_gpt2_dir, tmp_path):
+    from orion.runtime.cache import os_build
+
+    report = tmp_path / "bench.json"
+    args = ("bench", "gpt2", "--model", tiny_gpt2_dir, "--reference", "none", "--prompt-tokens", "8",
+            "--new-tokens", "2", "--json", report)
+    assert_user_error(invoke(*args, "--target", "m9"), "unknown target 'm9'")
+    assert not report.exists()
+    done = invoke(*args, "--target", "m4")
+    assert_ok(done)
+    data = json.loads(report.read_text())
+    assert data["target"] == "m4"  # the name of the profile the benchmarked model was built for
+    assert data["chip"] is None and data["os_build"] == os_build()  # the emulator ran: no chip to name
+    assert "target m4" in done.stdout
 
 
 def test_every_command_offers_the_backends_of_the_registry():

@@ -62,6 +62,16 @@ def test_gpt2_generates_the_same_text_and_logits(model_chip, tiny_gpt2_dir):
     assert model_chip.failures() == 0
 
 
+def test_the_gpt2_benchmark_names_the_chip_and_target_it_ran_for(model_chip, tiny_gpt2_dir, monkeypatch):
+    from orion.models.bench import bench_gpt2
+
+    monkeypatch.setenv("ORION_STANDIN_TARGET", "m1")
+    report = bench_gpt2(str(tiny_gpt2_dir), "ane", None, prompt_tokens=8, new_tokens=2, target="m1")
+    assert report["orion"]["backend"] == "ane" and report["target"] == "m1"
+    assert report["chip"] == "Apple M4 (Orion stand-in)" and report["os_build"] == "25A000-standin", report
+    assert model_chip.failures() == 0
+
+
 def test_a_training_step_gives_the_same_loss_and_weights(model_chip, tmp_path):
     from orion.train.checkpoint import latest_checkpoint, load_checkpoint
     from orion.train.corpus import make_story_corpus, write_corpus

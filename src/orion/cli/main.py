@@ -365,14 +365,15 @@ def bench_group() -> None:
 @bench_group.command("gpt2")
 @click.option("--model", "model_dir", default=None, help="A local GPT-2 folder (default: random 124M weights).")
 @_backend_option()
+@_target_option
 @click.option("--reference", type=click.Choice(["transformers", "none"]), default="transformers", show_default=True)
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--exact-numerics", is_flag=True, help="Emulator: the target's accumulator model instead of fp32.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @handle_errors
-def bench_gpt2_cmd(model_dir: str | None, backend: str, reference: str, prompt_tokens: int, new_tokens: int,
-                   exact_numerics: bool, json_file: Path) -> None:
+def bench_gpt2_cmd(model_dir: str | None, backend: str, target_name: str, reference: str, prompt_tokens: int,
+                   new_tokens: int, exact_numerics: bool, json_file: Path) -> None:
     """Orion's GPT-2 against transformers on the same weights, in the same run (each side in its own process)."""
     import json
 
@@ -380,8 +381,10 @@ def bench_gpt2_cmd(model_dir: str | None, backend: str, reference: str, prompt_t
     from orion.models.bench import bench_gpt2, flatten
 
     report = bench_gpt2(model_dir, backend, None if reference == "none" else reference, prompt_tokens, new_tokens,
-                        exact_numerics)
-    table = Table(title=f"GPT-2 ({report['model']}): prompt {prompt_tokens} tokens, {new_tokens} new")
+                        exact_numerics, target_name)
+    chip = f", {report['chip']}" if report["chip"] else ""
+    table = Table(title=f"GPT-2 ({report['model']}): prompt {prompt_tokens} tokens, {new_tokens} new; target "
+                        f"{report['target']}{chip}")
     for col in ("", "prefill tok/s", "decode tok/s", "first prefill s", "cached prefill s", "peak MB", "backend"):
         table.add_column(col, justify="right" if col.endswith(("s", "MB")) else "left")
     for side in ("orion", "reference"):

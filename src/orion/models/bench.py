@@ -33,12 +33,13 @@ def _prompt(vocab: int, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, n)
 
 
-def run_orion(model_dir: Path, prompt_tokens: int, new_tokens: int, backend: str, accumulator: str | None) -> dict:
+def run_orion(model_dir: Path, prompt_tokens: int, new_tokens: int, backend: str, accumulator: str | None,
+              target: str = "default") -> dict:
     from orion.models import load
-    from orion.runtime.cache import ProgramCache
+    from orion.runtime.cache import ProgramCache, os_build
 
     t0 = time.perf_counter()
-    model = load(str(model_dir), backend=backend, accumulator=accumulator, cache=ProgramCache(None))
+    model = load(str(model_dir), backend=backend, target=target, accumulator=accumulator, cache=ProgramCache(None))
     load_s = time.perf_counter() - t0
     ids = _prompt(model.config.vocab_size, prompt_tokens)
     t1 = time.perf_counter()
@@ -47,7 +48,10 @@ def run_orion(model_dir: Path, prompt_tokens: int, new_tokens: int, backend: str
     list(model.generate_ids(ids, max_tokens=new_tokens))  # compiles the decode programs
     list(model.generate_ids(ids, max_tokens=new_tokens))  # measured: everything cached and loaded
     stats = model.stats
+    machine = model.backend.describe()  # the chip where the ANE ran; results on it hinge on the OS build
     out = {
+        "target": model.target.name, "chip": machine.get("chip"),
+        "os_build": machine.get("macos_build") or os_build(),
         "backend": stats.backend, "accumulator": getattr(getattr(model.backend, "numerics", None), "accumulator",
                                                          None),
         "load_s": load_s, "first_prefill_s": first_prefill_s, "cached_prefill_s": stats.prefill_seconds,
@@ -124,7 +128,7 @@ def randomize_biases_and_norms(model, seed: int = 0, norm_std: float = 0.2):
 def _child(side: str, model_dir: Path, args) -> dict:
     cmd = [sys.executable, "-m", "orion.models.bench", "--side", side, "--model", str(model_dir),
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-           "--backend", args.backend] + (["--exact-numerics"] if args.exact_numerics else [])
+           "--backend", args.backend, "--target", args.target] + (["--exact-numerics"] if args.exact_numerics else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
@@ -134,17 +138,19 @@ def _child(side: str, model_dir: Path, args) -> dict:
 
 
 def bench_gpt2(model: str | None, backend: str, reference: str | None, prompt_tokens: int, new_tokens: int,
-               exact_numerics: bool = False) -> dict:
+               exact_numerics: bool = False, target: str = "default") -> dict:
+    from orion.compiler.targets import get_target
     from orion.runtime.program import get_backend
 
     # resolved here, before any weights are made: an unavailable backend is an error naming why, and the child
     # runs on exactly the backend resolved here (its report names the one that ran)
-    args = argparse.Namespace(prompt_tokens=prompt_tokens, new_tokens=new_tokens, backend=get_backend(backend).name,
-                              exact_numerics=exact_numerics)
+    args = argparse.Namespace(prompt_tokens=prompt_tokens, new_tokens=new_tokens, exact_numerics=exact_numerics,
+                              backend=get_backend(backend, get_target(target)).name, target=target)
     with tempfile.TemporaryDirectory(prefix="orion-bench-gpt2-") as tmp:
         folder = Path(model) if model else make_random_gpt2(Path(tmp) / "gpt2-random")
+        orion = _child("orion", folder, args)
         report = {"model": model or "random GPT-2 124M", "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-                  "orion": _child("orion", folder, args)}
+                  **{key: orion.pop(key) for key in ("target", "chip", "os_build")}, "orion": orion}
         if reference == "transformers":
             report["reference"] = _child("transformers", folder, args)
             report["ratios"] = {
@@ -170,12 +176,13 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--target", default="default")
     parser.add_argument("--exact-numerics", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("ORION_CACHE", "off")
     if args.side == "orion":
         result = run_orion(args.model, args.prompt_tokens, args.new_tokens, args.backend,
-                           None if args.exact_numerics else "fp32")
+                           None if args.exact_numerics else "fp32", args.target)
     else:
         result = run_transformers(args.model, args.prompt_tokens, args.new_tokens)
     print(MARK + json.dumps(result), flush=True)

@@ -213,8 +213,11 @@ def test_reduce_sum_is_wide_and_reduce_mean_of_ones_is_one(report):
     assert values(report, "numerics-reduce-mean", "means")[:2] == [1.0, 2.0]
 
 
-def test_boundary_casts_and_nan_rules(report):
-    casts = values(report, "numerics-boundary-casts", "fp16")
+def test_boundary_casts_and_nan_rules(report, tmp_path):
+    from orion.runtime.doctor.numerics_probes import BOUNDARY_UNMEASURABLE
+
+    assert entry(report, "numerics-boundary-casts")["verdict"] == BOUNDARY_UNMEASURABLE  # the default: no fp32 I/O
+    casts = [float(v) for v in PROBES["numerics-boundary-casts"].run(emulator(tmp_path, "m4"))["values"]["fp16"]]
     assert casts[:6] == [math.inf, -math.inf, 65504.0, math.inf, 65504.0, math.inf]
     assert casts[6] == 2.0 ** -23 and casts[7] == 0.0  # 1e-7 rounds to 2 subnormal steps, 1e-8 to none
     nan = observations(report, "numerics-nan")
@@ -577,7 +580,7 @@ def test_a_chip_that_refuses_fp32_io_at_compile(tmp_path):
     assert decide("fp32-io", backend) == ("fp16 only: fp32-input fails (compile), fp32-output fails (compile)",
                                           {"io_dtypes": ["fp16"]})
     assert decide("numerics-boundary-casts", backend) == (BOUNDARY_UNMEASURABLE, {})
-    assert decide("numerics-boundary-casts", emulator(tmp_path))[0].startswith("as modelled")
+    assert decide("numerics-boundary-casts", emulator(tmp_path, "m4"))[0].startswith("as modelled")
 
 
 def test_compare_reports_equal_values_and_the_largest_difference():

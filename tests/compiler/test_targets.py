@@ -176,3 +176,16 @@ def test_a_profile_file_from_doctor_is_a_target(tmp_path):
         get_target(str(path))
     with pytest.raises(SettingsError, match="not found"):
         get_target(str(tmp_path / "absent.json"))
+
+
+def test_a_profile_that_settles_the_slice_rule_loads_on_a_base_that_differs(tmp_path):
+    """An M4 probed on the default base: the field and the emulator's numerics twin both follow the probe."""
+    import json
+
+    from orion.runtime.backends.numerics import Numerics
+
+    path = tmp_path / "probed.json"
+    path.write_text(json.dumps({"base": "default", "overrides": {"slice_offset_overflow": False}}))
+    target = get_target(str(path))
+    assert target.slice_offset_overflow is False
+    assert Numerics.from_dict(target.numerics).slice_offset_overflow is False

@@ -295,8 +295,8 @@ def get_target(name: str | Target) -> Target:
                             "or a profile .json from `orion doctor --write-profile`") from None
 
 
-def load_profile(path: Path) -> Target:
-    """A target from a profile file: a named base profile with the probed values as overrides."""
+def read_profile(path: Path) -> tuple[str, dict]:
+    """A profile file's named base and its overrides, as written (``orion doctor --write-profile`` extends them)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -305,15 +305,23 @@ def load_profile(path: Path) -> Target:
         raise SettingsError(f"target profile {path} is not readable JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("overrides", {}), dict):
         raise SettingsError(f"target profile {path} must be an object with 'base' and 'overrides'")
-    base = get_target(str(data.get("base", "default")))
-    if base.name.endswith(".json"):
+    base = str(data.get("base", "default"))
+    if base.lower().endswith(".json"):
         raise SettingsError(f"target profile {path}: its base must be a named profile")
-    overrides = dict(data.get("overrides", {}))
+    return base, dict(data.get("overrides", {}))
+
+
+def load_profile(path: Path) -> Target:
+    """A target from a profile file: a named base profile with the probed values as overrides."""
+    base_name, overrides = read_profile(path)
+    base = get_target(base_name)
     numerics = {**base.numerics, **overrides.pop("numerics", {})}
+    if "slice_offset_overflow" in overrides:  # the field speaks for itself; the base's numerics twin must not
+        numerics.pop("slice_offset_overflow", None)
     if "io_dtypes" in overrides:
         overrides["io_dtypes"] = tuple(overrides["io_dtypes"])
     return base.with_overrides(name=path.stem, numerics=numerics, **overrides)
 
 
-__all__ = ["Target", "TARGETS", "get_target", "CONCAT_MODES", "BLOBS_PER_FILE", "SHARED_SCALAR_SLOTS",
+__all__ = ["Target", "TARGETS", "get_target", "read_profile", "CONCAT_MODES", "BLOBS_PER_FILE", "SHARED_SCALAR_SLOTS",
            "WEIGHT_UPDATES"]

@@ -416,6 +416,24 @@ def test_write_profile_writes_the_overrides_atomically(report, tmp_path, monkeyp
     assert sorted(p.name for p in path.parent.iterdir()) == ["m4.json"]  # no temp file left behind
 
 
+def test_write_profile_under_a_profile_file_extends_that_file(report, tmp_path):
+    """Probing with ``--target earlier.json`` writes a profile on the file's named base, keeping the file's overrides
+    the new probes did not settle (a file's stem is no base: loading such a profile would fail)."""
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"base": "m4", "overrides": {"concat": "allow", "max_blob_constants": 12,
+                                                                "numerics": {"reduce_sum_fp16": True}}}))
+    fake = ane_report(report, {"concat-interleave": {"concat": "interleave"}})
+    fake["target"] = str(earlier)
+    fake["probes"] = [e for e in fake["probes"] if e["id"] != "numerics-reduce-sum"]  # not probed this time
+    path = write_profile(fake, tmp_path / "later.json")
+    data = json.loads(path.read_text())
+    assert data["base"] == "m4"
+    assert data["overrides"]["concat"] == "interleave"  # the new probe wins
+    assert data["overrides"]["numerics"]["reduce_sum_fp16"] is True  # kept where no new probe spoke
+    later = get_target(str(path))
+    assert later.concat == "interleave" and later.mil_version == get_target("m4").mil_version
+
+
 def first_line(console) -> str:
     """The report's first printed line (before the table's title), unwrapped."""
     return " ".join(console.export_text(clear=False).split("ANE probes")[0].split())

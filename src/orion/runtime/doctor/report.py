@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from orion import __version__
-from orion.compiler.targets import get_target
+from orion.compiler.targets import get_target, read_profile
 from orion.errors import BackendError, SettingsError
 from orion.fileio import atomic_write
 from orion.runtime.backends import BACKENDS, requested_backend
@@ -227,9 +227,14 @@ def write_profile(report: dict, path: str | os.PathLike) -> Path:
     if "ane" not in report.get("backends", []):
         raise SettingsError("no probe ran on an Apple Neural Engine, so there is nothing to write to a profile; "
                             "run `orion doctor` on a Mac with Apple silicon")
-    overrides = profile_overrides(report)
+    target = str(report.get("target", "default"))
+    base_name, earlier = read_profile(Path(target)) if target.lower().endswith(".json") else (target, {})
+    probed = profile_overrides(report)  # a profile probed under a profile file extends that file's overrides
+    overrides = {**earlier, **probed}
+    if "numerics" in earlier and "numerics" in probed:
+        overrides["numerics"] = {**earlier["numerics"], **probed["numerics"]}
     fields = {k: v for k, v in overrides.items() if k != "numerics"}
-    base = get_target(report.get("target", "default"))
+    base = get_target(base_name)
     if "numerics" in overrides:  # the field slice_offset_overflow speaks for itself; its numerics twin follows it
         kept = {k: v for k, v in base.numerics.items() if k != "slice_offset_overflow"}
         fields["numerics"] = {**kept, **overrides["numerics"]}

@@ -25,6 +25,7 @@ from orion.mil.program import (
     Statement,
     TensorType,
     VarRef,
+    format_argument,
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -306,6 +307,47 @@ def test_literal_values(literal_text, type_text, expected):
     got = _const_value(literal_text, type_text)
     assert got.type == expected.type
     assert same_value(got.value, expected.value), (got.value, expected.value)
+
+
+def _operand(arg_text: str) -> Literal:
+    text = ("program(1.3)\n{\n func main<ios18>(tensor<fp16, [1, 4, 1, 8]> x) {\n"
+            f"  tensor<fp16, [1, 4, 8, 1]> y = reshape(shape = {arg_text}, x = x);\n }} -> (y);\n}}\n")
+    return parse_program(text).statement("y").args["shape"]
+
+
+@pytest.mark.parametrize(
+    "untyped, typed",
+    [
+        ("[1, 4, 8, 1]", "tensor<int32, [4]>([1, 4, 8, 1])"),
+        ("[-1]", "tensor<int32, [1]>([-1])"),
+        ("[true,false]", "tensor<bool, [2]>([true, false])"),
+        ("[0.5, -0x1.8p+1, 2]", "tensor<fp32, [3]>([0.5, -3.0, 2])"),
+        ("[1e-5, -inf]", "tensor<fp32, [2]>([0.00001, -inf])"),
+        ("[]", "tensor<int32, [0]>([])"),
+    ],
+)
+def test_untyped_list_operand_is_the_typed_literal(untyped, typed):
+    """Other tools write list operands without a type (``axes = [1]``); they parse to the literal coremltools gives
+    such a list (int32, bool, else fp32), and print back typed."""
+    got, want = _operand(untyped), _operand(typed)
+    assert got.type == want.type and same_value(got.value, want.value), (got, want)
+    reparsed = _operand(format_argument(got, verbose=False))
+    assert reparsed.type == want.type and same_value(reparsed.value, want.value)
+
+
+@pytest.mark.parametrize(
+    "untyped, message",
+    [
+        ("[1, true]", "expected a number, found 'true'"),
+        ("[x]", "expected a number, found 'x'"),
+        ("[1, 2147483648]", r"expected an integer in \[-2147483648, 2147483647\] for int32, found 2147483648"),
+        ("[nan]", "found NaN"),
+        ("[1, 2", "expected ',' or ']' after a value"),
+    ],
+)
+def test_untyped_list_refusals(untyped, message):
+    with pytest.raises(MILSyntaxError, match=message):
+        _operand(untyped)
 
 
 def test_literal_types_and_dtypes():

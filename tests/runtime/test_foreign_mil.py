@@ -83,3 +83,72 @@ def test_damaged_record_in_a_shared_file_is_named(tmp_path, rng):
     fused.write_bytes(bytes(data))
     with pytest.raises(WeightFileError, match=rf"weight file {fused}, offset {offsets[2]}: bad sentinel 0xCAFEF00D"):
         load_text(_fused_program(["qkv.bin"] * 3, offsets), tmp_path)
+
+
+# One computation in Orion's canonical spelling: every literal a named const, every statement named.
+CANONICAL = """program(1.3)
+[buildInfo = dict<string, string>({{"coremlc-version", "3505.4.1"}})]
+{
+    func main<ios18>(tensor<fp16, [1, 4, 1, 8]> x, tensor<fp16, [1, 4, 1, 8]> b) {
+        fp16 floor = const()[name=string("floor"), val=fp16(0.000244140625)];
+        tensor<fp16, [1, 4, 1, 8]> m = maximum(x=x, y=floor)[name=string("m")];
+        fp16 scale = const()[name=string("scale"), val=fp16(-3.0)];
+        tensor<fp16, [1, 4, 1, 8]> s = mul(x=b, y=scale)[name=string("s")];
+        tensor<fp16, [1, 4, 1, 8]> a = add(x=m, y=s)[name=string("a")];
+        tensor<int32, [4]> shape = const()[name=string("shape"), val=tensor<int32, [4]>([1, 4, 8, 1])];
+        tensor<fp16, [1, 4, 8, 1]> r = reshape(shape=shape, x=a)[name=string("r")];
+        tensor<int32, [4]> perm = const()[name=string("perm"), val=tensor<int32, [4]>([0, 1, 3, 2])];
+        tensor<fp16, [1, 4, 1, 8]> t = transpose(perm=perm, x=r)[name=string("t")];
+        tensor<int32, [1]> axes = const()[name=string("axes"), val=tensor<int32, [1]>([1])];
+        bool keep = const()[name=string("keep"), val=bool(true)];
+        tensor<fp16, [1, 1, 1, 8]> total = reduce_sum(axes=axes, keep_dims=keep, x=t)[name=string("total")];
+        int32 axis = const()[name=string("axis"), val=int32(-1)];
+        tensor<fp16, [1, 1, 1, 8]> y = softmax(axis=axis, x=total)[name=string("y")];
+    } -> (y, t);
+}
+"""
+
+# The same computation as other tools spell it: HEADER's program version and opset, inline hex-float operands,
+# untyped lists, consts without a name, statements without [name = ...], verbose and short scalar types mixed.
+FOREIGN = """HEADER
+{
+    func main<OPSET>(tensor<fp16, [1, 4, 1, 8]> x, tensor<fp16, [1, 4, 1, 8]> b) {
+        tensor<fp16, [1, 4, 1, 8]> m = maximum(x = x, y = fp16(0x1p-12))[name = string("m")];
+        tensor<fp16, [1, 4, 1, 8]> s = mul(x = b, y = tensor<fp16, []>(-0x1.8p+1));
+        tensor<fp16, [1, 4, 1, 8]> a = add(x = m, y = s);
+        tensor<fp16, [1, 4, 8, 1]> r = reshape(shape = [1, 4, 8, 1], x = a);
+        tensor<int32, [4]> perm = const()[val = tensor<int32, [4]>([0, 1, 3, 2])];
+        tensor<fp16, [1, 4, 1, 8]> t = transpose(perm = perm, x = r)[name = tensor<string, []>("t")];
+        tensor<bool, []> keep = const()[val = tensor<bool, []>(true)];
+        tensor<fp16, [1, 1, 1, 8]> total = reduce_sum(axes = [1], keep_dims = keep, x = t);
+        int32 axis = const()[name = string("axis"), val = int32(-1)];
+        tensor<fp16, [1, 1, 1, 8]> y = softmax(axis = axis, x = total);
+    } -> (y, t);
+}
+"""
+
+HEADERS = [
+    ("program(1.3)", "ios18"),
+    ("program(1.3)", "ios17"),
+    ('program(1.0)\n[buildInfo = dict<tensor<string, []>, tensor<string, []>>({{"coremlc-version", "3505.4.1"}})]',
+     "ios16"),
+    ("program(1.0)", "ios17"),
+]
+
+
+@pytest.mark.parametrize("header, opset", HEADERS)
+def test_foreign_spellings_compute_what_the_canonical_spelling_does(tmp_path, rng, header, opset):
+    foreign = FOREIGN.replace("HEADER", header).replace("OPSET", opset)
+    x = rng.normal(0, 1, (1, 4, 1, 8)).astype(np.float16)
+    b = rng.normal(0, 1, (1, 4, 1, 8)).astype(np.float16)
+    want = load_text(CANONICAL, tmp_path).run({"x": x, "b": b})
+    got = load_text(foreign, tmp_path).run({"x": x, "b": b})
+    assert set(got) == {"y", "t"}
+    for name in got:
+        np.testing.assert_array_equal(got[name], want[name])
+    # and the computation is what it says, so an emulator that ignored an operand would be caught
+    a = np.maximum(x.astype(np.float64), 2.0**-12) - 3.0 * b.astype(np.float64)
+    np.testing.assert_allclose(got["t"].astype(np.float64), a, rtol=2e-3, atol=2e-3)
+    total = a.sum(axis=1, keepdims=True)
+    e = np.exp(total - total.max(axis=-1, keepdims=True))
+    np.testing.assert_allclose(got["y"].astype(np.float64), e / e.sum(axis=-1, keepdims=True), rtol=1e-2, atol=2e-3)

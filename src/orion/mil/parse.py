@@ -9,7 +9,7 @@ The grammar accepted (whitespace and ``//`` comments allowed between any two tok
                   "->" "(" IDENT , ... ")" ";"
     statement  := type IDENT "=" IDENT "(" [ IDENT "=" argument , ... ] ")" [ "[" [ IDENT "=" literal , ... ] "]" ]
                   ";"
-    argument   := IDENT | literal | "(" IDENT , ... ")"
+    argument   := IDENT | literal | "[" [ number , ... ] "]" | "(" IDENT , ... ")"
     type       := "tensor" "<" dtype "," "[" [ INT , ... ] "]" ">" | dtype
     literal    := type "(" value ")"
     value      := number | "[" [ number , ... ] "]" | STRING | blob
@@ -418,7 +418,22 @@ class _Parser:
             return self.literal()
         if tok.kind == "ident":
             return self.use_variable(self.next())
-        raise self.error("a variable name, a literal, or a tuple of variables")
+        if tok.kind == "[":
+            return self.untyped_list()
+        raise self.error("a variable name, a literal, a list of values or a tuple of variables")
+
+    def untyped_list(self) -> Literal:
+        """``[1, 2]`` without a type, as some tools write operands: a rank-1 tensor of int32 (all integers), bool
+        (all true/false) or fp32 (any other number), the types coremltools gives such Python lists."""
+        self.next()
+        elements = self.comma_list("]", self.next_value_token, "a value")
+        if elements and {tok.text for tok in elements} <= {"true", "false"}:
+            dtype = "bool"
+        elif all(tok.kind == "number" and _INTEGER_RE.fullmatch(tok.text) for tok in elements):
+            dtype = "int32"
+        else:
+            dtype = "fp32"
+        return Literal(TensorType(dtype, (len(elements),)), self.numbers(dtype, elements))
 
     def literal_only(self) -> Literal:
         if not (self.at("ident") and self.peek().text in _TYPE_WORDS):

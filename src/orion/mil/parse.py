@@ -7,8 +7,8 @@ The grammar accepted (whitespace and ``//`` comments allowed between any two tok
     dict       := "dict" "<" strtype "," strtype ">" "(" "{" [ "{" STRING "," STRING "}" , ... ] "}" ")"
     function   := "func" IDENT "<" iosNN ">" "(" [ type IDENT , ... ] ")" "{" statement* "}"
                   "->" "(" IDENT , ... ")" ";"
-    statement  := type IDENT "=" IDENT "(" [ IDENT "=" argument , ... ] ")" [ "[" [ IDENT "=" literal , ... ] "]" ]
-                  ";"
+    statement  := results "=" IDENT "(" [ IDENT "=" argument , ... ] ")" [ "[" [ IDENT "=" literal , ... ] "]" ] ";"
+    results    := type IDENT , ... | "(" type IDENT , ... ")"     (several for ops such as split)
     argument   := IDENT | literal | "[" [ number , ... ] "]" | "(" IDENT , ... ")"
     type       := "tensor" "<" dtype "," "[" [ INT , ... ] "]" ">" | dtype
     literal    := type "(" value ")"
@@ -314,7 +314,7 @@ class _Parser:
         self.expect("{", "'{' opening the function body")
         statements = []
         while not self.at("}"):
-            if not (self.at("ident") and self.peek().text in _TYPE_WORDS):
+            if not (self.at("(") or self.at("ident") and self.peek().text in _TYPE_WORDS):
                 raise self.error("a statement (starting with its type) or '}' closing the function")
             statements.append(self.statement())
         self.next()
@@ -383,8 +383,16 @@ class _Parser:
 
     def statement(self) -> Statement:
         first = self.peek()
-        t = self.type_()
-        var_tok = self.variable_name("the statement's variable name")
+        if self.at("("):  # (type a, type b) = split(...)
+            self.next()
+            results = self.comma_list(")", self.result, "a result")
+            if not results:
+                raise self.error("at least one result in the parentheses", self.tokens[self.pos - 1])
+        else:  # type a, type b = split(...)
+            results = [self.result()]
+            while self.at(","):
+                self.next()
+                results.append(self.result())
         self.expect("=", "'=' after the variable name")
         op = self.identifier("an operation name").text
         self.expect("(", f"'(' opening the arguments of {op}")
@@ -395,8 +403,17 @@ class _Parser:
             self.next()
             self.comma_list("]", lambda: self.named(attrs, self.literal_only), "an attribute")
         self.expect(";", "';' ending the statement")
-        self.define(var_tok)  # only now: a statement cannot use its own result
-        return Statement(type=t, var=var_tok.text, op=op, args=args, attrs=attrs, line=first.line)
+        for _, tok in results:
+            self.define(tok)  # only now: a statement cannot use its own results
+        (t, var_tok), *more = results
+        return Statement(type=t, var=var_tok.text, op=op, args=args, attrs=attrs, line=first.line,
+                         more_outputs=tuple((tok.text, rt) for rt, tok in more))
+
+    def result(self) -> tuple[TensorType, _Token]:
+        """``type var``: one result of a statement."""
+        if not (self.at("ident") and self.peek().text in _TYPE_WORDS):
+            raise self.error("a result type such as tensor<fp16, [1, 64, 1, 64]>")
+        return self.type_(), self.variable_name("the statement's variable name")
 
     def named(self, into: dict, value) -> None:
         key = self.identifier("a parameter name")

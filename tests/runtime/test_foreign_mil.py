@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from orion.errors import WeightFileError
+from orion.errors import MILProgramError, WeightFileError
 from orion.mil.blob import write_blob_file
 from orion.mil.emit import MILModule
 from orion.runtime.backends.emulator import load_text
@@ -152,3 +152,28 @@ def test_foreign_spellings_compute_what_the_canonical_spelling_does(tmp_path, rn
     total = a.sum(axis=1, keepdims=True)
     e = np.exp(total - total.max(axis=-1, keepdims=True))
     np.testing.assert_allclose(got["y"].astype(np.float64), e / e.sum(axis=-1, keepdims=True), rtol=1e-2, atol=2e-3)
+
+
+SEVERAL_RESULTS = """program(1.3)
+{
+    func main<ios18>(tensor<fp16, [1, 4, 1, 8]> x) {
+        RESULTS = OP(x = x);
+        tensor<fp16, [1, 4, 1, 8]> y = relu(x = b);
+    } -> (y);
+}
+"""
+
+
+@pytest.mark.parametrize(
+    "results, op, message",
+    [
+        ("tensor<fp16, [1, 4, 1, 8]> a, tensor<fp16, [1, 4, 1, 8]> b", "relu",
+         r"line 4: relu gives one result, the statement declares 2 \(a, b\)"),
+        ("(tensor<fp16, [1, 2, 1, 8]> a, tensor<fp16, [1, 2, 1, 8]> b)", "split", "line 4: unknown op 'split'"),
+    ],
+)
+def test_statements_with_several_results_are_refused_by_name(tmp_path, results, op, message):
+    """The parser reads them (split); the emulator, which runs ops of one result, says so instead of failing on
+    the second result."""
+    with pytest.raises(MILProgramError, match=message):
+        load_text(SEVERAL_RESULTS.replace("RESULTS", results).replace("OP", op), tmp_path)

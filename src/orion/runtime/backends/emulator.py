@@ -171,6 +171,9 @@ class EmulatedProgram:
             if op is None:
                 raise MILProgramError(f"line {st.line}: unknown op {st.op!r} (statement {st.var!r}); "
                                       f"the emulator runs: {', '.join(sorted(k for k in OPS if k != 'const'))}")
+            if st.more_outputs:
+                raise MILProgramError(f"line {st.line}: {st.op} gives one result, the statement declares "
+                                      f"{len(st.outputs)} ({', '.join(var for var, _ in st.outputs)})")
             tensor_params = set(input_names(op, list(st.args)))
             unknown = set(st.args) - tensor_params - set(op.attrs)
             if unknown:

@@ -26,6 +26,11 @@ Decisions, for what public MIL text does and does not show:
   decimals within 2**-53 (relative) of a half-way point, which printed programs never contain;
 * tensor values are a flat list (``[0,1,3,2]``) of exactly the declared element count; nested lists are not accepted
   (no public MIL text was seen using them);
+* an operand may be an inline literal (``y = fp16(0x1p-12)``) or an untyped list (``axes = [1]``: int32, bool or
+  fp32, as coremltools types a Python list); both stay inline in the :class:`Program`, as the constraint catalog
+  counts inline operands apart from named consts;
+* ``const()`` and other statements need no ``[name = ...]``; a statement of an op with several results lists them
+  as ``type a, type b = split(...)`` or ``(type a, type b) = split(...)``, both seen in public programs;
 * strings accept the escapes ``\\"`` and ``\\\\`` only;
 * one function per program; no dynamic (``?``) dimensions; the ``program(1)`` / ``func main<CoreML8>`` header of
   files compiled by coremlc is refused (the printer cannot write it back).

@@ -493,3 +493,16 @@ def test_a_check_without_data_refuses_the_same_truncations_as_a_read(valid, tmp_
             np.testing.assert_array_equal(full, array)
             checked = reader.read(offset, array.dtype, array.shape, data=False)
             assert checked.shape == array.shape and checked.dtype == array.dtype and not checked.any()
+
+
+def test_orion_reads_a_file_coremltools_appended_to(ms, tmp_path):
+    """coremltools' writer reopened without truncation appends after the last blob and updates the count."""
+    path = tmp_path / "ct.bin"
+    first, second = np.arange(5, dtype=np.float16) - 2.5, np.arange(3, dtype=np.float32) * 0.75 + 1
+    (o1,) = ct_write(ms, path, [first])
+    writer = ms._BlobStorageWriter(str(path), truncate_file=False)
+    o2 = writer.write_float_data(second)
+    del writer
+    reader = BlobReader(path)
+    assert reader.count == 2 and reader.records() == [(o1, first.dtype, first.nbytes), (o2, second.dtype, 12)]
+    assert same_bits(reader.read(o1), first) and same_bits(reader.read(o2), second)

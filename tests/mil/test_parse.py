@@ -25,6 +25,7 @@ from orion.mil.program import (
     Statement,
     TensorType,
     VarRef,
+    format_argument,
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def assert_same_program(got: Program, want: Program, *, compare_dialect: bool = 
         assert (got.version, got.opset) == (want.version, want.opset)
     assert len(got.statements) == len(want.statements)
     for g, w in zip(got.statements, want.statements):
-        assert (g.type, g.var, g.op) == (w.type, w.var, w.op)
+        assert (g.type, g.var, g.op, g.more_outputs) == (w.type, w.var, w.op, w.more_outputs)
         assert same_named(g.args, w.args), (g.args, w.args)
         assert same_named(g.attrs, w.attrs), (g.attrs, w.attrs)
 
@@ -306,6 +307,47 @@ def test_literal_values(literal_text, type_text, expected):
     got = _const_value(literal_text, type_text)
     assert got.type == expected.type
     assert same_value(got.value, expected.value), (got.value, expected.value)
+
+
+def _operand(arg_text: str) -> Literal:
+    text = ("program(1.3)\n{\n func main<ios18>(tensor<fp16, [1, 4, 1, 8]> x) {\n"
+            f"  tensor<fp16, [1, 4, 8, 1]> y = reshape(shape = {arg_text}, x = x);\n }} -> (y);\n}}\n")
+    return parse_program(text).statement("y").args["shape"]
+
+
+@pytest.mark.parametrize(
+    "untyped, typed",
+    [
+        ("[1, 4, 8, 1]", "tensor<int32, [4]>([1, 4, 8, 1])"),
+        ("[-1]", "tensor<int32, [1]>([-1])"),
+        ("[true,false]", "tensor<bool, [2]>([true, false])"),
+        ("[0.5, -0x1.8p+1, 2]", "tensor<fp32, [3]>([0.5, -3.0, 2])"),
+        ("[1e-5, -inf]", "tensor<fp32, [2]>([0.00001, -inf])"),
+        ("[]", "tensor<int32, [0]>([])"),
+    ],
+)
+def test_untyped_list_operand_is_the_typed_literal(untyped, typed):
+    """Other tools write list operands without a type (``axes = [1]``); they parse to the literal coremltools gives
+    such a list (int32, bool, else fp32), and print back typed."""
+    got, want = _operand(untyped), _operand(typed)
+    assert got.type == want.type and same_value(got.value, want.value), (got, want)
+    reparsed = _operand(format_argument(got, verbose=False))
+    assert reparsed.type == want.type and same_value(reparsed.value, want.value)
+
+
+@pytest.mark.parametrize(
+    "untyped, message",
+    [
+        ("[1, true]", "expected a number, found 'true'"),
+        ("[x]", "expected a number, found 'x'"),
+        ("[1, 2147483648]", r"expected an integer in \[-2147483648, 2147483647\] for int32, found 2147483648"),
+        ("[nan]", "found NaN"),
+        ("[1, 2", "expected ',' or ']' after a value"),
+    ],
+)
+def test_untyped_list_refusals(untyped, message):
+    with pytest.raises(MILSyntaxError, match=message):
+        _operand(untyped)
 
 
 def test_literal_types_and_dtypes():
@@ -634,3 +676,59 @@ def test_random_programs_round_trip(program):
     converted = parse_program(program.to_text(other))
     assert_same_program(converted, program, compare_dialect=False)
     assert converted.to_text(program.version) == text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Statements with several results (split), in both spellings public programs use
+
+SPLIT_HEAD = """program(1.3)
+[buildInfo = dict<string, string>({{"coremlc-version", "3505.4.1"}})]
+{
+    func main<ios18>(tensor<fp16, [1, 6, 1, 8]> x) {
+        int32 ax = const()[name = string("ax"), val = int32(1)];
+        tensor<int32, [3]> sizes = const()[name = string("sizes"), val = tensor<int32, [3]>([1, 2, 3])];
+"""
+SPLIT_TAIL = """        tensor<fp16, [1, 3, 1, 8]> y = relu(x = c)[name = string("y")];
+    } -> (b, y);
+}
+"""
+PARTS = "tensor<fp16, [1, 1, 1, 8]> a, tensor<fp16, [1, 2, 1, 8]> b, tensor<fp16, [1, 3, 1, 8]> c"
+SPLIT_CALL = ' = split(axis = ax, split_sizes = sizes, x = x)[name = string("sp")];\n'
+
+
+@pytest.mark.parametrize("results", [PARTS, f"({PARTS})", f"( {PARTS.replace(', ', ' ,')} )"])
+def test_several_results_in_either_spelling(results):
+    program = parse_program(SPLIT_HEAD + "        " + results + SPLIT_CALL + SPLIT_TAIL)
+    split = program.statements[2]
+    want = [("a", TensorType(F16, (1, 1, 1, 8))), ("b", TensorType(F16, (1, 2, 1, 8))),
+            ("c", TensorType(F16, (1, 3, 1, 8)))]
+    assert split.op == "split" and split.name == "sp" and list(split.outputs) == want
+    assert (split.var, split.type) == want[0] and split.more_outputs == tuple(want[1:])
+    assert program.statement("c") is split and program.statement("a") is split
+    assert program.output_types() == [("b", want[1][1]), ("y", TensorType(F16, (1, 3, 1, 8)))]
+    assert program.statements[3].args["x"] == VarRef("c")
+    printed = program.to_text()
+    assert PARTS + " = split(" in printed
+    assert_same_program(parse_program(printed), program)
+    assert_same_program(parse_program(program.to_text("1.0")), program, compare_dialect=False)
+
+
+@pytest.mark.parametrize(
+    "results, error, message",
+    [
+        ("() ", MILSyntaxError, r"expected at least one result in the parentheses, found '\)'"),
+        ("tensor<fp16, [1, 1, 1, 8]> a, b", MILSyntaxError, "expected a result type .*, found 'b'"),
+        (f"({PARTS}", MILSyntaxError, "expected ',' or '\\)' after a result, found '='"),
+        (PARTS.replace(" c", " a"), MILProgramError, "variable 'a' is defined twice"),
+        (PARTS.replace(" c", " x"), MILProgramError, "variable 'x' is defined twice"),
+    ],
+)
+def test_several_results_refusals(results, error, message):
+    with pytest.raises(error, match=message):
+        parse_program(SPLIT_HEAD + "        " + results + SPLIT_CALL + SPLIT_TAIL)
+
+
+def test_a_split_cannot_read_its_own_results():
+    text = SPLIT_HEAD + "        " + PARTS + SPLIT_CALL.replace("x = x", "x = b") + SPLIT_TAIL
+    with pytest.raises(MILProgramError, match="variable 'b' is used before it is defined"):
+        parse_program(text)

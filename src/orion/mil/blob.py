@@ -6,6 +6,9 @@ offset = record offset + 64, uint64 sub-byte padding bits, zeros) followed by th
 on a 64-byte boundary; like coremltools, the writer pads *before* a record, so the file ends right after the last
 blob's data and the two writers produce identical bytes.
 
+The reader trusts each record, not the header's blob count: a program names a record by its offset, and other tools'
+files undercount (a public fused-QKV kernel's file says 1 blob, holds 3, and runs on hardware).
+
 Empty arrays: coremltools writes a size-0 record but its own reader then fails on it ("index out of bounds"), so
 :class:`BlobWriter` refuses to write one; :class:`BlobReader` still reads such a record back as an empty array.
 """
@@ -76,7 +79,7 @@ _SUPPORTED = ", ".join(str(d) for d in DTYPE_CODES)
 _TRUNCATED = "the file is truncated; write it again"
 _CORRUPT = "the file is corrupt; write it again"
 _NOT_V2 = "this is not a MIL blob storage v2 file"
-_BAD_OFFSET = "use an offset BlobWriter.add returned for this file"
+_BAD_OFFSET = "a BLOBFILE offset must name a blob's 64-byte record (64 for the first blob of a file)"
 
 
 def _align(n: int) -> int:
@@ -252,10 +255,6 @@ class BlobReader:
         self.count, version = _HEADER.unpack(header)
         if version != VERSION:
             raise self._error(0, f"header has version {version}, expected {VERSION}; {_NOT_V2}")
-        if _HEADER.size + self.count * _RECORD.size > self.size:
-            raise self._error(
-                0, f"header counts {self.count} blobs, more than a {self.size}-byte file holds; {_TRUNCATED}"
-            )
 
     def read(
         self, offset: int, dtype: Optional[DTypeLike] = None, shape: Optional[tuple[int, ...]] = None,
@@ -288,14 +287,21 @@ class BlobReader:
         return arr if shape is None else arr.reshape(shape)
 
     def records(self) -> list[tuple[int, np.dtype, int]]:
-        """``(offset, dtype, nbytes)`` of every blob, walking the records from the first one."""
+        """``(offset, dtype, nbytes)`` of every blob, walking the records from the first one to the end of the file.
+
+        The walk trusts the records, not the header's count (see the module docstring); a file holding fewer blobs
+        than its header counts was cut short, and is refused."""
         out = []
         offset = _HEADER.size
         with self._open() as f:
-            for _ in range(self.count):
+            while offset < self.size:
                 dtype, nbytes = self._record(f, offset)
                 out.append((offset, dtype, nbytes))
                 offset = _align(offset + _RECORD.size + nbytes)
+        if len(out) < self.count:
+            raise self._error(
+                0, f"header counts {self.count} blobs, the {self.size}-byte file holds {len(out)}; {_TRUNCATED}"
+            )
         return out
 
     def _record(self, f: BinaryIO, offset: int) -> tuple[np.dtype, int]:

@@ -7,9 +7,9 @@ The grammar accepted (whitespace and ``//`` comments allowed between any two tok
     dict       := "dict" "<" strtype "," strtype ">" "(" "{" [ "{" STRING "," STRING "}" , ... ] "}" ")"
     function   := "func" IDENT "<" iosNN ">" "(" [ type IDENT , ... ] ")" "{" statement* "}"
                   "->" "(" IDENT , ... ")" ";"
-    statement  := type IDENT "=" IDENT "(" [ IDENT "=" argument , ... ] ")" [ "[" [ IDENT "=" literal , ... ] "]" ]
-                  ";"
-    argument   := IDENT | literal | "(" IDENT , ... ")"
+    statement  := results "=" IDENT "(" [ IDENT "=" argument , ... ] ")" [ "[" [ IDENT "=" literal , ... ] "]" ] ";"
+    results    := type IDENT , ... | "(" type IDENT , ... ")"     (several for ops such as split)
+    argument   := IDENT | literal | "[" [ number , ... ] "]" | "(" IDENT , ... ")"
     type       := "tensor" "<" dtype "," "[" [ INT , ... ] "]" ">" | dtype
     literal    := type "(" value ")"
     value      := number | "[" [ number , ... ] "]" | STRING | blob
@@ -26,6 +26,11 @@ Decisions, for what public MIL text does and does not show:
   decimals within 2**-53 (relative) of a half-way point, which printed programs never contain;
 * tensor values are a flat list (``[0,1,3,2]``) of exactly the declared element count; nested lists are not accepted
   (no public MIL text was seen using them);
+* an operand may be an inline literal (``y = fp16(0x1p-12)``) or an untyped list (``axes = [1]``: int32, bool or
+  fp32, as coremltools types a Python list); both stay inline in the :class:`Program`, as the constraint catalog
+  counts inline operands apart from named consts;
+* ``const()`` and other statements need no ``[name = ...]``; a statement of an op with several results lists them
+  as ``type a, type b = split(...)`` or ``(type a, type b) = split(...)``, both seen in public programs;
 * strings accept the escapes ``\\"`` and ``\\\\`` only;
 * one function per program; no dynamic (``?``) dimensions; the ``program(1)`` / ``func main<CoreML8>`` header of
   files compiled by coremlc is refused (the printer cannot write it back).
@@ -314,7 +319,7 @@ class _Parser:
         self.expect("{", "'{' opening the function body")
         statements = []
         while not self.at("}"):
-            if not (self.at("ident") and self.peek().text in _TYPE_WORDS):
+            if not (self.at("(") or self.at("ident") and self.peek().text in _TYPE_WORDS):
                 raise self.error("a statement (starting with its type) or '}' closing the function")
             statements.append(self.statement())
         self.next()
@@ -383,8 +388,16 @@ class _Parser:
 
     def statement(self) -> Statement:
         first = self.peek()
-        t = self.type_()
-        var_tok = self.variable_name("the statement's variable name")
+        if self.at("("):  # (type a, type b) = split(...)
+            self.next()
+            results = self.comma_list(")", self.result, "a result")
+            if not results:
+                raise self.error("at least one result in the parentheses", self.tokens[self.pos - 1])
+        else:  # type a, type b = split(...)
+            results = [self.result()]
+            while self.at(","):
+                self.next()
+                results.append(self.result())
         self.expect("=", "'=' after the variable name")
         op = self.identifier("an operation name").text
         self.expect("(", f"'(' opening the arguments of {op}")
@@ -395,8 +408,17 @@ class _Parser:
             self.next()
             self.comma_list("]", lambda: self.named(attrs, self.literal_only), "an attribute")
         self.expect(";", "';' ending the statement")
-        self.define(var_tok)  # only now: a statement cannot use its own result
-        return Statement(type=t, var=var_tok.text, op=op, args=args, attrs=attrs, line=first.line)
+        for _, tok in results:
+            self.define(tok)  # only now: a statement cannot use its own results
+        (t, var_tok), *more = results
+        return Statement(type=t, var=var_tok.text, op=op, args=args, attrs=attrs, line=first.line,
+                         more_outputs=tuple((tok.text, rt) for rt, tok in more))
+
+    def result(self) -> tuple[TensorType, _Token]:
+        """``type var``: one result of a statement."""
+        if not (self.at("ident") and self.peek().text in _TYPE_WORDS):
+            raise self.error("a result type such as tensor<fp16, [1, 64, 1, 64]>")
+        return self.type_(), self.variable_name("the statement's variable name")
 
     def named(self, into: dict, value) -> None:
         key = self.identifier("a parameter name")
@@ -418,7 +440,22 @@ class _Parser:
             return self.literal()
         if tok.kind == "ident":
             return self.use_variable(self.next())
-        raise self.error("a variable name, a literal, or a tuple of variables")
+        if tok.kind == "[":
+            return self.untyped_list()
+        raise self.error("a variable name, a literal, a list of values or a tuple of variables")
+
+    def untyped_list(self) -> Literal:
+        """``[1, 2]`` without a type, as some tools write operands: a rank-1 tensor of int32 (all integers), bool
+        (all true/false) or fp32 (any other number), the types coremltools gives such Python lists."""
+        self.next()
+        elements = self.comma_list("]", self.next_value_token, "a value")
+        if elements and {tok.text for tok in elements} <= {"true", "false"}:
+            dtype = "bool"
+        elif all(tok.kind == "number" and _INTEGER_RE.fullmatch(tok.text) for tok in elements):
+            dtype = "int32"
+        else:
+            dtype = "fp32"
+        return Literal(TensorType(dtype, (len(elements),)), self.numbers(dtype, elements))
 
     def literal_only(self) -> Literal:
         if not (self.at("ident") and self.peek().text in _TYPE_WORDS):

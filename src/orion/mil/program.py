@@ -75,7 +75,9 @@ class Statement:
     """``<type> <var> = <op>(<args>)[<attrs>];``
 
     ``args`` are the parameters inside ``(...)``; ``attrs`` those inside ``[...]`` (``name``, and ``val`` for a
-    const). ``line`` is the 1-based source line, 0 for statements built in Python.
+    const). ``line`` is the 1-based source line, 0 for statements built in Python. An op with several results
+    (``split``) names the first in ``type``/``var`` and the rest, in order, in ``more_outputs``:
+    ``<type> <var>, <type> <var2> = split(...)``.
     """
 
     type: TensorType
@@ -84,6 +86,12 @@ class Statement:
     args: dict[str, Argument] = field(default_factory=dict)
     attrs: dict[str, Literal] = field(default_factory=dict)
     line: int = field(default=0, compare=False)
+    more_outputs: tuple[tuple[str, TensorType], ...] = ()
+
+    @property
+    def outputs(self) -> tuple[tuple[str, TensorType], ...]:
+        """Every result of the statement as ``(var, type)``, in order."""
+        return ((self.var, self.type), *self.more_outputs)
 
     @property
     def name(self) -> str:
@@ -110,14 +118,16 @@ class Program:
     build_info: dict[str, str] = field(default_factory=dict)
 
     def statement(self, var: str) -> Statement:
+        """The statement defining ``var`` (any of its results)."""
         for st in self.statements:
-            if st.var == var:
+            if st.var == var or any(name == var for name, _ in st.more_outputs):
                 return st
         raise KeyError(var)
 
     def var_types(self) -> dict[str, TensorType]:
         types = dict(self.inputs)
-        types.update((st.var, st.type) for st in self.statements)
+        for st in self.statements:
+            types.update(st.outputs)
         return types
 
     def output_types(self) -> list[tuple[str, TensorType]]:
@@ -206,7 +216,8 @@ def print_program(program: Program, version: str = "1.3") -> str:
     for st in program.statements:
         args = ", ".join(f"{k}={format_argument(v, verbose)}" for k, v in st.args.items())
         attrs = ", ".join(f"{k}={format_literal(v, verbose)}" for k, v in st.attrs.items())
-        lines.append(f"        {format_type(st.type, verbose)} {st.var} = {st.op}({args})[{attrs}];")
+        results = ", ".join(f"{format_type(t, verbose)} {var}" for var, t in st.outputs)
+        lines.append(f"        {results} = {st.op}({args})[{attrs}];")
     lines.append(f"    }} -> ({', '.join(program.outputs)});")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -171,6 +171,9 @@ class EmulatedProgram:
             if op is None:
                 raise MILProgramError(f"line {st.line}: unknown op {st.op!r} (statement {st.var!r}); "
                                       f"the emulator runs: {', '.join(sorted(k for k in OPS if k != 'const'))}")
+            if st.more_outputs:
+                raise MILProgramError(f"line {st.line}: {st.op} gives one result, the statement declares "
+                                      f"{len(st.outputs)} ({', '.join(var for var, _ in st.outputs)})")
             tensor_params = set(input_names(op, list(st.args)))
             unknown = set(st.args) - tensor_params - set(op.attrs)
             if unknown:
@@ -187,11 +190,9 @@ class EmulatedProgram:
                 for name in input_names(op, list(st.args)):
                     arg = st.args[name]
                     refs = arg if isinstance(arg, tuple) else (arg,)
-                    for ref in refs:
-                        if not isinstance(ref, VarRef):
-                            raise MILProgramError(f"line {st.line}: {st.op} input {name!r} must be a variable")
-                        arg_types.append(types[ref.name])
-                    inputs.append(tuple(r.name for r in refs) if isinstance(arg, tuple) else refs[0].name)
+                    names = tuple(self._operand(st, name, ref, types, blob_loader) for ref in refs)
+                    arg_types.extend(types[n] for n in names)
+                    inputs.append(names if isinstance(arg, tuple) else names[0])
                 inferred = op.infer(arg_types, attrs)
             except OrionError as exc:
                 if isinstance(exc, MILProgramError):
@@ -203,6 +204,17 @@ class EmulatedProgram:
             types[st.var] = st.type
             offset = last_axis_slice_offset(op.name, arg_types[0].shape, attrs) if op.name.startswith("slice") else 0
             self._steps.append(_Step(st.var, op, inputs, attrs, st, offset_slice=offset != 0))
+
+    def _operand(self, st: Statement, param: str, ref, types: dict[str, TensorType], blob_loader) -> str:
+        """The name an input is read under. An inline literal (``maximum(x=a, y=fp16(0x1p-12))``, as other tools
+        write) becomes a constant of its own, named ``<var>:<param>``, which no MIL variable can be called."""
+        if isinstance(ref, VarRef):
+            return ref.name
+        name = f"{st.var}:{param}"
+        const = Statement(ref.type, name, "const", attrs={"val": ref}, line=st.line)
+        self._consts[name] = self._const_value(const, blob_loader)
+        types[name] = ref.type
+        return name
 
     def _attr(self, st: Statement, key: str, arg) -> object:
         if isinstance(arg, Literal):

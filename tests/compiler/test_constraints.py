@@ -541,3 +541,13 @@ def test_format_catalog_rows():
     assert m1_rows["ANE-01"][5] == "concat='forbid' (CONFLICT)"
     assert m1_rows["ANE-25"][5] == "max_axis=16384"
     assert m1_rows["ANE-06"][5] == ""
+
+
+def test_integer_casts_inside_a_program_are_flagged_unverified():
+    program = with_statements(valid_program(), const("to_int", lit("string", "int32")),
+                              op(tt(1, 768, 1, 32, dtype="int32"), "zi", "cast", dtype="to_int", x="z"),
+                              const("to_half", lit("string", "fp16")),
+                              op(tt(1, 768, 1, 32), "zh", "cast", dtype="to_half", x="zi"))
+    violations = check_program(program, DEFAULT)
+    assert ids(violations) == ["ANE-39"] and violations[0].severity == "warning" and "'zi'" in violations[0].where
+    assert "unverified" in CATALOG["ANE-39"].source

@@ -22,7 +22,7 @@ import numpy as np
 from orion.compiler.targets import Target
 from orion.errors import ConstraintError, GraphError
 from orion.ir.ops import OPS, last_axis_slice_offset
-from orion.ir.types import FLOAT_DTYPES
+from orion.ir.types import CAST_DTYPES, FLOAT_DTYPES
 from orion.mil.program import NUMPY_DTYPES, BlobRef, Literal, Program, Statement, TensorType, VarRef
 
 CATEGORIES = ("compile", "io-binding", "numerics", "runtime", "performance", "weights")
@@ -244,6 +244,21 @@ _ENTRIES = (
         "inf cascades and NaN in training", "clamp to +-65504 on every copy into the ANE (outputs read back keep "
         "+-inf), sanitize weights when writing (NaN -> 0, +-inf -> +-65504)", "Orion; ANE guide (N1, N5, N6)",
     ),
+    Constraint(
+        "ANE-38", "every statement follows its op's MIL definition: known parameters, every input given, constant "
+        "parameters, operands the op accepts, the declared type equal to the op's result", "compile", "error",
+        "compile", "the ANE compiler rejects the program; the emulator refuses it at load with the same message",
+        "fix the statement as the message says (orion.ir.ops declares each op's inputs, parameters and shape rule)",
+        "coremltools op definitions (iOS16/iOS18 opsets); orion.mil.validate, which the emulator runs too",
+    ),
+    Constraint(
+        "ANE-39", "a cast to an integer or bool type inside a program: what the ANE computes is unknown", "numerics",
+        "warning", "compile", "unknown: values are fp16 in flight (N1), so an integer may be rounded to fp16, "
+        "computed otherwise, or refused at compile", "truncate on the CPU, or check the program with orion doctor "
+        "on the device before relying on it; the emulator computes MIL's cast (truncation toward zero, wrap to the "
+        "type's width, nonzero -> true) and holds the result as fp16",
+        "unverified (no public report of an integer cast on the ANE); MIL semantics: coremltools' cast",
+    ),
 )
 
 CATALOG: dict[str, Constraint] = {c.id: c for c in _ENTRIES}
@@ -453,6 +468,8 @@ class _Checker:
             self.check_conv(st, where)
         elif op in ("slice_by_index", "slice_by_size"):
             self.check_slice(st, where)
+        elif op == "cast" and st.type.dtype in CAST_DTYPES and st.type.dtype not in FLOAT_DTYPES:
+            self.add("ANE-39", where, f"cast to {st.type.dtype}: the ANE's result is unverified")
 
     def check_matmul(self, st: Statement, where: str) -> None:
         for flag in ("transpose_x", "transpose_y"):

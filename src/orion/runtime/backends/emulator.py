@@ -24,7 +24,7 @@ import numpy as np
 
 from orion.errors import BackendError, BindingError, EvaluationError, MILProgramError, OrionError, WeightFileError
 from orion.ir.ops import OPS, Kernels, OpDef, input_names, last_axis_slice_offset
-from orion.ir.types import TensorType
+from orion.ir.types import FLOAT_DTYPES, TensorType
 from orion.mil.blob import BlobReader
 from orion.mil.parse import parse_program, read_mil_file, resolve_blob_path
 from orion.mil.program import BlobRef, Literal, Program, Statement, VarRef
@@ -234,11 +234,17 @@ class EmulatedProgram:
         """One input, checked and converted to a new float32 array of fp16 values (``data`` is never kept)."""
         t = self._input_types[name]
         array = np.asarray(data)
-        if array.dtype.kind != "f":
-            raise BindingError(f"input {name!r} has dtype {array.dtype}; give a float array")
         if tuple(array.shape) != t.shape:
             raise BindingError(f"input {name!r} has shape {list(array.shape)}; the program declares {list(t.shape)}")
-        return numerics.hold_input(array, t.dtype)
+        if t.dtype in FLOAT_DTYPES:
+            if array.dtype.kind != "f":
+                raise BindingError(f"input {name!r} has dtype {array.dtype}; give a float array")
+            return numerics.hold_input(array, t.dtype)
+        # an integer or bool input enters exactly, as a constant does; the first op's result is held as fp16
+        if array.dtype.kind not in "biu" or not np.array_equal(array, array.astype(t.numpy_dtype)):
+            raise BindingError(f"input {name!r} is declared {t.dtype}; give an array of {t.dtype} values "
+                               f"(got {array.dtype} data)")
+        return array.astype(t.numpy_dtype)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name in their declared dtype (fp16 for non-float declarations)."""

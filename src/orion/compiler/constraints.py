@@ -24,6 +24,7 @@ from orion.errors import ConstraintError, GraphError
 from orion.ir.ops import OPS, last_axis_slice_offset
 from orion.ir.types import CAST_DTYPES, FLOAT_DTYPES
 from orion.mil.program import NUMPY_DTYPES, BlobRef, Literal, Program, Statement, TensorType, VarRef
+from orion.mil.validate import validate_program
 
 CATEGORIES = ("compile", "io-binding", "numerics", "runtime", "performance", "weights")
 CHECKED_AT = ("compile", "binding", "run", "not-checkable")
@@ -369,6 +370,7 @@ class _Checker:
 
     def run(self) -> list[Violation]:
         self.check_dialect()
+        self.check_definitions()
         for st in self.program.statements:
             self.check_statement(st)
         self.check_blobs()
@@ -436,6 +438,13 @@ class _Checker:
                 f"program({self.target.mil_version})",
                 f"print it with program.to_text({self.target.mil_version!r})",
             )
+
+    def check_definitions(self) -> None:
+        """MIL's op definitions, by the same function the emulator refuses a program with at load."""
+        for problem in validate_program(self.program).problems:
+            if problem.op and problem.op not in OPS:
+                continue  # an unknown op: ANE-34 (or ANE-06) names it
+            self.add("ANE-38", problem.where, problem.message)
 
     # -- statements ------------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -24,7 +25,7 @@ from orion.errors import ConstraintError, GraphError
 from orion.ir.ops import OPS, last_axis_slice_offset
 from orion.ir.types import CAST_DTYPES, FLOAT_DTYPES
 from orion.mil.program import NUMPY_DTYPES, BlobRef, Literal, Program, Statement, TensorType, VarRef
-from orion.mil.validate import validate_program
+from orion.mil.validate import check_weight_files, validate_program
 
 CATEGORIES = ("compile", "io-binding", "numerics", "runtime", "performance", "weights")
 CHECKED_AT = ("compile", "binding", "run", "not-checkable")
@@ -260,6 +261,13 @@ _ENTRIES = (
         "type's width, nonzero -> true) and holds the result as fp16",
         "unverified (no public report of an integer cast on the ANE); MIL semantics: coremltools' cast",
     ),
+    Constraint(
+        "ANE-40", "every BLOBFILE constant reads a blob record of its declared dtype and size from a weight file "
+        "inside the model folder", "weights", "error", "compile", "the program does not load (the emulator refuses "
+        "it at load with the same message)", "write the weight file with orion.mil.blob.BlobWriter next to the "
+        "program, and name its record offset in the const", "blob storage v2 (reference section 4); "
+        "orion.mil.validate.check_weight_files, the emulator's loader",
+    ),
 )
 
 CATALOG: dict[str, Constraint] = {c.id: c for c in _ENTRIES}
@@ -342,12 +350,18 @@ def check_binding(input_sizes: Mapping[str, int], output_sizes: Mapping[str, int
 # Compile-time checks
 
 
-def check_program(program: Program, target: Target) -> list[Violation]:
-    """Every compile-time rule decidable from the program text, for ``target``; [] when nothing is wrong.
+def check_program(program: Program, target: Target, model_dir: Path | None = None) -> list[Violation]:
+    """Every compile-time rule decidable from the program text, for ``target``; [] when nothing is wrong. With
+    ``model_dir``, the weight files its BLOBFILE constants name there too (ANE-40).
 
     Not checked here: the SRAM working set (ANE-36, the compiler's estimate), and rules that need run-time data.
     """
-    return _Checker(program, target, frozenset(OPS)).run()
+    found = _Checker(program, target, frozenset(OPS)).run()
+    if model_dir is not None:
+        entry = CATALOG["ANE-40"]
+        found += [Violation("ANE-40", entry.severity, p.where, p.message, entry.fix)
+                  for p in check_weight_files(program, model_dir)]
+    return found
 
 
 def _nbytes(t: TensorType) -> int | None:

@@ -11,15 +11,20 @@ result's; a cast in an ``ios16`` program only to the types that opset casts to.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from orion.errors import GraphError, MILProgramError
+from orion.errors import GraphError, MILProgramError, UnsafePathError, WeightFileError
 from orion.ir.ops import OPS, OpDef, input_names
 from orion.ir.types import CAST_DTYPES_IOS16
+from orion.mil.blob import BlobReader
+from orion.mil.parse import resolve_blob_path
 from orion.mil.program import NUMPY_DTYPES, BlobRef, Literal, Program, Statement, TensorType, VarRef
 
-__all__ = ["Problem", "ResolvedStatement", "Validation", "validate_program"]
+__all__ = ["Problem", "ResolvedStatement", "Validation", "check_weight_files", "directory_blob_loader",
+           "validate_program"]
 
 
 @dataclass(frozen=True)
@@ -166,3 +171,34 @@ def _const_attr(st: Statement, key: str, arg, consts: dict[str, Statement]) -> o
     if isinstance(arg, Literal) and not isinstance(arg.value, BlobRef):
         return _attr_value(arg.value)
     raise _Refusal(f"parameter {key!r} of {st.op} {st.var!r} must be a const written in the text")
+
+
+def directory_blob_loader(model_dir: Path, data: bool = True) -> Callable[[BlobRef, TensorType, Statement],
+                                                                         np.ndarray]:
+    """Read BLOBFILE constants from files under ``model_dir`` (paths may not leave it); ``data=False`` checks each
+    record and gives zeros."""
+    readers: dict[Path, BlobReader] = {}
+
+    def load(ref: BlobRef, t: TensorType, st: Statement) -> np.ndarray:
+        path = resolve_blob_path(model_dir, ref.path)
+        if path not in readers:
+            if not path.is_file():
+                raise WeightFileError(f"line {st.line}: weight file {ref.path!r} of {st.var!r} not found at {path}")
+            readers[path] = BlobReader(path)
+        return readers[path].read(ref.offset, dtype=t.numpy_dtype, shape=t.shape, data=data)
+
+    return load
+
+
+def check_weight_files(program: Program, model_dir: Path) -> list[Problem]:
+    """Every BLOBFILE constant whose record the emulator's loader (this module's) refuses under ``model_dir``."""
+    load = directory_blob_loader(Path(model_dir), data=False)
+    problems = []
+    for st, ref in program.blob_refs():
+        if st.type.dtype not in NUMPY_DTYPES:
+            continue  # validate_program refuses the const's type
+        try:
+            load(ref, st.type, st)
+        except (WeightFileError, UnsafePathError) as exc:
+            problems.append(Problem(_where(st), str(exc), st.op))
+    return problems

@@ -22,12 +22,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from orion.errors import BackendError, BindingError, EvaluationError, WeightFileError
+from orion.errors import BackendError, BindingError, EvaluationError
 from orion.ir.ops import Kernels, OpDef, last_axis_slice_offset
 from orion.ir.types import FLOAT_DTYPES, TensorType
-from orion.mil.blob import BlobReader
 from orion.mil.parse import parse_program, read_mil_file, resolve_blob_path
-from orion.mil.validate import validate_program
+from orion.mil.validate import directory_blob_loader, validate_program
 from orion.mil.program import BlobRef, Literal, Program, Statement
 from orion.mil.program import MODEL_PATH
 from orion.runtime.backends import numerics
@@ -265,23 +264,6 @@ def output_value(held: np.ndarray, t: TensorType, target: np.ndarray | None = No
         return numerics.fp16_of_held(held, out=target)
     np.copyto(target, numerics.fp16_of_held(held), casting="unsafe")
     return target
-
-
-def directory_blob_loader(model_dir: Path, data: bool = True) -> Callable[[BlobRef, TensorType, Statement],
-                                                                         np.ndarray]:
-    """Read BLOBFILE constants from files under ``model_dir`` (paths may not leave it); ``data=False`` checks each
-    record and gives zeros."""
-    readers: dict[Path, BlobReader] = {}
-
-    def load(ref: BlobRef, t: TensorType, st: Statement) -> np.ndarray:
-        path = resolve_blob_path(model_dir, ref.path)
-        if path not in readers:
-            if not path.is_file():
-                raise WeightFileError(f"line {st.line}: weight file {ref.path!r} of {st.var!r} not found at {path}")
-            readers[path] = BlobReader(path)
-        return readers[path].read(ref.offset, dtype=t.numpy_dtype, shape=t.shape, data=data)
-
-    return load
 
 
 def load_text(text: str, model_dir: str | Path, settings: Numerics | None = None,

@@ -43,6 +43,10 @@ CASES = {
                               True),
     "tuple for a single input": (mil(f"{X} x", st(f'{X} y = add(x=(x, x), y=x)[name=string("y")];')), False,
                                  "ANE-38", True),
+    "one variable for the values tuple": (mil(f"{X} x", st('int32 ax = const()[name=string("ax"), val=int32(3)];') + "\n"
+                                             + st('bool il = const()[name=string("il"), val=bool(false)];') + "\n"
+                                             + st(f'{X} y = concat(axis=ax, interleave=il, values=x)'
+                                                  '[name=string("y")];')), False, "ANE-38", True),
     "axis out of range": (mil(f"{X} x", st('int32 ax = const()[name=string("ax"), val=int32(4)];') + "\n"
                               + st(f'{X} y = softmax(axis=ax, x=x)[name=string("y")];')), False, "ANE-38", True),
     "cast to a type MIL lacks": (mil(f"{X} x", st('string d = const()[name=string("d"), val=string("fp64")];') + "\n"

@@ -115,3 +115,18 @@ def test_cast_to_int32_and_back_truncates(tmp_path):
     y = load_text(text, tmp_path).run({"x": x})["y"]
     np.testing.assert_array_equal(y, np.trunc(x))
     assert not np.array_equal(y, x)
+
+
+def test_integer_input_read_back_as_fp16_values(tmp_path):
+    """An integer output reads as fp16 like every non-float one, rounded (2049 -> 2048, 70000 -> inf), not garbled."""
+    text = """program(1.3)
+{
+    func main<ios18>(tensor<int32, [4]> x) {
+        tensor<int32, [2]> s = const()[name=string("s"), val=tensor<int32, [2]>([2, 2])];
+        tensor<int32, [2, 2]> y = reshape(shape=s, x=x)[name=string("y")];
+    } -> (y);
+}
+"""
+    x = np.array([-3, 2049, 70000, 2**31 - 1], dtype=np.int32)
+    y = load_text(text, tmp_path).run({"x": x})["y"]
+    np.testing.assert_array_equal(y.ravel(), x.astype(np.float32).astype(np.float16))

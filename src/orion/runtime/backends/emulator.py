@@ -260,6 +260,9 @@ def output_value(held: np.ndarray, t: TensorType, target: np.ndarray | None = No
             return held.copy()
         np.copyto(target, held)
         return target
+    if t.dtype not in FLOAT_DTYPES:  # an integer input read back unchanged need not be an fp16 value yet
+        with np.errstate(over="ignore"):
+            held = held.astype(F16).astype(np.float32)
     if target is None or target.dtype == F16:
         return numerics.fp16_of_held(held, out=target)
     np.copyto(target, numerics.fp16_of_held(held), casting="unsafe")

@@ -177,7 +177,7 @@ def test_accumulator_setting_changes_small_products(tmp_path):
 
 
 @pytest.mark.parametrize("body,message", [
-    ('        tensor<fp16, [1, 4, 1, 8]> y = frobnicate(x=a)[name=string("y")];', "line 4: unknown op 'frobnicate'"),
+    ('        tensor<fp16, [1, 4, 1, 8]> y = frobnicate(x=a)[name=string("y")];', "line 4 (frobnicate 'y'): unknown op 'frobnicate'"),
     ('        tensor<fp16, [1, 4, 1, 9]> y = exp(x=a)[name=string("y")];', "declared tensor<fp16, [1, 4, 1, 9]>"),
     ('        tensor<fp16, [1, 4, 1, 8]> y = exp(x=a, gamma=a)[name=string("y")];', "no parameter(s) ['gamma']"),
     ('        tensor<fp16, [1, 1, 1, 8]> y = reduce_sum(axes=a, x=a)[name=string("y")];', "must be a const"),

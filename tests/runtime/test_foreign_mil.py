@@ -168,8 +168,8 @@ SEVERAL_RESULTS = """program(1.3)
     "results, op, message",
     [
         ("tensor<fp16, [1, 4, 1, 8]> a, tensor<fp16, [1, 4, 1, 8]> b", "relu",
-         r"line 4: relu gives one result, the statement declares 2 \(a, b\)"),
-        ("(tensor<fp16, [1, 2, 1, 8]> a, tensor<fp16, [1, 2, 1, 8]> b)", "split", "line 4: unknown op 'split'"),
+         r"line 4 \(relu 'a'\): relu gives one result, the statement declares 2 \(a, b\)"),
+        ("(tensor<fp16, [1, 2, 1, 8]> a, tensor<fp16, [1, 2, 1, 8]> b)", "split", r"line 4 \(split 'a'\): unknown op 'split'"),
     ],
 )
 def test_statements_with_several_results_are_refused_by_name(tmp_path, results, op, message):

@@ -226,7 +226,8 @@ def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_fil
 @_target_option
 @handle_errors
 def check_cmd(path: Path, target_name: str) -> None:
-    """Validate a MIL program (a .mil file or a directory holding model.mil) against the constraint catalog."""
+    """Validate a MIL program (a .mil file or a directory holding model.mil, with the weight files it names there)
+    against the constraint catalog: everything the emulator refuses at load fails here too."""
     from orion.compiler.constraints import check_program
     from orion.compiler.targets import get_target
     from orion.mil.parse import parse_program, read_mil_file
@@ -234,7 +235,7 @@ def check_cmd(path: Path, target_name: str) -> None:
     target = get_target(target_name)
     text, mil = read_mil_file(path)
     program = parse_program(text, str(mil))
-    violations = check_program(program, target)
+    violations = check_program(program, target, model_dir=mil.parent)
     out.print(f"{mil}: {len(program.statements)} statements, target {target.name}", highlight=False, markup=False)
     print_violations(violations)
     if any(v.severity == "error" for v in violations):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -22,8 +23,9 @@ import numpy as np
 from orion.compiler.targets import Target
 from orion.errors import ConstraintError, GraphError
 from orion.ir.ops import OPS, last_axis_slice_offset
-from orion.ir.types import FLOAT_DTYPES
+from orion.ir.types import CAST_DTYPES, FLOAT_DTYPES
 from orion.mil.program import NUMPY_DTYPES, BlobRef, Literal, Program, Statement, TensorType, VarRef
+from orion.mil.validate import check_weight_files, validate_program
 
 CATEGORIES = ("compile", "io-binding", "numerics", "runtime", "performance", "weights")
 CHECKED_AT = ("compile", "binding", "run", "not-checkable")
@@ -244,6 +246,28 @@ _ENTRIES = (
         "inf cascades and NaN in training", "clamp to +-65504 on every copy into the ANE (outputs read back keep "
         "+-inf), sanitize weights when writing (NaN -> 0, +-inf -> +-65504)", "Orion; ANE guide (N1, N5, N6)",
     ),
+    Constraint(
+        "ANE-38", "every statement follows its op's MIL definition: known parameters, every input given, constant "
+        "parameters, operands the op accepts, the declared type equal to the op's result", "compile", "error",
+        "compile", "the ANE compiler rejects the program; the emulator refuses it at load with the same message",
+        "fix the statement as the message says (orion.ir.ops declares each op's inputs, parameters and shape rule)",
+        "coremltools op definitions (iOS16/iOS18 opsets); orion.mil.validate, which the emulator runs too",
+    ),
+    Constraint(
+        "ANE-39", "a cast to an integer or bool type inside a program: what the ANE computes is unknown", "numerics",
+        "warning", "compile", "unknown: values are fp16 in flight (N1), so an integer may be rounded to fp16, "
+        "computed otherwise, or refused at compile", "truncate on the CPU, or check the program with orion doctor "
+        "on the device before relying on it; the emulator computes MIL's cast (truncation toward zero, wrap to the "
+        "type's width, nonzero -> true) and holds the result as fp16",
+        "unverified (no public report of an integer cast on the ANE); MIL semantics: coremltools' cast",
+    ),
+    Constraint(
+        "ANE-40", "every BLOBFILE constant reads a blob record of its declared dtype and size from a weight file "
+        "inside the model folder", "weights", "error", "compile", "the program does not load (the emulator refuses "
+        "it at load with the same message)", "write the weight file with orion.mil.blob.BlobWriter next to the "
+        "program, and name its record offset in the const", "blob storage v2 (reference section 4); "
+        "orion.mil.validate.check_weight_files, the emulator's loader",
+    ),
 )
 
 CATALOG: dict[str, Constraint] = {c.id: c for c in _ENTRIES}
@@ -326,12 +350,18 @@ def check_binding(input_sizes: Mapping[str, int], output_sizes: Mapping[str, int
 # Compile-time checks
 
 
-def check_program(program: Program, target: Target) -> list[Violation]:
-    """Every compile-time rule decidable from the program text, for ``target``; [] when nothing is wrong.
+def check_program(program: Program, target: Target, model_dir: Path | None = None) -> list[Violation]:
+    """Every compile-time rule decidable from the program text, for ``target``; [] when nothing is wrong. With
+    ``model_dir``, the weight files its BLOBFILE constants name there too (ANE-40).
 
     Not checked here: the SRAM working set (ANE-36, the compiler's estimate), and rules that need run-time data.
     """
-    return _Checker(program, target, frozenset(OPS)).run()
+    found = _Checker(program, target, frozenset(OPS)).run()
+    if model_dir is not None:
+        entry = CATALOG["ANE-40"]
+        found += [Violation("ANE-40", entry.severity, p.where, p.message, entry.fix)
+                  for p in check_weight_files(program, model_dir)]
+    return found
 
 
 def _nbytes(t: TensorType) -> int | None:
@@ -354,6 +384,7 @@ class _Checker:
 
     def run(self) -> list[Violation]:
         self.check_dialect()
+        self.check_definitions()
         for st in self.program.statements:
             self.check_statement(st)
         self.check_blobs()
@@ -422,6 +453,13 @@ class _Checker:
                 f"print it with program.to_text({self.target.mil_version!r})",
             )
 
+    def check_definitions(self) -> None:
+        """MIL's op definitions, by the same function the emulator refuses a program with at load."""
+        for problem in validate_program(self.program).problems:
+            if problem.op and problem.op not in OPS:
+                continue  # an unknown op: ANE-34 (or ANE-06) names it
+            self.add("ANE-38", problem.where, problem.message)
+
     # -- statements ------------------------------------------------------------------------------------------------
 
     def check_statement(self, st: Statement) -> None:
@@ -453,6 +491,8 @@ class _Checker:
             self.check_conv(st, where)
         elif op in ("slice_by_index", "slice_by_size"):
             self.check_slice(st, where)
+        elif op == "cast" and st.type.dtype in CAST_DTYPES and st.type.dtype not in FLOAT_DTYPES:
+            self.add("ANE-39", where, f"cast to {st.type.dtype}: the ANE's result is unverified")
 
     def check_matmul(self, st: Statement, where: str) -> None:
         for flag in ("transpose_x", "transpose_y"):

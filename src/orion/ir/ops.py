@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from orion.errors import GraphError
-from orion.ir.types import FLOAT_DTYPES, TensorType
+from orion.ir.types import CAST_DTYPES, FLOAT_DTYPES, NUMPY_DTYPES, TensorType
 
 REQUIRED = object()
 
@@ -381,13 +381,41 @@ def last_axis_slice_offset(op: str, shape: Sequence[int], attrs: dict) -> int:
 
 
 def _cast_infer(types, attrs):
-    if attrs["dtype"] not in ("fp16", "fp32", "int32", "bool"):
-        raise _fail("cast", f"unsupported dtype {attrs['dtype']!r}")
+    if attrs["dtype"] not in CAST_DTYPES:
+        raise _fail("cast", f"unsupported dtype {attrs['dtype']!r}; MIL casts to {', '.join(CAST_DTYPES)}")
+    if types[0].dtype not in CAST_DTYPES:
+        raise _fail("cast", f"cannot cast from {types[0].dtype}; MIL casts from {', '.join(CAST_DTYPES)}")
     return TensorType(attrs["dtype"], types[0].shape)
 
 
+_INT32_MIN, _INT32_END = -(2**31), 2**31
+
+
+def cast_values(x: np.ndarray, dtype: str) -> np.ndarray:
+    """MIL's ``cast`` of the values ``x`` (any numeric or bool array) to ``dtype``, as coremltools' value inference
+    computes it (numpy's conversions, as on x86-64): to bool, nonzero is true; to fp16/fp32, rounding to nearest
+    even (overflow gives inf); to an integer type, truncation toward zero, a value outside int32 (or inf) becoming
+    -2**31, then two's-complement wrap to the type's width (300.7 -> int8 44, -1.5 -> uint8 255)."""
+    x = np.asarray(x)
+    target = NUMPY_DTYPES[dtype]
+    if dtype == "bool":
+        return x != 0
+    if dtype in FLOAT_DTYPES:
+        with np.errstate(over="ignore"):
+            return x.astype(target)
+    if x.dtype.kind == "f":
+        whole = np.trunc(x.astype(np.float64))
+        in_range = np.isfinite(whole) & (whole >= _INT32_MIN) & (whole < _INT32_END)
+        x = np.where(in_range, whole, _INT32_MIN)
+    return x.astype(np.int64).astype(target)  # integer narrowing wraps
+
+
 _declare(
-    "cast", ("x",), {"dtype": Attr("string")}, infer=_cast_infer, compute=lambda k, xs, a: xs[0], kind="layout"
+    "cast",
+    ("x",),
+    {"dtype": Attr("string")},
+    infer=_cast_infer,
+    compute=lambda k, xs, a: cast_values(xs[0], a["dtype"]),
 )
 
 
@@ -539,5 +567,5 @@ def get_op(name: str) -> OpDef:
         raise GraphError(f"unknown op {name!r}; known ops: {', '.join(sorted(OPS))}") from None
 
 
-__all__ = ["OPS", "OpDef", "Attr", "Kernels", "get_op", "input_names", "last_axis_slice_offset", "GELU_MODES",
-           "REQUIRED"]
+__all__ = ["OPS", "OpDef", "Attr", "Kernels", "get_op", "input_names", "last_axis_slice_offset", "cast_values",
+           "GELU_MODES", "REQUIRED"]

@@ -22,6 +22,10 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 FLOAT_DTYPES = ("fp16", "fp32")
 #: The dtypes an IR value may have.
 IR_DTYPES = ("fp16", "fp32", "int32", "bool")
+#: The dtypes MIL's ``cast`` converts among: iOS17 and later (``ios18`` programs) take all of them, ``ios16``
+#: programs only :data:`CAST_DTYPES_IOS16` (coremltools' cast op definitions of those opsets).
+CAST_DTYPES = ("fp16", "fp32", "int8", "uint8", "int16", "uint16", "int32", "bool")
+CAST_DTYPES_IOS16 = ("fp16", "fp32", "int32", "bool")
 
 
 def dtype_name(dtype) -> str:

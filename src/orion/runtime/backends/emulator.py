@@ -22,12 +22,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from orion.errors import BackendError, BindingError, EvaluationError, MILProgramError, OrionError, WeightFileError
-from orion.ir.ops import OPS, Kernels, OpDef, input_names, last_axis_slice_offset
-from orion.ir.types import TensorType
-from orion.mil.blob import BlobReader
+from orion.errors import BackendError, BindingError, EvaluationError
+from orion.ir.ops import Kernels, OpDef, last_axis_slice_offset
+from orion.ir.types import FLOAT_DTYPES, TensorType
 from orion.mil.parse import parse_program, read_mil_file, resolve_blob_path
-from orion.mil.program import BlobRef, Literal, Program, Statement, VarRef
+from orion.mil.validate import directory_blob_loader, validate_program
+from orion.mil.program import BlobRef, Literal, Program, Statement
 from orion.mil.program import MODEL_PATH
 from orion.runtime.backends import numerics
 from orion.runtime.backends.base import (
@@ -103,13 +103,6 @@ class _Step:
     offset_slice: bool = False
 
 
-def _attr_value(value) -> object:
-    """A const's numpy value as the op's attribute (lists for tensors, Python scalars for scalars)."""
-    if isinstance(value, np.ndarray):
-        return value.item() if value.ndim == 0 else value.tolist()
-    return value
-
-
 class EmulatedProgram:
     """A MIL program ready to run. Build one with :func:`load_program` or :func:`load_text`."""
 
@@ -161,78 +154,31 @@ class EmulatedProgram:
     # -- preparation: everything that does not depend on inputs is checked and done once ---------------------------
 
     def _prepare(self, blob_loader) -> None:
-        types: dict[str, TensorType] = dict(self.program.inputs)
+        """The checks ``orion check`` runs (:func:`~orion.mil.validate.validate_program`), then the constants."""
+        validation = validate_program(self.program)
+        validation.raise_first()
         for st in self.program.statements:
             if st.op == "const":
                 self._consts[st.var] = self._const_value(st, blob_loader)
-                types[st.var] = st.type
-                continue
-            op = OPS.get(st.op)
-            if op is None:
-                raise MILProgramError(f"line {st.line}: unknown op {st.op!r} (statement {st.var!r}); "
-                                      f"the emulator runs: {', '.join(sorted(k for k in OPS if k != 'const'))}")
-            if st.more_outputs:
-                raise MILProgramError(f"line {st.line}: {st.op} gives one result, the statement declares "
-                                      f"{len(st.outputs)} ({', '.join(var for var, _ in st.outputs)})")
-            tensor_params = set(input_names(op, list(st.args)))
-            unknown = set(st.args) - tensor_params - set(op.attrs)
-            if unknown:
-                raise MILProgramError(f"line {st.line}: {st.op} has no parameter(s) {sorted(unknown)}; "
-                                      f"it takes {sorted(set(input_names(op, list(op.inputs))) | set(op.attrs))}")
-            missing = [p for p in input_names(op) if p not in st.args]
-            if missing:
-                raise MILProgramError(f"line {st.line}: {st.op} {st.var!r} is missing input(s) {missing}")
-            attrs = {k: self._attr(st, k, v) for k, v in st.args.items() if k not in tensor_params}
-            try:
-                attrs = op.resolve_attrs(attrs)
-                arg_types: list[TensorType] = []
-                inputs: list[str | tuple[str, ...]] = []
-                for name in input_names(op, list(st.args)):
-                    arg = st.args[name]
-                    refs = arg if isinstance(arg, tuple) else (arg,)
-                    names = tuple(self._operand(st, name, ref, types, blob_loader) for ref in refs)
-                    arg_types.extend(types[n] for n in names)
-                    inputs.append(names if isinstance(arg, tuple) else names[0])
-                inferred = op.infer(arg_types, attrs)
-            except OrionError as exc:
-                if isinstance(exc, MILProgramError):
-                    raise
-                raise MILProgramError(f"line {st.line}: {st.op} {st.var!r}: {exc}") from None
-            if inferred.shape != st.type.shape:
-                raise MILProgramError(f"line {st.line}: {st.var!r} is declared {st.type} but {st.op} gives shape "
-                                      f"{list(inferred.shape)}")
-            types[st.var] = st.type
-            offset = last_axis_slice_offset(op.name, arg_types[0].shape, attrs) if op.name.startswith("slice") else 0
-            self._steps.append(_Step(st.var, op, inputs, attrs, st, offset_slice=offset != 0))
-
-    def _operand(self, st: Statement, param: str, ref, types: dict[str, TensorType], blob_loader) -> str:
-        """The name an input is read under. An inline literal (``maximum(x=a, y=fp16(0x1p-12))``, as other tools
-        write) becomes a constant of its own, named ``<var>:<param>``, which no MIL variable can be called."""
-        if isinstance(ref, VarRef):
-            return ref.name
-        name = f"{st.var}:{param}"
-        const = Statement(ref.type, name, "const", attrs={"val": ref}, line=st.line)
-        self._consts[name] = self._const_value(const, blob_loader)
-        types[name] = ref.type
-        return name
-
-    def _attr(self, st: Statement, key: str, arg) -> object:
-        if isinstance(arg, Literal):
-            return _attr_value(arg.value)
-        if isinstance(arg, VarRef) and arg.name in self._consts:
-            return _attr_value(self._consts[arg.name])
-        raise MILProgramError(f"line {st.line}: parameter {key!r} of {st.op} {st.var!r} must be a const")
+        for r in validation.resolved:
+            for name, literal in r.literals.items():
+                self._consts[name] = self._literal_value(literal, r.statement, blob_loader)
+            shape = r.arg_types[0].shape if r.arg_types else ()
+            offset = last_axis_slice_offset(r.op.name, shape, r.attrs) if r.op.name.startswith("slice") else 0
+            self._steps.append(_Step(r.statement.var, r.op, r.inputs, r.attrs, r.statement, offset_slice=offset != 0))
 
     def _const_value(self, st: Statement, blob_loader) -> object:
-        value = st.const_value
+        return self._literal_value(st.attrs["val"], st, blob_loader)
+
+    def _literal_value(self, literal: Literal, st: Statement, blob_loader) -> object:
+        """A constant's value: floats as held fp16 values; integers, bools and strings as they are written."""
+        value = literal.value
         if isinstance(value, BlobRef):
-            value = blob_loader(value, st.type, st)
+            value = blob_loader(value, literal.type, st)
             if self.check_only:
                 return value
-        if isinstance(value, np.ndarray) and st.type.dtype in ("fp16", "fp32"):
-            return numerics.hold_input(value, st.type.dtype)  # fp16 values, float32 storage
-        if value is None:
-            raise MILProgramError(f"line {st.line}: const {st.var!r} has no val")
+        if isinstance(value, np.ndarray) and literal.type.dtype in FLOAT_DTYPES:
+            return numerics.hold_input(value, literal.type.dtype)  # fp16 values, float32 storage
         return value
 
     # -- running --------------------------------------------------------------------------------------------------
@@ -246,11 +192,17 @@ class EmulatedProgram:
         """One input, checked and converted to a new float32 array of fp16 values (``data`` is never kept)."""
         t = self._input_types[name]
         array = np.asarray(data)
-        if array.dtype.kind != "f":
-            raise BindingError(f"input {name!r} has dtype {array.dtype}; give a float array")
         if tuple(array.shape) != t.shape:
             raise BindingError(f"input {name!r} has shape {list(array.shape)}; the program declares {list(t.shape)}")
-        return numerics.hold_input(array, t.dtype)
+        if t.dtype in FLOAT_DTYPES:
+            if array.dtype.kind != "f":
+                raise BindingError(f"input {name!r} has dtype {array.dtype}; give a float array")
+            return numerics.hold_input(array, t.dtype)
+        # an integer or bool input enters exactly, as a constant does; the first op's result is held as fp16
+        if array.dtype.kind not in "biu" or not np.array_equal(array, array.astype(t.numpy_dtype)):
+            raise BindingError(f"input {name!r} is declared {t.dtype}; give an array of {t.dtype} values "
+                               f"(got {array.dtype} data)")
+        return array.astype(t.numpy_dtype)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name in their declared dtype (fp16 for non-float declarations)."""
@@ -308,27 +260,13 @@ def output_value(held: np.ndarray, t: TensorType, target: np.ndarray | None = No
             return held.copy()
         np.copyto(target, held)
         return target
+    if t.dtype not in FLOAT_DTYPES:  # an integer input read back unchanged need not be an fp16 value yet
+        with np.errstate(over="ignore"):
+            held = held.astype(F16).astype(np.float32)
     if target is None or target.dtype == F16:
         return numerics.fp16_of_held(held, out=target)
     np.copyto(target, numerics.fp16_of_held(held), casting="unsafe")
     return target
-
-
-def directory_blob_loader(model_dir: Path, data: bool = True) -> Callable[[BlobRef, TensorType, Statement],
-                                                                         np.ndarray]:
-    """Read BLOBFILE constants from files under ``model_dir`` (paths may not leave it); ``data=False`` checks each
-    record and gives zeros."""
-    readers: dict[Path, BlobReader] = {}
-
-    def load(ref: BlobRef, t: TensorType, st: Statement) -> np.ndarray:
-        path = resolve_blob_path(model_dir, ref.path)
-        if path not in readers:
-            if not path.is_file():
-                raise WeightFileError(f"line {st.line}: weight file {ref.path!r} of {st.var!r} not found at {path}")
-            readers[path] = BlobReader(path)
-        return readers[path].read(ref.offset, dtype=t.numpy_dtype, shape=t.shape, data=data)
-
-    return load
 
 
 def load_text(text: str, model_dir: str | Path, settings: Numerics | None = None,

@@ -25,7 +25,9 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Attr:
     """An op attribute. ``kind`` is how MIL spells it: ``int`` (int32 scalar), ``ints`` (1-D int32 tensor),
-    ``bool``, ``bools`` (1-D bool tensor), ``string``, ``tensor`` (a const's value)."""
+    ``bool``, ``bools`` (1-D bool tensor), ``string``, ``float`` (a scalar of the op's float dtype, coremltools'
+    type ``T``: clip's bounds, an ``epsilon``), ``tensor`` (a const's value). A default of None means absent: the
+    emitter writes nothing and the op applies coremltools' default."""
 
     kind: str
     default: Any = REQUIRED
@@ -44,6 +46,9 @@ class OpDef:
     optional: tuple[str, ...] = ()
     #: The single input that takes a tuple of values (concat ``values``).
     variadic: str | None = None
+    #: Reported to run on the ANE (reference sections 3 and 9). The catalog (ANE-34) refuses the others: the
+    #: emulator runs every declared op, but a program that reaches the hardware should use only these.
+    ane_known: bool = True
 
     def resolve_attrs(self, attrs: dict) -> dict:
         """Fill defaults and reject unknown or missing attributes, naming them."""
@@ -175,9 +180,7 @@ def _gelu_infer(types, attrs):
 
 _UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "exp": np.exp,
-    "log": np.log,
     "sqrt": np.sqrt,
-    "rsqrt": _rsqrt,
     "tanh": np.tanh,
     "sigmoid": _sigmoid,
     "relu": lambda x: np.maximum(x, 0.0),
@@ -185,6 +188,27 @@ _UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 for _name, _fn in _UNARY.items():
     _declare(_name, ("x",), infer=_same(_name), compute=lambda k, xs, a, fn=_fn: fn(xs[0]), kind="activation")
+
+
+#: coremltools' default ``epsilon`` of each op, held in fp16 as the ANE holds every constant (N1): log's 1e-45 and
+#: rsqrt's 1e-12 vanish, inverse's 1e-4 becomes 1.0014e-4. (coremltools types the default in x's dtype; an fp32
+#: program keeps the tiny values until the ANE casts them.)
+DEFAULT_EPSILON = {op: float(np.float16(eps)) for op, eps in {"inverse": 1e-4, "log": 1e-45, "rsqrt": 1e-12}.items()}
+
+
+def _with_epsilon(op: str, fn: Callable[[np.ndarray], np.ndarray]):
+    """``fn(x + epsilon)``, coremltools' meaning of the ops that take an optional ``epsilon``."""
+
+    def compute(k, xs, a):
+        eps = DEFAULT_EPSILON[op] if a["epsilon"] is None else float(a["epsilon"])
+        return fn(xs[0] + eps if eps else xs[0])
+
+    return compute
+
+
+for _name, _fn in (("log", np.log), ("rsqrt", _rsqrt), ("inverse", np.reciprocal)):
+    _declare(_name, ("x",), {"epsilon": Attr("float", None)}, infer=_same(_name), compute=_with_epsilon(_name, _fn),
+             kind="activation")
 _declare(
     "gelu",
     ("x",),
@@ -194,6 +218,55 @@ _declare(
     kind="activation",
 )
 _declare("identity", ("x",), infer=lambda t, a: t[0], compute=lambda k, xs, a: xs[0], kind="layout")
+
+
+# Further unary ops of coremltools' iOS15-iOS18 opsets. ``elementwise`` ones are exact, or one product rounded once;
+# ``activation`` ones are the transcendental functions the ANE evaluates by tables (N7): the exact function rounded
+# to fp16. Only erf and the reciprocal (inverse) appear in the reference's measurements (N7); the others are not
+# known to run on the ANE.
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    # ANEForge's sweeps (N10): the ANE's round sends ties away from zero (numpy, and coremltools' meaning, go to even)
+    return np.copysign(np.floor(np.abs(x) + 0.5), x)
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(x, 0.0)  # log(1 + e^x) without overflow for large x
+
+
+_MORE_UNARY: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str, bool]] = {
+    "abs": (np.abs, "elementwise", False),
+    "sign": (np.sign, "elementwise", False),
+    "floor": (np.floor, "elementwise", False),
+    "ceil": (np.ceil, "elementwise", False),
+    "round": (_round_half_away, "elementwise", False),
+    "square": (np.square, "elementwise", False),
+    "relu6": (lambda x: np.clip(x, 0.0, 6.0), "elementwise", False),
+    "softplus": (_softplus, "activation", False),
+    "erf": (_erf, "activation", True),
+    "sin": (np.sin, "activation", False),
+    "cos": (np.cos, "activation", False),
+    "exp2": (np.exp2, "activation", False),
+}
+for _name, (_fn, _kind, _known) in _MORE_UNARY.items():
+    _declare(_name, ("x",), infer=_same(_name), compute=lambda k, xs, a, fn=_fn: fn(xs[0]), kind=_kind,
+             ane_known=_known)
+
+
+def _clip_infer(types, attrs):
+    if not attrs["alpha"] <= attrs["beta"]:
+        raise _fail("clip", f"alpha {attrs['alpha']} is above beta {attrs['beta']}")
+    return _float("clip", types[0])
+
+
+_declare("clip", ("x",), {"alpha": Attr("float"), "beta": Attr("float")}, infer=_clip_infer,
+         compute=lambda k, xs, a: np.clip(xs[0], a["alpha"], a["beta"]), ane_known=False)
+_declare("leaky_relu", ("x",), {"alpha": Attr("float")}, infer=_same("leaky_relu"),
+         compute=lambda k, xs, a: np.where(xs[0] >= 0, xs[0], a["alpha"] * xs[0]), ane_known=False)
+_declare("elu", ("x",), {"alpha": Attr("float")}, infer=_same("elu"),
+         compute=lambda k, xs, a: np.where(xs[0] > 0, xs[0], a["alpha"] * np.expm1(np.minimum(xs[0], 0.0))),
+         kind="activation", ane_known=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -280,8 +280,8 @@ class EmulatedProgram:
             owned = out is not result or (out.base is None and out.flags.writeable and
                                           all(out is not a for a in arrays))
             out = numerics.round_f32(out, ties, out=out if owned else None)
-        if step.op.name == "log":
-            out[arrays[0] == 0] = LOG_OF_ZERO
+        if step.op.name == "log":  # log of 0 (x + epsilon == 0) is -inf, the only way to get it
+            out[out == -np.inf] = LOG_OF_ZERO
         if kind == "activation" and self.settings.activation_quirks:
             out = numerics.activation_quirks(step.op.name, arrays[0].astype(F16), out.astype(F16), self.settings)
             out = out.astype(np.float32)

@@ -150,3 +150,43 @@ def test_catalog_refuses_ops_not_known_to_run_on_the_ane(tmp_path):
     found = [(v.constraint, v.message) for v in compile_graph(b.graph, target="m4").violations]
     assert [c for c, m in found if "'sin'" in m] == ["ANE-34"]
     assert not [c for c, m in found if "'erf'" in m]
+
+
+# -- 2. reductions and softmax ----------------------------------------------------------------------------------------
+
+REDUCTIONS = [  # op, input range (the log ones need positive sums), axes
+    ("reduce_min", (-8, 8), [1]),
+    ("reduce_min", (-8, 8), [1, 3]),
+    ("reduce_prod", (0.5, 1.5), [1]),
+    ("reduce_prod", (-1.5, 1.5), [3]),
+    ("reduce_l1_norm", (-4, 4), [1]),
+    ("reduce_l2_norm", (-4, 4), [1]),
+    ("reduce_l2_norm", (-4, 4), [-1]),
+    ("reduce_sum_square", (-4, 4), [1]),
+    ("reduce_log_sum", (0.1, 4), [3]),
+    ("reduce_log_sum_exp", (-6, 6), [1]),
+    ("reduce_log_sum_exp", (-6, 6), [1, 3]),
+]
+
+
+@pytest.mark.parametrize("keep_dims", [True, False])
+@pytest.mark.parametrize("op, bounds, axes", REDUCTIONS, ids=[f"{r[0]}{r[2]}" for r in REDUCTIONS])
+def test_reduction_matches_coremltools(tmp_path, rng, coreml, op, bounds, axes, keep_dims):
+    x = _fp16_input(rng, *bounds)
+    oracle = coreml(op, x=x.astype(np.float32), axes=axes, keep_dims=keep_dims)
+    got = run_op(tmp_path, op, x, out_shape=oracle.shape, axes=axes, keep_dims=keep_dims)
+    assert_within_fp16(got, oracle, what=op)
+
+
+def test_log_sum_exp_does_not_overflow_where_the_exact_value_is_finite(tmp_path):
+    """exp(1000) is beyond even float64, but the log-sum-exp of a row of 1000s (1000 + log 16) is not."""
+    x = np.full(SHAPE, 1000.0, np.float16)
+    got = run_op(tmp_path, "reduce_log_sum_exp", x, out_shape=(1, 6, 1, 1), axes=[3], keep_dims=True)
+    assert_within_fp16(got, np.full((1, 6, 1, 1), 1000 + np.log(16)), what="lse")
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, 3, -1, -3])
+def test_softmax_over_any_axis_matches_coremltools(tmp_path, rng, coreml, axis):
+    x = rng.uniform(-6, 6, (2, 6, 3, 16)).astype(np.float16)
+    got = run_op(tmp_path, "softmax", x, axis=axis)
+    assert_within_fp16(got, coreml("softmax", x=x.astype(np.float32), axis=axis), what=f"softmax axis {axis}")

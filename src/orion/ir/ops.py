@@ -315,6 +315,39 @@ _declare(
 )
 
 
+
+def _log_sum_exp(x: np.ndarray, axis, keepdims: bool) -> np.ndarray:
+    top = np.max(x, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)  # an all-inf row keeps its inf instead of inf - inf
+    out = np.log(np.sum(np.exp(x - top), axis=axis, keepdims=True)) + top
+    return out if keepdims else np.squeeze(out, axis=axis)
+
+
+# Reductions nobody has measured on the ANE: computed exactly in float64 and rounded once (no accumulator model,
+# N14 concerns reduce_sum only), and not known to run there (the catalog's ANE-34 refuses them).
+_MORE_REDUCTIONS: dict[str, Callable[[np.ndarray, tuple[int, ...], bool], np.ndarray]] = {
+    "reduce_min": lambda x, axis, keepdims: np.min(x, axis=axis, keepdims=keepdims),
+    "reduce_prod": lambda x, axis, keepdims: np.prod(x, axis=axis, keepdims=keepdims),
+    "reduce_l1_norm": lambda x, axis, keepdims: np.sum(np.abs(x), axis=axis, keepdims=keepdims),
+    "reduce_l2_norm": lambda x, axis, keepdims: np.sqrt(np.sum(np.square(x), axis=axis, keepdims=keepdims)),
+    "reduce_sum_square": lambda x, axis, keepdims: np.sum(np.square(x), axis=axis, keepdims=keepdims),
+    "reduce_log_sum": lambda x, axis, keepdims: np.log(np.sum(x, axis=axis, keepdims=keepdims)),
+    "reduce_log_sum_exp": _log_sum_exp,
+}
+for _name, _fn in _MORE_REDUCTIONS.items():
+    _declare(
+        _name,
+        ("x",),
+        _REDUCE_ATTRS,
+        infer=_reduce_infer(_name),
+        compute=lambda k, xs, a, fn=_fn, op=_name: fn(
+            xs[0].astype(np.float64), _reduce_axes(op, TensorType("fp32", xs[0].shape), a["axes"]), a["keep_dims"]
+        ).astype(np.float32),
+        kind="reduction",
+        ane_known=False,
+    )
+
+
 def _softmax(k, xs, a):
     x = xs[0]
     e = x - np.max(x, axis=a["axis"], keepdims=True)  # the hardware subtracts the row maximum (N8)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from orion.compiler.compile import compile_graph
+from orion.errors import GraphError
 from orion.ir.builder import GraphBuilder
 from orion.runtime.backends.emulator import load_text
 
@@ -55,13 +56,17 @@ def run_op(tmp_path, op: str, x: np.ndarray, out_shape=None, out_dtype: str = "f
     return load_text(text, tmp_path).run({"x": x})["y"]
 
 
-def assert_within_fp16(got: np.ndarray, oracle: np.ndarray, ulps: float = 1.0, what: str = "") -> None:
-    """``got`` (fp16) is within ``ulps`` fp16 ulps of the oracle's exact value rounded to fp16."""
+def assert_within_fp16(got: np.ndarray, oracle: np.ndarray, ulps: float = 1.0, what: str = "",
+                       intermediate: np.ndarray | None = None) -> None:
+    """``got`` (fp16) is within ``ulps`` fp16 ulps of the oracle's exact value rounded to fp16, plus one ulp of an
+    ``intermediate`` value the op rounds on the way (a wide sum before its bias add)."""
     ref = np.asarray(oracle, dtype=np.float64).astype(np.float16)
     assert got.shape == ref.shape, what
     assert np.isfinite(ref).all(), f"{what}: the oracle is not finite; pick another input range"
     err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
     bound = ulps * np.spacing(np.abs(ref)).astype(np.float64)
+    if intermediate is not None:
+        bound = bound + np.spacing(np.abs(np.asarray(intermediate).astype(np.float16))).astype(np.float64)
     worst = np.argmax(err - bound)
     assert (err <= bound).all(), (f"{what}: emulator {got.flat[worst]} vs oracle {oracle.flat[worst]} "
                                   f"(rounded {ref.flat[worst]})")
@@ -190,3 +195,118 @@ def test_softmax_over_any_axis_matches_coremltools(tmp_path, rng, coreml, axis):
     x = rng.uniform(-6, 6, (2, 6, 3, 16)).astype(np.float16)
     got = run_op(tmp_path, "softmax", x, axis=axis)
     assert_within_fp16(got, coreml("softmax", x=x.astype(np.float32), axis=axis), what=f"softmax axis {axis}")
+
+
+# -- 3. linear and normalizations -------------------------------------------------------------------------------------
+
+
+def _const_tensor(name: str, array: np.ndarray) -> str:
+    t = f"tensor<fp16, {list(array.shape)}>"
+    values = ", ".join(repr(float(v)) for v in array.ravel())
+    return f'        {t} {name} = const()[name=string("{name}"), val={t}([{values}])];'
+
+
+def run_with_tensors(tmp_path, op: str, x: np.ndarray, out_shape, tensors: dict, **params) -> np.ndarray:
+    """``run_op`` with constant tensor parameters (weights, gamma, ...) written inline as fp16 consts."""
+    lines = [_const_tensor(f"t_{name}", value) for name, value in tensors.items()]
+    for name, value in params.items():
+        t, lit = _literal(value)
+        lines.append(f'        {t} p_{name} = const()[name=string("p_{name}"), val={lit}];')
+    args = ", ".join([f"{n}=t_{n}" for n in tensors] + [f"{n}=p_{n}" for n in params] + ["x=x"])
+    lines.append(f'        tensor<fp16, {list(out_shape)}> y = {op}({args})[name=string("y")];')
+    text = (f"program(1.3)\n{{\n    func main<ios18>(tensor<fp16, {list(x.shape)}> x) {{\n" + "\n".join(lines)
+            + "\n    } -> (y);\n}\n")
+    return load_text(text, tmp_path).run({"x": x})["y"]
+
+
+def _f32(tensors: dict) -> dict:
+    return {k: v.astype(np.float32) for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("x_shape", [(24,), (5, 24), (2, 5, 24)])
+def test_linear_matches_coremltools(tmp_path, rng, coreml, x_shape, with_bias):
+    x = rng.normal(0, 1, x_shape).astype(np.float16)
+    tensors = {"weight": rng.normal(0, 0.3, (7, 24)).astype(np.float16)}
+    if with_bias:
+        tensors["bias"] = rng.normal(0, 1, (7,)).astype(np.float16)
+    oracle = coreml("linear", x=x.astype(np.float32), **_f32(tensors))
+    got = run_with_tensors(tmp_path, "linear", x, oracle.shape, tensors)
+    # the wide sum is rounded, then the bias add (as a conv and its bias add): one ulp of each
+    wide = coreml("linear", x=x.astype(np.float32), weight=tensors["weight"].astype(np.float32))
+    assert_within_fp16(got, oracle, what="linear", intermediate=wide if with_bias else None)
+
+
+@pytest.mark.parametrize("axes", [[1], [-1], [1, 3], None])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_matches_coremltools(tmp_path, rng, coreml, axes, affine):
+    x = rng.normal(0.5, 2, (2, 6, 1, 16)).astype(np.float16)
+    axes_or_all = list(range(4)) if axes is None else axes
+    shape = tuple(x.shape[a % 4] for a in sorted(a % 4 for a in axes_or_all))
+    tensors = {}
+    if affine:
+        tensors = {"gamma": rng.normal(1, 0.5, shape).astype(np.float16),
+                   "beta": rng.normal(0, 0.5, shape).astype(np.float16)}
+    params = {"epsilon": 0.25} if affine else {}  # a large epsilon, so that dropping it shows
+    if axes is not None:
+        params["axes"] = axes
+    # coremltools' default axes (all of them) cannot be filled on constant inputs: the oracle gets them explicitly
+    oracle = coreml("layer_norm", x=x.astype(np.float32), **_f32(tensors),
+                    **{k: (np.float32(v) if k == "epsilon" else v) for k, v in {"axes": axes_or_all, **params}.items()})
+    got = run_with_tensors(tmp_path, "layer_norm", x, x.shape, tensors, **params)
+    assert_within_fp16(got, oracle, what="layer_norm")
+
+
+def test_batch_norm_matches_torch(tmp_path, rng):
+    torch = pytest.importorskip("torch")
+    x = rng.normal(0.5, 2, (2, 6, 1, 16)).astype(np.float16)
+    tensors = {"mean": rng.normal(0, 1, 6), "variance": rng.uniform(0.2, 3, 6), "gamma": rng.normal(1, 0.5, 6),
+               "beta": rng.normal(0, 0.5, 6)}
+    tensors = {k: v.astype(np.float16) for k, v in tensors.items()}
+    t = {k: torch.tensor(v.astype(np.float64)) for k, v in tensors.items()}
+    oracle = torch.nn.functional.batch_norm(torch.tensor(x.astype(np.float64)), t["mean"], t["variance"],
+                                            t["gamma"], t["beta"], training=False, eps=0.125).numpy()
+    got = run_with_tensors(tmp_path, "batch_norm", x, x.shape, tensors, epsilon=0.125)
+    assert_within_fp16(got, oracle, what="batch_norm")
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 1, 16), (2, 6, 16)])
+def test_instance_norm_matches_torch(tmp_path, rng, shape):
+    torch = pytest.importorskip("torch")
+    x = rng.normal(0.5, 2, shape).astype(np.float16)
+    tensors = {"gamma": rng.normal(1, 0.5, 6).astype(np.float16), "beta": rng.normal(0, 0.5, 6).astype(np.float16)}
+    oracle = torch.nn.functional.instance_norm(
+        torch.tensor(x.astype(np.float64)), weight=torch.tensor(tensors["gamma"].astype(np.float64)),
+        bias=torch.tensor(tensors["beta"].astype(np.float64)), eps=0.25).numpy()
+    got = run_with_tensors(tmp_path, "instance_norm", x, x.shape, tensors, epsilon=0.25)
+    assert_within_fp16(got, oracle, what="instance_norm")
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 1, 16), (6, 2, 16)])
+def test_l2_norm_matches_coremltools(tmp_path, rng, coreml, shape):
+    x = rng.normal(0, 0.1, shape).astype(np.float16)
+    for params in ({}, {"epsilon": 0.5}):
+        oracle = coreml("l2_norm", x=x.astype(np.float32), **{k: np.float32(v) for k, v in params.items()})
+        assert_within_fp16(run_op(tmp_path, "l2_norm", x, **params), oracle, what=f"l2_norm {params}")
+
+
+def test_norm_parameters_are_checked_and_emitted_as_weight_blobs(tmp_path, rng, coreml):
+    b = GraphBuilder("norms")
+    x = b.input("x", SHAPE)
+    gamma, beta = rng.normal(1, 0.5, 6).astype(np.float16), rng.normal(0, 0.5, 6).astype(np.float16)
+    with pytest.raises(GraphError, match=r"gamma has shape \[5\], expected \[6\]"):
+        b.op("layer_norm", x=x, axes=[1], gamma=gamma[:5])
+    weight = rng.normal(0, 0.3, (4, 16)).astype(np.float16)
+    y = b.op("linear", x=b.op("layer_norm", x=x, axes=[1], gamma=gamma, beta=beta, epsilon=0.25), weight=weight)
+    b.output("y", y)
+    result = compile_graph(b.graph, target="m4")
+    assert "BLOBFILE" in result.module.text and "val=fp16(0.25)" in result.module.text
+    assert {v.constraint for v in result.violations if "layer_norm" in v.message or "linear" in v.message} == {
+        "ANE-34"}
+    result.module.write(tmp_path)
+    data = rng.normal(0, 2, SHAPE).astype(np.float16)
+    got = load_text(result.module.text, tmp_path).run({"x": data})["y"]
+    normed = coreml("layer_norm", x=data.astype(np.float32), axes=[1], gamma=gamma.astype(np.float32),
+                    beta=beta.astype(np.float32), epsilon=np.float32(0.25))
+    oracle = coreml("linear", x=normed.astype(np.float16).astype(np.float32), weight=weight.astype(np.float32))
+    assert_within_fp16(got, oracle, ulps=2, what="layer_norm then linear")

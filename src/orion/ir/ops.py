@@ -193,14 +193,21 @@ for _name, _fn in _UNARY.items():
 #: coremltools' default ``epsilon`` of each op, held in fp16 as the ANE holds every constant (N1): log's 1e-45 and
 #: rsqrt's 1e-12 vanish, inverse's 1e-4 becomes 1.0014e-4. (coremltools types the default in x's dtype; an fp32
 #: program keeps the tiny values until the ANE casts them.)
-DEFAULT_EPSILON = {op: float(np.float16(eps)) for op, eps in {"inverse": 1e-4, "log": 1e-45, "rsqrt": 1e-12}.items()}
+DEFAULT_EPSILON = {op: float(np.float16(eps)) for op, eps in {
+    "inverse": 1e-4, "log": 1e-45, "rsqrt": 1e-12,
+    "layer_norm": 1e-5, "batch_norm": 1e-5, "instance_norm": 1e-5, "l2_norm": 1e-6,
+}.items()}
+
+
+def _epsilon(op: str, attrs: dict) -> float:
+    return DEFAULT_EPSILON[op] if attrs["epsilon"] is None else float(attrs["epsilon"])
 
 
 def _with_epsilon(op: str, fn: Callable[[np.ndarray], np.ndarray]):
     """``fn(x + epsilon)``, coremltools' meaning of the ops that take an optional ``epsilon``."""
 
     def compute(k, xs, a):
-        eps = DEFAULT_EPSILON[op] if a["epsilon"] is None else float(a["epsilon"])
+        eps = _epsilon(op, a)
         return fn(xs[0] + eps if eps else xs[0])
 
     return compute
@@ -627,6 +634,107 @@ _declare(
     compute=_matmul,
     kind="wide",
 )
+
+
+
+def _linear_infer(types, attrs):
+    x = _float("linear", types[0])
+    w, b = np.shape(attrs["weight"]), attrs["bias"]
+    if len(w) != 2 or x.rank < 1 or x.shape[-1] != w[1]:
+        raise _fail("linear", f"weight {list(w)} must be [out, {x.shape[-1] if x.rank else '?'}] for x {x.short()}")
+    if b is not None and np.shape(b) != (w[0],):
+        raise _fail("linear", f"bias shape {list(np.shape(b))} is not [{w[0]}]")
+    return TensorType(x.dtype, x.shape[:-1] + (w[0],))
+
+
+def _linear(k: Kernels, xs, a):
+    x, w = xs[0], np.asarray(a["weight"], dtype=np.float32)
+    y = k.matmul(x.reshape(-1, w.shape[1]), np.ascontiguousarray(w.T)).reshape(x.shape[:-1] + (w.shape[0],))
+    if a["bias"] is not None:
+        y = y + np.asarray(a["bias"], dtype=np.float32)  # a new array, rounded again: the add a conv's bias becomes
+    return y
+
+
+# ``linear``: coremltools' ``x @ weight.T + bias`` with constant weight [O, I]. The ANE form of a linear layer is a
+# 1x1 conv (GraphBuilder.linear); this op is not known to run there.
+_declare(
+    "linear",
+    ("x",),
+    {"weight": Attr("tensor"), "bias": Attr("tensor", None)},
+    infer=_linear_infer,
+    compute=_linear,
+    kind="wide",
+    ane_known=False,
+)
+
+
+# Normalizations, coremltools' meanings with constant parameters. Computed exactly in float64 and rounded once with
+# the elementwise rule (their last step is a multiply-add). Nobody has reported these ops on the ANE (programs write
+# them with reduce_mean, pow and mul), so the catalog refuses them.
+
+
+def _norm_axes(op: str, x: TensorType, attrs: dict) -> tuple[int, ...]:
+    """The axes an op normalizes over, and a check that its per-channel parameters fit them."""
+    if op == "layer_norm":
+        axes = tuple(range(x.rank)) if attrs["axes"] is None else _reduce_axes(op, x, attrs["axes"])
+        shape = tuple(x.shape[i] for i in sorted(axes))
+    else:
+        low, high = {"batch_norm": (3, 5), "instance_norm": (3, 4), "l2_norm": (3, None)}[op]
+        if x.rank < low or (high is not None and x.rank > high):
+            raise _fail(op, f"x must have rank {low}..{high or ''}, got {x.short()}")
+        axes = {"batch_norm": (), "instance_norm": tuple(range(2, x.rank)),
+                "l2_norm": tuple(range(x.rank - 3, x.rank))}[op]
+        shape = (x.shape[1],)
+    for name in ("mean", "variance", "gamma", "beta"):
+        value = attrs.get(name)
+        if value is not None and tuple(np.shape(value)) != shape:
+            raise _fail(op, f"{name} has shape {list(np.shape(value))}, expected {list(shape)}")
+    return axes
+
+
+def _norm_infer(op: str):
+    def infer(types, attrs):
+        _norm_axes(op, _float(op, types[0]), attrs)
+        return types[0]
+
+    return infer
+
+
+def _normalize(op: str):
+    def compute(k, xs, a):
+        x = xs[0].astype(np.float64)
+        axes = _norm_axes(op, TensorType("fp32", x.shape), a)
+        eps = _epsilon(op, a)
+        if op == "l2_norm":
+            return (x / np.sqrt(np.sum(x * x, axis=axes, keepdims=True) + eps)).astype(np.float32)
+        # parameters broadcast over the normalized axes (layer_norm) or along the channel axis 1
+        keep = sorted(axes) if op == "layer_norm" else [1]
+        shape = [d if i in keep else 1 for i, d in enumerate(x.shape)]
+
+        def param(name: str, default: float) -> np.ndarray | float:
+            value = a.get(name)
+            return default if value is None else np.asarray(value, dtype=np.float64).reshape(shape)
+
+        if op == "batch_norm":
+            mean, var = param("mean", 0.0), param("variance", 1.0)
+        else:
+            mean = np.mean(x, axis=axes, keepdims=True)
+            var = np.mean(np.square(x - mean), axis=axes, keepdims=True)
+        y = (x - mean) / np.sqrt(var + eps) * param("gamma", 1.0) + param("beta", 0.0)
+        return y.astype(np.float32)
+
+    return compute
+
+
+_EPSILON_ATTR = {"epsilon": Attr("float", None)}
+_AFFINE_ATTRS = {"gamma": Attr("tensor", None), "beta": Attr("tensor", None), **_EPSILON_ATTR}
+for _name, _attrs in (
+    ("layer_norm", {"axes": Attr("ints", None), **_AFFINE_ATTRS}),
+    ("batch_norm", {"mean": Attr("tensor"), "variance": Attr("tensor"), **_AFFINE_ATTRS}),
+    ("instance_norm", _AFFINE_ATTRS),
+    ("l2_norm", _EPSILON_ATTR),
+):
+    _declare(_name, ("x",), _attrs, infer=_norm_infer(_name), compute=_normalize(_name), ane_known=False)
 
 # A constant: ``val`` holds the numpy array. Weights are constants that the emitter writes to blob files.
 _declare("const", (), {"val": Attr("tensor")}, infer=lambda t, a: None, compute=lambda k, xs, a: a["val"], kind="const")

@@ -192,9 +192,13 @@ def emit(graph: Graph, version: str = "1.3", weight_layout: str = "per-tensor",
             value = node.attrs.get(key)
             if value is None:
                 continue
-            lit = _attr_literal(attr.kind, value, out.type.dtype)
             const_var = claim(f"{var}_{key}")
-            statements.append(Statement(lit.type, const_var, "const", {}, {**_name_attr(const_var), "val": lit}))
+            if attr.kind == "tensor":  # a constant tensor of the op's dtype: a weight blob unless it is a scalar
+                array = np.asarray(value, dtype=NUMPY_DTYPES[out.type.dtype])
+                statements.append(_const_statement(const_var, array, add_blob))
+            else:
+                lit = _attr_literal(attr.kind, value, out.type.dtype)
+                statements.append(Statement(lit.type, const_var, "const", {}, {**_name_attr(const_var), "val": lit}))
             args[key] = VarRef(const_var)
         args = dict(sorted(args.items()))
         statements.append(Statement(out.type, var, node.op, args, _name_attr(var)))

@@ -35,7 +35,8 @@ def _small_block():
 
 
 def test_every_declared_op_and_parameter_exists_in_coremltools_ios18(ios18_op):
-    kind_domain = {"int": "int", "ints": "int", "bool": "bool", "bools": "bool", "string": "str"}
+    kind_domain = {"int": "int", "ints": "int", "bool": "bool", "bools": "bool", "string": "str", "float": "fp",
+                   "tensor": "fp"}
     for op in OPS.values():
         if op.name == "const":
             continue

@@ -178,10 +178,12 @@ class Graph:
         for i, node in enumerate(self.nodes):
             index[node.output.id] = f"n{i}"
             args = {k: [index[x.id] for x in v] if isinstance(v, list) else index[v.id] for k, v in node.inputs.items()}
-            attrs = {k: v for k, v in node.attrs.items() if k != "val"}
+            arrays = {k: v for k, v in node.attrs.items() if isinstance(v, np.ndarray)}  # a const's val, a gamma
+            attrs = {k: v for k, v in node.attrs.items() if k not in arrays}
             h.update(f"{node.op} {node.output.name} {node.output.type} {args} {sorted(attrs.items())}\n".encode())
-            if node.is_const:
-                h.update(np.ascontiguousarray(node.attrs["val"]).tobytes())
+            for key in sorted(arrays):
+                h.update(f"{key} {arrays[key].dtype} {arrays[key].shape}\n".encode())
+                h.update(np.ascontiguousarray(arrays[key]).tobytes())
         for name, v in self.outputs.items():
             h.update(f"out {name} {index.get(v.id)}\n".encode())
         return h.hexdigest()

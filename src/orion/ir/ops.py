@@ -25,7 +25,9 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Attr:
     """An op attribute. ``kind`` is how MIL spells it: ``int`` (int32 scalar), ``ints`` (1-D int32 tensor),
-    ``bool``, ``bools`` (1-D bool tensor), ``string``, ``tensor`` (a const's value)."""
+    ``bool``, ``bools`` (1-D bool tensor), ``string``, ``float`` (a scalar of the op's float dtype, coremltools'
+    type ``T``: clip's bounds, an ``epsilon``), ``tensor`` (a const's value). A default of None means absent: the
+    emitter writes nothing and the op applies coremltools' default."""
 
     kind: str
     default: Any = REQUIRED
@@ -44,6 +46,9 @@ class OpDef:
     optional: tuple[str, ...] = ()
     #: The single input that takes a tuple of values (concat ``values``).
     variadic: str | None = None
+    #: Reported to run on the ANE (reference sections 3 and 9). The catalog (ANE-34) refuses the others: the
+    #: emulator runs every declared op, but a program that reaches the hardware should use only these.
+    ane_known: bool = True
 
     def resolve_attrs(self, attrs: dict) -> dict:
         """Fill defaults and reject unknown or missing attributes, naming them."""
@@ -175,9 +180,7 @@ def _gelu_infer(types, attrs):
 
 _UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "exp": np.exp,
-    "log": np.log,
     "sqrt": np.sqrt,
-    "rsqrt": _rsqrt,
     "tanh": np.tanh,
     "sigmoid": _sigmoid,
     "relu": lambda x: np.maximum(x, 0.0),
@@ -185,6 +188,34 @@ _UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 for _name, _fn in _UNARY.items():
     _declare(_name, ("x",), infer=_same(_name), compute=lambda k, xs, a, fn=_fn: fn(xs[0]), kind="activation")
+
+
+#: coremltools' default ``epsilon`` of each op, held in fp16 as the ANE holds every constant (N1): log's 1e-45 and
+#: rsqrt's 1e-12 vanish, inverse's 1e-4 becomes 1.0014e-4. (coremltools types the default in x's dtype; an fp32
+#: program keeps the tiny values until the ANE casts them.)
+DEFAULT_EPSILON = {op: float(np.float16(eps)) for op, eps in {
+    "inverse": 1e-4, "log": 1e-45, "rsqrt": 1e-12,
+    "layer_norm": 1e-5, "batch_norm": 1e-5, "instance_norm": 1e-5, "l2_norm": 1e-6,
+}.items()}
+
+
+def _epsilon(op: str, attrs: dict) -> float:
+    return DEFAULT_EPSILON[op] if attrs["epsilon"] is None else float(attrs["epsilon"])
+
+
+def _with_epsilon(op: str, fn: Callable[[np.ndarray], np.ndarray]):
+    """``fn(x + epsilon)``, coremltools' meaning of the ops that take an optional ``epsilon``."""
+
+    def compute(k, xs, a):
+        eps = _epsilon(op, a)
+        return fn(xs[0] + eps if eps else xs[0])
+
+    return compute
+
+
+for _name, _fn in (("log", np.log), ("rsqrt", _rsqrt), ("inverse", np.reciprocal)):
+    _declare(_name, ("x",), {"epsilon": Attr("float", None)}, infer=_same(_name), compute=_with_epsilon(_name, _fn),
+             kind="activation")
 _declare(
     "gelu",
     ("x",),
@@ -194,6 +225,55 @@ _declare(
     kind="activation",
 )
 _declare("identity", ("x",), infer=lambda t, a: t[0], compute=lambda k, xs, a: xs[0], kind="layout")
+
+
+# Further unary ops of coremltools' iOS15-iOS18 opsets. ``elementwise`` ones are exact, or one product rounded once;
+# ``activation`` ones are the transcendental functions the ANE evaluates by tables (N7): the exact function rounded
+# to fp16. Only erf and the reciprocal (inverse) appear in the reference's measurements (N7); the others are not
+# known to run on the ANE.
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    # ANEForge's sweeps (N10): the ANE's round sends ties away from zero (numpy, and coremltools' meaning, go to even)
+    return np.copysign(np.floor(np.abs(x) + 0.5), x)
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(x, 0.0)  # log(1 + e^x) without overflow for large x
+
+
+_MORE_UNARY: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str, bool]] = {
+    "abs": (np.abs, "elementwise", False),
+    "sign": (np.sign, "elementwise", False),
+    "floor": (np.floor, "elementwise", False),
+    "ceil": (np.ceil, "elementwise", False),
+    "round": (_round_half_away, "elementwise", False),
+    "square": (np.square, "elementwise", False),
+    "relu6": (lambda x: np.clip(x, 0.0, 6.0), "elementwise", False),
+    "softplus": (_softplus, "activation", False),
+    "erf": (_erf, "activation", True),
+    "sin": (np.sin, "activation", False),
+    "cos": (np.cos, "activation", False),
+    "exp2": (np.exp2, "activation", False),
+}
+for _name, (_fn, _kind, _known) in _MORE_UNARY.items():
+    _declare(_name, ("x",), infer=_same(_name), compute=lambda k, xs, a, fn=_fn: fn(xs[0]), kind=_kind,
+             ane_known=_known)
+
+
+def _clip_infer(types, attrs):
+    if not attrs["alpha"] <= attrs["beta"]:
+        raise _fail("clip", f"alpha {attrs['alpha']} is above beta {attrs['beta']}")
+    return _float("clip", types[0])
+
+
+_declare("clip", ("x",), {"alpha": Attr("float"), "beta": Attr("float")}, infer=_clip_infer,
+         compute=lambda k, xs, a: np.clip(xs[0], a["alpha"], a["beta"]), ane_known=False)
+_declare("leaky_relu", ("x",), {"alpha": Attr("float")}, infer=_same("leaky_relu"),
+         compute=lambda k, xs, a: np.where(xs[0] >= 0, xs[0], a["alpha"] * xs[0]), ane_known=False)
+_declare("elu", ("x",), {"alpha": Attr("float")}, infer=_same("elu"),
+         compute=lambda k, xs, a: np.where(xs[0] > 0, xs[0], a["alpha"] * np.expm1(np.minimum(xs[0], 0.0))),
+         kind="activation", ane_known=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -240,6 +320,39 @@ _declare(
     compute=lambda k, xs, a: np.max(xs[0], axis=tuple(int(i) for i in a["axes"]), keepdims=a["keep_dims"]),
     kind="reduction",
 )
+
+
+
+def _log_sum_exp(x: np.ndarray, axis, keepdims: bool) -> np.ndarray:
+    top = np.max(x, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)  # an all-inf row keeps its inf instead of inf - inf
+    out = np.log(np.sum(np.exp(x - top), axis=axis, keepdims=True)) + top
+    return out if keepdims else np.squeeze(out, axis=axis)
+
+
+# Reductions nobody has measured on the ANE: computed exactly in float64 and rounded once (no accumulator model,
+# N14 concerns reduce_sum only), and not known to run there (the catalog's ANE-34 refuses them).
+_MORE_REDUCTIONS: dict[str, Callable[[np.ndarray, tuple[int, ...], bool], np.ndarray]] = {
+    "reduce_min": lambda x, axis, keepdims: np.min(x, axis=axis, keepdims=keepdims),
+    "reduce_prod": lambda x, axis, keepdims: np.prod(x, axis=axis, keepdims=keepdims),
+    "reduce_l1_norm": lambda x, axis, keepdims: np.sum(np.abs(x), axis=axis, keepdims=keepdims),
+    "reduce_l2_norm": lambda x, axis, keepdims: np.sqrt(np.sum(np.square(x), axis=axis, keepdims=keepdims)),
+    "reduce_sum_square": lambda x, axis, keepdims: np.sum(np.square(x), axis=axis, keepdims=keepdims),
+    "reduce_log_sum": lambda x, axis, keepdims: np.log(np.sum(x, axis=axis, keepdims=keepdims)),
+    "reduce_log_sum_exp": _log_sum_exp,
+}
+for _name, _fn in _MORE_REDUCTIONS.items():
+    _declare(
+        _name,
+        ("x",),
+        _REDUCE_ATTRS,
+        infer=_reduce_infer(_name),
+        compute=lambda k, xs, a, fn=_fn, op=_name: fn(
+            xs[0].astype(np.float64), _reduce_axes(op, TensorType("fp32", xs[0].shape), a["axes"]), a["keep_dims"]
+        ).astype(np.float32),
+        kind="reduction",
+        ane_known=False,
+    )
 
 
 def _softmax(k, xs, a):
@@ -549,6 +662,107 @@ _declare(
     compute=_matmul,
     kind="wide",
 )
+
+
+
+def _linear_infer(types, attrs):
+    x = _float("linear", types[0])
+    w, b = np.shape(attrs["weight"]), attrs["bias"]
+    if len(w) != 2 or x.rank < 1 or x.shape[-1] != w[1]:
+        raise _fail("linear", f"weight {list(w)} must be [out, {x.shape[-1] if x.rank else '?'}] for x {x.short()}")
+    if b is not None and np.shape(b) != (w[0],):
+        raise _fail("linear", f"bias shape {list(np.shape(b))} is not [{w[0]}]")
+    return TensorType(x.dtype, x.shape[:-1] + (w[0],))
+
+
+def _linear(k: Kernels, xs, a):
+    x, w = xs[0], np.asarray(a["weight"], dtype=np.float32)
+    y = k.matmul(x.reshape(-1, w.shape[1]), np.ascontiguousarray(w.T)).reshape(x.shape[:-1] + (w.shape[0],))
+    if a["bias"] is not None:
+        y = y + np.asarray(a["bias"], dtype=np.float32)  # a new array, rounded again: the add a conv's bias becomes
+    return y
+
+
+# ``linear``: coremltools' ``x @ weight.T + bias`` with constant weight [O, I]. The ANE form of a linear layer is a
+# 1x1 conv (GraphBuilder.linear); this op is not known to run there.
+_declare(
+    "linear",
+    ("x",),
+    {"weight": Attr("tensor"), "bias": Attr("tensor", None)},
+    infer=_linear_infer,
+    compute=_linear,
+    kind="wide",
+    ane_known=False,
+)
+
+
+# Normalizations, coremltools' meanings with constant parameters. Computed exactly in float64 and rounded once with
+# the elementwise rule (their last step is a multiply-add). Nobody has reported these ops on the ANE (programs write
+# them with reduce_mean, pow and mul), so the catalog refuses them.
+
+
+def _norm_axes(op: str, x: TensorType, attrs: dict) -> tuple[int, ...]:
+    """The axes an op normalizes over, and a check that its per-channel parameters fit them."""
+    if op == "layer_norm":
+        axes = tuple(range(x.rank)) if attrs["axes"] is None else _reduce_axes(op, x, attrs["axes"])
+        shape = tuple(x.shape[i] for i in sorted(axes))
+    else:
+        low, high = {"batch_norm": (3, 5), "instance_norm": (3, 4), "l2_norm": (3, None)}[op]
+        if x.rank < low or (high is not None and x.rank > high):
+            raise _fail(op, f"x must have rank {low}..{high or ''}, got {x.short()}")
+        axes = {"batch_norm": (), "instance_norm": tuple(range(2, x.rank)),
+                "l2_norm": tuple(range(x.rank - 3, x.rank))}[op]
+        shape = (x.shape[1],)
+    for name in ("mean", "variance", "gamma", "beta"):
+        value = attrs.get(name)
+        if value is not None and tuple(np.shape(value)) != shape:
+            raise _fail(op, f"{name} has shape {list(np.shape(value))}, expected {list(shape)}")
+    return axes
+
+
+def _norm_infer(op: str):
+    def infer(types, attrs):
+        _norm_axes(op, _float(op, types[0]), attrs)
+        return types[0]
+
+    return infer
+
+
+def _normalize(op: str):
+    def compute(k, xs, a):
+        x = xs[0].astype(np.float64)
+        axes = _norm_axes(op, TensorType("fp32", x.shape), a)
+        eps = _epsilon(op, a)
+        if op == "l2_norm":
+            return (x / np.sqrt(np.sum(x * x, axis=axes, keepdims=True) + eps)).astype(np.float32)
+        # parameters broadcast over the normalized axes (layer_norm) or along the channel axis 1
+        keep = sorted(axes) if op == "layer_norm" else [1]
+        shape = [d if i in keep else 1 for i, d in enumerate(x.shape)]
+
+        def param(name: str, default: float) -> np.ndarray | float:
+            value = a.get(name)
+            return default if value is None else np.asarray(value, dtype=np.float64).reshape(shape)
+
+        if op == "batch_norm":
+            mean, var = param("mean", 0.0), param("variance", 1.0)
+        else:
+            mean = np.mean(x, axis=axes, keepdims=True)
+            var = np.mean(np.square(x - mean), axis=axes, keepdims=True)
+        y = (x - mean) / np.sqrt(var + eps) * param("gamma", 1.0) + param("beta", 0.0)
+        return y.astype(np.float32)
+
+    return compute
+
+
+_EPSILON_ATTR = {"epsilon": Attr("float", None)}
+_AFFINE_ATTRS = {"gamma": Attr("tensor", None), "beta": Attr("tensor", None), **_EPSILON_ATTR}
+for _name, _attrs in (
+    ("layer_norm", {"axes": Attr("ints", None), **_AFFINE_ATTRS}),
+    ("batch_norm", {"mean": Attr("tensor"), "variance": Attr("tensor"), **_AFFINE_ATTRS}),
+    ("instance_norm", _AFFINE_ATTRS),
+    ("l2_norm", _EPSILON_ATTR),
+):
+    _declare(_name, ("x",), _attrs, infer=_norm_infer(_name), compute=_normalize(_name), ane_known=False)
 
 # A constant: ``val`` holds the numpy array. Weights are constants that the emitter writes to blob files.
 _declare("const", (), {"val": Attr("tensor")}, infer=lambda t, a: None, compute=lambda k, xs, a: a["val"], kind="const")

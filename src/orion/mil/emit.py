@@ -17,7 +17,7 @@ from orion.errors import GraphError, WeightFileError
 from orion.fileio import write_atomic
 from orion.ir.graph import Graph, sanitize_name
 from orion.ir.ops import OPS, input_names
-from orion.ir.types import TensorType, dtype_name
+from orion.ir.types import NUMPY_DTYPES, TensorType, dtype_name
 from orion.mil.blob import BlobReader, BlobWriter, blob_record_offsets
 from orion.mil.parse import parse_program, read_mil_file, resolve_blob_path
 from orion.mil.program import DIALECTS, MODEL_PATH, BlobRef, Literal, Program, Statement, VarRef
@@ -108,7 +108,10 @@ class MILModule:
         return sum(a.nbytes for arrays in self.weight_files.values() for a in arrays)
 
 
-def _attr_literal(kind: str, value) -> Literal:
+def _attr_literal(kind: str, value, float_dtype: str) -> Literal:
+    """An attribute's literal; a ``float`` one takes the op's float dtype (coremltools' ``T``)."""
+    if kind == "float":
+        return Literal(TensorType(float_dtype), np.asarray(value, dtype=NUMPY_DTYPES[float_dtype]))
     if kind == "int":
         return Literal(TensorType("int32"), np.asarray(int(value), dtype=np.int32))
     if kind == "ints":
@@ -189,9 +192,13 @@ def emit(graph: Graph, version: str = "1.3", weight_layout: str = "per-tensor",
             value = node.attrs.get(key)
             if value is None:
                 continue
-            lit = _attr_literal(attr.kind, value)
             const_var = claim(f"{var}_{key}")
-            statements.append(Statement(lit.type, const_var, "const", {}, {**_name_attr(const_var), "val": lit}))
+            if attr.kind == "tensor":  # a constant tensor of the op's dtype: a weight blob unless it is a scalar
+                array = np.asarray(value, dtype=NUMPY_DTYPES[out.type.dtype])
+                statements.append(_const_statement(const_var, array, add_blob))
+            else:
+                lit = _attr_literal(attr.kind, value, out.type.dtype)
+                statements.append(Statement(lit.type, const_var, "const", {}, {**_name_attr(const_var), "val": lit}))
             args[key] = VarRef(const_var)
         args = dict(sorted(args.items()))
         statements.append(Statement(out.type, var, node.op, args, _name_attr(var)))

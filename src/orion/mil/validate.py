@@ -53,6 +53,9 @@ class ResolvedStatement:
     #: Tensor inputs written inline (``pow(x=a, y=fp16(-0.5))``), by the name ``inputs`` gives them:
     #: ``<var>.<parameter>``, which no MIL variable can spell.
     literals: dict[str, Literal] = field(default_factory=dict)
+    #: Tensor attributes stored in weight files (a norm's ``gamma``, ``linear``'s ``weight``), by the const that
+    #: holds each: ``attrs`` has a stand-in of the right shape, the values are the loader's.
+    blob_attrs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,7 +155,18 @@ def _resolve(st: Statement, types: dict[str, TensorType], consts: dict[str, Stat
             raise _Refusal(f"{st.op} input {name!r} reads {undefined[0]!r}, which nothing defines")
         arg_types += [types[ref.name] for ref in refs]
         inputs.append(tuple(ref.name for ref in refs) if isinstance(arg, tuple) else refs[0].name)
-    attrs = {key: _const_attr(st, key, arg, consts) for key, arg in st.args.items() if key not in tensor_params}
+    attrs, blob_attrs = {}, {}
+    for key, arg in st.args.items():
+        if key in tensor_params:
+            continue
+        const = consts.get(arg.name) if isinstance(arg, VarRef) else None
+        val = const.attrs.get("val") if const is not None else None
+        if key in op.attrs and op.attrs[key].kind == "tensor" and isinstance(val, Literal) \
+                and isinstance(val.value, BlobRef):
+            blob_attrs[key] = arg.name  # its shape is enough to check the statement; its values come at load
+            attrs[key] = np.broadcast_to(np.zeros((), NUMPY_DTYPES[val.type.dtype]), val.type.shape)
+        else:
+            attrs[key] = _const_attr(st, key, arg, consts)
     try:
         attrs = op.resolve_attrs(attrs)
         inferred = op.infer(arg_types, attrs)
@@ -165,7 +179,7 @@ def _resolve(st: Statement, types: dict[str, TensorType], consts: dict[str, Stat
     if op.name == "cast" and opset == "ios16" and attrs["dtype"] not in CAST_DTYPES_IOS16:
         raise _Refusal(f"cast to {attrs['dtype']} needs the ios17 opset or later; {opset} casts to "
                        f"{', '.join(CAST_DTYPES_IOS16)}")
-    return ResolvedStatement(st, op, inputs, arg_types, attrs, literals)
+    return ResolvedStatement(st, op, inputs, arg_types, attrs, literals, blob_attrs)
 
 
 def _const_attr(st: Statement, key: str, arg, consts: dict[str, Statement]) -> object:

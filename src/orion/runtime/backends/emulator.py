@@ -165,7 +165,8 @@ class EmulatedProgram:
                 self._consts[name] = self._literal_value(literal, r.statement, blob_loader)
             shape = r.arg_types[0].shape if r.arg_types else ()
             offset = last_axis_slice_offset(r.op.name, shape, r.attrs) if r.op.name.startswith("slice") else 0
-            self._steps.append(_Step(r.statement.var, r.op, r.inputs, r.attrs, r.statement, offset_slice=offset != 0))
+            attrs = {**r.attrs, **{key: self._consts[var] for key, var in r.blob_attrs.items()}}
+            self._steps.append(_Step(r.statement.var, r.op, r.inputs, attrs, r.statement, offset_slice=offset != 0))
 
     def _const_value(self, st: Statement, blob_loader) -> object:
         return self._literal_value(st.attrs["val"], st, blob_loader)
@@ -244,8 +245,8 @@ class EmulatedProgram:
             owned = out is not result or (out.base is None and out.flags.writeable and
                                           all(out is not a for a in arrays))
             out = numerics.round_f32(out, ties, out=out if owned else None)
-        if step.op.name == "log":
-            out[arrays[0] == 0] = LOG_OF_ZERO
+        if step.op.name == "log":  # log of 0 (x + epsilon == 0) is -inf, the only way to get it
+            out[out == -np.inf] = LOG_OF_ZERO
         if kind == "activation" and self.settings.activation_quirks:
             out = numerics.activation_quirks(step.op.name, arrays[0].astype(F16), out.astype(F16), self.settings)
             out = out.astype(np.float32)

@@ -87,7 +87,7 @@ class AneKernels(Kernels):
                                               flush_subnormals=s.flush_subnormals_in_matmul, out=wide))
 
     def reduce_sum(self, x: np.ndarray, axes: tuple[int, ...], keep_dims: bool) -> np.ndarray:
-        return self._final(numerics.reduce_sum(x.astype(F16), axes, keep_dims, self.settings).astype(np.float32))
+        return self._final(numerics.reduce_sum_held(x, axes, keep_dims, self.settings))
 
 
 @dataclass

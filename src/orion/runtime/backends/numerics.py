@@ -557,9 +557,7 @@ def reduce_sum(
     x = _as_fp16(x16, "reduce_sum x")
     reduced = _normalize_axes(axes, x.ndim)
     if not numerics.reduce_sum_fp16:
-        with np.errstate(invalid="ignore"):  # inf - inf, made +0 below
-            wide = np.sum(x, axis=reduced, dtype=np.float64, keepdims=keep_dims)
-        return _finish(round_fp16(wide, numerics.reduction_ties))
+        return _wide_sum(x, reduced, keep_dims, numerics)
     kept = tuple(i for i in range(x.ndim) if i not in reduced)
     count = math.prod(x.shape[i] for i in reduced)
     rows = np.transpose(x, kept + reduced).reshape(tuple(x.shape[i] for i in kept) + (count,))
@@ -572,6 +570,22 @@ def reduce_sum(
     if keep_dims:
         running = running.reshape(tuple(1 if i in reduced else s for i, s in enumerate(x.shape)))
     return _finish(np.asarray(running, dtype=np.float16))
+
+
+def reduce_sum_held(x32: np.ndarray, axes: int | Sequence[int] | None, keep_dims: bool,
+                    numerics: Numerics) -> np.ndarray:
+    """``reduce_sum(x32.astype(np.float16), ...).astype(np.float32)`` for float32 arrays holding fp16 values: the
+    wide sum reads them as they are, which spares the cast of every input element (the float64 sum of the same
+    values, in the same order)."""
+    if numerics.reduce_sum_fp16:
+        return reduce_sum(x32.astype(np.float16), axes, keep_dims, numerics).astype(np.float32)
+    return _wide_sum(x32, _normalize_axes(axes, x32.ndim), keep_dims, numerics).astype(np.float32)
+
+
+def _wide_sum(x: np.ndarray, reduced: tuple[int, ...], keep_dims: bool, numerics: Numerics) -> np.ndarray:
+    with np.errstate(invalid="ignore"):  # inf - inf, made +0 below
+        wide = np.sum(x, axis=reduced, dtype=np.float64, keepdims=keep_dims)
+    return _finish(round_fp16(wide, numerics.reduction_ties))
 
 
 def _normalize_axes(axes: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:

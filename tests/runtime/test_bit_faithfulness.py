@@ -35,6 +35,7 @@ from orion.models.llama import (  # noqa: E402
     layer_inputs,
     rope_tables,
 )
+from orion.runtime.backends import numerics  # noqa: E402
 from orion.runtime.backends.emulator import EmulatorBackend, load_program  # noqa: E402
 from orion.runtime.backends.numerics import Numerics  # noqa: E402
 from orion.runtime.budget import CompileBudget  # noqa: E402
@@ -138,8 +139,12 @@ def all_digests(accumulator: str, tmp: Path) -> dict[str, str]:
     return {name: digest(value) for name, value in sorted(outputs.items())}
 
 
+@pytest.mark.parametrize("round_chunk", [None, 1000], ids=["default-chunks", "small-chunks"])
 @pytest.mark.parametrize("accumulator", ACCUMULATORS)
-def test_outputs_are_bit_identical_to_the_recorded_digests(accumulator, tmp_path):
+def test_outputs_are_bit_identical_to_the_recorded_digests(accumulator, round_chunk, tmp_path, monkeypatch):
+    """``small-chunks`` makes the large-array path of the rounding run on these small programs too."""
+    if round_chunk is not None:
+        monkeypatch.setattr(numerics, "_ROUND_CHUNK", round_chunk)
     want = json.loads(DIGESTS.read_text())[accumulator]
     got = all_digests(accumulator, tmp_path)
     assert sorted(got) == sorted(want)

@@ -43,9 +43,11 @@ def test_ratios_are_medians_of_pairs_and_warn_only_when_the_pairs_spread():
 
 
 def test_bench_gpt2_against_transformers_reports_medians_of_interleaved_repetitions(tiny_gpt2_dir):
+    """With one thread per side: the cap set in each side's process."""
     pytest.importorskip("torch")
-    report = bench.bench_gpt2(str(tiny_gpt2_dir), "emulator", "transformers", 8, 3, repeats=3)
-    assert report["repeats"] == 3
+    report = bench.bench_gpt2(str(tiny_gpt2_dir), "emulator", "transformers", 8, 3, repeats=3, threads=1)
+    assert report["repeats"] == 3 and report["threads"] == 1
+    assert report["reference"]["torch_threads"] == 1  # the cap reached the side's process
     for side in ("orion", "reference"):
         r = report[side]
         assert len(r["repetitions"]) == 3 and r["peak_mb"] > 0

@@ -369,10 +369,12 @@ def bench_group() -> None:
 @click.option("--exact-numerics", is_flag=True, help="Emulator: the target's accumulator model instead of fp32.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Measured repetitions of each side, interleaved; the report gives medians and their spread.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Cap both sides' BLAS/OpenMP threads (default: theirs); 1 keeps a busy machine's spread narrow.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @handle_errors
 def bench_gpt2_cmd(model_dir: str | None, backend: str, reference: str, prompt_tokens: int, new_tokens: int,
-                   exact_numerics: bool, repeats: int, json_file: Path) -> None:
+                   exact_numerics: bool, repeats: int, threads: int | None, json_file: Path) -> None:
     """Orion's GPT-2 against transformers on the same weights, in the same run (each side in its own process,
     their repetitions interleaved)."""
     import json
@@ -381,9 +383,10 @@ def bench_gpt2_cmd(model_dir: str | None, backend: str, reference: str, prompt_t
     from orion.models.bench import bench_gpt2, flatten
 
     report = bench_gpt2(model_dir, backend, None if reference == "none" else reference, prompt_tokens, new_tokens,
-                        exact_numerics, repeats)
+                        exact_numerics, repeats, threads)
     table = Table(title=f"GPT-2 ({report['model']}): prompt {prompt_tokens} tokens, {new_tokens} new; medians of "
-                        f"{repeats} interleaved repetitions (spread: (max - min) / median)")
+                        f"{repeats} interleaved repetitions (spread: (max - min) / median)"
+                        + (f"; {threads} thread(s) each" if threads else ""))
     for col in ("", "prefill tok/s", "decode tok/s", "first prefill s", "cached prefill s", "peak MB", "backend"):
         table.add_column(col, justify="right" if col.endswith(("s", "MB")) else "left")
     for side in ("orion", "reference"):

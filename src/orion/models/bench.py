@@ -115,6 +115,8 @@ def make_random_gpt2(folder: Path, seed: int = 0) -> Path:
 #: Above this spread of the per-pair ratios ((max - min) / median), the report warns that the ratio is noise.
 TRUSTED_SPREAD = 0.10
 _MEASURED = ("cached_prefill_s", "prefill_tok_s", "decode_tok_s")
+#: What caps the threads of numpy's BLAS and of torch in a side's process.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class _Side:
@@ -125,8 +127,12 @@ class _Side:
         cmd = [sys.executable, "-m", "orion.models.bench", "--side", side, "--model", str(model_dir),
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                "--backend", args.backend] + (["--exact-numerics"] if args.exact_numerics else [])
+        env = dict(os.environ)
+        if args.threads:  # read by OpenBLAS, MKL and torch's OpenMP when they start
+            env.update({name: str(args.threads) for name in THREAD_VARIABLES})
         self.side, self.log = side, log
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                     env=env)
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -183,18 +189,21 @@ def interleave(sides: list[_Side], repeats: int) -> list[list[dict]]:
 
 
 def bench_gpt2(model: str | None, backend: str, reference: str | None, prompt_tokens: int, new_tokens: int,
-               exact_numerics: bool = False, repeats: int = 5) -> dict:
+               exact_numerics: bool = False, repeats: int = 5, threads: int | None = None) -> dict:
     """Orion (and the reference) on the same weights, repetitions interleaved; medians, their spread, and for
     each ratio the median of the per-pair ratios with a warning when those spread wider than
-    :data:`TRUSTED_SPREAD`."""
+    :data:`TRUSTED_SPREAD`. ``threads`` caps both sides' BLAS/OpenMP threads (default: theirs, one per core); on a
+    busy machine, threads that wait for each other's cores make the spread far wider than one thread each does."""
     from orion.runtime.program import get_backend
 
     if repeats < 1:
         raise OrionError(f"repeats must be >= 1, got {repeats}")
+    if threads is not None and threads < 1:
+        raise OrionError(f"threads must be >= 1, got {threads}")
     # resolved here, before any weights are made: an unavailable backend is an error naming why, and the child
     # runs on exactly the backend resolved here (its report names the one that ran)
     args = argparse.Namespace(prompt_tokens=prompt_tokens, new_tokens=new_tokens, backend=get_backend(backend).name,
-                              exact_numerics=exact_numerics)
+                              exact_numerics=exact_numerics, threads=threads)
     names = ["orion"] + (["transformers"] if reference == "transformers" else [])
     with tempfile.TemporaryDirectory(prefix="orion-bench-gpt2-") as tmp:
         folder = Path(model) if model else make_random_gpt2(Path(tmp) / "gpt2-random")
@@ -211,7 +220,7 @@ def bench_gpt2(model: str | None, backend: str, reference: str | None, prompt_to
             for log in logs:
                 log.close()
     report = {"model": model or "random GPT-2 124M", "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-              "repeats": repeats, "orion": _summary(finals[0], reps[0]), "warnings": []}
+              "repeats": repeats, "threads": threads, "orion": _summary(finals[0], reps[0]), "warnings": []}
     if reference == "transformers":
         report["reference"] = _summary(finals[1], reps[1])
         report["ratios"], report["warnings"] = ratios(reps[0], reps[1])

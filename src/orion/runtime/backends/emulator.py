@@ -146,16 +146,24 @@ class EmulatedProgram:
         return [tuple(r) for r in releases]
 
     def _flush_wide_constants(self) -> dict[str, np.ndarray]:
-        """Constants read by conv/matmul, with subnormals flushed once here instead of at every run (N9)."""
+        """Constants read by conv/matmul, with subnormals flushed once here instead of at every run (N9). A constant
+        that nothing else reads (nor outputs) is replaced by its flushed values: weights are held once, not twice."""
         if not self.settings.flush_subnormals_in_matmul:
             return {}
-        out = {}
+        readers: dict[str, set[str]] = {}  # constant -> the kinds of op that read it
         for step in self._steps:
-            if step.op.kind == "wide":
-                for name in step.inputs:
-                    if isinstance(name, str) and isinstance(self._consts.get(name), np.ndarray):
-                        out[name] = numerics.flush_subnormals(self._consts[name])
-                        self.kernels.flushed.add(id(out[name]))
+            for ref in step.inputs:
+                for name in ref if isinstance(ref, tuple) else (ref,):
+                    if isinstance(self._consts.get(name), np.ndarray):
+                        readers.setdefault(name, set()).add(step.op.kind)
+        outputs = {name for name, _ in self.outputs}
+        out = {}
+        for name, kinds in readers.items():
+            if "wide" in kinds:
+                out[name] = numerics.flush_subnormals(self._consts[name])
+                self.kernels.flushed.add(id(out[name]))
+                if kinds == {"wide"} and name not in outputs:
+                    self._consts[name] = out[name]
         return out
 
     # -- preparation: everything that does not depend on inputs is checked and done once ---------------------------

@@ -385,7 +385,7 @@ def bench_gpt2_cmd(model_dir: str | None, backend: str, reference: str, prompt_t
     report = bench_gpt2(model_dir, backend, None if reference == "none" else reference, prompt_tokens, new_tokens,
                         exact_numerics, repeats, threads)
     table = Table(title=f"GPT-2 ({report['model']}): prompt {prompt_tokens} tokens, {new_tokens} new; medians of "
-                        f"{repeats} interleaved repetitions (spread: (max - min) / median)"
+                        f"{repeats} interleaved repetitions (± interquartile range / median)"
                         + (f"; {threads} thread(s) each" if threads else ""))
     for col in ("", "prefill tok/s", "decode tok/s", "first prefill s", "cached prefill s", "peak MB", "backend"):
         table.add_column(col, justify="right" if col.endswith(("s", "MB")) else "left")

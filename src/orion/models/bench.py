@@ -112,7 +112,7 @@ def make_random_gpt2(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-#: Above this spread of the per-pair ratios ((max - min) / median), the report warns that the ratio is noise.
+#: Above this spread of the per-pair ratios (interquartile range / median), the report warns that the ratio is noise.
 TRUSTED_SPREAD = 0.10
 _MEASURED = ("cached_prefill_s", "prefill_tok_s", "decode_tok_s")
 #: What caps the threads of numpy's BLAS and of torch in a side's process.
@@ -163,9 +163,12 @@ class _Side:
 
 
 def _spread(values: list[float]) -> float:
-    """(max - min) / median: how far apart the repetitions are, relative to the value reported."""
-    mid = statistics.median(values)
-    return (max(values) - min(values)) / mid if mid else float("inf")
+    """The interquartile range over the median: how far apart the middle half of the repetitions is, relative to
+    the value reported (one outlier on a busy machine moves neither)."""
+    if len(values) < 2:
+        return 0.0
+    q1, mid, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / mid if mid else float("inf")
 
 
 def _summary(info: dict, reps: list[dict]) -> dict:

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -90,6 +91,20 @@ class AneKernels(Kernels):
         return self._final(numerics.reduce_sum_held(x, axes, keep_dims, self.settings))
 
 
+#: Tensor constants as the emulator holds them, by what they are made of: the programs of one model that carry the
+#: same weights (its prefill and decode programs) hold one copy. Constants are never modified once held.
+_HELD_CONSTANTS: "weakref.WeakValueDictionary[tuple, np.ndarray]" = weakref.WeakValueDictionary()
+
+
+def _shared(key: tuple, make: Callable[[], np.ndarray]) -> np.ndarray:
+    """The held constant ``key`` names, made by ``make`` unless a loaded program holds it already."""
+    held = _HELD_CONSTANTS.get(key)
+    if held is None:
+        held = _HELD_CONSTANTS[key] = make()
+        held.flags.writeable = False  # shared: a write would change other programs' weights
+    return held
+
+
 @dataclass
 class _Step:
     """One executable statement: read ``inputs`` from the environment, compute, store ``var``."""
@@ -124,6 +139,7 @@ class EmulatedProgram:
         self._input_types = dict(self.inputs)
         self.outputs: list[tuple[str, TensorType]] = program.output_types()
         self._consts: dict[str, object] = {}
+        self._const_keys: dict[str, tuple] = {}  # what a tensor constant is made of, to share it (see _shared)
         self._steps: list[_Step] = []
         self._prepare(blob_loader)
         self._wide_consts = {} if check_only else self._flush_wide_constants()
@@ -160,7 +176,8 @@ class EmulatedProgram:
         out = {}
         for name, kinds in readers.items():
             if "wide" in kinds:
-                out[name] = numerics.flush_subnormals(self._consts[name])
+                value = self._consts[name]
+                out[name] = _shared(("flushed",) + self._const_keys[name], lambda: numerics.flush_subnormals(value))
                 self.kernels.flushed.add(id(out[name]))
                 if kinds == {"wide"} and name not in outputs:
                     self._consts[name] = out[name]
@@ -226,7 +243,9 @@ class EmulatedProgram:
             if self.check_only:
                 return value
         if isinstance(value, np.ndarray) and st.type.dtype in ("fp16", "fp32"):
-            return numerics.hold_input(value, st.type.dtype)  # fp16 values, float32 storage
+            key = (st.type.dtype, value.dtype.str, value.shape, hashlib.blake2b(np.ascontiguousarray(value)).digest())
+            self._const_keys[st.var] = key
+            return _shared(key, lambda: numerics.hold_input(value, st.type.dtype))  # fp16 values, float32 storage
         if value is None:
             raise MILProgramError(f"line {st.line}: const {st.var!r} has no val")
         return value

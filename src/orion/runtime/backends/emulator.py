@@ -176,8 +176,9 @@ class EmulatedProgram:
         out = {}
         for name, kinds in readers.items():
             if "wide" in kinds:
-                value = self._consts[name]
-                out[name] = _shared(("flushed",) + self._const_keys[name], lambda: numerics.flush_subnormals(value))
+                value, key = self._consts[name], self._const_keys.get(name)
+                out[name] = (numerics.flush_subnormals(value) if key is None else
+                             _shared(("flushed",) + key, lambda: numerics.flush_subnormals(value)))
                 self.kernels.flushed.add(id(out[name]))
                 if kinds == {"wide"} and name not in outputs:
                     self._consts[name] = out[name]

@@ -247,3 +247,48 @@ def test_catalog_and_emulator_agree_on_the_m1_slice_rule(tmp_path, rng, begin, b
     kept = data[tuple(slice(None if m else b_, None) for b_, m in zip(begin, begin_mask))]
     expected = np.where(np.abs(kept) > 4094, np.copysign(np.inf, kept), kept) if starts_inside else kept
     assert got.tolist() == expected.tolist()
+
+
+def test_weights_read_only_by_matmul_are_held_once_and_others_keep_their_subnormals(tmp_path):
+    """Flushing subnormals of conv/matmul constants at load (N9) replaces a constant only conv/matmul read; one
+    that an elementwise op also reads keeps its subnormals there."""
+    tiny = 2.0**-20  # an fp16 subnormal
+    w = f"tensor<fp16, [1, 1, 4, 1]>([{tiny!r}, 1.0, 2.0, 3.0])"
+    body = f"""        bool f = const()[name=string("f"), val=bool(false)];
+        tensor<fp16, [1, 1, 4, 1]> shared = const()[name=string("shared"), val={w}];
+        tensor<fp16, [1, 1, 4, 1]> only = const()[name=string("only"), val={w}];
+        tensor<fp16, [1, 1, 1, 1]> y = matmul(transpose_x=f, transpose_y=f, x=a, y=only)[name=string("y")];
+        tensor<fp16, [1, 1, 1, 1]> u = matmul(transpose_x=f, transpose_y=f, x=a, y=shared)[name=string("u")];
+        tensor<fp16, [1, 1, 4, 1]> z = add(x=shared, y=shared)[name=string("z")];"""
+    inputs = "tensor<fp16, [1, 1, 1, 4]> a"
+    text = f'program(1.3)\n{{\n    func main<ios18>({inputs}) {{\n{body}\n    }} -> (y, u, z);\n}}\n'
+    prog = load_text(text, tmp_path, Numerics(accumulator="fp32"))
+    assert prog._consts["only"] is prog._wide_consts["only"]  # one copy of the weight
+    assert prog._consts["shared"] is not prog._wide_consts["shared"]
+    out = prog.run({"a": np.array([[[[2.0**14, 0, 0, 0]]]])})
+    assert out["y"].item() == out["u"].item() == 0.0  # flushed before the product: 2**14 * 2**-20 would be 2**-6
+    assert out["z"][0, 0, 0, 0] == 2 * tiny  # the elementwise op reads the subnormal
+
+
+def test_programs_with_the_same_weights_hold_them_once(tmp_path):
+    """A model's prefill and decode programs carry the same weights: loaded side by side, they share the held
+    (and flushed) arrays, read-only; the arrays go with the last program that holds them."""
+    import gc
+
+    from orion.runtime.backends import emulator
+
+    b = GraphBuilder("shared")
+    x = b.input("x", (1, 8, 1, 4))
+    w = np.random.default_rng(0).normal(0, 1, (6, 8)).astype(np.float32)
+    b.output("y", b.linear(x, w, np.arange(6, dtype=np.float32), name="fc"))
+    compile_graph(b.graph, "default").module.write(tmp_path)
+    first, second = load_program(tmp_path), load_program(tmp_path)
+    weights = [name for name, v in first._wide_consts.items() if v.size == w.size]
+    assert weights and all(first._wide_consts[n] is second._wide_consts[n] for n in weights)
+    assert all(not first._consts[n].flags.writeable for n in first._const_keys)
+    data = np.ones((1, 8, 1, 4), np.float16)
+    assert first.run({"x": data})["y"].tobytes() == second.run({"x": data})["y"].tobytes()
+    before = len(emulator._HELD_CONSTANTS)
+    del first, second
+    gc.collect()
+    assert len(emulator._HELD_CONSTANTS) < before

@@ -317,3 +317,19 @@ def test_transformer_block_is_bit_identical_to_the_fp16_round_trip_path(block_di
             assert out.dtype == np.float32, var
             assert out.tobytes() == ref.tobytes(), f"{label}: {var} differs"
             assert out.tobytes() == copy.tobytes(), f"{label}: {var} was modified after it was computed"
+
+
+@pytest.mark.parametrize("settings", [Numerics(), Numerics(reduce_sum_fp16=True, reduction_ties="half-even")],
+                         ids=["wide", "fp16-running-sum"])
+def test_reduce_sum_held_is_reduce_sum_on_the_fp16_values(settings, rng):
+    """The emulator sums float32-held values without casting them to fp16 first: the same bits as the fp16 path,
+    with overflow to inf, inf - inf and sums that round (ties included) among the values."""
+    x = rng.normal(0, 1, (3, 5, 40)) * rng.choice([1e-3, 1.0, 3000.0], (3, 5, 1))
+    x[0, 0, :3] = [np.inf, -np.inf, 1.0]
+    x[1, 1, :] = 2048.0
+    x[1, 1, 0] = 1.0
+    x16 = x.astype(F16)
+    for axes, keep in [((2,), True), ((1, 2), False), (None, False), (0, True)]:
+        want = nm.reduce_sum(x16, axes, keep, settings).astype(np.float32)
+        got = nm.reduce_sum_held(x16.astype(np.float32), axes, keep, settings)
+        assert got.dtype == np.float32 and got.tobytes() == want.tobytes(), (axes, keep)

@@ -371,34 +371,45 @@ def bench_group() -> None:
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--exact-numerics", is_flag=True, help="Emulator: the target's accumulator model instead of fp32.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Measured repetitions of each side, interleaved; the report gives medians and their spread.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Cap both sides' BLAS/OpenMP threads (default: theirs); 1 keeps a busy machine's spread narrow.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @handle_errors
 def bench_gpt2_cmd(model_dir: str | None, backend: str, target_name: str, reference: str, prompt_tokens: int,
-                   new_tokens: int, exact_numerics: bool, json_file: Path) -> None:
-    """Orion's GPT-2 against transformers on the same weights, in the same run (each side in its own process)."""
+                   new_tokens: int, exact_numerics: bool, repeats: int, threads: int | None, json_file: Path) -> None:
+    """Orion's GPT-2 against transformers on the same weights, in the same run (each side in its own process,
+    their repetitions interleaved)."""
     import json
 
     from orion.fileio import write_atomic
     from orion.models.bench import bench_gpt2, flatten
 
     report = bench_gpt2(model_dir, backend, None if reference == "none" else reference, prompt_tokens, new_tokens,
-                        exact_numerics, target_name)
+                        exact_numerics, target_name, repeats, threads)
     chip = f", {report['chip']}" if report["chip"] else ""
     table = Table(title=f"GPT-2 ({report['model']}): prompt {prompt_tokens} tokens, {new_tokens} new; target "
-                        f"{report['target']}{chip}")
+                        f"{report['target']}{chip}; medians of {repeats} interleaved repetitions (± interquartile "
+                        "range / median)" + (f"; {threads} thread(s) each" if threads else ""))
     for col in ("", "prefill tok/s", "decode tok/s", "first prefill s", "cached prefill s", "peak MB", "backend"):
         table.add_column(col, justify="right" if col.endswith(("s", "MB")) else "left")
     for side in ("orion", "reference"):
         r = report.get(side)
         if r:
-            table.add_row(side, f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}",
+            table.add_row(side, f"{r['prefill_tok_s']:.1f} ±{r['prefill_tok_s_spread']:.0%}",
+                          f"{r['decode_tok_s']:.1f} ±{r['decode_tok_s_spread']:.0%}",
                           f"{r.get('first_prefill_s', float('nan')):.2f}", f"{r['cached_prefill_s']:.3f}",
                           f"{r['peak_mb']:.0f}", f"{r['backend']}" + (f" ({r['accumulator']} accumulator)"
                                                                      if r.get("accumulator") else ""))
     if "ratios" in report:
-        table.add_row("orion / reference", f"{report['ratios']['prefill']:.2f}x", f"{report['ratios']['decode']:.2f}x",
-                      "", "", "", "")
+        ratios = report["ratios"]
+        table.add_row("orion / reference", f"{ratios['prefill']:.2f}x ±{ratios['prefill_spread']:.0%}",
+                      f"{ratios['decode']:.2f}x ±{ratios['decode_spread']:.0%}", "", "",
+                      f"{report['orion']['peak_mb'] / report['reference']['peak_mb']:.2f}x", "")
     out.print(table)
+    for warning in report["warnings"]:
+        err.print(f"warning: {warning}", highlight=False, markup=False)
     write_atomic(json_file, json.dumps(flatten(report), indent=2))
     out.print(f"wrote {json_file}", highlight=False, markup=False)
 

@@ -380,11 +380,11 @@ def _reshape_shape(t: TensorType, shape) -> tuple[int, ...]:
     if shape.count(-1) > 1 or any(d < -1 or d == 0 for d in shape):
         raise _fail("reshape", f"invalid target shape {shape}")
     if -1 in shape:
-        known = int(np.prod([d for d in shape if d != -1]))
+        known = math.prod(d for d in shape if d != -1)
         if known == 0 or t.size % known:
             raise _fail("reshape", f"cannot reshape {list(t.shape)} to {shape}")
         shape[shape.index(-1)] = t.size // known
-    if int(np.prod(shape)) != t.size:
+    if math.prod(shape) != t.size:
         raise _fail("reshape", f"cannot reshape {list(t.shape)} ({t.size} elements) to {shape}")
     return tuple(shape)
 

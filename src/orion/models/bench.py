@@ -3,6 +3,9 @@ memory is its own. Random GPT-2 124M weights are made offline with transformers 
 Hugging Face layout; both sides load that folder.
 
     python -m orion.models.bench --side orion --model DIR --prompt-tokens 128 --new-tokens 64 --backend emulator
+
+Each side loads and warms up once, then runs one repetition per line read from stdin; the parent interleaves the two
+sides' repetitions (A B, B A, ...) and reports medians, their spread and the ratio of each pair.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,8 +37,9 @@ def _prompt(vocab: int, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, n)
 
 
-def run_orion(model_dir: Path, prompt_tokens: int, new_tokens: int, backend: str, accumulator: str | None,
-              target: str = "default") -> dict:
+def orion_side(model_dir: Path, prompt_tokens: int, new_tokens: int, backend: str, accumulator: str | None,
+               target: str = "default"):
+    """Load and warm up Orion; returns its description and a function that runs one measured repetition."""
     from orion.models import load
     from orion.runtime.cache import ProgramCache, os_build
 
@@ -46,24 +51,27 @@ def run_orion(model_dir: Path, prompt_tokens: int, new_tokens: int, backend: str
     list(model.generate_ids(ids, max_tokens=1))  # first prefill: compiles the prefill programs
     first_prefill_s = time.perf_counter() - t1
     list(model.generate_ids(ids, max_tokens=new_tokens))  # compiles the decode programs
-    list(model.generate_ids(ids, max_tokens=new_tokens))  # measured: everything cached and loaded
-    stats = model.stats
+
+    def repetition() -> dict:
+        list(model.generate_ids(ids, max_tokens=new_tokens))  # everything cached and loaded
+        stats = model.stats
+        return {"cached_prefill_s": stats.prefill_seconds, "prefill_tok_s": stats.prefill_tok_s,
+                "decode_tok_s": stats.decode_tok_s}
+
     machine = model.backend.describe()  # the chip where the ANE ran; results on it hinge on the OS build
-    out = {
+    info = {
         "target": model.target.name, "chip": machine.get("chip"),
         "os_build": machine.get("macos_build") or os_build(),
-        "backend": stats.backend, "accumulator": getattr(getattr(model.backend, "numerics", None), "accumulator",
-                                                         None),
-        "load_s": load_s, "first_prefill_s": first_prefill_s, "cached_prefill_s": stats.prefill_seconds,
-        "prefill_tok_s": stats.prefill_tok_s, "decode_tok_s": stats.decode_tok_s,
-        "dispatches_per_token": stats.dispatches_per_token, "blocks_per_program": model.group,
-        "peak_mb": _peak_mb(),
+        "backend": model.stats.backend,
+        "accumulator": getattr(getattr(model.backend, "numerics", None), "accumulator", None),
+        "load_s": load_s, "first_prefill_s": first_prefill_s,
+        "dispatches_per_token": model.stats.dispatches_per_token, "blocks_per_program": model.group,
     }
-    model.close()
-    return out
+    return info, repetition
 
 
-def run_transformers(model_dir: Path, prompt_tokens: int, new_tokens: int) -> dict:
+def transformers_side(model_dir: Path, prompt_tokens: int, new_tokens: int):
+    """Load and warm up transformers' GPT2LMHeadModel; its description and one measured repetition."""
     try:
         import torch
         from transformers import GPT2LMHeadModel
@@ -74,8 +82,9 @@ def run_transformers(model_dir: Path, prompt_tokens: int, new_tokens: int) -> di
     model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
     load_s = time.perf_counter() - t0
     ids = torch.tensor(_prompt(model.config.vocab_size, prompt_tokens))[None]
-    with torch.no_grad():
-        model(ids)  # warm-up
+
+    @torch.no_grad()
+    def repetition() -> dict:
         t1 = time.perf_counter()
         out = model(ids, use_cache=True)
         prefill_s = time.perf_counter() - t1
@@ -85,9 +94,13 @@ def run_transformers(model_dir: Path, prompt_tokens: int, new_tokens: int) -> di
             out = model(token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         decode_s = time.perf_counter() - t2
-    return {"backend": "transformers (PyTorch CPU, fp32)", "load_s": load_s, "cached_prefill_s": prefill_s,
-            "prefill_tok_s": prompt_tokens / prefill_s, "decode_tok_s": (new_tokens - 1) / decode_s,
-            "peak_mb": _peak_mb(), "torch_threads": torch.get_num_threads()}
+        return {"cached_prefill_s": prefill_s, "prefill_tok_s": prompt_tokens / prefill_s,
+                "decode_tok_s": (new_tokens - 1) / decode_s}
+
+    with torch.no_grad():
+        model(ids)  # warm-up
+    info = {"backend": "transformers (PyTorch CPU, fp32)", "load_s": load_s, "torch_threads": torch.get_num_threads()}
+    return info, repetition
 
 
 def make_random_gpt2(folder: Path, seed: int = 0) -> Path:
@@ -125,39 +138,141 @@ def randomize_biases_and_norms(model, seed: int = 0, norm_std: float = 0.2):
     return model
 
 
-def _child(side: str, model_dir: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "orion.models.bench", "--side", side, "--model", str(model_dir),
-           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-           "--backend", args.backend, "--target", args.target] + (["--exact-numerics"] if args.exact_numerics else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    raise OrionError(f"the {side} benchmark process failed (exit {proc.returncode}): {tail}")
+#: Above this spread of the per-pair ratios (interquartile range / median), the report warns that the ratio is noise.
+TRUSTED_SPREAD = 0.10
+_MEASURED = ("cached_prefill_s", "prefill_tok_s", "decode_tok_s")
+#: What caps the threads of numpy's BLAS and of torch in a side's process.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class _Side:
+    """A benchmark side in its own process (so its peak memory is its own), loaded once, then asked for one
+    repetition at a time."""
+
+    def __init__(self, side: str, model_dir: Path, args, log):
+        cmd = [sys.executable, "-m", "orion.models.bench", "--side", side, "--model", str(model_dir),
+               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+               "--backend", args.backend, "--target", args.target] + (["--exact-numerics"] if args.exact_numerics
+                                                                                   else [])
+        env = dict(os.environ)
+        if args.threads:  # read by OpenBLAS, MKL and torch's OpenMP when they start
+            env.update({name: str(args.threads) for name in THREAD_VARIABLES})
+        self.side, self.log = side, log
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                     env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        self.proc.wait()
+        self.log.seek(0)
+        tail = (self.log.read().strip().splitlines() or ["no output"])[-1]
+        raise OrionError(f"the {self.side} benchmark process failed (exit {self.proc.returncode}): {tail}")
+
+    def repetition(self) -> dict:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def finish(self) -> dict:
+        """The side's description with its peak memory, once every repetition has run."""
+        self.proc.stdin.close()
+        final = self._read()
+        self.proc.wait()
+        return {**self.info, **final}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _spread(values: list[float]) -> float:
+    """The interquartile range over the median: how far apart the middle half of the repetitions is, relative to
+    the value reported (one outlier on a busy machine moves neither)."""
+    if len(values) < 2:
+        return 0.0
+    q1, mid, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / mid if mid else float("inf")
+
+
+def _summary(info: dict, reps: list[dict]) -> dict:
+    out = {**info, "repetitions": reps}
+    for key in _MEASURED:
+        values = [r[key] for r in reps]
+        out[key] = statistics.median(values)
+        out[f"{key}_spread"] = _spread(values)
+    return out
+
+
+def interleave(sides: list[_Side], repeats: int) -> list[list[dict]]:
+    """``repeats`` repetitions of each side, alternating A B, B A, ...: a machine that gets busier or quieter during
+    the run weighs on both sides alike, and each pair of repetitions gives one ratio."""
+    reps: list[list[dict]] = [[] for _ in sides]
+    for r in range(repeats):
+        order = range(len(sides)) if r % 2 == 0 else reversed(range(len(sides)))
+        for i in order:
+            reps[i].append(sides[i].repetition())
+    return reps
 
 
 def bench_gpt2(model: str | None, backend: str, reference: str | None, prompt_tokens: int, new_tokens: int,
-               exact_numerics: bool = False, target: str = "default") -> dict:
+               exact_numerics: bool = False, target: str = "default", repeats: int = 5,
+               threads: int | None = None) -> dict:
+    """Orion (and the reference) on the same weights, repetitions interleaved; medians, their spread, and for
+    each ratio the median of the per-pair ratios with a warning when those spread wider than
+    :data:`TRUSTED_SPREAD`. ``threads`` caps both sides' BLAS/OpenMP threads (default: theirs, one per core); on a
+    busy machine, threads that wait for each other's cores make the spread far wider than one thread each does."""
     from orion.compiler.targets import get_target
     from orion.runtime.program import get_backend
 
+    if repeats < 1:
+        raise OrionError(f"repeats must be >= 1, got {repeats}")
+    if threads is not None and threads < 1:
+        raise OrionError(f"threads must be >= 1, got {threads}")
     # resolved here, before any weights are made: an unavailable backend is an error naming why, and the child
     # runs on exactly the backend resolved here (its report names the one that ran)
     args = argparse.Namespace(prompt_tokens=prompt_tokens, new_tokens=new_tokens, exact_numerics=exact_numerics,
-                              backend=get_backend(backend, get_target(target)).name, target=target)
+                              backend=get_backend(backend, get_target(target)).name, target=target, threads=threads)
+    names = ["orion"] + (["transformers"] if reference == "transformers" else [])
     with tempfile.TemporaryDirectory(prefix="orion-bench-gpt2-") as tmp:
         folder = Path(model) if model else make_random_gpt2(Path(tmp) / "gpt2-random")
-        orion = _child("orion", folder, args)
-        report = {"model": model or "random GPT-2 124M", "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-                  **{key: orion.pop(key) for key in ("target", "chip", "os_build")}, "orion": orion}
-        if reference == "transformers":
-            report["reference"] = _child("transformers", folder, args)
-            report["ratios"] = {
-                "decode": report["orion"]["decode_tok_s"] / report["reference"]["decode_tok_s"],
-                "prefill": report["orion"]["prefill_tok_s"] / report["reference"]["prefill_tok_s"],
-            }
+        sides: list[_Side] = []
+        logs = [open(Path(tmp) / f"{name}.log", "w+") for name in names]  # each side's stderr, for its failure
+        try:
+            for name, log in zip(names, logs):  # loaded one after the other, so neither load slows the other
+                sides.append(_Side(name, folder, args, log))
+            reps = interleave(sides, repeats)
+            finals = [side.finish() for side in sides]
+        finally:
+            for side in sides:
+                side.kill()
+            for log in logs:
+                log.close()
+    orion = _summary(finals[0], reps[0])
+    report = {"model": model or "random GPT-2 124M", "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+              **{key: orion.pop(key) for key in ("target", "chip", "os_build")},
+              "repeats": repeats, "threads": threads, "orion": orion, "warnings": []}
+    if reference == "transformers":
+        report["reference"] = _summary(finals[1], reps[1])
+        report["ratios"], report["warnings"] = ratios(reps[0], reps[1])
     return report
+
+
+def ratios(orion: list[dict], reference: list[dict]) -> tuple[dict, list[str]]:
+    """Speed ratios orion / reference: the median of the ratios of each interleaved pair, their spread, and a
+    warning for each ratio whose pairs spread wider than :data:`TRUSTED_SPREAD`."""
+    out, warnings = {}, []
+    for what, key in (("decode", "decode_tok_s"), ("prefill", "prefill_tok_s")):
+        pairs = [a[key] / b[key] for a, b in zip(orion, reference)]
+        out[what], out[f"{what}_spread"] = statistics.median(pairs), _spread(pairs)
+        if out[f"{what}_spread"] > TRUSTED_SPREAD:
+            warnings.append(f"{what} ratio: its {len(pairs)} pairs spread {out[f'{what}_spread']:.0%} (more than "
+                            f"{TRUSTED_SPREAD:.0%}), too wide to trust: the machine is busy; run again when it is "
+                            "quieter, or with more --repeats")
+    return out, warnings
 
 
 def flatten(report: dict) -> dict:
@@ -181,11 +296,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("ORION_CACHE", "off")
     if args.side == "orion":
-        result = run_orion(args.model, args.prompt_tokens, args.new_tokens, args.backend,
-                           None if args.exact_numerics else "fp32", args.target)
+        info, repetition = orion_side(args.model, args.prompt_tokens, args.new_tokens, args.backend,
+                                      None if args.exact_numerics else "fp32", args.target)
     else:
-        result = run_transformers(args.model, args.prompt_tokens, args.new_tokens)
-    print(MARK + json.dumps(result), flush=True)
+        info, repetition = transformers_side(args.model, args.prompt_tokens, args.new_tokens)
+    print(MARK + json.dumps(info), flush=True)
+    for _ in sys.stdin:  # one line per repetition; the parent closes stdin when it has them all
+        print(MARK + json.dumps(repetition()), flush=True)
+    print(MARK + json.dumps({"peak_mb": _peak_mb()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -87,7 +88,21 @@ class AneKernels(Kernels):
                                               flush_subnormals=s.flush_subnormals_in_matmul, out=wide))
 
     def reduce_sum(self, x: np.ndarray, axes: tuple[int, ...], keep_dims: bool) -> np.ndarray:
-        return self._final(numerics.reduce_sum(x.astype(F16), axes, keep_dims, self.settings).astype(np.float32))
+        return self._final(numerics.reduce_sum_held(x, axes, keep_dims, self.settings))
+
+
+#: Tensor constants as the emulator holds them, by what they are made of: the programs of one model that carry the
+#: same weights (its prefill and decode programs) hold one copy. Constants are never modified once held.
+_HELD_CONSTANTS: "weakref.WeakValueDictionary[tuple, np.ndarray]" = weakref.WeakValueDictionary()
+
+
+def _shared(key: tuple, make: Callable[[], np.ndarray]) -> np.ndarray:
+    """The held constant ``key`` names, made by ``make`` unless a loaded program holds it already."""
+    held = _HELD_CONSTANTS.get(key)
+    if held is None:
+        held = _HELD_CONSTANTS[key] = make()
+        held.flags.writeable = False  # shared: a write would change other programs' weights
+    return held
 
 
 @dataclass
@@ -117,6 +132,7 @@ class EmulatedProgram:
         self._input_types = dict(self.inputs)
         self.outputs: list[tuple[str, TensorType]] = program.output_types()
         self._consts: dict[str, object] = {}
+        self._const_keys: dict[str, tuple] = {}  # what a tensor constant is made of, to share it (see _shared)
         self._steps: list[_Step] = []
         self._prepare(blob_loader)
         self._wide_consts = {} if check_only else self._flush_wide_constants()
@@ -139,16 +155,26 @@ class EmulatedProgram:
         return [tuple(r) for r in releases]
 
     def _flush_wide_constants(self) -> dict[str, np.ndarray]:
-        """Constants read by conv/matmul, with subnormals flushed once here instead of at every run (N9)."""
+        """Constants read by conv/matmul, with subnormals flushed once here instead of at every run (N9). A constant
+        that nothing else reads (nor outputs) is replaced by its flushed values: weights are held once, not twice."""
         if not self.settings.flush_subnormals_in_matmul:
             return {}
-        out = {}
+        readers: dict[str, set[str]] = {}  # constant -> the kinds of op that read it
         for step in self._steps:
-            if step.op.kind == "wide":
-                for name in step.inputs:
-                    if isinstance(name, str) and isinstance(self._consts.get(name), np.ndarray):
-                        out[name] = numerics.flush_subnormals(self._consts[name])
-                        self.kernels.flushed.add(id(out[name]))
+            for ref in step.inputs:
+                for name in ref if isinstance(ref, tuple) else (ref,):
+                    if isinstance(self._consts.get(name), np.ndarray):
+                        readers.setdefault(name, set()).add(step.op.kind)
+        outputs = {name for name, _ in self.outputs}
+        out = {}
+        for name, kinds in readers.items():
+            if "wide" in kinds:
+                value, key = self._consts[name], self._const_keys.get(name)
+                out[name] = (numerics.flush_subnormals(value) if key is None else
+                             _shared(("flushed",) + key, lambda: numerics.flush_subnormals(value)))
+                self.kernels.flushed.add(id(out[name]))
+                if kinds == {"wide"} and name not in outputs:
+                    self._consts[name] = out[name]
         return out
 
     # -- preparation: everything that does not depend on inputs is checked and done once ---------------------------
@@ -162,24 +188,28 @@ class EmulatedProgram:
                 self._consts[st.var] = self._const_value(st, blob_loader)
         for r in validation.resolved:
             for name, literal in r.literals.items():
-                self._consts[name] = self._literal_value(literal, r.statement, blob_loader)
+                self._consts[name] = self._literal_value(literal, r.statement, blob_loader, name)
             shape = r.arg_types[0].shape if r.arg_types else ()
             offset = last_axis_slice_offset(r.op.name, shape, r.attrs) if r.op.name.startswith("slice") else 0
             attrs = {**r.attrs, **{key: self._consts[var] for key, var in r.blob_attrs.items()}}
             self._steps.append(_Step(r.statement.var, r.op, r.inputs, attrs, r.statement, offset_slice=offset != 0))
 
     def _const_value(self, st: Statement, blob_loader) -> object:
-        return self._literal_value(st.attrs["val"], st, blob_loader)
+        return self._literal_value(st.attrs["val"], st, blob_loader, st.var)
 
-    def _literal_value(self, literal: Literal, st: Statement, blob_loader) -> object:
-        """A constant's value: floats as held fp16 values; integers, bools and strings as they are written."""
+    def _literal_value(self, literal: Literal, st: Statement, blob_loader, name: str) -> object:
+        """The value of constant ``name``: floats as held fp16 values (shared with other programs holding the same),
+        integers, bools and strings as they are written."""
         value = literal.value
         if isinstance(value, BlobRef):
             value = blob_loader(value, literal.type, st)
             if self.check_only:
                 return value
         if isinstance(value, np.ndarray) and literal.type.dtype in FLOAT_DTYPES:
-            return numerics.hold_input(value, literal.type.dtype)  # fp16 values, float32 storage
+            dtype = literal.type.dtype
+            key = (dtype, value.dtype.str, value.shape, hashlib.blake2b(np.ascontiguousarray(value)).digest())
+            self._const_keys[name] = key
+            return _shared(key, lambda: numerics.hold_input(value, dtype))  # fp16 values, float32 storage
         return value
 
     # -- running --------------------------------------------------------------------------------------------------

@@ -252,6 +252,8 @@ _F32_MIN_NORMAL16 = 0x38800000
 #: 2**-14 - 2**-25, the tie between the largest fp16 subnormal and 2**-14 (both tie modes round it up).
 _F32_SUBNORMAL_TIE = 0x387FE000
 _HALF = np.float32(0.5)
+#: Elements rounded (or flushed) at a time in large arrays: 256 KB of float32, which stays in a core's L2.
+_ROUND_CHUNK = 1 << 16
 _SUBNORMAL_STEP = np.float32(2.0**-24)
 
 
@@ -289,8 +291,18 @@ def round_f32(x32: np.ndarray, ties: str = "half-even", *, ceiling: float | None
         out = x.copy()
     elif out is not x:
         np.copyto(out, x)
-    _round_held(out, ties, ceiling, flush_subnormals, nan_to=0, zero_sign=True)
+    for piece in _in_cache_pieces(out):  # each element is rounded on its own: the same bits piece by piece
+        _round_held(piece, ties, ceiling, flush_subnormals, nan_to=0, zero_sign=True)
     return out
+
+
+def _in_cache_pieces(a: np.ndarray) -> Sequence[np.ndarray] | Iterator[np.ndarray]:
+    """``a`` itself, or for a large C-contiguous array flat pieces of ``_ROUND_CHUNK`` elements, so that several
+    elementwise passes over a piece run in cache (measured twice as fast on arrays of 1.5 MB and more)."""
+    flat = a.reshape(-1) if a.flags.c_contiguous else None
+    if flat is None or flat.size <= 2 * _ROUND_CHUNK:
+        return (a,)
+    return (flat[start:start + _ROUND_CHUNK] for start in range(0, flat.size, _ROUND_CHUNK))
 
 
 def _round_held(f: np.ndarray, ties: str, ceiling: float | None, flush: bool, nan_to: int, zero_sign: bool) -> None:
@@ -491,7 +503,9 @@ def flush_subnormals(x: np.ndarray) -> np.ndarray:
     if x.dtype != np.float32:
         return np.where(np.abs(x) < np.float32(2.0**-14), np.zeros((), x.dtype), x)
     out = np.array(x, order="C")  # float32 as the emulator holds values: a copy and two integer passes
-    np.copyto(out, np.float32(0.0), where=np.bitwise_and(out.view(np.uint32), _F32_MAGNITUDE) < _F32_MIN_NORMAL16)
+    for piece in _in_cache_pieces(out):
+        np.copyto(piece, np.float32(0.0),
+                  where=np.bitwise_and(piece.view(np.uint32), _F32_MAGNITUDE) < _F32_MIN_NORMAL16)
     return out
 
 
@@ -557,9 +571,7 @@ def reduce_sum(
     x = _as_fp16(x16, "reduce_sum x")
     reduced = _normalize_axes(axes, x.ndim)
     if not numerics.reduce_sum_fp16:
-        with np.errstate(invalid="ignore"):  # inf - inf, made +0 below
-            wide = np.sum(x, axis=reduced, dtype=np.float64, keepdims=keep_dims)
-        return _finish(round_fp16(wide, numerics.reduction_ties))
+        return _wide_sum(x, reduced, keep_dims, numerics)
     kept = tuple(i for i in range(x.ndim) if i not in reduced)
     count = math.prod(x.shape[i] for i in reduced)
     rows = np.transpose(x, kept + reduced).reshape(tuple(x.shape[i] for i in kept) + (count,))
@@ -572,6 +584,22 @@ def reduce_sum(
     if keep_dims:
         running = running.reshape(tuple(1 if i in reduced else s for i, s in enumerate(x.shape)))
     return _finish(np.asarray(running, dtype=np.float16))
+
+
+def reduce_sum_held(x32: np.ndarray, axes: int | Sequence[int] | None, keep_dims: bool,
+                    numerics: Numerics) -> np.ndarray:
+    """``reduce_sum(x32.astype(np.float16), ...).astype(np.float32)`` for float32 arrays holding fp16 values: the
+    wide sum reads them as they are, which spares the cast of every input element (the float64 sum of the same
+    values, in the same order)."""
+    if numerics.reduce_sum_fp16:
+        return reduce_sum(x32.astype(np.float16), axes, keep_dims, numerics).astype(np.float32)
+    return _wide_sum(x32, _normalize_axes(axes, x32.ndim), keep_dims, numerics).astype(np.float32)
+
+
+def _wide_sum(x: np.ndarray, reduced: tuple[int, ...], keep_dims: bool, numerics: Numerics) -> np.ndarray:
+    with np.errstate(invalid="ignore"):  # inf - inf, made +0 below
+        wide = np.sum(x, axis=reduced, dtype=np.float64, keepdims=keep_dims)
+    return _finish(round_fp16(wide, numerics.reduction_ties))
 
 
 def _normalize_axes(axes: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:

@@ -1,0 +1,62 @@
+"""``orion bench gpt2``'s interleaved repetitions: the order they run in, the medians and ratios reported, and the
+warning when the pairs spread too wide to trust a ratio."""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import pytest
+
+from orion.models import bench
+
+
+class FakeSide:
+    def __init__(self, name: str, log: list[str], values: list[float]):
+        self.name, self.log, self.values = name, log, iter(values)
+
+    def repetition(self) -> dict:
+        self.log.append(self.name)
+        return {"decode_tok_s": next(self.values)}
+
+
+def test_repetitions_alternate_which_side_goes_first():
+    log: list[str] = []
+    reps = bench.interleave([FakeSide("A", log, [1, 2, 3, 4]), FakeSide("B", log, [5, 6, 7, 8])], 4)
+    assert log == ["A", "B", "B", "A", "A", "B", "B", "A"]
+    assert [[r["decode_tok_s"] for r in side] for side in reps] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def reps(decode: list[float], prefill: list[float]) -> list[dict]:
+    return [{"decode_tok_s": d, "prefill_tok_s": p} for d, p in zip(decode, prefill)]
+
+
+def test_ratios_are_medians_of_pairs_and_warn_only_when_the_pairs_spread():
+    orion = reps([10.0, 30.0, 12.0], [100.0, 101.0, 99.0])
+    reference = reps([20.0, 30.0, 40.0], [50.0, 50.0, 50.0])
+    out, warnings = bench.ratios(orion, reference)
+    # pairs 0.5, 1.0, 0.3: their median, not the ratio of the medians (12 / 30 = 0.4); quartiles 0.4 and 0.75
+    assert out["decode"] == pytest.approx(0.5)
+    assert out["decode_spread"] == pytest.approx((0.75 - 0.4) / 0.5)
+    assert out["prefill"] == pytest.approx(2.0)
+    assert out["prefill_spread"] == pytest.approx((2.01 - 1.99) / 2.0)
+    assert len(warnings) == 1 and warnings[0].startswith("decode ratio") and "70%" in warnings[0]
+
+
+def test_bench_gpt2_against_transformers_reports_medians_of_interleaved_repetitions(tiny_gpt2_dir):
+    """With one thread per side: the cap set in each side's process."""
+    pytest.importorskip("torch")
+    report = bench.bench_gpt2(str(tiny_gpt2_dir), "emulator", "transformers", 8, 3, repeats=3, threads=1)
+    assert report["repeats"] == 3 and report["threads"] == 1
+    assert report["reference"]["torch_threads"] == 1  # the cap reached the side's process
+    for side in ("orion", "reference"):
+        r = report[side]
+        assert len(r["repetitions"]) == 3 and r["peak_mb"] > 0
+        for key in ("decode_tok_s", "prefill_tok_s", "cached_prefill_s"):
+            values = [rep[key] for rep in r["repetitions"]]
+            assert r[key] == statistics.median(values) > 0
+            q1, _, q3 = np.percentile(values, [25, 50, 75])
+            assert r[f"{key}_spread"] == pytest.approx((q3 - q1) / r[key])
+    assert report["orion"]["backend"] == "emulator"
+    want, warnings = bench.ratios(report["orion"]["repetitions"], report["reference"]["repetitions"])
+    assert report["ratios"] == want and report["warnings"] == warnings

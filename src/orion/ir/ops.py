@@ -764,6 +764,70 @@ for _name, _attrs in (
 ):
     _declare(_name, ("x",), _attrs, infer=_norm_infer(_name), compute=_normalize(_name), ane_known=False)
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Comparisons, logical ops and select (coremltools' iOS15-iOS18 meanings). A bool result is a tensor of 0s and 1s;
+# the emulator holds it as fp16 values, where both are exact. Nobody has reported these ops on the ANE.
+
+
+def _bool_operands(op: str, types: list[TensorType]) -> None:
+    for t in types:
+        if t.dtype != "bool":
+            raise _fail(op, f"needs bool operands, got {t.dtype}")
+
+
+def _compare_infer(op: str):
+    def infer(types, attrs):
+        return TensorType("bool", _broadcast(op)(types, attrs).shape)
+
+    return infer
+
+
+def _logical_infer(op: str):
+    def infer(types, attrs):
+        _bool_operands(op, types)
+        return _broadcast(op)(types, attrs) if len(types) == 2 else types[0]
+
+    return infer
+
+
+_COMPARISONS = {
+    "equal": np.equal,
+    "not_equal": np.not_equal,
+    "less": np.less,
+    "less_equal": np.less_equal,
+    "greater": np.greater,
+    "greater_equal": np.greater_equal,
+}
+for _name, _fn in _COMPARISONS.items():
+    _declare(_name, ("x", "y"), infer=_compare_infer(_name), compute=lambda k, xs, a, fn=_fn: fn(xs[0], xs[1]),
+             ane_known=False)
+
+# bool operands are held as 0/1 values: nonzero is true
+for _name, _fn in (("logical_and", np.logical_and), ("logical_or", np.logical_or), ("logical_xor", np.logical_xor)):
+    _declare(_name, ("x", "y"), infer=_logical_infer(_name),
+             compute=lambda k, xs, a, fn=_fn: fn(xs[0] != 0, xs[1] != 0), ane_known=False)
+_declare("logical_not", ("x",), infer=_logical_infer("logical_not"), compute=lambda k, xs, a: xs[0] == 0,
+         ane_known=False)
+
+
+def _select_infer(types, attrs):
+    cond, a, b = types
+    _bool_operands("select", [cond])
+    if a.dtype != b.dtype:
+        raise _fail("select", f"a and b have different dtypes {a.dtype} and {b.dtype}")
+    try:
+        shape = np.broadcast_shapes(cond.shape, a.shape, b.shape)
+    except ValueError:
+        raise _fail("select", f"shapes {list(cond.shape)}, {list(a.shape)}, {list(b.shape)} do not broadcast") from None
+    return TensorType(a.dtype, tuple(shape))
+
+
+# elementwise, not layout: an int32 constant chosen becomes an fp16 value like any computed result
+_declare("select", ("cond", "a", "b"), infer=_select_infer, compute=lambda k, xs, a: np.where(xs[0] != 0, xs[1], xs[2]),
+         ane_known=False)
+
+
 # A constant: ``val`` holds the numpy array. Weights are constants that the emitter writes to blob files.
 _declare("const", (), {"val": Attr("tensor")}, infer=lambda t, a: None, compute=lambda k, xs, a: a["val"], kind="const")
 

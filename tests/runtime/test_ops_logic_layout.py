@@ -1,0 +1,114 @@
+"""Comparisons, logical ops, select, layout and indexing ops, each run as MIL text by the emulator and compared with
+coremltools' own numpy meaning of the op (its ``value_inference``) on the same values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orion.compiler.compile import compile_graph
+from orion.errors import MILProgramError
+from orion.ir.builder import GraphBuilder
+from orion.runtime.backends.emulator import load_text
+from tests.runtime.test_ops_coverage import _literal, assert_within_fp16, coreml  # noqa: F401 (a fixture)
+
+MIL_TYPES = {np.dtype(np.float16): "fp16", np.dtype(np.int32): "int32", np.dtype(np.bool_): "bool"}
+
+
+def program_text(op: str, inputs: dict[str, np.ndarray], out_shape, out_dtype: str = "fp16",
+                 variadic: str | None = None, **params) -> str:
+    """A one-op MIL program: ``inputs`` are function inputs (fp16, int32 or bool), parameters named consts."""
+    lines = []
+    for name, value in params.items():
+        t, lit = _literal(value)
+        lines.append(f'        {t} p_{name} = const()[name=string("p_{name}"), val={lit}];')
+    tensors = [f"{variadic}=({', '.join(inputs)})"] if variadic else [f"{n}={n}" for n in inputs]
+    args = ", ".join([f"{name}=p_{name}" for name in params] + tensors)
+    lines.append(f'        tensor<{out_dtype}, {list(out_shape)}> out = {op}({args})[name=string("out")];')
+    signature = ", ".join(f"tensor<{MIL_TYPES[v.dtype]}, {list(v.shape)}> {n}" for n, v in inputs.items())
+    return (f"program(1.3)\n{{\n    func main<ios18>({signature}) {{\n" + "\n".join(lines)
+            + "\n    } -> (out);\n}\n")
+
+
+def run_program(tmp_path, op: str, inputs: dict[str, np.ndarray], out_shape, out_dtype: str = "fp16",
+                variadic: str | None = None, **params) -> np.ndarray:
+    text = program_text(op, inputs, out_shape, out_dtype, variadic, **params)
+    return load_text(text, tmp_path).run(inputs)["out"]
+
+
+def _oracle_inputs(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in inputs.items()}
+
+
+# -- 1. comparisons, logical ops, select ------------------------------------------------------------------------------
+
+COMPARISONS = ["equal", "not_equal", "less", "less_equal", "greater", "greater_equal"]
+
+
+def _close_pairs(rng, shape_x, shape_y):
+    """fp16 operands on a coarse grid, so that equal values are common and every comparison has both answers."""
+    x = (rng.integers(-4, 5, shape_x) * 0.5).astype(np.float16)
+    y = (rng.integers(-4, 5, shape_y) * 0.5).astype(np.float16)
+    return x, y
+
+
+@pytest.mark.parametrize("shape_y", [(1, 6, 1, 16), (1, 1, 1, 16), (6, 1, 1)], ids=["same", "row", "column"])
+@pytest.mark.parametrize("op", COMPARISONS)
+def test_comparison_matches_coremltools_and_returns_0_or_1(tmp_path, rng, coreml, op, shape_y):
+    x, y = _close_pairs(rng, (1, 6, 1, 16), shape_y)
+    oracle = coreml(op, x=x.astype(np.float32), y=y.astype(np.float32))
+    assert 0 < oracle.mean() < 1, "both answers occur"
+    got = run_program(tmp_path, op, {"x": x, "y": y}, oracle.shape, out_dtype="bool")
+    assert got.dtype == np.float16  # a bool output reads as fp16 0s and 1s, as the emulator holds it
+    np.testing.assert_array_equal(got, oracle)
+
+
+@pytest.mark.parametrize("op", ["logical_and", "logical_or", "logical_xor", "logical_not"])
+def test_logical_op_of_comparisons_matches_coremltools(tmp_path, rng, coreml, op):
+    """Bool inputs, and bool results of comparisons fed to a logical op (held as fp16 0/1 between the two)."""
+    x, y = rng.random((2, 6, 16)) < 0.5
+    operands = {"x": x} if op == "logical_not" else {"x": x, "y": y}
+    oracle = coreml(op, **operands)
+    np.testing.assert_array_equal(run_program(tmp_path, op, operands, x.shape, out_dtype="bool"), oracle)
+    a, b = _close_pairs(rng, (6, 16), (6, 16))
+    both = {"x": "less(x=a, y=b)", "y": "equal(x=a, y=b)"}
+    calls = [f'        tensor<bool, [6, 16]> {n} = {c}[name=string("{n}")];' for n, c in both.items()]
+    args = "x=x" if op == "logical_not" else "x=x, y=y"
+    text = ("program(1.3)\n{\n    func main<ios18>(tensor<fp16, [6, 16]> a, tensor<fp16, [6, 16]> b) {\n"
+            + "\n".join(calls) + f'\n        tensor<bool, [6, 16]> z = {op}({args})[name=string("z")];\n'
+            + "    } -> (z);\n}\n")
+    got = load_text(text, tmp_path).run({"a": a, "b": b})["z"]
+    want = {"x": a < b, "y": a == b}
+    np.testing.assert_array_equal(got, coreml(op, **({"x": want["x"]} if op == "logical_not" else want)))
+
+
+def test_logical_op_refuses_numeric_operands(tmp_path):
+    x = np.ones((2, 3), np.float16)
+    with pytest.raises(MILProgramError, match="logical_and: needs bool operands, got fp16"):
+        run_program(tmp_path, "logical_and", {"x": x, "y": x}, x.shape, out_dtype="bool")
+    with pytest.raises(MILProgramError, match="declared tensor<fp16, \\[2, 3\\]> but less"):
+        run_program(tmp_path, "less", {"x": x, "y": x}, x.shape, out_dtype="fp16")
+
+
+@pytest.mark.parametrize("shapes", [((6, 16), (6, 16), (6, 16)), ((1, 16), (6, 16), (6, 1)), ((6, 16), (16,), ())])
+def test_select_matches_coremltools(tmp_path, rng, coreml, shapes):
+    cond = rng.random(shapes[0]) < 0.5
+    a = rng.normal(0, 3, shapes[1]).astype(np.float16)
+    b = rng.normal(10, 3, shapes[2]).astype(np.float16)
+    operands = {"cond": cond, "a": a, "b": b}
+    oracle = coreml("select", **_oracle_inputs(operands))
+    got = run_program(tmp_path, "select", operands, oracle.shape)
+    np.testing.assert_array_equal(got, oracle.astype(np.float16))
+
+
+def test_select_of_a_comparison_through_builder_emitter_and_catalog(tmp_path, rng):
+    """relu written as select(x > 0, x, 0*x): built, emitted, run; the catalog names select and greater (ANE-34)."""
+    b = GraphBuilder("sel")
+    x = b.input("x", (1, 6, 1, 16))
+    b.output("y", b.select(b.greater(x, b.mul(x, 0.0)), x, b.mul(x, 0.0)))
+    result = compile_graph(b.graph, target="m4")
+    flagged = {m.split("'")[1] for c, m in ((v.constraint, v.message) for v in result.violations) if c == "ANE-34"}
+    assert flagged == {"select", "greater"}
+    result.module.write(tmp_path)
+    data = rng.normal(0, 2, (1, 6, 1, 16)).astype(np.float16)
+    np.testing.assert_array_equal(load_text(result.module.text, tmp_path).run({"x": data})["y"], np.maximum(data, 0))

@@ -15,12 +15,20 @@ from tests.runtime.test_ops_coverage import _literal, assert_within_fp16, coreml
 MIL_TYPES = {np.dtype(np.float16): "fp16", np.dtype(np.int32): "int32", np.dtype(np.bool_): "bool"}
 
 
+def _param_literal(value) -> tuple[str, str]:
+    """``_literal``, and bool lists as bool tensors (masks)."""
+    if isinstance(value, list) and value and isinstance(value[0], bool):
+        t = f"tensor<bool, [{len(value)}]>"
+        return t, f"{t}([{', '.join(str(v).lower() for v in value)}])"
+    return _literal(value)
+
+
 def program_text(op: str, inputs: dict[str, np.ndarray], out_shape, out_dtype: str = "fp16",
                  variadic: str | None = None, **params) -> str:
     """A one-op MIL program: ``inputs`` are function inputs (fp16, int32 or bool), parameters named consts."""
     lines = []
     for name, value in params.items():
-        t, lit = _literal(value)
+        t, lit = _param_literal(value)
         lines.append(f'        {t} p_{name} = const()[name=string("p_{name}"), val={lit}];')
     tensors = [f"{variadic}=({', '.join(inputs)})"] if variadic else [f"{n}={n}" for n in inputs]
     args = ", ".join([f"{name}=p_{name}" for name in params] + tensors)
@@ -112,3 +120,86 @@ def test_select_of_a_comparison_through_builder_emitter_and_catalog(tmp_path, rn
     result.module.write(tmp_path)
     data = rng.normal(0, 2, (1, 6, 1, 16)).astype(np.float16)
     np.testing.assert_array_equal(load_text(result.module.text, tmp_path).run({"x": data})["y"], np.maximum(data, 0))
+
+
+# -- 2. layout ops ----------------------------------------------------------------------------------------------------
+
+LAYOUT = [  # op, input shape, parameters
+    ("tile", (2, 3, 4), {"reps": [1, 2, 3]}),
+    ("tile", (2, 3, 4), {"reps": [3, 1, 1]}),
+    ("squeeze", (1, 6, 1, 16), {}),
+    ("squeeze", (1, 6, 1, 16), {"axes": [2]}),
+    ("squeeze", (1, 6, 1, 16), {"axes": [0, -2]}),
+    ("expand_dims", (6, 16), {"axes": [0]}),
+    ("expand_dims", (6, 16), {"axes": [-1]}),
+    ("expand_dims", (6, 16), {"axes": [0, 2]}),
+    ("expand_dims", (6, 16), {"axes": [1, -1]}),
+    ("pad", (2, 5, 6), {"pad": [1, 2, 3, 0]}),
+    ("pad", (2, 5, 6), {"pad": [1, 2, 3, 0], "mode": "constant", "constant_val": -2.5}),
+    ("pad", (2, 5, 6), {"pad": [0, 1, 2, 3, 4, 1], "mode": "reflect"}),
+    ("pad", (2, 5, 6), {"pad": [2, 1], "mode": "reflect"}),
+    ("pad", (2, 5, 6), {"pad": [1, 3, 2, 0], "mode": "replicate"}),
+    ("slice_by_index", (4, 6, 8), {"begin": [1, 0, 2], "end": [3, 6, 7], "squeeze_mask": [True, False, False]}),
+    ("slice_by_index", (4, 6, 8), {"begin": [1, 2, -3], "end": [3, 6, 7], "stride": [1, 2, 1],
+                                   "squeeze_mask": [False, False, True]}),
+    ("slice_by_index", (4, 6, 8), {"begin": [2, 0, 5], "end": [0, 0, 0], "begin_mask": [False, True, False],
+                                   "end_mask": [False, True, False], "squeeze_mask": [True, False, True]}),
+    ("band_part", (2, 6, 8), {}),
+    ("band_part", (2, 6, 8), {"lower": 0}),
+    ("band_part", (2, 6, 8), {"upper": 0}),
+    ("band_part", (2, 6, 8), {"lower": 2, "upper": 1}),
+    ("band_part", (8, 6), {"lower": 1, "upper": -1}),
+]
+
+
+def _params_for_coreml(params: dict) -> dict:
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, list) and isinstance(v[0], bool):
+            out[k] = np.array(v)
+        elif isinstance(v, list):
+            out[k] = np.array(v, np.int32)
+        else:
+            out[k] = np.float32(v) if isinstance(v, float) else v
+    return out
+
+
+@pytest.mark.parametrize("op, shape, params", LAYOUT, ids=[f"{op}{sorted(p.items())}" for op, _, p in LAYOUT])
+def test_layout_op_matches_coremltools(tmp_path, rng, coreml, op, shape, params):
+    x = rng.normal(0, 3, shape).astype(np.float16)
+    oracle = coreml(op, x=x.astype(np.float32), **_params_for_coreml(params))
+    got = run_program(tmp_path, op, {"x": x}, oracle.shape, **params)
+    np.testing.assert_array_equal(got, oracle.astype(np.float16))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2, -1])
+@pytest.mark.parametrize("exclusive, reverse", [(False, False), (False, True), (True, False), (True, True)])
+def test_cumsum_matches_coremltools_and_torch(tmp_path, rng, coreml, axis, exclusive, reverse):
+    """coremltools' value inference fails on ``exclusive`` (it calls np.zeros with the data as dtype): there the
+    oracle is torch's cumsum with the element itself taken out, reversed by flips."""
+    torch = pytest.importorskip("torch")
+    x = rng.normal(0, 2, (3, 5, 7)).astype(np.float16)
+    if exclusive:
+        t = torch.tensor(x.astype(np.float64))
+        t = t.flip(axis) if reverse else t
+        out = torch.cumsum(t, dim=axis) - t
+        oracle = (out.flip(axis) if reverse else out).numpy()
+    else:
+        oracle = coreml("cumsum", x=x.astype(np.float32), axis=axis, reverse=reverse)
+    got = run_program(tmp_path, "cumsum", {"x": x}, x.shape, axis=axis, exclusive=exclusive, reverse=reverse)
+    assert_within_fp16(got, oracle, what=f"cumsum axis={axis} exclusive={exclusive} reverse={reverse}")
+
+
+@pytest.mark.parametrize("op, shape, params, message", [
+    ("tile", (2, 3), {"reps": [2]}, "reps \\[2\\] must have 2 entries"),
+    ("pad", (2, 3), {"pad": [1, 2, 3]}, "before, after"),
+    ("pad", (2, 3), {"pad": [0, 3], "mode": "reflect"}, "smaller than each padded axis"),
+    ("pad", (2, 3), {"pad": [0, 1], "mode": "circular"}, "mode 'circular' is not one of"),
+    ("cumsum", (2, 3), {"axis": -2}, "axis -2 is not in \\[-1, 1\\]"),
+    ("band_part", (6,), {}, "rank 2 or more"),
+    ("squeeze", (1, 6), {"axes": [0, 1]}, "axis 1 has size 6, not 1"),
+    ("expand_dims", (2, 3), {"axes": [3]}, "axis 3 out of range for rank 3"),
+])
+def test_layout_op_refuses_bad_parameters_with_one_line(tmp_path, op, shape, params, message):
+    with pytest.raises(MILProgramError, match=message):
+        run_program(tmp_path, op, {"x": np.ones(shape, np.float16)}, shape, **params)

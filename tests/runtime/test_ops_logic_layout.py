@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from orion.compiler.compile import compile_graph
-from orion.errors import MILProgramError
+from orion.errors import GraphError, MILProgramError
 from orion.ir.builder import GraphBuilder
 from orion.runtime.backends.emulator import load_text
 from tests.runtime.test_ops_coverage import _literal, assert_within_fp16, coreml  # noqa: F401 (a fixture)
@@ -203,3 +203,108 @@ def test_cumsum_matches_coremltools_and_torch(tmp_path, rng, coreml, axis, exclu
 def test_layout_op_refuses_bad_parameters_with_one_line(tmp_path, op, shape, params, message):
     with pytest.raises(MILProgramError, match=message):
         run_program(tmp_path, op, {"x": np.ones(shape, np.float16)}, shape, **params)
+
+
+# -- 3. gather, gather_along_axis, einsum -----------------------------------------------------------------------------
+
+
+def _int_const(name: str, values: np.ndarray) -> str:
+    t = f"tensor<int32, {list(values.shape)}>"
+    return (f'        {t} {name} = const()[name=string("{name}"), '
+            f'val={t}([{", ".join(str(int(v)) for v in values.ravel())}])];')
+
+
+GATHERS = [  # x shape, indices shape, axis, batch_dims
+    ((6, 5, 4), (3,), 0, 0),
+    ((6, 5, 4), (2, 3), 1, 0),
+    ((6, 5, 4), (7,), -1, 0),
+    ((6, 5, 4), (), 1, 0),
+    ((6, 5, 4), (6, 3), 1, 1),
+    ((2, 3, 5, 4), (2, 3, 2, 2), 2, 2),
+]
+
+
+@pytest.mark.parametrize("as_input", [True, False], ids=["indices-input", "indices-const"])
+@pytest.mark.parametrize("x_shape, idx_shape, axis, batch_dims", GATHERS)
+def test_gather_matches_coremltools(tmp_path, rng, coreml, x_shape, idx_shape, axis, batch_dims, as_input):
+    """Indices as an int32 function input (bound exactly) or an int32 const, negative ones counted from the end."""
+    x = rng.normal(0, 3, x_shape).astype(np.float16)
+    size = x_shape[axis]
+    indices = rng.integers(-size, size, idx_shape).astype(np.int32)
+    params = {"axis": axis, "batch_dims": batch_dims} if batch_dims else {"axis": axis}
+    oracle = coreml("gather", x=x.astype(np.float32), indices=indices, **params)
+    if as_input:
+        got = run_program(tmp_path, "gather", {"x": x, "indices": indices}, oracle.shape, **params)
+    else:
+        text = program_text("gather", {"x": x}, oracle.shape, **params).replace("x=x", "x=x, indices=idx")
+        text = text.replace("    func main<ios18>(tensor<fp16, " + str(list(x_shape)) + "> x) {\n",
+                            "    func main<ios18>(tensor<fp16, " + str(list(x_shape)) + "> x) {\n"
+                            + _int_const("idx", np.atleast_1d(indices)) + "\n")
+        if idx_shape == ():
+            text = text.replace("tensor<int32, [1]> idx", "int32 idx").replace("val=tensor<int32, [1]>([", "val=int32(")
+            text = text.replace(f"int32({int(indices)}])", f"int32({int(indices)})")
+        got = load_text(text, tmp_path).run({"x": x})["out"]
+    np.testing.assert_array_equal(got, oracle.astype(np.float16))
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_gather_along_axis_matches_coremltools(tmp_path, rng, coreml, axis):
+    x = rng.normal(0, 3, (4, 5, 6)).astype(np.float16)
+    idx_shape = list(x.shape)
+    idx_shape[axis] = 3
+    size = x.shape[axis]
+    indices = rng.integers(-size, size, idx_shape).astype(np.int32)
+    oracle = coreml("gather_along_axis", x=x.astype(np.float32), indices=indices, axis=axis)
+    got = run_program(tmp_path, "gather_along_axis", {"x": x, "indices": indices}, oracle.shape, axis=axis)
+    np.testing.assert_array_equal(got, oracle.astype(np.float16))
+
+
+def test_gather_of_a_computed_index_and_out_of_range_indices(tmp_path, rng):
+    """An index computed by an op (held as a whole fp16 value) gathers like an int32 one; an index outside the axis
+    is a one-line error naming it."""
+    x = rng.normal(0, 3, (6, 4)).astype(np.float16)
+    text = ("program(1.3)\n{\n    func main<ios18>(tensor<fp16, [6, 4]> x, tensor<int32, [3]> indices) {\n"
+            '        tensor<int32, [3]> one = const()[name=string("one"), val=tensor<int32, [3]>([1, 1, 1])];\n'
+            '        tensor<int32, [3]> next = add(x=indices, y=one)[name=string("next")];\n'
+            '        int32 axis = const()[name=string("axis"), val=int32(0)];\n'
+            '        tensor<fp16, [3, 4]> out = gather(axis=axis, indices=next, x=x)[name=string("out")];\n'
+            "    } -> (out);\n}\n")
+    program = load_text(text, tmp_path)
+    np.testing.assert_array_equal(program.run({"x": x, "indices": np.array([0, 4, -3], np.int32)})["out"],
+                                  x[[1, 5, -2]])
+    with pytest.raises(GraphError, match="gather: index 6 is outside an axis of size 6"):
+        program.run({"x": x, "indices": np.array([0, 5, 1], np.int32)})
+
+
+def test_gather_refuses_float_indices(tmp_path):
+    x = np.ones((6, 4), np.float16)
+    with pytest.raises(MILProgramError, match="indices must be an integer tensor"):
+        run_program(tmp_path, "gather", {"x": x, "indices": np.ones(3, np.float16)}, (3, 4))
+
+
+EINSUMS = [  # equation, x shape, y shape
+    ("nchw,nwhu->nchu", (2, 3, 4, 5), (2, 5, 4, 6)),
+    ("nchw,nwhu->nchu", (1, 3, 4, 5), (2, 5, 1, 6)),  # batch axes broadcast
+    ("abcd,adce->abce", (2, 3, 4, 5), (2, 5, 4, 6)),  # the same pattern in other letters
+    ("chw,whr->chr", (3, 4, 5), (5, 4, 6)),
+    ("chw,whr->chr", (3, 1, 5), (5, 4, 6)),
+]
+
+
+@pytest.mark.parametrize("equation, x_shape, y_shape", EINSUMS)
+def test_einsum_matches_coremltools(tmp_path, rng, coreml, equation, x_shape, y_shape):
+    """Operands on a 2**-8 grid, so that every product lies on the emulated accumulator's 2**-16 grid (N3): what
+    remains is the one rounding of each sum, which this compares."""
+    x = (rng.integers(-256, 257, x_shape) / 256).astype(np.float16)
+    y = (rng.integers(-256, 257, y_shape) / 256).astype(np.float16)
+    oracle = coreml("einsum", values=(x.astype(np.float32), y.astype(np.float32)), equation=equation)
+    got = run_program(tmp_path, "einsum", {"x": x, "y": y}, oracle.shape, variadic="values", equation=equation)
+    assert_within_fp16(got, oracle, what=equation)
+
+
+@pytest.mark.parametrize("equation", ["nchw,nwhu->nhcu", "ij,jk->ik", "nchw,nwhu"])
+def test_einsum_refuses_equations_coremltools_does_not_define(tmp_path, equation):
+    x = np.ones((2, 3, 4, 5), np.float16)
+    with pytest.raises(MILProgramError, match="is not one coremltools supports"):
+        run_program(tmp_path, "einsum", {"x": x, "y": np.ones((2, 5, 4, 6), np.float16)}, (2, 3, 4, 6),
+                    variadic="values", equation=equation)

@@ -973,6 +973,112 @@ _declare("cumsum", ("x",), {"axis": Attr("int", 0), "exclusive": Attr("bool", Fa
          infer=_cumsum_infer, compute=_cumsum, kind="reduction", ane_known=False)
 
 
+
+# Indexing: integer indices arrive as int32 consts or inputs (exact) or as an op's result (whole fp16 values).
+# Negative indices count from the end (coremltools' iOS16+ meaning); one outside the axis is an error at run time.
+
+INDEX_DTYPES = ("int32", "int16", "uint16", "int8", "uint8")
+
+
+def _indices(op: str, indices: np.ndarray, size: int) -> np.ndarray:
+    idx = np.asarray(indices).astype(np.int64)
+    bad = (idx < -size) | (idx >= size)
+    if bad.any():
+        raise _fail(op, f"index {int(idx[bad].flat[0])} is outside an axis of size {size}")
+    return idx % size
+
+
+def _index_operands(op: str, types: list[TensorType], axis) -> int:
+    x, indices = types
+    if indices.dtype not in INDEX_DTYPES:
+        raise _fail(op, f"indices must be an integer tensor ({', '.join(INDEX_DTYPES)}), got {indices.dtype}")
+    return _axis(op, int(axis), x.rank)
+
+
+def _gather_infer(types, attrs):
+    x, indices = types
+    axis, batch = _index_operands("gather", types, attrs["axis"]), int(attrs["batch_dims"])
+    if not 0 <= batch <= min(axis, indices.rank) or x.shape[:batch] != indices.shape[:batch]:
+        raise _fail("gather", f"batch_dims {batch} must lead both x {x.short()} and indices {indices.short()} "
+                              f"(at most axis {axis})")
+    return TensorType(x.dtype, x.shape[:axis] + indices.shape[batch:] + x.shape[axis + 1:])
+
+
+def _gather(k, xs, a):
+    x, axis, batch = xs[0], int(a["axis"]) % xs[0].ndim, int(a["batch_dims"])
+    idx = _indices("gather", xs[1], x.shape[axis])
+    if batch == 0:
+        return np.take(x, idx, axis=axis)
+    # each of the leading batch entries gathers with its own indices
+    return np.stack([_gather(k, [xb, ib], {"axis": axis - 1, "batch_dims": batch - 1}) for xb, ib in zip(x, idx)])
+
+
+_declare("gather", ("x", "indices"), {"axis": Attr("int", 0), "batch_dims": Attr("int", 0)}, infer=_gather_infer,
+         compute=_gather, kind="layout", ane_known=False)
+
+
+def _gather_along_axis_infer(types, attrs):
+    x, indices = types
+    axis = _index_operands("gather_along_axis", types, attrs["axis"])
+    if indices.rank != x.rank or any(i != axis and a != b for i, (a, b) in enumerate(zip(x.shape, indices.shape))):
+        raise _fail("gather_along_axis", f"indices {indices.short()} must match x {x.short()} off axis {axis}")
+    return TensorType(x.dtype, indices.shape)
+
+
+def _gather_along_axis(k, xs, a):
+    axis = int(a["axis"]) % xs[0].ndim
+    return np.take_along_axis(xs[0], _indices("gather_along_axis", xs[1], xs[0].shape[axis]), axis=axis)
+
+
+_declare("gather_along_axis", ("x", "indices"), {"axis": Attr("int", 0)}, infer=_gather_along_axis_infer,
+         compute=_gather_along_axis, kind="layout", ane_known=False)
+
+
+# einsum: coremltools defines it for two patterns only, matrices on axes -1 and -3 with the others batch
+# (broadcast where 1): "nchw,nwhu->nchu" and "chw,whr->chr", in any letters. A matmul per batch: the wide op.
+
+EINSUM_PATTERNS = {4: ((0, 1, 2, 3), (0, 3, 2, 4), (0, 1, 2, 4)), 3: ((0, 1, 2), (2, 1, 3), (0, 1, 3))}
+
+
+def _einsum_rank(equation: str) -> int:
+    """The rank of the supported pattern ``equation`` spells (letters numbered by first appearance)."""
+    terms = equation.replace(" ", "").replace("->", ",").split(",")
+    numbers: dict[str, int] = {}
+    spelled = tuple(tuple(numbers.setdefault(c, len(numbers)) for c in term) for term in terms)
+    for rank, pattern in EINSUM_PATTERNS.items():
+        if "->" in equation and spelled == pattern:
+            return rank
+    raise _fail("einsum", f"equation {equation!r} is not one coremltools supports: 'nchw,nwhu->nchu' or "
+                          "'chw,whr->chr' (in any letters)")
+
+
+def _einsum_infer(types, attrs):
+    if len(types) != 2:
+        raise _fail("einsum", f"needs two values, got {len(types)}")
+    x, y = types
+    rank = _einsum_rank(attrs["equation"])
+    if x.dtype != y.dtype or x.rank != rank or y.rank != rank or x.shape[-1] != y.shape[-3]:
+        raise _fail("einsum", f"values {x.short()} and {y.short()} do not fit {attrs['equation']!r}")
+    batch = [(x.shape[i], y.shape[i]) for i in ((-4, -2) if rank == 4 else (-2,))]
+    if any(a != b and 1 not in (a, b) for a, b in batch):
+        raise _fail("einsum", f"batch axes of {x.short()} and {y.short()} do not broadcast")
+    shape = [max(x.shape[0], y.shape[0])] if rank == 4 else []
+    return TensorType(x.dtype, tuple(shape + [x.shape[-3], max(x.shape[-2], y.shape[-2]), y.shape[-1]]))
+
+
+def _einsum(k: Kernels, xs, a):
+    x, y = xs
+    if x.ndim == 3:
+        x, y = x[None], y[None]
+    # [n, c, h, w] @ [n, w, h, u] as [n, h, c, w] @ [n, h, w, u], then back to [n, c, h, u]
+    out = np.swapaxes(k.matmul(np.swapaxes(x, 1, 2), np.swapaxes(y, 1, 2)), 1, 2)
+    return out[0] if xs[0].ndim == 3 else out
+
+
+_declare("einsum", (), {"equation": Attr("string")}, infer=_einsum_infer, compute=_einsum, kind="wide",
+         variadic="values", ane_known=False)
+
+
 # A constant: ``val`` holds the numpy array. Weights are constants that the emitter writes to blob files.
 _declare("const", (), {"val": Attr("tensor")}, infer=lambda t, a: None, compute=lambda k, xs, a: a["val"], kind="const")
 

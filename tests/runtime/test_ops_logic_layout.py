@@ -308,3 +308,23 @@ def test_einsum_refuses_equations_coremltools_does_not_define(tmp_path, equation
     with pytest.raises(MILProgramError, match="is not one coremltools supports"):
         run_program(tmp_path, "einsum", {"x": x, "y": np.ones((2, 5, 4, 6), np.float16)}, (2, 3, 4, 6),
                     variadic="values", equation=equation)
+
+
+def test_int32_indices_and_layout_ops_through_builder_emitter_and_catalog(tmp_path, rng, coreml):
+    """An int32 index const is emitted inline as written; gather, pad and cumsum run from the emitted text, and the
+    catalog names each as not known on the ANE (ANE-34)."""
+    b = GraphBuilder("gpc")
+    x = b.input("x", (1, 6, 1, 16))
+    indices = np.array([3, 0, -1], np.int32)
+    y = b.gather(x, b.const(indices, "idx"), axis=1)
+    b.output("y", b.cumsum(b.pad(y, pad=[1, 2], mode="reflect"), axis=3, reverse=True))
+    result = compile_graph(b.graph, target="m4")
+    assert "val=tensor<int32, [3]>([3, 0, -1])" in result.module.text
+    flagged = {m.split("'")[1] for c, m in ((v.constraint, v.message) for v in result.violations) if c == "ANE-34"}
+    assert flagged == {"gather", "pad", "cumsum"}
+    result.module.write(tmp_path)
+    data = rng.normal(0, 2, (1, 6, 1, 16)).astype(np.float16)
+    got = load_text(result.module.text, tmp_path).run({"x": data})["y"]
+    gathered = coreml("gather", x=data.astype(np.float32), indices=indices, axis=1).astype(np.float32)
+    padded = coreml("pad", x=gathered, pad=np.array([1, 2], np.int32), mode="reflect").astype(np.float32)
+    assert_within_fp16(got, coreml("cumsum", x=padded, axis=3, reverse=True), what="gather, pad, cumsum")

@@ -423,16 +423,31 @@ def _index_slices(op: str, shape, attrs) -> tuple[slice, ...]:
     stride = list(attrs.get("stride") if attrs.get("stride") is not None else [1] * rank)
     begin_mask = list(attrs.get("begin_mask") if attrs.get("begin_mask") is not None else [False] * rank)
     end_mask = list(attrs.get("end_mask") if attrs.get("end_mask") is not None else [False] * rank)
-    if not len(begin) == len(end) == len(stride) == len(begin_mask) == len(end_mask) == rank:
+    squeeze_mask = _squeeze_mask(attrs, rank)
+    if not len(begin) == len(end) == len(stride) == len(begin_mask) == len(end_mask) == len(squeeze_mask) == rank:
         raise _fail(op, f"begin/end/stride/masks must each have {rank} entries")
     out = []
     for d in range(rank):
         if int(stride[d]) == 0:
             raise _fail(op, f"stride 0 on axis {d}")
         b = None if begin_mask[d] else int(begin[d])
+        if squeeze_mask[d]:  # coremltools: the one element at begin (end and stride ignored), its axis then dropped
+            out.append(slice(b, None, _INT32_END - 1))
+            continue
         e = None if end_mask[d] else int(end[d])
         out.append(slice(b, e, int(stride[d])))
     return tuple(out)
+
+
+def _squeeze_mask(attrs: dict, rank: int) -> list[bool]:
+    mask = attrs.get("squeeze_mask")
+    return [False] * rank if mask is None else [bool(m) for m in mask]
+
+
+def _slice_index(k, xs, a):
+    x = xs[0]
+    squeezed = tuple(d for d, m in enumerate(_squeeze_mask(a, x.ndim)) if m)
+    return np.squeeze(x[_index_slices("slice_by_index", x.shape, a)], axis=squeezed)
 
 
 def _slice_index_infer(types, attrs):
@@ -441,7 +456,8 @@ def _slice_index_infer(types, attrs):
     shape = tuple(len(range(*s.indices(n))) for s, n in zip(slices, t.shape))
     if 0 in shape:
         raise _fail("slice_by_index", f"empty slice {list(shape)} of {list(t.shape)}")
-    return TensorType(t.dtype, shape)
+    squeeze_mask = _squeeze_mask(attrs, t.rank)
+    return TensorType(t.dtype, tuple(n for n, m in zip(shape, squeeze_mask) if not m))
 
 
 _declare(
@@ -453,9 +469,10 @@ _declare(
         "stride": Attr("ints", None),
         "begin_mask": Attr("bools", None),
         "end_mask": Attr("bools", None),
+        "squeeze_mask": Attr("bools", None),
     },
     infer=_slice_index_infer,
-    compute=lambda k, xs, a: xs[0][_index_slices("slice_by_index", xs[0].shape, a)],
+    compute=_slice_index,
     kind="layout",
 )
 
@@ -763,6 +780,304 @@ for _name, _attrs in (
     ("l2_norm", _EPSILON_ATTR),
 ):
     _declare(_name, ("x",), _attrs, infer=_norm_infer(_name), compute=_normalize(_name), ane_known=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Comparisons, logical ops and select (coremltools' iOS15-iOS18 meanings). A bool result is a tensor of 0s and 1s;
+# the emulator holds it as fp16 values, where both are exact. Nobody has reported these ops on the ANE.
+
+
+def _bool_operands(op: str, types: list[TensorType]) -> None:
+    for t in types:
+        if t.dtype != "bool":
+            raise _fail(op, f"needs bool operands, got {t.dtype}")
+
+
+def _compare_infer(op: str):
+    def infer(types, attrs):
+        return TensorType("bool", _broadcast(op)(types, attrs).shape)
+
+    return infer
+
+
+def _logical_infer(op: str):
+    def infer(types, attrs):
+        _bool_operands(op, types)
+        return _broadcast(op)(types, attrs) if len(types) == 2 else types[0]
+
+    return infer
+
+
+_COMPARISONS = {
+    "equal": np.equal,
+    "not_equal": np.not_equal,
+    "less": np.less,
+    "less_equal": np.less_equal,
+    "greater": np.greater,
+    "greater_equal": np.greater_equal,
+}
+for _name, _fn in _COMPARISONS.items():
+    _declare(_name, ("x", "y"), infer=_compare_infer(_name), compute=lambda k, xs, a, fn=_fn: fn(xs[0], xs[1]),
+             ane_known=False)
+
+# bool operands are held as 0/1 values: nonzero is true
+for _name, _fn in (("logical_and", np.logical_and), ("logical_or", np.logical_or), ("logical_xor", np.logical_xor)):
+    _declare(_name, ("x", "y"), infer=_logical_infer(_name),
+             compute=lambda k, xs, a, fn=_fn: fn(xs[0] != 0, xs[1] != 0), ane_known=False)
+_declare("logical_not", ("x",), infer=_logical_infer("logical_not"), compute=lambda k, xs, a: xs[0] == 0,
+         ane_known=False)
+
+
+def _select_infer(types, attrs):
+    cond, a, b = types
+    _bool_operands("select", [cond])
+    if a.dtype != b.dtype:
+        raise _fail("select", f"a and b have different dtypes {a.dtype} and {b.dtype}")
+    try:
+        shape = np.broadcast_shapes(cond.shape, a.shape, b.shape)
+    except ValueError:
+        raise _fail("select", f"shapes {list(cond.shape)}, {list(a.shape)}, {list(b.shape)} do not broadcast") from None
+    return TensorType(a.dtype, tuple(shape))
+
+
+# elementwise, not layout: an int32 constant chosen becomes an fp16 value like any computed result
+_declare("select", ("cond", "a", "b"), infer=_select_infer, compute=lambda k, xs, a: np.where(xs[0] != 0, xs[1], xs[2]),
+         ane_known=False)
+
+
+
+# Layout ops beyond reshape/transpose/slice/concat, coremltools' meanings. They move values without computing (their
+# results stay fp16 values), except cumsum, a sum along an axis, computed exactly and rounded once. Nobody has
+# reported them on the ANE.
+
+
+def _tile_infer(types, attrs):
+    t, reps = types[0], [int(r) for r in attrs["reps"]]
+    if len(reps) != t.rank or min(reps, default=0) < 1:
+        raise _fail("tile", f"reps {reps} must have {t.rank} entries, each at least 1")
+    return TensorType(t.dtype, tuple(n * r for n, r in zip(t.shape, reps)))
+
+
+_declare("tile", ("x",), {"reps": Attr("ints")}, infer=_tile_infer,
+         compute=lambda k, xs, a: np.tile(xs[0], [int(r) for r in a["reps"]]), kind="layout", ane_known=False)
+
+
+def _squeezed_axes(shape: Sequence[int], axes) -> tuple[int, ...]:
+    """The listed axes, or every size-1 axis when ``axes`` is absent. A listed axis of another size is refused:
+    coremltools' shape rule keeps it, but its value inference (numpy's squeeze) fails on it."""
+    if axes is None:
+        return tuple(i for i, n in enumerate(shape) if n == 1)
+    axes = _reduce_axes("squeeze", TensorType("fp32", tuple(shape)), axes)
+    wide = [i for i in axes if shape[i] != 1]
+    if wide:
+        raise _fail("squeeze", f"axis {wide[0]} has size {shape[wide[0]]}, not 1")
+    return axes
+
+
+def _squeeze_infer(types, attrs):
+    t = types[0]
+    drop = _squeezed_axes(t.shape, attrs["axes"])
+    return TensorType(t.dtype, tuple(n for i, n in enumerate(t.shape) if i not in drop))
+
+
+_declare("squeeze", ("x",), {"axes": Attr("ints", None)}, infer=_squeeze_infer,
+         compute=lambda k, xs, a: np.squeeze(xs[0], axis=_squeezed_axes(xs[0].shape, a["axes"])), kind="layout",
+         ane_known=False)
+
+
+def _expanded_shape(shape: Sequence[int], axes) -> tuple[int, ...]:
+    """``shape`` with a 1 at each of ``axes``, counted in the result's rank (negative from its end)."""
+    rank = len(shape) + len(axes)
+    where = _reduce_axes("expand_dims", TensorType("fp32", (1,) * rank), axes)
+    dims = iter(shape)
+    return tuple(1 if i in where else next(dims) for i in range(rank))
+
+
+_declare("expand_dims", ("x",), {"axes": Attr("ints")},
+         infer=lambda t, a: TensorType(t[0].dtype, _expanded_shape(t[0].shape, a["axes"])),
+         compute=lambda k, xs, a: xs[0].reshape(_expanded_shape(xs[0].shape, a["axes"])), kind="layout",
+         ane_known=False)
+
+PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}  # MIL mode: numpy's
+
+
+def _pad_widths(op: str, shape: Sequence[int], attrs) -> list[tuple[int, int]]:
+    """(before, after) for every axis: ``pad`` holds pairs for the last len(pad)/2 axes."""
+    pad = [int(p) for p in attrs["pad"]]
+    if attrs["mode"] not in PAD_MODES:
+        raise _fail(op, f"mode {attrs['mode']!r} is not one of {tuple(PAD_MODES)}")
+    if len(pad) % 2 or len(pad) > 2 * len(shape) or min(pad, default=0) < 0:
+        raise _fail(op, f"pad {pad} must hold non-negative (before, after) pairs for at most {len(shape)} axes")
+    widths = [(0, 0)] * (len(shape) - len(pad) // 2) + list(zip(pad[::2], pad[1::2]))
+    if attrs["mode"] == "reflect" and any(max(w) >= n for w, n in zip(widths, shape)):
+        raise _fail(op, f"reflect pad {pad} must be smaller than each padded axis of {list(shape)}")
+    return widths
+
+
+def _pad(k, xs, a):
+    widths = _pad_widths("pad", xs[0].shape, a)
+    if a["mode"] == "constant":
+        return np.pad(xs[0], widths, constant_values=np.float16(a["constant_val"]))  # held as fp16, as constants are
+    return np.pad(xs[0], widths, PAD_MODES[a["mode"]])
+
+
+def _pad_infer(types, attrs):
+    t = types[0]
+    widths = _pad_widths("pad", t.shape, attrs)
+    return TensorType(t.dtype, tuple(n + b + e for n, (b, e) in zip(t.shape, widths)))
+
+
+_declare("pad", ("x",), {"pad": Attr("ints"), "mode": Attr("string", "constant"), "constant_val": Attr("float", 0.0)},
+         infer=_pad_infer, compute=_pad, kind="layout", ane_known=False)
+
+
+def _band_part_infer(types, attrs):
+    if types[0].rank < 2:
+        raise _fail("band_part", f"x must have rank 2 or more, got {types[0].short()}")
+    return types[0]
+
+
+def _band_part(k, xs, a):
+    """Keep diagonals -lower..upper of the last two axes (a negative bound keeps that whole triangle), zero the rest."""
+    x = xs[0]
+    rows, cols = np.indices(x.shape[-2:])
+    lower, upper = int(a["lower"]), int(a["upper"])
+    keep = ((lower < 0) | (rows - cols <= lower)) & ((upper < 0) | (cols - rows <= upper))
+    return np.where(keep, x, np.zeros((), x.dtype))
+
+
+_declare("band_part", ("x",), {"lower": Attr("int", -1), "upper": Attr("int", -1)}, infer=_band_part_infer,
+         compute=_band_part, kind="layout", ane_known=False)
+
+
+def _cumsum_infer(types, attrs):
+    t = _float("cumsum", types[0])
+    if not -1 <= int(attrs["axis"]) < t.rank:  # coremltools' range: -1 is the only negative axis
+        raise _fail("cumsum", f"axis {attrs['axis']} is not in [-1, {t.rank - 1}]")
+    return t
+
+
+def _cumsum(k, xs, a):
+    """Running sums along ``axis`` (from the end with ``reverse``); ``exclusive`` leaves each element out of its
+    own sum (the first is 0). Exact in float64, rounded once."""
+    axis, x = int(a["axis"]), xs[0].astype(np.float64)
+    if a["reverse"]:
+        x = np.flip(x, axis)
+    out = np.cumsum(x, axis=axis)
+    if a["exclusive"]:
+        out -= x
+    return (np.flip(out, axis) if a["reverse"] else out).astype(np.float32)
+
+
+_declare("cumsum", ("x",), {"axis": Attr("int", 0), "exclusive": Attr("bool", False), "reverse": Attr("bool", False)},
+         infer=_cumsum_infer, compute=_cumsum, kind="reduction", ane_known=False)
+
+
+
+# Indexing: integer indices arrive as int32 consts or inputs (exact) or as an op's result (whole fp16 values).
+# Negative indices count from the end (coremltools' iOS16+ meaning); one outside the axis is an error at run time.
+
+INDEX_DTYPES = ("int32", "int16", "uint16", "int8", "uint8")
+
+
+def _indices(op: str, indices: np.ndarray, size: int) -> np.ndarray:
+    idx = np.asarray(indices).astype(np.int64)
+    bad = (idx < -size) | (idx >= size)
+    if bad.any():
+        raise _fail(op, f"index {int(idx[bad].flat[0])} is outside an axis of size {size}")
+    return idx % size
+
+
+def _index_operands(op: str, types: list[TensorType], axis) -> int:
+    x, indices = types
+    if indices.dtype not in INDEX_DTYPES:
+        raise _fail(op, f"indices must be an integer tensor ({', '.join(INDEX_DTYPES)}), got {indices.dtype}")
+    return _axis(op, int(axis), x.rank)
+
+
+def _gather_infer(types, attrs):
+    x, indices = types
+    axis, batch = _index_operands("gather", types, attrs["axis"]), int(attrs["batch_dims"])
+    if not 0 <= batch <= min(axis, indices.rank) or x.shape[:batch] != indices.shape[:batch]:
+        raise _fail("gather", f"batch_dims {batch} must lead both x {x.short()} and indices {indices.short()} "
+                              f"(at most axis {axis})")
+    return TensorType(x.dtype, x.shape[:axis] + indices.shape[batch:] + x.shape[axis + 1:])
+
+
+def _gather(k, xs, a):
+    x, axis, batch = xs[0], int(a["axis"]) % xs[0].ndim, int(a["batch_dims"])
+    idx = _indices("gather", xs[1], x.shape[axis])
+    if batch == 0:
+        return np.take(x, idx, axis=axis)
+    # each of the leading batch entries gathers with its own indices
+    return np.stack([_gather(k, [xb, ib], {"axis": axis - 1, "batch_dims": batch - 1}) for xb, ib in zip(x, idx)])
+
+
+_declare("gather", ("x", "indices"), {"axis": Attr("int", 0), "batch_dims": Attr("int", 0)}, infer=_gather_infer,
+         compute=_gather, kind="layout", ane_known=False)
+
+
+def _gather_along_axis_infer(types, attrs):
+    x, indices = types
+    axis = _index_operands("gather_along_axis", types, attrs["axis"])
+    if indices.rank != x.rank or any(i != axis and a != b for i, (a, b) in enumerate(zip(x.shape, indices.shape))):
+        raise _fail("gather_along_axis", f"indices {indices.short()} must match x {x.short()} off axis {axis}")
+    return TensorType(x.dtype, indices.shape)
+
+
+def _gather_along_axis(k, xs, a):
+    axis = int(a["axis"]) % xs[0].ndim
+    return np.take_along_axis(xs[0], _indices("gather_along_axis", xs[1], xs[0].shape[axis]), axis=axis)
+
+
+_declare("gather_along_axis", ("x", "indices"), {"axis": Attr("int", 0)}, infer=_gather_along_axis_infer,
+         compute=_gather_along_axis, kind="layout", ane_known=False)
+
+
+# einsum: coremltools defines it for two patterns only, matrices on axes -1 and -3 with the others batch
+# (broadcast where 1): "nchw,nwhu->nchu" and "chw,whr->chr", in any letters. A matmul per batch: the wide op.
+
+EINSUM_PATTERNS = {4: ((0, 1, 2, 3), (0, 3, 2, 4), (0, 1, 2, 4)), 3: ((0, 1, 2), (2, 1, 3), (0, 1, 3))}
+
+
+def _einsum_rank(equation: str) -> int:
+    """The rank of the supported pattern ``equation`` spells (letters numbered by first appearance)."""
+    terms = equation.replace(" ", "").replace("->", ",").split(",")
+    numbers: dict[str, int] = {}
+    spelled = tuple(tuple(numbers.setdefault(c, len(numbers)) for c in term) for term in terms)
+    for rank, pattern in EINSUM_PATTERNS.items():
+        if "->" in equation and spelled == pattern:
+            return rank
+    raise _fail("einsum", f"equation {equation!r} is not one coremltools supports: 'nchw,nwhu->nchu' or "
+                          "'chw,whr->chr' (in any letters)")
+
+
+def _einsum_infer(types, attrs):
+    if len(types) != 2:
+        raise _fail("einsum", f"needs two values, got {len(types)}")
+    x, y = types
+    rank = _einsum_rank(attrs["equation"])
+    if x.dtype != y.dtype or x.rank != rank or y.rank != rank or x.shape[-1] != y.shape[-3]:
+        raise _fail("einsum", f"values {x.short()} and {y.short()} do not fit {attrs['equation']!r}")
+    batch = [(x.shape[i], y.shape[i]) for i in ((-4, -2) if rank == 4 else (-2,))]
+    if any(a != b and 1 not in (a, b) for a, b in batch):
+        raise _fail("einsum", f"batch axes of {x.short()} and {y.short()} do not broadcast")
+    shape = [max(x.shape[0], y.shape[0])] if rank == 4 else []
+    return TensorType(x.dtype, tuple(shape + [x.shape[-3], max(x.shape[-2], y.shape[-2]), y.shape[-1]]))
+
+
+def _einsum(k: Kernels, xs, a):
+    x, y = xs
+    if x.ndim == 3:
+        x, y = x[None], y[None]
+    # [n, c, h, w] @ [n, w, h, u] as [n, h, c, w] @ [n, h, w, u], then back to [n, c, h, u]
+    out = np.swapaxes(k.matmul(np.swapaxes(x, 1, 2), np.swapaxes(y, 1, 2)), 1, 2)
+    return out[0] if xs[0].ndim == 3 else out
+
+
+_declare("einsum", (), {"equation": Attr("string")}, infer=_einsum_infer, compute=_einsum, kind="wide",
+         variadic="values", ane_known=False)
+
 
 # A constant: ``val`` holds the numpy array. Weights are constants that the emitter writes to blob files.
 _declare("const", (), {"val": Attr("tensor")}, infer=lambda t, a: None, compute=lambda k, xs, a: a["val"], kind="const")

@@ -11,6 +11,7 @@ from orion.compiler.compile import compile_graph
 from orion.errors import GraphError
 from orion.ir.builder import GraphBuilder
 from orion.runtime.backends.emulator import load_text
+from orion.runtime.backends.numerics import Numerics
 
 SHAPE = (1, 6, 1, 16)
 
@@ -57,14 +58,15 @@ def run_op(tmp_path, op: str, x: np.ndarray, out_shape=None, out_dtype: str = "f
 
 
 def assert_within_fp16(got: np.ndarray, oracle: np.ndarray, ulps: float = 1.0, what: str = "",
-                       intermediate: np.ndarray | None = None) -> None:
+                       intermediate: np.ndarray | None = None, absolute: float = 0.0) -> None:
     """``got`` (fp16) is within ``ulps`` fp16 ulps of the oracle's exact value rounded to fp16, plus one ulp of an
-    ``intermediate`` value the op rounds on the way (a wide sum before its bias add)."""
+    ``intermediate`` value the op rounds on the way (a wide sum before its bias add), plus ``absolute`` (the
+    accumulator's quantization of a wide sum's products)."""
     ref = np.asarray(oracle, dtype=np.float64).astype(np.float16)
     assert got.shape == ref.shape, what
     assert np.isfinite(ref).all(), f"{what}: the oracle is not finite; pick another input range"
     err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-    bound = ulps * np.spacing(np.abs(ref)).astype(np.float64)
+    bound = ulps * np.spacing(np.abs(ref)).astype(np.float64) + absolute
     if intermediate is not None:
         bound = bound + np.spacing(np.abs(np.asarray(intermediate).astype(np.float16))).astype(np.float64)
     worst = np.argmax(err - bound)
@@ -310,3 +312,102 @@ def test_norm_parameters_are_checked_and_emitted_as_weight_blobs(tmp_path, rng, 
                     beta=beta.astype(np.float32), epsilon=np.float32(0.25))
     oracle = coreml("linear", x=normed.astype(np.float16).astype(np.float32), weight=weight.astype(np.float32))
     assert_within_fp16(got, oracle, ulps=2, what="layer_norm then linear")
+
+
+# -- 4. conv, conv_transpose and pools --------------------------------------------------------------------------------
+
+
+def _same_pads(spatial, kernel, strides, dilations, lower: bool = False) -> list[int]:
+    """TensorFlow's SAME padding (which coremltools follows): output ceil(in / stride), the odd pad after (before for
+    ``same_lower``); as torch's pad order, last axis first."""
+    pads = []
+    for i, k, s, d in zip(spatial, kernel, strides, dilations):
+        total = max((-(-i // s) - 1) * s + (k - 1) * d + 1 - i, 0)
+        small, big = total // 2, total - total // 2
+        pads.append((big, small) if lower else (small, big))
+    return [p for pair in reversed(pads) for p in pair]
+
+
+def _torch_pads(pad_type: str, spatial, kernel, strides, dilations, pad) -> list[int]:
+    if pad_type == "custom":
+        return [p for i in reversed(range(len(spatial))) for p in (pad[2 * i], pad[2 * i + 1])]
+    if pad_type == "valid":
+        return [0] * (2 * len(spatial))
+    return _same_pads(spatial, kernel, strides, dilations, lower=pad_type == "same_lower")
+
+
+def _quantization(summed_shape) -> float:
+    """The most the default fixed-point accumulator (N3) moves a wide sum of this many products: half a grid step
+    each (each product rounds to the grid once)."""
+    return float(np.prod(summed_shape)) * Numerics().accumulator_grid / 2
+
+
+CONVS = [  # x shape, weight shape, params (strides, dilations, pad_type, pad, groups)
+    ((1, 4, 9, 11), (6, 4, 3, 3), {"pad_type": "valid"}),
+    ((2, 4, 9, 11), (6, 4, 3, 2), {"strides": [2, 3], "dilations": [1, 1], "pad_type": "valid"}),
+    ((1, 4, 9, 11), (6, 4, 3, 3), {"strides": [1, 1], "dilations": [2, 3], "pad_type": "valid"}),
+    ((1, 4, 10, 11), (6, 4, 3, 3), {"strides": [3, 2], "dilations": [2, 1], "pad_type": "same"}),
+    ((1, 4, 10, 11), (6, 4, 4, 2), {"strides": [1, 2], "dilations": [1, 1], "pad_type": "same_lower"}),
+    ((1, 4, 8, 8), (6, 4, 3, 5), {"strides": [2, 1], "dilations": [1, 2], "pad_type": "custom", "pad": [1, 2, 0, 3]}),
+    ((1, 6, 8, 9), (9, 2, 3, 3), {"pad_type": "custom", "pad": [1, 1, 1, 1], "groups": 3}),
+    ((1, 6, 8, 9), (6, 1, 3, 3), {"strides": [2, 2], "dilations": [1, 1], "pad_type": "same", "groups": 6}),
+    ((1, 8, 1, 16), (5, 8, 1, 1), {}),  # the models' 1x1 conv
+    ((2, 4, 20), (6, 4, 5), {"strides": [2], "dilations": [3], "pad_type": "custom", "pad": [4, 1]}),  # conv1d
+    ((1, 6, 20), (4, 3, 3), {"strides": [1], "dilations": [1], "pad_type": "same", "groups": 2}),
+]
+
+
+def _conv_oracle(torch, x, w, bias, params, transpose=False):
+    """torch's conv (float64) on ``x`` padded as the MIL parameters say."""
+    rank = x.ndim - 2
+    strides = params.get("strides", [1] * rank)
+    dilations = params.get("dilations", [1] * rank)
+    pads = _torch_pads(params.get("pad_type", "valid"), x.shape[2:], w.shape[2:], strides, dilations,
+                       params.get("pad"))
+    tx = torch.nn.functional.pad(torch.tensor(x.astype(np.float64)), pads)
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d}[rank]
+    tb = None if bias is None else torch.tensor(bias.astype(np.float64))
+    return conv(tx, torch.tensor(w.astype(np.float64)), tb, stride=strides, dilation=dilations,
+                groups=params.get("groups", 1)).numpy()
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("x_shape, w_shape, params", CONVS, ids=[f"{c[0]}x{c[1]}{sorted(c[2].items())}" for c in CONVS])
+def test_conv_matches_torch(tmp_path, rng, x_shape, w_shape, params, with_bias):
+    torch = pytest.importorskip("torch")
+    x = rng.normal(0, 1, x_shape).astype(np.float16)
+    tensors = {"weight": rng.normal(0, 0.3, w_shape).astype(np.float16)}
+    if with_bias:
+        tensors["bias"] = rng.normal(0, 1, w_shape[:1]).astype(np.float16)
+    oracle = _conv_oracle(torch, x, tensors["weight"], tensors.get("bias"), params)
+    got = run_with_tensors(tmp_path, "conv", x, oracle.shape, tensors, **params)
+    # the wide sum is rounded once, then the bias add rounds again (one ulp of each)
+    wide = _conv_oracle(torch, x, tensors["weight"], None, params) if with_bias else None
+    assert_within_fp16(got, oracle, what="conv", intermediate=wide, absolute=_quantization(w_shape[1:]))
+
+
+def test_conv_is_one_wide_sum_under_the_2_15_ceiling(tmp_path):
+    """A 3x3 conv over 4 channels sums 36 products in one wide sum: 36 * 32 * 28 = 32256 stays below 2^15, while
+    36 * 32 * 32.75 = 37728 reaches the ceiling and reads inf (N4), though every kernel row's partial sum (12
+    products, 12576) is far below it."""
+    x = np.full((1, 4, 3, 3), 32.0, np.float16)
+    below = run_with_tensors(tmp_path, "conv", x, (1, 1, 1, 1), {"weight": np.full((1, 4, 3, 3), 28, np.float16)})
+    assert below.item() == 36 * 32 * 28
+    above = run_with_tensors(tmp_path, "conv", x, (1, 1, 1, 1),
+                             {"weight": np.full((1, 4, 3, 3), 32.75, np.float16)})
+    assert above.item() == np.inf
+
+
+def test_a_1x1_conv_is_bit_identical_to_the_matmul_of_its_weight(tmp_path, rng):
+    """The models' convs (1x1, stride 1, no padding) keep the wide sums of a plain matmul, bit for bit."""
+    x = rng.normal(0, 2, (1, 48, 1, 32)).astype(np.float16)
+    w = rng.normal(0, 0.5, (16, 48, 1, 1)).astype(np.float16)
+    got = run_with_tensors(tmp_path, "conv", x, (1, 16, 1, 32), {"weight": w})
+    lines = [_const_tensor("w", w[:, :, 0, 0]),
+             '        tensor<int32, [2]> s = const()[name=string("s"), val=tensor<int32, [2]>([48, 32])];',
+             '        tensor<fp16, [48, 32]> rows = reshape(x=x, shape=s)[name=string("rows")];',
+             '        tensor<fp16, [16, 32]> y = matmul(x=w, y=rows)[name=string("y")];']
+    text = ("program(1.3)\n{\n    func main<ios18>(tensor<fp16, [1, 48, 1, 32]> x) {\n" + "\n".join(lines)
+            + "\n    } -> (y);\n}\n")
+    expected = load_text(text, tmp_path).run({"x": x})["y"]
+    np.testing.assert_array_equal(got.reshape(16, 32).view(np.uint16), expected.view(np.uint16))

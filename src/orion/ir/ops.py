@@ -572,39 +572,116 @@ _declare(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Conv (1x1) and matmul: the wide-accumulator ops
+# Conv and matmul: the wide-accumulator ops
+
+PAD_TYPES = ("valid", "same", "same_lower", "custom")
+
+
+def _spatial(op: str, attrs: dict, key: str, n: int, fill: int) -> list[int]:
+    """A per-spatial-axis attribute: the declared default (written for rank-4 programs) stands for ``fill`` on
+    every axis whatever the rank, as coremltools' default does; a given value must have ``n`` entries."""
+    value = attrs[key]
+    if value is OPS[op].attrs[key].default:
+        return [fill] * n
+    value = [int(v) for v in value]
+    if len(value) != n:
+        raise _fail(op, f"{key} {value} must have {n} entries (one per spatial axis)")
+    return value
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a sliding window (conv, pool) reads: per spatial axis its kernel size, stride, dilation and the
+    padding before and after, and the output size (coremltools' ``spatial_dimensions_out_shape``)."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    out: tuple[int, ...]
+
+
+def window(op: str, spatial: Sequence[int], kernel: Sequence[int], attrs: dict, ceil_mode: bool = False) -> Window:
+    n = len(spatial)
+    strides = _spatial(op, attrs, "strides", n, 1)
+    dilations = _spatial(op, attrs, "dilations", n, 1) if "dilations" in attrs else [1] * n
+    if min(strides + dilations) < 1:
+        raise _fail(op, f"strides {strides} and dilations {dilations} must be positive")
+    pad_type = attrs["pad_type"]
+    if pad_type not in PAD_TYPES:
+        raise _fail(op, f"pad_type {pad_type!r} is not one of {', '.join(PAD_TYPES)}")
+    reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]  # the span one output reads, dilation included
+    if pad_type == "custom":
+        pad = _spatial(op, attrs, "pad", 2 * n, 0)
+        if min(pad) < 0:
+            raise _fail(op, f"pad {pad} must not be negative")
+        pads = [(pad[2 * i], pad[2 * i + 1]) for i in range(n)]
+    elif pad_type == "valid":
+        pads = [(0, 0)] * n
+    else:
+        totals = [max(0, s * math.ceil(i / s) - i + r - s) for i, s, r in zip(spatial, strides, reach)]
+        lower = pad_type == "same_lower"
+        pads = [((t + 1) // 2, t // 2) if lower else (t // 2, (t + 1) // 2) for t in totals]
+    out = []
+    for i, s, r, (before, after) in zip(spatial, strides, reach, pads):
+        size = i + before + after - r
+        o = (size + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and before + after and (o - 1) * s >= i + (before + after) / 2:  # coremltools: drop a window
+            o -= 1  # starting in the padding after
+        if size < 0 or o < 1:
+            raise _fail(op, f"kernel reach {reach} does not fit spatial size {list(spatial)} with padding {pads}")
+        out.append(o)
+    return Window(tuple(kernel), tuple(strides), tuple(dilations), tuple(pads), tuple(out))
+
+
+def window_views(x: np.ndarray, w: Window, fill: float = 0.0) -> list[np.ndarray]:
+    """For each kernel offset (row-major over the kernel), the strided view of padded ``x`` ``[N, C, *D]`` that
+    this offset reads for every output position: arrays ``[N, C, *out]``. Padding reads ``fill``."""
+    if any(p for pair in w.pads for p in pair):
+        x = np.pad(x, [(0, 0), (0, 0), *w.pads], constant_values=fill)
+    views = []
+    for offset in np.ndindex(*w.kernel):
+        index = tuple(slice(k * d, k * d + (o - 1) * s + 1, s)
+                      for k, d, s, o in zip(offset, w.dilations, w.strides, w.out))
+        views.append(x[(slice(None), slice(None)) + index])
+    return views
+
+
+def _conv_types(op: str, types, attrs):
+    x, w = types[0], types[1]
+    if not 3 <= x.rank <= 5 or w.rank != x.rank:
+        raise _fail(op, f"x and weight must both have rank 3, 4 or 5, got {x.short()} and {w.short()}")
+    if x.dtype != w.dtype:
+        raise _fail(op, f"x is {x.dtype} but weight is {w.dtype}")
+    return x, w, int(attrs["groups"])
 
 
 def _conv_infer(types, attrs):
-    x, w = types[0], types[1]
-    if x.rank != 4 or w.rank != 4:
-        raise _fail("conv", f"x and weight must be rank 4, got {x.short()} and {w.short()}")
-    if x.dtype != w.dtype:
-        raise _fail("conv", f"x is {x.dtype} but weight is {w.dtype}")
-    groups = int(attrs["groups"])
-    if w.shape[2:] != (1, 1):
-        raise _fail("conv", f"only 1x1 kernels are supported, weight is {list(w.shape)}")
-    if list(attrs["strides"]) != [1, 1] or list(attrs["dilations"]) != [1, 1] or any(int(p) for p in attrs["pad"]):
-        raise _fail("conv", "only strides [1,1], dilations [1,1] and zero padding are supported")
-    if attrs["pad_type"] not in ("valid", "same", "custom"):
-        raise _fail("conv", f"pad_type {attrs['pad_type']!r} is not valid, same or custom")
+    x, w, groups = _conv_types("conv", types, attrs)
     if groups < 1 or x.shape[1] % groups or w.shape[0] % groups or w.shape[1] * groups != x.shape[1]:
         raise _fail("conv", f"weight {list(w.shape)} with groups={groups} does not fit {x.shape[1]} input channels")
-    if len(types) > 2 and types[2].shape not in ((w.shape[0],), (1, w.shape[0], 1, 1)):
+    if len(types) > 2 and types[2].shape not in ((w.shape[0],), (1, w.shape[0]) + (1,) * (x.rank - 2)):
         raise _fail("conv", f"bias shape {list(types[2].shape)} does not match {w.shape[0]} output channels")
-    return TensorType(x.dtype, (x.shape[0], w.shape[0], x.shape[2], x.shape[3]))
+    win = window("conv", x.shape[2:], w.shape[2:], attrs)
+    return TensorType(x.dtype, (x.shape[0], w.shape[0]) + win.out)
 
 
 def _conv(k: Kernels, xs, a):
+    """im2col, then one grouped matmul through the kernels: every output is one wide sum over C_in/G x kernel
+    products, so the accumulator model and its 2^15 ceiling apply as they do to a 1x1 conv."""
     x, w = xs[0], xs[1]
-    n, cin, h, wd = x.shape
+    n, cin = x.shape[:2]
     cout, groups = w.shape[0], int(a["groups"])
-    xg = x.reshape(n, groups, cin // groups, h * wd)  # [N, G, Cin/G, HW]
-    wg = w.reshape(groups, cout // groups, cin // groups)  # [G, Cout/G, Cin/G]
-    y = k.matmul(wg[None], xg).reshape(n, cout, h, wd)
+    win = window("conv", x.shape[2:], w.shape[2:], a)
+    views = window_views(x, win)
+    cols = views[0][:, :, None] if len(views) == 1 else np.stack(views, axis=2)  # [N, Cin, K, *out]
+    positions = math.prod(win.out)
+    xg = cols.reshape(n, groups, cin // groups * len(views), positions)  # [N, G, Cin/G*K, P]
+    wg = w.reshape(groups, cout // groups, cin // groups * len(views))  # [G, Cout/G, Cin/G*K]
+    y = k.matmul(wg[None], xg).reshape((n, cout) + win.out)
     if len(xs) > 2:
-        y = y + xs[2].reshape(1, cout, 1, 1)  # a new array: a backend may treat the kernel's output as final
-    return y
+        y = y + xs[2].reshape((1, cout) + (1,) * len(win.out))  # a new array: a backend may treat the kernel's
+    return y                                                     # output as final
 
 
 _declare(

@@ -411,3 +411,65 @@ def test_a_1x1_conv_is_bit_identical_to_the_matmul_of_its_weight(tmp_path, rng):
             + "\n    } -> (y);\n}\n")
     expected = load_text(text, tmp_path).run({"x": x})["y"]
     np.testing.assert_array_equal(got.reshape(16, 32).view(np.uint16), expected.view(np.uint16))
+
+
+CONV_TRANSPOSES = [  # x shape, weight shape [C_in, C_out/groups, *K], params
+    ((1, 4, 5, 6), (4, 3, 3, 3), {"pad_type": "valid"}),
+    ((2, 4, 5, 6), (4, 3, 3, 2), {"strides": [2, 3], "dilations": [1, 1], "pad_type": "valid"}),
+    ((1, 4, 5, 6), (4, 3, 3, 3), {"strides": [2, 1], "dilations": [2, 3], "pad_type": "custom", "pad": [1, 2, 0, 3]}),
+    ((1, 4, 5, 6), (4, 3, 4, 3), {"strides": [2, 2], "dilations": [1, 1], "pad_type": "same"}),
+    ((1, 4, 5, 6), (4, 3, 2, 2), {"strides": [3, 3], "dilations": [1, 1], "pad_type": "same"}),  # reach < stride
+    ((1, 6, 5, 6), (6, 2, 3, 3), {"strides": [2, 2], "dilations": [1, 1], "pad_type": "custom", "pad": [1, 1, 1, 1],
+                                  "groups": 3}),
+    ((1, 4, 5, 6), (4, 3, 3, 3), {"strides": [2, 2], "dilations": [1, 1], "pad_type": "same",
+                                  "output_shape": [1, 3, 9, 12]}),  # one of the sizes whose conv gives 5x6
+    ((1, 4, 5, 6), (4, 3, 3, 3), {"strides": [2, 2], "dilations": [1, 1], "pad_type": "valid",
+                                  "output_shape": [1, 3, 12, 14]}),  # beyond the full transpose: zeros after
+    ((2, 4, 7), (4, 5, 3), {"strides": [2], "dilations": [2], "pad_type": "custom", "pad": [2, 1]}),  # 1-d
+]
+
+
+def _conv_transpose_oracle(torch, x, w, bias, params):
+    """torch's full transpose (float64), then the positions MIL keeps: from the padding before of the conv that
+    maps the output back to x (TensorFlow's rule), to the output size; zeros beyond the full transpose."""
+    rank = x.ndim - 2
+    strides, dilations = params.get("strides", [1] * rank), params.get("dilations", [1] * rank)
+    pad_type, groups = params.get("pad_type", "valid"), params.get("groups", 1)
+    transpose = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d}[rank]
+    full = transpose(torch.tensor(x.astype(np.float64)), torch.tensor(w.astype(np.float64)), stride=strides,
+                     dilation=dilations, groups=groups)
+    reach = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], dilations)]
+    if "output_shape" in params:
+        out = params["output_shape"][2:]
+    elif pad_type == "same":
+        out = [d * s for d, s in zip(x.shape[2:], strides)]
+    else:
+        pad = params.get("pad", [0] * 2 * rank)
+        out = [(d - 1) * s + r - pad[2 * i] - pad[2 * i + 1]
+               for i, (d, s, r) in enumerate(zip(x.shape[2:], strides, reach))]
+    pads = _torch_pads(pad_type, out, w.shape[2:], strides, dilations, params.get("pad"))  # last axis first
+    befores = [pads[2 * (rank - 1 - axis)] for axis in range(rank)]
+    crops = []
+    for axis in reversed(range(rank)):
+        start = befores[axis]
+        crops += [-start, out[axis] - (full.shape[2 + axis] - start)]
+    y = torch.nn.functional.pad(full, crops)
+    if bias is not None:
+        y = y + torch.tensor(bias.astype(np.float64)).reshape((1, -1) + (1,) * rank)
+    return y.numpy()
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("x_shape, w_shape, params", CONV_TRANSPOSES,
+                         ids=[f"{c[0]}x{c[1]}{sorted(c[2].items())}" for c in CONV_TRANSPOSES])
+def test_conv_transpose_matches_torch(tmp_path, rng, x_shape, w_shape, params, with_bias):
+    torch = pytest.importorskip("torch")
+    x = rng.normal(0, 1, x_shape).astype(np.float16)
+    tensors = {"weight": rng.normal(0, 0.3, w_shape).astype(np.float16)}
+    if with_bias:
+        tensors["bias"] = rng.normal(0, 1, (w_shape[1] * params.get("groups", 1),)).astype(np.float16)
+    oracle = _conv_transpose_oracle(torch, x, tensors["weight"], tensors.get("bias"), params)
+    got = run_with_tensors(tmp_path, "conv_transpose", x, oracle.shape, tensors, **params)
+    wide = _conv_transpose_oracle(torch, x, tensors["weight"], None, params) if with_bias else None
+    assert_within_fp16(got, oracle, what="conv_transpose", intermediate=wide,
+                       absolute=_quantization((w_shape[0] // params.get("groups", 1),) + w_shape[2:]))

@@ -666,39 +666,106 @@ def _conv_infer(types, attrs):
     return TensorType(x.dtype, (x.shape[0], w.shape[0]) + win.out)
 
 
-def _conv(k: Kernels, xs, a):
+def _wide_window_sums(k: Kernels, x: np.ndarray, w: np.ndarray, groups: int, win: Window) -> np.ndarray:
     """im2col, then one grouped matmul through the kernels: every output is one wide sum over C_in/G x kernel
-    products, so the accumulator model and its 2^15 ceiling apply as they do to a 1x1 conv."""
-    x, w = xs[0], xs[1]
+    products, so the accumulator model and its 2^15 ceiling apply as they do to a 1x1 conv (whose single window
+    is ``x`` itself: the plain matmul of its weight, bit for bit)."""
     n, cin = x.shape[:2]
-    cout, groups = w.shape[0], int(a["groups"])
-    win = window("conv", x.shape[2:], w.shape[2:], a)
+    cout = w.shape[0]
     views = window_views(x, win)
     cols = views[0][:, :, None] if len(views) == 1 else np.stack(views, axis=2)  # [N, Cin, K, *out]
-    positions = math.prod(win.out)
-    xg = cols.reshape(n, groups, cin // groups * len(views), positions)  # [N, G, Cin/G*K, P]
+    xg = cols.reshape(n, groups, cin // groups * len(views), math.prod(win.out))  # [N, G, Cin/G*K, P]
     wg = w.reshape(groups, cout // groups, cin // groups * len(views))  # [G, Cout/G, Cin/G*K]
-    y = k.matmul(wg[None], xg).reshape((n, cout) + win.out)
-    if len(xs) > 2:
-        y = y + xs[2].reshape((1, cout) + (1,) * len(win.out))  # a new array: a backend may treat the kernel's
-    return y                                                     # output as final
+    return k.matmul(wg[None], xg).reshape((n, cout) + win.out)
 
 
-_declare(
-    "conv",
-    ("x", "weight", "bias"),
-    {
-        "strides": Attr("ints", (1, 1)),
-        "pad_type": Attr("string", "valid"),
-        "pad": Attr("ints", (0, 0, 0, 0)),
-        "dilations": Attr("ints", (1, 1)),
-        "groups": Attr("int", 1),
-    },
-    infer=_conv_infer,
-    compute=_conv,
-    kind="wide",
-    optional=("bias",),
-)
+def _add_bias(y: np.ndarray, xs) -> np.ndarray:
+    if len(xs) < 3:
+        return y
+    return y + xs[2].reshape((1, y.shape[1]) + (1,) * (y.ndim - 2))  # a new array: a backend may treat the
+    # kernel's output as final, and the add rounds again
+
+
+def _conv(k: Kernels, xs, a):
+    x, w = xs[0], xs[1]
+    return _add_bias(_wide_window_sums(k, x, w, int(a["groups"]), window("conv", x.shape[2:], w.shape[2:], a)), xs)
+
+
+_CONV_ATTRS = {
+    "strides": Attr("ints", (1, 1)),
+    "pad_type": Attr("string", "valid"),
+    "pad": Attr("ints", (0, 0, 0, 0)),
+    "dilations": Attr("ints", (1, 1)),
+    "groups": Attr("int", 1),
+}
+_declare("conv", ("x", "weight", "bias"), _CONV_ATTRS, infer=_conv_infer, compute=_conv, kind="wide",
+         optional=("bias",))
+
+
+def _transpose_crops(op: str, x_shape, w_shape, attrs) -> tuple[tuple[int, ...], list[int], Window]:
+    """A conv_transpose's output spatial size (coremltools' rule, or ``output_shape``) and, per axis, how many
+    leading positions of the full transpose ((D-1)*s + reach) it drops: the padding before of the conv that maps
+    the output back to x. Also that conv's window (strides and dilations as given)."""
+    n = len(x_shape) - 2
+    strides = _spatial(op, attrs, "strides", n, 1)
+    dilations = _spatial(op, attrs, "dilations", n, 1)
+    reach = [(kk - 1) * d + 1 for kk, d in zip(w_shape[2:], dilations)]
+    if attrs["output_shape"] is not None:
+        out = [int(v) for v in attrs["output_shape"]]
+        if len(out) != n + 2:
+            raise _fail(op, f"output_shape {out} must have {n + 2} entries [N, C_out, *spatial]")
+        out = out[2:]
+    elif attrs["pad_type"] == "same":
+        out = [d * s for d, s in zip(x_shape[2:], strides)]
+    else:
+        pad = _spatial(op, attrs, "pad", 2 * n, 0) if attrs["pad_type"] == "custom" else [0] * (2 * n)
+        out = [(d - 1) * s + r - pad[2 * i] - pad[2 * i + 1]
+               for i, (d, s, r) in enumerate(zip(x_shape[2:], strides, reach))]
+    if min(out) < 1:
+        raise _fail(op, f"output spatial size {out} is not positive")
+    forward = window(op, out, w_shape[2:], attrs)
+    return tuple(out), [before for before, _ in forward.pads], forward
+
+
+def _conv_transpose_infer(types, attrs):
+    x, w, groups = _conv_types("conv_transpose", types, attrs)
+    if groups < 1 or x.shape[1] % groups or w.shape[0] != x.shape[1]:
+        raise _fail("conv_transpose", f"weight {list(w.shape)} (C_in, C_out/groups, *K) with groups={groups} "
+                                      f"does not fit {x.shape[1]} input channels")
+    cout = w.shape[1] * groups
+    if len(types) > 2 and types[2].shape not in ((cout,), (1, cout) + (1,) * (x.rank - 2)):
+        raise _fail("conv_transpose", f"bias shape {list(types[2].shape)} does not match {cout} output channels")
+    out, _, _ = _transpose_crops("conv_transpose", x.shape, w.shape, attrs)
+    if attrs["output_shape"] is not None and tuple(attrs["output_shape"][:2]) != (x.shape[0], cout):
+        raise _fail("conv_transpose", f"output_shape {list(attrs['output_shape'])} must start [{x.shape[0]}, {cout}]")
+    return TensorType(x.dtype, (x.shape[0], cout) + out)
+
+
+def _conv_transpose(k: Kernels, xs, a):
+    """The adjoint of a conv, run as a conv so that each output is one wide sum: x spread out by the strides
+    (zeros between), padded by reach-1 less the crop, read by the flipped kernel with its channel axes swapped."""
+    x, w = xs[0], xs[1]
+    groups, spatial = int(a["groups"]), x.shape[2:]
+    out, crops, forward = _transpose_crops("conv_transpose", x.shape, w.shape, a)
+    spread = np.zeros(x.shape[:2] + tuple((d - 1) * s + 1 for d, s in zip(spatial, forward.strides)), x.dtype)
+    spread[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in forward.strides)] = x
+    reach = [(kk - 1) * d + 1 for kk, d in zip(w.shape[2:], forward.dilations)]
+    before = [r - 1 - c for r, c in zip(reach, crops)]
+    after = [o + r - 1 - m - b for o, r, m, b in zip(out, reach, spread.shape[2:], before)]
+    crop = tuple(slice(max(-b, 0), m - max(-e, 0)) for b, e, m in zip(before, after, spread.shape[2:]))
+    spread = spread[(slice(None), slice(None)) + crop]  # a negative pad crops
+    pads = tuple((max(b, 0), max(e, 0)) for b, e in zip(before, after))
+    cin, cout_g = w.shape[:2]
+    flipped = w.reshape((groups, cin // groups, cout_g) + w.shape[2:]).swapaxes(1, 2)
+    flipped = flipped[(Ellipsis,) + (slice(None, None, -1),) * len(spatial)].reshape(
+        (groups * cout_g, cin // groups) + w.shape[2:])
+    win = Window(tuple(w.shape[2:]), (1,) * len(spatial), forward.dilations, pads, out)
+    return _add_bias(_wide_window_sums(k, spread, np.ascontiguousarray(flipped), groups, win), xs)
+
+
+# coremltools' conv_transpose (weight [C_in, C_out/groups, *K]); not reported on the ANE.
+_declare("conv_transpose", ("x", "weight", "bias"), {**_CONV_ATTRS, "output_shape": Attr("ints", None)},
+         infer=_conv_transpose_infer, compute=_conv_transpose, kind="wide", optional=("bias",), ane_known=False)
 
 
 def _matmul_dims(op, x: TensorType, y: TensorType, tx: bool, ty: bool):

@@ -473,3 +473,58 @@ def test_conv_transpose_matches_torch(tmp_path, rng, x_shape, w_shape, params, w
     wide = _conv_transpose_oracle(torch, x, tensors["weight"], None, params) if with_bias else None
     assert_within_fp16(got, oracle, what="conv_transpose", intermediate=wide,
                        absolute=_quantization((w_shape[0] // params.get("groups", 1),) + w_shape[2:]))
+
+
+POOLS = [  # x shape, params
+    ((1, 3, 9, 11), {"kernel_sizes": [3, 3], "pad_type": "valid"}),
+    ((2, 3, 9, 11), {"kernel_sizes": [3, 2], "strides": [2, 3], "pad_type": "valid"}),
+    ((1, 3, 9, 11), {"kernel_sizes": [3, 3], "strides": [2, 2], "pad_type": "custom", "pad": [1, 1, 1, 1]}),
+    ((1, 3, 9, 11), {"kernel_sizes": [2, 3], "strides": [2, 2], "pad_type": "custom", "pad": [1, 0, 0, 1]}),
+    ((1, 3, 9, 11), {"kernel_sizes": [3, 3], "strides": [2, 2], "pad_type": "custom", "pad": [1, 1, 1, 1],
+                     "ceil_mode": True}),
+    ((1, 3, 10, 11), {"kernel_sizes": [3, 2], "strides": [3, 2], "pad_type": "valid", "ceil_mode": True}),
+    ((1, 3, 10, 11), {"kernel_sizes": [3, 4], "strides": [2, 3], "pad_type": "same"}),
+    ((2, 3, 20), {"kernel_sizes": [4], "strides": [3], "pad_type": "custom", "pad": [2, 2], "ceil_mode": True}),
+]
+
+
+def _pool_oracle(torch, op: str, x, params, exclude_padding: bool = False):
+    """torch's pool (float64) on ``x`` padded as MIL says; pads torch cannot take (asymmetric, or wider than half
+    the kernel) as an explicit pad (zeros for the average, where every position counts, -inf for the max)."""
+    rank = x.ndim - 2
+    kernel, strides = params["kernel_sizes"], params.get("strides", [1] * rank)
+    pads = _torch_pads(params["pad_type"], x.shape[2:], kernel, strides, [1] * rank, params.get("pad"))
+    befores, afters = pads[::2][::-1], pads[1::2][::-1]
+    tx = torch.tensor(x.astype(np.float64))
+    fn = getattr(torch.nn.functional, f"{op}{rank}d")
+    ceil = params.get("ceil_mode", False)
+    if befores == afters and all(2 * p <= k for p, k in zip(befores, kernel)):
+        extra = {"count_include_pad": not exclude_padding} if op == "avg_pool" else {}
+        return fn(tx, kernel, strides, padding=befores, ceil_mode=ceil, **extra).numpy()
+    assert not exclude_padding, "an explicit zero pad counts in the average"
+    fill = 0.0 if op == "avg_pool" else -np.inf
+    return fn(torch.nn.functional.pad(tx, pads, value=fill), kernel, strides, ceil_mode=ceil).numpy()
+
+
+@pytest.mark.parametrize("x_shape, params", POOLS, ids=[f"{p[0]}{sorted(p[1].items())}" for p in POOLS])
+def test_max_pool_matches_torch(tmp_path, rng, x_shape, params):
+    torch = pytest.importorskip("torch")
+    x = rng.normal(0, 2, x_shape).astype(np.float16)
+    x.flat[::7] = -np.abs(x.flat[::7]) - 8  # some all-negative windows: padding must not read as 0
+    oracle = _pool_oracle(torch, "max_pool", x, params)
+    np.testing.assert_array_equal(run_op(tmp_path, "max_pool", x, oracle.shape, **params), oracle.astype(np.float16))
+
+
+# torch excludes padding from an average only for its own (symmetric) padding
+AVG_POOLS = [(*pool, False) for pool in POOLS] + [
+    (*pool, True) for pool in POOLS if pool[1]["pad_type"] == "valid" or pool[1].get("pad") in ([1, 1, 1, 1], [2, 2])]
+
+
+@pytest.mark.parametrize("x_shape, params, exclude", AVG_POOLS,
+                         ids=[f"{p[0]}{sorted(p[1].items())}-exclude={p[2]}" for p in AVG_POOLS])
+def test_avg_pool_matches_torch(tmp_path, rng, x_shape, params, exclude):
+    torch = pytest.importorskip("torch")
+    x = rng.normal(0.5, 2, x_shape).astype(np.float16)
+    oracle = _pool_oracle(torch, "avg_pool", x, params, exclude_padding=exclude)
+    got = run_op(tmp_path, "avg_pool", x, oracle.shape, exclude_padding_from_average=exclude, **params)
+    assert_within_fp16(got, oracle, what="avg_pool")

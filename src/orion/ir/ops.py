@@ -768,6 +768,69 @@ _declare("conv_transpose", ("x", "weight", "bias"), {**_CONV_ATTRS, "output_shap
          infer=_conv_transpose_infer, compute=_conv_transpose, kind="wide", optional=("bias",), ane_known=False)
 
 
+# Pools (coremltools' avg_pool and max_pool): not reported on the ANE. The windows are those of a conv without
+# dilation; a ceil_mode window that runs past the padding after reads nothing there (torch's rule as well).
+
+_POOL_ATTRS = {
+    "kernel_sizes": Attr("ints"),
+    "strides": Attr("ints", (1, 1)),
+    "pad_type": Attr("string"),
+    "pad": Attr("ints", (0, 0, 0, 0)),
+    "ceil_mode": Attr("bool", False),
+}
+
+
+def _pool_window(op: str, shape, attrs) -> Window:
+    if not 3 <= len(shape) <= 5:
+        raise _fail(op, f"x must have rank 3, 4 or 5, got shape {list(shape)}")
+    kernel = [int(k) for k in attrs["kernel_sizes"]]
+    if len(kernel) != len(shape) - 2 or min(kernel) < 1:
+        raise _fail(op, f"kernel_sizes {kernel} must be {len(shape) - 2} positive sizes")
+    ceil_mode = bool(attrs["ceil_mode"])
+    if ceil_mode and attrs["pad_type"] == "same":
+        raise _fail(op, "ceil_mode needs pad_type valid or custom")
+    return window(op, shape[2:], kernel, attrs, ceil_mode=ceil_mode)
+
+
+def _pool_infer(op: str):
+    def infer(types, attrs):
+        x = _float(op, types[0])
+        return TensorType(x.dtype, x.shape[:2] + _pool_window(op, x.shape, attrs).out)
+
+    return infer
+
+
+def _pool_views(op: str, x: np.ndarray, a: dict, fill: float, overhang_fill: float | None = None):
+    """The window views of ``x``, padding read as ``fill`` and a ceil_mode overhang as ``overhang_fill``."""
+    win = _pool_window(op, x.shape, a)
+    overhang = [max(0, (o - 1) * s + k - (i + b + e))
+                for o, s, k, i, (b, e) in zip(win.out, win.strides, win.kernel, x.shape[2:], win.pads)]
+    padded = np.pad(x, [(0, 0), (0, 0), *win.pads], constant_values=fill)
+    if any(overhang):
+        padded = np.pad(padded, [(0, 0), (0, 0)] + [(0, h) for h in overhang],
+                        constant_values=fill if overhang_fill is None else overhang_fill)
+    return window_views(padded, Window(win.kernel, win.strides, win.dilations, ((0, 0),) * len(win.out), win.out))
+
+
+def _avg_pool(k, xs, a):
+    """The exact window sum over its count of positions (padding counted unless excluded), rounded once."""
+    x = xs[0].astype(np.float64)
+    total = sum(_pool_views("avg_pool", x, a, 0.0))
+    ones = np.ones((1, 1) + x.shape[2:])
+    count = sum(_pool_views("avg_pool", ones, a, 0.0 if a["exclude_padding_from_average"] else 1.0, 0.0))
+    return (total / count).astype(np.float32)
+
+
+def _max_pool(k, xs, a):
+    return np.maximum.reduce(_pool_views("max_pool", xs[0], a, -np.inf))
+
+
+_declare("avg_pool", ("x",), {**_POOL_ATTRS, "exclude_padding_from_average": Attr("bool", False)},
+         infer=_pool_infer("avg_pool"), compute=_avg_pool, kind="reduction", ane_known=False)
+_declare("max_pool", ("x",), _POOL_ATTRS, infer=_pool_infer("max_pool"), compute=_max_pool, kind="reduction",
+         ane_known=False)
+
+
 def _matmul_dims(op, x: TensorType, y: TensorType, tx: bool, ty: bool):
     if x.rank < 2 or y.rank < 2:
         raise _fail(op, f"operands must have rank >= 2, got {x.short()} and {y.short()}")

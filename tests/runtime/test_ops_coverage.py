@@ -528,3 +528,60 @@ def test_avg_pool_matches_torch(tmp_path, rng, x_shape, params, exclude):
     oracle = _pool_oracle(torch, "avg_pool", x, params, exclude_padding=exclude)
     got = run_op(tmp_path, "avg_pool", x, oracle.shape, exclude_padding_from_average=exclude, **params)
     assert_within_fp16(got, oracle, what="avg_pool")
+
+
+# -- 5. scaled_dot_product_attention ----------------------------------------------------------------------------------
+
+
+def _sdpa_program(q, k, v, mask) -> str:
+    """``scaled_dot_product_attention`` with query an input, key and value fp16 consts, and ``mask``: None, a bool
+    const, or a float mask as a second input."""
+    inputs, lines, args = [f"tensor<fp16, {list(q.shape)}> q"], [_const_tensor("k", k), _const_tensor("v", v)], ""
+    if mask is not None and mask.dtype == np.bool_:
+        t = f"tensor<bool, {list(mask.shape)}>"
+        values = ", ".join("true" if m else "false" for m in mask.ravel())
+        lines.append(f'        {t} m = const()[name=string("m"), val={t}([{values}])];')
+        args = ", attn_mask=m"
+    elif mask is not None:
+        inputs.append(f"tensor<fp16, {list(mask.shape)}> m")
+        args = ", attn_mask=m"
+    out = list(q.shape[:-1]) + [v.shape[-1]]
+    lines.append(f"        tensor<fp16, {out}> y = scaled_dot_product_attention(query=q, key=k, value=v{args})"
+                 '[name=string("y")];')
+    return (f"program(1.3)\n{{\n    func main<ios18>({', '.join(inputs)}) {{\n" + "\n".join(lines)
+            + "\n    } -> (y);\n}\n")
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "causal"])
+@pytest.mark.parametrize("shape", [((1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 6)), ((3, 4, 4), (3, 6, 4), (3, 6, 5))])
+def test_scaled_dot_product_attention_matches_torch(tmp_path, rng, shape, mask_kind):
+    torch = pytest.importorskip("torch")
+    q, k, v = (rng.normal(0, 1, s).astype(np.float16) for s in shape)
+    scores = q.shape[:-1] + (k.shape[-2],)
+    mask = {None: None,
+            "bool": rng.random(scores[-2:]) < 0.6,  # broadcast over the batch
+            "float": rng.normal(0, 2, scores).astype(np.float16),
+            "causal": np.tril(np.ones(scores[-2:], bool), k=scores[-1] - scores[-2])}[mask_kind]
+    if mask is not None and mask.dtype == np.bool_:
+        mask[..., 0] = True  # no row without a position to attend to
+    tm = None if mask is None else torch.tensor(mask if mask.dtype == np.bool_ else mask.astype(np.float64))
+    oracle = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.tensor(t.astype(np.float64)) for t in (q, k, v)), attn_mask=tm).numpy()
+    feeds = {"q": q} if mask is None or mask.dtype == np.bool_ else {"q": q, "m": mask}
+    got = load_text(_sdpa_program(q, k, v, mask), tmp_path).run(feeds)["y"]
+    assert_within_fp16(got, oracle, what=f"sdpa mask={mask_kind}")
+
+
+def test_the_catalog_refuses_sdpa_by_ane_06_and_the_emulator_runs_it(tmp_path, rng):
+    """The reference (ANE-06): the ANE ignores the op's mask, so orion check names that rule (not ANE-34) while the
+    emulator computes the op's MIL meaning."""
+    from orion.compiler.constraints import ANE_KNOWN_OPS, check_program
+    from orion.compiler.targets import get_target
+    from orion.mil.parse import parse_program
+
+    q, k, v = (rng.normal(0, 1, (1, 4, 8)).astype(np.float16) for _ in range(3))
+    text = _sdpa_program(q, k, v, np.tril(np.ones((4, 4), bool)))
+    found = [f.constraint for f in check_program(parse_program(text), get_target("m4"))]
+    assert "ANE-06" in found and "ANE-34" not in found and "ANE-38" not in found  # the others: I/O layout rules
+    assert "scaled_dot_product_attention" not in ANE_KNOWN_OPS
+    assert load_text(text, tmp_path).run({"q": q})["y"].shape == (1, 4, 8)

@@ -872,6 +872,49 @@ _declare(
 
 
 
+# ``scaled_dot_product_attention`` (iOS18): softmax(Q K^T / sqrt(E) + mask) V, a bool mask keeping the True
+# positions and a float mask added to the scores. Computed exactly in float64 and rounded once. On the ANE the op
+# compiles and runs but ignores the mask (reference ANE-06): the catalog refuses it by that rule, and programs
+# write attention out with matmul, mask add and softmax. So it is not counted as known to run there.
+
+
+def _sdpa_infer(types, attrs):
+    op = "scaled_dot_product_attention"
+    q, k, v = types[:3]
+    if not q.rank == k.rank == v.rank >= 3:
+        raise _fail(op, f"query, key and value must have one rank >= 3, got {q.short()}, {k.short()}, {v.short()}")
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in FLOAT_DTYPES:
+        raise _fail(op, f"query, key and value must share an fp16 or fp32 dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.shape[:-2] == k.shape[:-2] == v.shape[:-2] or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise _fail(op, f"shapes {list(q.shape)}, {list(k.shape)}, {list(v.shape)} are not [B.., L, E], [B.., S, E], "
+                        "[B.., S, EV]")
+    scores = q.shape[:-1] + (k.shape[-2],)
+    if len(types) > 3:
+        mask = types[3]
+        if mask.dtype not in ("bool",) + FLOAT_DTYPES:
+            raise _fail(op, f"attn_mask must be bool, fp16 or fp32, got {mask.dtype}")
+        try:
+            if np.broadcast_shapes(mask.shape, scores) != scores:
+                raise ValueError
+        except ValueError:
+            raise _fail(op, f"attn_mask {list(mask.shape)} does not broadcast to the scores {list(scores)}") from None
+    return TensorType(q.dtype, q.shape[:-1] + v.shape[-1:])
+
+
+def _sdpa(k, xs, a):
+    q, key, v = (t.astype(np.float64) for t in xs[:3])
+    scores = np.matmul(q, np.swapaxes(key, -1, -2)) / math.sqrt(q.shape[-1])
+    if len(xs) > 3:
+        mask = xs[3]
+        scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + mask
+    scores = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
+    return np.matmul(scores / np.sum(scores, axis=-1, keepdims=True), v).astype(np.float32)
+
+
+_declare("scaled_dot_product_attention", ("query", "key", "value", "attn_mask"), infer=_sdpa_infer, compute=_sdpa,
+         kind="reduction", optional=("attn_mask",), ane_known=False)
+
+
 def _linear_infer(types, attrs):
     x = _float("linear", types[0])
     w, b = np.shape(attrs["weight"]), attrs["bias"]

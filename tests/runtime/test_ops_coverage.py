@@ -585,3 +585,20 @@ def test_the_catalog_refuses_sdpa_by_ane_06_and_the_emulator_runs_it(tmp_path, r
     assert "ANE-06" in found and "ANE-34" not in found and "ANE-38" not in found  # the others: I/O layout rules
     assert "scaled_dot_product_attention" not in ANE_KNOWN_OPS
     assert load_text(text, tmp_path).run({"q": q})["y"].shape == (1, 4, 8)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, params", [CONVS[5], CONVS[9]], ids=["conv2d", "conv1d"])
+def test_a_conv_with_bias_compiles_to_conv_and_add_of_any_rank(tmp_path, rng, x_shape, w_shape, params):
+    """The compiler splits a conv's bias into an add along the channel axis (ANE-13) for rank 3 as for rank 4."""
+    torch = pytest.importorskip("torch")
+    w, bias = rng.normal(0, 0.3, w_shape).astype(np.float16), rng.normal(0, 1, w_shape[:1]).astype(np.float16)
+    b = GraphBuilder("conv_bias")
+    y = b.op("conv", x=b.input("x", x_shape), weight=b.weight("w", w), bias=b.weight("b", bias), **params)
+    b.output("y", y)
+    result = compile_graph(b.graph, target="m4")
+    assert "ANE-13" not in {v.constraint for v in result.violations} and " add(" in result.module.text
+    result.module.write(tmp_path)
+    x = rng.normal(0, 1, x_shape).astype(np.float16)
+    got = load_text(result.module.text, tmp_path).run({"x": x})["y"]
+    assert_within_fp16(got, _conv_oracle(torch, x, w, bias, params), what="conv + bias",
+                       intermediate=_conv_oracle(torch, x, w, None, params), absolute=_quantization(w_shape[1:]))

@@ -185,8 +185,9 @@ def legalize(target: Target) -> Pass:
             inputs = {k: lookup(v) for k, v in node.inputs.items() if k != "bias"}
             conv = g.add_node("conv", inputs, node.attrs, f"{name}_conv")
             bias = lookup(node.inputs["bias"])
-            if bias.shape != (1, bias.type.size, 1, 1):
-                bias = new("reshape", "bias4d", {"x": bias}, {"shape": [1, bias.type.size, 1, 1]})
+            channel_shape = [1, bias.type.size] + [1] * (conv.type.rank - 2)  # broadcast along axis 1
+            if list(bias.shape) != channel_shape:
+                bias = new("reshape", "bias4d", {"x": bias}, {"shape": channel_shape})
             return new("add", "bias", {"x": conv, "y": bias})
         if op == "concat" and target.concat == "forbid":
             return _concat_as_convs(g, node, lookup)

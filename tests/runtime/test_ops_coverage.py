@@ -602,3 +602,24 @@ def test_a_conv_with_bias_compiles_to_conv_and_add_of_any_rank(tmp_path, rng, x_
     got = load_text(result.module.text, tmp_path).run({"x": x})["y"]
     assert_within_fp16(got, _conv_oracle(torch, x, w, bias, params), what="conv + bias",
                        intermediate=_conv_oracle(torch, x, w, None, params), absolute=_quantization(w_shape[1:]))
+
+
+@pytest.mark.parametrize("op, inputs, params, message", [
+    ("conv", {"x": (1, 4, 8, 8), "weight": (6, 4, 3, 3)}, {"strides": [1, 1, 1]}, r"strides \[1, 1, 1\] must have 2"),
+    ("conv", {"x": (1, 4, 2, 8), "weight": (6, 4, 3, 3)}, {}, r"kernel reach \[3, 3\] does not fit"),
+    ("conv", {"x": (1, 4, 8, 8), "weight": (6, 4, 3, 3)}, {"pad_type": "full"}, r"pad_type 'full' is not one of"),
+    ("conv", {"x": (1, 4, 8, 8), "weight": (6, 2, 3, 3)}, {"groups": 3}, r"groups=3 does not fit 4 input"),
+    ("conv_transpose", {"x": (1, 4, 5, 5), "weight": (4, 3, 3, 3)}, {"output_shape": [1, 5, 11, 11]},
+     r"output_shape \[1, 5, 11, 11\] must start \[1, 3\]"),
+    ("max_pool", {"x": (1, 4, 8, 8)}, {"kernel_sizes": [2, 2], "pad_type": "same", "ceil_mode": True},
+     "ceil_mode needs pad_type valid or custom"),
+    ("avg_pool", {"x": (1, 4, 8, 8)}, {"kernel_sizes": [2], "pad_type": "valid"}, r"kernel_sizes \[2\] must be 2"),
+    ("scaled_dot_product_attention", {"query": (1, 4, 8), "key": (1, 5, 8), "value": (1, 6, 8)}, {},
+     r"are not \[B.., L, E\]"),
+])
+def test_bad_window_parameters_are_refused_with_one_line(op, inputs, params, message):
+    b = GraphBuilder("bad")
+    values = {name: (b.input(name, shape) if name in ("x", "query") else b.weight(name, np.ones(shape, np.float32)))
+              for name, shape in inputs.items()}
+    with pytest.raises(GraphError, match=message):
+        b.op(op, **values, **params)

@@ -611,6 +611,8 @@ def test_a_conv_with_bias_compiles_to_conv_and_add_of_any_rank(tmp_path, rng, x_
     ("conv", {"x": (1, 4, 8, 8), "weight": (6, 2, 3, 3)}, {"groups": 3}, r"groups=3 does not fit 4 input"),
     ("conv_transpose", {"x": (1, 4, 5, 5), "weight": (4, 3, 3, 3)}, {"output_shape": [1, 5, 11, 11]},
      r"output_shape \[1, 5, 11, 11\] must start \[1, 3\]"),
+    ("conv_transpose", {"x": (1, 4, 5, 5), "weight": (4, 3, 3, 3)}, {"pad_type": "same_lower"},
+     "pad_type 'same_lower' is not one of valid, same, custom"),
     ("max_pool", {"x": (1, 4, 8, 8)}, {"kernel_sizes": [2, 2], "pad_type": "same", "ceil_mode": True},
      "ceil_mode needs pad_type valid or custom"),
     ("avg_pool", {"x": (1, 4, 8, 8)}, {"kernel_sizes": [2], "pad_type": "valid"}, r"kernel_sizes \[2\] must be 2"),

@@ -602,6 +602,8 @@ class Window:
 
 
 def window(op: str, spatial: Sequence[int], kernel: Sequence[int], attrs: dict, ceil_mode: bool = False) -> Window:
+    """The window of a conv or pool over ``spatial`` input sizes: ``same`` pads as TensorFlow does (the odd pad
+    after; ``same_lower``: before), ``custom`` takes ``pad`` as [before, after] per axis."""
     n = len(spatial)
     strides = _spatial(op, attrs, "strides", n, 1)
     dilations = _spatial(op, attrs, "dilations", n, 1) if "dilations" in attrs else [1] * n
@@ -626,19 +628,19 @@ def window(op: str, spatial: Sequence[int], kernel: Sequence[int], attrs: dict, 
     for i, s, r, (before, after) in zip(spatial, strides, reach, pads):
         size = i + before + after - r
         o = (size + (s - 1 if ceil_mode else 0)) // s + 1
-        if ceil_mode and before + after and (o - 1) * s >= i + (before + after) / 2:  # coremltools: drop a window
-            o -= 1  # starting in the padding after
+        if ceil_mode and before + after and (o - 1) * s >= i + (before + after) / 2:
+            o -= 1  # coremltools drops a ceil_mode window that would start in the padding after
         if size < 0 or o < 1:
             raise _fail(op, f"kernel reach {reach} does not fit spatial size {list(spatial)} with padding {pads}")
         out.append(o)
     return Window(tuple(kernel), tuple(strides), tuple(dilations), tuple(pads), tuple(out))
 
 
-def window_views(x: np.ndarray, w: Window, fill: float = 0.0) -> list[np.ndarray]:
-    """For each kernel offset (row-major over the kernel), the strided view of padded ``x`` ``[N, C, *D]`` that
-    this offset reads for every output position: arrays ``[N, C, *out]``. Padding reads ``fill``."""
+def window_views(x: np.ndarray, w: Window) -> list[np.ndarray]:
+    """For each kernel offset (row-major over the kernel), the strided view of zero-padded ``x`` ``[N, C, *D]``
+    that this offset reads for every output position: arrays ``[N, C, *out]``."""
     if any(p for pair in w.pads for p in pair):
-        x = np.pad(x, [(0, 0), (0, 0), *w.pads], constant_values=fill)
+        x = np.pad(x, [(0, 0), (0, 0), *w.pads])
     views = []
     for offset in np.ndindex(*w.kernel):
         index = tuple(slice(k * d, k * d + (o - 1) * s + 1, s)
@@ -707,6 +709,8 @@ def _transpose_crops(op: str, x_shape, w_shape, attrs) -> tuple[tuple[int, ...],
     leading positions of the full transpose ((D-1)*s + reach) it drops: the padding before of the conv that maps
     the output back to x. Also that conv's window (strides and dilations as given)."""
     n = len(x_shape) - 2
+    if attrs["pad_type"] == "same_lower":
+        raise _fail(op, "pad_type 'same_lower' is not one of valid, same, custom")
     strides = _spatial(op, attrs, "strides", n, 1)
     dilations = _spatial(op, attrs, "dilations", n, 1)
     reach = [(kk - 1) * d + 1 for kk, d in zip(w_shape[2:], dilations)]
@@ -1032,4 +1036,4 @@ def get_op(name: str) -> OpDef:
 
 
 __all__ = ["OPS", "OpDef", "Attr", "Kernels", "get_op", "input_names", "last_axis_slice_offset", "cast_values",
-           "GELU_MODES", "REQUIRED"]
+           "GELU_MODES", "REQUIRED", "Window", "window", "window_views"]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from orion.compiler import passes as P
 from orion.compiler.targets import get_target
+from orion.errors import GraphError
 from orion.ir.builder import GraphBuilder
 from orion.ir.graph import Graph
 from tests.conftest import emulate
@@ -221,3 +222,26 @@ def test_rsqrt_is_lowered_to_pow_for_every_profile():
         ops = [st.op for st in result.module.program.statements]
         assert "rsqrt" not in ops and "pow" in ops, target.name
         assert result.errors == [], target.name
+
+
+@pytest.mark.parametrize("weight_shape, attrs", [
+    ((4, 8, 3, 1), {}),  # a 3x1 kernel, valid: no padding, stride 1
+    ((4, 8, 1, 1), {"strides": [1, 2]}),
+    ((4, 8, 1, 1), {"pad_type": "custom", "pad": [0, 0, 1, 0]}),
+    ((4, 4, 1, 1), {"groups": 2}),
+])
+def test_weights_to_inputs_refuses_a_conv_that_is_not_one_matmul(weight_shape, attrs):
+    """Only a plain 1x1 conv is a matmul of its weight; the rewrite would silently compute another op."""
+    b = GraphBuilder("wi")
+    x = b.input("x", (1, 8, 3, 6))
+    b.output("y", b.op("conv", x=x, weight=b.weight("w", np.ones(weight_shape, np.float32)), **attrs))
+    with pytest.raises(GraphError, match="'w' feeds a conv that is not 1x1"):
+        P.weights_to_inputs(["w"])(b.graph)
+
+
+def test_weights_to_inputs_keeps_a_plain_1x1_conv():
+    b = GraphBuilder("wi")
+    x = b.input("x", (1, 8, 1, 6))
+    b.output("y", b.op("conv", x=x, weight=b.weight("w", np.ones((4, 8, 1, 1), np.float32)), pad_type="same"))
+    assert [n.op for n in P.weights_to_inputs(["w"])(b.graph).nodes if not n.is_const] == [
+        "reshape", "matmul", "reshape"]

@@ -15,7 +15,7 @@ import numpy as np
 from orion.compiler.targets import Target
 from orion.errors import GraphError
 from orion.ir.graph import Graph, Node, Value, topological_nodes
-from orion.ir.ops import OPS, Kernels
+from orion.ir.ops import OPS, Kernels, window
 from orion.ir.types import NUMPY_DTYPES, TensorType
 
 Pass = Callable[[Graph], Graph]
@@ -185,8 +185,9 @@ def legalize(target: Target) -> Pass:
             inputs = {k: lookup(v) for k, v in node.inputs.items() if k != "bias"}
             conv = g.add_node("conv", inputs, node.attrs, f"{name}_conv")
             bias = lookup(node.inputs["bias"])
-            if bias.shape != (1, bias.type.size, 1, 1):
-                bias = new("reshape", "bias4d", {"x": bias}, {"shape": [1, bias.type.size, 1, 1]})
+            channel_shape = [1, bias.type.size] + [1] * (conv.type.rank - 2)  # broadcast along axis 1
+            if list(bias.shape) != channel_shape:
+                bias = new("reshape", "bias4d", {"x": bias}, {"shape": channel_shape})
             return new("add", "bias", {"x": conv, "y": bias})
         if op == "concat" and target.concat == "forbid":
             return _concat_as_convs(g, node, lookup)
@@ -230,6 +231,15 @@ def _concat_as_convs(g: Graph, node: Node, lookup) -> Value:
 # Weights as inputs
 
 
+def _is_plain_1x1(conv: Node) -> bool:
+    """A conv that is one matmul of its weight: rank 4, 1x1 kernel, stride 1, no padding, groups=1."""
+    x, w = conv.inputs["x"].type, conv.inputs["weight"].type
+    if x.rank != 4 or w.shape[2:] != (1, 1) or int(conv.attrs["groups"]) != 1:
+        return False
+    win = window("conv", x.shape[2:], w.shape[2:], conv.attrs)
+    return win.strides == (1, 1) and win.pads == ((0, 0), (0, 0))
+
+
 def weights_to_inputs(names) -> Pass:
     """Turn the named constants into function inputs, so new weights are an input write and never a compile.
 
@@ -254,9 +264,9 @@ def weights_to_inputs(names) -> Pass:
                 if as_weight and len(as_weight) != len(readers):
                     raise GraphError(f"constant {node.name!r} is a conv weight and also read by other ops")
                 if as_weight:
-                    if any(int(u.attrs["groups"]) != 1 for u in as_weight):
-                        raise GraphError(f"constant {node.name!r} feeds a grouped conv; only groups=1 can take "
-                                         "its weight as an input")
+                    if not all(_is_plain_1x1(u) for u in as_weight):
+                        raise GraphError(f"constant {node.name!r} feeds a conv that is not 1x1 with stride 1, no "
+                                         "padding and groups=1; only such a conv can take its weight as an input")
                     conv_weights.add(node.name)
 
         def rewrite(g: Graph, node: Node, lookup) -> Value | None:

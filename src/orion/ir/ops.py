@@ -589,56 +589,267 @@ _declare(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Conv (1x1) and matmul: the wide-accumulator ops
+# Conv and matmul: the wide-accumulator ops
+
+PAD_TYPES = ("valid", "same", "same_lower", "custom")
+
+
+def _spatial(op: str, attrs: dict, key: str, n: int, fill: int) -> list[int]:
+    """A per-spatial-axis attribute: the declared default (written for rank-4 programs) stands for ``fill`` on
+    every axis whatever the rank, as coremltools' default does; a given value must have ``n`` entries."""
+    value = attrs[key]
+    if value is OPS[op].attrs[key].default:
+        return [fill] * n
+    value = [int(v) for v in value]
+    if len(value) != n:
+        raise _fail(op, f"{key} {value} must have {n} entries (one per spatial axis)")
+    return value
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a sliding window (conv, pool) reads: per spatial axis its kernel size, stride, dilation and the
+    padding before and after, and the output size (coremltools' ``spatial_dimensions_out_shape``)."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    out: tuple[int, ...]
+
+
+def window(op: str, spatial: Sequence[int], kernel: Sequence[int], attrs: dict, ceil_mode: bool = False) -> Window:
+    """The window of a conv or pool over ``spatial`` input sizes: ``same`` pads as TensorFlow does (the odd pad
+    after; ``same_lower``: before), ``custom`` takes ``pad`` as [before, after] per axis."""
+    n = len(spatial)
+    strides = _spatial(op, attrs, "strides", n, 1)
+    dilations = _spatial(op, attrs, "dilations", n, 1) if "dilations" in attrs else [1] * n
+    if min(strides + dilations) < 1:
+        raise _fail(op, f"strides {strides} and dilations {dilations} must be positive")
+    pad_type = attrs["pad_type"]
+    if pad_type not in PAD_TYPES:
+        raise _fail(op, f"pad_type {pad_type!r} is not one of {', '.join(PAD_TYPES)}")
+    reach = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]  # the span one output reads, dilation included
+    if pad_type == "custom":
+        pad = _spatial(op, attrs, "pad", 2 * n, 0)
+        if min(pad) < 0:
+            raise _fail(op, f"pad {pad} must not be negative")
+        pads = [(pad[2 * i], pad[2 * i + 1]) for i in range(n)]
+    elif pad_type == "valid":
+        pads = [(0, 0)] * n
+    else:
+        totals = [max(0, s * math.ceil(i / s) - i + r - s) for i, s, r in zip(spatial, strides, reach)]
+        lower = pad_type == "same_lower"
+        pads = [((t + 1) // 2, t // 2) if lower else (t // 2, (t + 1) // 2) for t in totals]
+    out = []
+    for i, s, r, (before, after) in zip(spatial, strides, reach, pads):
+        size = i + before + after - r
+        o = (size + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and before + after and (o - 1) * s >= i + (before + after) / 2:
+            o -= 1  # coremltools drops a ceil_mode window that would start in the padding after
+        if size < 0 or o < 1:
+            raise _fail(op, f"kernel reach {reach} does not fit spatial size {list(spatial)} with padding {pads}")
+        out.append(o)
+    return Window(tuple(kernel), tuple(strides), tuple(dilations), tuple(pads), tuple(out))
+
+
+def window_views(x: np.ndarray, w: Window) -> list[np.ndarray]:
+    """For each kernel offset (row-major over the kernel), the strided view of zero-padded ``x`` ``[N, C, *D]``
+    that this offset reads for every output position: arrays ``[N, C, *out]``."""
+    if any(p for pair in w.pads for p in pair):
+        x = np.pad(x, [(0, 0), (0, 0), *w.pads])
+    views = []
+    for offset in np.ndindex(*w.kernel):
+        index = tuple(slice(k * d, k * d + (o - 1) * s + 1, s)
+                      for k, d, s, o in zip(offset, w.dilations, w.strides, w.out))
+        views.append(x[(slice(None), slice(None)) + index])
+    return views
+
+
+def _conv_types(op: str, types, attrs):
+    x, w = types[0], types[1]
+    if not 3 <= x.rank <= 5 or w.rank != x.rank:
+        raise _fail(op, f"x and weight must both have rank 3, 4 or 5, got {x.short()} and {w.short()}")
+    if x.dtype != w.dtype:
+        raise _fail(op, f"x is {x.dtype} but weight is {w.dtype}")
+    return x, w, int(attrs["groups"])
 
 
 def _conv_infer(types, attrs):
-    x, w = types[0], types[1]
-    if x.rank != 4 or w.rank != 4:
-        raise _fail("conv", f"x and weight must be rank 4, got {x.short()} and {w.short()}")
-    if x.dtype != w.dtype:
-        raise _fail("conv", f"x is {x.dtype} but weight is {w.dtype}")
-    groups = int(attrs["groups"])
-    if w.shape[2:] != (1, 1):
-        raise _fail("conv", f"only 1x1 kernels are supported, weight is {list(w.shape)}")
-    if list(attrs["strides"]) != [1, 1] or list(attrs["dilations"]) != [1, 1] or any(int(p) for p in attrs["pad"]):
-        raise _fail("conv", "only strides [1,1], dilations [1,1] and zero padding are supported")
-    if attrs["pad_type"] not in ("valid", "same", "custom"):
-        raise _fail("conv", f"pad_type {attrs['pad_type']!r} is not valid, same or custom")
+    x, w, groups = _conv_types("conv", types, attrs)
     if groups < 1 or x.shape[1] % groups or w.shape[0] % groups or w.shape[1] * groups != x.shape[1]:
         raise _fail("conv", f"weight {list(w.shape)} with groups={groups} does not fit {x.shape[1]} input channels")
-    if len(types) > 2 and types[2].shape not in ((w.shape[0],), (1, w.shape[0], 1, 1)):
+    if len(types) > 2 and types[2].shape not in ((w.shape[0],), (1, w.shape[0]) + (1,) * (x.rank - 2)):
         raise _fail("conv", f"bias shape {list(types[2].shape)} does not match {w.shape[0]} output channels")
-    return TensorType(x.dtype, (x.shape[0], w.shape[0], x.shape[2], x.shape[3]))
+    win = window("conv", x.shape[2:], w.shape[2:], attrs)
+    return TensorType(x.dtype, (x.shape[0], w.shape[0]) + win.out)
+
+
+def _wide_window_sums(k: Kernels, x: np.ndarray, w: np.ndarray, groups: int, win: Window) -> np.ndarray:
+    """im2col, then one grouped matmul through the kernels: every output is one wide sum over C_in/G x kernel
+    products, so the accumulator model and its 2^15 ceiling apply as they do to a 1x1 conv (whose single window
+    is ``x`` itself: the plain matmul of its weight, bit for bit)."""
+    n, cin = x.shape[:2]
+    cout = w.shape[0]
+    views = window_views(x, win)
+    cols = views[0][:, :, None] if len(views) == 1 else np.stack(views, axis=2)  # [N, Cin, K, *out]
+    xg = cols.reshape(n, groups, cin // groups * len(views), math.prod(win.out))  # [N, G, Cin/G*K, P]
+    wg = w.reshape(groups, cout // groups, cin // groups * len(views))  # [G, Cout/G, Cin/G*K]
+    return k.matmul(wg[None], xg).reshape((n, cout) + win.out)
+
+
+def _add_bias(y: np.ndarray, xs) -> np.ndarray:
+    if len(xs) < 3:
+        return y
+    return y + xs[2].reshape((1, y.shape[1]) + (1,) * (y.ndim - 2))  # a new array: a backend may treat the
+    # kernel's output as final, and the add rounds again
 
 
 def _conv(k: Kernels, xs, a):
     x, w = xs[0], xs[1]
-    n, cin, h, wd = x.shape
-    cout, groups = w.shape[0], int(a["groups"])
-    xg = x.reshape(n, groups, cin // groups, h * wd)  # [N, G, Cin/G, HW]
-    wg = w.reshape(groups, cout // groups, cin // groups)  # [G, Cout/G, Cin/G]
-    y = k.matmul(wg[None], xg).reshape(n, cout, h, wd)
-    if len(xs) > 2:
-        y = y + xs[2].reshape(1, cout, 1, 1)  # a new array: a backend may treat the kernel's output as final
-    return y
+    return _add_bias(_wide_window_sums(k, x, w, int(a["groups"]), window("conv", x.shape[2:], w.shape[2:], a)), xs)
 
 
-_declare(
-    "conv",
-    ("x", "weight", "bias"),
-    {
-        "strides": Attr("ints", (1, 1)),
-        "pad_type": Attr("string", "valid"),
-        "pad": Attr("ints", (0, 0, 0, 0)),
-        "dilations": Attr("ints", (1, 1)),
-        "groups": Attr("int", 1),
-    },
-    infer=_conv_infer,
-    compute=_conv,
-    kind="wide",
-    optional=("bias",),
-)
+_CONV_ATTRS = {
+    "strides": Attr("ints", (1, 1)),
+    "pad_type": Attr("string", "valid"),
+    "pad": Attr("ints", (0, 0, 0, 0)),
+    "dilations": Attr("ints", (1, 1)),
+    "groups": Attr("int", 1),
+}
+_declare("conv", ("x", "weight", "bias"), _CONV_ATTRS, infer=_conv_infer, compute=_conv, kind="wide",
+         optional=("bias",))
+
+
+def _transpose_crops(op: str, x_shape, w_shape, attrs) -> tuple[tuple[int, ...], list[int], Window]:
+    """A conv_transpose's output spatial size (coremltools' rule, or ``output_shape``) and, per axis, how many
+    leading positions of the full transpose ((D-1)*s + reach) it drops: the padding before of the conv that maps
+    the output back to x. Also that conv's window (strides and dilations as given)."""
+    n = len(x_shape) - 2
+    if attrs["pad_type"] == "same_lower":
+        raise _fail(op, "pad_type 'same_lower' is not one of valid, same, custom")
+    strides = _spatial(op, attrs, "strides", n, 1)
+    dilations = _spatial(op, attrs, "dilations", n, 1)
+    reach = [(kk - 1) * d + 1 for kk, d in zip(w_shape[2:], dilations)]
+    if attrs["output_shape"] is not None:
+        out = [int(v) for v in attrs["output_shape"]]
+        if len(out) != n + 2:
+            raise _fail(op, f"output_shape {out} must have {n + 2} entries [N, C_out, *spatial]")
+        out = out[2:]
+    elif attrs["pad_type"] == "same":
+        out = [d * s for d, s in zip(x_shape[2:], strides)]
+    else:
+        pad = _spatial(op, attrs, "pad", 2 * n, 0) if attrs["pad_type"] == "custom" else [0] * (2 * n)
+        out = [(d - 1) * s + r - pad[2 * i] - pad[2 * i + 1]
+               for i, (d, s, r) in enumerate(zip(x_shape[2:], strides, reach))]
+    if min(out) < 1:
+        raise _fail(op, f"output spatial size {out} is not positive")
+    forward = window(op, out, w_shape[2:], attrs)
+    return tuple(out), [before for before, _ in forward.pads], forward
+
+
+def _conv_transpose_infer(types, attrs):
+    x, w, groups = _conv_types("conv_transpose", types, attrs)
+    if groups < 1 or x.shape[1] % groups or w.shape[0] != x.shape[1]:
+        raise _fail("conv_transpose", f"weight {list(w.shape)} (C_in, C_out/groups, *K) with groups={groups} "
+                                      f"does not fit {x.shape[1]} input channels")
+    cout = w.shape[1] * groups
+    if len(types) > 2 and types[2].shape not in ((cout,), (1, cout) + (1,) * (x.rank - 2)):
+        raise _fail("conv_transpose", f"bias shape {list(types[2].shape)} does not match {cout} output channels")
+    out, _, _ = _transpose_crops("conv_transpose", x.shape, w.shape, attrs)
+    if attrs["output_shape"] is not None and tuple(attrs["output_shape"][:2]) != (x.shape[0], cout):
+        raise _fail("conv_transpose", f"output_shape {list(attrs['output_shape'])} must start [{x.shape[0]}, {cout}]")
+    return TensorType(x.dtype, (x.shape[0], cout) + out)
+
+
+def _conv_transpose(k: Kernels, xs, a):
+    """The adjoint of a conv, run as a conv so that each output is one wide sum: x spread out by the strides
+    (zeros between), padded by reach-1 less the crop, read by the flipped kernel with its channel axes swapped."""
+    x, w = xs[0], xs[1]
+    groups, spatial = int(a["groups"]), x.shape[2:]
+    out, crops, forward = _transpose_crops("conv_transpose", x.shape, w.shape, a)
+    spread = np.zeros(x.shape[:2] + tuple((d - 1) * s + 1 for d, s in zip(spatial, forward.strides)), x.dtype)
+    spread[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in forward.strides)] = x
+    reach = [(kk - 1) * d + 1 for kk, d in zip(w.shape[2:], forward.dilations)]
+    before = [r - 1 - c for r, c in zip(reach, crops)]
+    after = [o + r - 1 - m - b for o, r, m, b in zip(out, reach, spread.shape[2:], before)]
+    crop = tuple(slice(max(-b, 0), m - max(-e, 0)) for b, e, m in zip(before, after, spread.shape[2:]))
+    spread = spread[(slice(None), slice(None)) + crop]  # a negative pad crops
+    pads = tuple((max(b, 0), max(e, 0)) for b, e in zip(before, after))
+    cin, cout_g = w.shape[:2]
+    flipped = w.reshape((groups, cin // groups, cout_g) + w.shape[2:]).swapaxes(1, 2)
+    flipped = flipped[(Ellipsis,) + (slice(None, None, -1),) * len(spatial)].reshape(
+        (groups * cout_g, cin // groups) + w.shape[2:])
+    win = Window(tuple(w.shape[2:]), (1,) * len(spatial), forward.dilations, pads, out)
+    return _add_bias(_wide_window_sums(k, spread, np.ascontiguousarray(flipped), groups, win), xs)
+
+
+# coremltools' conv_transpose (weight [C_in, C_out/groups, *K]); not reported on the ANE.
+_declare("conv_transpose", ("x", "weight", "bias"), {**_CONV_ATTRS, "output_shape": Attr("ints", None)},
+         infer=_conv_transpose_infer, compute=_conv_transpose, kind="wide", optional=("bias",), ane_known=False)
+
+
+# Pools (coremltools' avg_pool and max_pool): not reported on the ANE. The windows are those of a conv without
+# dilation; a ceil_mode window that runs past the padding after reads nothing there (torch's rule as well).
+
+_POOL_ATTRS = {
+    "kernel_sizes": Attr("ints"),
+    "strides": Attr("ints", (1, 1)),
+    "pad_type": Attr("string"),
+    "pad": Attr("ints", (0, 0, 0, 0)),
+    "ceil_mode": Attr("bool", False),
+}
+
+
+def _pool_window(op: str, shape, attrs) -> Window:
+    if not 3 <= len(shape) <= 5:
+        raise _fail(op, f"x must have rank 3, 4 or 5, got shape {list(shape)}")
+    kernel = [int(k) for k in attrs["kernel_sizes"]]
+    if len(kernel) != len(shape) - 2 or min(kernel) < 1:
+        raise _fail(op, f"kernel_sizes {kernel} must be {len(shape) - 2} positive sizes")
+    ceil_mode = bool(attrs["ceil_mode"])
+    if ceil_mode and attrs["pad_type"] == "same":
+        raise _fail(op, "ceil_mode needs pad_type valid or custom")
+    return window(op, shape[2:], kernel, attrs, ceil_mode=ceil_mode)
+
+
+def _pool_infer(op: str):
+    def infer(types, attrs):
+        x = _float(op, types[0])
+        return TensorType(x.dtype, x.shape[:2] + _pool_window(op, x.shape, attrs).out)
+
+    return infer
+
+
+def _pool_views(op: str, x: np.ndarray, a: dict, fill: float, overhang_fill: float | None = None):
+    """The window views of ``x``, padding read as ``fill`` and a ceil_mode overhang as ``overhang_fill``."""
+    win = _pool_window(op, x.shape, a)
+    overhang = [max(0, (o - 1) * s + k - (i + b + e))
+                for o, s, k, i, (b, e) in zip(win.out, win.strides, win.kernel, x.shape[2:], win.pads)]
+    padded = np.pad(x, [(0, 0), (0, 0), *win.pads], constant_values=fill)
+    if any(overhang):
+        padded = np.pad(padded, [(0, 0), (0, 0)] + [(0, h) for h in overhang],
+                        constant_values=fill if overhang_fill is None else overhang_fill)
+    return window_views(padded, Window(win.kernel, win.strides, win.dilations, ((0, 0),) * len(win.out), win.out))
+
+
+def _avg_pool(k, xs, a):
+    """The exact window sum over its count of positions (padding counted unless excluded), rounded once."""
+    x = xs[0].astype(np.float64)
+    total = sum(_pool_views("avg_pool", x, a, 0.0))
+    ones = np.ones((1, 1) + x.shape[2:])
+    count = sum(_pool_views("avg_pool", ones, a, 0.0 if a["exclude_padding_from_average"] else 1.0, 0.0))
+    return (total / count).astype(np.float32)
+
+
+def _max_pool(k, xs, a):
+    return np.maximum.reduce(_pool_views("max_pool", xs[0], a, -np.inf))
+
+
+_declare("avg_pool", ("x",), {**_POOL_ATTRS, "exclude_padding_from_average": Attr("bool", False)},
+         infer=_pool_infer("avg_pool"), compute=_avg_pool, kind="reduction", ane_known=False)
+_declare("max_pool", ("x",), _POOL_ATTRS, infer=_pool_infer("max_pool"), compute=_max_pool, kind="reduction",
+         ane_known=False)
 
 
 def _matmul_dims(op, x: TensorType, y: TensorType, tx: bool, ty: bool):
@@ -680,6 +891,49 @@ _declare(
     kind="wide",
 )
 
+
+
+# ``scaled_dot_product_attention`` (iOS18): softmax(Q K^T / sqrt(E) + mask) V, a bool mask keeping the True
+# positions and a float mask added to the scores. Computed exactly in float64 and rounded once. On the ANE the op
+# compiles and runs but ignores the mask (reference ANE-06): the catalog refuses it by that rule, and programs
+# write attention out with matmul, mask add and softmax. So it is not counted as known to run there.
+
+
+def _sdpa_infer(types, attrs):
+    op = "scaled_dot_product_attention"
+    q, k, v = types[:3]
+    if not q.rank == k.rank == v.rank >= 3:
+        raise _fail(op, f"query, key and value must have one rank >= 3, got {q.short()}, {k.short()}, {v.short()}")
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in FLOAT_DTYPES:
+        raise _fail(op, f"query, key and value must share an fp16 or fp32 dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.shape[:-2] == k.shape[:-2] == v.shape[:-2] or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise _fail(op, f"shapes {list(q.shape)}, {list(k.shape)}, {list(v.shape)} are not [B.., L, E], [B.., S, E], "
+                        "[B.., S, EV]")
+    scores = q.shape[:-1] + (k.shape[-2],)
+    if len(types) > 3:
+        mask = types[3]
+        if mask.dtype not in ("bool",) + FLOAT_DTYPES:
+            raise _fail(op, f"attn_mask must be bool, fp16 or fp32, got {mask.dtype}")
+        try:
+            if np.broadcast_shapes(mask.shape, scores) != scores:
+                raise ValueError
+        except ValueError:
+            raise _fail(op, f"attn_mask {list(mask.shape)} does not broadcast to the scores {list(scores)}") from None
+    return TensorType(q.dtype, q.shape[:-1] + v.shape[-1:])
+
+
+def _sdpa(k, xs, a):
+    q, key, v = (t.astype(np.float64) for t in xs[:3])
+    scores = np.matmul(q, np.swapaxes(key, -1, -2)) / math.sqrt(q.shape[-1])
+    if len(xs) > 3:
+        mask = xs[3]
+        scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + mask
+    scores = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
+    return np.matmul(scores / np.sum(scores, axis=-1, keepdims=True), v).astype(np.float32)
+
+
+_declare("scaled_dot_product_attention", ("query", "key", "value", "attn_mask"), infer=_sdpa_infer, compute=_sdpa,
+         kind="reduction", optional=("attn_mask",), ane_known=False)
 
 
 def _linear_infer(types, attrs):
@@ -1097,4 +1351,4 @@ def get_op(name: str) -> OpDef:
 
 
 __all__ = ["OPS", "OpDef", "Attr", "Kernels", "get_op", "input_names", "last_axis_slice_offset", "cast_values",
-           "GELU_MODES", "REQUIRED"]
+           "GELU_MODES", "REQUIRED", "Window", "window", "window_views"]

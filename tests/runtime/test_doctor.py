@@ -196,6 +196,7 @@ def test_ties_half_even_for_add_half_away_for_reductions(report):
     assert values(report, "numerics-ties", "added") == [2048.0, 2052.0, -2048.0]
     assert values(report, "numerics-ties", "reduced") == [2050.0, 2052.0, -2050.0]
     assert values(report, "numerics-ties", "multiplied") == [2050.0, 2052.0, -2050.0]
+    assert values(report, "numerics-ties", "rounded") == [1.0, 2.0, 3.0, -1.0, -3.0]  # round: away (ANEForge)
 
 
 def test_ceiling_hits_matmul_at_32768_but_not_reduce_sum_or_add(report):
@@ -492,8 +493,9 @@ def decide(probe_id, backend):
     ("numerics-small-products", {"accumulator": "fp32"}, {"numerics.accumulator": "fp32"}),
     ("numerics-small-products", {"accumulator_grid": 2.0 ** -17},
      {"numerics.accumulator": "fixed-point", "numerics.accumulator_grid": 2.0 ** -17}),
-    ("numerics-ties", {"elementwise_ties": "half-away", "reduction_ties": "half-even"},
-     {"numerics.elementwise_ties": "half-away", "numerics.reduction_ties": "half-even"}),
+    ("numerics-ties", {"elementwise_ties": "half-away", "reduction_ties": "half-even", "round_ties": "half-even"},
+     {"numerics.elementwise_ties": "half-away", "numerics.reduction_ties": "half-even",
+      "numerics.round_ties": "half-even"}),
     ("numerics-ceiling", {"matmul_ceiling": 65520.0}, {"numerics.matmul_ceiling": 65520.0}),
     ("numerics-reduce-sum", {"reduce_sum_fp16": True}, {"numerics.reduce_sum_fp16": True}),
     ("numerics-subnormals", {"flush_subnormals_in_matmul": False}, {"numerics.flush_subnormals_in_matmul": False}),

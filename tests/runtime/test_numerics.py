@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orion.errors import BindingError, GraphError, OrionError
+from orion.errors import BindingError, GraphError, OrionError, SettingsError
 from orion.runtime.backends import numerics as nm
 from orion.runtime.backends.numerics import (
     ACCUMULATORS,
@@ -501,6 +501,7 @@ def test_numerics_defaults_round_trip_and_validation():
         "flush_subnormals_in_matmul": True,
         "elementwise_ties": "half-even",
         "reduction_ties": "half-away",
+        "round_ties": "half-away",
         "activation_quirks": False,
         "reduce_sum_fp16": False,
         "slice_offset_overflow": False,
@@ -530,3 +531,17 @@ def test_numerics_defaults_round_trip_and_validation():
 def test_numerics_rejects_bad_values_by_name(field, value):
     with pytest.raises(OrionError, match=field):
         Numerics(**{field: value})
+
+
+def test_round_ties_are_a_setting_and_mil_rounds_them_to_even():
+    """N10: ANEForge measured the ANE's ``round`` sending ties away from zero (the default); MIL's own meaning, the
+    IR's plain kernels and coremltools', rounds them to even."""
+    from orion.ir.ops import Kernels
+    from orion.runtime.backends.emulator import AneKernels
+
+    x = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 2.4, -2.6], np.float32)
+    assert AneKernels(Numerics()).round_integer(x).tolist() == [1, 2, 3, -1, -3, 2, -3]
+    assert AneKernels(Numerics(round_ties="half-even")).round_integer(x).tolist() == [0, 2, 2, -0.0, -2, 2, -3]
+    assert Kernels().round_integer(x).tolist() == [0, 2, 2, -0.0, -2, 2, -3]
+    with pytest.raises(SettingsError, match="round_ties"):
+        Numerics(round_ties="up")

@@ -4,8 +4,9 @@ The same declarations serve the graph builder (shape inference), the MIL emitter
 consts), the MIL parser's checks, and the emulator (the numpy meaning). Names follow coremltools' iOS18 op
 definitions so the emitted text is what the ANE compiler expects.
 
-Numpy meanings compute in float32 on float32 arrays. Two operations are routed through a :class:`Kernels` object so
-that a backend can model the hardware's accumulator: ``matmul`` (conv and matmul) and ``reduce_sum``.
+Numpy meanings compute in float32 on float32 arrays. Three operations are routed through a :class:`Kernels` object so
+that a backend can model the hardware: ``matmul`` (conv and matmul) and ``reduce_sum`` (its accumulator), and
+``round`` (its tie rule).
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class Kernels:
 
     def reduce_sum(self, x: np.ndarray, axes: tuple[int, ...], keep_dims: bool) -> np.ndarray:
         return np.sum(x, axis=axes, keepdims=keep_dims, dtype=np.float64).astype(np.float32)
+
+    def round_integer(self, x: np.ndarray) -> np.ndarray:
+        """MIL's ``round``: ties to even, as numpy and coremltools' value inference (the ANE's is a setting, N10)."""
+        return np.round(x)
 
 
 OPS: dict[str, OpDef] = {}
@@ -233,11 +238,6 @@ _declare("identity", ("x",), infer=lambda t, a: t[0], compute=lambda k, xs, a: x
 # known to run on the ANE.
 
 
-def _round_half_away(x: np.ndarray) -> np.ndarray:
-    # ANEForge's sweeps (N10): the ANE's round sends ties away from zero (numpy, and coremltools' meaning, go to even)
-    return np.copysign(np.floor(np.abs(x) + 0.5), x)
-
-
 def _softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(x, 0.0)  # log(1 + e^x) without overflow for large x
 
@@ -247,7 +247,6 @@ _MORE_UNARY: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str, bool]] = {
     "sign": (np.sign, "elementwise", False),
     "floor": (np.floor, "elementwise", False),
     "ceil": (np.ceil, "elementwise", False),
-    "round": (_round_half_away, "elementwise", False),
     "square": (np.square, "elementwise", False),
     "relu6": (lambda x: np.clip(x, 0.0, 6.0), "elementwise", False),
     "softplus": (_softplus, "activation", False),
@@ -267,6 +266,7 @@ def _clip_infer(types, attrs):
     return _float("clip", types[0])
 
 
+_declare("round", ("x",), infer=_same("round"), compute=lambda k, xs, a: k.round_integer(xs[0]), ane_known=False)
 _declare("clip", ("x",), {"alpha": Attr("float"), "beta": Attr("float")}, infer=_clip_infer,
          compute=lambda k, xs, a: np.clip(xs[0], a["alpha"], a["beta"]), ane_known=False)
 _declare("leaky_relu", ("x",), {"alpha": Attr("float")}, infer=_same("leaky_relu"),

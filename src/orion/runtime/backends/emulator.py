@@ -60,6 +60,11 @@ class AneKernels(Kernels):
         self.flushed: set[int] = set()
         self._last: np.ndarray | None = None
 
+    def round_integer(self, x: np.ndarray) -> np.ndarray:
+        if self.settings.round_ties == "half-away":
+            return np.copysign(np.floor(np.abs(x) + 0.5), x)
+        return np.round(x)
+
     def finished(self, result: np.ndarray) -> bool:
         """Whether ``result`` is the last kernel output, or a reshaped view of it (a conv's), and so final."""
         last, self._last = self._last, None

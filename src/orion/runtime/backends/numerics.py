@@ -55,8 +55,8 @@ class Numerics:
     """The settings of the ANE numerics the public sources leave open (section 9 of the ANE reference).
 
     Defaults are the reference's: a ``fixed-point`` accumulator on a 2**-16 grid (N3), subnormals flushed inside
-    conv/matmul (N9), ties half-even for elementwise and half-away for reduction outputs (N10), no activation-table
-    quirks (N7), a wide ``reduce_sum`` (N14), no M1/M2 slice overflow (N11) and the 32768 matmul ceiling (N4).
+    conv/matmul (N9), ties half-even for elementwise and half-away for reduction outputs and ``round`` (N10), no
+    activation-table quirks (N7), a wide ``reduce_sum`` (N14), no M1/M2 slice overflow (N11) and the 32768 matmul ceiling (N4).
     """
 
     accumulator: str = "fixed-point"
@@ -64,6 +64,8 @@ class Numerics:
     flush_subnormals_in_matmul: bool = True
     elementwise_ties: str = "half-even"
     reduction_ties: str = "half-away"
+    #: The ``round`` op's ties: ANEForge's sweeps send them away from zero; MIL (numpy) rounds them to even (N10).
+    round_ties: str = "half-away"
     activation_quirks: bool = False
     reduce_sum_fp16: bool = False
     slice_offset_overflow: bool = False
@@ -73,6 +75,7 @@ class Numerics:
         _check_choice("accumulator", self.accumulator, ACCUMULATORS)
         _check_choice("elementwise_ties", self.elementwise_ties, TIES)
         _check_choice("reduction_ties", self.reduction_ties, TIES)
+        _check_choice("round_ties", self.round_ties, TIES)
         for name in ("flush_subnormals_in_matmul", "activation_quirks", "reduce_sum_fp16", "slice_offset_overflow"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):

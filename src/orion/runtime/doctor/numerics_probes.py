@@ -65,6 +65,8 @@ register(Probe("numerics-small-products", ("numerics.accumulator", "numerics.acc
 
 TIE_CASES = ((2048.0, 1.0), (2048.0, 3.0), (-2048.0, -1.0))  # exact sums 2049, 2051, -2049: all fp16 ties
 TIE_MODES = {"half-even": (2048.0, 2052.0, -2048.0), "half-away": (2050.0, 2052.0, -2050.0)}
+ROUND_HALVES = (0.5, 1.5, 2.5, -0.5, -2.5)
+ROUND_MODES = {"half-even": (0.0, 2.0, 2.0, 0.0, -2.0), "half-away": (1.0, 2.0, 3.0, -1.0, -3.0)}  # -0.0 == 0.0
 
 
 def _run_ties(backend) -> dict:
@@ -79,29 +81,36 @@ def _run_ties(backend) -> dict:
     if out is not None:
         n = len(TIE_CASES)
         obs["values"] = {k: _nums(out[k].reshape(-1)[:n]) for k in ("added", "reduced", "multiplied")}
+    b = _builder("round_ties")  # its own program: no public report has `round` running on the ANE (ANE-34)
+    b.output("rounded", b.op("round", x=b.input("h", (1, 1, 1, 32))))
+    obs["round"], out = _numerics_run(backend, b, {"h": _row(ROUND_HALVES)})
+    if out is not None:
+        obs.setdefault("values", {})["rounded"] = _nums(out["rounded"].reshape(-1)[:len(ROUND_HALVES)])
     return obs
 
 
-def _tie_mode(values: list) -> str:
+def _tie_mode(values: list, modes: dict = TIE_MODES) -> str:
     got = tuple(_decode(values))
-    return next((mode for mode, expect in TIE_MODES.items() if got == expect), f"other {list(got)}")
+    return next((mode for mode, expect in modes.items() if got == expect), f"other {list(got)}")
 
 
 def _verdict_ties(obs: dict) -> tuple[str, dict]:
-    if "values" not in obs:
+    values = obs.get("values", {})
+    if not values:
         return "did not run", {}
-    modes = {k: _tie_mode(v) for k, v in obs["values"].items()}
+    modes = {k: _tie_mode(v, ROUND_MODES if k == "rounded" else TIE_MODES) for k, v in values.items()}
     value = {}
-    if modes["added"] in TIE_MODES:
-        value["numerics.elementwise_ties"] = modes["added"]
-    if modes["multiplied"] in TIE_MODES:
-        value["numerics.reduction_ties"] = modes["multiplied"]
-    return f"add {modes['added']}, reduce_sum {modes['reduced']}, matmul {modes['multiplied']}", value
+    for output, setting in (("added", "elementwise_ties"), ("multiplied", "reduction_ties"), ("rounded", "round_ties")):
+        if modes.get(output) in TIE_MODES:
+            value[f"numerics.{setting}"] = modes[output]
+    text = ", ".join(f"{op} {modes[k]}" for op, k in (("add", "added"), ("reduce_sum", "reduced"),
+                                                       ("matmul", "multiplied"), ("round", "rounded")) if k in modes)
+    return text, value
 
 
-register(Probe("numerics-ties", ("numerics.elementwise_ties", "numerics.reduction_ties"),
-               "2048+1, 2048+3 and -2048-1 as add, reduce_sum and matmul: how ties round (N10)",
-               _run_ties, _verdict_ties))
+register(Probe("numerics-ties", ("numerics.elementwise_ties", "numerics.reduction_ties", "numerics.round_ties"),
+               "2048+1, 2048+3 and -2048-1 as add, reduce_sum and matmul, and round of +-0.5, 1.5, 2.5: how ties "
+               "round (N10)", _run_ties, _verdict_ties))
 
 
 CEILING_SUMS = (16384, 32752, 32760, 32767, 32768, 60000)

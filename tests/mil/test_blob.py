@@ -6,7 +6,6 @@ import os
 import re
 import struct
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -444,31 +443,6 @@ def test_round_trip_property(ms, arrays):
         for offset, a in zip(written, kept):
             want = fp16_sanitized(a) if a.dtype.kind == "f" else a
             assert same_bits(ct_read(ms, ours, offset, a.dtype), want)
-
-
-# speed
-
-
-@pytest.mark.slow
-def test_write_speed_close_to_plain_write(tmp_path):
-    """A GPT-2-sized fp16 weight set (250 MB) writes within 1.5x of a plain write + fsync of the same bytes."""
-    a = np.random.default_rng(0).standard_normal(125_000_000, dtype=np.float32).astype(np.float16)
-
-    def plain():
-        with open(tmp_path / "plain.bin", "wb") as f:
-            f.write(memoryview(a))
-            f.flush()
-            os.fsync(f.fileno())
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    assert best(lambda: write_blob_file(tmp_path / "orion.bin", [a])) < 1.5 * best(plain)
 
 
 def test_a_check_without_data_refuses_the_same_truncations_as_a_read(valid, tmp_path):

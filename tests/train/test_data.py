@@ -520,8 +520,8 @@ def test_a_file_of_too_few_documents_is_split_on_its_token_stream(stories, token
     assert f"the last {len(val)} of {total} tokens" in note
     # the same source gives the same files, and a prepared folder is reused
     again = prepare_dataset(str(source), tmp_path / "again", tokenizer=tokenizer, val_fraction=0.05)
-    assert (tmp_path / "again" / "train.bin").read_bytes() == ds.train.read_bytes()
-    assert (tmp_path / "again" / "val.bin").read_bytes() == ds.val.read_bytes()
+    assert again.train == tmp_path / "again" / "train.bin" and again.train.read_bytes() == ds.train.read_bytes()
+    assert again.val == tmp_path / "again" / "val.bin" and again.val.read_bytes() == ds.val.read_bytes()
     assert prepare_dataset(str(source), tmp_path / "out", tokenizer=tokenizer, val_fraction=0.05).info == ds.info
 
 

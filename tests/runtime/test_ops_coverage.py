@@ -12,42 +12,16 @@ from orion.errors import GraphError
 from orion.ir.builder import GraphBuilder
 from orion.runtime.backends.emulator import load_text
 from orion.runtime.backends.numerics import Numerics
+from tests.runtime.op_oracles import assert_within_fp16, mil_literal
 
 SHAPE = (1, 6, 1, 16)
-
-
-@pytest.fixture(scope="module")
-def coreml():
-    """``coreml(op, x=..., **params)``: coremltools' value of the op on constant inputs (its value_inference)."""
-    ct = pytest.importorskip("coremltools")
-    from coremltools.converters.mil.mil import Builder as mb, Function
-
-    def value(op: str, **params):
-        with Function({}, opset_version=ct.target.iOS18):
-            return np.asarray(getattr(mb, op)(**params).val, dtype=np.float64)
-
-    return value
-
-
-def _literal(value) -> tuple[str, str]:
-    """A MIL type and literal for a parameter value: fp16 scalars, int32 scalars or lists, bools, strings."""
-    if isinstance(value, bool):
-        return "bool", f"bool({str(value).lower()})"
-    if isinstance(value, int):
-        return "int32", f"int32({value})"
-    if isinstance(value, float):
-        return "fp16", f"fp16({value!r})"
-    if isinstance(value, str):
-        return "string", f'string("{value}")'
-    t = f"tensor<int32, [{len(value)}]>"
-    return t, f"{t}([{', '.join(str(int(v)) for v in value)}])"
 
 
 def run_op(tmp_path, op: str, x: np.ndarray, out_shape=None, out_dtype: str = "fp16", **params) -> np.ndarray:
     """Run ``op(x=x, **params)`` as a one-op MIL program (parameters as named consts) in the emulator."""
     lines = []
     for name, value in params.items():
-        t, lit = _literal(value)
+        t, lit = mil_literal(value)
         lines.append(f'        {t} p_{name} = const()[name=string("p_{name}"), val={lit}];')
     args = ", ".join([f"{name}=p_{name}" for name in params] + ["x=x"])
     out_shape = list(x.shape if out_shape is None else out_shape)
@@ -55,23 +29,6 @@ def run_op(tmp_path, op: str, x: np.ndarray, out_shape=None, out_dtype: str = "f
     text = (f"program(1.3)\n{{\n    func main<ios18>(tensor<fp16, {list(x.shape)}> x) {{\n" + "\n".join(lines)
             + "\n    } -> (y);\n}\n")
     return load_text(text, tmp_path).run({"x": x})["y"]
-
-
-def assert_within_fp16(got: np.ndarray, oracle: np.ndarray, ulps: float = 1.0, what: str = "",
-                       intermediate: np.ndarray | None = None, absolute: float = 0.0) -> None:
-    """``got`` (fp16) is within ``ulps`` fp16 ulps of the oracle's exact value rounded to fp16, plus one ulp of an
-    ``intermediate`` value the op rounds on the way (a wide sum before its bias add), plus ``absolute`` (the
-    accumulator's quantization of a wide sum's products)."""
-    ref = np.asarray(oracle, dtype=np.float64).astype(np.float16)
-    assert got.shape == ref.shape, what
-    assert np.isfinite(ref).all(), f"{what}: the oracle is not finite; pick another input range"
-    err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-    bound = ulps * np.spacing(np.abs(ref)).astype(np.float64) + absolute
-    if intermediate is not None:
-        bound = bound + np.spacing(np.abs(np.asarray(intermediate).astype(np.float16))).astype(np.float64)
-    worst = np.argmax(err - bound)
-    assert (err <= bound).all(), (f"{what}: emulator {got.flat[worst]} vs oracle {oracle.flat[worst]} "
-                                  f"(rounded {ref.flat[worst]})")
 
 
 def _fp16_input(rng, low: float, high: float) -> np.ndarray:
@@ -212,7 +169,7 @@ def run_with_tensors(tmp_path, op: str, x: np.ndarray, out_shape, tensors: dict,
     """``run_op`` with constant tensor parameters (weights, gamma, ...) written inline as fp16 consts."""
     lines = [_const_tensor(f"t_{name}", value) for name, value in tensors.items()]
     for name, value in params.items():
-        t, lit = _literal(value)
+        t, lit = mil_literal(value)
         lines.append(f'        {t} p_{name} = const()[name=string("p_{name}"), val={lit}];')
     args = ", ".join([f"{n}=t_{n}" for n in tensors] + [f"{n}=p_{n}" for n in params] + ["x=x"])
     lines.append(f'        tensor<fp16, {list(out_shape)}> y = {op}({args})[name=string("y")];')

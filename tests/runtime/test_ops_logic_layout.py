@@ -10,17 +10,17 @@ from orion.compiler.compile import compile_graph
 from orion.errors import GraphError, MILProgramError
 from orion.ir.builder import GraphBuilder
 from orion.runtime.backends.emulator import load_text
-from tests.runtime.test_ops_coverage import _literal, assert_within_fp16, coreml  # noqa: F401 (a fixture)
+from tests.runtime.op_oracles import assert_within_fp16, mil_literal
 
 MIL_TYPES = {np.dtype(np.float16): "fp16", np.dtype(np.int32): "int32", np.dtype(np.bool_): "bool"}
 
 
 def _param_literal(value) -> tuple[str, str]:
-    """``_literal``, and bool lists as bool tensors (masks)."""
+    """``mil_literal``, and bool lists as bool tensors (masks)."""
     if isinstance(value, list) and value and isinstance(value[0], bool):
         t = f"tensor<bool, [{len(value)}]>"
         return t, f"{t}([{', '.join(str(v).lower() for v in value)}])"
-    return _literal(value)
+    return mil_literal(value)
 
 
 def program_text(op: str, inputs: dict[str, np.ndarray], out_shape, out_dtype: str = "fp16",

@@ -1,4 +1,5 @@
-"""What every benchmark shares: a median timing, the machine it ran on, and its JSON report written atomically."""
+"""What every benchmark shares: a median timing, two sides timed in interleaved repetitions with their ratio (the
+helpers ``orion bench gpt2`` uses), the machine it ran on, and its JSON report written atomically."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from orion import __version__
 from orion.fileio import write_atomic
+from orion.models.bench import TRUSTED_SPREAD, interleave, paired_ratio, spread
 
 
 def timed(fn: Callable[[], object], repeats: int = 1, warmup: int = 0) -> float:
@@ -26,6 +28,37 @@ def timed(fn: Callable[[], object], repeats: int = 1, warmup: int = 0) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _seconds(fn: Callable[[], object]) -> Callable[[], float]:
+    def run() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return run
+
+
+def compare(what: str, ours: Callable[[], object], reference: Callable[[], object], repeats: int,
+            warmup: int = 1) -> dict:
+    """``ours`` against ``reference``, their repetitions interleaved (A B, B A, ...) after ``warmup`` untimed calls
+    of each: medians in ms, their spread (interquartile range / median), the median of the per-pair ratios
+    ours / reference with its spread, and a warning when that spread is too wide to trust the ratio."""
+    for _ in range(warmup):
+        ours()
+        reference()
+    mine, theirs = interleave([_seconds(ours), _seconds(reference)], repeats)
+    return paired(what, mine, theirs)
+
+
+def paired(what: str, ours: list[float], reference: list[float]) -> dict:
+    """The report of :func:`compare` from seconds already measured in interleaved pairs."""
+    ratio, ratio_spread, warning = paired_ratio(what, ours, reference)
+    if warning:
+        print(f"warning: {warning}", flush=True)
+    return {"ms": statistics.median(ours) * 1e3, "spread": spread(ours),
+            "reference_ms": statistics.median(reference) * 1e3, "reference_spread": spread(reference),
+            "ratio": ratio, "ratio_spread": ratio_spread, "trusted": ratio_spread <= TRUSTED_SPREAD,
+            "warning": warning, "repeats": len(ours)}
 
 
 def machine() -> dict:

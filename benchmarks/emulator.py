@@ -3,7 +3,8 @@ plain float32 numpy matmuls in the same run, so the cost of emulating ANE numeri
 
 The emulator runs the block's MIL with the ``fp32`` accumulator (BLAS matmuls plus the fp16 rounding and output
 rules after every op). The reference multiplies the same conv weights by activations of the block's shape and does
-the attention's two batched matmuls, nothing else: the time a float32 numpy forward pass could not go below.
+the attention's two batched matmuls, nothing else: the time a float32 numpy forward pass could not go below. The
+two sides' runs are interleaved; the table gives medians, their spread and the median of the per-pair ratios.
 
     python benchmarks/emulator.py [--d 768] [--heads 12] [--seqs 16 128] [--repeats 20] [--json FILE]
 """
@@ -28,7 +29,7 @@ from orion.ir.builder import GraphBuilder  # noqa: E402
 from orion.ir.graph import Graph  # noqa: E402
 from orion.runtime.backends.emulator import EmulatedProgram, load_program  # noqa: E402
 from orion.runtime.backends.numerics import Numerics  # noqa: E402
-from common import timed, write_report  # noqa: E402
+from common import compare, write_report  # noqa: E402
 
 
 def block_graph(d: int, heads: int, seq: int, seed: int = 0) -> Graph:
@@ -82,19 +83,21 @@ def main() -> None:
             graph = block_graph(args.d, args.heads, seq)
             program = emulated(graph, Path(tmp) / f"seq{seq}")
             feed = {"x": rng.normal(0.0, 1.0, (1, args.d, 1, seq)).astype(np.float16)}
-            emulator_s = timed(functools.partial(program.run, feed), args.repeats, warmup=1)
-            reference_s = timed(reference_matmuls(graph, args.d, args.heads, seq, rng), args.repeats, warmup=1)
+            c = compare(f"seq {seq} emulator / matmuls", functools.partial(program.run, feed),
+                        reference_matmuls(graph, args.d, args.heads, seq, rng), args.repeats)
             ops = sum(1 for st in program.program.statements if st.op != "const")
-            rows.append({"seq": seq, "ops": ops, "emulator_ms": emulator_s * 1e3,
-                         "numpy_matmul_ms": reference_s * 1e3, "overhead_ratio": emulator_s / reference_s})
+            rows.append({"seq": seq, "ops": ops, "emulator_ms": c["ms"], "emulator_spread": c["spread"],
+                         "numpy_matmul_ms": c["reference_ms"], "numpy_matmul_spread": c["reference_spread"],
+                         "overhead_ratio": c["ratio"], "ratio_spread": c["ratio_spread"], "trusted": c["trusted"]})
 
-    table = Table(title=f"emulator, one block d {args.d} ({args.heads} heads), accumulator fp32, "
-                        f"median of {args.repeats} runs")
+    table = Table(title=f"emulator, one block d {args.d} ({args.heads} heads), accumulator fp32, medians of "
+                        f"{args.repeats} interleaved runs (± interquartile range / median)")
     for column in ("seq", "ops", "emulator ms", "float32 matmuls ms", "emulator / matmuls"):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(str(r["seq"]), str(r["ops"]), f"{r['emulator_ms']:.2f}", f"{r['numpy_matmul_ms']:.2f}",
-                      f"{r['overhead_ratio']:.2f}x")
+        table.add_row(str(r["seq"]), str(r["ops"]), f"{r['emulator_ms']:.2f} ±{r['emulator_spread']:.0%}",
+                      f"{r['numpy_matmul_ms']:.2f} ±{r['numpy_matmul_spread']:.0%}",
+                      f"{r['overhead_ratio']:.2f}x ±{r['ratio_spread']:.0%}" + ("" if r["trusted"] else " (noise)"))
     Console(width=110).print(table)
     write_report(args.json, {"config": {"d": args.d, "heads": args.heads, "repeats": args.repeats,
                                         "accumulator": "fp32"}, "results": rows})

@@ -1,6 +1,7 @@
 """Training step cost: Orion (block programs on a backend, the rest on the CPU) against a PyTorch CPU training step
 of the same model (transformers' LlamaForCausalLM, float32, eager attention) on the same batches, timed in the same
-run; the table and the JSON give the median over the measured steps (after warm-up steps) and orion/pytorch.
+run, their steps interleaved; the table and the JSON give the medians over the measured steps (after warm-up steps),
+their spread, and the median of the per-step ratios orion/pytorch, flagged when they spread too wide to trust.
 
 Each Orion step is the trainer's step (forward and backward of every sequence, guarded AdamW, new weights written
 into the programs' input surfaces), split into:
@@ -42,13 +43,14 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orion.lora import LoraLayout, new_adapter  # noqa: E402
 from orion.models import model_backend  # noqa: E402
+from orion.models.bench import interleave  # noqa: E402
 from orion.models.llama import PRESETS, LlamaConfig, adapter_spec, init_weights  # noqa: E402
 from orion.runtime.cache import ProgramCache  # noqa: E402
 from orion.train.corpus import make_story_corpus, write_corpus  # noqa: E402
 from orion.train.engine import LlamaEngine  # noqa: E402
 from orion.train.optim import AdamW, LossScaler, guarded_step  # noqa: E402
-from orion.train.trainer import TrainSettings  # noqa: E402
-from common import write_report  # noqa: E402
+from orion.train.trainer import FRESH_DEFAULTS, TrainSettings  # noqa: E402
+from common import paired, write_report  # noqa: E402
 from tests.train.torch_reference import hf_llama, loss_parity, torch_adamw, torch_training_step  # noqa: E402
 
 LR = 3e-4
@@ -66,7 +68,7 @@ class OrionStep:
         self.params = self.weights if lora is None else self.adapter.to_arrays()
         self.optimizer = AdamW(self.params, lr=LR, betas=(settings.beta1, settings.beta2),
                                weight_decay=settings.weight_decay)
-        self.scaler = LossScaler(settings.loss_scale, init_scale=settings.init_scale)
+        self.scaler = LossScaler(FRESH_DEFAULTS["loss_scale"], init_scale=settings.init_scale)
         self.engine = LlamaEngine(config, config.max_seq_len, backend=backend, target="default",
                                   cache=ProgramCache(None),
                                   lora=None if lora is None else LoraLayout.covering([self.adapter], 32))
@@ -122,8 +124,9 @@ class TorchStep:
 
 def measure(name: str, config: LlamaConfig, batch: int, steps: int, warmup: int, backend,
             lora: tuple[int, str] | None = None) -> dict:
-    """Both sides on the same random batches, one side after the other: interleaved, torch's OpenMP threads would
-    still be spinning while numpy's BLAS threads want the same cores."""
+    """Both sides on the same random batches, their steps interleaved (A B, B A, ...) as ``orion bench gpt2`` does:
+    a machine that gets busier during the run weighs on both alike. With more than one thread, torch's OpenMP
+    threads spin for a while after each step and slow numpy's BLAS threads down: ``--threads 1`` keeps it fair."""
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(warmup + steps):
@@ -131,28 +134,31 @@ def measure(name: str, config: LlamaConfig, batch: int, steps: int, warmup: int,
         batches.append((windows[:, :-1].copy(), windows[:, 1:].copy()))
     orion_step = OrionStep(config, backend, lora)
     try:
-        ours = [orion_step(inputs, targets) for inputs, targets in batches]
+        torch_step = TorchStep(config, lora)
+        feeds = [iter(batches), iter(batches)]
+        ours, reference = interleave([lambda: orion_step(*next(feeds[0])), lambda: torch_step(*next(feeds[1]))],
+                                     warmup + steps)
         compiles = orion_step.engine.compiles
     finally:
         orion_step.engine.close()
-    torch_step = TorchStep(config, lora)
-    reference = [torch_step(inputs, targets) for inputs, targets in batches]
 
     def median(rows: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in rows[warmup:])
 
+    pair = paired(f"{name} step orion / pytorch", [r["ms"] for r in ours[warmup:]],
+                  [r["ms"] for r in reference[warmup:]])
     result = {
         "config": name, "model": config.to_dict(), "batch": batch, "seq": config.max_seq_len,
         "tokens_per_step": batch * config.max_seq_len, "measured_steps": steps, "warmup_steps": warmup,
-        "orion_ms": median(ours, "ms"), "orion_backend_ms": median(ours, "backend_ms"),
+        "orion_ms": median(ours, "ms"), "orion_spread": pair["spread"], "orion_backend_ms": median(ours, "backend_ms"),
         "orion_cpu_ms": median(ours, "cpu_ms"), "orion_update_ms": median(ours, "adamw_ms") + median(ours, "write_ms"),
         "orion_adamw_ms": median(ours, "adamw_ms"), "orion_weight_write_ms": median(ours, "write_ms"),
-        "pytorch_ms": median(reference, "ms"), "orion_step_ms": [r["ms"] for r in ours[warmup:]],
-        "pytorch_step_ms": [r["ms"] for r in reference[warmup:]], "compiles": compiles,
-        "skipped_steps": sum(r["skipped"] for r in ours),
+        "pytorch_ms": median(reference, "ms"), "pytorch_spread": pair["reference_spread"],
+        "orion_step_ms": [r["ms"] for r in ours[warmup:]], "pytorch_step_ms": [r["ms"] for r in reference[warmup:]],
+        "compiles": compiles, "skipped_steps": sum(r["skipped"] for r in ours),
         "loss": {"orion": [r["loss"] for r in ours], "pytorch": [r["loss"] for r in reference]},
+        "ratio_orion_over_pytorch": pair["ratio"], "ratio_spread": pair["ratio_spread"], "trusted": pair["trusted"],
     }
-    result["ratio_orion_over_pytorch"] = result["orion_ms"] / result["pytorch_ms"]
     return result
 
 
@@ -208,14 +214,17 @@ def main() -> None:
             results.append(measure(f"{name} LoRA r{rank} {targets}", config, batch, steps, args.warmup, backend,
                                    (int(rank), targets)))
 
-    table = Table(title=f"median ms per training step: Orion ({args.backend}) vs PyTorch CPU fp32 "
-                        f"({torch.get_num_threads()} threads each)")
+    table = Table(title=f"median ms per training step, steps interleaved: Orion ({args.backend}) vs PyTorch CPU fp32 "
+                        f"({torch.get_num_threads()} threads each; ± interquartile range / median)")
     for col in ("config", "tokens", "orion", "backend", "cpu", "update", "pytorch", "orion/pytorch"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(f"{r['config']} (vocab {r['model']['vocab_size']})", f"{r['batch']}x{r['seq']}",
-                      *(f"{r[k]:.1f}" for k in ("orion_ms", "orion_backend_ms", "orion_cpu_ms", "orion_update_ms",
-                                                "pytorch_ms")), f"{r['ratio_orion_over_pytorch']:.2f}")
+                      f"{r['orion_ms']:.1f} ±{r['orion_spread']:.0%}",
+                      *(f"{r[k]:.1f}" for k in ("orion_backend_ms", "orion_cpu_ms", "orion_update_ms")),
+                      f"{r['pytorch_ms']:.1f} ±{r['pytorch_spread']:.0%}",
+                      f"{r['ratio_orion_over_pytorch']:.2f} ±{r['ratio_spread']:.0%}" + ("" if r["trusted"]
+                                                                                        else " (noise)"))
     Console(width=140).print(table)
     report = {"torch_version": torch.__version__, "backend": args.backend, "threads": args.threads or "default",
               "torch_threads": torch.get_num_threads(), "lr": LR, "results": results}

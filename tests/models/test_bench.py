@@ -22,7 +22,8 @@ class FakeSide:
 
 def test_repetitions_alternate_which_side_goes_first():
     log: list[str] = []
-    reps = bench.interleave([FakeSide("A", log, [1, 2, 3, 4]), FakeSide("B", log, [5, 6, 7, 8])], 4)
+    sides = [FakeSide("A", log, [1, 2, 3, 4]), FakeSide("B", log, [5, 6, 7, 8])]
+    reps = bench.interleave([side.repetition for side in sides], 4)
     assert log == ["A", "B", "B", "A", "A", "B", "B", "A"]
     assert [[r["decode_tok_s"] for r in side] for side in reps] == [[1, 2, 3, 4], [5, 6, 7, 8]]
 

@@ -20,12 +20,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
 from orion.errors import OrionError
 
 MARK = "ORION_BENCH_RESULT "
+T = TypeVar("T")
 
 
 def _peak_mb() -> float:
@@ -189,7 +191,7 @@ class _Side:
             self.proc.wait()
 
 
-def _spread(values: list[float]) -> float:
+def spread(values: Sequence[float]) -> float:
     """The interquartile range over the median: how far apart the middle half of the repetitions is, relative to
     the value reported (one outlier on a busy machine moves neither)."""
     if len(values) < 2:
@@ -203,19 +205,31 @@ def _summary(info: dict, reps: list[dict]) -> dict:
     for key in _MEASURED:
         values = [r[key] for r in reps]
         out[key] = statistics.median(values)
-        out[f"{key}_spread"] = _spread(values)
+        out[f"{key}_spread"] = spread(values)
     return out
 
 
-def interleave(sides: list[_Side], repeats: int) -> list[list[dict]]:
-    """``repeats`` repetitions of each side, alternating A B, B A, ...: a machine that gets busier or quieter during
-    the run weighs on both sides alike, and each pair of repetitions gives one ratio."""
-    reps: list[list[dict]] = [[] for _ in sides]
+def interleave(repetitions: Sequence[Callable[[], T]], repeats: int) -> list[list[T]]:
+    """``repeats`` calls of each side's ``repetition``, alternating A B, B A, ...: a machine that gets busier or
+    quieter during the run weighs on both sides alike, and each pair of repetitions gives one ratio."""
+    reps: list[list[T]] = [[] for _ in repetitions]
     for r in range(repeats):
-        order = range(len(sides)) if r % 2 == 0 else reversed(range(len(sides)))
+        order = range(len(repetitions)) if r % 2 == 0 else reversed(range(len(repetitions)))
         for i in order:
-            reps[i].append(sides[i].repetition())
+            reps[i].append(repetitions[i]())
     return reps
+
+
+def paired_ratio(what: str, ours: Sequence[float], reference: Sequence[float]) -> tuple[float, float, str | None]:
+    """The median of the per-pair ratios ``ours[i] / reference[i]``, their spread, and a warning (else None) when
+    they spread wider than :data:`TRUSTED_SPREAD`."""
+    pairs = [a / b for a, b in zip(ours, reference)]
+    ratio, wide = statistics.median(pairs), spread(pairs)
+    warning = None
+    if wide > TRUSTED_SPREAD:
+        warning = (f"{what} ratio: its {len(pairs)} pairs spread {wide:.0%} (more than {TRUSTED_SPREAD:.0%}), too "
+                   "wide to trust: the machine is busy; run again when it is quieter, or with more repeats")
+    return ratio, wide, warning
 
 
 def bench_gpt2(model: str | None, backend: str, reference: str | None, prompt_tokens: int, new_tokens: int,
@@ -244,7 +258,7 @@ def bench_gpt2(model: str | None, backend: str, reference: str | None, prompt_to
         try:
             for name, log in zip(names, logs):  # loaded one after the other, so neither load slows the other
                 sides.append(_Side(name, folder, args, log))
-            reps = interleave(sides, repeats)
+            reps = interleave([side.repetition for side in sides], repeats)
             finals = [side.finish() for side in sides]
         finally:
             for side in sides:
@@ -266,12 +280,9 @@ def ratios(orion: list[dict], reference: list[dict]) -> tuple[dict, list[str]]:
     warning for each ratio whose pairs spread wider than :data:`TRUSTED_SPREAD`."""
     out, warnings = {}, []
     for what, key in (("decode", "decode_tok_s"), ("prefill", "prefill_tok_s")):
-        pairs = [a[key] / b[key] for a, b in zip(orion, reference)]
-        out[what], out[f"{what}_spread"] = statistics.median(pairs), _spread(pairs)
-        if out[f"{what}_spread"] > TRUSTED_SPREAD:
-            warnings.append(f"{what} ratio: its {len(pairs)} pairs spread {out[f'{what}_spread']:.0%} (more than "
-                            f"{TRUSTED_SPREAD:.0%}), too wide to trust: the machine is busy; run again when it is "
-                            "quieter, or with more --repeats")
+        out[what], out[f"{what}_spread"], warning = paired_ratio(what, [r[key] for r in orion],
+                                                                 [r[key] for r in reference])
+        warnings += [warning] if warning else []
     return out, warnings
 
 

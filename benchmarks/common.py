@@ -18,47 +18,41 @@ from orion.fileio import write_atomic
 from orion.models.bench import TRUSTED_SPREAD, interleave, paired_ratio, spread
 
 
+def timed_once(fn: Callable[[], object]) -> float:
+    """Seconds of one call."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def timed(fn: Callable[[], object], repeats: int = 1, warmup: int = 0) -> float:
     """Median seconds of ``repeats`` calls, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _seconds(fn: Callable[[], object]) -> Callable[[], float]:
-    def run() -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    return run
+    return statistics.median(timed_once(fn) for _ in range(repeats))
 
 
 def compare(what: str, ours: Callable[[], object], reference: Callable[[], object], repeats: int,
             warmup: int = 1) -> dict:
     """``ours`` against ``reference``, their repetitions interleaved (A B, B A, ...) after ``warmup`` untimed calls
-    of each: medians in ms, their spread (interquartile range / median), the median of the per-pair ratios
-    ours / reference with its spread, and a warning when that spread is too wide to trust the ratio."""
+    of each: :func:`paired` of their seconds, with the medians in ms."""
     for _ in range(warmup):
         ours()
         reference()
-    mine, theirs = interleave([_seconds(ours), _seconds(reference)], repeats)
-    return paired(what, mine, theirs)
+    mine, theirs = interleave([lambda: timed_once(ours), lambda: timed_once(reference)], repeats)
+    pair = paired(what, mine, theirs)
+    return {**pair, "ms": pair["median"] * 1e3, "reference_ms": pair["reference_median"] * 1e3}
 
 
 def paired(what: str, ours: list[float], reference: list[float]) -> dict:
-    """The report of :func:`compare` from seconds already measured in interleaved pairs."""
+    """Measures already taken in interleaved pairs (in any unit): their medians and spreads, the median of the
+    per-pair ratios with its spread, and the warning (also printed) when that spread is too wide to trust."""
     ratio, ratio_spread, warning = paired_ratio(what, ours, reference)
     if warning:
         print(f"warning: {warning}", flush=True)
-    return {"ms": statistics.median(ours) * 1e3, "spread": spread(ours),
-            "reference_ms": statistics.median(reference) * 1e3, "reference_spread": spread(reference),
-            "ratio": ratio, "ratio_spread": ratio_spread, "trusted": ratio_spread <= TRUSTED_SPREAD,
-            "warning": warning, "repeats": len(ours)}
+    return {"median": statistics.median(ours), "spread": spread(ours), "reference_median": statistics.median(reference),
+            "reference_spread": spread(reference), "ratio": ratio, "ratio_spread": ratio_spread,
+            "trusted": ratio_spread <= TRUSTED_SPREAD, "warning": warning, "repeats": len(ours)}
 
 
 def machine() -> dict:

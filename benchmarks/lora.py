@@ -35,6 +35,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orion.lora import Adapter, new_adapter
 from orion.models import model_backend
+from orion.models.bench import interleave
 from orion.models.gpt2 import (
     GPT2,
     LORA_MODULES,
@@ -49,7 +50,7 @@ from orion.models.gpt2 import (
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
 from orion.runtime.program import Program
-from common import write_report  # noqa: E402
+from common import paired, write_report  # noqa: E402
 
 #: Standard deviation of the adapters' random B: large enough that an adapter changes the logits well past the
 #: fp16 error of the comparison with merged weights, so that check can fail.
@@ -184,6 +185,7 @@ def main() -> None:
     options = {"backend": backend, "budget": budget}
     results: dict[str, float] = {}
     checks: dict[str, object] = {}
+    pairs: dict[str, dict] = {}  # interleaved comparisons, by what they measure
 
     lora = GPT2(config, state, cache=ProgramCache(None), **options)
     base = GPT2(config, state, cache=ProgramCache(None), **options)
@@ -228,12 +230,14 @@ def main() -> None:
         # 2. per-token cost: adapter programs (an adapter active) against the base model, alternating
         print(f"generating {args.new_tokens} tokens after {args.prompt}, 1 + {args.gen_repeats} runs each ...",
               flush=True)
-        runs: dict[str, list[dict]] = {"lora": [], "base": []}
-        for i in range(args.gen_repeats + 1):  # the first run of each is a warm-up (base compiles its programs)
-            for key, model in (("lora", lora), ("base", base)):
-                run = generation(model, prompt, args.new_tokens)
-                if i:
-                    runs[key].append(run)
+        generation(lora, prompt, args.new_tokens)  # warm-ups (base compiles its programs)
+        generation(base, prompt, args.new_tokens)
+        gens = interleave([lambda: generation(lora, prompt, args.new_tokens),
+                           lambda: generation(base, prompt, args.new_tokens)], args.gen_repeats)
+        runs = dict(zip(("lora", "base"), gens))
+        for what in ("prefill_ms", "decode_ms_per_token"):
+            pairs[what] = paired(f"{what} lora / base", [r[what] for r in runs["lora"]],
+                                 [r[what] for r in runs["base"]])
         for key, model in (("lora", lora), ("base", base)):
             rows = runs[key]
             for measure in ("prefill_ms", "decode_ms_per_token", "decode_tok_s"):
@@ -256,8 +260,8 @@ def main() -> None:
                                      for kind, _ in kinds) / 1e6
     ratios = {
         "recompile_over_swap": results["recompile_ms"] / results["swap_ms"],
-        "prefill_lora_over_base": results["lora_prefill_ms"] / results["base_prefill_ms"],
-        "decode_per_token_lora_over_base": results["lora_decode_ms_per_token"] / results["base_decode_ms_per_token"],
+        "prefill_lora_over_base": pairs["prefill_ms"]["ratio"],  # medians of the interleaved pairs' ratios
+        "decode_per_token_lora_over_base": pairs["decode_ms_per_token"]["ratio"],
         "decode_evaluate_lora_over_base": (results["lora_decode_evaluate_ms_per_token"]
                                            / results["base_decode_evaluate_ms_per_token"]),
     }
@@ -274,10 +278,12 @@ def main() -> None:
                   f"{ratios['recompile_over_swap']:.0f}x faster")
     table.add_row("  recompile: of which compile + load, ms", "", f"{results['recompile_compile_load_ms']:.0f}", "")
     table.add_row("  swap: adapter inputs written, MB", f"{results['swap_written_MB']:.2f}", "", "")
-    table.add_row(f"prefill {prefill}, ms (vs base)", f"{results['lora_prefill_ms']:.0f}",
-                  f"{results['base_prefill_ms']:.0f}", f"{ratios['prefill_lora_over_base']:.3f}")
-    table.add_row("decode, ms/token (vs base)", f"{results['lora_decode_ms_per_token']:.1f}",
-                  f"{results['base_decode_ms_per_token']:.1f}", f"{ratios['decode_per_token_lora_over_base']:.3f}")
+    for what, label, digits in (("prefill_ms", f"prefill {prefill}, ms (vs base)", 0),
+                                ("decode_ms_per_token", "decode, ms/token (vs base)", 1)):
+        pair = pairs[what]
+        table.add_row(label, f"{pair['median']:.{digits}f} ±{pair['spread']:.0%}",
+                      f"{pair['reference_median']:.{digits}f} ±{pair['reference_spread']:.0%}",
+                      f"{pair['ratio']:.3f} ±{pair['ratio_spread']:.0%}" + ("" if pair["trusted"] else " (noise)"))
     table.add_row("decode, tok/s (vs base)", f"{results['lora_decode_tok_s']:.1f}",
                   f"{results['base_decode_tok_s']:.1f}", "")
     table.add_row("decode programs' evaluation, ms/token", f"{results['lora_decode_evaluate_ms_per_token']:.1f}",
@@ -307,6 +313,7 @@ def main() -> None:
         "programs": {"prefill_bucket": prefill, "decode_capacity": decode,
                      "per_phase": len(io["lora_prefill"]["inputs"])},
         "results": results, "ratios": ratios, "checks": checks, "input_surfaces": io, "compiles": budget.used,
+        "pairs": {key: {k: v for k, v in pair.items() if k != "warning"} for key, pair in pairs.items()},
     }
     write_report(args.json, report)
     if checks["swap_compiles"] or not checks["merged_within_tolerance"]:

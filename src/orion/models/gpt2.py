@@ -335,8 +335,7 @@ class GPT2(AdapterHost, TextGenerator):
             programs = []
             for first in self._groups():
                 blocks = self.blocks[first:first + self.group]
-                graph = (prefill_graph(blocks, first, self.config, size, self.lora) if kind == "prefill" else
-                         decode_graph(blocks, first, self.config, size, self.lora, target=self.target))
+                graph = self._graph(kind, size, first)
                 adapter_inputs = ({} if self.lora is None else
                                   lora_inputs(self._current_adapter(), self.lora, blocks, first, self.config))
                 program = Program.from_graph(graph, backend=self.backend, target=self.target, cache=self.cache,
@@ -348,6 +347,25 @@ class GPT2(AdapterHost, TextGenerator):
                 programs.append(program)
             self._programs[key] = programs
         return self._programs[key]
+
+    def _graph(self, kind: str, size: int, first: int):
+        blocks = self.blocks[first:first + self.group]
+        return (prefill_graph(blocks, first, self.config, size, self.lora) if kind == "prefill" else
+                decode_graph(blocks, first, self.config, size, self.lora, target=self.target))
+
+    def step_programs(self, phase: str, tokens: int) -> list:
+        from orion.compiler.compile import compile_graph
+
+        if phase not in ("prefill", "decode"):
+            raise BindingError(f"phase must be prefill or decode, got {phase!r}")
+        size = bucket_for(min(tokens, self.config.n_positions))
+        return [compile_graph(self._graph(phase, size, first), self.target).module.program
+                for first in self._groups()]
+
+    def host_bytes(self, phase: str) -> int:
+        """Embedding rows are few; the tied classifier (float32, on the CPU) is read whole for each token's
+        logits: once per decode step, and once for a prefill (only its last position is scored)."""
+        return self.wte.nbytes
 
     def close(self) -> None:
         for programs in self._programs.values():

@@ -62,6 +62,15 @@ class TextGenerator:
     def close(self) -> None:
         raise NotImplementedError
 
+    def step_programs(self, phase: str, tokens: int) -> list:
+        """The MIL programs one step evaluates, in order, as the compiler emits them for the model's target (nothing
+        runs): ``phase`` "decode" with a KV cache for ``tokens`` positions, or "prefill" of ``tokens`` tokens."""
+        raise NotImplementedError
+
+    def host_bytes(self, phase: str) -> int:
+        """Bytes the CPU reads in one step of ``phase`` (e.g. a classifier kept off the ANE)."""
+        raise NotImplementedError
+
     def __enter__(self):
         return self
 
@@ -95,6 +104,20 @@ class TextGenerator:
         rest = decoder.flush()
         if rest:
             yield rest
+
+
+def predict(model: TextGenerator, chip, prompt_tokens: int = 128, new_tokens: int = 64) -> dict:
+    """The cost model's figures for ``model`` on ``chip``: ``{"decode": Estimate, "prefill": Estimate}`` for a
+    prompt of ``prompt_tokens`` followed by ``new_tokens`` (the programs Orion would build for that run)."""
+    from orion.compiler.costmodel import estimate
+
+    if prompt_tokens < 1 or new_tokens < 1:
+        raise BindingError(f"predict needs a prompt and new tokens (>= 1); got {prompt_tokens} and {new_tokens}")
+    decode = model.step_programs("decode", prompt_tokens + new_tokens)
+    prefill = model.step_programs("prefill", prompt_tokens)
+    return {"decode": estimate(decode, chip, target=model.target, host_bytes=model.host_bytes("decode")),
+            "prefill": estimate(prefill, chip, target=model.target, host_bytes=model.host_bytes("prefill"),
+                                tokens=prompt_tokens)}
 
 
 class AdapterHost:

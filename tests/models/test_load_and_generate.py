@@ -113,3 +113,16 @@ def test_bench_predict_prints_the_cost_model_for_the_models_programs(model_dir, 
     assert bad.exit_code == 2 and "known chips: m1, m4" in bad.stderr
     measured_without_json = CliRunner().invoke(cli, ["bench", "gpt2", "--model", str(model_dir)])
     assert measured_without_json.exit_code == 2 and "--json" in measured_without_json.stderr
+
+
+def test_generate_with_a_draft_prints_the_targets_text_and_the_acceptance(model_dir):
+    """The model drafting for a second copy of itself: every drafted token is kept, and the text is the same."""
+    args = ["generate", "--model", str(model_dir), "--prompt", "The cat", "--max-tokens", "12", "--temperature", "0",
+            "--backend", "emulator"]
+    alone = CliRunner().invoke(cli, args)
+    drafted = CliRunner().invoke(cli, [*args, "--draft", str(model_dir), "--draft-tokens", "3"])
+    assert alone.exit_code == 0 and drafted.exit_code == 0, drafted.output
+    assert drafted.stdout == alone.stdout
+    assert "draft: " in drafted.stderr and "(100%)" in drafted.stderr and "draft" not in alone.stderr
+    bad = CliRunner().invoke(cli, [*args, "--draft", "/nonexistent/folder"])
+    assert bad.exit_code == 2 and "no such model folder" in bad.stderr

@@ -337,20 +337,28 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
               help="On the emulator, use the target's accumulator model (slow) instead of the fp32 accumulator.")
 @click.option("--adapter", "adapter_path", default=None,
               help="A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) or hub id to apply.")
+@click.option("--draft", "draft_id", default=None,
+              help="A smaller model with the same tokenizer that drafts tokens for --model to verify in one pass "
+                   "(exact speculative decoding: the output is --model's).")
+@click.option("--draft-tokens", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Tokens the draft proposes per verify pass.")
 @handle_errors
 def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, seed: int | None, backend: str, target_name: str, exact_numerics: bool,
-                 adapter_path: str | None) -> None:
+                 adapter_path: str | None, draft_id: str | None, draft_tokens: int) -> None:
     """Generate text; tokens stream to the terminal as they come, then one line of figures."""
+    import contextlib
+
     import orion
 
-    with orion.load(model_id, backend=backend, target=target_name,
-                    accumulator=None if exact_numerics else "fp32") as model:
+    options = dict(backend=backend, target=target_name, accumulator=None if exact_numerics else "fp32")
+    with orion.load(model_id, **options) as model, contextlib.ExitStack() as stack:
+        draft = None if draft_id is None else stack.enter_context(orion.load(draft_id, **options))
         if adapter_path is not None:
             model.set_adapter(model.load_adapter(adapter_path))
         click.echo(prompt, nl=False)
         for piece in model.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed, stream=True):
+                                    top_p=top_p, seed=seed, stream=True, draft=draft, draft_tokens=draft_tokens):
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()

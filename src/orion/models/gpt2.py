@@ -435,14 +435,13 @@ class GPT2(AdapterHost, TextGenerator):
         stats = self.stats = GenerationStats(prompt_tokens=ids.size)
         before = self._count()
         t0 = time.perf_counter()
-        if max_tokens == 0:
-            self._prefill(ids)
-            stats.prefill_seconds = time.perf_counter() - t0
-            stats.backend = backends_that_ran(self._all_programs())
-            return
-        session, logits = self.start(ids, max_tokens)
-        token = sampler.sample(logits)
+        hidden, kv, _ = self._prefill(ids)
+        token = sampler.sample(self._head(hidden[-1:])[0])
         stats.prefill_seconds = time.perf_counter() - t0
+        stats.backend = backends_that_ran(self._all_programs())
+        if max_tokens == 0:
+            return
+        session = self._session(kv, ids.size, max_tokens)
         stats.dispatches_per_token = len(session.programs)
         decode_start = time.perf_counter()
         try:
@@ -463,11 +462,12 @@ class GPT2(AdapterHost, TextGenerator):
         """Prefill ``ids`` into a decode session with room for ``max_tokens`` more tokens (within the model's
         context); returns it and the logits after the prompt."""
         ids = self._check_ids(ids)
-        end = min(ids.size + max_tokens, self.config.n_positions)
         hidden, kv, _ = self._prefill(ids)
-        capacity = bucket_for(end)
-        session = GPT2Session(self, self.programs("decode", capacity), kv, ids.size, end)
-        return session, self._head(hidden[-1:])[0]
+        return self._session(kv, ids.size, max_tokens), self._head(hidden[-1:])[0]
+
+    def _session(self, kv: dict[str, np.ndarray], length: int, max_tokens: int) -> "GPT2Session":
+        end = min(length + max_tokens, self.config.n_positions)
+        return GPT2Session(self, self.programs("decode", bucket_for(end)), kv, length, end)
 
     def _all_programs(self) -> list[Program]:
         return [p for ps in self._programs.values() for p in ps]

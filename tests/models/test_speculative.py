@@ -21,7 +21,7 @@ def random_gpt2(seed: int, layers: int = 2, d: int = 64, vocab: int = VOCAB, wei
     """A random GPT-2 (random biases and norms) whose matrices are scaled up so its logits are far apart: greedy
     tokens are then no fp16 near-ties (see the caveat in orion.models.speculative)."""
     config, state = random_gpt2_state(n_layer=layers, n_embd=d, vocab_size=vocab, n_positions=128, seed=seed)
-    for name, value in state.items():
+    for value in state.values():
         if value.ndim == 2:
             value *= weight_scale
     return GPT2(GPT2Config.from_hf(config), state, backend=model_backend("emulator"), cache=ProgramCache(None),

@@ -52,11 +52,7 @@ class Chip:
                 for f in fields(self) if isinstance(getattr(self, f.name), Figure)]
 
 
-_M4_DISPATCH = Figure(90, "~90 us per evaluation on M4 (reference section 10; issue 14)")
 _CONV_IS_3X = "1x1 conv ~3x faster than matmul (maderix, Orion #17): a third of the conv figure"
-#: Orion's CPU decode of GPT-2 124M, 283 tok/s on M4 Max, reads its 497 MB of fp32 weights per token.
-_M4_MAX_HOST = Figure(141, "Orion's CPU decode on M4 Max: 283 tok/s x 497 MB of fp32 GPT-2 weights per token "
-                           "(reference section 7)")
 
 CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("m1", "m1",
@@ -66,7 +62,7 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
          Figure(11 / 3, _CONV_IS_3X),
          Figure(68, "68 GB/s unified memory (Apple's M1 specification): an upper bound")),
     Chip("m4", "m4",
-         _M4_DISPATCH,
+         Figure(90, "~90 us per evaluation on M4 (reference section 10; issue 14)"),
          Figure(67, "~67 GB/s weight reads on M4 (reference section 10; issue 14)"),
          Figure(18.8, "18.8 TFLOPS fp16 measured on M4 (reference section 10; maderix 18.6)"),
          Figure(18.8 / 3, _CONV_IS_3X),
@@ -76,7 +72,8 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
          Figure(119, "~119 GB/s seen by the ANE on M4 Max (anemll-bench, reference section 1)"),
          Figure(18.8, "not reported for M4 Max: M4's 18.8 TFLOPS (the same Neural Engine)"),
          Figure(18.8 / 3, _CONV_IS_3X),
-         _M4_MAX_HOST),
+         Figure(141, "Orion's CPU decode on M4 Max: 283 tok/s x 497 MB of fp32 GPT-2 weights per token "
+                     "(reference section 7)")),
     Chip("m5pro", "m5",
          Figure(90, "not reported for M5 Pro: M4's ~90 us (an assumption; dispatch is 0.07-0.2 ms on every chip "
                     "measured, reference section 1)"),

@@ -64,17 +64,32 @@ def test_logits_match_transformers(reference, orion_model):
 
 
 def test_decode_steps_with_the_kv_cache_match_full_sequence_logits(reference, orion_model):
-    """Teacher forcing through the decode programs: each step's logits equal the reference at that position."""
+    """Teacher forcing through the decode programs: each step's logits equal the reference at that position, whether
+    tokens go one per pass or several per pass (the verify pass of speculative decoding), and after positions fed
+    with wrong tokens are rolled back."""
     ids = np.random.default_rng(2).integers(0, VOCAB, 48)
     ref = torch_logits(reference[0], ids)
     prompt = 20
-    _, kv, _ = orion_model._prefill(ids[:prompt])
-    programs = orion_model.programs("decode", 64)
-    orion_model._load_cache(programs, kv, prompt)
-    steps = np.stack([orion_model._decode_step(programs, int(ids[p]), p) for p in range(prompt, ids.size)])
-    expected = ref[prompt:]
-    assert np.abs(steps - expected).max() < 0.02 * np.abs(expected).max()
-    assert (steps.argmax(-1) == expected.argmax(-1)).mean() >= 0.96
+    session, first = orion_model.start(ids[:prompt], ids.size - prompt)
+    assert session.length == prompt and session.columns == 32 and session.end == ids.size
+    steps = [first[None]] + [session.step(int(ids[p]))[None] for p in range(prompt, 30)]
+    wrong = (ids[30:35] + 1) % VOCAB  # fed, kept, then rolled back: the later logits must not see them
+    session.feed(wrong)
+    session.commit(5)
+    session.rollback(30)
+    for start in range(30, ids.size - 1, 7):
+        chunk = ids[start:min(start + 7, ids.size - 1)]
+        steps.append(session.feed(chunk))
+        session.commit(chunk.size)
+    got = np.concatenate(steps)
+    expected = ref[prompt - 1:-1]
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.96
+    with pytest.raises(BindingError, match="1 to 32 tokens"):
+        session.feed(ids[:33])
+    with pytest.raises(BindingError, match="pass the session's end"):
+        session.feed(ids[:3])
 
 
 def test_greedy_generation_equals_transformers_until_a_near_tie(reference, orion_model):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -92,3 +94,35 @@ def test_the_end_of_text_token_that_stops_generation_is_not_in_the_text(model_di
     assert tokenizer.eos_id is not None
     assert model.generate("Once", max_tokens=10) == " The cat sat"
     assert "".join(model.generate("Once", max_tokens=10, stream=True)) == " The cat sat"
+
+
+def test_bench_predict_prints_the_cost_model_for_the_models_programs(model_dir, tmp_path):
+    """The m4 target's 16 weight tensors per program hold one block: the tiny model's two blocks are two
+    dispatches, and their weights (12 d^2 fp16 values each, plus biases) are what the table charges."""
+    report = tmp_path / "predict.json"
+    result = CliRunner().invoke(cli, ["bench", "predict", "--model", str(model_dir), "--chip", "m4",
+                                      "--prompt-tokens", "20", "--new-tokens", "8", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "ANE cost model" in result.stdout and "67 GB/s" in result.stdout
+    figures = json.loads(report.read_text())
+    d = 64
+    assert figures["target"] == "m4" and figures["decode"]["dispatches"] == 2
+    assert figures["decode"]["weight_mb"] == pytest.approx(2 * 12 * d * d * 2 / 1e6, rel=0.05)
+    assert figures["decode"]["tok_s"] > 0 and figures["prefill"]["tok_s"] > figures["decode"]["tok_s"]
+    bad = CliRunner().invoke(cli, ["bench", "gpt2", "--predict", "m9", "--model", str(model_dir)])
+    assert bad.exit_code == 2 and "known chips: m1, m4" in bad.stderr
+    measured_without_json = CliRunner().invoke(cli, ["bench", "gpt2", "--model", str(model_dir)])
+    assert measured_without_json.exit_code == 2 and "--json" in measured_without_json.stderr
+
+
+def test_generate_with_a_draft_prints_the_targets_text_and_the_acceptance(model_dir):
+    """The model drafting for a second copy of itself: every drafted token is kept, and the text is the same."""
+    args = ["generate", "--model", str(model_dir), "--prompt", "The cat", "--max-tokens", "12", "--temperature", "0",
+            "--backend", "emulator"]
+    alone = CliRunner().invoke(cli, args)
+    drafted = CliRunner().invoke(cli, [*args, "--draft", str(model_dir), "--draft-tokens", "3"])
+    assert alone.exit_code == 0 and drafted.exit_code == 0, drafted.output
+    assert drafted.stdout == alone.stdout
+    assert "draft: " in drafted.stderr and "(100%)" in drafted.stderr and "draft" not in alone.stderr
+    bad = CliRunner().invoke(cli, [*args, "--draft", "/nonexistent/folder"])
+    assert bad.exit_code == 2 and "no such model folder" in bad.stderr

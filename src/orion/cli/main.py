@@ -337,20 +337,28 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
               help="On the emulator, use the target's accumulator model (slow) instead of the fp32 accumulator.")
 @click.option("--adapter", "adapter_path", default=None,
               help="A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) or hub id to apply.")
+@click.option("--draft", "draft_id", default=None,
+              help="A smaller model with the same tokenizer that drafts tokens for --model to verify in one pass "
+                   "(exact speculative decoding: the output is --model's).")
+@click.option("--draft-tokens", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Tokens the draft proposes per verify pass.")
 @handle_errors
 def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, seed: int | None, backend: str, target_name: str, exact_numerics: bool,
-                 adapter_path: str | None) -> None:
+                 adapter_path: str | None, draft_id: str | None, draft_tokens: int) -> None:
     """Generate text; tokens stream to the terminal as they come, then one line of figures."""
+    import contextlib
+
     import orion
 
-    with orion.load(model_id, backend=backend, target=target_name,
-                    accumulator=None if exact_numerics else "fp32") as model:
+    options = dict(backend=backend, target=target_name, accumulator=None if exact_numerics else "fp32")
+    with orion.load(model_id, **options) as model, contextlib.ExitStack() as stack:
+        draft = None if draft_id is None else stack.enter_context(orion.load(draft_id, **options))
         if adapter_path is not None:
             model.set_adapter(model.load_adapter(adapter_path))
         click.echo(prompt, nl=False)
         for piece in model.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed, stream=True):
+                                    top_p=top_p, seed=seed, stream=True, draft=draft, draft_tokens=draft_tokens):
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()
@@ -375,17 +383,34 @@ def bench_group() -> None:
               help="Measured repetitions of each side, interleaved; the report gives medians and their spread.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Cap both sides' BLAS/OpenMP threads (default: theirs); 1 keeps a busy machine's spread narrow.")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--predict", "chip", default=None, metavar="CHIP",
+              help="Instead of measuring: the ANE cost model's prediction on CHIP (m1, m4, m4max, m5pro) for the "
+                   "programs Orion builds (for the chip's target unless --target is given).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report here (required for a measured run).")
 @handle_errors
 def bench_gpt2_cmd(model_dir: str | None, backend: str, target_name: str, reference: str, prompt_tokens: int,
-                   new_tokens: int, exact_numerics: bool, repeats: int, threads: int | None, json_file: Path) -> None:
+                   new_tokens: int, exact_numerics: bool, repeats: int, threads: int | None, chip: str | None,
+                   json_file: Path | None) -> None:
     """Orion's GPT-2 against transformers on the same weights, in the same run (each side in its own process,
-    their repetitions interleaved)."""
+    their repetitions interleaved); or, with --predict, the cost model's figures."""
     import json
 
     from orion.fileio import write_atomic
     from orion.models.bench import bench_gpt2, flatten
 
+    if chip is not None:
+        from orion.models.bench import random_gpt2_state
+        from orion.models.gpt2 import GPT2, GPT2Config
+
+        def random_model(target):
+            config, state = random_gpt2_state()
+            return GPT2(GPT2Config.from_hf(config), state, backend="emulator", target=target)
+
+        _predict(model_dir, random_model, chip, target_name, prompt_tokens, new_tokens, json_file)
+        return
+    if json_file is None:
+        raise OrionError("a measured run needs --json FILE (or give --predict CHIP for the cost model)")
     report = bench_gpt2(model_dir, backend, None if reference == "none" else reference, prompt_tokens, new_tokens,
                         exact_numerics, target_name, repeats, threads)
     chip = f", {report['chip']}" if report["chip"] else ""
@@ -412,6 +437,65 @@ def bench_gpt2_cmd(model_dir: str | None, backend: str, target_name: str, refere
         err.print(f"warning: {warning}", highlight=False, markup=False)
     write_atomic(json_file, json.dumps(flatten(report), indent=2))
     out.print(f"wrote {json_file}", highlight=False, markup=False)
+
+
+@bench_group.command("predict")
+@click.option("--model", "model_id", required=True, help="A Hugging Face folder or hub id (any model Orion loads).")
+@click.option("--chip", required=True, help="Chip whose figures to use: m1, m4, m4max, m5pro.")
+@_target_option
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write JSON here.")
+@handle_errors
+def bench_predict_cmd(model_id: str, chip: str, target_name: str, prompt_tokens: int, new_tokens: int,
+                      json_file: Path | None) -> None:
+    """The ANE cost model's decode and prefill figures for a model's programs on a chip (nothing runs)."""
+    _predict(model_id, None, chip, target_name, prompt_tokens, new_tokens, json_file)
+
+
+def _predict(model_id: str | None, make_model, chip_name: str, target_name: str, prompt_tokens: int,
+             new_tokens: int, json_file: Path | None) -> None:
+    """Print (and write) the cost model's table for ``model_id`` (or ``make_model(target)``) on ``chip_name``; the
+    programs are built for the chip's target unless --target was given."""
+    import json
+
+    from click.core import ParameterSource
+
+    import orion
+    from orion.compiler.costmodel import get_chip
+    from orion.fileio import write_atomic
+    from orion.models.lm import predict
+
+    chip = get_chip(chip_name)
+    given = click.get_current_context().get_parameter_source("target_name") is not ParameterSource.DEFAULT
+    target = target_name if given else chip.target
+    model = orion.load(model_id, backend="emulator", target=target) if model_id else make_model(target)
+    with model:
+        figures = predict(model, chip, prompt_tokens, new_tokens)
+    table = Table(title=f"ANE cost model: {model_id or 'random GPT-2 124M'} on {chip.name} (programs for target "
+                        f"{model.target.name}; prompt {prompt_tokens} tokens, {new_tokens} new)")
+    columns = ("dispatches", "weights MB", "I/O MB", "host MB", "dispatch ms", "memory ms", "compute ms", "ANE ms",
+               "host ms", "ms", "tok/s")
+    for col in ("step", *columns):
+        table.add_column(col, justify="left" if col == "step" else "right")
+    for phase, e in figures.items():
+        table.add_row(phase, str(e.dispatches), f"{e.weight_mb:.1f}", f"{e.io_mb:.1f}", f"{e.host_bytes / 1e6:.1f}",
+                      f"{e.dispatch_ms:.2f}", f"{e.memory_ms:.2f}", f"{e.compute_ms:.2f}", f"{e.ane_ms:.2f}",
+                      f"{e.host_ms:.2f}", f"{e.ms:.2f}", f"{e.tok_s:.0f}")
+    out.print(table)
+    sources = Table(title=f"figures of {chip.name} (reported, not measured here)")
+    for col in ("figure", "value", "source"):
+        sources.add_column(col, overflow="fold")
+    for row in chip.rows():
+        sources.add_row(*row)
+    out.print(sources)
+    if json_file is not None:
+        report = {"model": model_id or "random GPT-2 124M", "target": model.target.name,
+                  "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                  **{phase: e.summary() for phase, e in figures.items()},
+                  "figures": {name: {"value": value, "source": source} for name, value, source in chip.rows()}}
+        write_atomic(json_file, json.dumps(report, indent=2))
+        out.print(f"wrote {json_file}", highlight=False, markup=False)
 
 
 # -- training -----------------------------------------------------------------------------------------------------

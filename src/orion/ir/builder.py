@@ -185,12 +185,14 @@ class GraphBuilder:
         return self.transpose(t, perm=[0, 1, 3, 2], name=f"{label}_t")
 
     def cached_attention(self, q: Value, k: Value, v: Value, k_cache: Value, v_cache: Value, mask: Value,
-                         heads: int, name: str = "attn") -> Value:
+                         heads: int, name: str = "attn", new_mask: Value | None = None) -> Value:
         """Decode attention against a KV cache passed as inputs, with no concat (which some chips reject).
 
         ``q, k, v``: ``[1, d, 1, S]`` for the new positions; ``k_cache, v_cache``: ``[1, d, 1, T]``; ``mask``:
         ``[1, 1, 1, T]`` additive (0 where the cache holds a position, -1e4 elsewhere). Each new position attends to
-        the cache and to itself: the two score sets share one softmax, written out with a common maximum.
+        the cache and to the new positions: to itself only, or, given ``new_mask`` (``[1, 1, S, S]`` additive,
+        causal), to the new positions that mask allows, so S tokens verify in one pass. The two score sets share one
+        softmax, written out with a common maximum.
         """
         _, d, _, seq = q.shape
         cap = k_cache.shape[3]
@@ -202,16 +204,24 @@ class GraphBuilder:
             vc = self.reshape(v_cache, shape=[1, heads, hd, cap], name="vc_heads")
             s_cache = self.add(self.mul(self.matmul(qh, kc, transpose_x=False, transpose_y=False, name="qk"),
                                         scale, name="qk_scaled"), mask, name="qk_masked")  # [1, H, S, T]
-            s_self = self.mul(self.reduce_sum(self.mul(qh, kh, name="qk_self_prod"), axes=[3], keep_dims=True,
-                                              name="qk_self"), scale, name="qk_self_scaled")  # [1, H, S, 1]
-            top = self.maximum(self.reduce_max(s_cache, axes=[3], keep_dims=True, name="max_cache"), s_self,
-                               name="max")
+            if new_mask is None:  # [1, H, S, 1]: each position's own score
+                s_new = self.reduce_sum(self.mul(qh, kh, name="qk_self_prod"), axes=[3], keep_dims=True,
+                                        name="qk_self")
+            else:  # [1, H, S, S]
+                s_new = self.matmul(qh, kh, transpose_x=False, transpose_y=True, name="qk_new")
+            s_new = self.mul(s_new, scale, name="qk_new_scaled")
+            if new_mask is not None:
+                s_new = self.add(s_new, new_mask, name="qk_new_masked")
+            top = self.maximum(self.reduce_max(s_cache, axes=[3], keep_dims=True, name="max_cache"),
+                               self.reduce_max(s_new, axes=[3], keep_dims=True, name="max_new"), name="max")
             e_cache = self.exp(self.sub(s_cache, top, name="shift_cache"), name="exp_cache")
-            e_self = self.exp(self.sub(s_self, top, name="shift_self"), name="exp_self")
-            total = self.add(self.reduce_sum(e_cache, axes=[3], keep_dims=True, name="sum_cache"), e_self,
-                             name="sum")
+            e_new = self.exp(self.sub(s_new, top, name="shift_new"), name="exp_new")
+            total = self.add(self.reduce_sum(e_cache, axes=[3], keep_dims=True, name="sum_cache"),
+                             self.reduce_sum(e_new, axes=[3], keep_dims=True, name="sum_new"), name="sum")
+            ctx_new = (self.mul(e_new, vh, name="ctx_self") if new_mask is None else
+                       self.matmul(e_new, vh, transpose_x=False, transpose_y=False, name="ctx_new"))
             ctx = self.add(self.matmul(e_cache, vc, transpose_x=False, transpose_y=True, name="ctx_cache"),
-                           self.mul(e_self, vh, name="ctx_self"), name="ctx_sum")  # [1, H, S, hd]
+                           ctx_new, name="ctx_sum")  # [1, H, S, hd]
             ctx = self.mul(ctx, self.pow(total, -1.0, name="inv_sum"), name="ctx")
             ctx = self.transpose(ctx, perm=[0, 1, 3, 2], name="ctx_t")
             return self.reshape(ctx, shape=[1, d, 1, seq], name="merge")

@@ -120,6 +120,31 @@ def make_random_gpt2(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def random_gpt2_state(n_layer: int = 12, n_embd: int = 768, vocab_size: int = 50257, n_positions: int = 1024,
+                      seed: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json, tensors) of a GPT-2 with random weights, biases and norms, in numpy (no torch): enough for
+    the cost model, which charges sizes, and for tests that need no reference."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+
+    d = n_embd
+    state = {"wte.weight": w(vocab_size, d), "wpe.weight": w(n_positions, d), "ln_f.weight": 1 + w(d) * 10,
+             "ln_f.bias": w(d) * 10}
+    for i in range(n_layer):
+        for name, shape in (("ln_1.weight", (d,)), ("ln_1.bias", (d,)), ("ln_2.weight", (d,)), ("ln_2.bias", (d,)),
+                            ("attn.c_attn.weight", (d, 3 * d)), ("attn.c_attn.bias", (3 * d,)),
+                            ("attn.c_proj.weight", (d, d)), ("attn.c_proj.bias", (d,)),
+                            ("mlp.c_fc.weight", (d, 4 * d)), ("mlp.c_fc.bias", (4 * d,)),
+                            ("mlp.c_proj.weight", (4 * d, d)), ("mlp.c_proj.bias", (d,))):
+            state[f"h.{i}.{name}"] = (1 + w(*shape) * 10) if name.endswith("ln_1.weight") or \
+                name.endswith("ln_2.weight") else w(*shape)
+    config = {"model_type": "gpt2", "vocab_size": vocab_size, "n_positions": n_positions, "n_embd": d,
+              "n_layer": n_layer, "n_head": max(1, d // 64)}
+    return config, state
+
+
 def randomize_biases_and_norms(model, seed: int = 0, norm_std: float = 0.2):
     """``model`` (a torch module, changed in place and returned) with random non-zero biases and norms: a layer's
     bias from N(0, std of its weight), a norm's gain from 1 + N(0, norm_std) and its offset from N(0, norm_std).

@@ -34,7 +34,7 @@ from orion.ir.builder import MASK_VALUE, GraphBuilder
 from orion.lora import Adapter, AdapterSpec, LoraLayout
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
-from orion.models.lm import AdapterHost, GenerationStats, TextGenerator, check_token_ids
+from orion.models.lm import AdapterHost, DecodeSession, GenerationStats, TextGenerator, check_token_ids
 from orion.runtime.program import Program, backends_that_ran, get_backend
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
@@ -247,7 +247,8 @@ def decode_io(target: Target) -> tuple[str, int]:
 def decode_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, capacity: int,
                  lora: LoraLayout | None = None, *, target: Target):
     """Blocks ``first ...`` for new tokens in a bucket of :func:`decode_io` columns against a KV cache of
-    ``capacity`` positions."""
+    ``capacity`` positions. The columns attend causally to each other (``mask_new``), so one evaluation runs one
+    token (column 0) or verifies several drafted ones."""
     b = GraphBuilder(f"gpt2_decode{capacity}_h{first}")
     d = config.n_embd
     io_dtype, columns = decode_io(target)
@@ -257,13 +258,15 @@ def decode_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, cap
 
     x = b.cast(b.input("x", (1, d, 1, columns), dtype=io_dtype), "fp16", name="x_fp16")
     mask = b.input("mask", (1, 1, 1, capacity))
+    new_mask = b.cast(b.input("mask_new", (1, 1, columns, columns), dtype=io_dtype), "fp16", name="mask_new_fp16")
     for j, w in enumerate(blocks):
         i = first + j
         kc = b.input(kv_name("k", i, "cache"), (1, d, 1, capacity))
         vc = b.input(kv_name("v", i, "cache"), (1, d, 1, capacity))
         with b.scope(f"h{i}"):
             q, k, v = _block_start(b, x, w, config, i, lora)
-            x = _block_end(b, x, b.cached_attention(q, k, v, kc, vc, mask, config.n_head), w, config, i, lora)
+            attn = b.cached_attention(q, k, v, kc, vc, mask, config.n_head, new_mask=new_mask)
+            x = _block_end(b, x, attn, w, config, i, lora)
         out(kv_name("k", i, "new"), k)
         out(kv_name("v", i, "new"), v)
     out("y", x)
@@ -335,8 +338,7 @@ class GPT2(AdapterHost, TextGenerator):
             programs = []
             for first in self._groups():
                 blocks = self.blocks[first:first + self.group]
-                graph = (prefill_graph(blocks, first, self.config, size, self.lora) if kind == "prefill" else
-                         decode_graph(blocks, first, self.config, size, self.lora, target=self.target))
+                graph = self._graph(kind, size, first)
                 adapter_inputs = ({} if self.lora is None else
                                   lora_inputs(self._current_adapter(), self.lora, blocks, first, self.config))
                 program = Program.from_graph(graph, backend=self.backend, target=self.target, cache=self.cache,
@@ -348,6 +350,25 @@ class GPT2(AdapterHost, TextGenerator):
                 programs.append(program)
             self._programs[key] = programs
         return self._programs[key]
+
+    def _graph(self, kind: str, size: int, first: int):
+        blocks = self.blocks[first:first + self.group]
+        return (prefill_graph(blocks, first, self.config, size, self.lora) if kind == "prefill" else
+                decode_graph(blocks, first, self.config, size, self.lora, target=self.target))
+
+    def step_programs(self, phase: str, tokens: int) -> list:
+        from orion.compiler.compile import compile_graph
+
+        if phase not in ("prefill", "decode"):
+            raise BindingError(f"phase must be prefill or decode, got {phase!r}")
+        size = bucket_for(min(tokens, self.config.n_positions))
+        return [compile_graph(self._graph(phase, size, first), self.target).module.program
+                for first in self._groups()]
+
+    def host_bytes(self, phase: str) -> int:
+        """Embedding rows are few; the tied classifier (float32, on the CPU) is read whole for each token's
+        logits: once per decode step, and once for a prefill (only its last position is scored)."""
+        return self.wte.nbytes
 
     def close(self) -> None:
         for programs in self._programs.values():
@@ -411,7 +432,6 @@ class GPT2(AdapterHost, TextGenerator):
         ids = self._check_ids(ids)
         if max_tokens < 0:
             raise BindingError(f"max_tokens must be >= 0, got {max_tokens}")
-        total = min(ids.size + max_tokens, self.config.n_positions)
         stats = self.stats = GenerationStats(prompt_tokens=ids.size)
         before = self._count()
         t0 = time.perf_counter()
@@ -421,25 +441,33 @@ class GPT2(AdapterHost, TextGenerator):
         stats.backend = backends_that_ran(self._all_programs())
         if max_tokens == 0:
             return
-        programs = self.programs("decode", bucket_for(total))
-        self._load_cache(programs, kv, ids.size)
-        stats.dispatches_per_token = len(programs)
+        session = self._session(kv, ids.size, max_tokens)
+        stats.dispatches_per_token = len(session.programs)
         decode_start = time.perf_counter()
-        pos = ids.size
         try:
             for _ in range(max_tokens):
                 stats.new_tokens += 1
                 yield int(token)
-                if int(token) in stop_ids or pos >= total or stats.new_tokens == max_tokens:
+                if int(token) in stop_ids or session.length >= session.end or stats.new_tokens == max_tokens:
                     break
-                token = sampler.sample(self._decode_step(programs, int(token), pos))
+                token = sampler.sample(session.step(int(token)))
                 stats.decode_steps += 1
-                pos += 1
         finally:
             stats.decode_seconds = time.perf_counter() - decode_start
             after = self._count()
             stats.compiles, stats.cache_hits = after[0] - before[0], after[1] - before[1]
             stats.backend = backends_that_ran(self._all_programs())
+
+    def start(self, ids, max_tokens: int) -> tuple["GPT2Session", np.ndarray]:
+        """Prefill ``ids`` into a decode session with room for ``max_tokens`` more tokens (within the model's
+        context); returns it and the logits after the prompt."""
+        ids = self._check_ids(ids)
+        hidden, kv, _ = self._prefill(ids)
+        return self._session(kv, ids.size, max_tokens), self._head(hidden[-1:])[0]
+
+    def _session(self, kv: dict[str, np.ndarray], length: int, max_tokens: int) -> "GPT2Session":
+        end = min(length + max_tokens, self.config.n_positions)
+        return GPT2Session(self, self.programs("decode", bucket_for(end)), kv, length, end)
 
     def _all_programs(self) -> list[Program]:
         return [p for ps in self._programs.values() for p in ps]
@@ -448,35 +476,66 @@ class GPT2(AdapterHost, TextGenerator):
         programs = self._all_programs()
         return sum(p.compiles for p in programs), sum(p.cache_hits for p in programs)
 
-    def _load_cache(self, programs: list[Program], kv: dict[str, np.ndarray], n: int) -> None:
-        for first, program in zip(self._groups(), programs):
-            for i in self._layers(first):
+
+class GPT2Session(DecodeSession):
+    """One sequence in GPT-2's decode programs: the KV cache lives in their input surfaces; ``feed`` writes up to
+    :func:`decode_io` columns of tokens, evaluates each program once and keeps the new keys and values in the
+    programs' outputs until ``commit`` copies the first ones into the cache (``rollback`` masks positions out)."""
+
+    def __init__(self, model: GPT2, programs: list[Program], kv: dict[str, np.ndarray], length: int, end: int):
+        self.model, self.programs = model, programs
+        self.columns = decode_io(model.target)[1]
+        self.capacity = programs[0].input_tensor("mask").shape[-1]
+        self.end = end  # the last position generation may reach (the model's context bounds it)
+        self.length = length
+        self.pending = 0
+        for first, program in zip(model._groups(), programs):
+            for i in model._layers(first):
                 for kind in "kv":
                     with program.input_tensor(kv_name(kind, i, "cache")).view() as cache:
                         cache[...] = 0
-                        cache[0, :, 0, :n] = kv[kv_name(kind, i, "prefill")]
+                        cache[0, :, 0, :length] = kv[kv_name(kind, i, "prefill")]
             with program.input_tensor("mask").view() as mask:
                 mask[...] = MASK_VALUE
-                mask[..., :n] = 0
+                mask[..., :length] = 0
+            with program.input_tensor("mask_new").view() as mask:
+                mask[...] = causal_mask(self.columns)
             with program.input_tensor("x").view() as x:
                 x[...] = 0
 
-    def _decode_step(self, programs: list[Program], token: int, pos: int) -> np.ndarray:
-        """One token at position ``pos`` through every decode program; returns its logits."""
-        x = self._embed(np.array([token]), pos)[0]
-        for first, program in zip(self._groups(), programs):
+    def feed(self, tokens) -> np.ndarray:
+        tokens = self._check_feed(tokens)
+        n = tokens.size
+        x = self.model._embed(tokens, self.length)  # [n, d]
+        for program in self.programs:
             with program.input_tensor("x").view() as xin:
-                xin[0, :, 0, 0] = x
+                xin[0, :, 0, :n] = x.T
             program.evaluate()
             with program.output_tensor("y").view(read_only=True) as y:
-                x = y[0, :, 0, 0].astype(np.float32)
-            for i in self._layers(first):
-                for kind in "kv":  # column 0 of the new k/v is this token's: it goes into the cache at its position
+                x = y[0, :, 0, :n].T.astype(np.float32)
+        self.pending = n
+        return self.model._head(x)
+
+    def commit(self, n: int) -> None:
+        if not 0 <= n <= self.pending:
+            raise BindingError(f"cannot commit {n} positions: the last feed left {self.pending}")
+        at = slice(self.length, self.length + n)
+        for first, program in zip(self.model._groups(), self.programs):
+            for i in self.model._layers(first):
+                for kind in "kv":  # the first n columns of the new k/v go into the cache at their positions
                     with program.output_tensor(kv_name(kind, i, "new")).view(read_only=True) as new, \
                             program.input_tensor(kv_name(kind, i, "cache")).view() as cache:
-                        cache[0, :, 0, pos] = new[0, :, 0, 0]
+                        cache[0, :, 0, at] = new[0, :, 0, :n]
             with program.input_tensor("mask").view() as mask:
-                mask[..., pos] = 0
-        return self._head(x[None, :])[0]
+                mask[..., at] = 0
+        self.length += n
+        self.pending = 0
 
-
+    def rollback(self, length: int) -> None:
+        if not 0 < length <= self.length:
+            raise BindingError(f"cannot roll back to {length} positions: the cache holds {self.length}")
+        for program in self.programs:
+            with program.input_tensor("mask").view() as mask:
+                mask[..., length:] = MASK_VALUE
+        self.length = length
+        self.pending = 0

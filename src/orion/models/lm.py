@@ -19,6 +19,8 @@ class GenerationStats:
     cache_hits: int = 0
     dispatches_per_token: int = 0
     backend: str = "none"  # the backend that executed the programs (orion.runtime.program.backends_that_ran)
+    drafted: int = 0  # speculative decoding: tokens the draft proposed, and how many the target kept
+    accepted: int = 0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -26,13 +28,64 @@ class GenerationStats:
 
     @property
     def decode_tok_s(self) -> float:
-        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+        """Tokens after the first (which the prefill gives) per second of decoding."""
+        return max(self.new_tokens - 1, 0) / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
 
     def line(self) -> str:
         return (f"prompt {self.prompt_tokens} tokens | prefill {self.prefill_tok_s:.1f} tok/s | "
                 f"decode {self.decode_tok_s:.1f} tok/s ({self.new_tokens} tokens) | compiles {self.compiles} | "
                 f"cache hits {self.cache_hits} | {self.dispatches_per_token} dispatches/token | "
-                f"backend {self.backend}")
+                f"backend {self.backend}" + (f" | draft: {self.accepted}/{self.drafted} accepted "
+                                             f"({self.acceptance:.0%}), {self.decode_steps} target passes"
+                                             if self.drafted else ""))
+
+
+class DecodeSession:
+    """One sequence being decoded in a model's programs, the interface exact speculative decoding needs.
+
+    The KV cache holds ``length`` positions. ``feed(tokens)`` runs up to ``columns`` tokens at the next positions
+    in ONE pass (each attends to the cache and causally to the others) and returns their logits ``[n, vocab]``;
+    their keys and values stay pending until ``commit(n)`` adds the first ``n`` to the cache. ``rollback(length)``
+    forgets positions from ``length`` on. ``end`` is the last position generation may reach (at most
+    ``capacity``, the cache's size); ``programs`` are the programs one pass evaluates. A model returns one from
+    ``start(ids, max_tokens)`` with the prompt's logits.
+    """
+
+    programs: list
+    columns: int
+    capacity: int
+    end: int
+    length: int
+
+    def feed(self, tokens) -> "np.ndarray":
+        raise NotImplementedError
+
+    def commit(self, n: int) -> None:
+        raise NotImplementedError
+
+    def rollback(self, length: int) -> None:
+        raise NotImplementedError
+
+    def step(self, token: int) -> "np.ndarray":
+        """One token decoded and kept: its logits ``[vocab]``."""
+        logits = self.feed([token])[0]
+        self.commit(1)
+        return logits
+
+    def _check_feed(self, tokens) -> "np.ndarray":
+        import numpy as np
+
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if not 1 <= tokens.size <= self.columns:
+            raise BindingError(f"one pass takes 1 to {self.columns} tokens, got {tokens.size}")
+        if self.length + tokens.size > self.end:
+            raise BindingError(f"{tokens.size} tokens after {self.length} positions pass the session's end "
+                               f"({self.end})")
+        return tokens
 
 
 def check_token_ids(ids, vocab_size: int, context: int):
@@ -62,6 +115,19 @@ class TextGenerator:
     def close(self) -> None:
         raise NotImplementedError
 
+    def start(self, ids, max_tokens: int) -> tuple[DecodeSession, "np.ndarray"]:
+        """Prefill ``ids``; a decode session with room for ``max_tokens`` more, and the logits after the prompt."""
+        raise OrionError(f"{type(self).__name__} has no decode session (speculative decoding needs one)")
+
+    def step_programs(self, phase: str, tokens: int) -> list:
+        """The MIL programs one step evaluates, in order, as the compiler emits them for the model's target (nothing
+        runs): ``phase`` "decode" with a KV cache for ``tokens`` positions, or "prefill" of ``tokens`` tokens."""
+        raise OrionError(f"{type(self).__name__} does not describe its programs to the cost model yet")
+
+    def host_bytes(self, phase: str) -> int:
+        """Bytes the CPU reads in one step of ``phase`` (e.g. a classifier kept off the ANE)."""
+        raise OrionError(f"{type(self).__name__} does not describe its host work to the cost model yet")
+
     def __enter__(self):
         return self
 
@@ -69,8 +135,11 @@ class TextGenerator:
         self.close()
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stream: bool = False):
-        """Text in, text out (``stream=True``: an iterator of text pieces as tokens arrive)."""
+                 top_p: float | None = None, seed: int | None = None, stream: bool = False, draft=None,
+                 draft_tokens: int = 4):
+        """Text in, text out (``stream=True``: an iterator of text pieces as tokens arrive). ``draft``: a smaller
+        model with the same tokenizer that proposes ``draft_tokens`` tokens at a time for this model to verify in
+        one pass (exact speculative decoding: the text is this model's, drawn from its distribution)."""
         from orion.models.sampling import Sampler
 
         if self.tokenizer is None:
@@ -80,7 +149,16 @@ class TextGenerator:
             raise BindingError("the prompt is empty: give some text")
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stop = () if self.tokenizer.eos_id is None else (self.tokenizer.eos_id,)
-        pieces = self._stream_text(self.generate_ids(ids, max_tokens, sampler, stop), stop)
+        if draft is None:
+            tokens = self.generate_ids(ids, max_tokens, sampler, stop)
+        else:
+            from orion.models.speculative import speculative_ids
+
+            if draft.tokenizer is not None and draft.tokenizer.encode(prompt) != ids:
+                raise BindingError("the draft model's tokenizer splits the prompt differently from the target's: a "
+                                   "draft must share the target's tokenizer")
+            tokens = speculative_ids(self, draft, ids, max_tokens, sampler, stop, draft_tokens)
+        pieces = self._stream_text(tokens, stop)
         return pieces if stream else "".join(pieces)
 
     def _stream_text(self, ids: Iterator[int], stop=()) -> Iterator[str]:
@@ -95,6 +173,20 @@ class TextGenerator:
         rest = decoder.flush()
         if rest:
             yield rest
+
+
+def predict(model: TextGenerator, chip, prompt_tokens: int = 128, new_tokens: int = 64) -> dict:
+    """The cost model's figures for ``model`` on ``chip``: ``{"decode": Estimate, "prefill": Estimate}`` for a
+    prompt of ``prompt_tokens`` followed by ``new_tokens`` (the programs Orion would build for that run)."""
+    from orion.compiler.costmodel import estimate
+
+    if prompt_tokens < 1 or new_tokens < 1:
+        raise BindingError(f"predict needs a prompt and new tokens (>= 1); got {prompt_tokens} and {new_tokens}")
+    decode = model.step_programs("decode", prompt_tokens + new_tokens)
+    prefill = model.step_programs("prefill", prompt_tokens)
+    return {"decode": estimate(decode, chip, target=model.target, host_bytes=model.host_bytes("decode")),
+            "prefill": estimate(prefill, chip, target=model.target, host_bytes=model.host_bytes("prefill"),
+                                tokens=prompt_tokens)}
 
 
 class AdapterHost:

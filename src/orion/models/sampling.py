@@ -64,11 +64,19 @@ class Sampler:
         """The next token id."""
         if self.temperature == 0:
             return int(np.argmax(self._check(logits)))
-        p = self.probabilities(logits)
+        return self.draw(self.probabilities(logits))
+
+    def draw(self, p: np.ndarray) -> int:
+        """A token drawn from the distribution ``p`` (non-negative, any positive total) with this sampler's
+        generator."""
         candidates = np.flatnonzero(p)  # tokens filtered out (or underflowed to 0) can never be drawn
         cdf = np.cumsum(p[candidates])
         i = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
         return int(candidates[min(i, candidates.size - 1)])  # the clamp guards u * total rounding up to total
+
+    def uniform(self) -> float:
+        """A number in [0, 1) from this sampler's generator."""
+        return float(self._rng.random())
 
     @staticmethod
     def _check(logits: np.ndarray) -> np.ndarray:

@@ -137,12 +137,7 @@ class ProcessGroup:
     # -- data -----------------------------------------------------------------------------------------------------
 
     def rows(self, batch: int) -> range:
-        """This rank's rows of a global batch of ``batch`` sequences: a contiguous 1/world_size of it."""
-        if batch % self.world_size:
-            raise SettingsError(f"--batch {batch} does not split over {self.world_size} ranks: --batch is the global "
-                                f"batch, give a multiple of {self.world_size}")
-        share = batch // self.world_size
-        return range(self.rank * share, (self.rank + 1) * share)
+        return rank_rows(batch, self.rank, self.world_size)
 
     @contextlib.contextmanager
     def rank0_first(self, what: str) -> Iterator[None]:
@@ -220,13 +215,22 @@ class ProcessGroup:
         return GradientBuckets(self, weights, n_layers, overlap)
 
 
+def rank_rows(batch: int, rank: int, world_size: int) -> range:
+    """The rows of a global batch of ``batch`` sequences that ``rank`` trains on: a contiguous 1/world_size of it."""
+    if batch % world_size:
+        raise SettingsError(f"--batch {batch} does not split over {world_size} ranks: --batch is the global batch, "
+                            f"give a multiple of {world_size}")
+    share = batch // world_size
+    return range(rank * share, (rank + 1) * share)
+
+
 def _layer_of(name: str) -> int | None:
     match = re.match(r"layers\.(\d+)\.", name)
     return int(match[1]) if match else None
 
 
 class GradientBuckets:
-    """The gradients of ``weights`` (same names, same order) as views into flat float32 buffers: one bucket per
+    """The gradients of ``weights`` (same names, sorted) as views into flat float32 buffers: one bucket per
     block (its arrays become final together, when the engine's worker has added the step's last sequence's
     gradients of that block) and one for the rest (embedding, final norm, classifier), so each all-reduce is one
     gloo call on contiguous memory, with no copies. With ``overlap``, ``layer_done`` starts a block's all-reduce at
@@ -234,21 +238,23 @@ class GradientBuckets:
 
     def __init__(self, group: ProcessGroup, weights: dict[str, np.ndarray], n_layers: int, overlap: bool):
         self.group, self.overlap = group, overlap
+        # Every rank must lay its buckets out alike, and the order of a checkpoint's arrays varies per process
+        # (safetensors' header is a hash map): so by name, here and in ``grads`` (the gradient norm's sum order).
+        names = sorted(weights)
         members: dict[int | None, list[str]] = {}
-        for name in weights:
+        for name in names:
             members.setdefault(_layer_of(name), []).append(name)
-        self.grads: dict[str, np.ndarray] = {}
         self.buffers: dict[int | None, np.ndarray] = {}
         views = {}
-        for key, names in members.items():
-            buffer = np.zeros(sum(weights[n].size for n in names), np.float32)
+        for key, group_names in members.items():
+            buffer = np.zeros(sum(weights[n].size for n in group_names), np.float32)
             offset = 0
-            for name in names:
+            for name in group_names:
                 size = weights[name].size
                 views[name] = buffer[offset:offset + size].reshape(weights[name].shape)
                 offset += size
             self.buffers[key] = buffer
-        self.grads = {name: views[name] for name in weights}
+        self.grads = {name: views[name] for name in names}
         # the order every rank starts them in: the blocks as the backward pass finishes them, then the rest
         self.order = [i for i in reversed(range(n_layers)) if i in self.buffers] + [None] * (None in self.buffers)
         self._work: dict[int | None, object] = {}

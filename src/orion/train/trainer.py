@@ -404,8 +404,8 @@ class Trainer:
                 before = dict(engine.timings)
                 lr = cosine_lr(step, max_lr=s.lr, warmup_steps=_warmup(s), total_steps=s.steps,
                                min_lr=s.lr * s.min_lr_fraction)
-                if buckets is None:
-                    grads = {k: np.zeros_like(v) for k, v in weights.items()}
+                if buckets is None:  # by name: a checkpoint's arrays load in an order that varies per process
+                    grads = {name: np.zeros_like(weights[name]) for name in sorted(weights)}
                 else:
                     group.step = step
                     buckets.zero()

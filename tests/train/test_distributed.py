@@ -181,6 +181,30 @@ def test_a_killed_rank_stops_the_run_naming_it_and_resume_ends_bitwise_as_an_uni
     assert _losses(out) == straight[2]
 
 
+@pytest.mark.slow
+def test_a_hung_rank_stops_the_run_naming_it_within_the_timeout(corpus, tmp_path):
+    """SIGSTOP instead of SIGKILL: no connection closes, so the survivor's collective must time out."""
+    out, logs, timeout = tmp_path / "run", tmp_path / "logs", 5
+    ranks = _ranks(_train_args(corpus, out, STEPS, 4, SAVE_EVERY, "--dist-timeout", str(timeout)), logs)
+    try:
+        while latest_checkpoint(out) is None:
+            assert all(rank.poll() is None for rank in ranks), (logs / "rank0.err").read_text()[-3000:]
+            time.sleep(0.02)
+        ranks[1].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        ranks[0].wait(timeout=6 * timeout)
+        waited = time.monotonic() - stopped
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
+    error = (logs / "rank0.err").read_text()
+    assert ranks[0].returncode == 2 and timeout <= waited < 4 * timeout, (waited, error[-3000:])
+    assert "error: rank 0 of 2: " in error and "Timed out" in error and "rank 1 stopped responding" in error, error
+    assert _alive_with(str(out)) == []
+
+
 def test_the_ranks_rows_cover_the_global_batch_without_overlap():
     for world in (1, 2, 3, 4):
         shards = [set(rank_rows(12, rank, world)) for rank in range(world)]

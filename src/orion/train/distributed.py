@@ -2,8 +2,9 @@
 own backend, train one model by summing their weight gradients with gloo before every (identical) AdamW step.
 
 Launched the standard way, ``torchrun --nproc-per-node N [--nnodes M ...] $(which orion) train ...``: each rank reads
-the variables torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). torch is
-the optional extra ``orion-ane[distributed]``, imported only here and only by a run launched that way.
+the variables torchrun sets (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; ``LOCAL_RANK`` picks no
+device: a Mac has one Neural Engine, which the ranks on it share). torch is the optional extra
+``orion-ane[distributed]``, imported only here and only by a run launched that way.
 
 What makes N ranks the same run as one process: every rank draws the same global batches from the same seeded stream
 and trains on its own rows of each (``rows``), so the shards never overlap and the stream's position, saved by rank
@@ -42,7 +43,7 @@ DEFAULT_TIMEOUT_S = 300.0
 #: Seconds a rank that saw a collective fail waits for the other survivors to say so, before naming the silent ones.
 NOTE_GRACE_S = 2.0
 
-_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class DistributedError(OrionError):
@@ -72,7 +73,7 @@ def _environment() -> dict[str, str]:
         raise SettingsError(f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
                             "launch the ranks with torchrun (torchrun --nproc-per-node N $(which orion) train ...)")
     env = {name: os.environ[name] for name in _ENV}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
         if not env[name].isdigit():
             raise SettingsError(f"{name}={env[name]!r} is not a whole number; launch the ranks with torchrun")
     if not int(env["RANK"]) < int(env["WORLD_SIZE"]):
@@ -92,9 +93,9 @@ class ProcessGroup:
     ``with ProcessGroup.from_environment(timeout) as group:`` joins (every rank must) and, leaving on an error,
     leaves that error in the store for the other ranks to name; leaving normally, it tears the group down."""
 
-    def __init__(self, rank: int, world_size: int, local_rank: int, store, timeout_s: float):
+    def __init__(self, rank: int, world_size: int, store, timeout_s: float):
         self.torch, self.dist = _torch_distributed()
-        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.rank, self.world_size = rank, world_size
         self.timeout_s = float(timeout_s)
         self.notes = self.dist.PrefixStore("orion", store)
         self.step = 0  # the step being trained, for error messages
@@ -116,7 +117,7 @@ class ProcessGroup:
         except (RuntimeError, ValueError) as err:
             raise DistributedError(f"rank {env['RANK']} could not reach the rendezvous at {env['MASTER_ADDR']}:"
                                    f"{env['MASTER_PORT']} within {timeout_s:g} s ({_first_line(err)})") from None
-        return cls(rank, world_size, int(env["LOCAL_RANK"]), store, timeout_s)
+        return cls(rank, world_size, store, timeout_s)
 
     def __enter__(self) -> ProcessGroup:
         return self
@@ -201,8 +202,8 @@ class ProcessGroup:
                 if not silent or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-            stopped = [f"rank {r} {self.notes.get(f'failed/{r}').decode()}" for r in others if r not in silent
-                       and not self.notes.get(f"failed/{r}").startswith(b"saw")]
+            notes = {r: self.notes.get(f"failed/{r}").decode() for r in others if r not in silent}
+            stopped = [f"rank {r} {note}" for r, note in notes.items() if note.startswith("stopped")]
         except RuntimeError:  # the store is gone with the process that hosted it
             return DistributedError(f"{where}: rank 0 (or the launcher), which hosts the rendezvous store, stopped")
         named = stopped + ([f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped "

@@ -451,7 +451,7 @@ def _train_with_progress(trainer, label: str, stop_after: int | None = None) -> 
               "dataset id (e.g. roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt).")
 @click.option("--steps", type=click.IntRange(min=1), required=True, help="Total optimizer steps.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Sequences per micro-batch (on --resume: the checkpoint's).")
+              help="Sequences per micro-batch, over all ranks under torchrun (on --resume: the checkpoint's).")
 @click.option("--accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Micro-batches per step (on --resume: the checkpoint's).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True,

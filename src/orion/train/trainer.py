@@ -262,7 +262,7 @@ class Trainer:
             self.config = LlamaConfig(**restored[2]["config"])
         if group is not None:
             group.rows(self.settings.batch)  # refuses a batch that does not split over the ranks
-        if self.dataset.split_note and self.is_writer:
+        if self.dataset.split_note:
             self._notice(self.dataset.split_note)
         self.spec = adapter_spec(self.config)
         self.lora_targets = None
@@ -286,6 +286,8 @@ class Trainer:
             return _dataset(self.settings, self.out / "data", tokenizer)
 
     def _notice(self, message: str) -> None:
+        if not self.is_writer:  # in a data-parallel run every rank finds the same: rank 0 says it
+            return
         if self.on_notice is None:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         else:

@@ -108,8 +108,8 @@ class ProcessGroup:
         store, or one rank 0 hosts when the ranks were started some other way)."""
         if not timeout_s > 0:
             raise SettingsError(f"--dist-timeout must be positive, got {timeout_s}")
-        _, dist = _torch_distributed()
         env = _environment()
+        _, dist = _torch_distributed()
         url = f"env://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
         try:
             store, rank, world_size = next(iter(dist.rendezvous(

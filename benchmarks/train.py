@@ -20,15 +20,26 @@ on the story corpus with both (the slow test's comparison) and reports the large
 RANK:TARGETS`` (default ``16:q,v``) adds, for each configuration, the step of a LoRA adapter on the frozen model
 against peft's on the PyTorch side (``none`` skips it).
 
+``--data-parallel N`` also measures the trainer's step (metrics.jsonl's ``ms``, median over N steps after 2) on 1
+process and on 2 ranks launched by torchrun on this machine, global batch 8, for the tiny preset and a ``d256``
+model (4 layers, d 256): the share of the step spent waiting for the gradient all-reduce (``ms_allreduce``: what
+did not overlap with the backward), with the per-block all-reduces overlapped and, to see whether that pays, all
+started after the backward; and one all-reduce of the whole gradient on its own.
+
     python benchmarks/train.py [--backend emulator] [--configs tiny,d768] [--vocab 2048] [--threads 1]
-                               [--lora 16:q,v] [--parity-steps 200] [--json benchmarks/results/train.json]
+                               [--lora 16:q,v] [--parity-steps 200] [--data-parallel 8]
+                               [--json benchmarks/results/train.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -177,6 +188,81 @@ def parity(steps: int) -> dict:
                                                                               float(reference[-1])]}
 
 
+#: One rank of the data-parallel measurement (argv[1]: JSON of settings, backend, overlap, where the raw all-reduce
+#: time goes): the trainer as ``orion train`` runs it, with the overlap switch the CLI does not offer.
+_RANK = """
+import contextlib, json, statistics, sys, time
+from orion.models import model_backend
+from orion.models.llama import init_weights
+from orion.train.distributed import ProcessGroup, launched
+from orion.train.trainer import Trainer, TrainSettings
+spec = json.loads(sys.argv[1])
+group = ProcessGroup.from_environment() if launched() else None
+with group if group is not None else contextlib.nullcontext():
+    trainer = Trainer(TrainSettings(**spec["settings"]), backend=model_backend(spec["backend"]), group=group)
+    trainer.overlap = spec["overlap"]
+    trainer.run()
+    if group is not None:
+        import torch
+        gradient = torch.zeros(sum(a.size for a in init_weights(trainer.config).values()))
+        times = []
+        for _ in range(10):
+            group.dist.barrier()
+            t0 = time.perf_counter()
+            group.dist.all_reduce(gradient)
+            times.append(time.perf_counter() - t0)
+        if group.is_writer:
+            json.dump({"elements": gradient.numel(), "ms": statistics.median(times) * 1e3}, open(spec["raw"], "w"))
+"""
+
+
+def data_parallel(steps: int, backend: str, warmup: int = 2) -> list[dict]:
+    """The trainer's step on 1 process and on 2 torchrun ranks (all-reduce overlapped or not), per model."""
+    models = {"tiny": {}, "d256": {"dim": 256, "n_layers": 4, "n_heads": 4, "hidden_dim": 768}}
+    runs = [(1, True), (2, True), (2, False)]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "stories.txt"
+        write_corpus(corpus, make_story_corpus(400, seed=0))
+        script = Path(tmp) / "rank.py"
+        script.write_text(_RANK)
+        for name, overrides in models.items():
+            for ranks, overlap in runs:
+                out = Path(tmp) / f"{name}-{ranks}-{overlap}"
+                spec = {"settings": {"preset": "tiny", "model_overrides": overrides, "data": str(corpus),
+                                     "out": str(out), "steps": warmup + steps, "batch": 8, "save_every": 10**6},
+                        "backend": backend, "overlap": overlap, "raw": str(out / "raw.json")}
+                with socket.socket() as free:
+                    free.bind(("127.0.0.1", 0))
+                    port = free.getsockname()[1]
+                print(f"data-parallel: {name}, {ranks} rank(s){'' if overlap else ', all-reduce after the backward'}"
+                      " ...", flush=True)
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+                                "--master-addr", "127.0.0.1", "--master-port", str(port), str(script),
+                                json.dumps(spec)], check=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+                rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][warmup:]
+                ms = statistics.median(r["ms"] for r in rows)
+                wait = statistics.median(r["ms_allreduce"] for r in rows)
+                raw = json.loads((out / "raw.json").read_text()) if ranks > 1 else None
+                results.append({"model": name, "ranks": ranks, "overlap": overlap, "global_batch": 8,
+                                "seq": 128, "measured_steps": steps, "step_ms": ms, "allreduce_wait_ms": wait,
+                                "allreduce_share": wait / ms, "tokens_per_s": 8 * 128 / ms * 1e3,
+                                "gradient_elements": raw and raw["elements"],
+                                "whole_gradient_allreduce_ms": raw and raw["ms"]})
+    table = Table(title=f"data-parallel training step ({backend}), global batch 8 x 128, median ms")
+    for col in ("model", "ranks", "all-reduce", "step", "waiting for all-reduce", "share", "tok/s",
+                "whole-gradient all-reduce"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(r["model"], str(r["ranks"]), "-" if r["ranks"] == 1 else "overlapped" if r["overlap"]
+                      else "after backward", f"{r['step_ms']:.1f}", f"{r['allreduce_wait_ms']:.1f}",
+                      f"{r['allreduce_share']:.0%}", f"{r['tokens_per_s']:.0f}",
+                      "-" if r["ranks"] == 1 else f"{r['whole_gradient_allreduce_ms']:.1f}")
+    Console(width=140).print(table)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="emulator")
@@ -192,6 +278,8 @@ def main() -> None:
     parser.add_argument("--lora", default="16:q,v", help="also an adapter's training step, RANK:TARGETS (peft on "
                         "the PyTorch side); 'none' to skip")
     parser.add_argument("--parity-steps", type=int, default=0, help="also compare N training steps' losses")
+    parser.add_argument("--data-parallel", type=int, default=0, metavar="STEPS",
+                        help="also time N trainer steps on 1 process and on 2 torchrun ranks")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/train.json"))
     args = parser.parse_args()
     backend = model_backend(args.backend)
@@ -203,7 +291,7 @@ def main() -> None:
         "d768": (dataclasses.replace(PRESETS["stories110m"], vocab_size=args.vocab), args.big_batch, args.big_steps),
     }
     results = []
-    for name in args.configs.split(","):
+    for name in filter(None, args.configs.split(",")):  # --configs "": only the sections asked for
         config, batch, steps = configs[name]
         print(f"{name}: {config.n_layers} layers, d {config.dim}, vocab {config.vocab_size}, batch {batch} x "
               f"{config.max_seq_len}, {args.warmup} + {steps} steps ...", flush=True)
@@ -236,6 +324,8 @@ def main() -> None:
               f"{p['at_step']}), mean gap {p['mean_loss_gap']:.4f}, non-finite steps {p['non_finite_steps']}; loss "
               f"{p['pytorch_loss'][0]:.3f} -> {p['pytorch_loss'][1]:.3f} (pytorch), "
               f"{p['orion_loss'][0]:.3f} -> {p['orion_loss'][1]:.3f} (orion)")
+    if args.data_parallel:
+        report["data_parallel"] = data_parallel(args.data_parallel, args.backend)
     write_report(args.json, report)
 
 

@@ -33,7 +33,7 @@ from tests.train.torch_reference import loss_parity, scheduled_lr
 
 #: The keys of one metrics.jsonl row (what `orion train` prints and loss.png plots come from them).
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "loss_scale", "skipped", "ms", "ms_backend", "ms_cpu", "ms_update",
-               "tokens_per_s", "compiles", "backend"}
+               "tokens_per_s", "compiles", "backend", "ms_allreduce"}
 STEPS = 12
 
 

@@ -535,7 +535,7 @@ def _train_with_progress(trainer, label: str, stop_after: int | None = None) -> 
               "dataset id (e.g. roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt).")
 @click.option("--steps", type=click.IntRange(min=1), required=True, help="Total optimizer steps.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Sequences per micro-batch (on --resume: the checkpoint's).")
+              help="Sequences per micro-batch, over all ranks under torchrun (on --resume: the checkpoint's).")
 @click.option("--accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Micro-batches per step (on --resume: the checkpoint's).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True,
@@ -564,13 +564,22 @@ def _train_with_progress(trainer, label: str, stop_after: int | None = None) -> 
 @click.option("--lora-targets", default=None,
               help="Projections to adapt: q, k, v, o, gate, up, down (or attn, ffn, all), comma-separated "
               "[default: q,v].")
+@click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Launched by torchrun on several ranks: seconds a rank waits for the others (a gradient "
+              "all-reduce, rank 0's checkpoint save) before the run stops with an error naming the rank that stopped.")
 @handle_errors
 def train_cmd(preset, data, steps, batch, accum, lr, out_dir, resume, save_every, keep_last, seq_len, loss_scale,
-              seed, tokenizer, backend, target_name, base, lora_rank, lora_alpha, lora_targets) -> None:
-    """Train a Llama-style model (or a LoRA adapter of one); checkpoints, metrics.jsonl and loss.png go to --out."""
+              seed, tokenizer, backend, target_name, base, lora_rank, lora_alpha, lora_targets, dist_timeout) -> None:
+    """Train a Llama-style model (or a LoRA adapter of one); checkpoints, metrics.jsonl and loss.png go to --out.
+
+    Data-parallel on several processes: torchrun --nproc-per-node N $(which orion) train ... (--batch is then the
+    global batch, split over the ranks; see docs/training.md)."""
+    import contextlib
+
     from click.core import ParameterSource
 
     from orion.models import model_backend
+    from orion.train.distributed import ProcessGroup, launched
     from orion.train.trainer import Trainer, TrainSettings
 
     # A flag left at its default is unset (None), so a resumed run takes the checkpoint's value and a fresh run
@@ -581,10 +590,13 @@ def train_cmd(preset, data, steps, batch, accum, lr, out_dir, resume, save_every
              if source(name) is not ParameterSource.DEFAULT}
     settings = TrainSettings(data=data, out=str(out_dir), steps=steps, seq_len=seq_len, tokenizer=tokenizer,
                              base=base, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, **given)
-    trainer = Trainer(settings, resume=resume, backend=model_backend(backend, target_name), target=target_name,
-                      on_notice=_warn)
-    summary = _train_with_progress(trainer, "training")
-    out.print(f"done: {summary}", highlight=False, markup=False)
+    group = ProcessGroup.from_environment(dist_timeout) if launched() else None
+    with group if group is not None else contextlib.nullcontext():
+        trainer = Trainer(settings, resume=resume, backend=model_backend(backend, target_name), target=target_name,
+                          on_notice=_warn, group=group)
+        summary = _train_with_progress(trainer, "training") if trainer.is_writer else trainer.run()
+    if trainer.is_writer:
+        out.print(f"done: {summary}", highlight=False, markup=False)
 
 
 @cli.command("export")

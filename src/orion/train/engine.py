@@ -14,6 +14,7 @@ embedding and base weight gradients and computes the adapter's from the same tap
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -53,9 +54,12 @@ class LlamaEngine(LlamaBlocks):
         super().close()
 
     def loss_and_grads(self, weights: dict[str, np.ndarray], ids: np.ndarray, targets: np.ndarray, scale: float,
-                       grads: dict[str, np.ndarray], tokens_in_step: int) -> float:
+                       grads: dict[str, np.ndarray], tokens_in_step: int,
+                       on_layer_done: Callable[[int], None] | None = None) -> float:
         """Forward and backward of one sequence; adds ``scale`` times its gradients (of the step's mean loss) into
-        ``grads``, for the names it holds. Returns the sequence's summed cross-entropy."""
+        ``grads``, for the names it holds. Returns the sequence's summed cross-entropy. ``on_layer_done(i)`` is
+        called on the worker thread once block i's gradients are added (a data-parallel run starts their
+        all-reduce then, while the backend runs the next block's backward)."""
         c = self.config
         cpu = time.perf_counter()
         x = weights["tok_embeddings"][ids]  # [S, d]
@@ -90,7 +94,7 @@ class LlamaEngine(LlamaBlocks):
             feed = {"dy": d, "cos": self.static["cos"], "sin": self.static["sin"],
                     **{k: taps[i][k] for k in BACKWARD_TAPS}}
             out = self.run(self.backward[i], feed)
-            pending.append(self._pool.submit(self._accumulate, i, taps[i], out, d, grads))
+            pending.append(self._pool.submit(self._accumulate, i, taps[i], out, d, grads, on_layer_done))
             d = out["dx"]
         cpu = time.perf_counter()
         for job in pending:
@@ -100,7 +104,7 @@ class LlamaEngine(LlamaBlocks):
         self.timings["cpu"] += time.perf_counter() - cpu
         return loss
 
-    def _accumulate(self, layer: int, taps, out, dy, grads) -> None:
+    def _accumulate(self, layer: int, taps, out, dy, grads, on_done: Callable[[int], None] | None) -> None:
         t0 = time.perf_counter()
         found = {}
         if f"layers.{layer}.wq" in grads:
@@ -111,3 +115,5 @@ class LlamaEngine(LlamaBlocks):
             if name in grads:
                 grads[name] += g
         self.timings["cpu"] += time.perf_counter() - t0
+        if on_done is not None:
+            on_done(layer)

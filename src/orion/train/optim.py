@@ -167,23 +167,31 @@ class AdamW:
                 np.copyto(target, state[f"{kind}.{name}"])
         self.step_count = int(step.reshape(()))
 
-    def _step_if_finite(self, grads: Mapping[str, np.ndarray], lr: float) -> bool:
+    def _step_if_finite(self, grads: Mapping[str, np.ndarray], lr: float,
+                        agree: Callable[[bool], bool] | None = None) -> bool:
         """``step``, but computed into spare buffers and committed only if every new weight and moment is finite;
         returns False (and changes nothing) otherwise. Committing swaps the moment buffers and copies the weights,
-        so the guard costs one copy of the weights instead of a snapshot of weights and moments."""
+        so the guard costs one copy of the weights instead of a snapshot of weights and moments. ``agree`` turns
+        "found a non-finite value here" into the decision of every process training the same weights."""
         self._check_grads(grads)
         if self._spare is None:
             self._spare = {
                 name: tuple(np.empty(p.shape, np.float32) for _ in range(3)) for name, p in self.params.items()
             }
         c = self._coefficients(self.step_count + 1, lr)
+        found = False
         for name, p in self.params.items():
             spare = self._spare[name]
             with np.errstate(all="ignore"):  # an overflow here is expected and handled: the step is refused
                 _adam_update(p, self._m[name], self._v[name], grads[name], spare, *self._temporaries(p), c,
                              self._decay(name, c.lr))
             if not _all_finite(*spare):
-                return False
+                found = True
+                break
+        if agree is not None:
+            found = agree(found)
+        if found:
+            return False
         for name, p in self.params.items():
             p_new, m_new, v_new = self._spare[name]
             np.copyto(p, p_new)
@@ -449,19 +457,26 @@ class StepReport:
 
 
 def guarded_step(
-    optimizer: AdamW, scaler: LossScaler, grads: Mapping[str, np.ndarray], *, max_norm: float, lr: float
+    optimizer: AdamW, scaler: LossScaler, grads: Mapping[str, np.ndarray], *, max_norm: float, lr: float,
+    agree: Callable[[bool], bool] | None = None,
 ) -> StepReport:
     """Unscale, then skip the step on NaN/Inf gradients (weights and moments untouched, the scaler backs off), else
     clip and apply AdamW. The update is computed aside and committed only if every new weight and moment is finite;
-    if one is not, nothing changes and the step counts as skipped like an overflow."""
+    if one is not, nothing changes and the step counts as skipped like an overflow.
+
+    ``agree`` maps "a non-finite value was found here" to the decision of all the processes of a data-parallel run
+    (any of them found one), so they all skip the same steps and keep the same loss scale."""
     optimizer._check_grads(grads)
     _check_lr(lr)
     _check_max_norm(max_norm)
     scale = scaler.scale
-    if not scaler.unscale(grads):
+    overflow = not scaler.unscale(grads)
+    if agree is not None:
+        overflow = agree(overflow)
+    if overflow:
         scaler.update(True)
         return StepReport(skipped=True, grad_norm=math.nan, scale=scale, lr=lr)
     norm = clip_grad_norm(grads, max_norm)
-    applied = optimizer._step_if_finite(grads, lr)
+    applied = optimizer._step_if_finite(grads, lr, agree)
     scaler.update(not applied)
     return StepReport(skipped=not applied, grad_norm=norm, scale=scale, lr=lr)

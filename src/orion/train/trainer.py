@@ -5,7 +5,11 @@ computation is deterministic.
 
 ``base`` starts from a trained model instead of fresh weights; with ``lora_rank`` only a LoRA adapter is trained on
 that frozen base: the programs take the adapter as inputs, checkpoints hold the adapter and its moments (and PEFT's
-two files, so a checkpoint folder is also an adapter peft loads), and the base is checked by digest on resume."""
+two files, so a checkpoint folder is also an adapter peft loads), and the base is checked by digest on resume.
+
+With ``group`` (a :class:`orion.train.distributed.ProcessGroup`), this process is one rank of a data-parallel run:
+it trains on its rows of each global batch, the gradients are all-reduced before the step, and rank 0 alone writes
+checkpoints and metrics (see ``distributed.py``)."""
 
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from orion.errors import OrionError, SettingsError
 from orion.fileio import atomic_write, write_atomic
 from orion.lora import Adapter, LoraLayout, new_adapter, peft_files
 from orion.models.llama import PRESETS, LlamaConfig, adapter_spec, init_weights
-from orion.train.checkpoint import find_latest_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from orion.train.checkpoint import (checkpoint_step, find_latest_checkpoint, latest_checkpoint, load_checkpoint,
+                                   save_checkpoint)
 from orion.models.hub import Tokenizer
 from orion.runtime.program import backends_that_ran
 from orion.train.data import BatchStream, PreparedDataset, prepare_dataset, tokenizer_files
@@ -223,8 +228,11 @@ class Trainer:
 
     def __init__(self, settings: TrainSettings, *, resume: bool = False, backend="auto", target="default",
                  cache=None, budget=None, on_step: Callable[[dict], None] | None = None,
-                 on_notice: Callable[[str], None] | None = None):
+                 on_notice: Callable[[str], None] | None = None, group=None):
         settings.validate()
+        self.group = group
+        self.is_writer = group is None or group.is_writer
+        self.overlap = True  # a data-parallel run all-reduces each block's gradients while the next runs backward
         self.out = Path(settings.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.on_notice = on_notice
@@ -238,17 +246,22 @@ class Trainer:
             if settings.lora_rank is not None:  # a frozen base: resume checks it is the same model
                 self.base_digest = weights_digest(self.base_weights)
         self.checkpoint = self._find_checkpoint() if resume else None
+        if group is not None:
+            group.same(checkpoint_step(self.checkpoint) if self.checkpoint else -1,
+                       "the step of the checkpoint to resume (-1: none; --out must be a folder every rank sees)")
         if self.checkpoint is None:
             restored = None
             self.settings = _filled(settings, FRESH_DEFAULTS)
-            self.dataset = _dataset(self.settings, self.out / "data", _fresh_tokenizer(settings, base_folder))
+            self.dataset = self._prepare(_fresh_tokenizer(settings, base_folder))
             self.config = self.settings.model_config(self.dataset.tokenizer.vocab_size, base_config)
         else:
             restored = load_checkpoint(self.checkpoint)  # (weights, moments, state)
             tokenizer = Tokenizer.from_dir(self.checkpoint)
             self.settings = _resumed_settings(settings, restored[2], base_config, tokenizer, self.checkpoint)
-            self.dataset = _dataset(self.settings, self.out / "data", tokenizer)
+            self.dataset = self._prepare(tokenizer)
             self.config = LlamaConfig(**restored[2]["config"])
+        if group is not None:
+            group.rows(self.settings.batch)  # refuses a batch that does not split over the ranks
         if self.dataset.split_note:
             self._notice(self.dataset.split_note)
         self.spec = adapter_spec(self.config)
@@ -265,7 +278,16 @@ class Trainer:
         self._start = self._fresh() if restored is None else self._resumed(*restored)
         self.start_step = self._start[0]
 
+    def _prepare(self, tokenizer: Tokenizer | None) -> PreparedDataset:
+        """The dataset; in a data-parallel run rank 0 prepares it and the others then reuse its files."""
+        if self.group is None:
+            return _dataset(self.settings, self.out / "data", tokenizer)
+        with self.group.rank0_first("preparing the data"):
+            return _dataset(self.settings, self.out / "data", tokenizer)
+
     def _notice(self, message: str) -> None:
+        if not self.is_writer:  # in a data-parallel run every rank finds the same: rank 0 says it
+            return
         if self.on_notice is None:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         else:
@@ -321,6 +343,7 @@ class Trainer:
 
     def _save(self, step, weights, optimizer, scaler, data_state, timings) -> Path:
         state = {"config": self.config.to_dict(), "settings": dataclasses.asdict(self.settings), "step": step,
+                 "ranks": 1 if self.group is None else self.group.world_size,
                  "data": data_state, "loss_scaler": scaler.state_dict(), "timings": timings,
                  "orion_version": __version__, "tokenizer": str(self.dataset.directory)}
         extra = tokenizer_files(self.dataset.tokenizer)
@@ -348,7 +371,8 @@ class Trainer:
     def _run(self) -> dict:
         s = self.settings
         start, weights, optimizer, scaler, stream = self._start
-        self._trim_metrics(start)
+        if self.is_writer:
+            self._trim_metrics(start)
         if start >= s.steps:
             return {"step": start, "message": f"already at step {start} of {s.steps}"}
         adapter = self._adapter(weights) if self.trains_adapter else None
@@ -365,6 +389,9 @@ class Trainer:
             else:
                 engine.set_adapter(adapter)
 
+        group = self.group
+        buckets = None if group is None else group.buckets(weights, self.config.n_layers, overlap=self.overlap)
+        rows = range(stream.batch_size) if group is None else group.rows(stream.batch_size)
         history = []
         done = start
         data_state = stream.state()  # the stream's position after the last finished step
@@ -379,17 +406,29 @@ class Trainer:
                 before = dict(engine.timings)
                 lr = cosine_lr(step, max_lr=s.lr, warmup_steps=_warmup(s), total_steps=s.steps,
                                min_lr=s.lr * s.min_lr_fraction)
-                grads = {k: np.zeros_like(v) for k, v in weights.items()}
+                if buckets is None:  # by name: a checkpoint's arrays load in an order that varies per process
+                    grads = {name: np.zeros_like(weights[name]) for name in sorted(weights)}
+                else:
+                    group.step = step
+                    buckets.zero()
+                    grads = buckets.grads
                 loss = 0.0
                 data_state = stream.state()
-                for _ in range(s.accum):
+                for micro in range(s.accum):
                     inputs, targets = next(stream)
-                    for row in range(inputs.shape[0]):
+                    for row in rows:
+                        last = buckets is not None and micro == s.accum - 1 and row == rows[-1]
                         loss += engine.loss_and_grads(model_weights, inputs[row], targets[row], scaler.scale,
-                                                      grads, tokens_per_step)
+                                                      grads, tokens_per_step, buckets.layer_done if last else None)
+                allreduce_s = 0.0
+                if buckets is not None:  # the sums over the ranks: the gradients and loss of the global batch
+                    buckets.finish()
+                    loss = group.total(loss, "summing the loss")
+                    allreduce_s = buckets.wait_s
                 cpu0 = time.perf_counter()
                 committing = True
-                report = guarded_step(optimizer, scaler, grads, max_norm=s.grad_clip, lr=lr)
+                report = guarded_step(optimizer, scaler, grads, max_norm=s.grad_clip, lr=lr,
+                                      agree=None if group is None else group.any_overflow)
                 engine.timings["cpu"] += time.perf_counter() - cpu0
                 if not report.skipped:
                     push_weights()
@@ -400,12 +439,14 @@ class Trainer:
                 record = {"step": step, "loss": loss / tokens_per_step, "lr": lr, "grad_norm": report.grad_norm,
                           "loss_scale": report.scale, "skipped": report.skipped, "ms": elapsed * 1e3,
                           "ms_backend": split["backend"], "ms_cpu": split["cpu"], "ms_update": split["update"],
+                          "ms_allreduce": allreduce_s * 1e3,
                           "tokens_per_s": tokens_per_step / elapsed, "compiles": engine.compiles,
                           "backend": backends_that_ran(engine.programs)}
                 history.append(record)
-                with open(self.metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                if step % s.save_every == 0 or step == s.steps:
+                if self.is_writer:
+                    with open(self.metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(record) + "\n")
+                if self.is_writer and (step % s.save_every == 0 or step == s.steps):
                     self._save(step, weights, optimizer, scaler, data_state, split)
                     plot_loss_curve(self.metrics_path, self.out / "loss.png")
                 if self.on_step:
@@ -414,7 +455,8 @@ class Trainer:
             # a run always ends with a checkpoint of its last finished step (SIGKILL aside: then the last save),
             # with the data position from before the interrupted step's batches; an interrupt while the optimizer
             # commits could leave weights half-written, so then the last periodic checkpoint stands
-            if done > start and not committing and (latest_checkpoint(self.out) is None or done % s.save_every):
+            if self.is_writer and done > start and not committing and (latest_checkpoint(self.out) is None
+                                                                       or done % s.save_every):
                 self._save(done, weights, optimizer, scaler, data_state, {})
                 plot_loss_curve(self.metrics_path, self.out / "loss.png")
             raise
@@ -422,7 +464,8 @@ class Trainer:
             engine.close()
         return {"step": s.steps, "final_loss": history[-1]["loss"] if history else None,
                 "skipped_steps": sum(r["skipped"] for r in history), "compiles": engine.compiles,
-                "backend": backends_that_ran(engine.programs), "checkpoint": str(latest_checkpoint(self.out))}
+                "backend": backends_that_ran(engine.programs),
+                "checkpoint": str(latest_checkpoint(self.out)) if self.is_writer else None}
 
 
     def _trim_metrics(self, start: int) -> None:

@@ -79,6 +79,9 @@ def infer_node(op_name: str, inputs: dict, attrs: dict) -> tuple[dict, TensorTyp
     expected = input_names(op, list(inputs))
     if list(inputs) != expected and sorted(inputs) != sorted(expected):
         raise GraphError(f"{op_name}: inputs {sorted(inputs)} do not match the declared {expected}")
+    if op.several_results:
+        raise GraphError(f"{op_name} gives several results and a graph node holds one; write {op_name} in MIL text "
+                         "(the parser, checker and emulator run it)")
     resolved = op.resolve_attrs(attrs)
     types: list[TensorType] = []
     for name in expected:

@@ -121,7 +121,7 @@ def _resolve(st: Statement, types: dict[str, TensorType], consts: dict[str, Stat
     op = OPS.get(st.op)
     if op is None or op.kind == "const":
         raise _Refusal(f"unknown op {st.op!r}; known: {', '.join(sorted(k for k in OPS if k != 'const'))}")
-    if st.more_outputs:
+    if st.more_outputs and not op.several_results:
         raise _Refusal(f"{st.op} gives one result, the statement declares {len(st.outputs)} "
                        f"({', '.join(var for var, _ in st.outputs)})")
     tensor_params = set(input_names(op, list(st.args)))
@@ -174,8 +174,13 @@ def _resolve(st: Statement, types: dict[str, TensorType], consts: dict[str, Stat
         raise _Refusal(str(exc)) from None
     except (ValueError, TypeError, IndexError) as exc:  # a malformed attribute value, such as a string axis
         raise _Refusal(f"{st.op}: a parameter has a value of the wrong kind ({exc})") from None
-    if inferred.shape != st.type.shape or inferred.dtype != st.type.dtype:
-        raise _Refusal(f"{st.var!r} is declared {st.type} but {st.op} of these operands gives {inferred}")
+    results = inferred if op.several_results else (inferred,)
+    if len(results) != len(st.outputs):
+        raise _Refusal(f"{st.op} of these operands gives {len(results)} results, the statement declares "
+                       f"{len(st.outputs)} ({', '.join(var for var, _ in st.outputs)})")
+    for (var, declared), result in zip(st.outputs, results):
+        if result.shape != declared.shape or result.dtype != declared.dtype:
+            raise _Refusal(f"{var!r} is declared {declared} but {st.op} of these operands gives {result}")
     if op.name == "cast" and opset == "ios16" and attrs["dtype"] not in CAST_DTYPES_IOS16:
         raise _Refusal(f"cast to {attrs['dtype']} needs the ios17 opset or later; {opset} casts to "
                        f"{', '.join(CAST_DTYPES_IOS16)}")

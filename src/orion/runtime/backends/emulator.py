@@ -121,6 +121,8 @@ class _Step:
     statement: Statement
     #: A slice that starts inside its last axis: on M1/M2 it sends |x| > 4094 to inf (N11).
     offset_slice: bool = False
+    #: Every result's variable (``var`` first): several for ``split`` and ``topk``.
+    results: tuple[str, ...] = ()
 
 
 class EmulatedProgram:
@@ -152,7 +154,8 @@ class EmulatedProgram:
             for ref in step.inputs:
                 for name in ref if isinstance(ref, tuple) else (ref,):
                     last[name] = i
-            last.setdefault(step.var, i)  # a value nothing reads goes at once
+            for var in step.results:
+                last.setdefault(var, i)  # a value nothing reads goes at once
         releases: list[list[str]] = [[] for _ in self._steps]
         for name, i in last.items():
             if name not in keep:
@@ -197,7 +200,8 @@ class EmulatedProgram:
             shape = r.arg_types[0].shape if r.arg_types else ()
             offset = last_axis_slice_offset(r.op.name, shape, r.attrs) if r.op.name.startswith("slice") else 0
             attrs = {**r.attrs, **{key: self._consts[var] for key, var in r.blob_attrs.items()}}
-            self._steps.append(_Step(r.statement.var, r.op, r.inputs, attrs, r.statement, offset_slice=offset != 0))
+            self._steps.append(_Step(r.statement.var, r.op, r.inputs, attrs, r.statement, offset_slice=offset != 0,
+                                     results=tuple(var for var, _ in r.statement.outputs)))
 
     def _const_value(self, st: Statement, blob_loader) -> object:
         return self._literal_value(st.attrs["val"], st, blob_loader, st.var)
@@ -255,19 +259,31 @@ class EmulatedProgram:
         env.update(bound)
         with np.errstate(all="ignore"):
             for step, done in zip(self._steps, self._last_uses):
-                env[step.var] = self._execute(step, env)
+                if step.op.several_results:
+                    env.update(zip(step.results, self._execute(step, env)))
+                else:
+                    env[step.var] = self._execute(step, env)
                 for name in done:
                     del env[name]
-        return {name: np.asarray(env[name], dtype=np.float32) for name, _ in self.outputs}
+        return {name: _held(env[name]) for name, _ in self.outputs}
 
-    def _execute(self, step: _Step, env: dict) -> np.ndarray:
-        """One op on float32 arrays holding fp16 values; the result is rounded to fp16 and held as float32."""
+    def _execute(self, step: _Step, env: dict) -> np.ndarray | tuple[np.ndarray, ...]:
+        """One op on float32 arrays holding fp16 values; the result is rounded to fp16 and held as float32 (each
+        result of an op that gives several)."""
         kind = step.op.kind
         flushed = self._wide_consts if kind == "wide" else {}
         args = [[env[n] for n in i] if isinstance(i, tuple) else flushed.get(i, env[i]) for i in step.inputs]
         arrays = args[0] if step.op.variadic else args
         result = step.op.compute(self.kernels, arrays, step.attrs)
-        if kind == "layout":  # moves values without computing: they stay fp16 values
+        if step.op.several_results:
+            return tuple(self._hold_result(step, r, arrays) for r in result)
+        return self._hold_result(step, result, arrays)
+
+    def _hold_result(self, step: _Step, result: np.ndarray, arrays: list) -> np.ndarray:
+        kind = step.op.kind
+        if kind in ("layout", "index") and result.dtype.kind in "biu":
+            return result  # integers moved or picked (indices) stay exact: MIL's int32, never rounded to fp16
+        if kind in ("layout", "index"):  # moves or picks values without computing: they stay fp16 values
             if step.offset_slice and self.settings.slice_offset_overflow:
                 return numerics.slice_overflow(result.astype(F16), step.offset_slice, self.settings).astype(np.float32)
             return np.asarray(result, dtype=np.float32)
@@ -288,9 +304,21 @@ class EmulatedProgram:
         return out
 
 
+def _held(value) -> np.ndarray:
+    """An output as the emulator holds it: exact integers (indices, integers only moved) or float32 fp16 values."""
+    value = np.asarray(value)
+    return value if value.dtype.kind in "iu" else value.astype(np.float32)
+
+
 def output_value(held: np.ndarray, t: TensorType, target: np.ndarray | None = None) -> np.ndarray:
-    """A held output in its declared dtype (fp16 for non-float declarations): a new array, or written into
-    ``target`` (an array of the output's shape, e.g. a view of a surface) and returned."""
+    """A held output in its declared dtype (fp16 for non-float declarations whose values went through the fp16
+    datapath, as a cast's): a new array, or written into ``target`` (an array of the output's shape, e.g. a view of a
+    surface) and returned. Exact integers (indices, integer inputs only moved) read in their declared type."""
+    if held.dtype.kind in "iu" and t.dtype not in FLOAT_DTYPES and t.dtype != "bool":
+        if target is None:
+            return held.astype(t.numpy_dtype)
+        np.copyto(target, held, casting="unsafe")
+        return target
     if t.dtype == "fp32":
         if target is None:
             return held.copy()

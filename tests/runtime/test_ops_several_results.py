@@ -1,0 +1,157 @@
+"""Ops with several results (``split``, ``topk``) and the index reductions (``reduce_argmax``/``reduce_argmin``), run
+as MIL text by the emulator in both spellings public programs use for several results, against coremltools' own
+numpy meaning of each op (its ``value_inference``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orion.compiler.constraints import check_program
+from orion.compiler.targets import get_target
+from orion.errors import MILProgramError
+from orion.mil.parse import parse_program
+from orion.runtime.backends.emulator import load_text
+from tests.runtime.op_oracles import mil_literal
+
+
+@pytest.fixture(scope="module")
+def coreml_results():
+    """``coreml_results(op, **params)``: coremltools' value of an op of one or several results, as a tuple."""
+    ct = pytest.importorskip("coremltools")
+    from coremltools.converters.mil.mil import Builder as mb, Function
+
+    def value(op: str, **params) -> tuple[np.ndarray, ...]:
+        with Function({}, opset_version=ct.target.iOS18):
+            out = getattr(mb, op)(**params)
+        return tuple(np.asarray(v.val) for v in (out if isinstance(out, (tuple, list)) else (out,)))
+
+    return value
+
+
+MIL_DTYPES = {np.dtype(np.float16): "fp16", np.dtype(np.int32): "int32", np.dtype(np.uint16): "uint16"}
+
+
+def several_results_program(op: str, x: np.ndarray, results: list[tuple[str, np.ndarray]], parenthesized: bool,
+                            **params) -> str:
+    """One op of input ``x`` whose results (``name``, an array of the result's dtype and shape) are all outputs."""
+    lines = []
+    for name, value in params.items():
+        t, lit = mil_literal(value)
+        lines.append(f"        {t} p_{name} = const()[name=string(\"p_{name}\"), val={lit}];")
+    declared = ", ".join(f"tensor<{MIL_DTYPES[v.dtype]}, {list(v.shape)}> {n}" for n, v in results)
+    if parenthesized:
+        declared = f"({declared})"
+    args = ", ".join([f"{name}=p_{name}" for name in params] + ["x=x"])
+    lines.append(f"        {declared} = {op}({args})[name=string(\"{op}_0\")];")
+    return (f"program(1.3)\n{{\n    func main<ios18>(tensor<{MIL_DTYPES[x.dtype]}, {list(x.shape)}> x) {{\n"
+            + "\n".join(lines) + f"\n    }} -> ({', '.join(n for n, _ in results)});\n}}\n")
+
+
+def run_several(tmp_path, op, x, oracle, parenthesized, **params) -> list[np.ndarray]:
+    names = [f"r{i}" for i in range(len(oracle))]
+    text = several_results_program(op, x, list(zip(names, oracle)), parenthesized, **params)
+    outputs = load_text(text, tmp_path).run({"x": x})
+    return [outputs[n] for n in names]
+
+
+@pytest.mark.parametrize("parenthesized", [False, True])
+@pytest.mark.parametrize("params", [
+    {"axis": 1, "num_splits": 3},
+    {"axis": -1, "split_sizes": [2, 5, 1]},
+    {"axis": 3, "num_splits": 3, "split_sizes": [4, 1, 3]},
+    {"axis": 0, "num_splits": 2},
+])
+def test_split_matches_coremltools(tmp_path, coreml_results, parenthesized, params):
+    x = np.random.default_rng(1).normal(size=(2, 6, 3, 8)).astype(np.float16)
+    oracle = coreml_results("split", x=x.astype(np.float32), **params)
+    got = run_several(tmp_path, "split", x, [o.astype(np.float16) for o in oracle], parenthesized, **params)
+    assert len(got) == len(oracle) > 1
+    for g, o in zip(got, oracle):
+        np.testing.assert_array_equal(g, o.astype(np.float16))  # moved values: exact
+
+
+@pytest.mark.parametrize("parenthesized", [False, True])
+@pytest.mark.parametrize("params", [
+    {"k": 3},
+    {"k": 4, "axis": 1, "ascending": True},
+    {"k": 1, "axis": -2},
+    {"k": 5, "axis": 3, "return_indices": False},
+])
+def test_topk_values_and_indices_match_coremltools(tmp_path, coreml_results, parenthesized, params):
+    rng = np.random.default_rng(2)
+    x = (rng.permutation(2 * 5 * 3 * 7) - 100).reshape(2, 5, 3, 7).astype(np.float16)  # distinct: no ties
+    oracle = coreml_results("topk", x=x.astype(np.float32), **params)
+    assert len(oracle) == (1 if params.get("return_indices") is False else 2)
+    declared = [oracle[0].astype(np.float16)] + [o.astype(np.int32) for o in oracle[1:]]
+    got = run_several(tmp_path, "topk", x, declared, parenthesized, **params)
+    np.testing.assert_array_equal(got[0], oracle[0].astype(np.float16))
+    if len(oracle) == 2:
+        assert got[1].dtype == np.int32
+        np.testing.assert_array_equal(got[1], oracle[1])
+
+
+def test_topk_of_int32_values(tmp_path, coreml_results):
+    """Integer values are picked exactly (70001 is not an fp16 value)."""
+    x = np.array([[5, 70001, -3, 2049, 12]], dtype=np.int32)
+    oracle = coreml_results("topk", x=x, k=3)
+    got = run_several(tmp_path, "topk", x, [o.astype(np.int32) for o in oracle], False, k=3)
+    np.testing.assert_array_equal(got[0], oracle[0])
+    np.testing.assert_array_equal(got[1], oracle[1])
+    assert got[0].dtype == np.int32 and got[0][0, 0] == 70001
+
+
+def test_split_results_feed_later_statements(tmp_path):
+    """Each result of a split is a variable of its own: here a difference of the halves, against numpy."""
+    text = """program(1.3)
+{
+    func main<ios18>(tensor<fp16, [1, 8, 1, 4]> x) {
+        int32 ax = const()[name=string("ax"), val=int32(1)];
+        int32 n = const()[name=string("n"), val=int32(2)];
+        tensor<fp16, [1, 4, 1, 4]> lo, tensor<fp16, [1, 4, 1, 4]> hi = split(axis=ax, num_splits=n, x=x)[name=string("s")];
+        tensor<fp16, [1, 4, 1, 4]> d = sub(x=hi, y=lo)[name=string("d")];
+    } -> (d);
+}
+"""
+    x = np.random.default_rng(3).normal(size=(1, 8, 1, 4)).astype(np.float16)
+    d = load_text(text, tmp_path).run({"x": x})["d"]
+    np.testing.assert_array_equal(d, (x[:, 4:].astype(np.float32) - x[:, :4]).astype(np.float16))
+
+
+@pytest.mark.parametrize("declared, message", [
+    ("tensor<fp16, [1, 4, 1, 4]> a, tensor<fp16, [1, 4, 1, 4]> b, tensor<fp16, [1, 4, 1, 4]> c",
+     r"split of these operands gives 2 results, the statement declares 3 \(a, b, c\)"),
+    ("tensor<fp16, [1, 4, 1, 4]> a, tensor<fp16, [1, 5, 1, 4]> b",
+     r"'b' is declared tensor<fp16, \[1, 5, 1, 4\]> but split of these operands gives tensor<fp16, \[1, 4, 1, 4\]>"),
+])
+def test_split_statement_disagreeing_with_its_results_is_refused(tmp_path, declared, message):
+    text = f"""program(1.3)
+{{
+    func main<ios18>(tensor<fp16, [1, 8, 1, 4]> x) {{
+        int32 ax = const()[name=string("ax"), val=int32(1)];
+        int32 n = const()[name=string("n"), val=int32(2)];
+        {declared} = split(axis=ax, num_splits=n, x=x)[name=string("s")];
+    }} -> (a);
+}}
+"""
+    with pytest.raises(MILProgramError, match=message):
+        load_text(text, tmp_path)
+    problems = [v for v in check_program(parse_program(text), get_target("default")) if v.constraint == "ANE-38"]
+    assert problems and message.replace("\\", "")[:20] in problems[0].message.replace("\\", "")
+
+
+def test_split_and_topk_are_flagged_as_not_known_on_the_ane():
+    x = np.zeros((1, 4, 1, 8), np.float16)
+    text = several_results_program("split", x, [("a", x[:, :2]), ("b", x[:, 2:])], True, axis=1, num_splits=2)
+    found = {v.constraint for v in check_program(parse_program(text), get_target("default"))}
+    assert "ANE-34" in found and "ANE-38" not in found
+
+
+def test_graph_builder_refuses_an_op_of_several_results_by_name():
+    from orion.errors import GraphError
+    from orion.ir.builder import GraphBuilder
+
+    b = GraphBuilder("g")
+    x = b.input("x", (1, 4, 1, 8))
+    with pytest.raises(GraphError, match="split gives several results and a graph node holds one"):
+        b.op("split", x=x, axis=1, num_splits=2)

@@ -155,3 +155,64 @@ def test_graph_builder_refuses_an_op_of_several_results_by_name():
     x = b.input("x", (1, 4, 1, 8))
     with pytest.raises(GraphError, match="split gives several results and a graph node holds one"):
         b.op("split", x=x, axis=1, num_splits=2)
+
+
+# -- reduce_argmax / reduce_argmin ------------------------------------------------------------------------------------
+
+
+def _arg_program(op: str, x: np.ndarray, out: np.ndarray, **params) -> str:
+    return several_results_program(op, x, [("out", out)], False, **params)
+
+
+@pytest.mark.parametrize("op", ["reduce_argmax", "reduce_argmin"])
+@pytest.mark.parametrize("params", [{}, {"axis": 1}, {"axis": -3, "keep_dims": True}, {"axis": 0, "keep_dims": False},
+                                    {"axis": 3, "output_dtype": "uint16"}])
+def test_index_reductions_match_coremltools_exactly(tmp_path, coreml_results, op, params):
+    """Positions past 2048 along a long axis come back exact (an fp16 hold would make 2049 read 2048)."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3, 2, 2500)).astype(np.float16)
+    if params.get("axis", -1) in (-1, 3):
+        x[..., 2049] = 40.0 if op == "reduce_argmax" else -40.0  # the extreme at 2049 in every row
+    (oracle,) = coreml_results(op, x=x.astype(np.float32), **params)
+    dtype = np.uint16 if params.get("output_dtype") == "uint16" else np.int32
+    text = _arg_program(op, x, oracle.astype(dtype), **params)
+    got = load_text(text, tmp_path).run({"x": x})["out"]
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, oracle)
+    if params.get("axis", -1) in (-1, 3):
+        assert (got == 2049).all()
+
+
+def test_argmax_of_int32_values_and_its_positions_moved_by_layout_stay_exact(tmp_path):
+    """int32 values above fp16's range are compared exactly; the positions, reshaped, read back as int32."""
+    text = """program(1.3)
+{
+    func main<ios18>(tensor<int32, [2, 3000]> x) {
+        int32 ax = const()[name=string("ax"), val=int32(1)];
+        bool kd = const()[name=string("kd"), val=bool(true)];
+        tensor<int32, [2, 1]> i = reduce_argmax(axis=ax, keep_dims=kd, x=x)[name=string("i")];
+        tensor<int32, [2]> s = const()[name=string("s"), val=tensor<int32, [2]>([1, 2])];
+        tensor<int32, [1, 2]> y = reshape(shape=s, x=i)[name=string("y")];
+    } -> (y);
+}
+"""
+    x = np.zeros((2, 3000), np.int32)
+    x[0, 2999], x[0, 2998] = 70001, 70000  # equal as fp16 values (both inf): only exact integers tell them apart
+    x[1, 2051] = 5
+    y = load_text(text, tmp_path).run({"x": x})["y"]
+    assert y.dtype == np.int32
+    np.testing.assert_array_equal(y, [[2999, 2051]])
+
+
+def test_index_ops_are_flagged_unverified_and_their_int32_output_refused():
+    """The catalog: an int32 output is rejected on the ANE (ANE-23), the op is not known there (ANE-34), and what
+    the ANE does with integer positions is unverified (ANE-41, a warning naming the result)."""
+    x = np.zeros((1, 4, 1, 8), np.float16)
+    text = _arg_program("reduce_argmax", x, np.zeros((1, 4, 1), np.int32), axis=-1)
+    found = check_program(parse_program(text), get_target("default"))
+    by_id = {v.constraint: v for v in found}
+    assert {"ANE-23", "ANE-34", "ANE-41"} <= set(by_id) and "ANE-38" not in by_id
+    assert by_id["ANE-41"].severity == "warning" and "out" in by_id["ANE-41"].message
+    assert "unverified" in by_id["ANE-41"].message
+    values_only = several_results_program("topk", x, [("v", x[..., :2])], False, k=2, return_indices=False)
+    assert "ANE-41" not in {v.constraint for v in check_program(parse_program(values_only), get_target("default"))}

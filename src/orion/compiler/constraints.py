@@ -268,6 +268,16 @@ _ENTRIES = (
         "program, and name its record offset in the const", "blob storage v2 (reference section 4); "
         "orion.mil.validate.check_weight_files, the emulator's loader",
     ),
+    Constraint(
+        "ANE-41", "an op whose result is integer positions (reduce_argmax, reduce_argmin, topk's indices): what the "
+        "ANE computes is unknown", "numerics", "warning", "compile", "unknown: values are fp16 in flight (N1), "
+        "where an index above 2048 is not exact, and int32 outputs are rejected (ANE-23); the op may also be "
+        "refused at compile", "return the fp16 scores and take the argmax or top-k on the CPU, or check the program "
+        "with orion doctor on the device before relying on it; the emulator computes MIL's positions exactly "
+        "(int32, first position among equal values) and reads them back as int32",
+        "unverified (no public report of an index op on the ANE); MIL semantics: coremltools' reduce_argmax, "
+        "reduce_argmin, topk",
+    ),
 )
 
 CATALOG: dict[str, Constraint] = {c.id: c for c in _ENTRIES}
@@ -472,6 +482,11 @@ class _Checker:
         if op == "scaled_dot_product_attention":
             self.add("ANE-06", where, "scaled_dot_product_attention ignores the causal mask on the ANE")
             return
+        integer_results = [var for var, vt in st.outputs if OPS.get(op) is not None and OPS[op].kind == "index"
+                           and vt.dtype not in FLOAT_DTYPES]
+        if integer_results:
+            self.add("ANE-41", where, f"{op} gives integer positions ({', '.join(integer_results)}): the ANE's "
+                                      "result is unverified")
         if op not in self.known_ops:
             self.add("ANE-34", where, f"op {op!r} is not known to run on the ANE")
             return

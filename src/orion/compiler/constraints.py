@@ -278,6 +278,15 @@ _ENTRIES = (
         "unverified (no public report of an index op on the ANE); MIL semantics: coremltools' reduce_argmax, "
         "reduce_argmin, topk",
     ),
+    Constraint(
+        "ANE-42", "a program with several functions (main plus prefill, decode ... sharing weights): whether the ANE "
+        "compiles it and evaluates each function by the request's procedure index is unverified", "compile", "error",
+        "compile", "unknown: every public request passes procedureIndex 0; the program may be refused, or run main "
+        "only", "compile each function as a program of its own (orion run --function NAME on the emulator), or "
+        "settle it with orion doctor --probe multi-function and compile for the profile it writes",
+        "CONTESTED: reference section 2 (procedureIndex @0); Core ML multifunction models (coremltools 8) run "
+        "through Core ML's own runtime", setting="multi_function",
+    ),
 )
 
 CATALOG: dict[str, Constraint] = {c.id: c for c in _ENTRIES}
@@ -397,6 +406,7 @@ class _Checker:
 
     def run(self) -> list[Violation]:
         self.check_dialect()
+        self.check_functions()
         self.check_definitions()
         for st in self.program.statements:
             self.check_statement(st)
@@ -465,6 +475,13 @@ class _Checker:
                 f"program({self.target.mil_version})",
                 f"print it with program.to_text({self.target.mil_version!r})",
             )
+
+    def check_functions(self) -> None:
+        functions = self.program.functions
+        if len(functions) > 1 and self.target.multi_function != "procedure-index":
+            self.add("ANE-42", "program", f"the text holds {len(functions)} functions ({', '.join(functions)}); "
+                                          f"target {self.target.name!r} has multi_function="
+                                          f"{self.target.multi_function}")
 
     def check_definitions(self) -> None:
         """MIL's op definitions, by the same function the emulator refuses a program with at load."""

@@ -41,10 +41,11 @@ class MILModule:
     weight_names: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, directory: str | os.PathLike) -> "MILModule":
-        """Read ``directory/model.mil`` and every weight file it names (MIL from Orion or from another tool)."""
+    def read(cls, directory: str | os.PathLike, function: str | None = None) -> "MILModule":
+        """Read ``directory/model.mil`` and every weight file it names (MIL from Orion or from another tool); of a
+        text with several functions, ``program`` is ``function`` (None: main) and ``text`` keeps them all."""
         text, mil = read_mil_file(directory)
-        program = parse_program(text, str(mil))
+        program = parse_program(text, str(mil), function)
         declared = {}
         for st, ref in program.blob_refs():
             declared.setdefault(ref.path.removeprefix(MODEL_PATH), {})[ref.offset] = st

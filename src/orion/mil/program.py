@@ -107,7 +107,7 @@ class Statement:
 
 @dataclass
 class Program:
-    """One MIL function (``main``) with its header."""
+    """One MIL function (``main``, or another of a multifunction text) with its header."""
 
     inputs: list[tuple[str, TensorType]]
     statements: list[Statement]
@@ -116,6 +116,9 @@ class Program:
     opset: str = "ios18"
     function: str = "main"
     build_info: dict[str, str] = field(default_factory=dict)
+    #: Every function of the text this one was read from, in order (empty for a program built in Python): a text
+    #: with several (``main`` plus ``prefill``, ``decode`` ...) is one model whose functions share its weight files.
+    functions: tuple[str, ...] = ()
 
     def statement(self, var: str) -> Statement:
         """The statement defining ``var`` (any of its results)."""

@@ -26,7 +26,7 @@ import numpy as np
 from orion.errors import BackendError, BindingError, EvaluationError
 from orion.ir.ops import Kernels, OpDef, last_axis_slice_offset
 from orion.ir.types import FLOAT_DTYPES, TensorType
-from orion.mil.parse import parse_program, read_mil_file, resolve_blob_path
+from orion.mil.parse import parse_functions, parse_program, read_mil_file, resolve_blob_path
 from orion.mil.validate import directory_blob_loader, validate_program
 from orion.mil.program import BlobRef, Literal, Program, Statement
 from orion.mil.program import MODEL_PATH
@@ -333,15 +333,17 @@ def output_value(held: np.ndarray, t: TensorType, target: np.ndarray | None = No
     return target
 
 
-def load_text(text: str, model_dir: str | Path, settings: Numerics | None = None,
-              source: str = "<mil>") -> EmulatedProgram:
-    return EmulatedProgram(parse_program(text, source), directory_blob_loader(Path(model_dir)), settings)
+def load_text(text: str, model_dir: str | Path, settings: Numerics | None = None, source: str = "<mil>",
+              function: str | None = None) -> EmulatedProgram:
+    """``function``: which function of a text with several to run (None: the only one, or main)."""
+    return EmulatedProgram(parse_program(text, source, function), directory_blob_loader(Path(model_dir)), settings)
 
 
-def load_program(model_dir: str | Path, settings: Numerics | None = None) -> EmulatedProgram:
-    """Load ``model_dir/model.mil`` with its weights resolved under ``model_dir``."""
+def load_program(model_dir: str | Path, settings: Numerics | None = None,
+                 function: str | None = None) -> EmulatedProgram:
+    """Load ``model_dir/model.mil`` with its weights resolved under ``model_dir`` (``function`` of several)."""
     text, mil = read_mil_file(model_dir)
-    return load_text(text, mil.parent, settings, source=str(mil))
+    return load_text(text, mil.parent, settings, source=str(mil), function=function)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -353,9 +355,11 @@ class EmulatorModel(BackendModel):
     ``compiled/`` (the ANE bakes weights at compile time: catalog ANE-07); loading reads that snapshot, so
     overwriting weight files without refreshing the snapshot gives stale outputs, as reported on hardware."""
 
-    def __init__(self, backend: "EmulatorBackend", mil_text: str, weight_files: dict[str, Path]):
+    def __init__(self, backend: "EmulatorBackend", mil_text: str, weight_files: dict[str, Path],
+                 function: str | None = None):
         self.backend = backend
         self.mil_text = mil_text
+        self.function = function
         self.identifier = model_identifier(mil_text, [MODEL_PATH + rel for rel in weight_files])
         self.directory = backend.root / self.identifier
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -377,8 +381,9 @@ class EmulatorModel(BackendModel):
 
     def compile(self) -> None:
         text = (self.directory / "model.mil").read_text(encoding="utf-8")
-        EmulatedProgram(parse_program(text, str(self.directory / "model.mil")),  # checks every statement and record
-                        directory_blob_loader(self.directory, data=False), self.backend.numerics, check_only=True)
+        for program in parse_functions(text, str(self.directory / "model.mil")).values():  # every function,
+            EmulatedProgram(program, directory_blob_loader(self.directory, data=False),  # statement and record
+                            self.backend.numerics, check_only=True)
         self._snapshot_weights()
         plist = {"mil_sha256": hashlib.sha256(text.encode()).hexdigest(), "weights": sorted(self._weight_paths)}
         (self.directory / "net.plist").write_text(json.dumps(plist), encoding="utf-8")
@@ -405,8 +410,8 @@ class EmulatorModel(BackendModel):
         text = (self.directory / "model.mil").read_text(encoding="utf-8")
         if json.loads(plist_path.read_text())["mil_sha256"] != hashlib.sha256(text.encode()).hexdigest():
             raise BackendError(f"model {self.identifier[:12]}: compiled artifacts belong to another program")
-        self._program = EmulatedProgram(parse_program(text), directory_blob_loader(self.directory / "compiled"),
-                                        self.backend.numerics)
+        self._program = EmulatedProgram(parse_program(text, function=self.function),
+                                        directory_blob_loader(self.directory / "compiled"), self.backend.numerics)
 
     def evaluate(self, inputs: Sequence[Surface], outputs: Sequence[Surface]) -> None:
         program = self._program
@@ -475,8 +480,8 @@ class EmulatorBackend(Backend):
     def available(cls) -> bool:
         return True
 
-    def new_model(self, mil_text: str, weight_files: dict[str, Path]) -> EmulatorModel:
-        return EmulatorModel(self, mil_text, weight_files)
+    def new_model(self, mil_text: str, weight_files: dict[str, Path], function: str | None = None) -> EmulatorModel:
+        return EmulatorModel(self, mil_text, weight_files, function)
 
     def new_surface(self, nbytes: int) -> Surface:
         return Surface(nbytes)

@@ -287,6 +287,15 @@ _ENTRIES = (
         "CONTESTED: reference section 2 (procedureIndex @0); Core ML multifunction models (coremltools 8) run "
         "through Core ML's own runtime", setting="multi_function",
     ),
+    Constraint(
+        "ANE-43", "a stateful program (state<...> inputs, read_state, write_state): whether the ANE keeps a state "
+        "buffer between evaluations, and how the private API binds one, is unverified", "io-binding", "error",
+        "compile", "unknown: no public direct-ANE project binds a state; the program may be refused, or the state "
+        "lost between evaluations", "keep the cache in ordinary inputs and outputs (the KV cache as program inputs, "
+        "as Orion's GPT-2 decode does), or run the stateful program on the emulator (load_program, whose state "
+        "persists between run() calls)", "unverified: the reference has no report of state on the ANE; MIL "
+        "semantics: coremltools' iOS18 read_state, coreml_update_state (write_state), slice_update",
+    ),
 )
 
 CATALOG: dict[str, Constraint] = {c.id: c for c in _ENTRIES}
@@ -407,6 +416,7 @@ class _Checker:
     def run(self) -> list[Violation]:
         self.check_dialect()
         self.check_functions()
+        self.check_states()
         self.check_definitions()
         for st in self.program.statements:
             self.check_statement(st)
@@ -424,7 +434,7 @@ class _Checker:
 
     @staticmethod
     def at(st: Statement) -> str:
-        place = f"{st.op} '{st.var}'"
+        place = f"{st.op} '{st.var or st.name}'"
         return f"line {st.line} ({place})" if st.line else place
 
     def arg_type(self, arg) -> TensorType | None:
@@ -482,6 +492,10 @@ class _Checker:
             self.add("ANE-42", "program", f"the text holds {len(functions)} functions ({', '.join(functions)}); "
                                           f"target {self.target.name!r} has multi_function="
                                           f"{self.target.multi_function}")
+
+    def check_states(self) -> None:
+        for name in self.program.states:
+            self.add("ANE-43", f"input '{name}'", f"state {name!r}: state on the ANE is unverified")
 
     def check_definitions(self) -> None:
         """MIL's op definitions, by the same function the emulator refuses a program with at load."""
@@ -620,7 +634,7 @@ class _Checker:
 
     def values(self) -> list[tuple[str, TensorType]]:
         placed = [(f"input '{name}'", t) for name, t in self.program.inputs]
-        return placed + [(self.at(st), st.type) for st in self.program.statements]
+        return placed + [(self.at(st), vt) for st in self.program.statements for _, vt in st.outputs]
 
     def check_shapes(self) -> None:
         t = self.target
@@ -633,7 +647,7 @@ class _Checker:
 
     def check_io(self) -> None:
         t = self.target
-        inputs = list(self.program.inputs)
+        inputs = [(n, vt) for n, vt in self.program.inputs if n not in self.program.states]  # states: ANE-43
         outputs = [(name, self.types[name]) for name in self.program.outputs if name in self.types]
         for kind, items in (("input", inputs), ("output", outputs)):
             for name, vt in items:

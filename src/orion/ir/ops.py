@@ -1446,6 +1446,68 @@ for _name, _fn in (("reduce_argmax", np.argmax), ("reduce_argmin", np.argmin)):
              infer=_arg_infer(_name), compute=_arg(_fn), kind="index", ane_known=False)
 
 
+# State (iOS18): a function input declared ``state<tensor<...>>`` is a buffer kept between calls, read with
+# ``read_state`` and replaced with ``write_state`` (or coremltools' ``coreml_update_state``, a write then a read);
+# ``slice_update`` writes a slice of a tensor (a KV cache's new position). Whoever runs the program holds the
+# buffers (the emulator: ``EmulatedProgram.state``); nobody has reported state on the ANE.
+
+
+def _state_infer(op: str):
+    def infer(types, attrs):
+        if len(types) == 2 and types[1] != types[0]:
+            raise _fail(op, f"the value {types[1]} is not of the state's type {types[0]}")
+        return () if op == "write_state" else types[-1]
+
+    return infer
+
+
+_declare("read_state", ("input",), infer=_state_infer("read_state"), compute=lambda k, xs, a: xs[0].copy(),
+         kind="state", ane_known=False)
+_declare("write_state", ("input", "data"), infer=_state_infer("write_state"), compute=lambda k, xs, a: (),
+         kind="state", ane_known=False, several_results=True)
+_declare("coreml_update_state", ("state", "value"), infer=_state_infer("coreml_update_state"),
+         compute=lambda k, xs, a: xs[1].copy(), kind="state", ane_known=False)
+
+#: What a slice_update's begin and end may be (coremltools' type domain U).
+SLICE_INDEX_DTYPES = ("int32", "int16", "int8")
+
+
+def _slice_update_attrs(xs, a) -> dict:
+    return {**a, "begin": [int(b) for b in np.ravel(xs[2])], "end": [int(e) for e in np.ravel(xs[3])]}
+
+
+def _slice_update_infer(types, attrs):
+    x, update, begin, end = types
+    if update.dtype != x.dtype or update.rank == 0:
+        raise _fail("slice_update", f"update {update.short()} must be a tensor of x's dtype {x.dtype}")
+    for name, t in (("begin", begin), ("end", end)):
+        if t.dtype not in SLICE_INDEX_DTYPES or t.shape != (x.rank,):
+            raise _fail("slice_update", f"{name} must be an integer tensor of shape [{x.rank}], got {t.short()}")
+    return x
+
+
+def _slice_update(k, xs, a):
+    """x with ``x[begin:end:stride]`` (masks as slice_by_index) replaced by ``update``; begin and end may be
+    computed (a KV cache's position), so the update's shape is checked here, at run time."""
+    x, update = xs[0], xs[1]
+    attrs = _slice_update_attrs(xs, a)
+    slices = _index_slices("slice_update", x.shape, attrs)
+    out = x.copy()
+    squeezed = tuple(d for d, m in enumerate(_squeeze_mask(attrs, x.ndim)) if m)
+    target = np.squeeze(out[slices], axis=squeezed)
+    if target.shape != update.shape:
+        raise _fail("slice_update", f"update has shape {list(update.shape)} but begin {attrs['begin']} end "
+                                    f"{attrs['end']} select {list(target.shape)} of x {list(x.shape)}")
+    out[slices] = update.reshape(out[slices].shape)
+    return out
+
+
+_declare("slice_update", ("x", "update", "begin", "end"),
+         {"stride": Attr("ints", None), "begin_mask": Attr("bools", None), "end_mask": Attr("bools", None),
+          "squeeze_mask": Attr("bools", None)},
+         infer=_slice_update_infer, compute=_slice_update, kind="layout", ane_known=False)
+
+
 # A constant: ``val`` holds the numpy array. Weights are constants that the emitter writes to blob files.
 _declare("const", (), {"val": Attr("tensor")}, infer=lambda t, a: None, compute=lambda k, xs, a: a["val"], kind="const")
 

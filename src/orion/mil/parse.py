@@ -5,9 +5,11 @@ The grammar accepted (whitespace and ``//`` comments allowed between any two tok
 
     program    := "program" "(" ("1.3" | "1.0") ")" [ "[" "buildInfo" "=" dict "]" ] "{" function+ "}"
     dict       := "dict" "<" strtype "," strtype ">" "(" "{" [ "{" STRING "," STRING "}" , ... ] "}" ")"
-    function   := "func" IDENT "<" iosNN ">" "(" [ type IDENT , ... ] ")" "{" statement* "}"
+    function   := "func" IDENT "<" iosNN ">" "(" [ param , ... ] ")" "{" statement* "}"
                   "->" "(" IDENT , ... ")" ";"
-    statement  := results "=" IDENT "(" [ IDENT "=" argument , ... ] ")" [ "[" [ IDENT "=" literal , ... ] "]" ] ";"
+    param      := type IDENT | "state" "<" type ">" IDENT           (a state: stateful programs, KV caches)
+    statement  := [ results "=" ] IDENT "(" [ IDENT "=" argument , ... ] ")" [ "[" [ IDENT "=" literal , ... ] "]" ] ";"
+                  (no results: write_state)
     results    := type IDENT , ... | "(" type IDENT , ... ")"     (several for ops such as split)
     argument   := IDENT | literal | "[" [ number , ... ] "]" | "(" IDENT , ... ")"
     type       := "tensor" "<" dtype "," "[" [ INT , ... ] "]" ">" | dtype
@@ -336,11 +338,13 @@ class _Parser:
         self.next()
         self.expect(">")
         self.expect("(", "'(' opening the parameter list")
-        inputs = self.comma_list(")", self.parameter, "a parameter")
+        states: list[str] = []
+        inputs = self.comma_list(")", lambda: self.parameter(states), "a parameter")
         self.expect("{", "'{' opening the function body")
         statements = []
         while not self.at("}"):
-            if not (self.at("(") or self.at("ident") and self.peek().text in _TYPE_WORDS):
+            if not (self.at("(") or self.at("ident") and (self.peek().text in _TYPE_WORDS or
+                                                             self.peek(1).kind == "(")):
                 raise self.error("a statement (starting with its type) or '}' closing the function")
             statements.append(self.statement())
         self.next()
@@ -358,6 +362,7 @@ class _Parser:
                 )
         return Program(
             inputs=inputs,
+            states=tuple(states),
             statements=statements,
             outputs=[tok.text for tok in output_tokens],
             version=version,
@@ -397,17 +402,29 @@ class _Parser:
         self.expect("]", "']' closing the program attributes")
         return info
 
-    def parameter(self) -> tuple[str, TensorType]:
+    def parameter(self, states: list[str]) -> tuple[str, TensorType]:
+        """``type name``, or ``state<type> name`` (its name is added to ``states``)."""
+        state = self.at("ident", "state")
+        if state:
+            self.next()
+            self.expect("<", "'<' after state")
         if not (self.at("ident") and self.peek().text in _TYPE_WORDS):
             raise self.error("a parameter type such as tensor<fp16, [1, 64, 1, 64]>")
         t = self.type_()
+        if state:
+            self.expect(">", "'>' closing state<...>")
         name = self.variable_name("a parameter name")
         self.define(name)
+        if state:
+            states.append(name.text)
         return name.text, t
 
     def statement(self) -> Statement:
         first = self.peek()
-        if self.at("("):  # (type a, type b) = split(...)
+        results = []
+        if self.at("ident") and self.peek(1).kind == "(" and first.text not in _TYPE_WORDS:
+            pass  # an op without results: write_state(input = k, data = v)
+        elif self.at("("):  # (type a, type b) = split(...)
             self.next()
             results = self.comma_list(")", self.result, "a result")
             if not results:
@@ -417,7 +434,8 @@ class _Parser:
             while self.at(","):
                 self.next()
                 results.append(self.result())
-        self.expect("=", "'=' after the variable name")
+        if results:
+            self.expect("=", "'=' after the variable name")
         op = self.identifier("an operation name").text
         self.expect("(", f"'(' opening the arguments of {op}")
         args: dict[str, Argument] = {}
@@ -429,6 +447,8 @@ class _Parser:
         self.expect(";", "';' ending the statement")
         for _, tok in results:
             self.define(tok)  # only now: a statement cannot use its own results
+        if not results:
+            return Statement(type=None, var="", op=op, args=args, attrs=attrs, line=first.line)
         (t, var_tok), *more = results
         return Statement(type=t, var=var_tok.text, op=op, args=args, attrs=attrs, line=first.line,
                          more_outputs=tuple((tok.text, rt) for rt, tok in more))

@@ -71,6 +71,10 @@ class Program:
         self.weight_update = weight_update or self.target.weight_update
         if self.weight_update not in WEIGHT_UPDATES:
             raise SettingsError(f"unknown weight update strategy {self.weight_update!r}; use one of {WEIGHT_UPDATES}")
+        if module.program.states:
+            raise SettingsError(f"the program has state inputs ({', '.join(module.program.states)}): the runtime "
+                                "binds surfaces, not state buffers (ANE-43); run it with the emulator's load_program, "
+                                "whose state persists between run() calls")
         functions = module.program.functions
         #: The function this program evaluates, of a text with several (None: a text of one function).
         self.function = module.program.function if len(functions) > 1 else None

@@ -135,8 +135,11 @@ class EmulatedProgram:
         self.check_only = check_only
         self.settings = settings or Numerics()
         self.kernels = AneKernels(self.settings)
-        self.inputs: list[tuple[str, TensorType]] = list(program.inputs)
+        self.inputs: list[tuple[str, TensorType]] = [(n, t) for n, t in program.inputs if n not in program.states]
         self._input_types = dict(self.inputs)
+        self._state_types = {n: t for n, t in program.inputs if n in program.states}
+        self._state: dict[str, np.ndarray] = {}
+        self.reset_state()
         self.outputs: list[tuple[str, TensorType]] = program.output_types()
         self._consts: dict[str, object] = {}
         self._const_keys: dict[str, tuple] = {}  # what a tensor constant is made of, to share it (see _shared)
@@ -198,7 +201,7 @@ class EmulatedProgram:
             for name, literal in r.literals.items():
                 self._consts[name] = self._literal_value(literal, r.statement, blob_loader, name)
             shape = r.arg_types[0].shape if r.arg_types else ()
-            offset = last_axis_slice_offset(r.op.name, shape, r.attrs) if r.op.name.startswith("slice") else 0
+            offset = last_axis_slice_offset(r.op.name, shape, r.attrs) if r.op.name in ("slice_by_index", "slice_by_size") else 0
             attrs = {**r.attrs, **{key: self._consts[var] for key, var in r.blob_attrs.items()}}
             self._steps.append(_Step(r.statement.var, r.op, r.inputs, attrs, r.statement, offset_slice=offset != 0,
                                      results=tuple(var for var, _ in r.statement.outputs)))
@@ -257,15 +260,36 @@ class EmulatedProgram:
             raise BackendError("this program was only checked (check_only=True); load it with its weights to run it")
         env: dict[str, object] = dict(self._consts)
         env.update(bound)
+        env.update(self._state)
         with np.errstate(all="ignore"):
             for step, done in zip(self._steps, self._last_uses):
                 if step.op.several_results:
                     env.update(zip(step.results, self._execute(step, env)))
                 else:
                     env[step.var] = self._execute(step, env)
+                if step.op.kind == "state" and step.op.name != "read_state":
+                    self._write_state(step, env)
                 for name in done:
                     del env[name]
         return {name: _held(env[name]) for name, _ in self.outputs}
+
+    # -- state: the buffers of state<...> inputs, kept between runs of this program -----------------------------
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """Each state's current value, by name, in its declared dtype (a copy)."""
+        return {name: output_value(self._state[name], t) for name, t in self._state_types.items()}
+
+    def reset_state(self) -> None:
+        """Every state back to zeros, as a new program starts."""
+        self._state = {name: np.zeros(t.shape, np.float32 if t.dtype in FLOAT_DTYPES else t.numpy_dtype)
+                       for name, t in self._state_types.items()}
+
+    def _write_state(self, step: _Step, env: dict) -> None:
+        """write_state(input=s, data=v) or coreml_update_state(state=s, value=v): ``s`` holds ``v`` from here on,
+        in this run and the next (a copy: later ops never see the buffer change under them)."""
+        name, value = step.inputs[0], env[step.inputs[1]]
+        self._state[name] = env[name] = np.array(value, copy=True)
 
     def _execute(self, step: _Step, env: dict) -> np.ndarray | tuple[np.ndarray, ...]:
         """One op on float32 arrays holding fp16 values; the result is rounded to fp16 and held as float32 (each
@@ -281,9 +305,9 @@ class EmulatedProgram:
 
     def _hold_result(self, step: _Step, result: np.ndarray, arrays: list) -> np.ndarray:
         kind = step.op.kind
-        if kind in ("layout", "index") and result.dtype.kind in "biu":
+        if kind in ("layout", "index", "state") and result.dtype.kind in "biu":
             return result  # integers moved or picked (indices) stay exact: MIL's int32, never rounded to fp16
-        if kind in ("layout", "index"):  # moves or picks values without computing: they stay fp16 values
+        if kind in ("layout", "index", "state"):  # moves or picks values without computing: they stay fp16 values
             if step.offset_slice and self.settings.slice_offset_overflow:
                 return numerics.slice_overflow(result.astype(F16), step.offset_slice, self.settings).astype(np.float32)
             return np.asarray(result, dtype=np.float32)

@@ -124,3 +124,16 @@ def test_graph_validate_catches_dangling_values():
     g.set_output("y", b.exp(x))
     with pytest.raises(GraphError, match="undefined"):
         g.validate()
+
+
+def test_a_node_of_several_results_is_listed_once_in_dependency_order():
+    from orion.ir.graph import topological_nodes
+
+    b = GraphBuilder("g")
+    a, c = b.op("split", x=b.input("x", (1, 4, 1, 8)), axis=1, num_splits=2)
+    y = b.add(a, c)
+    order = topological_nodes([y, c])
+    assert [n.op for n in order] == ["split", "add"]
+    copy = b.graph.copy()
+    assert str(copy) == str(b.graph) and copy.fingerprint() == b.graph.fingerprint()
+    assert copy.nodes[0].more[0].producer is copy.nodes[0]

@@ -147,14 +147,30 @@ def test_split_and_topk_are_flagged_as_not_known_on_the_ane():
     assert "ANE-34" in found and "ANE-38" not in found
 
 
-def test_graph_builder_refuses_an_op_of_several_results_by_name():
-    from orion.errors import GraphError
+def test_graph_builder_emitter_and_passes_carry_every_result(tmp_path):
+    """split and topk built in a graph: each result is a value of its own, the passes keep the node once (two of
+    its results read), the emitter writes one statement with several results, and the emulator runs it."""
+    from orion.compiler.compile import compile_graph
     from orion.ir.builder import GraphBuilder
 
     b = GraphBuilder("g")
-    x = b.input("x", (1, 4, 1, 8))
-    with pytest.raises(GraphError, match="split gives several results and a graph node holds one"):
-        b.op("split", x=x, axis=1, num_splits=2)
+    x = b.input("x", (1, 8, 1, 32))
+    lo, mid, hi = b.op("split", x=x, axis=1, split_sizes=[2, 2, 4])
+    assert [v.shape for v in (lo, mid, hi)] == [(1, 2, 1, 32), (1, 2, 1, 32), (1, 4, 1, 32)]
+    values, _ = b.op("topk", x=hi, k=3, axis=-1)
+    b.output("d", b.sub(mid, lo))
+    b.output("top", values)
+    assert "%split, %split_1, %split_2 = split(x=%x)" in str(b.graph)
+    result = compile_graph(b.graph, target="default")
+    text = result.module.text
+    assert text.count(" = split(") == 1 and text.count(" = topk(") == 1
+    result.module.write(tmp_path)
+    x_in = np.random.default_rng(7).normal(size=(1, 8, 1, 32)).astype(np.float16)
+    from orion.runtime.backends.emulator import load_program
+
+    got = load_program(tmp_path).run({"x": x_in})
+    np.testing.assert_array_equal(got["d"], (x_in[:, 2:4].astype(np.float32) - x_in[:, :2]).astype(np.float16))
+    np.testing.assert_array_equal(got["top"], -np.sort(-x_in[:, 4:], axis=-1)[..., :3])
 
 
 # -- reduce_argmax / reduce_argmin ------------------------------------------------------------------------------------

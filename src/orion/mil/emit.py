@@ -181,6 +181,10 @@ def emit(graph: Graph, version: str = "1.3", weight_layout: str = "per-tensor",
         out = node.output
         var = renamed_outputs.get(out.id) or claim(out.name)
         names[out.id] = var
+        more = []
+        for v in node.more:
+            names[v.id] = renamed_outputs.get(v.id) or claim(v.name)
+            more.append((names[v.id], v.type))
         if node.is_const:
             statements.append(_const_statement(var, node.attrs["val"], add_blob))
             continue
@@ -202,7 +206,7 @@ def emit(graph: Graph, version: str = "1.3", weight_layout: str = "per-tensor",
                 statements.append(Statement(lit.type, const_var, "const", {}, {**_name_attr(const_var), "val": lit}))
             args[key] = VarRef(const_var)
         args = dict(sorted(args.items()))
-        statements.append(Statement(out.type, var, node.op, args, _name_attr(var)))
+        statements.append(Statement(out.type, var, node.op, args, _name_attr(var), more_outputs=tuple(more)))
 
     outputs: list[str] = []
     for out_name, v in graph.outputs.items():

@@ -248,7 +248,9 @@ class EmulatedProgram:
         return array.astype(t.numpy_dtype)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs by name in their declared dtype (fp16 for non-float declarations)."""
+        """Outputs by name in their declared dtype (fp16 for non-float declarations computed in fp16; exact integers
+        in their declared type: see :func:`output_value`). States (``state<...>`` inputs) are not inputs: they
+        persist between calls (:attr:`state`, :meth:`reset_state`)."""
         held = self.run_bound(self.bind(inputs))
         return {name: output_value(held[name], t) for name, t in self.outputs}
 

@@ -375,17 +375,16 @@ def multi_function_modules(backend) -> dict:
     from orion.mil.parse import parse_program
 
     w = _fp16(np.linspace(-2, 2, C).reshape(1, C, 1, 1))
-    functions, weights = [], None
+    texts = []
     for name, op in (("main", "add"), ("decode", "mul")):
         b = _builder(name)
         b.output("y", b.op(op, name="y", x=b.input("x", (1, C, 1, S)), y=b.weight("w", w)))
-        module = _emit(b, backend)
-        weights = module
-        functions.append(dataclasses.replace(module.program, function=name).to_text(backend.target.mil_version))
-    header = functions[0].splitlines()[:3]  # program(...), buildInfo, "{"
-    bodies = [line for text in functions for line in text.splitlines()[3:-1]]
+        module = _emit(b, backend)  # both write weights/w.bin with the same values: one file for the two
+        texts.append(dataclasses.replace(module.program, function=name).to_text(backend.target.mil_version))
+    header = texts[0].splitlines()[:3]  # program(...), buildInfo, "{"
+    bodies = [line for text in texts for line in text.splitlines()[3:-1]]
     text = "\n".join(header + bodies + ["}"]) + "\n"
-    return {name: MILModule(parse_program(text, function=name), text, weights.weight_files, weights.weight_names)
+    return {name: MILModule(parse_program(text, function=name), text, module.weight_files, module.weight_names)
             for name in ("main", "decode")}, w
 
 

@@ -34,7 +34,7 @@ def test_shape_rules_reject_bad_graphs_with_named_errors():
 def test_every_op_has_a_shape_rule_and_a_numpy_meaning():
     for op in OPS.values():
         assert callable(op.infer) and callable(op.compute), op.name
-        assert op.kind in ("elementwise", "activation", "wide", "reduction", "layout", "const")
+        assert op.kind in ("elementwise", "activation", "wide", "reduction", "layout", "index", "state", "const")
 
 
 def test_graph_prints_readably_and_copies_structurally():
@@ -124,3 +124,16 @@ def test_graph_validate_catches_dangling_values():
     g.set_output("y", b.exp(x))
     with pytest.raises(GraphError, match="undefined"):
         g.validate()
+
+
+def test_a_node_of_several_results_is_listed_once_in_dependency_order():
+    from orion.ir.graph import topological_nodes
+
+    b = GraphBuilder("g")
+    a, c = b.op("split", x=b.input("x", (1, 4, 1, 8)), axis=1, num_splits=2)
+    y = b.add(a, c)
+    order = topological_nodes([y, c])
+    assert [n.op for n in order] == ["split", "add"]
+    copy = b.graph.copy()
+    assert str(copy) == str(b.graph) and copy.fingerprint() == b.graph.fingerprint()
+    assert copy.nodes[0].more[0].producer is copy.nodes[0]

@@ -461,8 +461,8 @@ SYNTAX_ERRORS = [
     ("program(1.3)\n{\n    func main<ios18>(tensor<fp16, [2]> x) {\n    } -> (x);\n}\n§}", "end of input"),
     ("program(1.3)\n[buildInfo = dict<string, §fp16>({})]\n{\n", "string"),
     ('program(1.3)\n[buildInfo = dict<string, string>({{"a", "b"}, {§"a", "c"}})]\n{\n', "repeated key"),
-    ("program(1.3)\n{\n    func main<ios18>(tensor<fp16, [2]> x) {\n    } -> (x);\n    §func f<ios18>",
-     "one function"),
+    ("program(1.3)\n{\n    func main<ios18>(tensor<fp16, [2]> x) {\n    } -> (x);\n    §fn f<ios18>",
+     "'func' starting another function"),
 ]
 
 

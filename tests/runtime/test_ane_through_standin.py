@@ -133,7 +133,7 @@ def test_a_lora_swap_gives_the_same_logits_and_compiles_nothing(model_chip, tiny
 #: Probes whose ANE runs cover each path of the bridge: a compile the chip rejects, binding, a refused evaluation,
 #: the patch recipe (artifacts into a new model), LoRA inputs. The slow test runs them all.
 DOCTOR_PROBES = ["concat-interleave", "binding-order-outputs", "unequal-surfaces", "weight-update-patch",
-                 "lora-inputs"]
+                 "lora-inputs", "multi-function"]
 
 
 def _doctor_agrees(probes) -> None:
@@ -157,3 +157,21 @@ def test_doctor_probes_on_the_ane_agree_with_the_emulator(ane_standin):
 @pytest.mark.slow
 def test_every_doctor_probe_on_the_ane_agrees_with_the_emulator(ane_standin):
     _doctor_agrees(None)
+
+
+def test_each_function_of_a_multifunction_program_runs_by_its_procedure_index(ane_standin, tmp_path, monkeypatch):
+    """On a chip whose profile says programs of several functions run by procedureIndex, the multi-function probe's
+    ANE run (the bridge's request with index 1 for decode) gives each function's outputs, as the emulator does."""
+    import json
+
+    from orion.runtime.doctor import run_doctor
+
+    profile = tmp_path / "multi.json"
+    profile.write_text(json.dumps({"base": "default", "overrides": {"multi_function": "procedure-index"}}))
+    monkeypatch.setenv("ORION_STANDIN_TARGET", str(profile))
+    report = run_doctor("auto", probes=["multi-function"], timeout=120, target=str(profile))
+    entry = report["probes"][0]
+    assert entry["ane"]["status"] == "ok", entry["ane"]
+    assert entry["ane"]["value"] == {"multi_function": "procedure-index"} == entry["emulator"]["value"]
+    assert entry["comparison"]["verdict_equal"] and entry["comparison"]["outputs_equal"] in (True, None)
+    assert ane_standin.failures() == 0

@@ -236,6 +236,18 @@ def test_activation_sweep_skips_what_the_target_says_the_ane_rejects(report):
     assert entry(report, "numerics-activations")["value"] == {}  # gelu(0) and silu(0) unmeasured: nothing settled
 
 
+def test_multi_function_follows_the_target_and_runs_each_function_where_it_says_so(report, tmp_path):
+    """The default target does not know (ANE-42): both functions are refused by assumption, nothing is settled
+    beyond "unknown"; a profile that says "procedure-index" gets each function's own outputs from one text."""
+    assert entry(report, "multi-function")["value"] == {"multi_function": "unknown"}
+    for variant in observations(report, "multi-function")["variants"].values():
+        assert variant["assumed"] is True and "ANE-42" in variant["error"]
+    obs = PROBES["multi-function"].run(emulator(tmp_path, multi_function="procedure-index"))
+    assert all(v["works"] for v in obs["variants"].values()) and set(obs["variants"]) == {"main", "decode"}
+    assert PROBES["multi-function"].verdict(obs) == ("each function runs by the request's procedure index",
+                                                     {"multi_function": "procedure-index"})
+
+
 #: A target whose ANE compiles gelu, silu and rsqrt, so the activation probe measures them all on the emulator.
 NATIVE_ACTIVATIONS = {"gelu_native": True, "silu_native": True, "rsqrt_native": True}
 

@@ -169,11 +169,12 @@ SEVERAL_RESULTS = """program(1.3)
     [
         ("tensor<fp16, [1, 4, 1, 8]> a, tensor<fp16, [1, 4, 1, 8]> b", "relu",
          r"line 4 \(relu 'a'\): relu gives one result, the statement declares 2 \(a, b\)"),
-        ("(tensor<fp16, [1, 2, 1, 8]> a, tensor<fp16, [1, 2, 1, 8]> b)", "split", r"line 4 \(split 'a'\): unknown op 'split'"),
+        ("(tensor<fp16, [1, 2, 1, 8]> a, tensor<fp16, [1, 2, 1, 8]> b)", "split",
+         r"line 4 \(split 'a'\): split: attribute 'axis' is required"),
     ],
 )
 def test_statements_with_several_results_are_refused_by_name(tmp_path, results, op, message):
-    """The parser reads them (split); the emulator, which runs ops of one result, says so instead of failing on
-    the second result."""
+    """A statement whose op gives one result but which declares two, and a split missing its axis: each refused
+    with its line, op and variable."""
     with pytest.raises(MILProgramError, match=message):
         load_text(SEVERAL_RESULTS.replace("RESULTS", results).replace("OP", op), tmp_path)

@@ -3,6 +3,7 @@ stderr and exit status 2, constraint violations with exit status 1."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import runpy
@@ -183,11 +184,13 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
 @click.option("--random-inputs", "seed", type=int, default=None,
               help="Instead of --inputs: standard-normal inputs from this seed.")
 @click.option("--out", "out_file", required=True, type=click.Path(path_type=Path), help="Output .npz.")
+@click.option("--function", "function", default=None,
+              help="Of a program with several functions (main, prefill, decode ...), the one to run (default main).")
 @_backend_option()
 @_target_option
 @handle_errors
-def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_file: Path, backend: str,
-            target_name: str) -> None:
+def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_file: Path, function: str | None,
+            backend: str, target_name: str) -> None:
     """Run MODEL_DIR/model.mil (weights resolved under MODEL_DIR) and write its outputs to OUT."""
     from orion.compiler.constraints import check_program
     from orion.compiler.targets import get_target
@@ -197,7 +200,7 @@ def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_fil
         raise OrionError("give exactly one of --inputs IN.npz or --random-inputs SEED")
     target = get_target(target_name)
     inputs = _read_npz(inputs_file) if inputs_file is not None else None
-    with Program.from_mil(model_dir, backend=backend, target=target, check=False) as program:
+    with Program.from_mil(model_dir, backend=backend, target=target, check=False, function=function) as program:
         rejected = sorted({v.constraint for v in check_program(program.module.program, target)
                            if v.severity == "error"})
         if rejected:
@@ -227,16 +230,24 @@ def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_fil
 @handle_errors
 def check_cmd(path: Path, target_name: str) -> None:
     """Validate a MIL program (a .mil file or a directory holding model.mil, with the weight files it names there)
-    against the constraint catalog: everything the emulator refuses at load fails here too."""
+    against the constraint catalog: everything the emulator refuses at load fails here too. Every function of a
+    program with several is checked."""
     from orion.compiler.constraints import check_program
     from orion.compiler.targets import get_target
-    from orion.mil.parse import parse_program, read_mil_file
+    from orion.mil.parse import parse_functions, read_mil_file
 
     target = get_target(target_name)
     text, mil = read_mil_file(path)
-    program = parse_program(text, str(mil))
-    violations = check_program(program, target, model_dir=mil.parent)
-    out.print(f"{mil}: {len(program.statements)} statements, target {target.name}", highlight=False, markup=False)
+    functions = parse_functions(text, str(mil))
+    violations = []
+    for name, program in functions.items():
+        found = check_program(program, target, model_dir=mil.parent)
+        if len(functions) > 1:  # say which function; the program-wide findings once
+            found = [v if v.where == "program" else dataclasses.replace(v, where=f"function {name}, {v.where}")
+                     for v in found if v.where != "program" or name == next(iter(functions))]
+        violations += found
+        out.print(f"{mil}: {'' if len(functions) == 1 else f'function {name}: '}{len(program.statements)} statements, "
+                  f"target {target.name}", highlight=False, markup=False)
     print_violations(violations)
     if any(v.severity == "error" for v in violations):
         sys.exit(EXIT_VIOLATIONS)

@@ -268,6 +268,34 @@ _ENTRIES = (
         "program, and name its record offset in the const", "blob storage v2 (reference section 4); "
         "orion.mil.validate.check_weight_files, the emulator's loader",
     ),
+    Constraint(
+        "ANE-41", "an op whose result is integer positions (reduce_argmax, reduce_argmin, topk's indices): what the "
+        "ANE computes is unknown", "numerics", "warning", "compile", "unknown: values are fp16 in flight (N1), "
+        "where an index above 2048 is not exact, and int32 outputs are rejected (ANE-23); the op may also be "
+        "refused at compile", "return the fp16 scores and take the argmax or top-k on the CPU, or check the program "
+        "with orion doctor on the device before relying on it; the emulator computes MIL's positions exactly "
+        "(int32, first position among equal values) and reads them back as int32",
+        "unverified (no public report of an index op on the ANE); MIL semantics: coremltools' reduce_argmax, "
+        "reduce_argmin, topk",
+    ),
+    Constraint(
+        "ANE-42", "a program with several functions (main plus prefill, decode ... sharing weights): whether the ANE "
+        "compiles it and evaluates each function by the request's procedure index is unverified", "compile", "error",
+        "compile", "unknown: every public request passes procedureIndex 0; the program may be refused, or run main "
+        "only", "compile each function as a program of its own (orion run --function NAME on the emulator), or "
+        "settle it with orion doctor --probe multi-function and compile for the profile it writes",
+        "CONTESTED: reference section 2 (procedureIndex @0); Core ML multifunction models (coremltools 8) run "
+        "through Core ML's own runtime", setting="multi_function",
+    ),
+    Constraint(
+        "ANE-43", "a stateful program (state<...> inputs, read_state, write_state): whether the ANE keeps a state "
+        "buffer between evaluations, and how the private API binds one, is unverified", "io-binding", "error",
+        "compile", "unknown: no public direct-ANE project binds a state; the program may be refused, or the state "
+        "lost between evaluations", "keep the cache in ordinary inputs and outputs (the KV cache as program inputs, "
+        "as Orion's GPT-2 decode does), or run the stateful program on the emulator (load_program, whose state "
+        "persists between run() calls)", "unverified: the reference has no report of state on the ANE; MIL "
+        "semantics: coremltools' iOS18 read_state, coreml_update_state (write_state), slice_update",
+    ),
 )
 
 CATALOG: dict[str, Constraint] = {c.id: c for c in _ENTRIES}
@@ -387,6 +415,8 @@ class _Checker:
 
     def run(self) -> list[Violation]:
         self.check_dialect()
+        self.check_functions()
+        self.check_states()
         self.check_definitions()
         for st in self.program.statements:
             self.check_statement(st)
@@ -404,7 +434,7 @@ class _Checker:
 
     @staticmethod
     def at(st: Statement) -> str:
-        place = f"{st.op} '{st.var}'"
+        place = f"{st.op} '{st.var or st.name}'"
         return f"line {st.line} ({place})" if st.line else place
 
     def arg_type(self, arg) -> TensorType | None:
@@ -456,6 +486,17 @@ class _Checker:
                 f"print it with program.to_text({self.target.mil_version!r})",
             )
 
+    def check_functions(self) -> None:
+        functions = self.program.functions
+        if len(functions) > 1 and self.target.multi_function != "procedure-index":
+            self.add("ANE-42", "program", f"the text holds {len(functions)} functions ({', '.join(functions)}); "
+                                          f"target {self.target.name!r} has multi_function="
+                                          f"{self.target.multi_function}")
+
+    def check_states(self) -> None:
+        for name in self.program.states:
+            self.add("ANE-43", f"input '{name}'", f"state {name!r}: state on the ANE is unverified")
+
     def check_definitions(self) -> None:
         """MIL's op definitions, by the same function the emulator refuses a program with at load."""
         for problem in validate_program(self.program).problems:
@@ -472,6 +513,11 @@ class _Checker:
         if op == "scaled_dot_product_attention":
             self.add("ANE-06", where, "scaled_dot_product_attention ignores the causal mask on the ANE")
             return
+        integer_results = [var for var, vt in st.outputs if OPS.get(op) is not None and OPS[op].kind == "index"
+                           and vt.dtype not in FLOAT_DTYPES]
+        if integer_results:
+            self.add("ANE-41", where, f"{op} gives integer positions ({', '.join(integer_results)}): the ANE's "
+                                      "result is unverified")
         if op not in self.known_ops:
             self.add("ANE-34", where, f"op {op!r} is not known to run on the ANE")
             return
@@ -588,7 +634,7 @@ class _Checker:
 
     def values(self) -> list[tuple[str, TensorType]]:
         placed = [(f"input '{name}'", t) for name, t in self.program.inputs]
-        return placed + [(self.at(st), st.type) for st in self.program.statements]
+        return placed + [(self.at(st), vt) for st in self.program.statements for _, vt in st.outputs]
 
     def check_shapes(self) -> None:
         t = self.target
@@ -601,7 +647,7 @@ class _Checker:
 
     def check_io(self) -> None:
         t = self.target
-        inputs = list(self.program.inputs)
+        inputs = [(n, vt) for n, vt in self.program.inputs if n not in self.program.states]  # states: ANE-43
         outputs = [(name, self.types[name]) for name in self.program.outputs if name in self.types]
         for kind, items in (("input", inputs), ("output", outputs)):
             for name, vt in items:

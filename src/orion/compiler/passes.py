@@ -41,11 +41,16 @@ def _rebuild(graph: Graph, rewrite: Callable[[Graph, Node, Callable[[Value], Val
         replacement = rewrite(g, node, lookup)
         if replacement is None:
             inputs = {k: [lookup(x) for x in v] if isinstance(v, list) else lookup(v) for k, v in node.inputs.items()}
-            nv = Value(node.output.type, node.output.name)
-            nn = Node(node.op, inputs, dict(node.attrs), nv)
-            nv.producer = nn
+            values = [Value(v.type, v.name) for v in node.outputs]
+            nn = Node(node.op, inputs, dict(node.attrs), values[0], values[1:])
+            for old, nv in zip(node.more, values[1:]):
+                nv.producer = nn
+                mapping[old.id] = nv
+            values[0].producer = nn
             g.nodes.append(nn)
-            replacement = nv
+            replacement = values[0]
+        elif node.more:
+            raise GraphError(f"a rewrite replaced {node.name!r}, an op of several results, by one value")
         elif replacement.type != node.output.type and not retype:
             raise GraphError(f"rewrite of {node.name!r} changed its type {node.output.type} -> {replacement.type}")
         mapping[node.output.id] = replacement
@@ -131,7 +136,7 @@ def fold_constants(graph: Graph) -> Graph:
     """Replace elementwise and layout ops whose inputs are all constants by the constant they compute."""
 
     def rewrite(g, node, lookup):
-        if node.is_const or OPS[node.op].kind not in _FOLDABLE:
+        if node.is_const or OPS[node.op].kind not in _FOLDABLE or OPS[node.op].several_results:
             return None
         values = node.input_values()
         if not values or not all(v.producer is not None and v.producer.is_const for v in values):

@@ -24,6 +24,7 @@ CONCAT_MODES = ("forbid", "interleave", "allow")
 BLOBS_PER_FILE = ("one", "many")
 SHARED_SCALAR_SLOTS = ("one", "per-use")
 WEIGHT_UPDATES = ("reload", "patch", "recompile", "inputs")
+MULTI_FUNCTION = ("unknown", "procedure-index")
 MiB = 1024 * 1024
 
 
@@ -137,6 +138,16 @@ class Target:
             "hardware (Orion's delta-compilation recipe, ref. section 2); off until `orion doctor` shows it on the chip"
         ),
     )
+    multi_function: str = field(
+        default="unknown",
+        metadata=_note(
+            "CONTESTED: a MIL text with several functions (main plus prefill, decode ... sharing weights, as Core ML "
+            "multifunction models ship): every public direct-ANE request passes procedureIndex @0 (ref. section 2) "
+            'and nobody reports another. "unknown" (not shown to work, or refused): such programs are refused; '
+            '"procedure-index": it compiles, and a request\'s procedureIndex picks the function (text order). '
+            "orion doctor's multi-function probe settles it"
+        ),
+    )
 
     def __post_init__(self) -> None:
         def bad(field_name: str, value: Any, expected: str) -> SettingsError:
@@ -149,6 +160,7 @@ class Target:
             ("blobs_per_file", BLOBS_PER_FILE),
             ("shared_scalar_slots", SHARED_SCALAR_SLOTS),
             ("weight_update", WEIGHT_UPDATES),
+            ("multi_function", MULTI_FUNCTION),
         ):
             if getattr(self, name) not in allowed:
                 raise bad(name, getattr(self, name), f"one of {', '.join(allowed)}")
@@ -324,4 +336,4 @@ def load_profile(path: Path) -> Target:
 
 
 __all__ = ["Target", "TARGETS", "get_target", "read_profile", "CONCAT_MODES", "BLOBS_PER_FILE", "SHARED_SCALAR_SLOTS",
-           "WEIGHT_UPDATES"]
+           "WEIGHT_UPDATES", "MULTI_FUNCTION"]

@@ -57,10 +57,16 @@ class Node:
     inputs: dict[str, "Value | list[Value]"]
     attrs: dict
     output: Value
+    #: The further results of an op with several (``split``, ``topk``), in order after ``output``.
+    more: list[Value] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.output.name
+
+    @property
+    def outputs(self) -> list[Value]:
+        return [self.output, *self.more]
 
     def input_values(self) -> list[Value]:
         out: list[Value] = []
@@ -79,6 +85,9 @@ def infer_node(op_name: str, inputs: dict, attrs: dict) -> tuple[dict, TensorTyp
     expected = input_names(op, list(inputs))
     if list(inputs) != expected and sorted(inputs) != sorted(expected):
         raise GraphError(f"{op_name}: inputs {sorted(inputs)} do not match the declared {expected}")
+    if op.kind == "state":
+        raise GraphError(f"{op_name} reads or writes a state, which a graph has not; write it in MIL text (the "
+                         "parser, checker and emulator run it)")
     resolved = op.resolve_attrs(attrs)
     types: list[TensorType] = []
     for name in expected:
@@ -119,13 +128,19 @@ class Graph:
         self.inputs.append(value)
         return value
 
-    def add_node(self, op: str, inputs: dict, attrs: dict | None = None, name: str | None = None) -> Value:
+    def add_node(self, op: str, inputs: dict, attrs: dict | None = None,
+                 name: str | None = None) -> Value | tuple[Value, ...]:
+        """The node's result, or a tuple of them for an op with several (``split``)."""
         resolved, out_type = infer_node(op, inputs, attrs or {})
-        value = Value(out_type, self.unique_name(name or op))
-        node = Node(op, dict(inputs), resolved, value)
-        value.producer = node
+        several = get_op(op).several_results
+        base = self.unique_name(name or op)
+        values = [Value(t, base if i == 0 else self.unique_name(f"{base}_{i}"))
+                  for i, t in enumerate(out_type if several else (out_type,))]
+        node = Node(op, dict(inputs), resolved, values[0], values[1:])
+        for value in values:
+            value.producer = node
         self.nodes.append(node)
-        return value
+        return tuple(values) if several else values[0]
 
     def add_const(self, array: np.ndarray, name: str = "const") -> Value:
         array = np.asarray(array)
@@ -164,7 +179,7 @@ class Graph:
             for v in node.input_values():
                 if v.id not in defined:
                     raise GraphError(f"node {node.name!r} ({node.op}) reads {v.name!r} before it is defined")
-            defined.add(node.output.id)
+            defined.update(v.id for v in node.outputs)
         for name, v in self.outputs.items():
             if v.id not in defined:
                 raise GraphError(f"output {name!r} refers to an undefined value {v.name!r}")
@@ -176,11 +191,12 @@ class Graph:
         for v in self.inputs:
             h.update(f"in {v.name} {v.type}\n".encode())
         for i, node in enumerate(self.nodes):
-            index[node.output.id] = f"n{i}"
+            index.update({v.id: f"n{i}.{j}" if j else f"n{i}" for j, v in enumerate(node.outputs)})
             args = {k: [index[x.id] for x in v] if isinstance(v, list) else index[v.id] for k, v in node.inputs.items()}
             arrays = {k: v for k, v in node.attrs.items() if isinstance(v, np.ndarray)}  # a const's val, a gamma
             attrs = {k: v for k, v in node.attrs.items() if k not in arrays}
-            h.update(f"{node.op} {node.output.name} {node.output.type} {args} {sorted(attrs.items())}\n".encode())
+            results = " ".join(f"{v.name} {v.type}" for v in node.outputs)
+            h.update(f"{node.op} {results} {args} {sorted(attrs.items())}\n".encode())
             for key in sorted(arrays):
                 h.update(f"{key} {arrays[key].dtype} {arrays[key].shape}\n".encode())
                 h.update(np.ascontiguousarray(arrays[key]).tobytes())
@@ -203,10 +219,11 @@ class Graph:
             inputs = {
                 k: [mapping[x.id] for x in v] if isinstance(v, list) else mapping[v.id] for k, v in node.inputs.items()
             }
-            nv = Value(node.output.type, node.output.name)
-            nn = Node(node.op, inputs, dict(node.attrs), nv)
-            nv.producer = nn
-            mapping[node.output.id] = nv
+            values = [Value(v.type, v.name) for v in node.outputs]
+            nn = Node(node.op, inputs, dict(node.attrs), values[0], values[1:])
+            for old, nv in zip(node.outputs, values):
+                nv.producer = nn
+                mapping[old.id] = nv
             g.nodes.append(nn)
         g.outputs = {k: mapping[v.id] for k, v in self.outputs.items()}
         return g
@@ -227,8 +244,9 @@ class Graph:
                 for k, v in node.inputs.items()
             )
             attrs = ", ".join(f"{k}={_fmt_attr(v)}" for k, v in node.attrs.items() if v is not None)
-            lines.append(f"  %{node.name} = {node.op}({args}){' {' + attrs + '}' if attrs else ''} : "
-                         f"{node.output.type.short()}")
+            results = ", ".join(f"%{v.name}" for v in node.outputs)
+            lines.append(f"  {results} = {node.op}({args}){' {' + attrs + '}' if attrs else ''} : "
+                         f"{', '.join(v.type.short() for v in node.outputs)}")
         outs = ", ".join(f"{k}=%{v.name}" for k, v in self.outputs.items())
         lines.append(f"  return ({outs})")
         return "\n".join(lines)
@@ -251,6 +269,7 @@ def _fmt_attr(v) -> str:
 def topological_nodes(outputs: Iterable[Value]) -> list[Node]:
     """Nodes needed to compute ``outputs``, in dependency order."""
     order: list[Node] = []
+    placed: set[int] = set()  # nodes, by id: two results of one node place it once
     seen: set[int] = set()
     stack: list[tuple[Value, bool]] = [(v, False) for v in outputs]
     while stack:
@@ -258,7 +277,9 @@ def topological_nodes(outputs: Iterable[Value]) -> list[Node]:
         if v.producer is None or v.id in seen and not done:
             continue
         if done:
-            order.append(v.producer)
+            if id(v.producer) not in placed:
+                placed.add(id(v.producer))
+                order.append(v.producer)
             continue
         seen.add(v.id)
         stack.append((v, True))

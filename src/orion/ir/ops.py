@@ -41,7 +41,8 @@ class OpDef:
     attrs: dict[str, Attr]
     infer: Callable[[list[TensorType], dict], TensorType]
     compute: Callable[["Kernels", list[np.ndarray], dict], np.ndarray]
-    #: ``elementwise``, ``activation``, ``wide`` (conv/matmul: wide accumulator), ``reduction``, ``layout``, ``const``
+    #: ``elementwise``, ``activation``, ``wide`` (conv/matmul: wide accumulator), ``reduction``, ``layout``,
+    #: ``index`` (picks values or their positions without computing: argmax, topk), ``state``, ``const``
     kind: str = "elementwise"
     #: Inputs that may be absent (conv ``bias``).
     optional: tuple[str, ...] = ()
@@ -50,6 +51,9 @@ class OpDef:
     #: Reported to run on the ANE (reference sections 3 and 9). The catalog (ANE-34) refuses the others: the
     #: emulator runs every declared op, but a program that reaches the hardware should use only these.
     ane_known: bool = True
+    #: The op gives several results (``split``, ``topk``): ``infer`` returns a tuple of types and ``compute`` a
+    #: tuple of arrays, one per result, in the order a statement lists them.
+    several_results: bool = False
 
     def resolve_attrs(self, attrs: dict) -> dict:
         """Fill defaults and reject unknown or missing attributes, naming them."""
@@ -1331,6 +1335,177 @@ def _einsum(k: Kernels, xs, a):
 
 _declare("einsum", (), {"equation": Attr("string")}, infer=_einsum_infer, compute=_einsum, kind="wide",
          variadic="values", ane_known=False)
+
+
+# Ops with several results, positions and state (coremltools' iOS15-iOS18 meanings). ``split`` moves values;
+# ``topk`` and ``reduce_argmax``/``reduce_argmin`` pick values or positions: their integer results are exact indices
+# (an fp16 hold would turn index 2049 into 2048), their float results the fp16 values picked. Nobody has reported
+# these ops on the ANE.
+
+SPLIT_DTYPES = ("fp16", "fp32", "int32", "bool")
+
+
+def _split_sizes(shape: Sequence[int], attrs: dict) -> list[int]:
+    """The size of each piece along ``axis``: ``split_sizes`` as given (their count must equal ``num_splits`` when
+    both are given), or ``num_splits`` equal pieces."""
+    axis = _axis("split", int(attrs["axis"]), len(shape))
+    num, sizes = attrs["num_splits"], attrs["split_sizes"]
+    if sizes is not None:
+        sizes = [int(n) for n in sizes]
+        if num is not None and int(num) != len(sizes):
+            raise _fail("split", f"num_splits {num} differs from the {len(sizes)} split_sizes {sizes}")
+        if min(sizes, default=0) < 1 or sum(sizes) != shape[axis]:
+            raise _fail("split", f"split_sizes {sizes} must be positive and add up to {shape[axis]} (axis {axis})")
+        return sizes
+    if num is None:
+        raise _fail("split", "needs num_splits or split_sizes")
+    num = int(num)
+    if num < 1 or shape[axis] % num:
+        raise _fail("split", f"num_splits {num} does not divide axis {axis} of size {shape[axis]}")
+    return [shape[axis] // num] * num
+
+
+def _split_infer(types, attrs):
+    x = types[0]
+    if x.dtype not in SPLIT_DTYPES:
+        raise _fail("split", f"x must be {', '.join(SPLIT_DTYPES)}, got {x.dtype}")
+    sizes = _split_sizes(x.shape, attrs)
+    axis = int(attrs["axis"]) % x.rank
+    return tuple(TensorType(x.dtype, x.shape[:axis] + (n,) + x.shape[axis + 1:]) for n in sizes)
+
+
+def _split(k, xs, a):
+    x = xs[0]
+    return tuple(np.split(x, np.cumsum(_split_sizes(x.shape, a))[:-1], axis=int(a["axis"])))
+
+
+_declare("split", ("x",), {"axis": Attr("int"), "num_splits": Attr("int", None), "split_sizes": Attr("ints", None)},
+         infer=_split_infer, compute=_split, kind="layout", ane_known=False, several_results=True)
+
+PICK_DTYPES = ("fp16", "fp32", "int32")
+
+
+def _picked(op: str, t: TensorType) -> TensorType:
+    if t.dtype not in PICK_DTYPES:
+        raise _fail(op, f"x must be {', '.join(PICK_DTYPES)}, got {t.dtype}")
+    return t
+
+
+def _topk_infer(types, attrs):
+    x = _picked("topk", types[0])
+    axis, k = _axis("topk", int(attrs["axis"]), x.rank), int(attrs["k"])
+    if not 1 <= k <= x.shape[axis]:
+        raise _fail("topk", f"k {k} is not in [1, {x.shape[axis]}] (axis {axis})")
+    shape = x.shape[:axis] + (k,) + x.shape[axis + 1:]
+    values = TensorType(x.dtype, shape)
+    return (values, TensorType("int32", shape)) if attrs["return_indices"] else (values,)
+
+
+def _topk(k, xs, a):
+    """The k largest (smallest with ``ascending``) along ``axis``, in order; equal values in index order."""
+    x, axis = xs[0], int(a["axis"])
+    order = np.argsort(x if a["ascending"] else -x.astype(np.float64), axis=axis, kind="stable")
+    indices = np.take(order, np.arange(int(a["k"])), axis=axis)
+    values = np.take_along_axis(x, indices, axis=axis)
+    return (values, indices.astype(np.int32)) if a["return_indices"] else (values,)
+
+
+_declare("topk", ("x",), {"k": Attr("int", 1), "axis": Attr("int", -1), "ascending": Attr("bool", False),
+                          "sort": Attr("bool", True), "return_indices": Attr("bool", True)},
+         infer=_topk_infer, compute=_topk, kind="index", ane_known=False, several_results=True)
+
+#: The index dtypes of ``reduce_argmax``/``reduce_argmin``'s ``output_dtype`` (iOS17; int32 before).
+ARG_DTYPES = ("int32", "uint16")
+
+
+def _arg_infer(op: str):
+    def infer(types, attrs):
+        x = _picked(op, types[0])
+        axis = _axis(op, int(attrs["axis"]), x.rank)
+        dtype = attrs["output_dtype"] or "int32"
+        if dtype not in ARG_DTYPES:
+            raise _fail(op, f"output_dtype {dtype!r} is not one of {', '.join(ARG_DTYPES)}")
+        shape = tuple(1 if i == axis else d for i, d in enumerate(x.shape) if attrs["keep_dims"] or i != axis)
+        return TensorType(dtype, shape)
+
+    return infer
+
+
+def _arg(fn):
+    def compute(k, xs, a):  # the first position of the extreme, as numpy (and coremltools) picks it
+        axis = int(a["axis"]) % xs[0].ndim
+        out = fn(xs[0], axis=axis, keepdims=bool(a["keep_dims"]))
+        return out.astype(NUMPY_DTYPES[a["output_dtype"] or "int32"])
+
+    return compute
+
+
+for _name, _fn in (("reduce_argmax", np.argmax), ("reduce_argmin", np.argmin)):
+    _declare(_name, ("x",), {"axis": Attr("int", -1), "keep_dims": Attr("bool", False),
+                             "output_dtype": Attr("string", None)},
+             infer=_arg_infer(_name), compute=_arg(_fn), kind="index", ane_known=False)
+
+
+# State (iOS18): a function input declared ``state<tensor<...>>`` is a buffer kept between calls, read with
+# ``read_state`` and replaced with ``write_state`` (or coremltools' ``coreml_update_state``, a write then a read);
+# ``slice_update`` writes a slice of a tensor (a KV cache's new position). Whoever runs the program holds the
+# buffers (the emulator: ``EmulatedProgram.state``); nobody has reported state on the ANE.
+
+
+def _state_infer(op: str):
+    def infer(types, attrs):
+        if len(types) == 2 and types[1] != types[0]:
+            raise _fail(op, f"the value {types[1]} is not of the state's type {types[0]}")
+        return () if op == "write_state" else types[-1]
+
+    return infer
+
+
+_declare("read_state", ("input",), infer=_state_infer("read_state"), compute=lambda k, xs, a: xs[0].copy(),
+         kind="state", ane_known=False)
+_declare("write_state", ("input", "data"), infer=_state_infer("write_state"), compute=lambda k, xs, a: (),
+         kind="state", ane_known=False, several_results=True)
+_declare("coreml_update_state", ("state", "value"), infer=_state_infer("coreml_update_state"),
+         compute=lambda k, xs, a: xs[1].copy(), kind="state", ane_known=False)
+
+#: What a slice_update's begin and end may be (coremltools' type domain U).
+SLICE_INDEX_DTYPES = ("int32", "int16", "int8")
+
+
+def _slice_update_attrs(xs, a) -> dict:
+    return {**a, "begin": [int(b) for b in np.ravel(xs[2])], "end": [int(e) for e in np.ravel(xs[3])]}
+
+
+def _slice_update_infer(types, attrs):
+    x, update, begin, end = types
+    if update.dtype != x.dtype or update.rank == 0:
+        raise _fail("slice_update", f"update {update.short()} must be a tensor of x's dtype {x.dtype}")
+    for name, t in (("begin", begin), ("end", end)):
+        if t.dtype not in SLICE_INDEX_DTYPES or t.shape != (x.rank,):
+            raise _fail("slice_update", f"{name} must be an integer tensor of shape [{x.rank}], got {t.short()}")
+    return x
+
+
+def _slice_update(k, xs, a):
+    """x with ``x[begin:end:stride]`` (masks as slice_by_index) replaced by ``update``; begin and end may be
+    computed (a KV cache's position), so the update's shape is checked here, at run time."""
+    x, update = xs[0], xs[1]
+    attrs = _slice_update_attrs(xs, a)
+    slices = _index_slices("slice_update", x.shape, attrs)
+    out = x.copy()
+    squeezed = tuple(d for d, m in enumerate(_squeeze_mask(attrs, x.ndim)) if m)
+    target = np.squeeze(out[slices], axis=squeezed)
+    if target.shape != update.shape:
+        raise _fail("slice_update", f"update has shape {list(update.shape)} but begin {attrs['begin']} end "
+                                    f"{attrs['end']} select {list(target.shape)} of x {list(x.shape)}")
+    out[slices] = update.reshape(out[slices].shape)
+    return out
+
+
+_declare("slice_update", ("x", "update", "begin", "end"),
+         {"stride": Attr("ints", None), "begin_mask": Attr("bools", None), "end_mask": Attr("bools", None),
+          "squeeze_mask": Attr("bools", None)},
+         infer=_slice_update_infer, compute=_slice_update, kind="layout", ane_known=False)
 
 
 # A constant: ``val`` holds the numpy array. Weights are constants that the emitter writes to blob files.

@@ -41,10 +41,11 @@ class MILModule:
     weight_names: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, directory: str | os.PathLike) -> "MILModule":
-        """Read ``directory/model.mil`` and every weight file it names (MIL from Orion or from another tool)."""
+    def read(cls, directory: str | os.PathLike, function: str | None = None) -> "MILModule":
+        """Read ``directory/model.mil`` and every weight file it names (MIL from Orion or from another tool); of a
+        text with several functions, ``program`` is ``function`` (None: main) and ``text`` keeps them all."""
         text, mil = read_mil_file(directory)
-        program = parse_program(text, str(mil))
+        program = parse_program(text, str(mil), function)
         declared = {}
         for st, ref in program.blob_refs():
             declared.setdefault(ref.path.removeprefix(MODEL_PATH), {})[ref.offset] = st
@@ -180,6 +181,10 @@ def emit(graph: Graph, version: str = "1.3", weight_layout: str = "per-tensor",
         out = node.output
         var = renamed_outputs.get(out.id) or claim(out.name)
         names[out.id] = var
+        more = []
+        for v in node.more:
+            names[v.id] = renamed_outputs.get(v.id) or claim(v.name)
+            more.append((names[v.id], v.type))
         if node.is_const:
             statements.append(_const_statement(var, node.attrs["val"], add_blob))
             continue
@@ -201,7 +206,7 @@ def emit(graph: Graph, version: str = "1.3", weight_layout: str = "per-tensor",
                 statements.append(Statement(lit.type, const_var, "const", {}, {**_name_attr(const_var), "val": lit}))
             args[key] = VarRef(const_var)
         args = dict(sorted(args.items()))
-        statements.append(Statement(out.type, var, node.op, args, _name_attr(var)))
+        statements.append(Statement(out.type, var, node.op, args, _name_attr(var), more_outputs=tuple(more)))
 
     outputs: list[str] = []
     for out_name, v in graph.outputs.items():

@@ -3,11 +3,13 @@
 A hand-written tokenizer and recursive-descent parser, so every error can point at the exact token at fault.
 The grammar accepted (whitespace and ``//`` comments allowed between any two tokens)::
 
-    program    := "program" "(" ("1.3" | "1.0") ")" [ "[" "buildInfo" "=" dict "]" ] "{" function "}"
+    program    := "program" "(" ("1.3" | "1.0") ")" [ "[" "buildInfo" "=" dict "]" ] "{" function+ "}"
     dict       := "dict" "<" strtype "," strtype ">" "(" "{" [ "{" STRING "," STRING "}" , ... ] "}" ")"
-    function   := "func" IDENT "<" iosNN ">" "(" [ type IDENT , ... ] ")" "{" statement* "}"
+    function   := "func" IDENT "<" iosNN ">" "(" [ param , ... ] ")" "{" statement* "}"
                   "->" "(" IDENT , ... ")" ";"
-    statement  := results "=" IDENT "(" [ IDENT "=" argument , ... ] ")" [ "[" [ IDENT "=" literal , ... ] "]" ] ";"
+    param      := type IDENT | "state" "<" type ">" IDENT           (a state: stateful programs, KV caches)
+    statement  := [ results "=" ] IDENT "(" [ IDENT "=" argument , ... ] ")" [ "[" [ IDENT "=" literal , ... ] "]" ] ";"
+                  (no results: write_state)
     results    := type IDENT , ... | "(" type IDENT , ... ")"     (several for ops such as split)
     argument   := IDENT | literal | "[" [ number , ... ] "]" | "(" IDENT , ... ")"
     type       := "tensor" "<" dtype "," "[" [ INT , ... ] "]" ">" | dtype
@@ -32,7 +34,9 @@ Decisions, for what public MIL text does and does not show:
 * ``const()`` and other statements need no ``[name = ...]``; a statement of an op with several results lists them
   as ``type a, type b = split(...)`` or ``(type a, type b) = split(...)``, both seen in public programs;
 * strings accept the escapes ``\\"`` and ``\\\\`` only;
-* one function per program; no dynamic (``?``) dimensions; the ``program(1)`` / ``func main<CoreML8>`` header of
+* one or more functions per program (``main`` plus others, as Core ML multifunction models ship prefill and
+  decode), each its own scope of variable names, weights shared through the files their BLOBFILE constants name;
+  no dynamic (``?``) dimensions; the ``program(1)`` / ``func main<CoreML8>`` header of
   files compiled by coremlc is refused (the printer cannot write it back).
 """
 
@@ -61,7 +65,7 @@ from orion.mil.program import (
     VarRef,
 )
 
-__all__ = ["parse_program", "resolve_blob_path"]
+__all__ = ["parse_functions", "parse_program", "resolve_blob_path", "select_function"]
 
 #: Names coremltools never gives a variable (its NameSanitizer list) because they are keywords of the text.
 RESERVED = frozenset(
@@ -215,8 +219,10 @@ class _Parser:
         self.where = "" if source == "<mil>" else f" (in {source})"
         self.tokens = _Tokens(text, self.where).items
         self.pos = 0
-        #: variable name -> line of its definition
+        #: variable name -> line of its definition (in the function being read)
         self.defined: dict[str, int] = {}
+        #: function name -> line of its definition
+        self.function_lines: dict[str, int] = {}
 
     # -- token helpers
 
@@ -294,7 +300,7 @@ class _Parser:
 
     # -- program structure
 
-    def program(self) -> Program:
+    def program(self) -> list[Program]:
         self.keyword("program", "'program(1.3)' or 'program(1.0)' at the start of the text")
         self.expect("(")
         version = self.peek()
@@ -306,8 +312,25 @@ class _Parser:
         if self.at("["):
             build_info = self.build_info()
         self.expect("{", "'{' opening the program body")
+        functions = [self.function(version.text, build_info)]
+        while self.at("ident", "func"):
+            functions.append(self.function(version.text, build_info))
+        self.expect("}", "'}' closing the program (or 'func' starting another function)")
+        self.expect("eof", "end of input after the program")
+        names = tuple(f.function for f in functions)
+        for f in functions:
+            f.functions = names
+        return functions
+
+    def function(self, version: str, build_info: dict[str, str]) -> Program:
+        self.defined = {}  # each function is its own scope
         self.keyword("func", "'func' starting the function")
-        function = self.identifier("the function name").text
+        name_tok = self.identifier("the function name")
+        function = name_tok.text
+        if function in self.function_lines:
+            raise MILProgramError(f"{self.source}, line {name_tok.line}: function '{function}' is defined twice "
+                                  f"(first on line {self.function_lines[function]}); give each function its own name")
+        self.function_lines[function] = name_tok.line
         self.expect("<", "'<' before the opset (such as <ios18>)")
         opset = self.peek()
         if not (opset.kind == "ident" and re.fullmatch(r"ios[0-9]+", opset.text)):
@@ -315,11 +338,13 @@ class _Parser:
         self.next()
         self.expect(">")
         self.expect("(", "'(' opening the parameter list")
-        inputs = self.comma_list(")", self.parameter, "a parameter")
+        states: list[str] = []
+        inputs = self.comma_list(")", lambda: self.parameter(states), "a parameter")
         self.expect("{", "'{' opening the function body")
         statements = []
         while not self.at("}"):
-            if not (self.at("(") or self.at("ident") and self.peek().text in _TYPE_WORDS):
+            if not (self.at("(") or self.at("ident") and (self.peek().text in _TYPE_WORDS or
+                                                             self.peek(1).kind == "(")):
                 raise self.error("a statement (starting with its type) or '}' closing the function")
             statements.append(self.statement())
         self.next()
@@ -329,8 +354,6 @@ class _Parser:
         if not output_tokens:
             raise self.error("at least one output variable name", self.tokens[self.pos - 1])
         self.expect(";", "';' after the function outputs")
-        self.expect("}", "'}' closing the program (only one function is supported)")
-        self.expect("eof", "end of input after the program")
         for tok in output_tokens:
             if tok.text not in self.defined:
                 raise MILProgramError(
@@ -339,9 +362,10 @@ class _Parser:
                 )
         return Program(
             inputs=inputs,
+            states=tuple(states),
             statements=statements,
             outputs=[tok.text for tok in output_tokens],
-            version=version.text,
+            version=version,
             opset=opset.text,
             function=function,
             build_info=build_info,
@@ -378,17 +402,29 @@ class _Parser:
         self.expect("]", "']' closing the program attributes")
         return info
 
-    def parameter(self) -> tuple[str, TensorType]:
+    def parameter(self, states: list[str]) -> tuple[str, TensorType]:
+        """``type name``, or ``state<type> name`` (its name is added to ``states``)."""
+        state = self.at("ident", "state")
+        if state:
+            self.next()
+            self.expect("<", "'<' after state")
         if not (self.at("ident") and self.peek().text in _TYPE_WORDS):
             raise self.error("a parameter type such as tensor<fp16, [1, 64, 1, 64]>")
         t = self.type_()
+        if state:
+            self.expect(">", "'>' closing state<...>")
         name = self.variable_name("a parameter name")
         self.define(name)
+        if state:
+            states.append(name.text)
         return name.text, t
 
     def statement(self) -> Statement:
         first = self.peek()
-        if self.at("("):  # (type a, type b) = split(...)
+        results = []
+        if self.at("ident") and self.peek(1).kind == "(" and first.text not in _TYPE_WORDS:
+            pass  # an op without results: write_state(input = k, data = v)
+        elif self.at("("):  # (type a, type b) = split(...)
             self.next()
             results = self.comma_list(")", self.result, "a result")
             if not results:
@@ -398,7 +434,8 @@ class _Parser:
             while self.at(","):
                 self.next()
                 results.append(self.result())
-        self.expect("=", "'=' after the variable name")
+        if results:
+            self.expect("=", "'=' after the variable name")
         op = self.identifier("an operation name").text
         self.expect("(", f"'(' opening the arguments of {op}")
         args: dict[str, Argument] = {}
@@ -410,6 +447,8 @@ class _Parser:
         self.expect(";", "';' ending the statement")
         for _, tok in results:
             self.define(tok)  # only now: a statement cannot use its own results
+        if not results:
+            return Statement(type=None, var="", op=op, args=args, attrs=attrs, line=first.line)
         (t, var_tok), *more = results
         return Statement(type=t, var=var_tok.text, op=op, args=args, attrs=attrs, line=first.line,
                          more_outputs=tuple((tok.text, rt) for rt, tok in more))
@@ -588,11 +627,33 @@ class _Parser:
         return BlobRef(path, int(np.asarray(parts["offset"].value).item()))
 
 
-def parse_program(text: str, source: str = "<mil>") -> Program:
-    """Parse MIL text in the ``program(1.3)`` or ``program(1.0)`` dialect.
+def parse_functions(text: str, source: str = "<mil>") -> dict[str, Program]:
+    """Every function of MIL text in the ``program(1.3)`` or ``program(1.0)`` dialect, by name, in text order.
 
     Raises :class:`MILSyntaxError` (with line and column of the token at fault) for text that does not parse,
-    :class:`MILProgramError` for duplicate, undefined or unknown-output variables, and :class:`UnsafePathError` for a
-    BLOBFILE path that could leave the model folder. ``source`` names the text in messages (a file name).
+    :class:`MILProgramError` for duplicate, undefined or unknown-output variables (or functions), and
+    :class:`UnsafePathError` for a BLOBFILE path that could leave the model folder. ``source`` names the text in
+    messages (a file name).
     """
-    return _Parser(text, source).program()
+    return {f.function: f for f in _Parser(text, source).program()}
+
+
+def parse_program(text: str, source: str = "<mil>", function: str | None = None) -> Program:
+    """One function of MIL text (see :func:`parse_functions`): ``function``, or by default the only one, or
+    ``main`` where there are several (Core ML's default function)."""
+    functions = parse_functions(text, source)
+    return select_function(functions, function, source)
+
+
+def select_function(functions: dict[str, Program], function: str | None, source: str = "<mil>") -> Program:
+    """The function named ``function`` (None: the only one, or ``main``), or a one-line error naming the choices."""
+    if function is None:
+        if len(functions) == 1:
+            return next(iter(functions.values()))
+        function = "main"
+        if function not in functions:
+            raise MILProgramError(f"{source} has functions {', '.join(functions)} and no main; name the one to run "
+                                  "(--function NAME)")
+    if function not in functions:
+        raise MILProgramError(f"{source} has no function {function!r}; it has {', '.join(functions)}")
+    return functions[function]

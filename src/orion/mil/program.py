@@ -77,10 +77,11 @@ class Statement:
     ``args`` are the parameters inside ``(...)``; ``attrs`` those inside ``[...]`` (``name``, and ``val`` for a
     const). ``line`` is the 1-based source line, 0 for statements built in Python. An op with several results
     (``split``) names the first in ``type``/``var`` and the rest, in order, in ``more_outputs``:
-    ``<type> <var>, <type> <var2> = split(...)``.
+    ``<type> <var>, <type> <var2> = split(...)``. An op without results (``write_state``) has ``var`` "" and
+    ``type`` None: ``write_state(input=k, data=v);``.
     """
 
-    type: TensorType
+    type: TensorType | None
     var: str
     op: str
     args: dict[str, Argument] = field(default_factory=dict)
@@ -90,8 +91,8 @@ class Statement:
 
     @property
     def outputs(self) -> tuple[tuple[str, TensorType], ...]:
-        """Every result of the statement as ``(var, type)``, in order."""
-        return ((self.var, self.type), *self.more_outputs)
+        """Every result of the statement as ``(var, type)``, in order (none for ``write_state``)."""
+        return ((self.var, self.type), *self.more_outputs) if self.var else ()
 
     @property
     def name(self) -> str:
@@ -107,7 +108,7 @@ class Statement:
 
 @dataclass
 class Program:
-    """One MIL function (``main``) with its header."""
+    """One MIL function (``main``, or another of a multifunction text) with its header."""
 
     inputs: list[tuple[str, TensorType]]
     statements: list[Statement]
@@ -116,6 +117,12 @@ class Program:
     opset: str = "ios18"
     function: str = "main"
     build_info: dict[str, str] = field(default_factory=dict)
+    #: Every function of the text this one was read from, in order (empty for a program built in Python): a text
+    #: with several (``main`` plus ``prefill``, ``decode`` ...) is one model whose functions share its weight files.
+    functions: tuple[str, ...] = ()
+    #: The inputs declared ``state<tensor<...>>``: buffers the program reads (read_state) and writes (write_state),
+    #: kept between calls by whoever runs it; not bound as inputs.
+    states: tuple[str, ...] = ()
 
     def statement(self, var: str) -> Statement:
         """The statement defining ``var`` (any of its results)."""
@@ -211,13 +218,14 @@ def print_program(program: Program, version: str = "1.3") -> str:
     key = _scalar_type(STRING, verbose)
     entries = ", ".join(f'{{"{k}", "{v}"}}' for k, v in info.items())
     lines = [f"program({version})", f"[buildInfo = dict<{key}, {key}>({{{entries}}})]", "{"]
-    params = ", ".join(f"{format_type(t, verbose)} {name}" for name, t in program.inputs)
+    params = ", ".join(f"{'state<' + format_type(t, verbose) + '>' if name in program.states else format_type(t, verbose)}"
+                       f" {name}" for name, t in program.inputs)
     lines.append(f"    func {program.function}<{opset}>({params}) {{")
     for st in program.statements:
         args = ", ".join(f"{k}={format_argument(v, verbose)}" for k, v in st.args.items())
         attrs = ", ".join(f"{k}={format_literal(v, verbose)}" for k, v in st.attrs.items())
         results = ", ".join(f"{format_type(t, verbose)} {var}" for var, t in st.outputs)
-        lines.append(f"        {results} = {st.op}({args})[{attrs}];")
+        lines.append(f"        {results + ' = ' if results else ''}{st.op}({args})[{attrs}];")
     lines.append(f"    }} -> ({', '.join(program.outputs)});")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -77,7 +77,7 @@ class _Refusal(Exception):
 
 
 def _where(st: Statement) -> str:
-    return f"line {st.line} ({st.op} '{st.var}')" if st.line else f"{st.op} '{st.var}'"
+    return f"line {st.line} ({st.op} '{st.var or st.name}')" if st.line else f"{st.op} '{st.var or st.name}'"
 
 
 def _attr_value(value) -> object:
@@ -97,13 +97,17 @@ def validate_program(program: Program) -> Validation:
             if t.dtype not in NUMPY_DTYPES:
                 found.problems.append(Problem(f"{kind} '{name}'", f"{kind} of type {t}: inputs and outputs are "
                                               f"numeric tensors ({', '.join(NUMPY_DTYPES)})"))
+    for name in program.outputs:
+        if name in program.states:
+            found.problems.append(Problem(f"output '{name}'", f"output {name!r} is a state; return a read_state "
+                                          "of it"))
     consts = {st.var: st for st in program.statements if st.op == "const"}
     for st in program.statements:
         try:
             if st.op == "const":
                 _check_const(st)
             else:
-                found.resolved.append(_resolve(st, types, consts, program.opset))
+                found.resolved.append(_resolve(st, types, consts, program.opset, program.states))
         except _Refusal as exc:
             found.problems.append(Problem(_where(st), str(exc), st.op))
     return found
@@ -117,11 +121,12 @@ def _check_const(st: Statement) -> None:
         raise _Refusal(f"{st.var!r} is declared {st.type} but its val is {val.type}")
 
 
-def _resolve(st: Statement, types: dict[str, TensorType], consts: dict[str, Statement], opset: str) -> ResolvedStatement:
+def _resolve(st: Statement, types: dict[str, TensorType], consts: dict[str, Statement], opset: str,
+             states: tuple[str, ...] = ()) -> ResolvedStatement:
     op = OPS.get(st.op)
     if op is None or op.kind == "const":
         raise _Refusal(f"unknown op {st.op!r}; known: {', '.join(sorted(k for k in OPS if k != 'const'))}")
-    if st.more_outputs:
+    if st.more_outputs and not op.several_results:
         raise _Refusal(f"{st.op} gives one result, the statement declares {len(st.outputs)} "
                        f"({', '.join(var for var, _ in st.outputs)})")
     tensor_params = set(input_names(op, list(st.args)))
@@ -153,6 +158,7 @@ def _resolve(st: Statement, types: dict[str, TensorType], consts: dict[str, Stat
         undefined = [ref.name for ref in refs if ref.name not in types]
         if undefined:
             raise _Refusal(f"{st.op} input {name!r} reads {undefined[0]!r}, which nothing defines")
+        _check_state_use(st, op, name, refs, states)
         arg_types += [types[ref.name] for ref in refs]
         inputs.append(tuple(ref.name for ref in refs) if isinstance(arg, tuple) else refs[0].name)
     attrs, blob_attrs = {}, {}
@@ -174,12 +180,28 @@ def _resolve(st: Statement, types: dict[str, TensorType], consts: dict[str, Stat
         raise _Refusal(str(exc)) from None
     except (ValueError, TypeError, IndexError) as exc:  # a malformed attribute value, such as a string axis
         raise _Refusal(f"{st.op}: a parameter has a value of the wrong kind ({exc})") from None
-    if inferred.shape != st.type.shape or inferred.dtype != st.type.dtype:
-        raise _Refusal(f"{st.var!r} is declared {st.type} but {st.op} of these operands gives {inferred}")
+    results = inferred if op.several_results else (inferred,)
+    if len(results) != len(st.outputs):
+        raise _Refusal(f"{st.op} of these operands gives {len(results)} results, the statement declares "
+                       f"{len(st.outputs)} ({', '.join(var for var, _ in st.outputs)})")
+    for (var, declared), result in zip(st.outputs, results):
+        if result.shape != declared.shape or result.dtype != declared.dtype:
+            raise _Refusal(f"{var!r} is declared {declared} but {st.op} of these operands gives {result}")
     if op.name == "cast" and opset == "ios16" and attrs["dtype"] not in CAST_DTYPES_IOS16:
         raise _Refusal(f"cast to {attrs['dtype']} needs the ios17 opset or later; {opset} casts to "
                        f"{', '.join(CAST_DTYPES_IOS16)}")
     return ResolvedStatement(st, op, inputs, arg_types, attrs, literals, blob_attrs)
+
+
+def _check_state_use(st: Statement, op: OpDef, name: str, refs, states: tuple[str, ...]) -> None:
+    """A state is read and written only through the state ops' first input, which takes nothing else."""
+    takes_state = op.kind == "state" and name == op.inputs[0]
+    for ref in refs:
+        if takes_state and ref.name not in states:
+            raise _Refusal(f"{st.op} input {name!r} must be a state (a function input declared state<tensor<...>>), "
+                           f"not {ref.name!r}")
+        if not takes_state and ref.name in states:
+            raise _Refusal(f"{st.op} reads the state {ref.name!r} directly; read it with read_state(input={ref.name})")
 
 
 def _const_attr(st: Statement, key: str, arg, consts: dict[str, Statement]) -> object:

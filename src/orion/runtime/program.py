@@ -71,6 +71,18 @@ class Program:
         self.weight_update = weight_update or self.target.weight_update
         if self.weight_update not in WEIGHT_UPDATES:
             raise SettingsError(f"unknown weight update strategy {self.weight_update!r}; use one of {WEIGHT_UPDATES}")
+        if module.program.states:
+            raise SettingsError(f"the program has state inputs ({', '.join(module.program.states)}): the runtime "
+                                "binds surfaces, not state buffers (ANE-43); run it with the emulator's load_program, "
+                                "whose state persists between run() calls")
+        functions = module.program.functions
+        #: The function this program evaluates, of a text with several (None: a text of one function).
+        self.function = module.program.function if len(functions) > 1 else None
+        if self.function is not None and self.backend.name == "ane" and self.target.multi_function != "procedure-index":
+            raise SettingsError(f"the program holds {len(functions)} functions ({', '.join(functions)}) and target "
+                                f"{self.target.name!r} has multi_function={self.target.multi_function}: whether the ANE "
+                                "runs such a program is unverified (ANE-42); use the emulator, or settle it with "
+                                "`orion doctor --probe multi-function` and a target profile that says so")
         self.plan: IOPlan = io_plan_of(module, self.target)
         self._types = dict(module.program.inputs) | dict(module.program.output_types())
         self._weight_inputs = set(weight_inputs)
@@ -107,9 +119,11 @@ class Program:
         return program
 
     @classmethod
-    def from_mil(cls, directory: str | Path, *, check: bool = True, **kwargs) -> "Program":
-        """A program from ``directory/model.mil`` and its weight files (written by Orion or another tool)."""
-        module = MILModule.read(directory)
+    def from_mil(cls, directory: str | Path, *, check: bool = True, function: str | None = None,
+                 **kwargs) -> "Program":
+        """A program from ``directory/model.mil`` and its weight files (written by Orion or another tool); of a text
+        with several functions, the one named ``function`` (None: main)."""
+        module = MILModule.read(directory, function)
         target = kwargs.pop("target", "default")
         target = get_target(target)
         if check:
@@ -121,6 +135,10 @@ class Program:
     def _tensor(self, name: str, nbytes: int) -> Tensor:
         t = self._types[name]
         return Tensor(t.shape, t.dtype, self.backend.new_surface(nbytes))
+
+    def _new_model(self) -> BackendModel:
+        function = {} if self.function is None else {"function": self.function}  # backends of one function only
+        return self.backend.new_model(self.module.text, self._weight_sources(), **function)
 
     def _weight_sources(self) -> dict[str, Path]:
         return {rel: self._stage / rel for rel in self.module.weight_files}
@@ -138,7 +156,7 @@ class Program:
 
     def _loaded_model(self) -> BackendModel:
         """A loaded model: from cached artifacts where they load, else compiled (and cached)."""
-        model = self.backend.new_model(self.module.text, self._weight_sources())
+        model = self._new_model()
         key = self._key()
         try:
             artifacts = self.cache.get(key, disk=self.backend.loads_disk_cache())
@@ -287,7 +305,7 @@ class Program:
         elif strategy == "patch":
             old = self._model
             artifacts = old.artifacts()
-            new = self.backend.new_model(self.module.text, self._weight_sources())  # same identifier, same dir
+            new = self._new_model()  # same identifier, same dir
             new.install_artifacts(artifacts)
             old.unload()
             old.release(remove_directory=False)  # ownership of the directory passes to the new model
@@ -298,7 +316,7 @@ class Program:
             self._model = None
             old.release()
             self.budget.charge("a weight update (strategy recompile)")
-            new = self.backend.new_model(self.module.text, self._weight_sources())
+            new = self._new_model()
             new.compile()
             self.compiles += 1
             self._model = new

@@ -27,6 +27,7 @@ from orion.compiler.targets import get_target
 from orion.errors import ConstraintError, EvaluationError, OrionError
 from orion.mil.emit import MILModule
 from orion.runtime.backends import ane
+from orion.mil.parse import parse_functions
 from orion.runtime.backends.emulator import EmulatorBackend, EmulatorModel, load_program
 from orion.runtime.backends.numerics import Numerics
 from orion.runtime.tensor import Surface
@@ -34,8 +35,8 @@ from orion.runtime.tensor import Surface
 COMPILE, LOAD, EVALUATE, UNLOAD = range(4)
 _SIZES = ctypes.POINTER(ctypes.c_size_t)
 _BASES = ctypes.POINTER(ctypes.c_void_p)
-CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_char_p, ctypes.c_long, _BASES, _SIZES,
-                            ctypes.c_long, _BASES, _SIZES, ctypes.c_void_p, ctypes.c_size_t)
+CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_char_p, ctypes.c_long,
+                            _BASES, _SIZES, ctypes.c_long, _BASES, _SIZES, ctypes.c_void_p, ctypes.c_size_t)
 
 
 class _Memory(Surface):
@@ -48,7 +49,9 @@ class _Memory(Surface):
 
 
 _chips: dict[tuple[str, str], EmulatorBackend] = {}
-_loaded: dict[int, EmulatorModel] = {}
+#: model -> its procedures loaded so far (procedureIndex -> the emulator's model of that function of the text)
+_loaded: dict[int, dict[int, EmulatorModel]] = {}
+_weight_files: dict[int, list[str]] = {}
 
 
 def _chip() -> EmulatorBackend:
@@ -71,8 +74,28 @@ def _status_text(exc: OrionError) -> str:
     return str(exc)
 
 
-def _run(stage: int, model: int, directory: bytes | None, n_in: int, in_base, in_size, n_out: int, out_base,
-         out_size) -> None:
+def _procedure(model: int, procedure: int) -> EmulatorModel:
+    """The loaded model's function at ``procedure`` (text order): the chip picks it by the request's index."""
+    loaded = _loaded[model]
+    if procedure not in loaded:
+        first = loaded[0]
+        functions = list(parse_functions(first.mil_text))
+        if procedure >= len(functions):
+            raise EvaluationError(f"procedureIndex {procedure}: the program has {len(functions)} function(s)")
+        weights = {rel: first.directory / "compiled" / rel for rel in _weight_files[model]}  # the loaded snapshot
+        loaded[procedure] = _load(first.mil_text, weights, functions[procedure])
+    return loaded[procedure]
+
+
+def _load(text: str, weights: dict, function: str | None) -> EmulatorModel:
+    emulated = _chip().new_model(text, weights, function=function)
+    emulated.compile()
+    emulated.load()
+    return emulated
+
+
+def _run(stage: int, model: int, procedure: int, directory: bytes | None, n_in: int, in_base, in_size, n_out: int,
+         out_base, out_size) -> None:
     if stage == COMPILE:
         program = load_program(directory.decode())  # parses and checks every statement, reads every weight record
         rejected = [v for v in check_program(program.program, _chip().target) if v.severity == "error"]
@@ -80,23 +103,25 @@ def _run(stage: int, model: int, directory: bytes | None, n_in: int, in_base, in
             raise ConstraintError(rejected)
     elif stage == LOAD:
         module = MILModule.read(directory.decode())
-        emulated = _chip().new_model(module.text, {rel: Path(directory.decode()) / rel for rel in module.weight_files})
-        emulated.compile()
-        emulated.load()
-        _loaded[model] = emulated
+        _loaded[model] = {0: _load(module.text, {rel: Path(directory.decode()) / rel for rel in module.weight_files},
+                                   None)}
+        _weight_files[model] = list(module.weight_files)
     elif stage == EVALUATE:
         inputs = [_Memory(in_base[i], in_size[i]) for i in range(n_in)]
         outputs = [_Memory(out_base[i], out_size[i]) for i in range(n_out)]
-        _loaded[model].evaluate(inputs, outputs)
+        _procedure(model, procedure).evaluate(inputs, outputs)
     elif stage == UNLOAD:
-        _loaded.pop(model).release()
+        _weight_files.pop(model)
+        for emulated in _loaded.pop(model).values():
+            emulated.release()
 
 
 @CALLBACK
-def _serve(stage, model, directory, n_in, in_base, in_size, n_out, out_base, out_size, message, message_size) -> int:
+def _serve(stage, model, procedure, directory, n_in, in_base, in_size, n_out, out_base, out_size, message,
+           message_size) -> int:
     """The stand-in's callback: 0 when done, else 1 with the reason written into ``message``."""
     try:
-        _run(stage, model, directory, n_in, in_base, in_size, n_out, out_base, out_size)
+        _run(stage, model, procedure, directory, n_in, in_base, in_size, n_out, out_base, out_size)
         return 0
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the stand-in as the framework's error text
         text = (_status_text(exc) if isinstance(exc, OrionError) else f"{type(exc).__name__}: {exc}").encode()

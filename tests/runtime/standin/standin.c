@@ -504,8 +504,9 @@ EXPORT const void *class_getInstanceMethod(const void *cls, const char *sel) {
  * The evaluation callback (the emulator, in Python) */
 
 enum Stage { STAGE_COMPILE = 0, STAGE_LOAD = 1, STAGE_EVALUATE = 2, STAGE_UNLOAD = 3 };
-typedef int (*Callback)(int stage, long model, const char *directory, long n_in, void **in_base, size_t *in_size,
-                        long n_out, void **out_base, size_t *out_size, char *message, size_t message_size);
+typedef int (*Callback)(int stage, long model, long procedure, const char *directory, long n_in, void **in_base,
+                        size_t *in_size, long n_out, void **out_base, size_t *out_size, char *message,
+                        size_t message_size);
 static Callback callback;
 
 EXPORT void standin_set_callback(Callback cb) { __atomic_store_n(&callback, cb, __ATOMIC_SEQ_CST); }
@@ -731,16 +732,17 @@ static bool check_qos_and_options(const char *sel, unsigned qos, const void *opt
 }
 
 /* Errors of the emulator callback become the framework's errors. */
-static bool run_callback(int stage, const Object *m, const char *directory, long n_in, void **in_base,
-                         size_t *in_size, long n_out, void **out_base, size_t *out_size, char *message, size_t size) {
+static bool run_callback(int stage, const Object *m, long procedure, const char *directory, long n_in,
+                         void **in_base, size_t *in_size, long n_out, void **out_base, size_t *out_size, char *message,
+                         size_t size) {
     Callback cb = emulator();
     if (!cb) {
         snprintf(message, size, "no emulator callback: set ORION_STANDIN_EMULATOR or call standin_set_callback");
         return false;
     }
     message[0] = 0;
-    return cb(stage, (long)(uintptr_t)m, directory, n_in, in_base, in_size, n_out, out_base, out_size, message,
-              size) == 0;
+    return cb(stage, (long)(uintptr_t)m, procedure, directory, n_in, in_base, in_size, n_out, out_base, out_size,
+              message, size) == 0;
 }
 
 static const char NET_PLIST_HEADER[] = "orion-standin net.plist 1";
@@ -786,7 +788,7 @@ static BOOL compile_model(Object *m, unsigned qos, void *options, void **error) 
         free(bytes);
     }
     free(keys);
-    if (ok && !run_callback(STAGE_COMPILE, m, dir, 0, NULL, NULL, 0, NULL, NULL, message, sizeof message)) {
+    if (ok && !run_callback(STAGE_COMPILE, m, 0, dir, 0, NULL, NULL, 0, NULL, NULL, message, sizeof message)) {
         failure("%s: %s", sel, message);
         set_error(error, "com.apple.appleneuralengine.compiler", 1, "ANECCompile() FAILED", message);
         ok = false;
@@ -869,7 +871,8 @@ static BOOL load_model(Object *m, unsigned qos, void *options, void **error) {
             line = stop;
         }
         if (!problem && used != data_len) problem = "net.plist does not match the data file";
-        if (!problem && !run_callback(STAGE_LOAD, m, snapshot, 0, NULL, NULL, 0, NULL, NULL, message, sizeof message))
+        if (!problem &&
+            !run_callback(STAGE_LOAD, m, 0, snapshot, 0, NULL, NULL, 0, NULL, NULL, message, sizeof message))
             problem = message;
         nftw(snapshot, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
     }
@@ -900,7 +903,7 @@ static BOOL unload_model(Object *m, unsigned qos, void **error) {
         return 0;
     }
     char message[1024];
-    run_callback(STAGE_UNLOAD, m, NULL, 0, NULL, NULL, 0, NULL, NULL, message, sizeof message);
+    run_callback(STAGE_UNLOAD, m, 0, NULL, 0, NULL, NULL, 0, NULL, NULL, message, sizeof message);
     m->state = COMPILED;
     return 1;
 }
@@ -932,7 +935,8 @@ static Object *new_request(Object *inputs, Object *input_indices, Object *output
     else if (!indices_are_0_to_n(output_indices, outputs->count)) problem = "outputIndices must be @[@0 .. @(n-1)]";
     else if (weights_buffer) problem = "weightsBuffer must be nil";
     else if (perf_stats) problem = "perfStats must be nil";
-    else if (!is_a(procedure, &NSNumber) || procedure->number != 0) problem = "procedureIndex must be @0";
+    else if (!is_a(procedure, &NSNumber) || procedure->number < 0) /* which function: the chip says (evaluate) */
+        problem = "procedureIndex must be a non-negative NSNumber";
     if (problem) {
         failure("requestWithInputs:...: %s", problem);
         return NULL;
@@ -981,8 +985,8 @@ static BOOL evaluate_model(Object *m, unsigned qos, void *options, Object *reque
     if (side) { /* reference section 5: all surfaces of a side must have one allocation size */
         snprintf(message, sizeof message, "%s", STATUS_1D);
         failure("%s: %s surfaces of different allocation sizes", sel, side);
-    } else if (run_callback(STAGE_EVALUATE, m, NULL, n_in, bases, sizes, n_out, bases + n_in, sizes + n_in, message,
-                            sizeof message)) {
+    } else if (run_callback(STAGE_EVALUATE, m, (long)request->procedure->number, NULL, n_in, bases, sizes, n_out,
+                            bases + n_in, sizes + n_in, message, sizeof message)) {
         return 1;
     } else {
         failure("%s: %s", sel, message);
@@ -1013,7 +1017,7 @@ static void dealloc(Object *o) {
             failure("model %s released while loaded (always unload before release, reference section 2)",
                     o->identifier);
             char message[1024];
-            run_callback(STAGE_UNLOAD, o, NULL, 0, NULL, NULL, 0, NULL, NULL, message, sizeof message);
+            run_callback(STAGE_UNLOAD, o, 0, NULL, 0, NULL, NULL, 0, NULL, NULL, message, sizeof message);
         }
         release(o->descriptor);
         free(o->compiled_plist);

@@ -41,7 +41,7 @@ import numpy as np
 
 from orion.compiler.targets import Target
 from orion.errors import BackendError, BindingError, EvaluationError, UnsafePathError, WeightFileError
-from orion.mil.parse import resolve_blob_path
+from orion.mil.parse import parse_functions, resolve_blob_path, select_function
 from orion.mil.program import MODEL_PATH
 from orion.runtime.backends.base import (
     COMPILED_ARTIFACTS,
@@ -645,8 +645,9 @@ class AneModel(BackendModel):
     """One ``_ANEInMemoryModel``. Calls on one model must be serialized by the caller (see the module docstring)."""
 
     def __init__(self, rt: _Runtime, descriptor: int, model: int, identifier: str, directory: Path,
-                 weight_paths: Sequence[str]):
+                 weight_paths: Sequence[str], procedure: int = 0):
         self._runtime = rt
+        self.procedure = procedure
         self._descriptor: int | None = descriptor
         self._model: int | None = model
         self.identifier = identifier
@@ -771,7 +772,7 @@ class AneModel(BackendModel):
             rt.plist(list(range(len(output_refs)))),
             None,  # weightsBuffer: ignored, weights are baked into the compiled program
             None,  # perfStats
-            rt.number(0),  # procedureIndex
+            rt.number(self.procedure),  # procedureIndex: 0 but for a function after the first (ANE-42)
         )
         if not request:
             raise BackendError(f"_ANERequest refused {n} inputs and {len(output_refs)} outputs")
@@ -832,8 +833,13 @@ class AneBackend(Backend):
         except Exception:  # a probe must never raise
             return False
 
-    def new_model(self, mil_text: str, weight_files: dict[str, Path]) -> AneModel:
+    def new_model(self, mil_text: str, weight_files: dict[str, Path], function: str | None = None) -> AneModel:
         plan = model_file_plan(mil_text, weight_files)  # checks the paths before anything is created
+        # a request's procedureIndex picks the function, in text order (target setting multi_function, ANE-42)
+        procedure = 0
+        if function is not None:
+            functions = parse_functions(mil_text)
+            procedure = list(functions).index(select_function(functions, function).function)
         weights = weights_dictionary(weight_files)
         rt = self._runtime
         with rt.pool():
@@ -847,7 +853,8 @@ class AneBackend(Backend):
             identifier = rt.text(rt.send(model, "hexStringIdentifier"))
             directory = model_directory(rt.temporary_directory(), identifier)
             weight_paths = [rel for rel in plan if rel != MODEL_FILE]
-            result = AneModel(rt, rt.retain(descriptor), rt.retain(model), identifier, directory, weight_paths)
+            result = AneModel(rt, rt.retain(descriptor), rt.retain(model), identifier, directory, weight_paths,
+                              procedure)
         try:
             write_model_files(directory, plan)
         except OSError as exc:

@@ -88,8 +88,9 @@ class Backend(ABC):
         """Whether this backend can run on this machine."""
 
     @abstractmethod
-    def new_model(self, mil_text: str, weight_files: dict[str, Path]) -> BackendModel:
-        """Create a model and write its files (``weight_files`` maps ``weights/x.bin`` paths to source files)."""
+    def new_model(self, mil_text: str, weight_files: dict[str, Path], function: str | None = None) -> BackendModel:
+        """Create a model and write its files (``weight_files`` maps ``weights/x.bin`` paths to source files).
+        ``function``: which function of a text with several the model evaluates (None: the only one, or main)."""
 
     @abstractmethod
     def new_surface(self, nbytes: int) -> Surface:

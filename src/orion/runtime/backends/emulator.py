@@ -26,7 +26,7 @@ import numpy as np
 from orion.errors import BackendError, BindingError, EvaluationError
 from orion.ir.ops import Kernels, OpDef, last_axis_slice_offset
 from orion.ir.types import FLOAT_DTYPES, TensorType
-from orion.mil.parse import parse_program, read_mil_file, resolve_blob_path
+from orion.mil.parse import parse_functions, parse_program, read_mil_file, resolve_blob_path
 from orion.mil.validate import directory_blob_loader, validate_program
 from orion.mil.program import BlobRef, Literal, Program, Statement
 from orion.mil.program import MODEL_PATH
@@ -121,6 +121,8 @@ class _Step:
     statement: Statement
     #: A slice that starts inside its last axis: on M1/M2 it sends |x| > 4094 to inf (N11).
     offset_slice: bool = False
+    #: Every result's variable (``var`` first): several for ``split`` and ``topk``.
+    results: tuple[str, ...] = ()
 
 
 class EmulatedProgram:
@@ -133,8 +135,11 @@ class EmulatedProgram:
         self.check_only = check_only
         self.settings = settings or Numerics()
         self.kernels = AneKernels(self.settings)
-        self.inputs: list[tuple[str, TensorType]] = list(program.inputs)
+        self.inputs: list[tuple[str, TensorType]] = [(n, t) for n, t in program.inputs if n not in program.states]
         self._input_types = dict(self.inputs)
+        self._state_types = {n: t for n, t in program.inputs if n in program.states}
+        self._state: dict[str, np.ndarray] = {}
+        self.reset_state()
         self.outputs: list[tuple[str, TensorType]] = program.output_types()
         self._consts: dict[str, object] = {}
         self._const_keys: dict[str, tuple] = {}  # what a tensor constant is made of, to share it (see _shared)
@@ -152,7 +157,8 @@ class EmulatedProgram:
             for ref in step.inputs:
                 for name in ref if isinstance(ref, tuple) else (ref,):
                     last[name] = i
-            last.setdefault(step.var, i)  # a value nothing reads goes at once
+            for var in step.results:
+                last.setdefault(var, i)  # a value nothing reads goes at once
         releases: list[list[str]] = [[] for _ in self._steps]
         for name, i in last.items():
             if name not in keep:
@@ -195,9 +201,10 @@ class EmulatedProgram:
             for name, literal in r.literals.items():
                 self._consts[name] = self._literal_value(literal, r.statement, blob_loader, name)
             shape = r.arg_types[0].shape if r.arg_types else ()
-            offset = last_axis_slice_offset(r.op.name, shape, r.attrs) if r.op.name.startswith("slice") else 0
+            offset = last_axis_slice_offset(r.op.name, shape, r.attrs) if r.op.name in ("slice_by_index", "slice_by_size") else 0
             attrs = {**r.attrs, **{key: self._consts[var] for key, var in r.blob_attrs.items()}}
-            self._steps.append(_Step(r.statement.var, r.op, r.inputs, attrs, r.statement, offset_slice=offset != 0))
+            self._steps.append(_Step(r.statement.var, r.op, r.inputs, attrs, r.statement, offset_slice=offset != 0,
+                                     results=tuple(var for var, _ in r.statement.outputs)))
 
     def _const_value(self, st: Statement, blob_loader) -> object:
         return self._literal_value(st.attrs["val"], st, blob_loader, st.var)
@@ -241,7 +248,9 @@ class EmulatedProgram:
         return array.astype(t.numpy_dtype)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs by name in their declared dtype (fp16 for non-float declarations)."""
+        """Outputs by name in their declared dtype (fp16 for non-float declarations computed in fp16; exact integers
+        in their declared type: see :func:`output_value`). States (``state<...>`` inputs) are not inputs: they
+        persist between calls (:attr:`state`, :meth:`reset_state`)."""
         held = self.run_bound(self.bind(inputs))
         return {name: output_value(held[name], t) for name, t in self.outputs}
 
@@ -253,21 +262,54 @@ class EmulatedProgram:
             raise BackendError("this program was only checked (check_only=True); load it with its weights to run it")
         env: dict[str, object] = dict(self._consts)
         env.update(bound)
+        env.update(self._state)
         with np.errstate(all="ignore"):
             for step, done in zip(self._steps, self._last_uses):
-                env[step.var] = self._execute(step, env)
+                if step.op.several_results:
+                    env.update(zip(step.results, self._execute(step, env)))
+                else:
+                    env[step.var] = self._execute(step, env)
+                if step.op.kind == "state" and step.op.name != "read_state":
+                    self._write_state(step, env)
                 for name in done:
                     del env[name]
-        return {name: np.asarray(env[name], dtype=np.float32) for name, _ in self.outputs}
+        return {name: _held(env[name]) for name, _ in self.outputs}
 
-    def _execute(self, step: _Step, env: dict) -> np.ndarray:
-        """One op on float32 arrays holding fp16 values; the result is rounded to fp16 and held as float32."""
+    # -- state: the buffers of state<...> inputs, kept between runs of this program -----------------------------
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """Each state's current value, by name, in its declared dtype (a copy)."""
+        return {name: output_value(self._state[name], t) for name, t in self._state_types.items()}
+
+    def reset_state(self) -> None:
+        """Every state back to zeros, as a new program starts."""
+        self._state = {name: np.zeros(t.shape, np.float32 if t.dtype in FLOAT_DTYPES else t.numpy_dtype)
+                       for name, t in self._state_types.items()}
+
+    def _write_state(self, step: _Step, env: dict) -> None:
+        """write_state(input=s, data=v) or coreml_update_state(state=s, value=v): ``s`` holds ``v`` from here on,
+        in this run and the next (a copy: later ops never see the buffer change under them)."""
+        name, value = step.inputs[0], env[step.inputs[1]]
+        self._state[name] = env[name] = np.array(value, copy=True)
+
+    def _execute(self, step: _Step, env: dict) -> np.ndarray | tuple[np.ndarray, ...]:
+        """One op on float32 arrays holding fp16 values; the result is rounded to fp16 and held as float32 (each
+        result of an op that gives several)."""
         kind = step.op.kind
         flushed = self._wide_consts if kind == "wide" else {}
         args = [[env[n] for n in i] if isinstance(i, tuple) else flushed.get(i, env[i]) for i in step.inputs]
         arrays = args[0] if step.op.variadic else args
         result = step.op.compute(self.kernels, arrays, step.attrs)
-        if kind == "layout":  # moves values without computing: they stay fp16 values
+        if step.op.several_results:
+            return tuple(self._hold_result(step, r, arrays) for r in result)
+        return self._hold_result(step, result, arrays)
+
+    def _hold_result(self, step: _Step, result: np.ndarray, arrays: list) -> np.ndarray:
+        kind = step.op.kind
+        if kind in ("layout", "index", "state") and result.dtype.kind in "biu":
+            return result  # integers moved or picked (indices) stay exact: MIL's int32, never rounded to fp16
+        if kind in ("layout", "index", "state"):  # moves or picks values without computing: they stay fp16 values
             if step.offset_slice and self.settings.slice_offset_overflow:
                 return numerics.slice_overflow(result.astype(F16), step.offset_slice, self.settings).astype(np.float32)
             return np.asarray(result, dtype=np.float32)
@@ -288,9 +330,21 @@ class EmulatedProgram:
         return out
 
 
+def _held(value) -> np.ndarray:
+    """An output as the emulator holds it: exact integers (indices, integers only moved) or float32 fp16 values."""
+    value = np.asarray(value)
+    return value if value.dtype.kind in "iu" else value.astype(np.float32)
+
+
 def output_value(held: np.ndarray, t: TensorType, target: np.ndarray | None = None) -> np.ndarray:
-    """A held output in its declared dtype (fp16 for non-float declarations): a new array, or written into
-    ``target`` (an array of the output's shape, e.g. a view of a surface) and returned."""
+    """A held output in its declared dtype (fp16 for non-float declarations whose values went through the fp16
+    datapath, as a cast's): a new array, or written into ``target`` (an array of the output's shape, e.g. a view of a
+    surface) and returned. Exact integers (indices, integer inputs only moved) read in their declared type."""
+    if held.dtype.kind in "iu" and t.dtype not in FLOAT_DTYPES and t.dtype != "bool":
+        if target is None:
+            return held.astype(t.numpy_dtype)
+        np.copyto(target, held, casting="unsafe")
+        return target
     if t.dtype == "fp32":
         if target is None:
             return held.copy()
@@ -305,15 +359,17 @@ def output_value(held: np.ndarray, t: TensorType, target: np.ndarray | None = No
     return target
 
 
-def load_text(text: str, model_dir: str | Path, settings: Numerics | None = None,
-              source: str = "<mil>") -> EmulatedProgram:
-    return EmulatedProgram(parse_program(text, source), directory_blob_loader(Path(model_dir)), settings)
+def load_text(text: str, model_dir: str | Path, settings: Numerics | None = None, source: str = "<mil>",
+              function: str | None = None) -> EmulatedProgram:
+    """``function``: which function of a text with several to run (None: the only one, or main)."""
+    return EmulatedProgram(parse_program(text, source, function), directory_blob_loader(Path(model_dir)), settings)
 
 
-def load_program(model_dir: str | Path, settings: Numerics | None = None) -> EmulatedProgram:
-    """Load ``model_dir/model.mil`` with its weights resolved under ``model_dir``."""
+def load_program(model_dir: str | Path, settings: Numerics | None = None,
+                 function: str | None = None) -> EmulatedProgram:
+    """Load ``model_dir/model.mil`` with its weights resolved under ``model_dir`` (``function`` of several)."""
     text, mil = read_mil_file(model_dir)
-    return load_text(text, mil.parent, settings, source=str(mil))
+    return load_text(text, mil.parent, settings, source=str(mil), function=function)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -325,9 +381,11 @@ class EmulatorModel(BackendModel):
     ``compiled/`` (the ANE bakes weights at compile time: catalog ANE-07); loading reads that snapshot, so
     overwriting weight files without refreshing the snapshot gives stale outputs, as reported on hardware."""
 
-    def __init__(self, backend: "EmulatorBackend", mil_text: str, weight_files: dict[str, Path]):
+    def __init__(self, backend: "EmulatorBackend", mil_text: str, weight_files: dict[str, Path],
+                 function: str | None = None):
         self.backend = backend
         self.mil_text = mil_text
+        self.function = function
         self.identifier = model_identifier(mil_text, [MODEL_PATH + rel for rel in weight_files])
         self.directory = backend.root / self.identifier
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -349,8 +407,9 @@ class EmulatorModel(BackendModel):
 
     def compile(self) -> None:
         text = (self.directory / "model.mil").read_text(encoding="utf-8")
-        EmulatedProgram(parse_program(text, str(self.directory / "model.mil")),  # checks every statement and record
-                        directory_blob_loader(self.directory, data=False), self.backend.numerics, check_only=True)
+        for program in parse_functions(text, str(self.directory / "model.mil")).values():  # every function,
+            EmulatedProgram(program, directory_blob_loader(self.directory, data=False),  # statement and record
+                            self.backend.numerics, check_only=True)
         self._snapshot_weights()
         plist = {"mil_sha256": hashlib.sha256(text.encode()).hexdigest(), "weights": sorted(self._weight_paths)}
         (self.directory / "net.plist").write_text(json.dumps(plist), encoding="utf-8")
@@ -377,8 +436,8 @@ class EmulatorModel(BackendModel):
         text = (self.directory / "model.mil").read_text(encoding="utf-8")
         if json.loads(plist_path.read_text())["mil_sha256"] != hashlib.sha256(text.encode()).hexdigest():
             raise BackendError(f"model {self.identifier[:12]}: compiled artifacts belong to another program")
-        self._program = EmulatedProgram(parse_program(text), directory_blob_loader(self.directory / "compiled"),
-                                        self.backend.numerics)
+        self._program = EmulatedProgram(parse_program(text, function=self.function),
+                                        directory_blob_loader(self.directory / "compiled"), self.backend.numerics)
 
     def evaluate(self, inputs: Sequence[Surface], outputs: Sequence[Surface]) -> None:
         program = self._program
@@ -447,8 +506,8 @@ class EmulatorBackend(Backend):
     def available(cls) -> bool:
         return True
 
-    def new_model(self, mil_text: str, weight_files: dict[str, Path]) -> EmulatorModel:
-        return EmulatorModel(self, mil_text, weight_files)
+    def new_model(self, mil_text: str, weight_files: dict[str, Path], function: str | None = None) -> EmulatorModel:
+        return EmulatorModel(self, mil_text, weight_files, function)
 
     def new_surface(self, nbytes: int) -> Surface:
         return Surface(nbytes)

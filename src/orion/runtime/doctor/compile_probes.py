@@ -361,3 +361,53 @@ def _verdict_matmul_inner(obs: dict) -> tuple[str, dict]:
 register(Probe("matmul-inner-multiple", ("ANE-26", "matmul_inner_multiple"),
                "are matmul inner dimensions 17 and 48 (not multiples of 32) computed correctly",
                _run_matmul_inner, _verdict_matmul_inner))
+
+
+# -- several functions in one program (CONTESTED: every public request passes procedureIndex 0) ---------------------
+
+
+def multi_function_modules(backend) -> dict:
+    """One text with two functions over one shared weight file, ``main`` (x + w) and ``decode`` (x * w), as a
+    module per function (each module's ``program`` is its function; the text and weight files are shared)."""
+    import dataclasses
+
+    from orion.mil.emit import MILModule
+    from orion.mil.parse import parse_program
+
+    w = _fp16(np.linspace(-2, 2, C).reshape(1, C, 1, 1))
+    texts = []
+    for name, op in (("main", "add"), ("decode", "mul")):
+        b = _builder(name)
+        b.output("y", b.op(op, name="y", x=b.input("x", (1, C, 1, S)), y=b.weight("w", w)))
+        module = _emit(b, backend)  # both write weights/w.bin with the same values: one file for the two
+        texts.append(dataclasses.replace(module.program, function=name).to_text(backend.target.mil_version))
+    header = texts[0].splitlines()[:3]  # program(...), buildInfo, "{"
+    bodies = [line for text in texts for line in text.splitlines()[3:-1]]
+    text = "\n".join(header + bodies + ["}"]) + "\n"
+    return {name: MILModule(parse_program(text, function=name), text, module.weight_files, module.weight_names)
+            for name in ("main", "decode")}, w
+
+
+def _run_multi_function(backend) -> dict:
+    modules, w = multi_function_modules(backend)
+    x = _fp16(_rng().uniform(-4, 4, (1, C, 1, S)))
+    expected = {"main": x.astype(np.float64) + w, "decode": x.astype(np.float64) * w}
+    variants = {name: _public(_attempt(backend, module, {"x": x}, {"y": expected[name]}, ("ANE-42",), 1e-3))
+                for name, module in modules.items()}
+    return {"variants": variants}
+
+
+def _verdict_multi_function(obs: dict) -> tuple[str, dict]:
+    works = {name: _variants_verdict(obs, name) for name in ("main", "decode")}
+    if all(works.values()):
+        return "each function runs by the request's procedure index", {"multi_function": "procedure-index"}
+    if not any(v.get("compiled") for v in obs["variants"].values()):
+        return "a program with several functions does not compile (or the target assumes so)", \
+            {"multi_function": "unknown"}
+    return f"compiles, but only {[n for n, ok in works.items() if ok] or 'no function'} gives its outputs", \
+        {"multi_function": "unknown"}
+
+
+register(Probe("multi-function", ("ANE-42", "multi_function"),
+               "does a program with two functions sharing a weight compile, and does procedureIndex 1 run the second",
+               _run_multi_function, _verdict_multi_function))

@@ -68,7 +68,10 @@ def _loaded(backend, module, catalog: Sequence[str] = ()) -> Iterator[tuple[Any,
         model = None
         try:
             stage = "create"
-            model = backend.new_model(module.text, {rel: Path(tmp) / rel for rel in module.weight_files})
+            weights = {rel: Path(tmp) / rel for rel in module.weight_files}
+            functions = module.program.functions  # of a text with several, the model runs module.program's
+            model = (backend.new_model(module.text, weights, function=module.program.function) if len(functions) > 1
+                     else backend.new_model(module.text, weights))
             for stage, call in (("compile", model.compile), ("load", model.load)):
                 t0 = time.perf_counter()
                 call()

@@ -245,3 +245,16 @@ def test_weights_to_inputs_keeps_a_plain_1x1_conv():
     b.output("y", b.op("conv", x=x, weight=b.weight("w", np.ones((4, 8, 1, 1), np.float32)), pad_type="same"))
     assert [n.op for n in P.weights_to_inputs(["w"])(b.graph).nodes if not n.is_const] == [
         "reshape", "matmul", "reshape"]
+
+
+@pytest.mark.parametrize("mode", ["EXACT", "TANH_APPROXIMATION", "SIGMOID_APPROXIMATION"])
+def test_legalized_gelu_keeps_its_mode(mode, tmp_path):
+    """Each gelu mode is rewritten into a formula for that mode: the sigmoid approximation is 0.02 away from the
+    tanh form near x = -2, far past fp16 rounding of the result."""
+    b = GraphBuilder()
+    x = b.input("x", (1, C, 1, S))
+    b.output("y", b.gelu(x, mode=mode))
+    inputs = {"x": np.linspace(-4, 4, C * S, dtype=np.float32).reshape(1, C, 1, S)}
+    before = emulate(b.graph, inputs, tmp_path / "before")["y"].astype(np.float32)
+    after = emulate(P.legalize(CONSERVATIVE)(b.graph), inputs, tmp_path / "after")["y"].astype(np.float32)
+    np.testing.assert_allclose(after, before, atol=4e-3)

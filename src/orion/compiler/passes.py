@@ -160,7 +160,8 @@ def fold_constants(graph: Graph) -> Graph:
 
 
 def legalize(target: Target) -> Pass:
-    """Rewrite what ``target`` cannot compile: rsqrt -> pow(-0.5), gelu -> tanh form, silu -> x*sigmoid(x),
+    """Rewrite what ``target`` cannot compile: rsqrt -> pow(-0.5), gelu -> tanh form (its sigmoid
+    approximation -> x*sigmoid(1.702x)), silu -> x*sigmoid(x),
     conv bias -> separate add, concat -> one-hot 1x1 convs (exact: products with 1 and sums with 0)."""
 
     def rewrite(g: Graph, node: Node, lookup) -> Value | None:
@@ -178,6 +179,9 @@ def legalize(target: Target) -> Pass:
         if op == "gelu" and not target.gelu_native:
             x = lookup(node.inputs["x"])
             dt = x.dtype
+            if node.attrs["mode"] == "SIGMOID_APPROXIMATION":  # its own formula, not the tanh form's (0.02 apart)
+                scaled = new("mul", "arg", {"x": x, "y": scalar(1.702, dt, "c")})
+                return new("mul", "out", {"x": x, "y": new("sigmoid", "sig", {"x": scaled})})
             cube = new("mul", "x3", {"x": new("mul", "x2", {"x": x, "y": x}), "y": x})
             inner = new("add", "inner", {"x": x, "y": new("mul", "cubic", {"x": cube, "y": scalar(0.044715, dt, "k")})})
             t = new("tanh", "tanh", {"x": new("mul", "arg", {"x": inner, "y": scalar(math.sqrt(2 / math.pi), dt, "c")})})

@@ -19,7 +19,7 @@ import numpy as np
 from orion.errors import GraphError, MILProgramError, UnsafePathError, WeightFileError
 from orion.ir.ops import OPS, OpDef, input_names
 from orion.ir.types import CAST_DTYPES_IOS16
-from orion.mil.blob import BlobReader
+from orion.mil.blob import BlobReader, stored_dtype
 from orion.mil.parse import resolve_blob_path
 from orion.mil.program import NUMPY_DTYPES, BlobRef, Literal, Program, Statement, TensorType, VarRef
 
@@ -202,7 +202,7 @@ def directory_blob_loader(model_dir: Path, data: bool = True) -> Callable[[BlobR
             if not path.is_file():
                 raise WeightFileError(f"line {st.line}: weight file {ref.path!r} of {st.var!r} not found at {path}")
             readers[path] = BlobReader(path)
-        return readers[path].read(ref.offset, dtype=t.numpy_dtype, shape=t.shape, data=data)
+        return readers[path].read(ref.offset, dtype=stored_dtype(t), shape=t.shape, data=data)
 
     return load
 

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from orion.errors import BackendError, BindingError, EvaluationError
+from orion.errors import BackendError, BindingError, EvaluationError, MILProgramError
 from orion.ir.ops import Kernels, OpDef, last_axis_slice_offset
 from orion.ir.types import FLOAT_DTYPES, TensorType
 from orion.mil.parse import parse_program, read_mil_file, resolve_blob_path
@@ -197,7 +197,23 @@ class EmulatedProgram:
             shape = r.arg_types[0].shape if r.arg_types else ()
             offset = last_axis_slice_offset(r.op.name, shape, r.attrs) if r.op.name.startswith("slice") else 0
             attrs = {**r.attrs, **{key: self._consts[var] for key, var in r.blob_attrs.items()}}
+            if r.op.kind == "constexpr":
+                self._consts[r.statement.var] = self._decoded(r, attrs)
+                continue
             self._steps.append(_Step(r.statement.var, r.op, r.inputs, attrs, r.statement, offset_slice=offset != 0))
+
+    def _decoded(self, r, attrs: dict) -> np.ndarray:
+        """A constexpr op's weight, decoded once at load and held in its dtype (fp16 values), as the ANE decodes
+        compressed weights before the multiply (N12)."""
+        names = [name for name in r.inputs if isinstance(name, str)]
+        if any(name not in self._consts for name in names):
+            raise MILProgramError(f"line {r.statement.line}: {r.op.name} {r.statement.var!r} reads "
+                                  f"{next(n for n in names if n not in self._consts)!r}, which is not a constant")
+        if self.check_only:
+            return np.zeros(r.statement.type.shape, np.float32)
+        with np.errstate(all="ignore"):
+            value = r.op.compute(self.kernels, [self._consts[name] for name in names], attrs)
+        return numerics.hold_input(np.asarray(value, np.float32), r.statement.type.dtype)
 
     def _const_value(self, st: Statement, blob_loader) -> object:
         return self._literal_value(st.attrs["val"], st, blob_loader, st.var)

@@ -337,15 +337,28 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
               help="On the emulator, use the target's accumulator model (slow) instead of the fp32 accumulator.")
 @click.option("--adapter", "adapter_path", default=None,
               help="A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) or hub id to apply.")
+@click.option("--quantize", default=None, metavar="SCHEME[/BLOCK]",
+              help="Compress the programs' weights: int8, int4, lut2, lut4, lut6 or lut8, per output channel or "
+                   "per block of 32/64/128 (int4/32).")
+@click.option("--keep-fp16", "keep_fp16", multiple=True, metavar="PATTERN",
+              help="With --quantize: weight names (shell patterns, e.g. 'h00_*') left in fp16; repeatable.")
 @handle_errors
 def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, seed: int | None, backend: str, target_name: str, exact_numerics: bool,
-                 adapter_path: str | None) -> None:
+                 adapter_path: str | None, quantize: str | None, keep_fp16: tuple[str, ...]) -> None:
     """Generate text; tokens stream to the terminal as they come, then one line of figures."""
-    import orion
+    import dataclasses
 
+    import orion
+    from orion.compiler.passes import WeightCompression
+    from orion.errors import SettingsError
+
+    if keep_fp16 and quantize is None:
+        raise SettingsError("--keep-fp16 needs --quantize")
+    spec = WeightCompression.of(quantize)
+    spec = spec and dataclasses.replace(spec, keep=keep_fp16)
     with orion.load(model_id, backend=backend, target=target_name,
-                    accumulator=None if exact_numerics else "fp32") as model:
+                    accumulator=None if exact_numerics else "fp32", quantize=spec) as model:
         if adapter_path is not None:
             model.set_adapter(model.load_adapter(adapter_path))
         click.echo(prompt, nl=False)

@@ -356,12 +356,15 @@ BLOCK_SIZES = (32, 64, 128)
 class WeightCompression:
     """How :func:`compress_weights` stores conv weights. ``block``: None for one scale (or palette) per output
     channel, else 32/64/128 input channels per scale (for palettes: output channels per palette). ``keep``: shell
-    patterns of constant names left in fp16 (sensitive layers); weights under ``min_size`` values stay fp16 too."""
+    patterns of constant names left in fp16 (sensitive layers); weights under ``min_size`` values stay fp16 too.
+    A scheme name parses with :meth:`of`."""
 
     scheme: str
     block: int | None = None
     keep: tuple[str, ...] = ()
     min_size: int = 4096
+    #: Blocks of a model left in fp16 at each end (the first and last are the most sensitive); models apply it.
+    keep_ends: int = 0
 
     def __post_init__(self):
         if self.scheme not in WEIGHT_SCHEMES:
@@ -378,6 +381,10 @@ class WeightCompression:
         if block and not block.isdigit():
             raise SettingsError(f"weights {spec!r}: write a scheme, or scheme/block such as int4/32")
         return cls(scheme, int(block) if block else None)
+
+    def keeps_block(self, index: int, count: int) -> bool:
+        """Whether block ``index`` of ``count`` stays fp16 under :attr:`keep_ends`."""
+        return index < self.keep_ends or index >= count - self.keep_ends
 
     @property
     def bits(self) -> int:
@@ -469,10 +476,21 @@ def compress_weight(g: Graph, name: str, w: np.ndarray, spec: WeightCompression,
     return value
 
 
+def compressed_nbytes(spec: WeightCompression, shape: tuple[int, ...], float_bytes: int = 2) -> int:
+    """Bytes a weight of ``shape`` takes stored as ``spec`` says: its data plus its scales or palettes."""
+    size, out, cin = math.prod(shape), shape[0], shape[1]
+    if spec.scheme.startswith("lut"):
+        palettes = out // spec.block if spec.block and out % spec.block == 0 else out
+        return -(-size * spec.bits // 8) + palettes * 2 ** spec.bits * float_bytes
+    scales = out * (cin // spec.block if spec.block and cin % spec.block == 0 else 1)
+    return -(-size * spec.bits // 8) + scales * float_bytes
+
+
 def compress_weights(spec: WeightCompression) -> Pass:
-    """Store every float conv weight (at least ``spec.min_size`` values, not matched by ``spec.keep``) compressed:
-    a constexpr op decodes it to the same fp16 weight shape before the conv, so the conv and everything after it
-    stay as they were. Weight bytes drop to about bits/16 of fp16, plus the scales or palettes."""
+    """Store every float conv weight (at least ``spec.min_size`` values, not matched by ``spec.keep``, and smaller
+    compressed: a palette per narrow channel can outweigh it) compressed: a constexpr op decodes it to the same fp16
+    weight shape before the conv, so the conv and everything after it stay as they were. Weight bytes drop to about
+    bits/16 of fp16, plus the scales or palettes."""
 
     def apply(graph: Graph) -> Graph:
         users = graph.users()
@@ -482,6 +500,7 @@ def compress_weights(spec: WeightCompression) -> Pass:
             and n.output.type.rank >= 2 and users.get(n.output.id)
             and all(u.op == "conv" and u.inputs.get("weight") is n.output for u in users[n.output.id])
             and not any(fnmatch.fnmatchcase(n.name, pattern) for pattern in spec.keep)
+            and compressed_nbytes(spec, n.output.shape, n.output.type.numpy_dtype.itemsize) < n.output.type.nbytes
         }
 
         def rewrite(g: Graph, node: Node, lookup) -> Value | None:

@@ -1356,10 +1356,13 @@ def _axis_vector(op: str, name: str, t: TensorType | None, data: TensorType, axi
         raise _fail(op, f"{name} {t.short()} must be a scalar or a vector of {data.shape[axis]} values (axis {axis})")
 
 
-def _along(vector: np.ndarray, rank: int, axis: int) -> np.ndarray:
+def _along(vector: np.ndarray, rank: int, axis: int | None) -> np.ndarray:
+    """A scalar as it is, a vector shaped to broadcast along ``axis`` of a rank-``rank`` tensor (float32)."""
+    if not np.ndim(vector):
+        return np.float32(vector)
     shape = [1] * rank
     shape[axis] = -1
-    return np.asarray(vector, np.float32).reshape(shape) if np.ndim(vector) else np.float32(vector)
+    return np.asarray(vector, np.float32).reshape(shape)
 
 
 def _affine_infer(types, attrs):

@@ -332,7 +332,7 @@ class BlobReader:
             wanted = dtype if dtype is None or dtype in SUB_BYTE_BITS else np.dtype(dtype).newbyteorder("<")
             if wanted is not None and wanted != record_dtype:
                 raise self._error(
-                    offset, f"blob holds {record_dtype}, not {dtype}; ask for the dtype it was written with"
+                    offset, f"blob holds {record_dtype}, not {wanted}; ask for the dtype it was written with"
                 )
             sub_byte = isinstance(record_dtype, str)
             holder = NUMPY_DTYPES[record_dtype] if sub_byte else record_dtype

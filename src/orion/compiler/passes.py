@@ -511,3 +511,46 @@ def compress_weights(spec: WeightCompression) -> Pass:
         return _rebuild(graph, rewrite)
 
     return apply
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# int8 activations (W8A8)
+
+
+def activation_ranges(graph: Graph, feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+    """The largest magnitude each conv's input reaches over calibration ``feeds`` (the graph's numpy meaning, float32),
+    by conv name: what :func:`quantize_activations` turns into static int8 scales."""
+    ranges: dict[str, float] = {}
+    for feed in feeds:
+        env = {v.id: np.asarray(feed[v.name], np.float32) for v in graph.inputs}
+        for node in graph.nodes:
+            args = [[env[x.id] for x in v] if isinstance(v, list) else env[v.id] for v in node.inputs.values()]
+            spec = OPS[node.op]
+            arrays = args[0] if spec.variadic else args
+            env[node.output.id] = np.asarray(spec.compute(Kernels(), arrays, node.attrs), np.float32)
+            if node.op == "conv":
+                seen = float(np.abs(env[node.inputs["x"].id]).max())
+                ranges[node.name] = max(ranges.get(node.name, 0.0), seen)
+    return ranges
+
+
+def quantize_activations(ranges: dict[str, float]) -> Pass:
+    """W8A8 as public int8 ANE kernels run it: the input of each conv named in ``ranges`` goes through
+    ``quantize`` (int8, a static per-tensor scale of range / 127) and ``dequantize`` before the multiply, so the
+    conv multiplies int8 activations by (compressed) weights decoded to fp16."""
+
+    def rewrite(g: Graph, node: Node, lookup) -> Value | None:
+        if node.op != "conv" or node.name not in ranges or ranges[node.name] <= 0:
+            return None
+        x = lookup(node.inputs["x"])
+        scale = g.add_const(np.asarray(np.float16(ranges[node.name] / 127), NUMPY_DTYPES[x.dtype]), f"{node.name}_a_scale")
+        q = g.add_node("quantize", {"input": x, "scale": scale}, {"output_dtype": "int8"}, f"{node.name}_a_int8")
+        dq = g.add_node("dequantize", {"input": q, "scale": scale}, {}, f"{node.name}_a")
+        inputs = {k: dq if k == "x" else lookup(v) for k, v in node.inputs.items()}
+        value = Value(node.output.type, node.output.name)
+        conv = Node("conv", inputs, dict(node.attrs), value)
+        value.producer = conv
+        g.nodes.append(conv)
+        return value
+
+    return lambda graph: _rebuild(graph, rewrite)

@@ -9,11 +9,11 @@
   ANE-resident weights) against fp16, the classifier/embedding bytes on the CPU (float32, unchanged by any scheme),
   and the resident total.
 
-The model: ``orion train`` of the tiny preset widened (d 128, 2 layers, SwiGLU 384) on the demo's story corpus, a few
+The model: ``orion train`` of the tiny preset widened (d 128, 4 layers, SwiGLU 384) on the demo's story corpus, a few
 minutes of CPU on the emulator, trained once into ``--work`` and reused; or ``--model`` (an Orion checkpoint or a
 Hugging Face Llama/GPT-2 folder: a real checkpoint wherever a user has one).
 
-    python benchmarks/quantize.py [--model DIR] [--work out/quant-bench] [--train-steps 300]
+    python benchmarks/quantize.py [--model DIR] [--work out/quant-bench] [--train-steps 300] [--layers 4]
                                   [--schemes fp16,int8,int8/32,int4,int4/32,lut4,lut4+ends,int4/32+ends]
                                   [--eval-windows 48] [--gen-tokens 256] [--json benchmarks/results/quantize.json]
 
@@ -40,10 +40,10 @@ from orion.train.checkpoint import latest_checkpoint  # noqa: E402
 from orion.train.corpus import make_story_corpus, write_corpus  # noqa: E402
 
 DEFAULT_SCHEMES = "fp16,int8,int8/32,int4,int4/32,int4/32+ends,lut4,lut4+ends"
-SHAPE = {"dim": 128, "n_layers": 2, "n_heads": 4, "hidden_dim": 384}
+SHAPE = {"dim": 128, "n_heads": 4, "hidden_dim": 384}
 
 
-def trained_model(work: Path, steps: int) -> Path:
+def trained_model(work: Path, steps: int, layers: int) -> Path:
     """The checkpoint of a tiny-preset model trained on the demo corpus (trained here on first use)."""
     from orion.models import model_backend
     from orion.train.trainer import Trainer, TrainSettings
@@ -54,7 +54,8 @@ def trained_model(work: Path, steps: int) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     write_corpus(work / "stories.txt", make_story_corpus(2000, seed=0))
     settings = TrainSettings(preset="tiny", data=str(work / "stories.txt"), out=str(work / "run"), steps=steps,
-                             batch=8, seq_len=64, lr=2e-3, save_every=steps, model_overrides=SHAPE)
+                             batch=8, seq_len=64, lr=2e-3, save_every=steps,
+                             model_overrides={**SHAPE, "n_layers": layers})
     t0 = time.perf_counter()
     summary = Trainer(settings, backend=model_backend("emulator")).run()
     print(f"trained {steps} steps in {time.perf_counter() - t0:.0f} s: final loss {summary['final_loss']:.3f}")
@@ -140,13 +141,14 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=None, help="An Orion checkpoint or a Hugging Face Llama folder.")
     parser.add_argument("--work", default="out/quant-bench", type=Path)
     parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--layers", type=int, default=4, help="Blocks of the model trained here.")
     parser.add_argument("--schemes", default=DEFAULT_SCHEMES)
     parser.add_argument("--eval-windows", type=int, default=48)
     parser.add_argument("--gen-tokens", type=int, default=256)
     parser.add_argument("--json", default="benchmarks/results/quantize.json", type=Path)
     args = parser.parse_args(argv)
 
-    path = Path(args.model) if args.model else trained_model(args.work, args.train_steps)
+    path = Path(args.model) if args.model else trained_model(args.work, args.train_steps, args.layers)
     with orion.load(str(path), backend="emulator") as model:
         windows = held_out_windows(model.tokenizer, model.config.max_seq_len, args.eval_windows)
         prompt = model.tokenizer.encode("Once upon a time")
@@ -160,11 +162,11 @@ def main(argv=None) -> None:
 
     print(f"\nmodel {path}; {len(windows)} held-out windows of {len(windows[0])} tokens; greedy {args.gen_tokens} "
           "tokens from 'Once upon a time'")
-    head = (f"{'scheme':<14}{'ppl':>9}{'change':>9}{'KL':>9}{'top-1':>8}{'prog bytes':>12}{'ratio':>7}"
+    head = (f"{'scheme':<14}{'ppl':>9}{'change':>9}{'KL':>10}{'top-1':>8}{'prog bytes':>12}{'ratio':>7}"
             f"{'resident':>11}{'rep4':>7}{'loop':>6}")
     print(head)
     for r in rows:
-        print(f"{r['scheme']:<14}{r['perplexity']:>9.4f}{r.get('ppl_change', 0.0):>+9.2%}{r.get('kl_mean', 0.0):>9.5f}"
+        print(f"{r['scheme']:<14}{r['perplexity']:>9.4f}{r.get('ppl_change', 0.0):>+9.2%}{r.get('kl_mean', 0.0):>10.2e}"
               f"{r.get('top1_agreement', 1.0):>8.2%}{r['program_weight_bytes']:>12,}{r.get('weight_bytes_ratio', 1.0):>7.3f}"
               f"{r['resident_weight_bytes']:>11,}{r['repeated_4gram_share']:>7.2f}{str(r['loop_period'] or '-'):>6}")
     for r in rows:

@@ -180,7 +180,7 @@ def test_a_constexpr_op_on_a_variable_is_refused(tmp_path):
     } -> (w);
 }
 """
-    with pytest.raises(MILProgramError, match="decodes constants: input 'x' is not a const"):
+    with pytest.raises(MILProgramError, match="takes constants there: input 'x' is not a const"):
         load_text(text, tmp_path)
     assert any("is not a const" in v.message for v in check_program(parse_program(text), get_target("default")))
 

@@ -595,11 +595,13 @@ class _Checker:
         limit = self.target.max_blob_constants
         if limit is not None:
             operands = self.text_constant_operands()
-            tensors = len(refs) - self.compressed_parts_merged()
+            merged = self.compressed_parts_merged()
+            tensors = len(refs) - merged
             if tensors + operands > limit:
+                parts = f", compressed weights' parts counted once: {merged} fewer" if merged else ""
                 self.add(
                     "ANE-21", "program",
-                    f"{tensors + operands} weight tensors ({tensors} BLOBFILE constants or compressed weights + "
+                    f"{tensors + operands} weight tensors ({tensors} BLOBFILE constants{parts} + "
                     f"{operands} fp16/fp32 "
                     f"constant operands written in the text), more than the {limit} target {self.target.name!r} "
                     "allows",

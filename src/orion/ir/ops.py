@@ -1345,6 +1345,8 @@ AFFINE_DTYPES = ("int8", "uint8")
 SHIFT_SCALE_DTYPES = ("int4", "uint4", "int8", "uint8")
 LUT_INDEX_BITS = {"uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "uint6": 6, "uint8": 8}
 QUANTIZED_DTYPES = {"int8": (-128, 127), "uint8": (0, 255)}
+#: Inputs that must be constants (coremltools declares them ``const``), besides every input of a constexpr op.
+CONST_INPUTS = {"quantize": ("scale", "zero_point"), "dequantize": ("scale", "zero_point")}
 #: The opset each of these ops first appears in: an ``ios16`` program may not use the later ones.
 OPSET_OF = {"constexpr_affine_dequantize": "ios16", "constexpr_blockwise_shift_scale": "ios18",
             "constexpr_lut_to_dense": "ios18", "quantize": "ios17", "dequantize": "ios17"}

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from orion.errors import GraphError, MILProgramError, UnsafePathError, WeightFileError
-from orion.ir.ops import OPS, OPSET_OF, OpDef, input_names
+from orion.ir.ops import CONST_INPUTS, OPS, OPSET_OF, OpDef, input_names
 from orion.ir.types import CAST_DTYPES_IOS16
 from orion.mil.blob import BlobReader, stored_dtype
 from orion.mil.parse import resolve_blob_path
@@ -176,10 +176,11 @@ def _resolve(st: Statement, types: dict[str, TensorType], consts: dict[str, Stat
         raise _Refusal(f"{st.op}: a parameter has a value of the wrong kind ({exc})") from None
     if inferred.shape != st.type.shape or inferred.dtype != st.type.dtype:
         raise _Refusal(f"{st.var!r} is declared {st.type} but {st.op} of these operands gives {inferred}")
-    if op.kind == "constexpr":
-        loose = [name for name in inputs if isinstance(name, str) and name not in consts and "." not in name]
-        if loose:
-            raise _Refusal(f"{st.op} decodes constants: input {loose[0]!r} is not a const")
+    fixed = input_names(op, list(st.args)) if op.kind == "constexpr" else CONST_INPUTS.get(op.name, ())
+    loose = [ref for param, ref in zip(input_names(op, list(st.args)), inputs)
+             if param in fixed and isinstance(ref, str) and ref not in consts and ref not in literals]
+    if loose:
+        raise _Refusal(f"{st.op} takes constants there: input {loose[0]!r} is not a const")
     if opset == "ios16" and OPSET_OF.get(op.name, "ios16") != "ios16":
         raise _Refusal(f"{op.name} needs the {OPSET_OF[op.name]} opset or later; this program is {opset}")
     if op.name == "cast" and opset == "ios16" and attrs["dtype"] not in CAST_DTYPES_IOS16:

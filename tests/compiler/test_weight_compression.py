@@ -209,3 +209,23 @@ def test_w8a8_quantizes_each_conv_input_with_its_calibrated_scale(tmp_path):
     on_grid = np.clip(np.round(x.astype(np.float16).astype(np.float32) / scale), -128, 127) * scale
     weights_only = run(compile_graph(b.graph, weights="int8"), tmp_path / "w8", on_grid.astype(np.float32))
     assert np.array_equal(got["t"], weights_only["t"])
+
+
+def test_a_decoded_weight_is_held_as_fp16_values_wherever_it_is_read(tmp_path):
+    """N12 for any reader, not only a conv: w + x reads fp16(s * (q - z)), the product rounded once."""
+    rng = np.random.default_rng(9)
+    q = rng.integers(-127, 128, (8, 16)).astype(np.int8)
+    scale = (rng.random(8) * 0.01 + 0.001).astype(np.float16)
+    b = GraphBuilder("held")
+    x = b.input("x", (8, 16))
+    w = b.op("constexpr_affine_dequantize", quantized_data=b.const(q, "q"), zero_point=b.const(np.int8(3), "z"),
+             scale=b.const(scale, "s"), axis=0)
+    b.output("y", b.add(x, w))
+    result = compile_graph(b.graph)
+    result.module.write(tmp_path)
+    x16 = (rng.random((8, 16)) + 1).astype(np.float16)
+    got = load_program(tmp_path).run({"x": x16})["y"]
+    exact = (q.astype(np.float64) - 3) * scale.astype(np.float64)[:, None]
+    want = (exact.astype(np.float16).astype(np.float64) + x16).astype(np.float16)
+    assert got.dtype == np.float16 and np.array_equal(got, want)
+    assert not np.array_equal((exact + x16).astype(np.float16), want)  # an unrounded weight would show

@@ -158,7 +158,9 @@ def main(argv=None) -> None:
         row = measure(path, name, windows, prompt, args.gen_tokens, reference)
         reference = reference or row
         rows.append(row)
-        print(f"{name}: ppl {row['perplexity']:.4f}", flush=True)
+        print(f"{name}: ppl {row['perplexity']:.4f} ({row.get('ppl_change', 0.0):+.2%}), KL {row.get('kl_mean', 0.0):.2e}, "
+              f"top-1 {row.get('top1_agreement', 1.0):.2%}, weight bytes x{row.get('weight_bytes_ratio', 1.0):.3f}, "
+              f"repeated 4-grams {row['repeated_4gram_share']:.2f}, loop {row['loop_period'] or '-'}", flush=True)
 
     print(f"\nmodel {path}; {len(windows)} held-out windows of {len(windows[0])} tokens; greedy {args.gen_tokens} "
           "tokens from 'Once upon a time'")

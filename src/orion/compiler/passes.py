@@ -434,10 +434,9 @@ def _palettes(rows: np.ndarray, entries: int, iterations: int = 12) -> tuple[np.
         mids = (palette[:, 1:] + palette[:, :-1]) / 2
         index = np.searchsorted((mids + lift).ravel(), (rows + lift).ravel()).reshape(rows.shape)
         index -= np.arange(rows.shape[0])[:, None] * (entries - 1)
-        sums = np.zeros_like(palette)
-        counts = np.zeros_like(palette)
-        np.add.at(sums, (np.arange(rows.shape[0])[:, None], index), rows)
-        np.add.at(counts, (np.arange(rows.shape[0])[:, None], index), 1)
+        slots = (index + np.arange(rows.shape[0])[:, None] * entries).ravel()  # (row, entry) as one number
+        sums = np.bincount(slots, weights=rows.ravel(), minlength=palette.size).reshape(palette.shape)
+        counts = np.bincount(slots, minlength=palette.size).reshape(palette.shape)
         palette = np.where(counts > 0, sums / np.maximum(counts, 1), palette)
     return palette, index
 

@@ -34,7 +34,8 @@ def test_shape_rules_reject_bad_graphs_with_named_errors():
 def test_every_op_has_a_shape_rule_and_a_numpy_meaning():
     for op in OPS.values():
         assert callable(op.infer) and callable(op.compute), op.name
-        assert op.kind in ("elementwise", "activation", "wide", "reduction", "layout", "index", "state", "const")
+        assert op.kind in ("elementwise", "activation", "wide", "reduction", "layout", "index", "state", "const",
+                           "constexpr")
 
 
 def test_graph_prints_readably_and_copies_structurally():

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orion.errors import WeightFileError
-from orion.mil.blob import BlobReader, BlobWriter, blob_record_offsets, read_blob, sanitize, write_blob_file
+from orion.mil.blob import (BlobReader, BlobWriter, SubByteArray, blob_record_offsets, read_blob, sanitize,
+                            write_blob_file)
 
 #: numpy dtype name -> the coremltools method suffix (``write_<x>_data`` / ``read_<x>_data``).
 CT_NAMES = {
@@ -256,7 +257,7 @@ def test_header_undercount_reads_every_record(ms, tmp_path, count):
     [
         (0, "<I", 0xDEADBEEE, "bad sentinel 0xDEADBEEE"),
         (4, "<I", 99, r"dtype code 99 \(unknown\)"),
-        (4, "<I", 8, r"dtype code 8 \(int4\)"),
+        (4, "<I", 16, r"dtype code 16 \(fp8e4m3fn\)"),
         (4, "<I", 5, r"dtype code 5 \(bf16\)"),
         (4, "<I", 2, "not a multiple of the float32 item size"),  # the 10-byte fp16 blob relabelled fp32
         (8, "<Q", 5, "not a multiple of the float16 item size"),
@@ -480,3 +481,66 @@ def test_orion_reads_a_file_coremltools_appended_to(ms, tmp_path):
     reader = BlobReader(path)
     assert reader.count == 2 and reader.records() == [(o1, first.dtype, first.nbytes), (o2, second.dtype, 12)]
     assert same_bits(reader.read(o1), first) and same_bits(reader.read(o2), second)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sub-byte types (compressed weights' data and palette indices): packed as coremltools' writer packs them
+
+SUB_BYTE_RANGES = {"int4": (-8, 7), "uint1": (0, 1), "uint2": (0, 3), "uint3": (0, 7), "uint4": (0, 15),
+                   "uint6": (0, 63)}
+
+
+def sub_byte_arrays(count: int, seed: int = 0) -> dict[str, SubByteArray]:
+    """Every sub-byte type with ``count`` values spanning its whole range (both ends included)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, (low, high) in SUB_BYTE_RANGES.items():
+        values = rng.integers(low, high + 1, count)
+        values[:2] = [low, high][:count]
+        out[name] = SubByteArray(values.astype(np.int8 if low < 0 else np.uint8), name)
+    return out
+
+
+@pytest.mark.parametrize("count", [1, 5, 37, 64])
+def test_sub_byte_files_equal_coremltools_bytes_both_ways(ms, tmp_path, count):
+    """Orion's file is byte-identical to coremltools' for the same values (padding bits included), coremltools reads
+    Orion's values back, and Orion reads coremltools' back."""
+    arrays = sub_byte_arrays(count, seed=count)
+    with BlobWriter(tmp_path / "ours.bin") as writer:
+        ours = {name: writer.add(a) for name, a in arrays.items()}
+    writer = ms._BlobStorageWriter(str(tmp_path / "ct.bin"), truncate_file=True)
+    theirs = {name: getattr(writer, f"write_{name}_data")(a.values) for name, a in arrays.items()}
+    del writer
+    assert ours == theirs
+    assert (tmp_path / "ours.bin").read_bytes() == (tmp_path / "ct.bin").read_bytes()
+    ct_reader = ms._BlobStorageReader(str(tmp_path / "ours.bin"))
+    reader = BlobReader(tmp_path / "ct.bin")
+    for name, a in arrays.items():
+        assert np.array_equal(getattr(ct_reader, f"read_{name}_data")(ours[name]), a.values)
+        back = reader.read(theirs[name], dtype=name, shape=(count,))
+        assert back.dtype == a.values.dtype and np.array_equal(back, a.values)
+    assert [(o, d) for o, d, _ in reader.records()] == [(theirs[n], n) for n in arrays]
+
+
+def test_sub_byte_packing_is_least_significant_bits_first(tmp_path):
+    """The layout itself, written out by hand: int4 [1, -2, 3] is 0x1 | 0xE << 4, then 0x3; 4 padding bits."""
+    with BlobWriter(tmp_path / "w.bin") as writer:
+        writer.add(SubByteArray(np.array([1, -2, 3], np.int8), "int4"))
+    raw = (tmp_path / "w.bin").read_bytes()
+    _, code, size, _, padding = struct.unpack_from("<IIQQQ", raw, 64)
+    assert (code, size, padding) == (8, 2, 4)
+    assert raw[128:130] == bytes([0xE1, 0x03])
+
+
+def test_sub_byte_values_out_of_range_or_read_as_another_type_are_refused(tmp_path):
+    with pytest.raises(WeightFileError, match=r"uint2 values must lie in \[0, 3\], got \[0, 4\]"):
+        SubByteArray(np.array([0, 4], np.uint8), "uint2")
+    with BlobWriter(tmp_path / "w.bin") as writer:
+        writer.add(SubByteArray(np.array([1, 2, 3], np.uint8), "uint4"))
+    with pytest.raises(WeightFileError, match="blob holds uint4, not int4"):
+        read_blob(tmp_path / "w.bin", 64, dtype="int4")
+    with pytest.raises(WeightFileError, match="blob holds uint4, not uint8"):
+        read_blob(tmp_path / "w.bin", 64, dtype=np.uint8)
+    bad = patched(tmp_path / "w.bin", 64 + 24, "<Q", 3)  # 16 bits minus 3 is no whole number of 4-bit values
+    with pytest.raises(WeightFileError, match="holds no whole number of values"):
+        BlobReader(bad).read(64)

@@ -353,17 +353,30 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
                    "(exact speculative decoding: the output is --model's).")
 @click.option("--draft-tokens", type=click.IntRange(min=1), default=4, show_default=True,
               help="Tokens the draft proposes per verify pass.")
+@click.option("--quantize", default=None, metavar="SCHEME[/BLOCK]",
+              help="Compress the programs' weights: int8, int4, lut2, lut4, lut6 or lut8, per output channel or "
+                   "per block of 32/64/128 (int4/32).")
+@click.option("--keep-fp16", "keep_fp16", multiple=True, metavar="PATTERN",
+              help="With --quantize: weight names (shell patterns, e.g. 'h00_*') left in fp16; repeatable.")
 @handle_errors
 def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, seed: int | None, backend: str, target_name: str, exact_numerics: bool,
-                 adapter_path: str | None, draft_id: str | None, draft_tokens: int) -> None:
+                 adapter_path: str | None, draft_id: str | None, draft_tokens: int, quantize: str | None,
+                 keep_fp16: tuple[str, ...]) -> None:
     """Generate text; tokens stream to the terminal as they come, then one line of figures."""
     import contextlib
+    import dataclasses
 
     import orion
+    from orion.compiler.passes import WeightCompression
+    from orion.errors import SettingsError
 
+    if keep_fp16 and quantize is None:
+        raise SettingsError("--keep-fp16 needs --quantize")
+    spec = WeightCompression.of(quantize)
+    spec = spec and dataclasses.replace(spec, keep=keep_fp16)
     options = dict(backend=backend, target=target_name, accumulator=None if exact_numerics else "fp32")
-    with orion.load(model_id, **options) as model, contextlib.ExitStack() as stack:
+    with orion.load(model_id, quantize=spec, **options) as model, contextlib.ExitStack() as stack:
         draft = None if draft_id is None else stack.enter_context(orion.load(draft_id, **options))
         if adapter_path is not None:
             model.set_adapter(model.load_adapter(adapter_path))

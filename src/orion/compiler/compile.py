@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from orion.compiler.analysis import IOPlan, plan_io, sram_warnings
 from orion.compiler.constraints import Violation, check_program
-from orion.compiler.passes import Pass, default_passes, run_pipeline
+from orion.compiler.passes import (Pass, WeightCompression, compress_weights, default_passes, quantize_activations,
+                                   run_pipeline)
 from orion.compiler.targets import Target, get_target
 from orion.ir.graph import Graph
 from orion.mil.emit import MILModule, emit
@@ -38,14 +39,23 @@ def io_plan_of(module: MILModule, target: Target) -> IOPlan:
 
 
 def compile_graph(graph: Graph, target: Target | str = "default", weight_layout: str | None = None,
-                  passes: list[Pass] | None = None) -> CompileResult:
+                  passes: list[Pass] | None = None, weights: WeightCompression | str | None = None,
+                  activations: dict[str, float] | None = None) -> CompileResult:
     """Optimize and legalize ``graph`` for ``target``, emit MIL, and check it against the constraint catalog.
+    ``weights`` compresses the conv weights first (``"int8"``, ``"int4/32"``, ``"lut4"``, or a
+    :class:`~orion.compiler.passes.WeightCompression` with the layers to keep in fp16). ``activations`` (conv name ->
+    largest input magnitude, from :func:`~orion.compiler.passes.activation_ranges`) makes those convs W8A8.
 
     Violations are returned, not raised: the caller decides (the CLI prints them; the runtime refuses errors).
     """
     target = get_target(target)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    spec = WeightCompression.of(weights)
+    if spec is not None:  # once, before the pipeline: legalization's exact one-hot convs stay fp16
+        graph = compress_weights(spec)(graph)
+    if activations:
+        graph = quantize_activations(activations)(graph)
     optimized = run_pipeline(graph, passes if passes is not None else default_passes(target))
     t1 = time.perf_counter()
     module = emit(optimized, version=target.mil_version, weight_layout=weight_layout or "per-tensor")

@@ -296,6 +296,16 @@ _ENTRIES = (
         "persists between run() calls)", "unverified: the reference has no report of state on the ANE; MIL "
         "semantics: coremltools' iOS18 read_state, coreml_update_state (write_state), slice_update",
     ),
+    Constraint(
+        "ANE-44", "compressed weights (constexpr ops) are decoded to fp16 before the multiply; int8 affine and "
+        "palettes are reported (N12), per-block shift-scale (iOS18 int4/int8 with per-block scales) is not measured",
+        "weights", "warning", "compile", "unknown for per-block scales: a public project reports wrong answers from "
+        "Apple's grouped 4-bit weights", "prefer int8 (constexpr_affine_dequantize) or palettes "
+        "(constexpr_lut_to_dense), or check the program on the device with orion doctor; how many weight-tensor "
+        "slots one compressed weight takes is the setting compressed_weight_slots",
+        "reference section 9 (N12); issue 15's user reports; coremltools constexpr op definitions",
+        setting="compressed_weight_slots",
+    ),
 )
 
 CATALOG: dict[str, Constraint] = {c.id: c for c in _ENTRIES}
@@ -472,6 +482,30 @@ class _Checker:
             named |= read
         return slots
 
+    def compressed_parts(self) -> set[str]:
+        """Where (as :meth:`values` names them) the consts are that only constexpr ops read."""
+        readers: dict[str, set[str]] = defaultdict(set)
+        for st in self.program.statements:
+            for arg in st.args.values():
+                for ref in arg if isinstance(arg, tuple) else (arg,):
+                    if isinstance(ref, VarRef):
+                        readers[ref.name].add(OPS[st.op].kind if st.op in OPS else st.op)
+        return {self.at(st) for st in self.program.statements
+                if st.op == "const" and readers.get(st.var) == {"constexpr"}}
+
+    def compressed_parts_merged(self) -> int:
+        """BLOBFILE constants not counted on their own where a compressed weight takes one slot
+        (``compressed_weight_slots`` "one"): each constexpr op's stored parts count once together."""
+        if self.target.compressed_weight_slots == "per-blob":
+            return 0
+        stored = {st.var for st, _ in self.program.blob_refs()}
+        merged = 0
+        for st in self.program.statements:
+            if st.op in OPS and OPS[st.op].kind == "constexpr":
+                parts = {ref.name for ref in st.args.values() if isinstance(ref, VarRef) and ref.name in stored}
+                merged += max(0, len(parts) - 1)
+        return merged
+
     def is_const(self, arg) -> bool:
         return isinstance(arg, Literal) or (isinstance(arg, VarRef) and arg.name in self.consts)
 
@@ -521,6 +555,8 @@ class _Checker:
         if op not in self.known_ops:
             self.add("ANE-34", where, f"op {op!r} is not known to run on the ANE")
             return
+        if op == "constexpr_blockwise_shift_scale":
+            self.add("ANE-44", where, "per-block (or int4) shift-scale weights are not measured on the ANE")
         if op == "concat":
             if t.concat == "forbid":
                 self.add("ANE-01", where, f"target {t.name!r} forbids concat",
@@ -605,10 +641,14 @@ class _Checker:
         limit = self.target.max_blob_constants
         if limit is not None:
             operands = self.text_constant_operands()
-            if len(refs) + operands > limit:
+            merged = self.compressed_parts_merged()
+            tensors = len(refs) - merged
+            if tensors + operands > limit:
+                parts = f", compressed weights' parts counted once: {merged} fewer" if merged else ""
                 self.add(
                     "ANE-21", "program",
-                    f"{len(refs) + operands} weight tensors ({len(refs)} BLOBFILE constants + {operands} fp16/fp32 "
+                    f"{tensors + operands} weight tensors ({tensors} BLOBFILE constants{parts} + "
+                    f"{operands} fp16/fp32 "
                     f"constant operands written in the text), more than the {limit} target {self.target.name!r} "
                     "allows",
                 )
@@ -638,7 +678,10 @@ class _Checker:
 
     def check_shapes(self) -> None:
         t = self.target
+        decoded = self.compressed_parts()
         for where, vt in self.values():
+            if where in decoded:  # a compressed weight's part (a palette is rank + 2): decoded before use (ANE-44)
+                continue
             if vt.rank > t.max_rank:
                 self.add("ANE-24", where, f"rank {vt.rank} ({vt}) exceeds {t.max_rank}")
             big = [f"axis {i} = {d}" for i, d in enumerate(vt.shape) if d > t.max_axis]

@@ -7,14 +7,16 @@ the hardware rounds each op's result; cast elimination only drops casts that rou
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
 from orion.compiler.targets import Target
-from orion.errors import GraphError
-from orion.ir.graph import Graph, Node, Value, topological_nodes
+from orion.errors import GraphError, SettingsError
+from orion.ir.graph import Graph, Node, Value, infer_node, topological_nodes
 from orion.ir.ops import OPS, Kernels, window
 from orion.ir.types import NUMPY_DTYPES, TensorType
 
@@ -346,3 +348,217 @@ def run_pipeline(graph: Graph, passes: Sequence[Pass], max_rounds: int = 20) -> 
             return current
         before = after
     raise GraphError(f"passes did not reach a fixpoint in {max_rounds} rounds")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weight compression
+
+
+#: ``int8``: per output channel constexpr_affine_dequantize (iOS16), per block constexpr_blockwise_shift_scale;
+#: ``int4``: constexpr_blockwise_shift_scale; ``lutN``: an N-bit palette per output channel (or group of channels)
+#: fitted by k-means, constexpr_lut_to_dense.
+WEIGHT_SCHEMES = ("int8", "int4", "lut2", "lut4", "lut6", "lut8")
+BLOCK_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class WeightCompression:
+    """How :func:`compress_weights` stores conv weights. ``block``: None for one scale (or palette) per output
+    channel, else 32/64/128 input channels per scale (for palettes: output channels per palette). ``keep``: shell
+    patterns of constant names left in fp16 (sensitive layers); weights under ``min_size`` values stay fp16 too.
+    A scheme name parses with :meth:`of`."""
+
+    scheme: str
+    block: int | None = None
+    keep: tuple[str, ...] = ()
+    min_size: int = 4096
+    #: Blocks of a model left in fp16 at each end (the first and last are the most sensitive); models apply it.
+    keep_ends: int = 0
+
+    def __post_init__(self):
+        if self.scheme not in WEIGHT_SCHEMES:
+            raise SettingsError(f"unknown weight scheme {self.scheme!r}; expected one of {', '.join(WEIGHT_SCHEMES)}")
+        if self.block is not None and self.block not in BLOCK_SIZES:
+            raise SettingsError(f"block {self.block!r} is not one of {BLOCK_SIZES} (or None: per channel)")
+
+    @classmethod
+    def of(cls, spec: "WeightCompression | str | None") -> "WeightCompression | None":
+        """A scheme name (``"int4"``, or ``"int4/32"`` for blocks of 32) or a WeightCompression as it is."""
+        if spec is None or isinstance(spec, WeightCompression):
+            return spec
+        scheme, _, block = str(spec).partition("/")
+        if block and not block.isdigit():
+            raise SettingsError(f"weights {spec!r}: write a scheme, or scheme/block such as int4/32")
+        return cls(scheme, int(block) if block else None)
+
+    def keeps_block(self, index: int, count: int) -> bool:
+        """Whether block ``index`` of ``count`` stays fp16 under :attr:`keep_ends`."""
+        return index < self.keep_ends or index >= count - self.keep_ends
+
+    @property
+    def bits(self) -> int:
+        return int(self.scheme.removeprefix("lut").removeprefix("int"))
+
+
+def _fp16_scale(amax: np.ndarray, levels: int) -> np.ndarray:
+    """Symmetric scales held in fp16 (as the ANE holds them); an all-zero group gets scale 1."""
+    scale = np.where(amax > 0, amax / levels, 1.0).astype(np.float16)
+    return np.where(scale > 0, scale, np.float16(6e-8))  # an underflowed scale still divides
+
+
+#: Fractions of a group's largest magnitude tried as its clipping range: the one with the least squared error wins
+#: (clipping a few outliers buys finer steps for the rest; it matters at 4 bits).
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _symmetric(w: np.ndarray, block: int | None, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest symmetric integers ``q`` and fp16 scales with ``w ~ scale * q``: one scale per output
+    channel, or per ``block`` input channels of each; each group's range from :data:`CLIP_RATIOS`. ``q`` in
+    [-(2^(b-1) - 1), 2^(b-1) - 1]."""
+    out, cin = w.shape[0], w.shape[1]
+    groups = w.reshape(out, cin // block, -1) if block else w.reshape(out, 1, -1)
+    levels = 2 ** (bits - 1) - 1
+    amax = np.abs(groups).max(axis=2, keepdims=True)
+    best_q, best_scale, best_err = None, None, None
+    for ratio in CLIP_RATIOS:
+        scale = _fp16_scale(amax * ratio, levels).astype(np.float64)
+        q = np.clip(np.round(groups / scale), -levels, levels)
+        err = ((q * scale - groups) ** 2).sum(axis=2, keepdims=True)
+        if best_err is None:
+            best_q, best_scale, best_err = q, scale, err
+            continue
+        better = err < best_err
+        best_q = np.where(better, q, best_q)
+        best_scale, best_err = np.where(better, scale, best_scale), np.minimum(err, best_err)
+    return best_q.reshape(w.shape).astype(np.int8), best_scale.astype(np.float16).reshape(out, -1)
+
+
+def _palettes(rows: np.ndarray, entries: int, iterations: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """1-D k-means per row of ``rows`` [R, n]: palettes [R, entries] (started at quantiles) and each value's index."""
+    palette = np.quantile(rows, (np.arange(entries) + 0.5) / entries, axis=1).T  # [R, entries]
+    span = float(np.abs(rows).max()) * 4 + 1.0
+    lift = np.arange(rows.shape[0])[:, None] * span  # rows apart on one line: one searchsorted for all
+    for _ in range(iterations + 1):
+        palette = np.sort(palette, axis=1)
+        mids = (palette[:, 1:] + palette[:, :-1]) / 2
+        index = np.searchsorted((mids + lift).ravel(), (rows + lift).ravel()).reshape(rows.shape)
+        index -= np.arange(rows.shape[0])[:, None] * (entries - 1)
+        slots = (index + np.arange(rows.shape[0])[:, None] * entries).ravel()  # (row, entry) as one number
+        sums = np.bincount(slots, weights=rows.ravel(), minlength=palette.size).reshape(palette.shape)
+        counts = np.bincount(slots, minlength=palette.size).reshape(palette.shape)
+        palette = np.where(counts > 0, sums / np.maximum(counts, 1), palette)
+    return palette, index
+
+
+def compress_weight(g: Graph, name: str, w: np.ndarray, spec: WeightCompression, out_type: TensorType) -> Value:
+    """The constexpr op that stores conv weight ``w`` [O, I, ...] as ``spec`` says, built in ``g``."""
+    w64 = w.astype(np.float64)
+    out, cin = w.shape[0], w.shape[1]
+    rank = w.ndim
+    float_dtype = NUMPY_DTYPES[out_type.dtype]
+    if spec.scheme.startswith("lut"):
+        group = spec.block if spec.block and out % spec.block == 0 else 1
+        entries = 2 ** spec.bits
+        palette, index = _palettes(w64.reshape(out // group, -1), entries)
+        lut = palette.astype(float_dtype).reshape((out // group,) + (1,) * (rank - 1) + (entries, 1))
+        indices = g.add_const(index.reshape(w.shape), f"{name}_indices", f"uint{spec.bits}")
+        inputs, op = {"indices": indices, "lut": g.add_const(lut, f"{name}_lut")}, "constexpr_lut_to_dense"
+    else:
+        block = spec.block if spec.block and cin % spec.block == 0 else None
+        q, scale = _symmetric(w64, block, spec.bits)
+        data = g.add_const(q, f"{name}_data", spec.scheme)
+        if spec.scheme == "int8" and block is None:  # the iOS16 form every chip decodes (N12)
+            inputs = {"quantized_data": data, "zero_point": g.add_const(np.int8(0), f"{name}_zero"),
+                      "scale": g.add_const(scale.reshape(out).astype(float_dtype), f"{name}_scale")}
+            op = "constexpr_affine_dequantize"
+        else:
+            scale = scale.reshape((out, scale.shape[1]) + (1,) * (rank - 2)).astype(float_dtype)
+            inputs, op = {"data": data, "scale": g.add_const(scale, f"{name}_scale")}, "constexpr_blockwise_shift_scale"
+    attrs, value_type = infer_node(op, inputs, {"axis": 0} if op == "constexpr_affine_dequantize" else {})
+    if value_type != out_type:
+        raise GraphError(f"compressing {name!r} gave {value_type}, expected {out_type}")
+    value = Value(out_type, name)
+    node = Node(op, inputs, attrs, value)
+    value.producer = node
+    g.nodes.append(node)
+    return value
+
+
+def compressed_nbytes(spec: WeightCompression, shape: tuple[int, ...], float_bytes: int = 2) -> int:
+    """Bytes a weight of ``shape`` takes stored as ``spec`` says: its data plus its scales or palettes."""
+    size, out, cin = math.prod(shape), shape[0], shape[1]
+    if spec.scheme.startswith("lut"):
+        palettes = out // spec.block if spec.block and out % spec.block == 0 else out
+        return -(-size * spec.bits // 8) + palettes * 2 ** spec.bits * float_bytes
+    scales = out * (cin // spec.block if spec.block and cin % spec.block == 0 else 1)
+    return -(-size * spec.bits // 8) + scales * float_bytes
+
+
+def compress_weights(spec: WeightCompression) -> Pass:
+    """Store every float conv weight (at least ``spec.min_size`` values, not matched by ``spec.keep``, and smaller
+    compressed: a palette per narrow channel can outweigh it) compressed: a constexpr op decodes it to the same fp16
+    weight shape before the conv, so the conv and everything after it stay as they were. Weight bytes drop to about
+    bits/16 of fp16, plus the scales or palettes."""
+
+    def apply(graph: Graph) -> Graph:
+        users = graph.users()
+        chosen = {
+            n.output.id for n in graph.nodes
+            if n.is_const and n.output.dtype in ("fp16", "fp32") and n.output.type.size >= spec.min_size
+            and n.output.type.rank >= 2 and users.get(n.output.id)
+            and all(u.op == "conv" and u.inputs.get("weight") is n.output for u in users[n.output.id])
+            and not any(fnmatch.fnmatchcase(n.name, pattern) for pattern in spec.keep)
+            and compressed_nbytes(spec, n.output.shape, n.output.type.numpy_dtype.itemsize) < n.output.type.nbytes
+        }
+
+        def rewrite(g: Graph, node: Node, lookup) -> Value | None:
+            if node.output.id not in chosen:
+                return None
+            return compress_weight(g, node.name, np.asarray(node.attrs["val"]), spec, node.output.type)
+
+        return _rebuild(graph, rewrite)
+
+    return apply
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# int8 activations (W8A8)
+
+
+def activation_ranges(graph: Graph, feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+    """The largest magnitude each conv's input reaches over calibration ``feeds`` (the graph's numpy meaning, float32),
+    by conv name: what :func:`quantize_activations` turns into static int8 scales."""
+    ranges: dict[str, float] = {}
+    for feed in feeds:
+        env = {v.id: np.asarray(feed[v.name], np.float32) for v in graph.inputs}
+        for node in graph.nodes:
+            args = [[env[x.id] for x in v] if isinstance(v, list) else env[v.id] for v in node.inputs.values()]
+            spec = OPS[node.op]
+            arrays = args[0] if spec.variadic else args
+            env[node.output.id] = np.asarray(spec.compute(Kernels(), arrays, node.attrs), np.float32)
+            if node.op == "conv":
+                seen = float(np.abs(env[node.inputs["x"].id]).max())
+                ranges[node.name] = max(ranges.get(node.name, 0.0), seen)
+    return ranges
+
+
+def quantize_activations(ranges: dict[str, float]) -> Pass:
+    """W8A8 as public int8 ANE kernels run it: the input of each conv named in ``ranges`` goes through
+    ``quantize`` (int8, a static per-tensor scale of range / 127) and ``dequantize`` before the multiply, so the
+    conv multiplies int8 activations by (compressed) weights decoded to fp16."""
+
+    def rewrite(g: Graph, node: Node, lookup) -> Value | None:
+        if node.op != "conv" or node.name not in ranges or ranges[node.name] <= 0:
+            return None
+        x = lookup(node.inputs["x"])
+        scale = g.add_const(np.asarray(np.float16(ranges[node.name] / 127), NUMPY_DTYPES[x.dtype]), f"{node.name}_a_scale")
+        q = g.add_node("quantize", {"input": x, "scale": scale}, {"output_dtype": "int8"}, f"{node.name}_a_int8")
+        dq = g.add_node("dequantize", {"input": q, "scale": scale}, {}, f"{node.name}_a")
+        inputs = {k: dq if k == "x" else lookup(v) for k, v in node.inputs.items()}
+        value = Value(node.output.type, node.output.name)
+        conv = Node("conv", inputs, dict(node.attrs), value)
+        value.producer = conv
+        g.nodes.append(conv)
+        return value
+
+    return lambda graph: _rebuild(graph, rewrite)

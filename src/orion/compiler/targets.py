@@ -25,6 +25,7 @@ BLOBS_PER_FILE = ("one", "many")
 SHARED_SCALAR_SLOTS = ("one", "per-use")
 WEIGHT_UPDATES = ("reload", "patch", "recompile", "inputs")
 MULTI_FUNCTION = ("unknown", "procedure-index")
+COMPRESSED_WEIGHT_SLOTS = ("one", "per-blob")
 MiB = 1024 * 1024
 
 
@@ -149,6 +150,15 @@ class Target:
         ),
     )
 
+    compressed_weight_slots: str = field(
+        default="one",
+        metadata=_note(
+            'weight-tensor slots (max_blob_constants) a compressed weight takes: "one" (a constexpr op yields one '
+            'weight, the assumption Orion makes) or "per-blob" (each of its BLOBFILE parts, data, scales, offsets or '
+            "palette, counts); unmeasured: orion doctor on a Mac settles it"
+        ),
+    )
+
     def __post_init__(self) -> None:
         def bad(field_name: str, value: Any, expected: str) -> SettingsError:
             return SettingsError(f"target {self.name!r}: {field_name}={value!r} is invalid; expected {expected}")
@@ -161,6 +171,7 @@ class Target:
             ("shared_scalar_slots", SHARED_SCALAR_SLOTS),
             ("weight_update", WEIGHT_UPDATES),
             ("multi_function", MULTI_FUNCTION),
+            ("compressed_weight_slots", COMPRESSED_WEIGHT_SLOTS),
         ):
             if getattr(self, name) not in allowed:
                 raise bad(name, getattr(self, name), f"one of {', '.join(allowed)}")

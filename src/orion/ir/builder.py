@@ -39,10 +39,7 @@ class GraphBuilder:
         self.graph.set_output(name, value)
 
     def const(self, array, name: str = "const", dtype: str | None = None) -> Value:
-        array = np.asarray(array)
-        if dtype is not None:
-            array = array.astype(NUMPY_DTYPES[dtype])
-        return self.graph.add_const(array, self._named(name))
+        return self.graph.add_const(array, self._named(name), dtype)
 
     def weight(self, name: str, array, dtype: str = "fp16") -> Value:
         """A named weight tensor (becomes a BLOBFILE constant; its name is the key for weight updates)."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from orion.errors import GraphError
 from orion.ir.ops import get_op, input_names
-from orion.ir.types import TensorType, dtype_name
+from orion.ir.types import NUMPY_DTYPES, TensorType, dtype_name
 
 _ids = itertools.count()
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
@@ -142,11 +142,13 @@ class Graph:
         self.nodes.append(node)
         return tuple(values) if several else values[0]
 
-    def add_const(self, array: np.ndarray, name: str = "const") -> Value:
-        array = np.asarray(array)
+    def add_const(self, array: np.ndarray, name: str = "const", dtype: str | None = None) -> Value:
+        """A constant of ``array``'s dtype, or of MIL type ``dtype`` (a sub-byte type such as ``int4`` is held one
+        value per int8/uint8 element)."""
+        array = np.asarray(array) if dtype is None else np.asarray(array).astype(NUMPY_DTYPES[dtype], copy=False)
         if not array.flags.c_contiguous:
             array = array.copy()  # (np.ascontiguousarray would turn a scalar into shape [1])
-        value = Value(TensorType(dtype_name(array.dtype), tuple(array.shape)), self.unique_name(name))
+        value = Value(TensorType(dtype or dtype_name(array.dtype), tuple(array.shape)), self.unique_name(name))
         node = Node("const", {}, {"val": array}, value)
         value.producer = node
         self.nodes.append(node)

@@ -42,7 +42,8 @@ class OpDef:
     infer: Callable[[list[TensorType], dict], TensorType]
     compute: Callable[["Kernels", list[np.ndarray], dict], np.ndarray]
     #: ``elementwise``, ``activation``, ``wide`` (conv/matmul: wide accumulator), ``reduction``, ``layout``,
-    #: ``index`` (picks values or their positions without computing: argmax, topk), ``state``, ``const``
+    #: ``index`` (picks values or their positions without computing: argmax, topk), ``state``, ``const``,
+    #: ``constexpr`` (decodes constants into a weight, once)
     kind: str = "elementwise"
     #: Inputs that may be absent (conv ``bias``).
     optional: tuple[str, ...] = ()
@@ -1506,6 +1507,198 @@ _declare("slice_update", ("x", "update", "begin", "end"),
          {"stride": Attr("ints", None), "begin_mask": Attr("bools", None), "end_mask": Attr("bools", None),
           "squeeze_mask": Attr("bools", None)},
          infer=_slice_update_infer, compute=_slice_update, kind="layout", ane_known=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compressed weights and int8 activations. The constexpr ops (coremltools' names and meanings: iOS16
+# constexpr_affine_dequantize, iOS18 constexpr_blockwise_shift_scale and constexpr_lut_to_dense) decode constant
+# inputs into an fp16 weight before the multiply, as the ANE does (N12: w = fp16(s * (q - z))); the emulator decodes
+# each once at load. quantize/dequantize (iOS17) carry int8 activations around a matmul (W8A8); their int8 values are
+# whole numbers, exact in fp16.
+
+AFFINE_DTYPES = ("int8", "uint8")
+SHIFT_SCALE_DTYPES = ("int4", "uint4", "int8", "uint8")
+LUT_INDEX_BITS = {"uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "uint6": 6, "uint8": 8}
+QUANTIZED_DTYPES = {"int8": (-128, 127), "uint8": (0, 255)}
+#: Inputs that must be constants (coremltools declares them ``const``), besides every input of a constexpr op.
+CONST_INPUTS = {"quantize": ("scale", "zero_point"), "dequantize": ("scale", "zero_point")}
+#: The opset each of these ops first appears in: an ``ios16`` program may not use the later ones.
+OPSET_OF = {"constexpr_affine_dequantize": "ios16", "constexpr_blockwise_shift_scale": "ios18",
+            "constexpr_lut_to_dense": "ios18", "quantize": "ios17", "dequantize": "ios17"}
+
+
+def _axis_vector(op: str, name: str, t: TensorType | None, data: TensorType, axis: int) -> None:
+    """A per-axis parameter: a scalar or a vector of ``data.shape[axis]`` values (coremltools' broadcast rule)."""
+    if t is not None and not (t.rank == 0 or (t.rank == 1 and t.shape[0] == data.shape[axis])):
+        raise _fail(op, f"{name} {t.short()} must be a scalar or a vector of {data.shape[axis]} values (axis {axis})")
+
+
+def _along(vector: np.ndarray, rank: int, axis: int | None) -> np.ndarray:
+    """A scalar as it is, a vector shaped to broadcast along ``axis`` of a rank-``rank`` tensor (float32)."""
+    if not np.ndim(vector):
+        return np.float32(vector)
+    shape = [1] * rank
+    shape[axis] = -1
+    return np.asarray(vector, np.float32).reshape(shape)
+
+
+def _affine_infer(types, attrs):
+    q, zero, scale = types
+    if q.dtype not in AFFINE_DTYPES or zero.dtype != q.dtype:
+        raise _fail("constexpr_affine_dequantize", f"quantized_data and zero_point must both be int8 or uint8, "
+                                                   f"got {q.dtype} and {zero.dtype}")
+    axis = _axis("constexpr_affine_dequantize", int(attrs["axis"]), q.rank)
+    _float("constexpr_affine_dequantize", scale)
+    for name, t in (("zero_point", zero), ("scale", scale)):
+        _axis_vector("constexpr_affine_dequantize", name, t, q, axis)
+    return TensorType(scale.dtype, q.shape)
+
+
+def _affine(k, xs, a):
+    q, zero, scale = xs
+    axis = int(a["axis"]) % q.ndim
+    return (q.astype(np.float32) - _along(zero, q.ndim, axis)) * _along(scale, q.ndim, axis)
+
+
+_declare("constexpr_affine_dequantize", ("quantized_data", "zero_point", "scale"), {"axis": Attr("int")},
+         infer=_affine_infer, compute=_affine, kind="constexpr")
+
+
+def _blocks(op: str, data: Sequence[int], per_block: Sequence[int], name: str) -> tuple[int, ...]:
+    """Block sizes ``data / per_block`` along each axis; each must divide exactly."""
+    if len(per_block) != len(data) or any(p < 1 or n % p for n, p in zip(data, per_block)):
+        raise _fail(op, f"{name} {list(per_block)} must have one size per axis of {list(data)}, each dividing it")
+    return tuple(n // p for n, p in zip(data, per_block))
+
+
+def _shift_scale_infer(types, attrs):
+    op = "constexpr_blockwise_shift_scale"
+    data, scale, offset = (types + [None])[:3]
+    if data.dtype not in SHIFT_SCALE_DTYPES + FLOAT_DTYPES or data.rank < 1:
+        raise _fail(op, f"data must be a tensor of {', '.join(SHIFT_SCALE_DTYPES + FLOAT_DTYPES)}, got {data.short()}")
+    _float(op, scale)
+    _blocks(op, data.shape, scale.shape, "scale")
+    if offset is not None and (offset.shape != scale.shape or offset.dtype not in (data.dtype, *FLOAT_DTYPES)):
+        raise _fail(op, f"offset {offset.short()} must have scale's shape {list(scale.shape)} and data's dtype "
+                        f"({data.dtype}) or a float dtype")
+    return TensorType(scale.dtype, data.shape)
+
+
+def _per_block(values: np.ndarray, blocks: Sequence[int]) -> np.ndarray:
+    for axis, size in enumerate(blocks):
+        if size > 1:
+            values = np.repeat(values, size, axis)
+    return values
+
+
+def _shift_scale(k, xs, a):
+    data, scale = xs[0].astype(np.float32), np.asarray(xs[1], np.float32)
+    blocks = _blocks("constexpr_blockwise_shift_scale", data.shape, scale.shape, "scale")
+    if len(xs) > 2:
+        data = data - _per_block(np.asarray(xs[2], np.float32), blocks)
+    return data * _per_block(scale, blocks)
+
+
+_declare("constexpr_blockwise_shift_scale", ("data", "scale", "offset"), infer=_shift_scale_infer,
+         compute=_shift_scale, kind="constexpr", optional=("offset",))
+
+
+def _lut_infer(types, attrs):
+    op = "constexpr_lut_to_dense"
+    indices, lut = types
+    if indices.dtype not in LUT_INDEX_BITS or indices.rank < 1:
+        raise _fail(op, f"indices must be a tensor of {', '.join(LUT_INDEX_BITS)}, got {indices.short()}")
+    if lut.dtype not in FLOAT_DTYPES + AFFINE_DTYPES or lut.rank != indices.rank + 2:
+        raise _fail(op, f"lut {lut.short()} must be fp16, fp32, int8 or uint8 of rank {indices.rank + 2} "
+                        "(palettes per block of each axis, then entries, then vector size)")
+    _blocks(op, indices.shape, lut.shape[:-2], "lut")
+    if lut.shape[-2] != 2 ** LUT_INDEX_BITS[indices.dtype]:
+        raise _fail(op, f"{indices.dtype} indices need {2 ** LUT_INDEX_BITS[indices.dtype]} palette entries, "
+                        f"lut has {lut.shape[-2]}")
+    shape = list(indices.shape)
+    if lut.shape[-1] > 1:
+        if attrs["vector_axis"] is None:
+            raise _fail(op, f"a vector size of {lut.shape[-1]} needs vector_axis")
+        shape[_axis(op, int(attrs["vector_axis"]), indices.rank)] *= lut.shape[-1]
+    return TensorType(lut.dtype, tuple(shape))
+
+
+def _lut(k, xs, a):
+    indices, lut = np.asarray(xs[0]).astype(np.intp), np.asarray(xs[1], np.float32)
+    blocks = _blocks("constexpr_lut_to_dense", indices.shape, lut.shape[:-2], "lut")
+    palette = np.zeros((1,) * indices.ndim, np.intp)  # which palette each element reads, in lut's block order
+    for axis, (n, size, count) in enumerate(zip(indices.shape, blocks, lut.shape[:-2])):
+        shape = [1] * indices.ndim
+        shape[axis] = n
+        palette = palette * count + (np.arange(n) // size).reshape(shape)
+    flat = lut.reshape(-1, lut.shape[-2], lut.shape[-1])
+    values = flat[palette, indices]  # indices.shape + (vector size,)
+    if lut.shape[-1] == 1:
+        return values[..., 0]
+    axis = int(a["vector_axis"]) % indices.ndim
+    out_shape = list(indices.shape)
+    out_shape[axis] *= lut.shape[-1]
+    return np.moveaxis(values, -1, axis + 1).reshape(out_shape)
+
+
+_declare("constexpr_lut_to_dense", ("indices", "lut"), {"vector_axis": Attr("int", None)}, infer=_lut_infer,
+         compute=_lut, kind="constexpr")
+
+
+def _quantize_params(op: str, types, attrs, data: TensorType) -> int | None:
+    """Check ``scale`` and ``zero_point`` (the inputs after the first); return the axis they run along (None for
+    scalars)."""
+    scale, zero = (types[1:] + [None])[:2]
+    _float(op, scale)
+    axis = attrs["axis"]
+    if axis is None:
+        if scale.rank or (zero is not None and zero.rank):
+            raise _fail(op, "a vector scale or zero_point needs axis")
+        return None
+    axis = _axis(op, int(axis), data.rank)
+    for name, t in (("scale", scale), ("zero_point", zero)):
+        _axis_vector(op, name, t, data, axis)
+    return axis
+
+
+def _quantize_infer(types, attrs):
+    x = _float("quantize", types[0])
+    if attrs["output_dtype"] not in QUANTIZED_DTYPES:
+        raise _fail("quantize", f"output_dtype {attrs['output_dtype']!r} is not one of {tuple(QUANTIZED_DTYPES)}")
+    if len(types) > 2 and types[2].dtype != attrs["output_dtype"]:
+        raise _fail("quantize", f"zero_point is {types[2].dtype}, output_dtype {attrs['output_dtype']}")
+    _quantize_params("quantize", types, attrs, x)
+    return TensorType(attrs["output_dtype"], x.shape)
+
+
+def _quantize(k, xs, a):
+    x = xs[0]
+    axis = None if a["axis"] is None else int(a["axis"]) % x.ndim
+    zero = _along(xs[2], x.ndim, axis) if len(xs) > 2 else np.float32(0)
+    low, high = QUANTIZED_DTYPES[a["output_dtype"]]
+    return np.clip(k.round_integer(x / _along(xs[1], x.ndim, axis)) + zero, low, high)
+
+
+def _dequantize_infer(types, attrs):
+    x = types[0]
+    if x.dtype not in QUANTIZED_DTYPES or (len(types) > 2 and types[2].dtype != x.dtype):
+        raise _fail("dequantize", f"input and zero_point must be int8 or uint8 alike, got {x.short()}")
+    _quantize_params("dequantize", types, attrs, x)
+    return TensorType(types[1].dtype, x.shape)
+
+
+def _dequantize(k, xs, a):
+    x = xs[0]
+    axis = None if a["axis"] is None else int(a["axis"]) % x.ndim
+    zero = _along(xs[2], x.ndim, axis) if len(xs) > 2 else np.float32(0)
+    return (np.asarray(x, np.float32) - zero) * _along(xs[1], x.ndim, axis)
+
+
+# Reported on the ANE by public int8 kernels (W8A8, reference section 1); the datapath's rounding is the round op's.
+_declare("quantize", ("input", "scale", "zero_point"), {"axis": Attr("int", None), "output_dtype": Attr("string")},
+         infer=_quantize_infer, compute=_quantize, optional=("zero_point",))
+_declare("dequantize", ("input", "scale", "zero_point"), {"axis": Attr("int", None)}, infer=_dequantize_infer,
+         compute=_dequantize, optional=("zero_point",))
 
 
 # A constant: ``val`` holds the numpy array. Weights are constants that the emitter writes to blob files.

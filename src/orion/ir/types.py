@@ -21,6 +21,10 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "uint64": np.dtype(np.uint64),
     "bool": np.dtype(np.bool_),
 }
+#: MIL's sub-byte integer types (compressed weights' data and palette indices): bits per value. Numpy has no such
+#: dtypes, so their values are held one per int8/uint8 element and packed only in weight files.
+SUB_BYTE_BITS: dict[str, int] = {"int4": 4, "uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "uint6": 6}
+NUMPY_DTYPES.update({name: np.dtype(np.int8 if name.startswith("int") else np.uint8) for name in SUB_BYTE_BITS})
 FLOAT_DTYPES = ("fp16", "fp32")
 #: The dtypes an IR value may have.
 IR_DTYPES = ("fp16", "fp32", "int32", "bool")
@@ -60,6 +64,8 @@ class TensorType:
 
     @property
     def nbytes(self) -> int:
+        if self.dtype in SUB_BYTE_BITS:  # packed, as in a weight file
+            return -(-self.size * SUB_BYTE_BITS[self.dtype] // 8)
         return self.size * NUMPY_DTYPES[self.dtype].itemsize
 
     @property

@@ -9,6 +9,10 @@ blob's data and the two writers produce identical bytes.
 The reader trusts each record, not the header's blob count: a program names a record by its offset, and other tools'
 files undercount (a public fused-QKV kernel's file says 1 blob, holds 3, and runs on hardware).
 
+Sub-byte types (int4, uint1, uint2, uint3, uint4, uint6: compressed weights and palette indices) are packed as
+coremltools' writer packs them: values one after another, least significant bit first, the last byte zero-filled,
+the record's padding field counting the unused bits. In memory they are :class:`SubByteArray` s, one value per byte.
+
 Empty arrays: coremltools writes a size-0 record but its own reader then fails on it ("index out of bounds"), so
 :class:`BlobWriter` refuses to write one; :class:`BlobReader` still reads such a record back as an empty array.
 """
@@ -20,6 +24,7 @@ import operator
 import os
 import secrets
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Optional, Union
@@ -28,6 +33,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from orion.errors import WeightFileError
+from orion.ir.types import NUMPY_DTYPES, SUB_BYTE_BITS
 
 PathLike = Union[str, os.PathLike]
 
@@ -44,19 +50,55 @@ DTYPE_CODES: dict[np.dtype, int] = {
 }
 #: Blob dtype code -> numpy dtype: the inverse of :data:`DTYPE_CODES`.
 CODE_DTYPES: dict[int, np.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
+#: Sub-byte MIL type -> blob dtype code, the codes coremltools 9 writes.
+SUB_BYTE_CODES: dict[str, int] = {"int4": 8, "uint1": 9, "uint2": 10, "uint4": 11, "uint3": 12, "uint6": 13}
+CODE_SUB_BYTES: dict[int, str] = {code: name for name, code in SUB_BYTE_CODES.items()}
 #: Codes the format defines but Orion does not handle (numpy has no such dtypes); named in error messages.
-#: The sub-byte codes are the ones coremltools 9 writes.
-UNSUPPORTED_CODES: dict[int, str] = {
-    5: "bf16",
-    8: "int4",
-    9: "uint1",
-    10: "uint2",
-    11: "uint4",
-    12: "uint3",
-    13: "uint6",
-    16: "fp8e4m3fn",
-    17: "fp8e5m2",
-}
+UNSUPPORTED_CODES: dict[int, str] = {5: "bf16", 16: "fp8e4m3fn", 17: "fp8e5m2"}
+
+
+@dataclass(frozen=True)
+class SubByteArray:
+    """The values of a sub-byte MIL type (``dtype``: int4, uint1 ... uint6), one per element of an int8/uint8
+    array; :attr:`nbytes` is their packed size, as stored."""
+
+    values: np.ndarray
+    dtype: str
+
+    def __post_init__(self):
+        bits = SUB_BYTE_BITS[self.dtype]
+        low, high = (-(1 << bits - 1), (1 << bits - 1) - 1) if self.dtype == "int4" else (0, (1 << bits) - 1)
+        if self.values.size and (int(self.values.min()) < low or int(self.values.max()) > high):
+            raise WeightFileError(f"{self.dtype} values must lie in [{low}, {high}], got "
+                                  f"[{int(self.values.min())}, {int(self.values.max())}]")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def size(self) -> int:
+        return self.values.size
+
+    @property
+    def nbytes(self) -> int:
+        return -(-self.values.size * SUB_BYTE_BITS[self.dtype] // 8)
+
+    def packed(self) -> tuple[np.ndarray, int]:
+        """The stored bytes and the number of unused bits at the end of the last one."""
+        bits = SUB_BYTE_BITS[self.dtype]
+        unsigned = self.values.reshape(-1).astype(np.uint8) & ((1 << bits) - 1)  # two's complement for int4
+        planes = (unsigned[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+        return np.packbits(planes.reshape(-1), bitorder="little"), self.nbytes * 8 - self.values.size * bits
+
+    @classmethod
+    def unpack(cls, data: np.ndarray, dtype: str, count: int) -> "SubByteArray":
+        bits = SUB_BYTE_BITS[dtype]
+        planes = np.unpackbits(data, bitorder="little")[: count * bits].reshape(count, bits)
+        values = (planes.astype(np.int16) << np.arange(bits, dtype=np.int16)).sum(axis=1)
+        if dtype == "int4":
+            values = np.where(values >= 8, values - 16, values)
+        return cls(values.astype(NUMPY_DTYPES[dtype]), dtype)
 
 #: Largest finite fp16 value: what +-Inf become, so weights stay finite on an fp16 machine.
 FP16_MAX = 65504.0
@@ -75,7 +117,7 @@ _NONFINITE_BITS = {
 }
 #: Elements per chunk when scanning float data: large enough for few Python steps, small enough to stay in cache.
 _CHUNK = 1 << 20
-_SUPPORTED = ", ".join(str(d) for d in DTYPE_CODES)
+_SUPPORTED = ", ".join([*(str(d) for d in DTYPE_CODES), *SUB_BYTE_CODES])
 _TRUNCATED = "the file is truncated; write it again"
 _CORRUPT = "the file is corrupt; write it again"
 _NOT_V2 = "this is not a MIL blob storage v2 file"
@@ -90,6 +132,11 @@ def _dtype_name(code: int) -> str:
     if code in CODE_DTYPES:
         return str(CODE_DTYPES[code])
     return UNSUPPORTED_CODES.get(code, "unknown")
+
+
+def stored_dtype(t) -> np.dtype | str:
+    """The dtype to read a BLOBFILE constant of MIL type ``t`` with: a sub-byte type by name."""
+    return t.dtype if t.dtype in SUB_BYTE_BITS else t.numpy_dtype
 
 
 def blob_record_offsets(nbytes: list[int]) -> list[int]:
@@ -141,9 +188,12 @@ class BlobWriter:
         self._file: Optional[BinaryIO] = os.fdopen(fd, "wb")
         self._guard(self._file.write, _HEADER.pack(0, VERSION))
 
-    def add(self, array: ArrayLike) -> int:
-        """Append ``array`` (in its own dtype, row-major; floats sanitized) and return its record offset."""
+    def add(self, array: ArrayLike | SubByteArray) -> int:
+        """Append ``array`` (in its own dtype, row-major; floats sanitized; a :class:`SubByteArray` packed) and
+        return its record offset."""
         file = self._open_file()
+        if isinstance(array, SubByteArray):
+            return self._add_sub_byte(file, array)
         arr = np.asarray(array)
         dtype = arr.dtype.newbyteorder("<")
         code = DTYPE_CODES.get(dtype)
@@ -165,6 +215,18 @@ class BlobWriter:
         else:
             self._guard(file.write, memoryview(flat))
         self._end = offset + _RECORD.size + flat.nbytes
+        self._count += 1
+        return offset
+
+    def _add_sub_byte(self, file: BinaryIO, array: SubByteArray) -> int:
+        if array.size == 0:
+            raise WeightFileError(f"weight file {self.path}: cannot store an empty {array.dtype} array")
+        data, padding = array.packed()
+        offset = _align(self._end)
+        head = _RECORD.pack(SENTINEL, SUB_BYTE_CODES[array.dtype], data.nbytes, offset + _RECORD.size, padding)
+        self._guard(file.write, bytes(offset - self._end) + head)
+        self._guard(file.write, memoryview(data))
+        self._end = offset + _RECORD.size + data.nbytes
         self._count += 1
         return offset
 
@@ -257,37 +319,42 @@ class BlobReader:
             raise self._error(0, f"header has version {version}, expected {VERSION}; {_NOT_V2}")
 
     def read(
-        self, offset: int, dtype: Optional[DTypeLike] = None, shape: Optional[tuple[int, ...]] = None,
+        self, offset: int, dtype: Optional[DTypeLike | str] = None, shape: Optional[tuple[int, ...]] = None,
         data: bool = True,
     ) -> np.ndarray:
-        """The array whose record is at ``offset``; ``dtype`` and ``shape``, if given, must match the record. With
-        ``data=False`` only the record and the file's length are checked and the array is zeros (a check of a
-        program's weights that costs no reading)."""
+        """The array whose record is at ``offset``; ``dtype`` (a numpy dtype, or a sub-byte MIL type name such as
+        ``"int4"``) and ``shape``, if given, must match the record. A sub-byte blob comes back unpacked, one value
+        per int8/uint8 element. With ``data=False`` only the record and the file's length are checked and the array
+        is zeros (a check of a program's weights that costs no reading)."""
         offset = operator.index(offset)
         with self._open() as f:
-            record_dtype, nbytes = self._record(f, offset)
-            if dtype is not None and np.dtype(dtype).newbyteorder("<") != record_dtype:
+            record_dtype, nbytes, padding = self._record(f, offset)
+            wanted = dtype if dtype is None or dtype in SUB_BYTE_BITS else np.dtype(dtype).newbyteorder("<")
+            if wanted is not None and wanted != record_dtype:
                 raise self._error(
-                    offset, f"blob holds {record_dtype}, not {np.dtype(dtype)}; ask for the dtype it was written with"
+                    offset, f"blob holds {record_dtype}, not {wanted}; ask for the dtype it was written with"
                 )
-            count = nbytes // record_dtype.itemsize
+            sub_byte = isinstance(record_dtype, str)
+            holder = NUMPY_DTYPES[record_dtype] if sub_byte else record_dtype
+            count = (nbytes * 8 - padding) // SUB_BYTE_BITS[record_dtype] if sub_byte else nbytes // holder.itemsize
             if shape is not None and math.prod(shape) != count:
                 raise self._error(
                     offset, f"blob holds {count} elements, shape {tuple(shape)} needs {math.prod(shape)}; fix the shape"
                 )
             if not data:  # the record (checked above) vouches that its data fits in the file
-                arr = np.zeros(count, dtype=record_dtype)
+                arr = np.zeros(count, dtype=holder)
                 return arr if shape is None else arr.reshape(shape)
-            arr = np.empty(count, dtype=record_dtype)
+            raw = np.empty(nbytes if sub_byte else count, dtype=np.uint8 if sub_byte else holder)
             if nbytes:
                 f.seek(offset + _RECORD.size)
-                got = f.readinto(memoryview(arr.view(np.uint8)))
+                got = f.readinto(memoryview(raw.view(np.uint8)))
                 if got != nbytes:
                     raise self._error(offset, f"short read: got {got} of {nbytes} data bytes; {_TRUNCATED}")
+        arr = SubByteArray.unpack(raw, record_dtype, count).values if sub_byte else raw
         return arr if shape is None else arr.reshape(shape)
 
-    def records(self) -> list[tuple[int, np.dtype, int]]:
-        """``(offset, dtype, nbytes)`` of every blob, walking the records from the first one to the end of the file.
+    def records(self) -> list[tuple[int, np.dtype | str, int]]:
+        """``(offset, dtype, nbytes)`` of every blob (a sub-byte dtype by its MIL name), walking the records from the first one to the end of the file.
 
         The walk trusts the records, not the header's count (see the module docstring); a file holding fewer blobs
         than its header counts was cut short, and is refused."""
@@ -295,7 +362,7 @@ class BlobReader:
         offset = _HEADER.size
         with self._open() as f:
             while offset < self.size:
-                dtype, nbytes = self._record(f, offset)
+                dtype, nbytes, _ = self._record(f, offset)
                 out.append((offset, dtype, nbytes))
                 offset = _align(offset + _RECORD.size + nbytes)
         if len(out) < self.count:
@@ -304,7 +371,8 @@ class BlobReader:
             )
         return out
 
-    def _record(self, f: BinaryIO, offset: int) -> tuple[np.dtype, int]:
+    def _record(self, f: BinaryIO, offset: int) -> tuple[np.dtype | str, int, int]:
+        """The record's dtype (a sub-byte one by name), data size and unused bits of a sub-byte blob."""
         if offset < _HEADER.size or offset % ALIGNMENT:
             raise self._error(offset, f"records start at 64 and are 64-byte aligned; {_BAD_OFFSET}")
         if offset + _RECORD.size > self.size:
@@ -315,10 +383,10 @@ class BlobReader:
         raw = f.read(_RECORD.size)
         if len(raw) < _RECORD.size:
             raise self._error(offset, f"short read: got {len(raw)} of 64 record bytes; {_TRUNCATED}")
-        sentinel, code, nbytes, data_offset, _ = _RECORD.unpack(raw)
+        sentinel, code, nbytes, data_offset, padding = _RECORD.unpack(raw)
         if sentinel != SENTINEL:
             raise self._error(offset, f"bad sentinel 0x{sentinel:08X}, expected 0x{SENTINEL:08X}; {_BAD_OFFSET}")
-        if code not in CODE_DTYPES:
+        if code not in CODE_DTYPES and code not in CODE_SUB_BYTES:
             raise self._error(
                 offset,
                 f"dtype code {code} ({_dtype_name(code)}) is not supported; write the blob as one of {_SUPPORTED}",
@@ -333,12 +401,17 @@ class BlobReader:
                 f"short read: {nbytes} data bytes at {data_offset} run past the end of the {self.size}-byte file; "
                 + _TRUNCATED,
             )
+        if code in CODE_SUB_BYTES:
+            if padding >= 8 or padding > nbytes * 8 or (nbytes * 8 - padding) % SUB_BYTE_BITS[CODE_SUB_BYTES[code]]:
+                raise self._error(offset, f"{CODE_SUB_BYTES[code]} blob of {nbytes} bytes with {padding} padding bits "
+                                          f"holds no whole number of values; {_CORRUPT}")
+            return CODE_SUB_BYTES[code], nbytes, padding
         dtype = CODE_DTYPES[code]
         if nbytes % dtype.itemsize:
             raise self._error(
                 offset, f"data size {nbytes} is not a multiple of the {dtype} item size {dtype.itemsize}; {_CORRUPT}"
             )
-        return dtype, nbytes
+        return dtype, nbytes, 0
 
     def _open(self) -> BinaryIO:
         try:

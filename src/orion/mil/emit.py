@@ -17,8 +17,8 @@ from orion.errors import GraphError, WeightFileError
 from orion.fileio import write_atomic
 from orion.ir.graph import Graph, sanitize_name
 from orion.ir.ops import OPS, input_names
-from orion.ir.types import NUMPY_DTYPES, TensorType, dtype_name
-from orion.mil.blob import BlobReader, BlobWriter, blob_record_offsets
+from orion.ir.types import NUMPY_DTYPES, SUB_BYTE_BITS, TensorType, dtype_name
+from orion.mil.blob import BlobReader, BlobWriter, SubByteArray, blob_record_offsets, stored_dtype
 from orion.mil.parse import parse_program, read_mil_file, resolve_blob_path
 from orion.mil.program import DIALECTS, MODEL_PATH, BlobRef, Literal, Program, Statement, VarRef
 
@@ -60,8 +60,9 @@ class MILModule:
             arrays = []
             for offset, dtype, _ in reader.records():
                 st = by_offset.get(offset)
-                arrays.append(reader.read(offset, dtype=st.type.numpy_dtype, shape=st.type.shape) if st
-                              else reader.read(offset))
+                array = reader.read(offset, dtype=stored_dtype(st.type), shape=st.type.shape) if st \
+                    else reader.read(offset)
+                arrays.append(SubByteArray(array, dtype) if isinstance(dtype, str) else array)
                 if st is not None:
                     weight_names[st.var] = (rel, offset)
             missing = set(by_offset) - {weight_names[st.var][1] for st in by_offset.values() if st.var in weight_names}
@@ -98,6 +99,8 @@ class MILModule:
             arrays = self.weight_files[rel]
             index = blob_record_offsets([a.nbytes for a in arrays]).index(offset)
             old, new = arrays[index], np.asarray(array)
+            if isinstance(old, SubByteArray):
+                raise GraphError(f"weight {name!r} is stored as {old.dtype}; compress the new values and compile")
             if new.size != old.size:
                 raise GraphError(f"weight {name!r} takes {list(old.shape)} ({old.size} values), got {list(new.shape)}")
             arrays[index] = np.ascontiguousarray(new.astype(old.dtype).reshape(old.shape))
@@ -177,6 +180,8 @@ def emit(graph: Graph, version: str = "1.3", weight_layout: str = "per-tensor",
         weight_names[name] = (rel, offset)
         return BlobRef(MODEL_PATH + rel, offset)
 
+    # a compressed weight's parts live in weight files like any weight, whatever their dtype
+    compressed = {v.id for node in graph.nodes if OPS[node.op].kind == "constexpr" for v in node.input_values()}
     for node in graph.nodes:
         out = node.output
         var = renamed_outputs.get(out.id) or claim(out.name)
@@ -186,7 +191,8 @@ def emit(graph: Graph, version: str = "1.3", weight_layout: str = "per-tensor",
             names[v.id] = renamed_outputs.get(v.id) or claim(v.name)
             more.append((names[v.id], v.type))
         if node.is_const:
-            statements.append(_const_statement(var, node.attrs["val"], add_blob))
+            stored = out.id in compressed or out.type.dtype in SUB_BYTE_BITS
+            statements.append(_const_statement(var, node.attrs["val"], add_blob, out.type, stored))
             continue
         spec = OPS[node.op]
         args: dict[str, object] = {}
@@ -226,10 +232,13 @@ def emit(graph: Graph, version: str = "1.3", weight_layout: str = "per-tensor",
     return MILModule(program, program.to_text(), weight_files, weight_names)
 
 
-def _const_statement(var: str, array: np.ndarray, add_blob) -> Statement:
-    t = TensorType(dtype_name(array.dtype), tuple(array.shape))
-    if t.size == 1 or t.dtype not in ("fp16", "fp32"):
+def _const_statement(var: str, array: np.ndarray, add_blob, t: TensorType | None = None,
+                     stored: bool = False) -> Statement:
+    """A const: a literal in the text, or a BLOBFILE for float tensors and (``stored``) compressed weights' parts."""
+    t = t or TensorType(dtype_name(array.dtype), tuple(array.shape))
+    if t.size == 1 and t.dtype not in SUB_BYTE_BITS or not (stored or t.dtype in ("fp16", "fp32")):
         lit = Literal(t, np.asarray(array))
     else:
-        lit = Literal(t, add_blob(var, np.ascontiguousarray(array)))
+        data = SubByteArray(array, t.dtype) if t.dtype in SUB_BYTE_BITS else np.ascontiguousarray(array)
+        lit = Literal(t, add_blob(var, data))
     return Statement(t, var, "const", {}, {**_name_attr(var), "val": lit})

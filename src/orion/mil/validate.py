@@ -17,9 +17,9 @@ from typing import Callable
 import numpy as np
 
 from orion.errors import GraphError, MILProgramError, UnsafePathError, WeightFileError
-from orion.ir.ops import OPS, OpDef, input_names
+from orion.ir.ops import CONST_INPUTS, OPS, OPSET_OF, OpDef, input_names
 from orion.ir.types import CAST_DTYPES_IOS16
-from orion.mil.blob import BlobReader
+from orion.mil.blob import BlobReader, stored_dtype
 from orion.mil.parse import resolve_blob_path
 from orion.mil.program import NUMPY_DTYPES, BlobRef, Literal, Program, Statement, TensorType, VarRef
 
@@ -187,6 +187,13 @@ def _resolve(st: Statement, types: dict[str, TensorType], consts: dict[str, Stat
     for (var, declared), result in zip(st.outputs, results):
         if result.shape != declared.shape or result.dtype != declared.dtype:
             raise _Refusal(f"{var!r} is declared {declared} but {st.op} of these operands gives {result}")
+    fixed = input_names(op, list(st.args)) if op.kind == "constexpr" else CONST_INPUTS.get(op.name, ())
+    loose = [ref for param, ref in zip(input_names(op, list(st.args)), inputs)
+             if param in fixed and isinstance(ref, str) and ref not in consts and ref not in literals]
+    if loose:
+        raise _Refusal(f"{st.op} takes constants there: input {loose[0]!r} is not a const")
+    if opset == "ios16" and OPSET_OF.get(op.name, "ios16") != "ios16":
+        raise _Refusal(f"{op.name} needs the {OPSET_OF[op.name]} opset or later; this program is {opset}")
     if op.name == "cast" and opset == "ios16" and attrs["dtype"] not in CAST_DTYPES_IOS16:
         raise _Refusal(f"cast to {attrs['dtype']} needs the ios17 opset or later; {opset} casts to "
                        f"{', '.join(CAST_DTYPES_IOS16)}")
@@ -224,7 +231,7 @@ def directory_blob_loader(model_dir: Path, data: bool = True) -> Callable[[BlobR
             if not path.is_file():
                 raise WeightFileError(f"line {st.line}: weight file {ref.path!r} of {st.var!r} not found at {path}")
             readers[path] = BlobReader(path)
-        return readers[path].read(ref.offset, dtype=t.numpy_dtype, shape=t.shape, data=data)
+        return readers[path].read(ref.offset, dtype=stored_dtype(t), shape=t.shape, data=data)
 
     return load
 

@@ -24,20 +24,22 @@ def model_backend(backend="auto", target: Target | str = "default", accumulator:
 
 
 def load(path_or_id: str, *, backend="auto", target: Target | str = "default", accumulator: str | None =
-         MODEL_ACCUMULATOR, cache=None, budget=None):
+         MODEL_ACCUMULATOR, cache=None, budget=None, quantize=None):
     """A model from a Hugging Face folder (GPT-2 or Llama), a hub id, or an Orion training checkpoint:
-    ``orion.load("gpt2").generate("Once upon a time")``."""
+    ``orion.load("gpt2").generate("Once upon a time")``. ``quantize`` (``"int8"``, ``"int4/32"``, ``"lut4"`` ...)
+    compresses the weights its programs bake, once, at compile (cached like any program)."""
     from orion.models.hub import Tokenizer, load_weights
 
     folder, config, state = _describe(path_or_id)
     if state is not None and "lora" in state:
         # a LoRA training checkpoint: its base model with the adapter (PEFT files in the checkpoint) active
         model = load(state["base"]["path"], backend=backend, target=target, accumulator=accumulator, cache=cache,
-                     budget=budget)
+                     budget=budget, quantize=quantize)
         model.set_adapter(model.load_adapter(folder))
         return model
     tokenizer = Tokenizer.from_dir(folder) if _has_tokenizer(folder) else None
-    options = dict(backend=model_backend(backend, target, accumulator), target=target, cache=cache, budget=budget)
+    options = dict(backend=model_backend(backend, target, accumulator), target=target, cache=cache, budget=budget,
+                   quantize=quantize)
     if config is not None and config.get("model_type") == "gpt2":
         from orion.models.gpt2 import GPT2, GPT2Config
 

@@ -23,11 +23,12 @@ Design (docs/gpt2.md has the reasoning and the numbers):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
 
+from orion.compiler.passes import WeightCompression
 from orion.compiler.targets import Target, get_target
 from orion.errors import BindingError, OrionError
 from orion.ir.builder import MASK_VALUE, GraphBuilder
@@ -308,8 +309,12 @@ class GPT2(AdapterHost, TextGenerator):
 
     def __init__(self, config: GPT2Config, state: dict[str, np.ndarray], tokenizer=None, *, backend="auto",
                  target: Target | str = "default", cache: ProgramCache | None = None,
-                 budget: CompileBudget | None = None):
+                 budget: CompileBudget | None = None, quantize=None):
+        """``quantize``: compress the blocks' weights once, when their programs compile (``compile_graph``'s
+        ``weights``: ``"int8"``, ``"int4/32"``, ``"lut4"``, a WeightCompression); the classifier stays on the CPU
+        in float32."""
         self.config = config
+        self.quantize = WeightCompression.of(quantize)
         self.tokenizer = tokenizer
         self.target = get_target(target)
         self.backend = get_backend(backend, self.target)
@@ -342,7 +347,8 @@ class GPT2(AdapterHost, TextGenerator):
                 adapter_inputs = ({} if self.lora is None else
                                   lora_inputs(self._current_adapter(), self.lora, blocks, first, self.config))
                 program = Program.from_graph(graph, backend=self.backend, target=self.target, cache=self.cache,
-                                             budget=self.budget, weights_as_inputs=adapter_inputs)
+                                             budget=self.budget, weights_as_inputs=adapter_inputs,
+                                             weights=self._compression(first))
                 program.update_weights(adapter_inputs)
                 program.load()
                 self.stats.compiles += program.compiles
@@ -362,13 +368,22 @@ class GPT2(AdapterHost, TextGenerator):
         if phase not in ("prefill", "decode"):
             raise BindingError(f"phase must be prefill or decode, got {phase!r}")
         size = bucket_for(min(tokens, self.config.n_positions))
-        return [compile_graph(self._graph(phase, size, first), self.target).module.program
-                for first in self._groups()]
+        return [compile_graph(self._graph(phase, size, first), self.target,
+                              weights=self._compression(first)).module.program for first in self._groups()]
 
     def host_bytes(self, phase: str) -> int:
         """Embedding rows are few; the tied classifier (float32, on the CPU) is read whole for each token's
         logits: once per decode step, and once for a prefill (only its last position is scored)."""
         return self.wte.nbytes
+
+    def _compression(self, first: int) -> WeightCompression | None:
+        """The weight compression of the program starting at block ``first``: its kept blocks' weights (named
+        ``h{i}_...``) stay fp16."""
+        spec = self.quantize
+        if spec is None:
+            return None
+        kept = tuple(f"h{i}_*" for i in self._layers(first) if spec.keeps_block(i, self.config.n_layer))
+        return replace(spec, keep=spec.keep + kept)
 
     def close(self) -> None:
         for programs in self._programs.values():

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from orion.compiler.passes import WeightCompression
 from orion.errors import OrionError
 from orion.ir.builder import GraphBuilder
 from orion.ir.graph import Value
@@ -449,7 +450,8 @@ class LlamaBlocks:
     """
 
     def __init__(self, config: LlamaConfig, seq: int, *, backend, target, cache=None, budget=None,
-                 backward: bool = False, lora: LoraLayout | None = None, baked: dict[str, np.ndarray] | None = None):
+                 backward: bool = False, lora: LoraLayout | None = None, baked: dict[str, np.ndarray] | None = None,
+                 quantize=None):
         from orion.models.gpt2 import causal_mask
         from orion.runtime.program import Program
 
@@ -459,13 +461,17 @@ class LlamaBlocks:
         self.timings = {"backend": 0.0, "cpu": 0.0, "update": 0.0}
         common = dict(backend=backend, target=target, cache=cache, budget=budget)
 
-        def program(graph) -> Program:
-            """Weights and adapters are set with update_weights; the rest is each run's feed."""
+        spec = WeightCompression.of(quantize)
+
+        def program(graph, layer: int | None = None) -> Program:
+            """Weights and adapters are set with update_weights; the rest is each run's feed. Baked weights are
+            compressed as ``quantize`` says, unless the layer is one it keeps in fp16."""
             weights = [v.name for v in graph.inputs if v.name in LAYER_INPUTS or v.name.startswith("lora_")]
-            return Program.from_graph(graph, weights_as_inputs=weights, **common)
+            kept = spec is None or layer is None or spec.keeps_block(layer, config.n_layers)
+            return Program.from_graph(graph, weights_as_inputs=weights, weights=None if kept else spec, **common)
 
         self.forward = [program(forward_graph(config, seq, lora, None if baked is None else
-                                              layer_inputs(baked, i, config), i)) for i in range(config.n_layers)]
+                                              layer_inputs(baked, i, config), i), i) for i in range(config.n_layers)]
         self.backward = [program(backward_graph(config, seq, lora)) for _ in range(config.n_layers)] if backward \
             else []
         for p in self.programs:
@@ -537,14 +543,15 @@ class Llama(AdapterHost, TextGenerator):
     context window. LoRA adapters (program inputs): ``load_adapter(path, name)``, ``set_adapter(name)``."""
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], tokenizer=None, *, backend="auto",
-                 target="default", cache=None, budget=None):
+                 target="default", cache=None, budget=None, quantize=None):
+        """``quantize``: compress the baked block weights at compile (``compile_graph``'s ``weights``)."""
         from orion.compiler.targets import get_target
         from orion.runtime.program import get_backend
 
         self.config, self.weights, self.tokenizer = config, weights, tokenizer
         self.target = get_target(target)
         self.backend = get_backend(backend, self.target)
-        self._options = dict(backend=self.backend, target=self.target, cache=cache, budget=budget)
+        self._options = dict(backend=self.backend, target=self.target, cache=cache, budget=budget, quantize=quantize)
         self.adapter_spec = adapter_spec(config)
         self._init_adapters()
         self._blocks: LlamaBlocks | None = None

@@ -99,10 +99,11 @@ class Program:
 
     @classmethod
     def from_graph(cls, graph: Graph, *, target: Target | str = "default", weights_as_inputs: Iterable[str] = (),
-                   check: bool = True, **kwargs) -> "Program":
+                   check: bool = True, weights=None, **kwargs) -> "Program":
         """Compile ``graph`` for ``target``. ``weights_as_inputs`` names constants to pass as inputs instead (they
         start with the graph's values), or graph inputs to treat as weights (they start at zero); either kind is set
-        with :meth:`update_weights` and is not part of :meth:`run`'s inputs."""
+        with :meth:`update_weights` and is not part of :meth:`run`'s inputs. ``weights`` compresses the baked conv
+        weights (``compile_graph``'s parameter: ``"int8"``, ``"int4/32"``, ``"lut4"`` ...)."""
         target = get_target(target)
         names = list(weights_as_inputs)
         graph_inputs = {v.name: v for v in graph.inputs}
@@ -111,7 +112,7 @@ class Program:
         initial |= {n: np.zeros(graph_inputs[n].shape, np.float32) for n in names if n in graph_inputs}
         if constants:
             graph = weights_to_inputs(constants)(graph)
-        result = compile_graph(graph, target)
+        result = compile_graph(graph, target, weights=weights)
         if check:
             raise_on_errors(result.violations)
         program = cls(result.module, target=target, weight_inputs=names, **kwargs)

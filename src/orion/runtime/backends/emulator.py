@@ -203,8 +203,21 @@ class EmulatedProgram:
             shape = r.arg_types[0].shape if r.arg_types else ()
             offset = last_axis_slice_offset(r.op.name, shape, r.attrs) if r.op.name in ("slice_by_index", "slice_by_size") else 0
             attrs = {**r.attrs, **{key: self._consts[var] for key, var in r.blob_attrs.items()}}
+            if r.op.kind == "constexpr":
+                self._consts[r.statement.var] = self._decoded(r, attrs)
+                continue
             self._steps.append(_Step(r.statement.var, r.op, r.inputs, attrs, r.statement, offset_slice=offset != 0,
                                      results=tuple(var for var, _ in r.statement.outputs)))
+
+    def _decoded(self, r, attrs: dict) -> np.ndarray:
+        """A constexpr op's weight, decoded once at load and held in its dtype (fp16 values), as the ANE decodes
+        compressed weights before the multiply (N12)."""
+        names = [name for name in r.inputs if isinstance(name, str)]  # constants, as validation checked
+        if self.check_only:
+            return np.zeros(r.statement.type.shape, np.float32)
+        with np.errstate(all="ignore"):
+            value = r.op.compute(self.kernels, [self._consts[name] for name in names], attrs)
+        return numerics.hold_input(np.asarray(value, np.float32), r.statement.type.dtype)
 
     def _const_value(self, st: Statement, blob_loader) -> object:
         return self._literal_value(st.attrs["val"], st, blob_loader, st.var)

@@ -1,0 +1,86 @@
+"""A real server on 127.0.0.1 (uvicorn on a free port, in a thread of the test process) over the tiny random GPT-2
+and two PEFT adapters of different targets and ranks."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+import warnings
+
+import pytest
+
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+openai = pytest.importorskip("openai")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import orion  # noqa: E402
+from orion.serve.app import create_app  # noqa: E402
+
+API_KEY = "test-key"
+#: The adapters the server holds: their names, PEFT settings, and the seed of their random A and B.
+ADAPTERS = {"fox": (dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"]), 1),
+            "cat": (dict(r=2, lora_alpha=8, target_modules=["c_attn", "c_proj"]), 2)}
+
+
+class RunningServer:
+    """uvicorn serving ``app`` on 127.0.0.1, port chosen by the system, until the block ends."""
+
+    def __init__(self, app):
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    def client(self, **options) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, **options)
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tiny_gpt2_dir, tmp_path_factory) -> dict:
+    """Two PEFT adapters of the tiny GPT-2 (random A and B: each changes the text) saved by peft."""
+    base = transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)
+    folders = {}
+    for name, (settings, seed) in ADAPTERS.items():
+        torch.manual_seed(seed)
+        folders[name] = tmp_path_factory.mktemp("adapters") / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **settings)) \
+                .save_pretrained(folders[name])
+    return folders
+
+
+def load_model(model_dir, adapter_dirs):
+    model = orion.load(str(model_dir), backend="emulator")
+    for name, folder in adapter_dirs.items():
+        model.load_adapter(folder, name)
+    return model
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt2_dir, adapter_dirs):
+    """The server the tests of a module share (the model id is the folder as given to --model)."""
+    with load_model(tiny_gpt2_dir, adapter_dirs) as model, \
+            RunningServer(create_app(model, str(tiny_gpt2_dir), api_key=API_KEY, max_queue=32)) as running:
+        yield running

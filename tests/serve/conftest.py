@@ -4,6 +4,7 @@ and two PEFT adapters of different targets and ranks."""
 from __future__ import annotations
 
 import copy
+import json
 import threading
 import time
 import warnings
@@ -13,6 +14,7 @@ import pytest
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -51,6 +53,18 @@ class RunningServer:
     def client(self, **options) -> "openai.OpenAI":
         return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, **options)
 
+    def get(self, path: str, key: str | None = API_KEY) -> "httpx.Response":
+        return httpx.get(self.url + path, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+
+    def post(self, path: str, content, key: str | None = API_KEY) -> "httpx.Response":
+        """POST raw bytes (or a JSON-able object) as JSON."""
+        data = content if isinstance(content, bytes) else json.dumps(content).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        return httpx.post(self.url + path, content=data, headers=headers, timeout=30)
+
+    def metrics(self) -> dict:
+        return self.get("/metrics").json()
+
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(60)
@@ -84,3 +98,43 @@ def server(tiny_gpt2_dir, adapter_dirs):
     with load_model(tiny_gpt2_dir, adapter_dirs) as model, \
             RunningServer(create_app(model, str(tiny_gpt2_dir), api_key=API_KEY, max_queue=32)) as running:
         yield running
+
+
+class Gate:
+    """While the block runs, every generation of ``model`` stops after ``after`` tokens until ``release`` is set
+    (or, with ``delay``, sleeps that long before each later token); ``prompts`` records the prompts in the order the
+    device took them."""
+
+    def __init__(self, model, after: int = 1, delay: float | None = None):
+        self.model, self.after, self.delay = model, after, delay
+        self.reached, self.release = threading.Event(), threading.Event()
+        self.prompts: list[list[int]] = []
+
+    def __enter__(self):
+        original = self.model.generate_ids
+
+        def generate_ids(ids, *args, **kwargs):
+            self.prompts.append(list(ids))
+            for i, token in enumerate(original(ids, *args, **kwargs)):
+                if i >= self.after:
+                    self.reached.set()
+                    if self.delay is not None:
+                        time.sleep(self.delay)
+                    elif not self.release.wait(60):
+                        raise TimeoutError("the test never released the gate")
+                yield token
+
+        self.model.generate_ids = generate_ids  # on the instance: the class's method is untouched
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        del self.model.generate_ids
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "the condition"):
+    """Poll ``condition()`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

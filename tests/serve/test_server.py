@@ -59,3 +59,46 @@ def test_completions_equal_orion_generate(server, expected, stream):
         assert finish == "length" and usage.completion_tokens == NEW
         assert usage.prompt_tokens == len(server.engine.model.encode(PROMPT))
         assert usage.total_tokens == usage.prompt_tokens + NEW
+
+
+MESSAGES = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Tell me of the fox."}]
+#: The documented fallback chat format (the tiny tokenizer has no chat template).
+CHAT_PROMPT = "system: You tell stories.\nuser: Tell me of the fox.\nassistant:"
+
+
+@pytest.mark.parametrize("model", ["base", "cat"])
+def test_chat_equals_orion_generate_of_the_fallback_format(server, tiny_gpt2_dir, adapter_dirs, model):
+    want = orion_generate(tiny_gpt2_dir, adapter_dirs.get(model), CHAT_PROMPT)
+    name = str(tiny_gpt2_dir) if model == "base" else model
+    client = server.client()
+    whole = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=NEW, extra_body={"top_k": TOP_K},
+                                           **SETTINGS)
+    assert whole.object == "chat.completion" and whole.model == name
+    assert whole.choices[0].message.role == "assistant" and whole.choices[0].message.content == want
+    assert whole.usage.prompt_tokens == len(server.engine.model.encode(CHAT_PROMPT))
+    assert whole.usage.completion_tokens == NEW
+
+    chunks = list(client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=NEW, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"top_k": TOP_K}, **SETTINGS))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens  # OpenAI's form
+
+
+def test_switching_adapters_across_requests_compiles_nothing(server, expected):
+    client = server.client()
+    for model in expected:  # every program this prompt needs is built (or was, by earlier tests)
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=NEW, **SETTINGS)
+    before = server.metrics()
+    for model in [*expected, *reversed(list(expected)), *expected]:
+        answer = client.completions.create(model=model, prompt=PROMPT, max_tokens=NEW, extra_body={"top_k": TOP_K},
+                                           **SETTINGS)
+        assert answer.choices[0].text == expected[model]  # the switch took effect
+    after = server.metrics()
+    assert after["requests"]["completed"] == before["requests"]["completed"] + 3 * len(expected)
+    assert after["compiles"] == before["compiles"] and after["cache_hits"] == before["cache_hits"]
+    assert before["compiles"] + before["cache_hits"] > 0  # the counters do count the programs that were built
+    assert after["backend"] == "emulator"
+    assert after["last_generation"]["adapter"] == "cat" and after["tokens_per_second"] > 0

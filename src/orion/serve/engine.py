@@ -199,14 +199,10 @@ class Engine:
                     return
                 job = self._running = self._waiting.popleft()
                 job.state = "running"
-            outcome = self._run(job)
-            with self._lock:
-                job.state = "done"
-                self._running = None
-                setattr(self.metrics, outcome, getattr(self.metrics, outcome) + 1)
+            self._run(job)
 
-    def _run(self, job: Job) -> str:
-        """Generate ``job``'s text, emitting it as it comes; returns the outcome that metrics count."""
+    def _run(self, job: Job) -> None:
+        """Generate ``job``'s text, emitting it as it comes, then its last event."""
         from orion.models.sampling import Sampler
 
         model, request = self.model, job.request
@@ -226,20 +222,21 @@ class Engine:
                     if stop.stopped:
                         break
         except Exception as exc:  # the server outlives any one request; the client hears what went wrong
-            job.emit(exc)
-            return "failed"
-        finally:
-            self._account(job, time.perf_counter() - started, None if model.stats is previous else model.stats)
-        if job._cancelled.is_set():
-            if self._closed:
-                job.emit(ShuttingDown("the server is shutting down"))
-            return "cancelled"
-        rest = stop.flush()
-        if rest:
-            job.emit(rest)
-        ended = stop.stopped or job.last_token in model.stop_ids
-        job.emit(Finished("stop" if ended else "length", len(request.ids), job.completion_tokens))
-        return "completed"
+            outcome, last = "failed", exc
+        else:
+            if job._cancelled.is_set():
+                outcome, last = "cancelled", ShuttingDown("the server is shutting down") if self._closed else None
+            else:
+                rest = stop.flush()
+                if rest:
+                    job.emit(rest)
+                ended = stop.stopped or job.last_token in model.stop_ids
+                outcome = "completed"
+                last = Finished("stop" if ended else "length", len(request.ids), job.completion_tokens)
+        stats = None if model.stats is previous else model.stats
+        self._account(job, outcome, time.perf_counter() - started, stats)
+        if last is not None:  # after the accounting: a client that has its answer sees it in the metrics
+            job.emit(last)
 
     @staticmethod
     def _counted(job: Job, tokens: Iterator[int]) -> Iterator[int]:
@@ -251,9 +248,13 @@ class Engine:
             if job._cancelled.is_set():
                 return
 
-    def _account(self, job: Job, seconds: float, stats) -> None:
+    def _account(self, job: Job, outcome: str, seconds: float, stats) -> None:
+        """Count a job that has left the device (``outcome``: completed, cancelled or failed)."""
         with self._lock:
+            job.state = "done"
+            self._running = None
             m = self.metrics
+            setattr(m, outcome, getattr(m, outcome) + 1)
             m.prompt_tokens += len(job.request.ids)
             m.completion_tokens += job.completion_tokens
             m.generation_seconds += seconds

@@ -16,16 +16,17 @@ from pathlib import Path
 import pytest
 
 from orion.serve.app import create_app
-from tests.serve.conftest import ADAPTERS, API_KEY, Gate, RunningServer, load_model, openai, wait_for
+from tests.serve.harness import API_KEY, Gate, RunningServer, load_model, openai, wait_for
 
 PROMPTS = ["Once upon a time", "The cat sat"]
 NEW = 4
 
 
-def test_sixteen_concurrent_streaming_clients_all_get_their_own_answer(server, tiny_gpt2_dir, adapter_dirs):
-    names = [str(tiny_gpt2_dir), *ADAPTERS]
+def test_sixteen_concurrent_streaming_clients_all_get_their_own_answer(server, tiny_gpt2_dir,
+                                                                        tiny_gpt2_adapters):
+    names = [str(tiny_gpt2_dir), *tiny_gpt2_adapters]
     jobs = [dict(model=names[i % 3], prompt=PROMPTS[i % 2], seed=i, temperature=0.9) for i in range(16)]
-    with load_model(tiny_gpt2_dir, adapter_dirs) as model:  # the same answers from a model of the test's own
+    with load_model(tiny_gpt2_dir, tiny_gpt2_adapters) as model:  # the same answers from a model of its own
         want = []
         for job in jobs:
             model.set_adapter(None if job["model"] == names[0] else job["model"])

@@ -9,7 +9,6 @@ import pytest
 from click.testing import CliRunner
 
 from orion.cli.main import cli
-from tests.serve.conftest import ADAPTERS
 
 PROMPT = "Once upon a time"
 SETTINGS = dict(temperature=0.8, top_p=0.9, seed=7)
@@ -30,17 +29,18 @@ def orion_generate(model_dir, adapter_dir, prompt: str, max_tokens: int = NEW, t
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_gpt2_dir, adapter_dirs):
+def expected(tiny_gpt2_dir, tiny_gpt2_adapters):
     """``orion generate``'s continuation of PROMPT for the base model and each adapter (once per module)."""
     texts = {str(tiny_gpt2_dir): orion_generate(tiny_gpt2_dir, None, PROMPT)}
-    texts.update({name: orion_generate(tiny_gpt2_dir, adapter_dirs[name], PROMPT) for name in ADAPTERS})
+    texts.update({name: orion_generate(tiny_gpt2_dir, tiny_gpt2_adapters[name], PROMPT) for name in tiny_gpt2_adapters})
     assert len(set(texts.values())) == len(texts)  # each adapter changes the text: the comparisons mean something
     return texts
 
 
 def test_models_lists_the_base_and_each_adapter(server, tiny_gpt2_dir):
     ids = [m.id for m in server.client().models.list().data]
-    assert ids == [str(tiny_gpt2_dir), *ADAPTERS]
+    assert ids == [str(tiny_gpt2_dir), "fox", "cat"]
+    assert server.client().models.retrieve("cat").parent == str(tiny_gpt2_dir)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -67,8 +67,9 @@ CHAT_PROMPT = "system: You tell stories.\nuser: Tell me of the fox.\nassistant:"
 
 
 @pytest.mark.parametrize("model", ["base", "cat"])
-def test_chat_equals_orion_generate_of_the_fallback_format(server, tiny_gpt2_dir, adapter_dirs, model):
-    want = orion_generate(tiny_gpt2_dir, adapter_dirs.get(model), CHAT_PROMPT)
+def test_chat_equals_orion_generate_of_the_fallback_format(server, tiny_gpt2_dir, tiny_gpt2_adapters,
+                                                           model):
+    want = orion_generate(tiny_gpt2_dir, tiny_gpt2_adapters.get(model), CHAT_PROMPT)
     name = str(tiny_gpt2_dir) if model == "base" else model
     client = server.client()
     whole = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=NEW, extra_body={"top_k": TOP_K},

@@ -415,7 +415,7 @@ def serve_cmd(model_id: str, adapter_specs: tuple[str, ...], host: str, port: in
         for name, path in adapters.items():  # all before the first request: the programs compile once
             model.load_adapter(path, name)
         err.print(f"serving {escape(model_id)}" + (f" and adapters {escape(', '.join(adapters))}" if adapters else "")
-                  + f" on http://{escape(host)}:{port}/v1", highlight=False)
+                  + f" on http://{escape(host)}:{port}/v1", highlight=False, soft_wrap=True)
         serve(model, model_id, host=host, port=port, api_key=api_key or None, max_queue=max_queue)
 
 

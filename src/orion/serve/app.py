@@ -79,9 +79,12 @@ def create_app(model, model_id: str, *, api_key: str | None = None, max_queue: i
 
 def serve(model, model_id: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_queue: int = 32) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+    """Serve until interrupted (Ctrl-C or SIGTERM: uvicorn finishes the answers under way, then returns)."""
     app = create_app(model, model_id, api_key=api_key, max_queue=max_queue)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has shut down: a normal end
+        pass
 
 
 def _model_card(name: str, base: str) -> dict:

@@ -83,8 +83,9 @@ class Job:
 
 
 class StopText:
-    """Text pieces in, the text before the first stop string out: a tail that could be the start of a stop string
-    is held back until the next piece tells."""
+    """Text pieces in, the text before the first stop string to complete out (as generation would stop there, the
+    one that ends first; of two ending together, the longer): a tail that could be the start of a stop string is
+    held back until the next piece tells."""
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = stops
@@ -93,10 +94,10 @@ class StopText:
 
     def push(self, piece: str) -> str:
         text = self._pending + piece
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        found = [(i + len(s), i) for s, i in ((s, text.find(s)) for s in self.stops) if i >= 0]
         if found:
             self.stopped, self._pending = True, ""
-            return text[:min(found)]
+            return text[:min(found)[1]]
         keep = next((k for k in range(min(len(text), max(map(len, self.stops), default=1) - 1), 0, -1)
                      if any(s.startswith(text[-k:]) for s in self.stops)), 0)
         self._pending = text[len(text) - keep:]

@@ -117,7 +117,8 @@ def parse(kind: str, body, model, models: dict[str, str | None]) -> Call:
 def _integer(value, name: str | None = None, low: int | None = None):
     """``value`` if it is an integer (JSON has no other kind of whole number; 3.0 counts) at least ``low``; with no
     ``name``, None instead of an error."""
-    whole = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float)
+                                                                         and value.is_integer())
     if whole and (low is None or value >= low):
         return int(value)
     if name is None:

@@ -62,14 +62,14 @@ class Job:
         self._ended = False  # the reader has had the last event
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
-        self._cancelled = threading.Event()
+        self.cancelled = threading.Event()
 
     def emit(self, event) -> None:
         """Hand an event to the event loop (called from the worker thread)."""
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the loop is closed: nobody is listening any more
-            self._cancelled.set()
+            self.cancelled.set()
 
     def __aiter__(self):
         return self
@@ -162,7 +162,7 @@ class Engine:
                 job.state = "done"
                 self.metrics.cancelled += 1
             elif job.state == "running":
-                job._cancelled.set()
+                job.cancelled.set()
 
     def snapshot(self) -> dict:
         """The metrics, with the queue as it is now."""
@@ -185,7 +185,7 @@ class Engine:
                 job.emit(ShuttingDown("the server is shutting down"))
             self._waiting.clear()
             if self._running is not None:
-                self._running._cancelled.set()
+                self._running.cancelled.set()
             self._lock.notify_all()
         self._worker.join()
 
@@ -225,7 +225,7 @@ class Engine:
         except Exception as exc:  # the server outlives any one request; the client hears what went wrong
             outcome, last = "failed", exc
         else:
-            if job._cancelled.is_set():
+            if job.cancelled.is_set():
                 outcome, last = "cancelled", ShuttingDown("the server is shutting down") if self._closed else None
             else:
                 rest = stop.flush()
@@ -246,7 +246,7 @@ class Engine:
             job.completion_tokens += 1
             job.last_token = token
             yield token
-            if job._cancelled.is_set():
+            if job.cancelled.is_set():
                 return
 
     def _account(self, job: Job, outcome: str, seconds: float, stats) -> None:

@@ -97,7 +97,9 @@ def test_a_full_queue_answers_429_with_an_openai_error(server, tiny_gpt2_dir):
         results = []
         waiting = [threading.Thread(target=lambda: results.append(client.completions.create(**request)))
                    for _ in range(3)]  # one on the device, two in the queue
-        for t in waiting:
+        waiting[0].start()
+        assert gate.reached.wait(30)  # the first holds the device
+        for t in waiting[1:]:
             t.start()
         wait_for(lambda: small.metrics()["queue_depth"] == 2, what="a full queue")
         refused = small.post("/v1/completions", request)

@@ -58,7 +58,8 @@ def create_app(model, model_id: str, *, api_key: str | None = None, max_queue: i
         return JSONResponse({"status": "ok"})
 
     async def metrics(request):
-        return JSONResponse({"model": model_id, "adapters": model.adapters, **request.app.state.engine.snapshot()})
+        adapters = [name for name, adapter in models.items() if adapter is not None]
+        return JSONResponse({"model": model_id, "adapters": adapters, **request.app.state.engine.snapshot()})
 
     async def completions(request):
         return await _generate(request, protocol.COMPLETION, model, models)

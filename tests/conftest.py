@@ -95,4 +95,27 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_gpt2_adapters(tiny_gpt2_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two PEFT LoRA adapters of :func:`tiny_gpt2_dir`, saved by peft, with other targets and ranks ("fox": rank 4
+    on c_attn and c_fc; "cat": rank 2 on c_attn and c_proj) and random A and B: each changes the text."""
+    import copy
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)
+    folders = {}
+    for seed, (name, rank, alpha, targets) in enumerate([("fox", 4, 16, ["c_attn", "c_fc"]),
+                                                          ("cat", 2, 8, ["c_attn", "c_proj"])]):
+        torch.manual_seed(seed + 1)
+        folders[name] = tmp_path_factory.mktemp("adapters") / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            settings = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+            peft.get_peft_model(copy.deepcopy(base), settings).save_pretrained(folders[name])
+    return folders
+
+
 from tests.runtime.standin import ane_standin, standin_root  # noqa: E402,F401  (fixtures for backend="ane" tests)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import orion
 
-#: Lowest first; ``errors`` and ``fileio`` sit below every package.
-LAYERS = ["errors", "fileio", "ir", "mil", "compiler", "runtime", "lora", "models", "train", "cli"]
+#: Lowest first; ``errors`` and ``fileio`` sit below every package. ``serve`` (the HTTP server over models) sits
+#: beside ``cli``, which starts it.
+LAYERS = ["errors", "fileio", "ir", "mil", "compiler", "runtime", "lora", "models", "train", "serve", "cli"]
 SOURCE = Path(orion.__file__).parent
 
 

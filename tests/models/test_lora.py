@@ -209,6 +209,17 @@ def test_switching_adapters_compiles_nothing_and_each_still_matches(family):
         assert counters(model) == before  # the same program objects, not one more compile or cache hit
 
 
+def test_generation_stats_count_the_compiles_of_that_generation_only(family):
+    """What `orion serve` adds up into its compile counter."""
+    with family.make() as model:
+        model.set_adapter(model.load_adapter(family.folders["a"], name="a"))
+        list(model.generate_ids(IDS[:9], max_tokens=3))
+        first = model.stats.compiles
+        model.set_adapter(None)
+        list(model.generate_ids(IDS[:9], max_tokens=3))
+        assert first > 0 and model.stats.compiles == 0
+
+
 def test_an_adapter_that_does_not_fit_the_layout_rebuilds_and_still_matches(family):
     budget = CompileBudget(50)
     with family.make(budget=budget) as model:

@@ -390,6 +390,67 @@ def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float
         err.print(f"[dim]{escape(model.stats.line() + adapter)}[/]", highlight=False)
 
 
+# -- serve --------------------------------------------------------------------------------------------------------
+
+
+def _named_adapters(specs: tuple[str, ...], model_id: str) -> dict[str, str]:
+    """``NAME=PATH`` options as {name: path}, refusing a missing part, a repeated name or the base model's id."""
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise OrionError(f"--adapter {spec!r} is not NAME=PATH (a name for the model field, then a PEFT adapter "
+                             "folder or hub id)")
+        if name in adapters or name == model_id:
+            raise OrionError(f"--adapter name {name!r} is used twice: every adapter needs a name of its own, other "
+                             "than the base model's id")
+        adapters[name] = path
+    return adapters
+
+
+@cli.command("serve")
+@click.option("--model", "model_id", required=True, help="A Hugging Face folder or hub id; clients ask for it by "
+              "this string in the model field.")
+@click.option("--adapter", "adapter_specs", multiple=True, metavar="NAME=PATH",
+              help="A PEFT LoRA adapter (folder or hub id) that clients ask for by NAME; repeat for several.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 exposes the server to the network: set an API key).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="ORION_API_KEY", default=None, show_envvar=True,
+              help="Every request must send Authorization: Bearer KEY.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Requests that may wait for the device; one more gets 429.")
+@_backend_option()
+@_target_option
+@click.option("--exact-numerics", is_flag=True,
+              help="On the emulator, use the target's accumulator model (slow) instead of the fp32 accumulator.")
+@handle_errors
+def serve_cmd(model_id: str, adapter_specs: tuple[str, ...], host: str, port: int, api_key: str | None,
+              max_queue: int, backend: str, target_name: str, exact_numerics: bool) -> None:
+    """Serve a model and its LoRA adapters over the OpenAI HTTP API (completions, chat completions, streaming); the
+    model field of a request picks the base model or an adapter, switched without a compile."""
+    import ipaddress
+
+    import orion
+
+    from orion.serve.app import serve  # first: without the serve extra, say so before loading anything
+
+    adapters = _named_adapters(adapter_specs, model_id)
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if not local and not api_key:
+        _warn(f"listening on {host} without an API key: anyone who can reach this address can use the model")
+    with orion.load(model_id, backend=backend, target=target_name,
+                    accumulator=None if exact_numerics else "fp32") as model:
+        for name, path in adapters.items():  # all before the first request: the programs compile once
+            model.load_adapter(path, name)
+        err.print(f"serving {escape(model_id)}" + (f" and adapters {escape(', '.join(adapters))}" if adapters else "")
+                  + f" on http://{escape(host)}:{port}/v1", highlight=False, soft_wrap=True)
+        serve(model, model_id, host=host, port=port, api_key=api_key or None, max_queue=max_queue)
+
+
 @cli.group("bench")
 def bench_group() -> None:
     """Benchmarks that print a table and write JSON."""

@@ -405,6 +405,10 @@ class GPT2(AdapterHost, TextGenerator):
 
     # -- forward ------------------------------------------------------------------------------------------------
 
+    @property
+    def context_length(self) -> int:
+        return self.config.n_positions
+
     def _check_ids(self, ids) -> np.ndarray:
         return check_token_ids(ids, self.config.vocab_size, self.config.n_positions)
 

@@ -579,6 +579,10 @@ class Llama(AdapterHost, TextGenerator):
             self._blocks.close()
             self._blocks = None
 
+    @property
+    def context_length(self) -> int:
+        return self.config.max_seq_len
+
     def logits(self, token_ids) -> np.ndarray:
         ids = check_token_ids(token_ids, self.config.vocab_size, self.config.max_seq_len)
         n, seq = ids.size, self.config.max_seq_len
@@ -598,8 +602,9 @@ class Llama(AdapterHost, TextGenerator):
 
         sampler = sampler or Sampler(temperature=0.0)
         ids = list(np.asarray(ids).reshape(-1))
+        built = 0 if self._blocks is None else self._blocks.compiles  # compiles before this generation
         stats = self.stats = GenerationStats(prompt_tokens=len(ids), dispatches_per_token=self.config.n_layers,
-                                             compiles=self.blocks.compiles,
+                                             compiles=self.blocks.compiles - built,
                                              cache_hits=sum(p.cache_hits for p in self.blocks.programs))
         t0 = time.perf_counter()
         logits = self.logits(ids)[-1]

@@ -15,7 +15,7 @@ class GenerationStats:
     decode_steps: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    compiles: int = 0
+    compiles: int = 0  # programs compiled during this generation
     cache_hits: int = 0
     dispatches_per_token: int = 0
     backend: str = "none"  # the backend that executed the programs (orion.runtime.program.backends_that_ran)
@@ -104,10 +104,15 @@ def check_token_ids(ids, vocab_size: int, context: int):
 
 
 class TextGenerator:
-    """Mixin over ``generate_ids(ids, max_tokens, sampler, stop_ids)``, a ``tokenizer`` and ``close()`` (the model
-    is a context manager that closes its programs)."""
+    """Mixin over ``generate_ids(ids, max_tokens, sampler, stop_ids)``, ``context_length``, a ``tokenizer`` and
+    ``close()`` (the model is a context manager that closes its programs)."""
 
     tokenizer = None
+
+    @property
+    def context_length(self) -> int:
+        """Most tokens one sequence (prompt and generated) may hold."""
+        raise NotImplementedError
 
     def generate_ids(self, ids, max_tokens: int = 64, sampler=None, stop_ids=()) -> Iterator[int]:
         raise NotImplementedError
@@ -142,30 +147,46 @@ class TextGenerator:
         one pass (exact speculative decoding: the text is this model's, drawn from its distribution)."""
         from orion.models.sampling import Sampler
 
-        if self.tokenizer is None:
-            raise OrionError("this model has no tokenizer; use generate_ids with token ids")
-        ids = self.tokenizer.encode(prompt)
-        if not ids:
-            raise BindingError("the prompt is empty: give some text")
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        stop = () if self.tokenizer.eos_id is None else (self.tokenizer.eos_id,)
+        ids = self.encode(prompt)
         if draft is None:
-            tokens = self.generate_ids(ids, max_tokens, sampler, stop)
+            tokens = self.generate_ids(ids, max_tokens, sampler, self.stop_ids)
         else:
             from orion.models.speculative import speculative_ids
 
             if draft.tokenizer is not None and draft.tokenizer.encode(prompt) != ids:
                 raise BindingError("the draft model's tokenizer splits the prompt differently from the target's: a "
                                    "draft must share the target's tokenizer")
-            tokens = speculative_ids(self, draft, ids, max_tokens, sampler, stop, draft_tokens)
-        pieces = self._stream_text(tokens, stop)
+            tokens = speculative_ids(self, draft, ids, max_tokens, sampler, self.stop_ids, draft_tokens)
+        pieces = self.stream_text(tokens)
         return pieces if stream else "".join(pieces)
 
-    def _stream_text(self, ids: Iterator[int], stop=()) -> Iterator[str]:
+    def encode(self, prompt: str) -> list[int]:
+        """The token ids of a prompt, refused when there is no tokenizer or no token."""
+        if self.tokenizer is None:
+            raise OrionError("this model has no tokenizer; use generate_ids with token ids")
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise BindingError("the prompt is empty: give some text")
+        return ids
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The tokens that end a generation: the tokenizer's end of text."""
+        eos = None if self.tokenizer is None else self.tokenizer.eos_id
+        return () if eos is None else (eos,)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The prompt text of a chat (``[{"role": ..., "content": ...}, ...]``) that the model continues with the
+        assistant's answer. This plain format serves models without a chat template (a model that has one
+        overrides this): one ``role: content`` line per message, then ``assistant:``."""
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def stream_text(self, ids: Iterator[int]) -> Iterator[str]:
         """Text as tokens arrive; the end-of-text token that stops generation is not part of it."""
         decoder = self.tokenizer.stream()
         for token in ids:
-            if token in stop:
+            if token in self.stop_ids:
                 continue
             piece = decoder.push(token)
             if piece:

@@ -1267,7 +1267,9 @@ def _gather(k, xs, a):
     return np.stack([_gather(k, [xb, ib], {"axis": axis - 1, "batch_dims": batch - 1}) for xb, ib in zip(x, idx)])
 
 
-_declare("gather", ("x", "indices"), {"axis": Attr("int", 0), "batch_dims": Attr("int", 0)}, infer=_gather_infer,
+# ``validate_indices`` (iOS17+): the emulator checks every index whatever it says (an index outside the axis is an error).
+_declare("gather", ("x", "indices"), {"axis": Attr("int", 0), "batch_dims": Attr("int", 0),
+                                      "validate_indices": Attr("bool", None)}, infer=_gather_infer,
          compute=_gather, kind="layout", ane_known=False)
 
 
@@ -1284,7 +1286,8 @@ def _gather_along_axis(k, xs, a):
     return np.take_along_axis(xs[0], _indices("gather_along_axis", xs[1], xs[0].shape[axis]), axis=axis)
 
 
-_declare("gather_along_axis", ("x", "indices"), {"axis": Attr("int", 0)}, infer=_gather_along_axis_infer,
+_declare("gather_along_axis", ("x", "indices"), {"axis": Attr("int", 0), "validate_indices": Attr("bool", None)},
+         infer=_gather_along_axis_infer,
          compute=_gather_along_axis, kind="layout", ane_known=False)
 
 
@@ -1331,6 +1334,31 @@ def _einsum(k: Kernels, xs, a):
 
 _declare("einsum", (), {"equation": Attr("string")}, infer=_einsum_infer, compute=_einsum, kind="wide",
          variadic="values", ane_known=False)
+
+
+# s19-coreml: ops that coremltools conversions of common torch modules emit (torch.flip is ``reverse``).
+
+
+def _reverse_axes(rank: int, axes) -> tuple[int, ...]:
+    """The axes ``reverse`` flips: all of them when ``axes`` is absent (coremltools' default)."""
+    if axes is None:
+        return tuple(range(rank))
+    out = tuple(_axis("reverse", int(a), rank) for a in np.asarray(axes).reshape(-1))
+    if len(set(out)) != len(out):
+        raise _fail("reverse", f"axes {[int(a) for a in np.asarray(axes).reshape(-1)]} name an axis twice")
+    return out
+
+
+def _reverse_infer(types, attrs):
+    _reverse_axes(types[0].rank, attrs["axes"])
+    return types[0]
+
+
+_declare("reverse", ("x",), {"axes": Attr("ints", None)}, infer=_reverse_infer,
+         compute=lambda k, xs, a: np.flip(xs[0], _reverse_axes(xs[0].ndim, a["axes"])), kind="layout",
+         ane_known=False)
+
+# end of s19-coreml's block
 
 
 # A constant: ``val`` holds the numpy array. Weights are constants that the emitter writes to blob files.

@@ -47,6 +47,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from orion.errors import MILProgramError, MILSyntaxError, UnsafePathError
+from orion.mil.mlpackage import is_mlpackage, read_mlpackage
 from orion.mil.program import (
     DIALECTS,
     MODEL_PATH,
@@ -188,8 +189,11 @@ def _blob_relative_path(blob_path: str, where: str) -> PurePosixPath:
 
 
 def read_mil_file(path: str | Path) -> tuple[str, Path]:
-    """The MIL text of a ``.mil`` file, or of ``model.mil`` in a model folder, and the file's path."""
+    """The MIL text of a ``.mil`` file, of ``model.mil`` in a model folder, or of a Core ML package's ML program
+    (:mod:`orion.mil.mlpackage`), and the file's path: its folder is where the program's weight paths start."""
     root = Path(path)
+    if is_mlpackage(root):
+        return read_mlpackage(root)
     mil = root / "model.mil" if root.is_dir() else root
     if not mil.is_file():
         raise MILProgramError(f"no MIL program at {mil}")

@@ -1358,6 +1358,135 @@ _declare("reverse", ("x",), {"axes": Attr("ints", None)}, infer=_reverse_infer,
          compute=lambda k, xs, a: np.flip(xs[0], _reverse_axes(xs[0].ndim, a["axes"])), kind="layout",
          ane_known=False)
 
+
+
+_declare("thresholded_relu", ("x",), {"alpha": Attr("float")}, infer=_same("thresholded_relu"),
+         compute=lambda k, xs, a: np.where(xs[0] >= a["alpha"], xs[0], 0.0), ane_known=False)
+_declare("sigmoid_hard", ("x",), {"alpha": Attr("float"), "beta": Attr("float")},
+         infer=_same("sigmoid_hard"),
+         compute=lambda k, xs, a: np.clip(np.float32(a["alpha"]) * xs[0] + np.float32(a["beta"]), 0.0, 1.0),
+         ane_known=False)
+
+
+def _stack_infer(types, attrs):
+    first = types[0]
+    if any(t != first for t in types):
+        raise _fail("stack", f"values must share one type, got {', '.join(t.short() for t in types)}")
+    axis = _axis("stack", int(attrs["axis"]), first.rank + 1)
+    return TensorType(first.dtype, first.shape[:axis] + (len(types),) + first.shape[axis:])
+
+
+_declare("stack", (), {"axis": Attr("int")}, infer=_stack_infer,
+         compute=lambda k, xs, a: np.stack(xs, axis=int(a["axis"])), kind="layout", variadic="values",
+         ane_known=False)
+
+
+def _pixel_shuffle_infer(op: str, factor_key: str):
+    def infer(types, attrs):
+        x, r = types[0], int(attrs[factor_key])
+        if x.rank != 4 or r < 1:
+            raise _fail(op, f"needs a rank-4 x and a {factor_key} of at least 1, got {x.short()} and {r}")
+        n, c, h, w = x.shape
+        if op == "pixel_shuffle":
+            if c % (r * r):
+                raise _fail(op, f"channels {c} are not a multiple of {factor_key}^2 = {r * r}")
+            return TensorType(x.dtype, (n, c // (r * r), h * r, w * r))
+        if h % r or w % r:
+            raise _fail(op, f"height {h} and width {w} must be multiples of {factor_key} {r}")
+        return TensorType(x.dtype, (n, c * r * r, h // r, w // r))
+
+    return infer
+
+
+def _pixel_shuffle(k, xs, a):
+    """[n, c*r*r, h, w] -> [n, c, h*r, w*r]: channel c*r*r + i*r + j lands at row h*r + i, column w*r + j."""
+    x, r = xs[0], int(a["upscale_factor"])
+    n, c, h, w = x.shape
+    return x.reshape(n, c // (r * r), r, r, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(n, c // (r * r), h * r, w * r)
+
+
+def _pixel_unshuffle(k, xs, a):
+    x, r = xs[0], int(a["downscale_factor"])
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // r, r, w // r, r).transpose(0, 1, 3, 5, 2, 4).reshape(n, c * r * r, h // r, w // r)
+
+
+_declare("pixel_shuffle", ("x",), {"upscale_factor": Attr("int")},
+         infer=_pixel_shuffle_infer("pixel_shuffle", "upscale_factor"), compute=_pixel_shuffle, kind="layout",
+         ane_known=False)
+_declare("pixel_unshuffle", ("x",), {"downscale_factor": Attr("int")},
+         infer=_pixel_shuffle_infer("pixel_unshuffle", "downscale_factor"), compute=_pixel_unshuffle,
+         kind="layout", ane_known=False)
+
+
+# Upsampling of the last two axes: the output size is floor(size * scale factor) (fp32 or int32 factors).
+_UPSAMPLE_ATTRS = {"scale_factor_height": Attr("float", 1), "scale_factor_width": Attr("float", 1)}
+
+
+def _upsample_infer(op: str):
+    def infer(types, attrs):
+        x = _float(op, types[0])
+        sh, sw = float(attrs["scale_factor_height"]), float(attrs["scale_factor_width"])
+        if x.rank < 3 or sh <= 0 or sw <= 0:
+            raise _fail(op, f"needs x of rank 3 or more and positive scale factors, got {x.short()}, {sh}, {sw}")
+        if op == "upsample_bilinear" and attrs["align_corners"] and attrs["half_pixel_centers"]:
+            raise _fail(op, "align_corners and half_pixel_centers cannot both be true")
+        out = (math.floor(x.shape[-2] * sh), math.floor(x.shape[-1] * sw))
+        if min(out) < 1:
+            raise _fail(op, f"scale factors {sh}, {sw} leave no output of {x.short()}")
+        return TensorType(x.dtype, x.shape[:-2] + out)
+
+    return infer
+
+
+def _upsampled_size(a: dict, axis_size: int, key: str) -> int:
+    return math.floor(axis_size * float(a[key]))
+
+
+def _upsample_nearest(k, xs, a):
+    """Output pixel i reads input floor(i * in / out) (torch's ``nearest``; for whole factors, i // factor)."""
+    x = xs[0]
+    for axis, key in ((-2, "scale_factor_height"), (-1, "scale_factor_width")):
+        size = x.shape[axis]
+        out = _upsampled_size(a, size, key)
+        x = np.take(x, np.minimum(np.arange(out) * size // out, size - 1), axis=axis)
+    return x
+
+
+def _bilinear_grid(size: int, out: int, align_corners: bool, half_pixel: bool) -> np.ndarray:
+    """Where output pixel i samples the input, as coremltools' upsample_bilinear defines it (clamped to the axis)."""
+    i = np.arange(out, dtype=np.float64)
+    if align_corners:
+        grid = i * ((size - 1) / (out - 1) if out > 1 else 0.0)
+    elif half_pixel:
+        grid = (i + 0.5) * (size / out) - 0.5
+    else:
+        grid = i * (size / out)
+    return np.clip(grid, 0, size - 1)
+
+
+def _upsample_bilinear(k, xs, a):
+    x = xs[0].astype(np.float32)
+    half_pixel = (not a["align_corners"]) if a["half_pixel_centers"] is None else bool(a["half_pixel_centers"])
+    for axis, key in ((-2, "scale_factor_height"), (-1, "scale_factor_width")):
+        size = x.shape[axis]
+        grid = _bilinear_grid(size, _upsampled_size(a, size, key), bool(a["align_corners"]), half_pixel)
+        lo = np.floor(grid).astype(np.int64)
+        hi = np.minimum(lo + 1, size - 1)
+        shape = [1] * x.ndim
+        shape[axis] = len(grid)
+        frac = (grid - lo).astype(np.float32).reshape(shape)
+        x = np.take(x, lo, axis=axis) * (1 - frac) + np.take(x, hi, axis=axis) * frac
+    return x
+
+
+_declare("upsample_nearest_neighbor", ("x",), dict(_UPSAMPLE_ATTRS),
+         infer=_upsample_infer("upsample_nearest_neighbor"), compute=_upsample_nearest, kind="layout",
+         ane_known=False)
+_declare("upsample_bilinear", ("x",),
+         {**_UPSAMPLE_ATTRS, "align_corners": Attr("bool", True), "half_pixel_centers": Attr("bool", None)},
+         infer=_upsample_infer("upsample_bilinear"), compute=_upsample_bilinear, ane_known=False)
+
 # end of s19-coreml's block
 
 

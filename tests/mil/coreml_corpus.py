@@ -409,7 +409,7 @@ CASES = [
     Case("softmax_axis1", _softmax_axis1),
     Case("sdpa_ios17", _sdpa),
     Case("sdpa_ios18", _sdpa, "iOS18"),
-    Case("sdpa_mask_ios18", _sdpa_mask, "iOS18", slow=True),
+    Case("sdpa_mask_ios18", _sdpa_mask, "iOS18"),
     Case("sdpa_causal", _sdpa_causal, "iOS18", slow=True),
     Case("attention_by_hand", _attention_by_hand, slow=True),
     Case("multihead_attention", _multihead_attention, slow=True, via="export"),

@@ -121,3 +121,12 @@ def test_upsample_bilinear_samples_coremltools_documented_grid(tmp_path, out, al
     with pytest.raises(MILProgramError, match="cannot both be true"):
         run_program(tmp_path, "upsample_bilinear", {"x": x}, (1, 1, 1, out), **{**params, "align_corners": True,
                                                                                 "half_pixel_centers": True})
+
+
+def test_neg_matches_torch(tmp_path, rng):
+    """``neg`` has no coremltools definition (public ANE codegen writes it): torch.neg is the oracle."""
+    torch = pytest.importorskip("torch")
+    x = np.concatenate([rng.normal(0, 3, 30), [0.0, -0.0, 65504.0, 6e-8]]).astype(np.float16).reshape(2, 17)
+    got = run_program(tmp_path, "neg", {"x": x}, x.shape)
+    want = torch.neg(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(got, want)  # values: the emulator's held results do not keep a zero's sign

@@ -1360,6 +1360,8 @@ _declare("reverse", ("x",), {"axes": Attr("ints", None)}, infer=_reverse_infer,
 
 
 
+# ``neg`` is no coremltools op, but public ANE codegen (mechramc/Orion's) writes it; exact in fp16.
+_declare("neg", ("x",), infer=_same("neg"), compute=lambda k, xs, a: np.negative(xs[0]), ane_known=False)
 _declare("thresholded_relu", ("x",), {"alpha": Attr("float")}, infer=_same("thresholded_relu"),
          compute=lambda k, xs, a: np.where(xs[0] >= a["alpha"], xs[0], 0.0), ane_known=False)
 _declare("sigmoid_hard", ("x",), {"alpha": Attr("float"), "beta": Attr("float")},

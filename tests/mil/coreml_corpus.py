@@ -388,6 +388,50 @@ def _bert_layer():
     return _wrap(lambda x: layer(x)[0], layer), (torch.randn(1, 8, 32),)
 
 
+def _lstm():
+    torch = _torch()
+    lstm = torch.nn.LSTM(8, 16, batch_first=True)
+    return _wrap(lambda x: lstm(x)[0], lstm), (torch.randn(1, 5, 8),)
+
+
+def _prelu():
+    torch = _torch()
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.PReLU(6))
+    with torch.no_grad():
+        m[1].weight.copy_(0.1 + 0.3 * torch.rand(6))
+    return m, (torch.randn(1, 3, 4, 5),)
+
+
+def _topk():
+    torch = _torch()
+    return _wrap(lambda x: torch.topk(x, 3, dim=-1).values), (torch.randn(4, 10),)
+
+
+def _variance():
+    torch = _torch()
+    return _wrap(lambda x: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-5)), (
+        2 + torch.randn(3, 24),)
+
+
+def _masked_fill():
+    torch = _torch()
+    return _wrap(lambda x: x.masked_fill(x < -0.5, -3.0).softmax(-1)), (torch.randn(2, 3, 9),)
+
+
+def _bert_model():
+    torch = _torch()
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                        num_hidden_layers=2, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    model = BertModel(config, add_pooling_layer=False).eval()
+    _randomize_norms(model)
+    mask = torch.zeros(1, 1, 8, 8)  # a 4D additive mask is used as given (no mask building to convert)
+    return _wrap(lambda ids: model(ids, attention_mask=mask).last_hidden_state, model), (
+        torch.randint(0, 64, (1, 8)),)
+
+
 CASES = [
     Case("linear_ios16", _linear, "iOS16"),
     Case("linear_ios18", _linear, "iOS18"),
@@ -438,6 +482,12 @@ CASES = [
     Case("max_over_dim", _max_over_dim, slow=True),
     Case("conv2d_same", _conv2d_same, slow=True),
     Case("bert_layer", _bert_layer, slow=True),
+    Case("lstm", _lstm, slow=True),
+    Case("prelu", _prelu, slow=True),
+    Case("topk", _topk, slow=True),
+    Case("variance", _variance, slow=True),
+    Case("masked_fill", _masked_fill, slow=True),
+    Case("bert_model", _bert_model, slow=True, via="export"),
 ]
 
 

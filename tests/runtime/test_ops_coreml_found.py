@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from orion.errors import MILProgramError
+from orion.runtime.backends.emulator import load_text
 from tests.runtime.op_oracles import assert_within_fp16
-from tests.runtime.test_ops_logic_layout import run_program
+from tests.runtime.test_ops_logic_layout import program_text, run_program
 
 
 @pytest.mark.parametrize("axes", [None, [0], [-1], [1, 2], [2, 0, 1]])
@@ -130,3 +131,25 @@ def test_neg_matches_torch(tmp_path, rng):
     got = run_program(tmp_path, "neg", {"x": x}, x.shape)
     want = torch.neg(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(got, want)  # values: the emulator's held results do not keep a zero's sign
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 4, 3, 5), (1, 2, 2, 3, 4)])
+def test_prelu_matches_coremltools_and_torch(tmp_path, rng, coreml, shape):
+    """coremltools' value of a rank-4 prelu; torch's for ranks 3 and 5 (coremltools evaluates those only for one
+    shared slope)."""
+    torch = pytest.importorskip("torch")
+    x = rng.normal(0, 3, shape).astype(np.float16)
+    alpha = rng.uniform(-0.5, 0.9, shape[1]).astype(np.float16)
+    if len(shape) == 4:
+        oracle = coreml("prelu", x=x.astype(np.float32), alpha=alpha.astype(np.float32))
+    else:
+        oracle = torch.nn.functional.prelu(torch.from_numpy(x.astype(np.float64)), torch.from_numpy(
+            alpha.astype(np.float64))).numpy()
+    text = program_text("prelu", {"x": x}, shape).replace(
+        "x=x)", "x=x, alpha=al)").replace(
+        ") {\n", ") {\n" + f'        tensor<fp16, [{shape[1]}]> al = const()[name=string("al"), '
+                           f'val=tensor<fp16, [{shape[1]}]>([{", ".join(repr(float(a)) for a in alpha)}])];\n', 1)
+    got = load_text(text, tmp_path).run({"x": x})["out"]
+    assert_within_fp16(got, oracle, what="prelu")
+    with pytest.raises(MILProgramError, match="one slope per channel"):
+        load_text(text.replace(f"[{shape[1]}]", f"[{shape[1] + 1}]").replace("])];", ", 0.5])];", 1), tmp_path)

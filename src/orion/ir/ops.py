@@ -1362,6 +1362,20 @@ _declare("reverse", ("x",), {"axes": Attr("ints", None)}, infer=_reverse_infer,
 
 # ``neg`` is no coremltools op, but public ANE codegen (mechramc/Orion's) writes it; exact in fp16.
 _declare("neg", ("x",), infer=_same("neg"), compute=lambda k, xs, a: np.negative(xs[0]), ane_known=False)
+def _prelu_infer(types, attrs):
+    x, alpha = _float("prelu", types[0]), np.asarray(attrs["alpha"])
+    if not 3 <= x.rank <= 5 or alpha.shape != (x.shape[1],):
+        raise _fail("prelu", f"needs x of rank 3 to 5 and alpha of shape [{x.shape[1] if x.rank > 1 else '?'}] "
+                             f"(one slope per channel), got {x.short()} and alpha {list(alpha.shape)}")
+    return x
+
+
+def _prelu(k, xs, a):
+    alpha = np.asarray(a["alpha"], dtype=np.float32).reshape((1, -1) + (1,) * (xs[0].ndim - 2))
+    return np.where(xs[0] > 0, xs[0], alpha * xs[0])
+
+
+_declare("prelu", ("x",), {"alpha": Attr("tensor")}, infer=_prelu_infer, compute=_prelu, ane_known=False)
 _declare("thresholded_relu", ("x",), {"alpha": Attr("float")}, infer=_same("thresholded_relu"),
          compute=lambda k, xs, a: np.where(xs[0] >= a["alpha"], xs[0], 0.0), ane_known=False)
 _declare("sigmoid_hard", ("x",), {"alpha": Attr("float"), "beta": Attr("float")},

@@ -1360,7 +1360,8 @@ _declare("reverse", ("x",), {"axes": Attr("ints", None)}, infer=_reverse_infer,
 
 
 
-# ``neg`` is no coremltools op, but public ANE codegen (mechramc/Orion's) writes it; exact in fp16.
+#: Ops no coremltools opset defines that public ANE code writes anyway (mechramc/Orion's codegen emits ``neg``).
+NOT_IN_COREMLTOOLS = frozenset({"neg"})
 _declare("neg", ("x",), infer=_same("neg"), compute=lambda k, xs, a: np.negative(xs[0]), ane_known=False)
 def _prelu_infer(types, attrs):
     x, alpha = _float("prelu", types[0]), np.asarray(attrs["alpha"])

@@ -58,6 +58,7 @@ def test_package_reads_as_the_mil_text_of_its_program(package):
     program = parse_program(text, str(model))
     assert model.name == "model.mlmodel" and (model.parent / "weights" / "weight.bin").is_file()
     assert program.opset == "ios18" and program.version == "1.3"
+    assert program.build_info["coremltools-component-torch"] == torch.__version__  # who wrote it, carried over
     assert [name for name, _ in program.inputs] == ["x"]
     ops = {st.op for st in program.statements}
     assert {"linear", "layer_norm", "reverse", "concat"} <= ops

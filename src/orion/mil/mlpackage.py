@@ -173,6 +173,14 @@ class _Converter:
         (var, t), *more = outputs
         statements.append(Statement(type=t, var=var, op=op.type, args=args, attrs=attrs, more_outputs=tuple(more)))
 
+    def build_info(self, program) -> dict[str, str]:
+        """The program's ``buildInfo`` (which tools wrote it), as MIL text carries it; empty if it has none."""
+        if "buildInfo" not in program.attributes:
+            return {}
+        entries = program.attributes["buildInfo"].immediateValue.dictionary.values
+        return {str(self.literal(e.key, "a buildInfo key").value): str(self.literal(e.value, "a buildInfo value").value)
+                for e in entries}
+
     def program(self, function_name: str, function) -> Program:
         opset = function.opset
         if not (opset.startswith("CoreML") and opset[len("CoreML"):].isdigit()):
@@ -210,7 +218,9 @@ def read_mlpackage(package: str | Path) -> tuple[str, Path]:
         raise MILProgramError(f"{path}: {len(functions)} functions ({', '.join(sorted(functions))}); "
                               "multi-function programs are not supported yet")
     (name, function), = functions.items()
-    program = _Converter(mil_pb2, str(path)).program(name, function)
+    converter = _Converter(mil_pb2, str(path))
+    program = converter.program(name, function)
+    program.build_info = converter.build_info(model.mlProgram)
     try:
         return program.to_text(), path
     except ValueError as exc:  # a value MIL text cannot spell (NaN)

@@ -85,6 +85,11 @@ def _wrap(fn, *modules):
     return Fn()
 
 
+def _first(out):
+    """A transformers layer's hidden states, whether it returns them alone or first in a tuple."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 # -- the cases ---------------------------------------------------------------------------------------------------
 
 
@@ -98,7 +103,8 @@ def _mlp(act: str):
         torch = _torch()
         acts = {"gelu": torch.nn.GELU(), "gelu_tanh": torch.nn.GELU(approximate="tanh"), "silu": torch.nn.SiLU(),
                 "relu": torch.nn.ReLU(), "tanh": torch.nn.Tanh(), "sigmoid": torch.nn.Sigmoid()}
-        return torch.nn.Sequential(torch.nn.Linear(32, 64), acts[act], torch.nn.Linear(64, 16)), (torch.randn(2, 8, 32),)
+        mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), acts[act], torch.nn.Linear(64, 16))
+        return mlp, (torch.randn(2, 8, 32),)
     return build
 
 
@@ -273,7 +279,7 @@ def _gpt2_block():
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     block = GPT2Block(config).eval()
     _randomize_norms(block)
-    return _wrap(lambda x: block(x)[0], block), (torch.randn(1, 8, 32),)
+    return _wrap(lambda x: _first(block(x)), block), (torch.randn(1, 8, 32),)
 
 
 def _llama_layer():
@@ -291,8 +297,8 @@ def _llama_layer():
     causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
 
     def forward(x):
-        out = layer(x, attention_mask=causal, position_embeddings=rotary(x, positions), position_ids=positions)
-        return out[0] if isinstance(out, tuple) else out
+        return _first(layer(x, attention_mask=causal, position_embeddings=rotary(x, positions),
+                            position_ids=positions))
 
     return _wrap(forward, layer, rotary), (torch.randn(1, seq, 32),)
 
@@ -312,8 +318,8 @@ def _gpt2_model():
 
 def _upsample_nearest():
     torch = _torch()
-    return torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="nearest"), torch.nn.Conv2d(3, 4, 3, padding=1)), (
-        torch.randn(1, 3, 5, 6),)
+    m = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2, mode="nearest"), torch.nn.Conv2d(3, 4, 3, padding=1))
+    return m, (torch.randn(1, 3, 5, 6),)
 
 
 def _upsample_bilinear():
@@ -357,7 +363,8 @@ def _log_softmax():
 
 def _stack_where():
     torch = _torch()
-    return _wrap(lambda x, y: torch.stack([torch.where(x > y, x, y), x * y], dim=1)), (torch.randn(3, 5), torch.randn(3, 5))
+    return _wrap(lambda x, y: torch.stack([torch.where(x > y, x, y), x * y], dim=1)), (
+        torch.randn(3, 5), torch.randn(3, 5))
 
 
 def _normalize():
@@ -385,7 +392,7 @@ def _bert_layer():
                         attention_probs_dropout_prob=0.0, attn_implementation="eager")
     layer = BertLayer(config).eval()
     _randomize_norms(layer)
-    return _wrap(lambda x: layer(x)[0], layer), (torch.randn(1, 8, 32),)
+    return _wrap(lambda x: _first(layer(x)), layer), (torch.randn(1, 8, 32),)
 
 
 def _lstm():
@@ -409,8 +416,10 @@ def _topk():
 
 def _variance():
     torch = _torch()
-    return _wrap(lambda x: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-5)), (
-        2 + torch.randn(3, 24),)
+    def standardize(x):
+        return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-5)
+
+    return _wrap(standardize), (2 + torch.randn(3, 24),)
 
 
 def _masked_fill():
@@ -430,6 +439,55 @@ def _bert_model():
     mask = torch.zeros(1, 1, 8, 8)  # a 4D additive mask is used as given (no mask building to convert)
     return _wrap(lambda ids: model(ids, attention_mask=mask).last_hidden_state, model), (
         torch.randint(0, 64, (1, 8)),)
+
+
+def _vit_layer():
+    torch = _torch()
+    from transformers import ViTConfig
+    from transformers.models.vit.modeling_vit import ViTLayer
+
+    config = ViTConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    layer = ViTLayer(config).eval()
+    _randomize_norms(layer)
+    return _wrap(lambda x: _first(layer(x)), layer), (torch.randn(1, 9, 32),)
+
+
+def _qwen2_layer():
+    torch = _torch()
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=1, max_position_embeddings=32, attn_implementation="eager")
+    layer = Qwen2DecoderLayer(config, layer_idx=0).eval()
+    rotary = Qwen2RotaryEmbedding(config)
+    _randomize_norms(layer)
+    seq = 8
+    positions = torch.arange(seq)[None]
+    causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
+
+    def forward(x):
+        return _first(layer(x, attention_mask=causal, position_embeddings=rotary(x, positions),
+                            position_ids=positions))
+
+    return _wrap(forward, layer, rotary), (torch.randn(1, seq, 32),)
+
+
+def _depthwise_conv_block():
+    torch = _torch()
+    m = torch.nn.Sequential(torch.nn.Conv1d(16, 16, 5, padding=2, groups=16), torch.nn.GELU(),
+                            torch.nn.Conv1d(16, 24, 1), torch.nn.GroupNorm(1, 24))
+    _randomize_norms(m)
+    return m, (torch.randn(2, 16, 30),)
+
+
+def _sdpa_gqa():
+    torch = _torch()
+    f = torch.nn.functional
+    return _wrap(lambda q, k, v: f.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                                is_causal=True)), (
+        torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
 
 
 CASES = [
@@ -488,6 +546,10 @@ CASES = [
     Case("variance", _variance, slow=True),
     Case("masked_fill", _masked_fill, slow=True),
     Case("bert_model", _bert_model, slow=True, via="export"),
+    Case("vit_layer", _vit_layer, slow=True),
+    Case("qwen2_layer", _qwen2_layer, "iOS18", slow=True, via="export"),
+    Case("depthwise_conv_block", _depthwise_conv_block, "iOS16", slow=True),
+    Case("sdpa_gqa_causal", _sdpa_gqa, "iOS18", slow=True),
 ]
 
 

@@ -1267,7 +1267,7 @@ def _gather(k, xs, a):
     return np.stack([_gather(k, [xb, ib], {"axis": axis - 1, "batch_dims": batch - 1}) for xb, ib in zip(x, idx)])
 
 
-# ``validate_indices`` (iOS17+): the emulator checks every index whatever it says (an index outside the axis is an error).
+# ``validate_indices`` (iOS17+): the emulator checks every index whatever it says (one outside the axis is an error).
 _declare("gather", ("x", "indices"), {"axis": Attr("int", 0), "batch_dims": Attr("int", 0),
                                       "validate_indices": Attr("bool", None)}, infer=_gather_infer,
          compute=_gather, kind="layout", ane_known=False)

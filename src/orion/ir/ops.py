@@ -1358,11 +1358,11 @@ _declare("reverse", ("x",), {"axes": Attr("ints", None)}, infer=_reverse_infer,
          compute=lambda k, xs, a: np.flip(xs[0], _reverse_axes(xs[0].ndim, a["axes"])), kind="layout",
          ane_known=False)
 
-
-
 #: Ops no coremltools opset defines that public ANE code writes anyway (mechramc/Orion's codegen emits ``neg``).
 NOT_IN_COREMLTOOLS = frozenset({"neg"})
 _declare("neg", ("x",), infer=_same("neg"), compute=lambda k, xs, a: np.negative(xs[0]), ane_known=False)
+
+
 def _prelu_infer(types, attrs):
     x, alpha = _float("prelu", types[0]), np.asarray(attrs["alpha"])
     if not 3 <= x.rank <= 5 or alpha.shape != (x.shape[1],):

@@ -191,7 +191,8 @@ def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
 @handle_errors
 def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_file: Path, function: str | None,
             backend: str, target_name: str) -> None:
-    """Run MODEL_DIR/model.mil (weights resolved under MODEL_DIR) and write its outputs to OUT."""
+    """Run MODEL_DIR/model.mil (weights resolved under MODEL_DIR), or a Core ML .mlpackage's ML program, and write
+    its outputs to OUT."""
     from orion.compiler.constraints import check_program
     from orion.compiler.targets import get_target
     from orion.runtime.program import Program, backends_that_ran
@@ -229,9 +230,9 @@ def run_cmd(model_dir: Path, inputs_file: Path | None, seed: int | None, out_fil
 @_target_option
 @handle_errors
 def check_cmd(path: Path, target_name: str) -> None:
-    """Validate a MIL program (a .mil file or a directory holding model.mil, with the weight files it names there)
-    against the constraint catalog: everything the emulator refuses at load fails here too. Every function of a
-    program with several is checked."""
+    """Validate a MIL program (a .mil file, a directory holding model.mil, with the weight files it names there, or a
+    Core ML .mlpackage) against the constraint catalog: everything the emulator refuses at load fails here too. Every
+    function of a program with several is checked."""
     from orion.compiler.constraints import check_program
     from orion.compiler.targets import get_target
     from orion.mil.parse import parse_functions, read_mil_file

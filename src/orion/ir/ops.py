@@ -1272,7 +1272,9 @@ def _gather(k, xs, a):
     return np.stack([_gather(k, [xb, ib], {"axis": axis - 1, "batch_dims": batch - 1}) for xb, ib in zip(x, idx)])
 
 
-_declare("gather", ("x", "indices"), {"axis": Attr("int", 0), "batch_dims": Attr("int", 0)}, infer=_gather_infer,
+# ``validate_indices`` (iOS17+): the emulator checks every index whatever it says (one outside the axis is an error).
+_declare("gather", ("x", "indices"), {"axis": Attr("int", 0), "batch_dims": Attr("int", 0),
+                                      "validate_indices": Attr("bool", None)}, infer=_gather_infer,
          compute=_gather, kind="layout", ane_known=False)
 
 
@@ -1289,7 +1291,8 @@ def _gather_along_axis(k, xs, a):
     return np.take_along_axis(xs[0], _indices("gather_along_axis", xs[1], xs[0].shape[axis]), axis=axis)
 
 
-_declare("gather_along_axis", ("x", "indices"), {"axis": Attr("int", 0)}, infer=_gather_along_axis_infer,
+_declare("gather_along_axis", ("x", "indices"), {"axis": Attr("int", 0), "validate_indices": Attr("bool", None)},
+         infer=_gather_along_axis_infer,
          compute=_gather_along_axis, kind="layout", ane_known=False)
 
 
@@ -1392,6 +1395,11 @@ def _picked(op: str, t: TensorType) -> TensorType:
     return t
 
 
+#: The index dtypes of ``reduce_argmax``/``reduce_argmin``'s ``output_dtype`` (iOS17; int32 before) and of
+#: ``topk``'s ``output_indices_dtype`` (iOS18).
+ARG_DTYPES = ("int32", "uint16")
+
+
 def _topk_infer(types, attrs):
     x = _picked("topk", types[0])
     axis, k = _axis("topk", int(attrs["axis"]), x.rank), int(attrs["k"])
@@ -1399,7 +1407,10 @@ def _topk_infer(types, attrs):
         raise _fail("topk", f"k {k} is not in [1, {x.shape[axis]}] (axis {axis})")
     shape = x.shape[:axis] + (k,) + x.shape[axis + 1:]
     values = TensorType(x.dtype, shape)
-    return (values, TensorType("int32", shape)) if attrs["return_indices"] else (values,)
+    dtype = attrs["output_indices_dtype"] or "int32"
+    if dtype not in ARG_DTYPES:
+        raise _fail("topk", f"output_indices_dtype {dtype!r} is not one of {', '.join(ARG_DTYPES)}")
+    return (values, TensorType(dtype, shape)) if attrs["return_indices"] else (values,)
 
 
 def _topk(k, xs, a):
@@ -1408,16 +1419,15 @@ def _topk(k, xs, a):
     order = np.argsort(x if a["ascending"] else -x.astype(np.float64), axis=axis, kind="stable")
     indices = np.take(order, np.arange(int(a["k"])), axis=axis)
     values = np.take_along_axis(x, indices, axis=axis)
-    return (values, indices.astype(np.int32)) if a["return_indices"] else (values,)
+    if not a["return_indices"]:
+        return (values,)
+    return values, indices.astype(NUMPY_DTYPES[a["output_indices_dtype"] or "int32"])
 
 
 _declare("topk", ("x",), {"k": Attr("int", 1), "axis": Attr("int", -1), "ascending": Attr("bool", False),
-                          "sort": Attr("bool", True), "return_indices": Attr("bool", True)},
+                          "sort": Attr("bool", True), "return_indices": Attr("bool", True),
+                          "output_indices_dtype": Attr("string", None)},
          infer=_topk_infer, compute=_topk, kind="index", ane_known=False, several_results=True)
-
-#: The index dtypes of ``reduce_argmax``/``reduce_argmin``'s ``output_dtype`` (iOS17; int32 before).
-ARG_DTYPES = ("int32", "uint16")
-
 
 def _arg_infer(op: str):
     def infer(types, attrs):
@@ -1699,6 +1709,177 @@ _declare("quantize", ("input", "scale", "zero_point"), {"axis": Attr("int", None
          infer=_quantize_infer, compute=_quantize, optional=("zero_point",))
 _declare("dequantize", ("input", "scale", "zero_point"), {"axis": Attr("int", None)}, infer=_dequantize_infer,
          compute=_dequantize, optional=("zero_point",))
+
+
+# s19-coreml: ops that coremltools conversions of common torch modules emit (torch.flip is ``reverse``).
+
+
+def _reverse_axes(rank: int, axes) -> tuple[int, ...]:
+    """The axes ``reverse`` flips: all of them when ``axes`` is absent (coremltools' default)."""
+    if axes is None:
+        return tuple(range(rank))
+    out = tuple(_axis("reverse", int(a), rank) for a in np.asarray(axes).reshape(-1))
+    if len(set(out)) != len(out):
+        raise _fail("reverse", f"axes {[int(a) for a in np.asarray(axes).reshape(-1)]} name an axis twice")
+    return out
+
+
+def _reverse_infer(types, attrs):
+    _reverse_axes(types[0].rank, attrs["axes"])
+    return types[0]
+
+
+_declare("reverse", ("x",), {"axes": Attr("ints", None)}, infer=_reverse_infer,
+         compute=lambda k, xs, a: np.flip(xs[0], _reverse_axes(xs[0].ndim, a["axes"])), kind="layout",
+         ane_known=False)
+
+#: Ops no coremltools opset defines that public ANE code writes anyway (mechramc/Orion's codegen emits ``neg``).
+NOT_IN_COREMLTOOLS = frozenset({"neg"})
+_declare("neg", ("x",), infer=_same("neg"), compute=lambda k, xs, a: np.negative(xs[0]), ane_known=False)
+
+
+def _prelu_infer(types, attrs):
+    x, alpha = _float("prelu", types[0]), np.asarray(attrs["alpha"])
+    if not 3 <= x.rank <= 5 or alpha.shape != (x.shape[1],):
+        raise _fail("prelu", f"needs x of rank 3 to 5 and alpha of shape [{x.shape[1] if x.rank > 1 else '?'}] "
+                             f"(one slope per channel), got {x.short()} and alpha {list(alpha.shape)}")
+    return x
+
+
+def _prelu(k, xs, a):
+    alpha = np.asarray(a["alpha"], dtype=np.float32).reshape((1, -1) + (1,) * (xs[0].ndim - 2))
+    return np.where(xs[0] > 0, xs[0], alpha * xs[0])
+
+
+_declare("prelu", ("x",), {"alpha": Attr("tensor")}, infer=_prelu_infer, compute=_prelu, ane_known=False)
+_declare("thresholded_relu", ("x",), {"alpha": Attr("float")}, infer=_same("thresholded_relu"),
+         compute=lambda k, xs, a: np.where(xs[0] >= a["alpha"], xs[0], 0.0), ane_known=False)
+_declare("sigmoid_hard", ("x",), {"alpha": Attr("float"), "beta": Attr("float")},
+         infer=_same("sigmoid_hard"),
+         compute=lambda k, xs, a: np.clip(np.float32(a["alpha"]) * xs[0] + np.float32(a["beta"]), 0.0, 1.0),
+         ane_known=False)
+
+
+def _stack_infer(types, attrs):
+    first = types[0]
+    if any(t != first for t in types):
+        raise _fail("stack", f"values must share one type, got {', '.join(t.short() for t in types)}")
+    axis = _axis("stack", int(attrs["axis"]), first.rank + 1)
+    return TensorType(first.dtype, first.shape[:axis] + (len(types),) + first.shape[axis:])
+
+
+_declare("stack", (), {"axis": Attr("int")}, infer=_stack_infer,
+         compute=lambda k, xs, a: np.stack(xs, axis=int(a["axis"])), kind="layout", variadic="values",
+         ane_known=False)
+
+
+def _pixel_shuffle_infer(op: str, factor_key: str):
+    def infer(types, attrs):
+        x, r = types[0], int(attrs[factor_key])
+        if x.rank != 4 or r < 1:
+            raise _fail(op, f"needs a rank-4 x and a {factor_key} of at least 1, got {x.short()} and {r}")
+        n, c, h, w = x.shape
+        if op == "pixel_shuffle":
+            if c % (r * r):
+                raise _fail(op, f"channels {c} are not a multiple of {factor_key}^2 = {r * r}")
+            return TensorType(x.dtype, (n, c // (r * r), h * r, w * r))
+        if h % r or w % r:
+            raise _fail(op, f"height {h} and width {w} must be multiples of {factor_key} {r}")
+        return TensorType(x.dtype, (n, c * r * r, h // r, w // r))
+
+    return infer
+
+
+def _pixel_shuffle(k, xs, a):
+    """[n, c*r*r, h, w] -> [n, c, h*r, w*r]: channel c*r*r + i*r + j lands at row h*r + i, column w*r + j."""
+    x, r = xs[0], int(a["upscale_factor"])
+    n, c, h, w = x.shape
+    return x.reshape(n, c // (r * r), r, r, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(n, c // (r * r), h * r, w * r)
+
+
+def _pixel_unshuffle(k, xs, a):
+    x, r = xs[0], int(a["downscale_factor"])
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // r, r, w // r, r).transpose(0, 1, 3, 5, 2, 4).reshape(n, c * r * r, h // r, w // r)
+
+
+_declare("pixel_shuffle", ("x",), {"upscale_factor": Attr("int")},
+         infer=_pixel_shuffle_infer("pixel_shuffle", "upscale_factor"), compute=_pixel_shuffle, kind="layout",
+         ane_known=False)
+_declare("pixel_unshuffle", ("x",), {"downscale_factor": Attr("int")},
+         infer=_pixel_shuffle_infer("pixel_unshuffle", "downscale_factor"), compute=_pixel_unshuffle,
+         kind="layout", ane_known=False)
+
+
+# Upsampling of the last two axes: the output size is floor(size * scale factor) (fp32 or int32 factors).
+_UPSAMPLE_ATTRS = {"scale_factor_height": Attr("float", 1), "scale_factor_width": Attr("float", 1)}
+
+
+def _upsample_infer(op: str):
+    def infer(types, attrs):
+        x = _float(op, types[0])
+        sh, sw = float(attrs["scale_factor_height"]), float(attrs["scale_factor_width"])
+        if x.rank < 3 or sh <= 0 or sw <= 0:
+            raise _fail(op, f"needs x of rank 3 or more and positive scale factors, got {x.short()}, {sh}, {sw}")
+        if op == "upsample_bilinear" and attrs["align_corners"] and attrs["half_pixel_centers"]:
+            raise _fail(op, "align_corners and half_pixel_centers cannot both be true")
+        out = (math.floor(x.shape[-2] * sh), math.floor(x.shape[-1] * sw))
+        if min(out) < 1:
+            raise _fail(op, f"scale factors {sh}, {sw} leave no output of {x.short()}")
+        return TensorType(x.dtype, x.shape[:-2] + out)
+
+    return infer
+
+
+def _upsampled_size(a: dict, axis_size: int, key: str) -> int:
+    return math.floor(axis_size * float(a[key]))
+
+
+def _upsample_nearest(k, xs, a):
+    """Output pixel i reads input floor(i * in / out) (torch's ``nearest``; for whole factors, i // factor)."""
+    x = xs[0]
+    for axis, key in ((-2, "scale_factor_height"), (-1, "scale_factor_width")):
+        size = x.shape[axis]
+        out = _upsampled_size(a, size, key)
+        x = np.take(x, np.minimum(np.arange(out) * size // out, size - 1), axis=axis)
+    return x
+
+
+def _bilinear_grid(size: int, out: int, align_corners: bool, half_pixel: bool) -> np.ndarray:
+    """Where output pixel i samples the input, as coremltools' upsample_bilinear defines it (clamped to the axis)."""
+    i = np.arange(out, dtype=np.float64)
+    if align_corners:
+        grid = i * ((size - 1) / (out - 1) if out > 1 else 0.0)
+    elif half_pixel:
+        grid = (i + 0.5) * (size / out) - 0.5
+    else:
+        grid = i * (size / out)
+    return np.clip(grid, 0, size - 1)
+
+
+def _upsample_bilinear(k, xs, a):
+    x = xs[0].astype(np.float32)
+    half_pixel = (not a["align_corners"]) if a["half_pixel_centers"] is None else bool(a["half_pixel_centers"])
+    for axis, key in ((-2, "scale_factor_height"), (-1, "scale_factor_width")):
+        size = x.shape[axis]
+        grid = _bilinear_grid(size, _upsampled_size(a, size, key), bool(a["align_corners"]), half_pixel)
+        lo = np.floor(grid).astype(np.int64)
+        hi = np.minimum(lo + 1, size - 1)
+        shape = [1] * x.ndim
+        shape[axis] = len(grid)
+        frac = (grid - lo).astype(np.float32).reshape(shape)
+        x = np.take(x, lo, axis=axis) * (1 - frac) + np.take(x, hi, axis=axis) * frac
+    return x
+
+
+_declare("upsample_nearest_neighbor", ("x",), dict(_UPSAMPLE_ATTRS),
+         infer=_upsample_infer("upsample_nearest_neighbor"), compute=_upsample_nearest, kind="layout",
+         ane_known=False)
+_declare("upsample_bilinear", ("x",),
+         {**_UPSAMPLE_ATTRS, "align_corners": Attr("bool", True), "half_pixel_centers": Attr("bool", None)},
+         infer=_upsample_infer("upsample_bilinear"), compute=_upsample_bilinear, ane_known=False)
+
+# end of s19-coreml's block
 
 
 # A constant: ``val`` holds the numpy array. Weights are constants that the emitter writes to blob files.

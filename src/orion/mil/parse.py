@@ -11,7 +11,7 @@ The grammar accepted (whitespace and ``//`` comments allowed between any two tok
     statement  := [ results "=" ] IDENT "(" [ IDENT "=" argument , ... ] ")" [ "[" [ IDENT "=" literal , ... ] "]" ] ";"
                   (no results: write_state)
     results    := type IDENT , ... | "(" type IDENT , ... ")"     (several for ops such as split)
-    argument   := IDENT | literal | "[" [ number , ... ] "]" | "(" IDENT , ... ")"
+    argument   := IDENT | literal | "true" | "false" | "[" [ number , ... ] "]" | "(" IDENT , ... ")"
     type       := "tensor" "<" dtype "," "[" [ INT , ... ] "]" ">" | dtype
     literal    := type "(" value ")"
     value      := number | "[" [ number , ... ] "]" | STRING | blob
@@ -28,8 +28,9 @@ Decisions, for what public MIL text does and does not show:
   decimals within 2**-53 (relative) of a half-way point, which printed programs never contain;
 * tensor values are a flat list (``[0,1,3,2]``) of exactly the declared element count; nested lists are not accepted
   (no public MIL text was seen using them);
-* an operand may be an inline literal (``y = fp16(0x1p-12)``) or an untyped list (``axes = [1]``: int32, bool or
-  fp32, as coremltools types a Python list); both stay inline in the :class:`Program`, as the constraint catalog
+* an operand may be an inline literal (``y = fp16(0x1p-12)``), a bare ``true`` or ``false`` (a bool, as in
+  ``matmul(x = q, y = k, transpose_y = true)`` of public ANE probes) or an untyped list (``axes = [1]``: int32, bool or
+  fp32, as coremltools types a Python list); all stay inline in the :class:`Program`, as the constraint catalog
   counts inline operands apart from named consts;
 * ``const()`` and other statements need no ``[name = ...]``; a statement of an op with several results lists them
   as ``type a, type b = split(...)`` or ``(type a, type b) = split(...)``, both seen in public programs;
@@ -51,6 +52,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from orion.errors import MILProgramError, MILSyntaxError, UnsafePathError
+from orion.mil.mlpackage import is_mlpackage, read_mlpackage
 from orion.mil.program import (
     DIALECTS,
     MODEL_PATH,
@@ -192,8 +194,11 @@ def _blob_relative_path(blob_path: str, where: str) -> PurePosixPath:
 
 
 def read_mil_file(path: str | Path) -> tuple[str, Path]:
-    """The MIL text of a ``.mil`` file, or of ``model.mil`` in a model folder, and the file's path."""
+    """The MIL text of a ``.mil`` file, of ``model.mil`` in a model folder, or of a Core ML package's ML program
+    (:mod:`orion.mil.mlpackage`), and the file's path: its folder is where the program's weight paths start."""
     root = Path(path)
+    if is_mlpackage(root):
+        return read_mlpackage(root)
     mil = root / "model.mil" if root.is_dir() else root
     if not mil.is_file():
         raise MILProgramError(f"no MIL program at {mil}")
@@ -477,6 +482,9 @@ class _Parser:
             return tuple(items)
         if tok.kind == "ident" and tok.text in _TYPE_WORDS:
             return self.literal()
+        if tok.kind == "ident" and tok.text in ("true", "false"):
+            self.next()
+            return Literal(TensorType("bool"), np.array(tok.text == "true"))
         if tok.kind == "ident":
             return self.use_variable(self.next())
         if tok.kind == "[":

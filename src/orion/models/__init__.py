@@ -65,16 +65,13 @@ def _describe(path_or_id) -> tuple:
 
 def _llama(folder, config: dict | None, state: dict | None) -> tuple["LlamaConfig", dict]:
     from orion.models.hub import load_weights, read_safetensors
-    from orion.models.llama import LlamaConfig, from_hf
+    from orion.models.llama import LlamaConfig, config_from_hf, from_hf
 
     if state is not None:
         if "lora" in state:
             raise OrionError(f"{folder} holds a LoRA adapter, not a model; its base is {state['base']['path']}")
         return LlamaConfig(**state["config"]), read_safetensors(folder / "model.safetensors")
-    kind = config.get("model_type")
-    if kind != "llama":
-        raise OrionError(f"{folder}: model_type {kind!r} is not supported here: Orion runs gpt2 and llama, and "
-                         "trains llama")
+    config_from_hf(config)  # a config Orion cannot run is refused before its weights are read
     return from_hf(config, load_weights(folder))
 
 

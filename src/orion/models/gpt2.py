@@ -22,9 +22,7 @@ Design (docs/gpt2.md has the reasoning and the numbers):
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -34,8 +32,8 @@ from orion.ir.builder import MASK_VALUE, GraphBuilder
 from orion.lora import Adapter, AdapterSpec, LoraLayout
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
-from orion.models.lm import AdapterHost, GenerationStats, TextGenerator, check_token_ids
-from orion.runtime.program import Program, backends_that_ran, get_backend
+from orion.models.lm import CachedDecoder, check_token_ids
+from orion.runtime.program import get_backend
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
 #: Weight constants one block needs once LayerNorms are folded: c_attn, attn c_proj, c_fc, mlp c_proj (w and b).
@@ -299,7 +297,7 @@ def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) 
     return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
-class GPT2(AdapterHost, TextGenerator):
+class GPT2(CachedDecoder):
     """``model = GPT2(config, state, tokenizer)``; ``model.logits(ids)``; ``model.generate(prompt)``;
     ``model.load_adapter(path, name)`` and ``model.set_adapter(name)`` for LoRA adapters."""
 
@@ -314,10 +312,9 @@ class GPT2(AdapterHost, TextGenerator):
         self.group = blocks_per_program(self.target, config.n_layer)
         self.cache = cache
         self.budget = budget
-        self._programs: dict[tuple[str, int], list[Program]] = {}
-        self.stats = GenerationStats()
+        self.context = config.n_positions
         self.adapter_spec = adapter_spec(config)
-        self._init_adapters()
+        self._init_programs()
 
     # -- programs -----------------------------------------------------------------------------------------------
 
@@ -328,44 +325,13 @@ class GPT2(AdapterHost, TextGenerator):
         """The blocks of the program that starts at block ``first``."""
         return range(first, min(first + self.group, self.config.n_layer))
 
-    def programs(self, kind: str, size: int) -> list[Program]:
-        """The programs for one phase and size, compiled (or taken from the cache) on first use."""
-        key = (kind, size)
-        if key not in self._programs:
-            programs = []
-            for first in self._groups():
-                blocks = self.blocks[first:first + self.group]
-                graph = (prefill_graph(blocks, first, self.config, size, self.lora) if kind == "prefill" else
-                         decode_graph(blocks, first, self.config, size, self.lora, target=self.target))
-                adapter_inputs = ({} if self.lora is None else
-                                  lora_inputs(self._current_adapter(), self.lora, blocks, first, self.config))
-                program = Program.from_graph(graph, backend=self.backend, target=self.target, cache=self.cache,
-                                             budget=self.budget, weights_as_inputs=adapter_inputs)
-                program.update_weights(adapter_inputs)
-                program.load()
-                self.stats.compiles += program.compiles
-                self.stats.cache_hits += program.cache_hits
-                programs.append(program)
-            self._programs[key] = programs
-        return self._programs[key]
+    def _graph(self, kind: str, size: int, first: int):
+        blocks = self.blocks[first:first + self.group]
+        return (prefill_graph(blocks, first, self.config, size, self.lora) if kind == "prefill" else
+                decode_graph(blocks, first, self.config, size, self.lora, target=self.target))
 
-    def close(self) -> None:
-        for programs in self._programs.values():
-            for p in programs:
-                p.close()
-        self._programs.clear()
-
-    def _use_layout(self, layout: LoraLayout) -> None:
-        self.close()
-
-    def _write_adapter(self, adapter: Adapter | None) -> None:
-        if not self._programs:
-            return
-        values = [lora_inputs(adapter, self.lora, self.blocks[first:first + self.group], first, self.config)
-                  for first in self._groups()]
-        for programs in self._programs.values():
-            for program, inputs in zip(programs, values):
-                program.update_weights(inputs)
+    def _adapter_inputs(self, adapter: Adapter | None, first: int) -> dict[str, np.ndarray]:
+        return lora_inputs(adapter, self.lora, self.blocks[first:first + self.group], first, self.config)
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -400,53 +366,7 @@ class GPT2(AdapterHost, TextGenerator):
         hidden, _, _ = self._prefill(ids)
         return self._head(hidden)
 
-    # -- generation ---------------------------------------------------------------------------------------------
-
-    def generate_ids(self, ids, max_tokens: int = 64, sampler=None, stop_ids=()) -> Iterator[int]:
-        """Yield new token ids: prefill, then one decode step per token with the KV cache in the programs."""
-        if sampler is None:
-            from orion.models.sampling import Sampler
-
-            sampler = Sampler(temperature=0.0)
-        ids = self._check_ids(ids)
-        if max_tokens < 0:
-            raise BindingError(f"max_tokens must be >= 0, got {max_tokens}")
-        total = min(ids.size + max_tokens, self.config.n_positions)
-        stats = self.stats = GenerationStats(prompt_tokens=ids.size)
-        before = self._count()
-        t0 = time.perf_counter()
-        hidden, kv, _ = self._prefill(ids)
-        token = sampler.sample(self._head(hidden[-1:])[0])
-        stats.prefill_seconds = time.perf_counter() - t0
-        stats.backend = backends_that_ran(self._all_programs())
-        if max_tokens == 0:
-            return
-        programs = self.programs("decode", bucket_for(total))
-        self._load_cache(programs, kv, ids.size)
-        stats.dispatches_per_token = len(programs)
-        decode_start = time.perf_counter()
-        pos = ids.size
-        try:
-            for _ in range(max_tokens):
-                stats.new_tokens += 1
-                yield int(token)
-                if int(token) in stop_ids or pos >= total or stats.new_tokens == max_tokens:
-                    break
-                token = sampler.sample(self._decode_step(programs, int(token), pos))
-                stats.decode_steps += 1
-                pos += 1
-        finally:
-            stats.decode_seconds = time.perf_counter() - decode_start
-            after = self._count()
-            stats.compiles, stats.cache_hits = after[0] - before[0], after[1] - before[1]
-            stats.backend = backends_that_ran(self._all_programs())
-
-    def _all_programs(self) -> list[Program]:
-        return [p for ps in self._programs.values() for p in ps]
-
-    def _count(self) -> tuple[int, int]:
-        programs = self._all_programs()
-        return sum(p.compiles for p in programs), sum(p.cache_hits for p in programs)
+    # -- generation (CachedDecoder.generate_ids) ----------------------------------------------------------------
 
     def _load_cache(self, programs: list[Program], kv: dict[str, np.ndarray], n: int) -> None:
         for first, program in zip(self._groups(), programs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -177,4 +178,144 @@ class AdapterHost:
 
     def _write_adapter(self, adapter) -> None:
         """Write ``adapter``'s inputs (zeros for None) into every built program."""
+        raise NotImplementedError
+
+
+class CachedDecoder(AdapterHost, TextGenerator):
+    """Generation over block programs with the KV cache resident in the decode programs' inputs (GPT-2, Llama).
+
+    Prefill runs the prompt through the ``"prefill"`` programs of the smallest bucket that holds it; decode programs
+    are built for the smallest cache capacity that holds prompt and new tokens, seeded with the prefill's k/v, and
+    each token is one dispatch per program. A model sets ``config``, ``target``, ``backend``, ``cache``, ``budget``,
+    ``context`` (the longest sequence it runs) and implements the hooks at the end.
+    """
+
+    def _init_programs(self) -> None:
+        self._programs: dict[tuple[str, int], list] = {}
+        self.stats = GenerationStats()
+        self._init_adapters()
+
+    def programs(self, kind: str, size: int) -> list:
+        """The programs for one phase (``"prefill"``, ``"decode"``) and size, compiled (or taken from the cache) on
+        first use, one per group of blocks."""
+        from orion.runtime.program import Program
+
+        key = (kind, size)
+        if key not in self._programs:
+            programs = []
+            for first in self._groups():
+                adapter_inputs = ({} if self.lora is None else self._adapter_inputs(self._current_adapter(), first))
+                program = Program.from_graph(self._graph(kind, size, first), backend=self.backend,
+                                             target=self.target, cache=self.cache, budget=self.budget,
+                                             weights_as_inputs=adapter_inputs)
+                program.update_weights(adapter_inputs)
+                program.load()
+                programs.append(program)
+            self._programs[key] = programs
+        return self._programs[key]
+
+    def decode_graphs(self, capacity: int) -> list:
+        """The graphs of the programs one decode step dispatches, in order, for a KV cache of ``capacity`` positions
+        (built, not compiled): what a cost model reads to predict a token's time on the ANE."""
+        return [self._graph("decode", capacity, first) for first in self._groups()]
+
+    def close(self) -> None:
+        for p in self._all_programs():
+            p.close()
+        self._programs.clear()
+
+    def _use_layout(self, layout) -> None:
+        self.close()
+
+    def _write_adapter(self, adapter) -> None:
+        if not self._programs:
+            return
+        values = [self._adapter_inputs(adapter, first) for first in self._groups()]
+        for programs in self._programs.values():
+            for program, inputs in zip(programs, values):
+                program.update_weights(inputs)
+
+    def _all_programs(self) -> list:
+        return [p for ps in self._programs.values() for p in ps]
+
+    def _count(self) -> tuple[int, int]:
+        programs = self._all_programs()
+        return sum(p.compiles for p in programs), sum(p.cache_hits for p in programs)
+
+    def generate_ids(self, ids, max_tokens: int = 64, sampler=None, stop_ids=()) -> Iterator[int]:
+        """Yield new token ids: prefill, then one decode step per token with the KV cache in the programs."""
+        from orion.models.gpt2 import bucket_for
+        from orion.runtime.program import backends_that_ran
+
+        if sampler is None:
+            from orion.models.sampling import Sampler
+
+            sampler = Sampler(temperature=0.0)
+        ids = self._check_ids(ids)
+        if max_tokens < 0:
+            raise BindingError(f"max_tokens must be >= 0, got {max_tokens}")
+        total = min(ids.size + max_tokens, self.context)
+        stats = self.stats = GenerationStats(prompt_tokens=ids.size)
+        before = self._count()
+        t0 = time.perf_counter()
+        hidden, kv, _ = self._prefill(ids)
+        token = sampler.sample(self._head(hidden[-1:])[0])
+        stats.prefill_seconds = time.perf_counter() - t0
+        stats.backend = backends_that_ran(self._all_programs())
+        if max_tokens == 0:
+            return
+        programs = self.programs("decode", bucket_for(total))
+        self._load_cache(programs, kv, ids.size)
+        stats.dispatches_per_token = self.dispatches_per_token(programs)
+        decode_start = time.perf_counter()
+        pos = ids.size
+        try:
+            for _ in range(max_tokens):
+                stats.new_tokens += 1
+                yield int(token)
+                if int(token) in stop_ids or pos >= total or stats.new_tokens == max_tokens:
+                    break
+                token = sampler.sample(self._decode_step(programs, int(token), pos))
+                stats.decode_steps += 1
+                pos += 1
+        finally:
+            stats.decode_seconds = time.perf_counter() - decode_start
+            after = self._count()
+            stats.compiles, stats.cache_hits = after[0] - before[0], after[1] - before[1]
+            stats.backend = backends_that_ran(self._all_programs())
+
+    def dispatches_per_token(self, programs: list) -> int:
+        """Program evaluations one decode step makes with the decode ``programs``."""
+        return len(programs)
+
+    # hooks
+    def _groups(self) -> list[int]:
+        """The first block of every program."""
+        raise NotImplementedError
+
+    def _graph(self, kind: str, size: int, first: int):
+        """The graph of the ``kind`` program of ``size`` that starts at block ``first``."""
+        raise NotImplementedError
+
+    def _adapter_inputs(self, adapter, first: int) -> dict:
+        """The adapter inputs (zeros for None) of the program that starts at block ``first``."""
+        raise NotImplementedError
+
+    def _check_ids(self, ids):
+        raise NotImplementedError
+
+    def _prefill(self, ids):
+        """Run the prompt; returns the last block's hidden rows ``[n, d]``, every block's k/v, the bucket."""
+        raise NotImplementedError
+
+    def _head(self, hidden):
+        """Logits ``[n, vocab]`` of hidden rows ``[n, d]``."""
+        raise NotImplementedError
+
+    def _load_cache(self, programs: list, kv: dict, n: int) -> None:
+        """Seed the decode programs' caches with the prefill's k/v of ``n`` positions."""
+        raise NotImplementedError
+
+    def _decode_step(self, programs: list, token: int, pos: int):
+        """One token at position ``pos`` through every decode program; returns its logits."""
         raise NotImplementedError

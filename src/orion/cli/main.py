@@ -337,20 +337,24 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
               help="On the emulator, use the target's accumulator model (slow) instead of the fp32 accumulator.")
 @click.option("--adapter", "adapter_path", default=None,
               help="A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) or hub id to apply.")
+@click.option("--chat", is_flag=True, help="The prompt is a user message: format it with the model's chat template "
+              "(tokenizer_config.json).")
+@click.option("--head", type=click.Choice(["cpu", "ane"]), default="cpu", show_default=True,
+              help="Llama family: run the classifier on the CPU or on the ANE (split along the vocabulary).")
 @handle_errors
 def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, seed: int | None, backend: str, target_name: str, exact_numerics: bool,
-                 adapter_path: str | None) -> None:
+                 adapter_path: str | None, chat: bool, head: str) -> None:
     """Generate text; tokens stream to the terminal as they come, then one line of figures."""
     import orion
 
-    with orion.load(model_id, backend=backend, target=target_name,
-                    accumulator=None if exact_numerics else "fp32") as model:
+    with orion.load(model_id, backend=backend, target=target_name, accumulator=None if exact_numerics else "fp32",
+                    head=head) as model:
         if adapter_path is not None:
             model.set_adapter(model.load_adapter(adapter_path))
-        click.echo(prompt, nl=False)
+        click.echo(prompt, nl=chat)
         for piece in model.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed, stream=True):
+                                    top_p=top_p, seed=seed, stream=True, chat=chat):
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()

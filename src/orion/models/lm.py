@@ -70,13 +70,15 @@ class TextGenerator:
         self.close()
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stream: bool = False):
-        """Text in, text out (``stream=True``: an iterator of text pieces as tokens arrive)."""
+                 top_p: float | None = None, seed: int | None = None, stream: bool = False, chat: bool = False):
+        """Text in, text out (``stream=True``: an iterator of text pieces as tokens arrive). ``chat``: the prompt is
+        a user message, formatted with the tokenizer's chat template."""
         from orion.models.sampling import Sampler
 
         if self.tokenizer is None:
             raise OrionError("this model has no tokenizer; use generate_ids with token ids")
-        ids = self.tokenizer.encode(prompt)
+        ids = (self.tokenizer.encode(self.tokenizer.chat(prompt), add_special_tokens=False) if chat else
+               self.tokenizer.encode(prompt))
         if not ids:
             raise BindingError("the prompt is empty: give some text")
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)

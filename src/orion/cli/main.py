@@ -385,37 +385,85 @@ def bench_gpt2_cmd(model_dir: str | None, backend: str, target_name: str, refere
                    new_tokens: int, exact_numerics: bool, repeats: int, threads: int | None, json_file: Path) -> None:
     """Orion's GPT-2 against transformers on the same weights, in the same run (each side in its own process,
     their repetitions interleaved)."""
-    import json
-
-    from orion.fileio import write_atomic
-    from orion.models.bench import bench_gpt2, flatten
+    from orion.models.bench import bench_gpt2
 
     report = bench_gpt2(model_dir, backend, None if reference == "none" else reference, prompt_tokens, new_tokens,
                         exact_numerics, target_name, repeats, threads)
+    _print_bench(report, "GPT-2", json_file)
+
+
+def _print_bench(report: dict, family: str, json_file: Path) -> None:
+    """The table of a bench report (every Orion side, the reference, their ratio), its warnings, and the JSON."""
+    import json
+
+    from orion.fileio import write_atomic
+    from orion.models.bench import flatten
+
     chip = f", {report['chip']}" if report["chip"] else ""
-    table = Table(title=f"GPT-2 ({report['model']}): prompt {prompt_tokens} tokens, {new_tokens} new; target "
-                        f"{report['target']}{chip}; medians of {repeats} interleaved repetitions (± interquartile "
-                        "range / median)" + (f"; {threads} thread(s) each" if threads else ""))
-    for col in ("", "prefill tok/s", "decode tok/s", "first prefill s", "cached prefill s", "peak MB", "backend"):
-        table.add_column(col, justify="right" if col.endswith(("s", "MB")) else "left")
-    for side in ("orion", "reference"):
+    threads = report["threads"]
+    table = Table(title=f"{family} ({report['model']}): prompt {report['prompt_tokens']} tokens, "
+                        f"{report['new_tokens']} new; target {report['target']}{chip}; medians of {report['repeats']} "
+                        "interleaved repetitions (± interquartile range / median)"
+                        + (f"; {threads} thread(s) each" if threads else ""))
+    for col in ("", "prefill tok/s", "decode tok/s", "first prefill s", "cached prefill s", "peak MB",
+                "dispatches/token", "backend"):
+        table.add_column(col, justify="right" if col.endswith(("s", "MB", "token")) else "left")
+    sides = [k for k in report if k == "orion" or k.startswith("orion_")] + ["reference"]
+    for side in sides:
         r = report.get(side)
         if r:
-            table.add_row(side, f"{r['prefill_tok_s']:.1f} ±{r['prefill_tok_s_spread']:.0%}",
+            label = side if side == "reference" else f"{side} (classifier on the {r.get('head', 'cpu')})"
+            table.add_row(label, f"{r['prefill_tok_s']:.1f} ±{r['prefill_tok_s_spread']:.0%}",
                           f"{r['decode_tok_s']:.1f} ±{r['decode_tok_s_spread']:.0%}",
                           f"{r.get('first_prefill_s', float('nan')):.2f}", f"{r['cached_prefill_s']:.3f}",
-                          f"{r['peak_mb']:.0f}", f"{r['backend']}" + (f" ({r['accumulator']} accumulator)"
-                                                                     if r.get("accumulator") else ""))
+                          f"{r['peak_mb']:.0f}", str(r.get("dispatches_per_token", "")),
+                          f"{r['backend']}" + (f" ({r['accumulator']} accumulator)" if r.get("accumulator") else ""))
     if "ratios" in report:
         ratios = report["ratios"]
         table.add_row("orion / reference", f"{ratios['prefill']:.2f}x ±{ratios['prefill_spread']:.0%}",
                       f"{ratios['decode']:.2f}x ±{ratios['decode_spread']:.0%}", "", "",
-                      f"{report['orion']['peak_mb'] / report['reference']['peak_mb']:.2f}x", "")
+                      f"{report['orion']['peak_mb'] / report['reference']['peak_mb']:.2f}x", "", "")
     out.print(table)
+    if "faster_head" in report:
+        out.print(f"faster decode with the classifier on the {report['faster_head']}", highlight=False, markup=False)
     for warning in report["warnings"]:
         err.print(f"warning: {warning}", highlight=False, markup=False)
     write_atomic(json_file, json.dumps(flatten(report), indent=2))
     out.print(f"wrote {json_file}", highlight=False, markup=False)
+
+
+@bench_group.command("llama")
+@click.option("--model", "model_dir", default=None,
+              help="A local Llama, Mistral, Qwen2 or Qwen3 folder (default: random weights of --preset's size).")
+@click.option("--preset", default="qwen2.5-0.5b", show_default=True,
+              help="The size of the random weights without --model: smollm2-135m, qwen2.5-0.5b, qwen3-0.6b, "
+                   "llama3.2-1b, tinyllama-1.1b (tiny: for tests).")
+@click.option("--head", "heads", type=click.Choice(["both", "cpu", "ane"]), default="both", show_default=True,
+              help="Where Orion's classifier runs; both: measure each and say which decodes faster.")
+@_backend_option()
+@_target_option
+@click.option("--reference", type=click.Choice(["transformers", "none"]), default="transformers", show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--exact-numerics", is_flag=True, help="Emulator: the target's accumulator model instead of fp32.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Measured repetitions of each side, interleaved; the report gives medians and their spread.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Cap every side's BLAS/OpenMP threads (default: theirs); 1 keeps a busy machine's spread narrow.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@handle_errors
+def bench_llama_cmd(model_dir: str | None, preset: str, heads: str, backend: str, target_name: str, reference: str,
+                    prompt_tokens: int, new_tokens: int, exact_numerics: bool, repeats: int, threads: int | None,
+                    json_file: Path) -> None:
+    """A Llama-family model against transformers on the same weights (each side in its own process, their
+    repetitions interleaved): prefill and decode tok/s, peak memory, dispatches per token, and which classifier
+    place decodes faster."""
+    from orion.models.bench import bench_llama
+
+    report = bench_llama(model_dir, preset, backend, None if reference == "none" else reference, prompt_tokens,
+                         new_tokens, ("cpu", "ane") if heads == "both" else (heads,), exact_numerics, target_name,
+                         repeats, threads)
+    _print_bench(report, "Llama family", json_file)
 
 
 # -- training -----------------------------------------------------------------------------------------------------

@@ -700,7 +700,7 @@ def inference_lora_inputs(adapter: Adapter | None, layout: LoraLayout, blocks: l
             values[inference_lora_name(layer, target, "a")] = np.float32(a).reshape(1, 1, r, fan_in)
             for part in parts:
                 out = b[rows[part]] * (_q_scale(config) if target == "q" else 1.0) if part in rows else b
-                values[inference_lora_name(layer, target, part)] = np.float32(out).reshape(1, 1, -1, r)
+                values[inference_lora_name(layer, target, f"b_{part}")] = np.float32(out).reshape(1, 1, -1, r)
     return values
 
 
@@ -719,7 +719,7 @@ class _InferenceGraph:
                         name=f"lora_{target}")
         for part in _LORA_SITES[target][1]:
             y = outputs[part]
-            w = b.input(inference_lora_name(layer, target, part), (1, 1, y.shape[1], r))
+            w = b.input(inference_lora_name(layer, target, f"b_{part}"), (1, 1, y.shape[1], r))
             outputs[part] = b.add(y, b.lora_up(u, w, name=f"lora_{target}_{part}"))
 
     def split(self, y: Value, sizes: dict[str, int]) -> dict[str, Value]:

@@ -131,5 +131,5 @@ def test_every_llama_program_crosses_fp16_only_where_the_profile_takes_no_fp32()
         assert result.errors == [], graph.name
         program = parse_program(result.module.text)
         io = [*program.inputs, *program.output_types()]
-        assert any(name.startswith("lora_") for name, _ in io)
+        assert any("lora_" in name for name, _ in io)
         assert {t.dtype for _, t in io} == {"fp16"}, graph.name

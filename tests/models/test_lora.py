@@ -395,12 +395,13 @@ def test_lora_programs_bind_inputs_alphabetically_on_one_surface_size(family):
         assert names == sorted(names) == sorted(declared)
         lora = [n for n in names if "lora" in n]
         # the base weights are baked (BLOBFILE constants): the other inputs are activations, the mask and RoPE tables
-        assert {n for n in names if n not in lora} <= {"x", "mask", "cos", "sin"}
+        assert {n for n in names if n not in lora} <= {"x", "mask", "cos", "sin", "cos_q", "sin_q", "cos_k", "sin_k"}
         assert len(program.module.weight_names) >= 4
         # every adapted projection of the layout has its A and B (or B's two rotary halves) in the program
         for target in model.lora.targets:
             mine = [n for n in lora if re.search(rf"lora_{target}_", n)]
-            assert any(n.endswith("_a") for n in mine) and any(re.search(r"_b\d?$", n) for n in mine), (target, lora)
+            assert any(n.endswith("_a") for n in mine) and any(re.search(r"_b(\d|_\w+)?$", n) for n in mine), \
+                (target, lora)
             a = next(n for n in mine if n.endswith("_a"))
             assert declared[a][1][2] == model.lora.rank  # A has the slot's rank rows
         itemsize = {"fp16": 2, "fp32": 4}

@@ -70,7 +70,9 @@ class LlamaConfig:
         return self.n_heads // self.n_kv_heads
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON: rope_scaling as the object config.json writes."""
+        scaling = {k: list(v) if isinstance(v, tuple) else v for k, v in self.rope_scaling}
+        return {**asdict(self), "rope_scaling": scaling}
 
     def check_trainable(self) -> None:
         """Training programs are the plain layout: refuse the inference-only settings, naming the first."""

@@ -29,9 +29,15 @@ TEMPLATE = ("{% if messages[0]['role'] != 'system' %}<|endoftext|>system\nYou ar
 
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
-    """A tiny random Qwen2 with a BPE tokenizer and the chat template above, saved in Hugging Face layout."""
+    """A tiny random Qwen2 with a BPE tokenizer that adds a BOS (as Llama's do: the chat prompt, which writes its
+    own, must not get a second) and the chat template above, saved in Hugging Face layout."""
+    import tokenizers
+
     folder = tmp_path_factory.mktemp("tiny-chat")
     tok = train_bpe_tokenizer(STORY_TEXTS, 300, folder)
+    tok.inner.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.eos_id)])
+    tok.inner.save(str(folder / "tokenizer.json"))
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
     torch.manual_seed(0)
@@ -56,6 +62,7 @@ def test_the_chat_prompt_is_the_one_transformers_renders(chat_dir, messages):
     expected = theirs.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
     expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
     assert ours.encode(ours.chat(messages), add_special_tokens=False) == list(expected)
+    assert ours.encode("The cat")[0] == ours.eos_id  # the BOS plain prompts get
 
 
 def test_template_errors_and_a_folder_without_one_are_refused(chat_dir, tmp_path):

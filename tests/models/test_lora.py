@@ -117,7 +117,7 @@ def llama_family(tmp_path_factory):
 
     torch.manual_seed(1)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     base = randomize_biases_and_norms(transformers.LlamaForCausalLM(config), seed=1).eval()
     ours, weights = from_hf(config.to_dict(), {k: v.detach().numpy().copy() for k, v in base.state_dict().items()})
 

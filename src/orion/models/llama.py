@@ -701,7 +701,7 @@ def inference_lora_inputs(adapter: Adapter | None, layout: LoraLayout, blocks: l
                 a = a[:, rows["o"]]
             values[inference_lora_name(layer, target, "a")] = np.float32(a).reshape(1, 1, r, fan_in)
             for part in parts:
-                out = b[rows[part]] * (_q_scale(config) if target == "q" else 1.0) if part in rows else b
+                out = b[rows[part]] * (_q_scale(config) if target == "q" else 1.0) if part in QKV_PARTS else b
                 values[inference_lora_name(layer, target, f"b_{part}")] = np.float32(out).reshape(1, 1, -1, r)
     return values
 

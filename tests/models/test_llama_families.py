@@ -14,7 +14,7 @@ import pytest
 import orion
 from orion.compiler.compile import compile_graph
 from orion.compiler.targets import get_target
-from orion.errors import OrionError
+from orion.errors import BindingError, OrionError
 from orion.models.bench import randomize_biases_and_norms
 from orion.models.llama import (
     Llama,
@@ -140,6 +140,11 @@ def test_a_verification_pass_of_several_tokens_equals_single_steps(family):
     model.rewind(programs, 22)
     again = model.decode_tokens(programs, ids[22:24], 22)
     assert np.abs(again - single[2:4]).max() < 0.01 * np.abs(single).max()
+    columns = programs[0].input_tensor("x").shape[3]
+    with pytest.raises(BindingError, match=f"1 to {columns} tokens"):
+        model.decode_tokens(programs, [1] * (columns + 1), 24)
+    with pytest.raises(BindingError, match="do not fit the KV cache of 64"):
+        model.decode_tokens(programs, [1, 2], 63)
 
 
 def test_greedy_generation_equals_transformers_until_a_near_tie(family):

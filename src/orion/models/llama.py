@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from orion.errors import OrionError
+from orion.errors import BindingError, OrionError
 from orion.ir.builder import GraphBuilder
 from orion.ir.graph import Value
 from orion.lora import Adapter, AdapterSpec, LoraLayout
@@ -952,14 +952,17 @@ class Llama(CachedDecoder):
     def _adapter_inputs(self, adapter: Adapter | None, first: int) -> dict[str, np.ndarray]:
         return inference_lora_inputs(adapter, self.lora, self.blocks[first:first + self.group], first, self.config)
 
-    def head_graphs(self) -> list:
-        """The classifier programs' graphs (``head="ane"``): chunks within the per-axis limit, as many per program
-        as the weight-tensor limit holds."""
+    def _head_plan(self) -> list[tuple[int, int, int]]:
+        """(first chunk, chunks, rows per chunk) of each classifier program: chunks within the per-axis limit, as
+        many per program as the weight-tensor limit holds."""
         chunks, rows = head_chunks(self.config.vocab_size, self.target.max_axis)
         limit = self.target.max_blob_constants
         per = chunks if limit is None else max(1, limit - INFERENCE_SCALARS)
-        return [head_graph(self.head_w, self.config, k, min(per, chunks - k), rows, target=self.target)
-                for k in range(0, chunks, per)]
+        return [(k, min(per, chunks - k), rows) for k in range(0, chunks, per)]
+
+    def head_graphs(self) -> list:
+        """The classifier programs' graphs (``head="ane"``)."""
+        return [head_graph(self.head_w, self.config, *plan, target=self.target) for plan in self._head_plan()]
 
     def decode_graphs(self, capacity: int) -> list:
         """The graphs of the programs one decode step dispatches, in order (the blocks', then the classifier's
@@ -986,7 +989,7 @@ class Llama(CachedDecoder):
         self._head_programs = []
 
     def dispatches_per_token(self, programs: list) -> int:
-        return len(programs) + (len(self.head_graphs()) if self.head == "ane" else 0)
+        return len(programs) + (len(self._head_plan()) if self.head == "ane" else 0)
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -1069,8 +1072,11 @@ class Llama(CachedDecoder):
 
         n = len(tokens)
         columns = programs[0].input_tensor("x").shape[3]
+        capacity = programs[0].input_tensor("mask").shape[3]
         if not 0 < n <= columns:
-            raise OrionError(f"a decode pass takes 1 to {columns} tokens, got {n}")
+            raise BindingError(f"a decode pass takes 1 to {columns} tokens, got {n}")
+        if pos + n > capacity:
+            raise BindingError(f"positions {pos}..{pos + n - 1} do not fit the KV cache of {capacity} positions")
         x = self.embeddings[np.asarray(tokens, np.int64)].T  # [d, n]
         rope = self._rope(pos, columns)
         for first, program in zip(self._groups(), programs):

@@ -92,3 +92,8 @@ def test_the_end_of_text_token_that_stops_generation_is_not_in_the_text(model_di
     assert tokenizer.eos_id is not None
     assert model.generate("Once", max_tokens=10) == " The cat sat"
     assert "".join(model.generate("Once", max_tokens=10, stream=True)) == " The cat sat"
+
+
+def test_the_ane_classifier_is_refused_for_gpt2(model_dir):
+    with pytest.raises(orion.errors.OrionError, match="head='ane': GPT-2's classifier runs on the CPU"):
+        orion.load(str(model_dir), backend="emulator", head="ane")

@@ -33,7 +33,7 @@ from orion.lora import Adapter, AdapterSpec, LoraLayout
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
 from orion.models.lm import CachedDecoder, check_token_ids
-from orion.runtime.program import get_backend
+from orion.runtime.program import Program, get_backend
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
 #: Weight constants one block needs once LayerNorms are folded: c_attn, attn c_proj, c_fc, mlp c_proj (w and b).

@@ -194,18 +194,20 @@ def make_random_llama(folder: Path, preset: str, seed: int = 0) -> Path:
     return folder
 
 
-def random_llama(preset: str, seed: int = 0):
-    """(LlamaConfig, Orion-named weights) of a :data:`LLAMA_PRESETS` size with random weights and norm gains, in
-    numpy (no torch): enough for the cost model, which charges sizes."""
+def random_llama(preset: str | dict, seed: int = 0, weight_scale: float = 1.0):
+    """(LlamaConfig, Orion-named weights) of a :data:`LLAMA_PRESETS` size (or of config.json ``settings`` given as a
+    dict) with random weights, biases and norm gains, in numpy (no torch): enough for the cost model, which charges
+    sizes, and for tests that need no reference. ``weight_scale`` scales the matrices (logits far apart)."""
     from orion.models.llama import config_from_hf, layer_shapes
 
-    if preset not in LLAMA_PRESETS:
+    if isinstance(preset, str) and preset not in LLAMA_PRESETS:
         raise OrionError(f"no preset {preset!r}; presets: {', '.join(LLAMA_PRESETS)}")
-    config = config_from_hf(LLAMA_PRESETS[preset])
+    config = config_from_hf(LLAMA_PRESETS[preset] if isinstance(preset, str) else preset)
     rng = np.random.default_rng(seed)
 
     def w(*shape):
-        return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02 * (weight_scale if len(shape) == 2
+                                                                                  else 1.0))
 
     weights = {"tok_embeddings": w(config.vocab_size, config.dim), "norm": 1 + w(config.dim) * 10}
     for i in range(config.n_layers):

@@ -100,3 +100,15 @@ def test_generate_chat_without_a_template_exits_2(tiny_gpt2_dir):
     result = CliRunner().invoke(cli, ["generate", "--model", str(tiny_gpt2_dir), "--prompt", "x", "--chat",
                                       "--backend", "emulator"])
     assert result.exit_code == 2 and "no chat template" in result.stderr, result.output
+
+
+def test_generate_with_chat_and_a_llama_draft_prints_the_targets_text(chat_dir):
+    """A Llama drafting for a second copy of itself, on the chat prompt (the draft's prompt is templated as the
+    target's): every drafted token is kept, and the text is the target's alone."""
+    args = ["generate", "--model", str(chat_dir), "--prompt", "The dog ran", "--chat", "--max-tokens", "10",
+            "--temperature", "0", "--backend", "emulator"]
+    alone = CliRunner().invoke(cli, args)
+    drafted = CliRunner().invoke(cli, [*args, "--draft", str(chat_dir), "--draft-tokens", "3"])
+    assert alone.exit_code == 0 and drafted.exit_code == 0, drafted.output
+    assert drafted.stdout == alone.stdout
+    assert "draft: " in drafted.stderr and "(100%)" in drafted.stderr

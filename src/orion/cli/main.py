@@ -468,12 +468,14 @@ def _print_bench(report: dict, family: str, json_file: Path) -> None:
 @_target_option
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--head", type=click.Choice(["cpu", "ane"]), default="cpu", show_default=True,
+              help="Llama family: the classifier on the CPU or on the ANE (split along the vocabulary).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write JSON here.")
 @handle_errors
-def bench_predict_cmd(model_id: str, chip: str, target_name: str, prompt_tokens: int, new_tokens: int,
+def bench_predict_cmd(model_id: str, chip: str, target_name: str, prompt_tokens: int, new_tokens: int, head: str,
                       json_file: Path | None) -> None:
     """The ANE cost model's decode and prefill figures for a model's programs on a chip (nothing runs)."""
-    _predict(model_id, None, model_id, chip, target_name, prompt_tokens, new_tokens, json_file)
+    _predict(model_id, None, model_id, chip, target_name, prompt_tokens, new_tokens, json_file, head)
 
 
 def _predict(model_id: str | None, make_model, label: str, chip_name: str, target_name: str, prompt_tokens: int,

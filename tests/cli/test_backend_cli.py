@@ -126,6 +126,6 @@ def test_every_command_offers_the_backends_of_the_registry():
                 yield " ".join(path), param
 
     found = dict(options(cli))
-    assert set(found) == {"run", "generate", "serve", "train", "demo", "bench gpt2", "doctor"}
+    assert set(found) == {"run", "generate", "serve", "train", "demo", "bench gpt2", "bench llama", "doctor"}
     for name, param in found.items():
         assert list(param.type.choices) == list(BACKENDS) and param.default == "auto", name

@@ -61,3 +61,31 @@ def test_bench_gpt2_against_transformers_reports_medians_of_interleaved_repetiti
     assert report["orion"]["backend"] == "emulator"
     want, warnings = bench.ratios(report["orion"]["repetitions"], report["reference"]["repetitions"])
     assert report["ratios"] == want and report["warnings"] == warnings
+
+
+def test_bench_llama_measures_the_classifier_on_the_cpu_and_on_the_ane(tmp_path):
+    """Random weights of a preset's size (tiny here), Orion with the classifier in each place; the ANE one adds its
+    program to the dispatches, and the report names the faster."""
+    pytest.importorskip("transformers")
+    from click.testing import CliRunner
+
+    from orion.cli.main import cli
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, ["bench", "llama", "--preset", "tiny", "--reference", "none", "--prompt-tokens",
+                                      "8", "--new-tokens", "3", "--repeats", "1", "--backend", "emulator",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads(out.read_text())
+    cpu, ane = report["orion"], report["orion_ane_head"]
+    assert (cpu["head"], ane["head"]) == ("cpu", "ane") and report["model"] == "random tiny"
+    assert ane["dispatches_per_token"] == cpu["dispatches_per_token"] + 1  # 512 entries: one classifier program
+    fastest = max((cpu["decode_tok_s"], "cpu"), (ane["decode_tok_s"], "ane"))[1]
+    assert report["faster_head"] == fastest and f"classifier on the {fastest}" in result.stdout
+
+
+def test_bench_llama_refuses_an_unknown_preset():
+    with pytest.raises(Exception, match="no preset 'qwen9'; presets: smollm2-135m"):
+        bench.bench_llama(None, "qwen9", "emulator", None, 8, 3)

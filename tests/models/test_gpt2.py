@@ -110,6 +110,7 @@ def test_greedy_generation_equals_transformers_until_a_near_tie(reference, orion
     stats = orion_model.stats
     assert stats.prompt_tokens == prompt.size and stats.new_tokens == new
     assert stats.dispatches_per_token == -(-3 // orion_model.group)
+    assert len(orion_model.step_graphs("decode", 64)) == stats.dispatches_per_token  # the cost model's view of a step
 
 
 def test_blocks_per_program_follow_the_weight_tensor_limit(reference):

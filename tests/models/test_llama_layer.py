@@ -15,6 +15,9 @@ from orion.models.llama import (
     LlamaConfig,
     backward_graph,
     forward_graph,
+    inference_blocks,
+    inference_decode_graph,
+    inference_prefill_graph,
     init_weights,
     layer_inputs,
     rope_tables,
@@ -110,8 +113,8 @@ def test_forward_and_backward_match_autograd(setup):
 
 
 def test_every_llama_program_crosses_fp16_only_where_the_profile_takes_no_fp32():
-    """Training forward and backward (weights and LoRA factors as inputs) and inference (weights baked) on m1, which
-    rejects fp32 I/O (Orion-fork, 2026-09-06): no fp32 input or output, no constraint error."""
+    """Training forward and backward (weights and LoRA factors as inputs) and inference prefill and decode (weights
+    baked) on m1, which rejects fp32 I/O (Orion-fork, 2026-09-06): no fp32 input or output, no constraint error."""
     from orion.compiler.compile import compile_graph
     from orion.compiler.targets import get_target
     from orion.lora import LoraLayout
@@ -119,12 +122,14 @@ def test_every_llama_program_crosses_fp16_only_where_the_profile_takes_no_fp32()
 
     m1 = get_target("m1")
     lora = LoraLayout(("down", "gate", "k", "o", "q", "up", "v"), 32)
+    blocks = inference_blocks(init_weights(CONFIG, 0), CONFIG, m1.max_axis)[:1]
     graphs = [forward_graph(CONFIG, SEQ, lora), backward_graph(CONFIG, SEQ, lora),
-              forward_graph(CONFIG, SEQ, lora, layer_inputs(init_weights(CONFIG, 0), 0, CONFIG), 0)]
+              inference_prefill_graph(blocks, 0, CONFIG, SEQ, lora),
+              inference_decode_graph(blocks, 0, CONFIG, SEQ, lora, target=m1)]
     for graph in graphs:
         result = compile_graph(graph, m1)
         assert result.errors == [], graph.name
         program = parse_program(result.module.text)
         io = [*program.inputs, *program.output_types()]
-        assert any(name.startswith("lora_") for name, _ in io)
+        assert any("lora_" in name for name, _ in io)
         assert {t.dtype for _, t in io} == {"fp16"}, graph.name

@@ -126,3 +126,8 @@ def test_generate_with_a_draft_prints_the_targets_text_and_the_acceptance(model_
     assert "draft: " in drafted.stderr and "(100%)" in drafted.stderr and "draft" not in alone.stderr
     bad = CliRunner().invoke(cli, [*args, "--draft", "/nonexistent/folder"])
     assert bad.exit_code == 2 and "no such model folder" in bad.stderr
+
+
+def test_the_ane_classifier_is_refused_for_gpt2(model_dir):
+    with pytest.raises(orion.errors.OrionError, match="head='ane': GPT-2's classifier runs on the CPU"):
+        orion.load(str(model_dir), backend="emulator", head="ane")

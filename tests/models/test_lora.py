@@ -117,7 +117,7 @@ def llama_family(tmp_path_factory):
 
     torch.manual_seed(1)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     base = randomize_biases_and_norms(transformers.LlamaForCausalLM(config), seed=1).eval()
     ours, weights = from_hf(config.to_dict(), {k: v.detach().numpy().copy() for k, v in base.state_dict().items()})
 
@@ -406,12 +406,13 @@ def test_lora_programs_bind_inputs_alphabetically_on_one_surface_size(family):
         assert names == sorted(names) == sorted(declared)
         lora = [n for n in names if "lora" in n]
         # the base weights are baked (BLOBFILE constants): the other inputs are activations, the mask and RoPE tables
-        assert {n for n in names if n not in lora} <= {"x", "mask", "cos", "sin"}
+        assert {n for n in names if n not in lora} <= {"x", "mask", "cos", "sin", "cos_q", "sin_q", "cos_k", "sin_k"}
         assert len(program.module.weight_names) >= 4
         # every adapted projection of the layout has its A and B (or B's two rotary halves) in the program
         for target in model.lora.targets:
             mine = [n for n in lora if re.search(rf"lora_{target}_", n)]
-            assert any(n.endswith("_a") for n in mine) and any(re.search(r"_b\d?$", n) for n in mine), (target, lora)
+            assert any(n.endswith("_a") for n in mine) and any(re.search(r"_b(\d|_\w+)?$", n) for n in mine), \
+                (target, lora)
             a = next(n for n in mine if n.endswith("_a"))
             assert declared[a][1][2] == model.lora.rank  # A has the slot's rank rows
         itemsize = {"fp16": 2, "fp32": 4}

@@ -349,6 +349,10 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
               help="On the emulator, use the target's accumulator model (slow) instead of the fp32 accumulator.")
 @click.option("--adapter", "adapter_path", default=None,
               help="A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) or hub id to apply.")
+@click.option("--chat", is_flag=True, help="The prompt is a user message: format it with the model's chat template "
+              "(tokenizer_config.json).")
+@click.option("--head", type=click.Choice(["cpu", "ane"]), default="cpu", show_default=True,
+              help="Llama family: run the classifier on the CPU or on the ANE (split along the vocabulary).")
 @click.option("--draft", "draft_id", default=None,
               help="A smaller model with the same tokenizer that drafts tokens for --model to verify in one pass "
                    "(exact speculative decoding: the output is --model's).")
@@ -362,8 +366,8 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
 @handle_errors
 def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, seed: int | None, backend: str, target_name: str, exact_numerics: bool,
-                 adapter_path: str | None, draft_id: str | None, draft_tokens: int, quantize: str | None,
-                 keep_fp16: tuple[str, ...]) -> None:
+                 adapter_path: str | None, chat: bool, head: str, draft_id: str | None, draft_tokens: int,
+                 quantize: str | None, keep_fp16: tuple[str, ...]) -> None:
     """Generate text; tokens stream to the terminal as they come, then one line of figures."""
     import contextlib
     import dataclasses
@@ -377,13 +381,14 @@ def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float
     spec = WeightCompression.of(quantize)
     spec = spec and dataclasses.replace(spec, keep=keep_fp16)
     options = dict(backend=backend, target=target_name, accumulator=None if exact_numerics else "fp32")
-    with orion.load(model_id, quantize=spec, **options) as model, contextlib.ExitStack() as stack:
-        draft = None if draft_id is None else stack.enter_context(orion.load(draft_id, **options))
+    with orion.load(model_id, quantize=spec, head=head, **options) as model, contextlib.ExitStack() as stack:
+        draft = None if draft_id is None else stack.enter_context(orion.load(draft_id, head=head, **options))
         if adapter_path is not None:
             model.set_adapter(model.load_adapter(adapter_path))
-        click.echo(prompt, nl=False)
+        click.echo(prompt, nl=chat)
         for piece in model.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, seed=seed, stream=True, draft=draft, draft_tokens=draft_tokens):
+                                    top_p=top_p, seed=seed, stream=True, chat=chat, draft=draft,
+                                    draft_tokens=draft_tokens):
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()
@@ -480,10 +485,7 @@ def bench_gpt2_cmd(model_dir: str | None, backend: str, target_name: str, refere
                    json_file: Path | None) -> None:
     """Orion's GPT-2 against transformers on the same weights, in the same run (each side in its own process,
     their repetitions interleaved); or, with --predict, the cost model's figures."""
-    import json
-
-    from orion.fileio import write_atomic
-    from orion.models.bench import bench_gpt2, flatten
+    from orion.models.bench import bench_gpt2
 
     if chip is not None:
         from orion.models.bench import random_gpt2_state
@@ -493,32 +495,53 @@ def bench_gpt2_cmd(model_dir: str | None, backend: str, target_name: str, refere
             config, state = random_gpt2_state()
             return GPT2(GPT2Config.from_hf(config), state, backend="emulator", target=target)
 
-        _predict(model_dir, random_model, chip, target_name, prompt_tokens, new_tokens, json_file)
+        _predict(model_dir, random_model, "random GPT-2 124M", chip, target_name, prompt_tokens, new_tokens, json_file)
         return
-    if json_file is None:
-        raise OrionError("a measured run needs --json FILE (or give --predict CHIP for the cost model)")
+    _needs_json(json_file)
     report = bench_gpt2(model_dir, backend, None if reference == "none" else reference, prompt_tokens, new_tokens,
                         exact_numerics, target_name, repeats, threads)
+    _print_bench(report, "GPT-2", json_file)
+
+
+def _needs_json(json_file: Path | None) -> None:
+    if json_file is None:
+        raise OrionError("a measured run needs --json FILE (or give --predict CHIP for the cost model)")
+
+
+def _print_bench(report: dict, family: str, json_file: Path) -> None:
+    """The table of a bench report (every Orion side, the reference, their ratio), its warnings, and the JSON."""
+    import json
+
+    from orion.fileio import write_atomic
+    from orion.models.bench import flatten
+
     chip = f", {report['chip']}" if report["chip"] else ""
-    table = Table(title=f"GPT-2 ({report['model']}): prompt {prompt_tokens} tokens, {new_tokens} new; target "
-                        f"{report['target']}{chip}; medians of {repeats} interleaved repetitions (± interquartile "
-                        "range / median)" + (f"; {threads} thread(s) each" if threads else ""))
-    for col in ("", "prefill tok/s", "decode tok/s", "first prefill s", "cached prefill s", "peak MB", "backend"):
-        table.add_column(col, justify="right" if col.endswith(("s", "MB")) else "left")
-    for side in ("orion", "reference"):
+    threads = report["threads"]
+    table = Table(title=f"{family} ({report['model']}): prompt {report['prompt_tokens']} tokens, "
+                        f"{report['new_tokens']} new; target {report['target']}{chip}; medians of {report['repeats']} "
+                        "interleaved repetitions (± interquartile range / median)"
+                        + (f"; {threads} thread(s) each" if threads else ""))
+    for col in ("", "prefill tok/s", "decode tok/s", "first prefill s", "cached prefill s", "peak MB",
+                "dispatches/token", "backend"):
+        table.add_column(col, justify="right" if col.endswith(("s", "MB", "token")) else "left")
+    sides = [k for k in report if k == "orion" or k.startswith("orion_")] + ["reference"]
+    for side in sides:
         r = report.get(side)
         if r:
-            table.add_row(side, f"{r['prefill_tok_s']:.1f} ±{r['prefill_tok_s_spread']:.0%}",
+            label = side if side == "reference" else f"{side} (classifier on the {r.get('head', 'cpu')})"
+            table.add_row(label, f"{r['prefill_tok_s']:.1f} ±{r['prefill_tok_s_spread']:.0%}",
                           f"{r['decode_tok_s']:.1f} ±{r['decode_tok_s_spread']:.0%}",
                           f"{r.get('first_prefill_s', float('nan')):.2f}", f"{r['cached_prefill_s']:.3f}",
-                          f"{r['peak_mb']:.0f}", f"{r['backend']}" + (f" ({r['accumulator']} accumulator)"
-                                                                     if r.get("accumulator") else ""))
+                          f"{r['peak_mb']:.0f}", str(r.get("dispatches_per_token", "")),
+                          f"{r['backend']}" + (f" ({r['accumulator']} accumulator)" if r.get("accumulator") else ""))
     if "ratios" in report:
         ratios = report["ratios"]
         table.add_row("orion / reference", f"{ratios['prefill']:.2f}x ±{ratios['prefill_spread']:.0%}",
                       f"{ratios['decode']:.2f}x ±{ratios['decode_spread']:.0%}", "", "",
-                      f"{report['orion']['peak_mb'] / report['reference']['peak_mb']:.2f}x", "")
+                      f"{report['orion']['peak_mb'] / report['reference']['peak_mb']:.2f}x", "", "")
     out.print(table)
+    if "faster_head" in report:
+        out.print(f"faster decode with the classifier on the {report['faster_head']}", highlight=False, markup=False)
     for warning in report["warnings"]:
         err.print(f"warning: {warning}", highlight=False, markup=False)
     write_atomic(json_file, json.dumps(flatten(report), indent=2))
@@ -531,18 +554,21 @@ def bench_gpt2_cmd(model_dir: str | None, backend: str, target_name: str, refere
 @_target_option
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--head", type=click.Choice(["cpu", "ane"]), default="cpu", show_default=True,
+              help="Llama family: the classifier on the CPU or on the ANE (split along the vocabulary).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write JSON here.")
 @handle_errors
-def bench_predict_cmd(model_id: str, chip: str, target_name: str, prompt_tokens: int, new_tokens: int,
+def bench_predict_cmd(model_id: str, chip: str, target_name: str, prompt_tokens: int, new_tokens: int, head: str,
                       json_file: Path | None) -> None:
     """The ANE cost model's decode and prefill figures for a model's programs on a chip (nothing runs)."""
-    _predict(model_id, None, chip, target_name, prompt_tokens, new_tokens, json_file)
+    _predict(model_id, None, model_id, chip, target_name, prompt_tokens, new_tokens, json_file, head)
 
 
-def _predict(model_id: str | None, make_model, chip_name: str, target_name: str, prompt_tokens: int,
-             new_tokens: int, json_file: Path | None) -> None:
-    """Print (and write) the cost model's table for ``model_id`` (or ``make_model(target)``) on ``chip_name``; the
-    programs are built for the chip's target unless --target was given."""
+def _predict(model_id: str | None, make_model, label: str, chip_name: str, target_name: str, prompt_tokens: int,
+             new_tokens: int, json_file: Path | None, head: str = "cpu") -> None:
+    """Print (and write) the cost model's table for ``model_id`` (or ``make_model(target)``, called ``label``) on
+    ``chip_name``; the programs are built for the chip's target unless --target was given. ``head``: where a
+    Llama's classifier runs."""
     import json
 
     from click.core import ParameterSource
@@ -555,10 +581,10 @@ def _predict(model_id: str | None, make_model, chip_name: str, target_name: str,
     chip = get_chip(chip_name)
     given = click.get_current_context().get_parameter_source("target_name") is not ParameterSource.DEFAULT
     target = target_name if given else chip.target
-    model = orion.load(model_id, backend="emulator", target=target) if model_id else make_model(target)
+    model = orion.load(model_id, backend="emulator", target=target, head=head) if model_id else make_model(target)
     with model:
         figures = predict(model, chip, prompt_tokens, new_tokens)
-    table = Table(title=f"ANE cost model: {model_id or 'random GPT-2 124M'} on {chip.name} (programs for target "
+    table = Table(title=f"ANE cost model: {model_id or label} on {chip.name} (programs for target "
                         f"{model.target.name}; prompt {prompt_tokens} tokens, {new_tokens} new)")
     columns = ("dispatches", "weights MB", "I/O MB", "host MB", "dispatch ms", "memory ms", "compute ms", "ANE ms",
                "host ms", "ms", "tok/s")
@@ -576,12 +602,62 @@ def _predict(model_id: str | None, make_model, chip_name: str, target_name: str,
         sources.add_row(*row)
     out.print(sources)
     if json_file is not None:
-        report = {"model": model_id or "random GPT-2 124M", "target": model.target.name,
+        report = {"model": model_id or label, "target": model.target.name,
                   "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                   **{phase: e.summary() for phase, e in figures.items()},
                   "figures": {name: {"value": value, "source": source} for name, value, source in chip.rows()}}
         write_atomic(json_file, json.dumps(report, indent=2))
         out.print(f"wrote {json_file}", highlight=False, markup=False)
+
+
+@bench_group.command("llama")
+@click.option("--model", "model_dir", default=None,
+              help="A local Llama, Mistral, Qwen2 or Qwen3 folder (default: random weights of --preset's size).")
+@click.option("--preset", default="qwen2.5-0.5b", show_default=True,
+              help="The size of the random weights without --model: smollm2-135m, qwen2.5-0.5b, qwen3-0.6b, "
+                   "llama3.2-1b, tinyllama-1.1b (tiny: for tests).")
+@click.option("--head", "heads", type=click.Choice(["both", "cpu", "ane"]), default="both", show_default=True,
+              help="Where Orion's classifier runs; both: measure each and say which decodes faster.")
+@_backend_option()
+@_target_option
+@click.option("--reference", type=click.Choice(["transformers", "none"]), default="transformers", show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--exact-numerics", is_flag=True, help="Emulator: the target's accumulator model instead of fp32.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Measured repetitions of each side, interleaved; the report gives medians and their spread.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Cap every side's BLAS/OpenMP threads (default: theirs); 1 keeps a busy machine's spread narrow.")
+@click.option("--predict", "chip", default=None, metavar="CHIP",
+              help="Instead of measuring: the ANE cost model's prediction on CHIP (m1, m4, m4max, m5pro) for the "
+                   "programs Orion builds, with the classifier where --head says (cpu for both).")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report here (required for a measured run).")
+@handle_errors
+def bench_llama_cmd(model_dir: str | None, preset: str, heads: str, backend: str, target_name: str, reference: str,
+                    prompt_tokens: int, new_tokens: int, exact_numerics: bool, repeats: int, threads: int | None,
+                    chip: str | None, json_file: Path | None) -> None:
+    """A Llama-family model against transformers on the same weights (each side in its own process, their
+    repetitions interleaved): prefill and decode tok/s, peak memory, dispatches per token, and which classifier
+    place decodes faster; or, with --predict, the cost model's figures."""
+    from orion.models.bench import bench_llama
+
+    head = "ane" if heads == "ane" else "cpu"
+    if chip is not None:
+        from orion.models.bench import random_llama
+        from orion.models.llama import Llama
+
+        def random_model(target):
+            return Llama(*random_llama(preset), backend="emulator", target=target, head=head)
+
+        _predict(model_dir, random_model, f"random {preset}", chip, target_name, prompt_tokens, new_tokens,
+                 json_file, head)
+        return
+    _needs_json(json_file)
+    report = bench_llama(model_dir, preset, backend, None if reference == "none" else reference, prompt_tokens,
+                         new_tokens, ("cpu", "ane") if heads == "both" else (heads,), exact_numerics, target_name,
+                         repeats, threads)
+    _print_bench(report, "Llama family", json_file)
 
 
 # -- training -----------------------------------------------------------------------------------------------------

@@ -24,17 +24,18 @@ def model_backend(backend="auto", target: Target | str = "default", accumulator:
 
 
 def load(path_or_id: str, *, backend="auto", target: Target | str = "default", accumulator: str | None =
-         MODEL_ACCUMULATOR, cache=None, budget=None, quantize=None):
-    """A model from a Hugging Face folder (GPT-2 or Llama), a hub id, or an Orion training checkpoint:
-    ``orion.load("gpt2").generate("Once upon a time")``. ``quantize`` (``"int8"``, ``"int4/32"``, ``"lut4"`` ...)
-    compresses the weights its programs bake, once, at compile (cached like any program)."""
+         MODEL_ACCUMULATOR, cache=None, budget=None, quantize=None, head: str = "cpu"):
+    """A model from a Hugging Face folder (GPT-2, or the Llama family: Llama, Mistral, Qwen2, Qwen3), a hub id, or
+    an Orion training checkpoint: ``orion.load("gpt2").generate("Once upon a time")``. ``quantize`` (``"int8"``,
+    ``"int4/32"``, ``"lut4"`` ...) compresses the weights its programs bake, once, at compile (cached like any
+    program). ``head``: where a Llama's classifier runs, ``"cpu"`` or ``"ane"`` (GPT-2's is on the CPU)."""
     from orion.models.hub import Tokenizer, load_weights
 
     folder, config, state = _describe(path_or_id)
     if state is not None and "lora" in state:
         # a LoRA training checkpoint: its base model with the adapter (PEFT files in the checkpoint) active
         model = load(state["base"]["path"], backend=backend, target=target, accumulator=accumulator, cache=cache,
-                     budget=budget, quantize=quantize)
+                     budget=budget, quantize=quantize, head=head)
         model.set_adapter(model.load_adapter(folder))
         return model
     tokenizer = Tokenizer.from_dir(folder) if _has_tokenizer(folder) else None
@@ -43,10 +44,13 @@ def load(path_or_id: str, *, backend="auto", target: Target | str = "default", a
     if config is not None and config.get("model_type") == "gpt2":
         from orion.models.gpt2 import GPT2, GPT2Config
 
+        if head != "cpu":
+            raise OrionError(f"head={head!r}: GPT-2's classifier runs on the CPU; the ANE head is for the Llama family")
+
         return GPT2(GPT2Config.from_hf(config), load_weights(folder), tokenizer, **options)
     from orion.models.llama import Llama
 
-    return Llama(*_llama(folder, config, state), tokenizer, **options)
+    return Llama(*_llama(folder, config, state), tokenizer, head=head, **options)
 
 
 def read_llama(path_or_id) -> tuple["LlamaConfig", dict]:
@@ -67,16 +71,13 @@ def _describe(path_or_id) -> tuple:
 
 def _llama(folder, config: dict | None, state: dict | None) -> tuple["LlamaConfig", dict]:
     from orion.models.hub import load_weights, read_safetensors
-    from orion.models.llama import LlamaConfig, from_hf
+    from orion.models.llama import LlamaConfig, config_from_hf, from_hf
 
     if state is not None:
         if "lora" in state:
             raise OrionError(f"{folder} holds a LoRA adapter, not a model; its base is {state['base']['path']}")
         return LlamaConfig(**state["config"]), read_safetensors(folder / "model.safetensors")
-    kind = config.get("model_type")
-    if kind != "llama":
-        raise OrionError(f"{folder}: model_type {kind!r} is not supported here: Orion runs gpt2 and llama, and "
-                         "trains llama")
+    config_from_hf(config)  # a config Orion cannot run is refused before its weights are read
     return from_hf(config, load_weights(folder))
 
 

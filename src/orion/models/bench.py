@@ -1,6 +1,7 @@
-"""``orion bench gpt2``: Orion against a reference on the same weights, each side in its own process so its peak
-memory is its own. Random GPT-2 124M weights are made offline with transformers (a test/dev extra) and saved once in
-Hugging Face layout; both sides load that folder.
+"""``orion bench gpt2`` and ``orion bench llama``: Orion against a reference on the same weights, each side in its own
+process so its peak memory is its own. Random weights at real size (GPT-2 124M, or a Llama-family preset such as
+``qwen2.5-0.5b``) are made offline with transformers (a test/dev extra) and saved once in Hugging Face layout; every
+side loads that folder.
 
     python -m orion.models.bench --side orion --model DIR --prompt-tokens 128 --new-tokens 64 --backend emulator
 
@@ -40,13 +41,14 @@ def _prompt(vocab: int, n: int, seed: int = 0) -> np.ndarray:
 
 
 def orion_side(model_dir: Path, prompt_tokens: int, new_tokens: int, backend: str, accumulator: str | None,
-               target: str = "default"):
+               target: str = "default", head: str = "cpu"):
     """Load and warm up Orion; returns its description and a function that runs one measured repetition."""
     from orion.models import load
     from orion.runtime.cache import ProgramCache, os_build
 
     t0 = time.perf_counter()
-    model = load(str(model_dir), backend=backend, target=target, accumulator=accumulator, cache=ProgramCache(None))
+    model = load(str(model_dir), backend=backend, target=target, accumulator=accumulator, cache=ProgramCache(None),
+                 head=head)
     load_s = time.perf_counter() - t0
     ids = _prompt(model.config.vocab_size, prompt_tokens)
     t1 = time.perf_counter()
@@ -67,21 +69,22 @@ def orion_side(model_dir: Path, prompt_tokens: int, new_tokens: int, backend: st
         "backend": model.stats.backend,
         "accumulator": getattr(getattr(model.backend, "numerics", None), "accumulator", None),
         "load_s": load_s, "first_prefill_s": first_prefill_s,
-        "dispatches_per_token": model.stats.dispatches_per_token, "blocks_per_program": model.group,
+        "dispatches_per_token": model.stats.dispatches_per_token, "blocks_per_program": model.group, "head": head,
     }
     return info, repetition
 
 
 def transformers_side(model_dir: Path, prompt_tokens: int, new_tokens: int):
-    """Load and warm up transformers' GPT2LMHeadModel; its description and one measured repetition."""
+    """Load and warm up the folder's model in transformers (float32); its description and one measured
+    repetition."""
     try:
         import torch
-        from transformers import GPT2LMHeadModel
+        from transformers import AutoModelForCausalLM
     except ImportError as exc:
         raise OrionError(f"the transformers reference needs torch and transformers ({exc}); "
                          "install the test extra: pip install -e '.[test]'") from None
     t0 = time.perf_counter()
-    model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0
     ids = torch.tensor(_prompt(model.config.vocab_size, prompt_tokens))[None]
 
@@ -145,6 +148,76 @@ def random_gpt2_state(n_layer: int = 12, n_embd: int = 768, vocab_size: int = 50
     return config, state
 
 
+#: Real sizes of the Llama-family checkpoints people run on the ANE, as config.json settings: random weights of
+#: these sizes stand in when no checkpoint is at hand. "tiny" is for tests.
+LLAMA_PRESETS = {
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=8192),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, rope_theta=1e6,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768),
+    "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=1e6,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=40960),
+    "llama3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                        max_position_embeddings=131072,
+                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "tinyllama-1.1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, rope_theta=10000.0,
+                           rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=2048),
+    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, rope_theta=10000.0, rms_norm_eps=1e-6,
+                 tie_word_embeddings=True, max_position_embeddings=256),
+}
+
+
+def make_random_llama(folder: Path, preset: str, seed: int = 0) -> Path:
+    """A Llama-family model of a :data:`LLAMA_PRESETS` size with random weights, biases and norms, saved as
+    safetensors in Hugging Face layout (needs torch + transformers)."""
+    if preset not in LLAMA_PRESETS:
+        raise OrionError(f"no preset {preset!r}; presets: {', '.join(LLAMA_PRESETS)}")
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as exc:
+        raise OrionError(f"making random weights needs torch and transformers ({exc}); install the test extra, or "
+                         "pass --model with a local folder") from None
+    settings = dict(LLAMA_PRESETS[preset])
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    model = randomize_biases_and_norms(AutoModelForCausalLM.from_config(config), seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def random_llama(preset: str | dict, seed: int = 0, weight_scale: float = 1.0):
+    """(LlamaConfig, Orion-named weights) of a :data:`LLAMA_PRESETS` size (or of config.json ``settings`` given as a
+    dict) with random weights, biases and norm gains, in numpy (no torch): enough for the cost model, which charges
+    sizes, and for tests that need no reference. ``weight_scale`` scales the matrices (logits far apart)."""
+    from orion.models.llama import config_from_hf, layer_shapes
+
+    if isinstance(preset, str) and preset not in LLAMA_PRESETS:
+        raise OrionError(f"no preset {preset!r}; presets: {', '.join(LLAMA_PRESETS)}")
+    config = config_from_hf(LLAMA_PRESETS[preset] if isinstance(preset, str) else preset)
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02 * (weight_scale if len(shape) == 2
+                                                                                  else 1.0))
+
+    weights = {"tok_embeddings": w(config.vocab_size, config.dim), "norm": 1 + w(config.dim) * 10}
+    for i in range(config.n_layers):
+        for name, shape in layer_shapes(config).items():
+            weights[f"layers.{i}.{name}"] = 1 + w(*shape) * 10 if name.endswith("norm") else w(*shape)
+    if not config.tie_embeddings:
+        weights["output"] = w(config.vocab_size, config.dim)
+    return config, weights
+
+
 def randomize_biases_and_norms(model, seed: int = 0, norm_std: float = 0.2):
     """``model`` (a torch module, changed in place and returned) with random non-zero biases and norms: a layer's
     bias from N(0, std of its weight), a norm's gain from 1 + N(0, norm_std) and its offset from N(0, norm_std).
@@ -176,11 +249,11 @@ class _Side:
     """A benchmark side in its own process (so its peak memory is its own), loaded once, then asked for one
     repetition at a time."""
 
-    def __init__(self, side: str, model_dir: Path, args, log):
+    def __init__(self, side: str, model_dir: Path, args, log, head: str = "cpu"):
         cmd = [sys.executable, "-m", "orion.models.bench", "--side", side, "--model", str(model_dir),
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-               "--backend", args.backend, "--target", args.target] + (["--exact-numerics"] if args.exact_numerics
-                                                                                   else [])
+               "--backend", args.backend, "--target", args.target, "--head", head] + (
+                   ["--exact-numerics"] if args.exact_numerics else [])
         env = dict(os.environ)
         if args.threads:  # read by OpenBLAS, MKL and torch's OpenMP when they start
             env.update({name: str(args.threads) for name in THREAD_VARIABLES})
@@ -260,10 +333,35 @@ def paired_ratio(what: str, ours: Sequence[float], reference: Sequence[float]) -
 def bench_gpt2(model: str | None, backend: str, reference: str | None, prompt_tokens: int, new_tokens: int,
                exact_numerics: bool = False, target: str = "default", repeats: int = 5,
                threads: int | None = None) -> dict:
-    """Orion (and the reference) on the same weights, repetitions interleaved; medians, their spread, and for
-    each ratio the median of the per-pair ratios with a warning when those spread wider than
-    :data:`TRUSTED_SPREAD`. ``threads`` caps both sides' BLAS/OpenMP threads (default: theirs, one per core); on a
-    busy machine, threads that wait for each other's cores make the spread far wider than one thread each does."""
+    """Orion's GPT-2 (and the reference) on the same weights (random 124M ones without ``model``): see
+    :func:`bench`."""
+    return bench(model, lambda folder: make_random_gpt2(folder), "random GPT-2 124M", ("cpu",), backend, reference,
+                 prompt_tokens, new_tokens, exact_numerics, target, repeats, threads)
+
+
+def bench_llama(model: str | None, preset: str, backend: str, reference: str | None, prompt_tokens: int,
+                new_tokens: int, heads: tuple[str, ...] = ("cpu", "ane"), exact_numerics: bool = False,
+                target: str = "default", repeats: int = 5, threads: int | None = None) -> dict:
+    """A Llama-family model (random weights of ``preset``'s size without ``model``) with its classifier at each of
+    ``heads`` (``orion``: the first, ``orion_{head}_head`` the others; ``faster_head`` says which decodes faster),
+    and the reference, on the same weights: see :func:`bench`."""
+    if preset not in LLAMA_PRESETS:
+        raise OrionError(f"no preset {preset!r}; presets: {', '.join(LLAMA_PRESETS)}")
+    report = bench(model, lambda folder: make_random_llama(folder, preset), f"random {preset}", heads, backend,
+                   reference, prompt_tokens, new_tokens, exact_numerics, target, repeats, threads)
+    speeds = {h: report["orion" if i == 0 else f"orion_{h}_head"]["decode_tok_s"] for i, h in enumerate(heads)}
+    report["faster_head"] = max(speeds, key=speeds.get)
+    return report
+
+
+def bench(model: str | None, make_random, label: str, heads: tuple[str, ...], backend: str, reference: str | None,
+          prompt_tokens: int, new_tokens: int, exact_numerics: bool = False, target: str = "default",
+          repeats: int = 5, threads: int | None = None) -> dict:
+    """Orion (once per classifier place in ``heads``) and the reference on the same weights (``model``, or a folder
+    ``make_random(folder)`` fills), repetitions interleaved; medians, their spread, and for each ratio the median
+    of the per-pair ratios with a warning when those spread wider than :data:`TRUSTED_SPREAD`. ``threads`` caps
+    every side's BLAS/OpenMP threads (default: theirs, one per core); on a busy machine, threads that wait for each
+    other's cores make the spread far wider than one thread each does."""
     from orion.compiler.targets import get_target
     from orion.runtime.program import get_backend
 
@@ -275,14 +373,16 @@ def bench_gpt2(model: str | None, backend: str, reference: str | None, prompt_to
     # runs on exactly the backend resolved here (its report names the one that ran)
     args = argparse.Namespace(prompt_tokens=prompt_tokens, new_tokens=new_tokens, exact_numerics=exact_numerics,
                               backend=get_backend(backend, get_target(target)).name, target=target, threads=threads)
-    names = ["orion"] + (["transformers"] if reference == "transformers" else [])
-    with tempfile.TemporaryDirectory(prefix="orion-bench-gpt2-") as tmp:
-        folder = Path(model) if model else make_random_gpt2(Path(tmp) / "gpt2-random")
+    names = ["orion"] + [f"orion_{h}_head" for h in heads[1:]]
+    sides_spec = [("orion", h) for h in heads] + ([("transformers", "cpu")] if reference == "transformers" else [])
+    names += ["reference"] if reference == "transformers" else []
+    with tempfile.TemporaryDirectory(prefix="orion-bench-") as tmp:
+        folder = Path(model) if model else make_random(Path(tmp) / "random")
         sides: list[_Side] = []
         logs = [open(Path(tmp) / f"{name}.log", "w+") for name in names]  # each side's stderr, for its failure
         try:
-            for name, log in zip(names, logs):  # loaded one after the other, so neither load slows the other
-                sides.append(_Side(name, folder, args, log))
+            for (side, head), log in zip(sides_spec, logs):  # loaded one after the other: no load slows another
+                sides.append(_Side(side, folder, args, log, head))
             reps = interleave([side.repetition for side in sides], repeats)
             finals = [side.finish() for side in sides]
         finally:
@@ -291,12 +391,13 @@ def bench_gpt2(model: str | None, backend: str, reference: str | None, prompt_to
             for log in logs:
                 log.close()
     orion = _summary(finals[0], reps[0])
-    report = {"model": model or "random GPT-2 124M", "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+    report = {"model": model or label, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
               **{key: orion.pop(key) for key in ("target", "chip", "os_build")},
               "repeats": repeats, "threads": threads, "orion": orion, "warnings": []}
+    for i, name in enumerate(names[1:], start=1):
+        report[name] = _summary(finals[i], reps[i])
     if reference == "transformers":
-        report["reference"] = _summary(finals[1], reps[1])
-        report["ratios"], report["warnings"] = ratios(reps[0], reps[1])
+        report["ratios"], report["warnings"] = ratios(reps[0], reps[-1])
     return report
 
 
@@ -314,8 +415,8 @@ def ratios(orion: list[dict], reference: list[dict]) -> tuple[dict, list[str]]:
 def flatten(report: dict) -> dict:
     """``{"orion": {"decode_tok_s": ..}}`` -> ``{"orion.decode_tok_s": ..}`` plus the nested form."""
     flat = dict(report)
-    for side in ("orion", "reference", "ratios"):
-        for key, value in report.get(side, {}).items():
+    for side in [k for k, v in report.items() if isinstance(v, dict)]:
+        for key, value in report[side].items():
             flat[f"{side}.{key}"] = value
     return flat
 
@@ -329,11 +430,12 @@ def main(argv=None) -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--target", default="default")
     parser.add_argument("--exact-numerics", action="store_true")
+    parser.add_argument("--head", choices=["cpu", "ane"], default="cpu")
     args = parser.parse_args(argv)
     os.environ.setdefault("ORION_CACHE", "off")
     if args.side == "orion":
         info, repetition = orion_side(args.model, args.prompt_tokens, args.new_tokens, args.backend,
-                                      None if args.exact_numerics else "fp32", args.target)
+                                      None if args.exact_numerics else "fp32", args.target, args.head)
     else:
         info, repetition = transformers_side(args.model, args.prompt_tokens, args.new_tokens)
     print(MARK + json.dumps(info), flush=True)

@@ -22,9 +22,7 @@ Design (docs/gpt2.md has the reasoning and the numbers):
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, replace
-from typing import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,8 +33,8 @@ from orion.ir.builder import MASK_VALUE, GraphBuilder
 from orion.lora import Adapter, AdapterSpec, LoraLayout
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
-from orion.models.lm import AdapterHost, DecodeSession, GenerationStats, TextGenerator, check_token_ids
-from orion.runtime.program import Program, backends_that_ran, get_backend
+from orion.models.lm import CachedDecoder, check_token_ids
+from orion.runtime.program import get_backend
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
 #: Weight constants one block needs once LayerNorms are folded: c_attn, attn c_proj, c_fc, mlp c_proj (w and b).
@@ -303,7 +301,7 @@ def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) 
     return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
-class GPT2(AdapterHost, TextGenerator):
+class GPT2(CachedDecoder):
     """``model = GPT2(config, state, tokenizer)``; ``model.logits(ids)``; ``model.generate(prompt)``;
     ``model.load_adapter(path, name)`` and ``model.set_adapter(name)`` for LoRA adapters."""
 
@@ -322,10 +320,9 @@ class GPT2(AdapterHost, TextGenerator):
         self.group = blocks_per_program(self.target, config.n_layer)
         self.cache = cache
         self.budget = budget
-        self._programs: dict[tuple[str, int], list[Program]] = {}
-        self.stats = GenerationStats()
+        self.context = config.n_positions
         self.adapter_spec = adapter_spec(config)
-        self._init_adapters()
+        self._init_programs()
 
     # -- programs -----------------------------------------------------------------------------------------------
 
@@ -336,78 +333,26 @@ class GPT2(AdapterHost, TextGenerator):
         """The blocks of the program that starts at block ``first``."""
         return range(first, min(first + self.group, self.config.n_layer))
 
-    def programs(self, kind: str, size: int) -> list[Program]:
-        """The programs for one phase and size, compiled (or taken from the cache) on first use."""
-        key = (kind, size)
-        if key not in self._programs:
-            programs = []
-            for first in self._groups():
-                blocks = self.blocks[first:first + self.group]
-                graph = self._graph(kind, size, first)
-                adapter_inputs = ({} if self.lora is None else
-                                  lora_inputs(self._current_adapter(), self.lora, blocks, first, self.config))
-                program = Program.from_graph(graph, backend=self.backend, target=self.target, cache=self.cache,
-                                             budget=self.budget, weights_as_inputs=adapter_inputs,
-                                             weights=self._compression(first))
-                program.update_weights(adapter_inputs)
-                program.load()
-                self.stats.compiles += program.compiles
-                self.stats.cache_hits += program.cache_hits
-                programs.append(program)
-            self._programs[key] = programs
-        return self._programs[key]
+    def _block_pattern(self, layer: int) -> str:
+        return f"h{layer}_*"
 
     def _graph(self, kind: str, size: int, first: int):
         blocks = self.blocks[first:first + self.group]
         return (prefill_graph(blocks, first, self.config, size, self.lora) if kind == "prefill" else
                 decode_graph(blocks, first, self.config, size, self.lora, target=self.target))
 
-    def step_programs(self, phase: str, tokens: int) -> list:
-        from orion.compiler.compile import compile_graph
+    def _head_graphs(self) -> list:
+        return []  # the classifier runs on the CPU (host_bytes)
 
-        if phase not in ("prefill", "decode"):
-            raise BindingError(f"phase must be prefill or decode, got {phase!r}")
-        size = bucket_for(min(tokens, self.config.n_positions))
-        return [compile_graph(self._graph(phase, size, first), self.target,
-                              weights=self._compression(first)).module.program for first in self._groups()]
+    def _adapter_inputs(self, adapter: Adapter | None, first: int) -> dict[str, np.ndarray]:
+        return lora_inputs(adapter, self.lora, self.blocks[first:first + self.group], first, self.config)
 
     def host_bytes(self, phase: str) -> int:
         """Embedding rows are few; the tied classifier (float32, on the CPU) is read whole for each token's
         logits: once per decode step, and once for a prefill (only its last position is scored)."""
         return self.wte.nbytes
 
-    def _compression(self, first: int) -> WeightCompression | None:
-        """The weight compression of the program starting at block ``first``: its kept blocks' weights (named
-        ``h{i}_...``) stay fp16."""
-        spec = self.quantize
-        if spec is None:
-            return None
-        kept = tuple(f"h{i}_*" for i in self._layers(first) if spec.keeps_block(i, self.config.n_layer))
-        return replace(spec, keep=spec.keep + kept)
-
-    def close(self) -> None:
-        for programs in self._programs.values():
-            for p in programs:
-                p.close()
-        self._programs.clear()
-
-    def _use_layout(self, layout: LoraLayout) -> None:
-        self.close()
-
-    def _write_adapter(self, adapter: Adapter | None) -> None:
-        if not self._programs:
-            return
-        values = [lora_inputs(adapter, self.lora, self.blocks[first:first + self.group], first, self.config)
-                  for first in self._groups()]
-        for programs in self._programs.values():
-            for program, inputs in zip(programs, values):
-                program.update_weights(inputs)
-
     # -- forward ------------------------------------------------------------------------------------------------
-
-    @property
-    def context_length(self) -> int:
-        return self.config.n_positions
 
     def _check_ids(self, ids) -> np.ndarray:
         return check_token_ids(ids, self.config.vocab_size, self.config.n_positions)
@@ -440,121 +385,13 @@ class GPT2(AdapterHost, TextGenerator):
         hidden, _, _ = self._prefill(ids)
         return self._head(hidden)
 
-    # -- generation ---------------------------------------------------------------------------------------------
+    # -- decode (CachedDecoder.generate_ids and its sessions) ---------------------------------------------------
 
-    def generate_ids(self, ids, max_tokens: int = 64, sampler=None, stop_ids=()) -> Iterator[int]:
-        """Yield new token ids: prefill, then one decode step per token with the KV cache in the programs."""
-        if sampler is None:
-            from orion.models.sampling import Sampler
+    #: The cache tensors of a block (names by :func:`kv_name`).
+    cache_parts = ("k", "v")
 
-            sampler = Sampler(temperature=0.0)
-        ids = self._check_ids(ids)
-        if max_tokens < 0:
-            raise BindingError(f"max_tokens must be >= 0, got {max_tokens}")
-        stats = self.stats = GenerationStats(prompt_tokens=ids.size)
-        before = self._count()
-        t0 = time.perf_counter()
-        hidden, kv, _ = self._prefill(ids)
-        token = sampler.sample(self._head(hidden[-1:])[0])
-        stats.prefill_seconds = time.perf_counter() - t0
-        stats.backend = backends_that_ran(self._all_programs())
-        if max_tokens == 0:
-            return
-        session = self._session(kv, ids.size, max_tokens)
-        stats.dispatches_per_token = len(session.programs)
-        decode_start = time.perf_counter()
-        try:
-            for _ in range(max_tokens):
-                stats.new_tokens += 1
-                yield int(token)
-                if int(token) in stop_ids or session.length >= session.end or stats.new_tokens == max_tokens:
-                    break
-                token = sampler.sample(session.step(int(token)))
-                stats.decode_steps += 1
-        finally:
-            stats.decode_seconds = time.perf_counter() - decode_start
-            after = self._count()
-            stats.compiles, stats.cache_hits = after[0] - before[0], after[1] - before[1]
-            stats.backend = backends_that_ran(self._all_programs())
+    def _new_mask(self, columns: int) -> np.ndarray:
+        return causal_mask(columns)
 
-    def start(self, ids, max_tokens: int) -> tuple["GPT2Session", np.ndarray]:
-        """Prefill ``ids`` into a decode session with room for ``max_tokens`` more tokens (within the model's
-        context); returns it and the logits after the prompt."""
-        ids = self._check_ids(ids)
-        hidden, kv, _ = self._prefill(ids)
-        return self._session(kv, ids.size, max_tokens), self._head(hidden[-1:])[0]
-
-    def _session(self, kv: dict[str, np.ndarray], length: int, max_tokens: int) -> "GPT2Session":
-        end = min(length + max_tokens, self.config.n_positions)
-        return GPT2Session(self, self.programs("decode", bucket_for(end)), kv, length, end)
-
-    def _all_programs(self) -> list[Program]:
-        return [p for ps in self._programs.values() for p in ps]
-
-    def _count(self) -> tuple[int, int]:
-        programs = self._all_programs()
-        return sum(p.compiles for p in programs), sum(p.cache_hits for p in programs)
-
-
-class GPT2Session(DecodeSession):
-    """One sequence in GPT-2's decode programs: the KV cache lives in their input surfaces; ``feed`` writes up to
-    :func:`decode_io` columns of tokens, evaluates each program once and keeps the new keys and values in the
-    programs' outputs until ``commit`` copies the first ones into the cache (``rollback`` masks positions out)."""
-
-    def __init__(self, model: GPT2, programs: list[Program], kv: dict[str, np.ndarray], length: int, end: int):
-        self.model, self.programs = model, programs
-        self.columns = decode_io(model.target)[1]
-        self.capacity = programs[0].input_tensor("mask").shape[-1]
-        self.end = end  # the last position generation may reach (the model's context bounds it)
-        self.length = length
-        self.pending = 0
-        for first, program in zip(model._groups(), programs):
-            for i in model._layers(first):
-                for kind in "kv":
-                    with program.input_tensor(kv_name(kind, i, "cache")).view() as cache:
-                        cache[...] = 0
-                        cache[0, :, 0, :length] = kv[kv_name(kind, i, "prefill")]
-            with program.input_tensor("mask").view() as mask:
-                mask[...] = MASK_VALUE
-                mask[..., :length] = 0
-            with program.input_tensor("mask_new").view() as mask:
-                mask[...] = causal_mask(self.columns)
-            with program.input_tensor("x").view() as x:
-                x[...] = 0
-
-    def feed(self, tokens) -> np.ndarray:
-        tokens = self._check_feed(tokens)
-        n = tokens.size
-        x = self.model._embed(tokens, self.length)  # [n, d]
-        for program in self.programs:
-            with program.input_tensor("x").view() as xin:
-                xin[0, :, 0, :n] = x.T
-            program.evaluate()
-            with program.output_tensor("y").view(read_only=True) as y:
-                x = y[0, :, 0, :n].T.astype(np.float32)
-        self.pending = n
-        return self.model._head(x)
-
-    def commit(self, n: int) -> None:
-        if not 0 <= n <= self.pending:
-            raise BindingError(f"cannot commit {n} positions: the last feed left {self.pending}")
-        at = slice(self.length, self.length + n)
-        for first, program in zip(self.model._groups(), self.programs):
-            for i in self.model._layers(first):
-                for kind in "kv":  # the first n columns of the new k/v go into the cache at their positions
-                    with program.output_tensor(kv_name(kind, i, "new")).view(read_only=True) as new, \
-                            program.input_tensor(kv_name(kind, i, "cache")).view() as cache:
-                        cache[0, :, 0, at] = new[0, :, 0, :n]
-            with program.input_tensor("mask").view() as mask:
-                mask[..., at] = 0
-        self.length += n
-        self.pending = 0
-
-    def rollback(self, length: int) -> None:
-        if not 0 < length <= self.length:
-            raise BindingError(f"cannot roll back to {length} positions: the cache holds {self.length}")
-        for program in self.programs:
-            with program.input_tensor("mask").view() as mask:
-                mask[..., length:] = MASK_VALUE
-        self.length = length
-        self.pending = 0
+    def _decode_inputs(self, tokens: np.ndarray, start: int, columns: int) -> tuple[np.ndarray, dict]:
+        return self._embed(tokens, start), {}

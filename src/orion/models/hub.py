@@ -349,6 +349,8 @@ class Tokenizer:
     def __init__(self, inner: tokenizers.Tokenizer, *, eos_id: int | None = None):
         self.inner = inner
         self.eos_id = eos_id
+        self.chat_template: str | None = None  # tokenizer_config.json's (or chat_template.jinja), for chat()
+        self.special_tokens: dict[str, str] = {}  # bos_token, eos_token, ... as the template names them
 
     @classmethod
     def from_dir(cls, model_dir: PathLike) -> Tokenizer:
@@ -365,7 +367,22 @@ class Tokenizer:
             raise OrionError(f"{folder} has no tokenizer: expected tokenizer.json, vocab.json + merges.txt, or a "
                              "SentencePiece tokenizer.model")
         tokenizer.eos_id = _find_eos_id(folder, tokenizer)
+        tokenizer.chat_template = _read_chat_template(folder)
+        config = _optional_json(folder / "tokenizer_config.json")
+        tokenizer.special_tokens = {key: token for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+                                    if (token := _token_content(config.get(key))) is not None}
         return tokenizer
+
+    def chat(self, messages: str | list[dict], add_generation_prompt: bool = True) -> str:
+        """The model's prompt for a conversation (a user message, or ``[{"role": ..., "content": ...}, ...]``) as
+        its chat template formats it; encode it with ``add_special_tokens=False`` (the template writes them)."""
+        if self.chat_template is None:
+            raise OrionError("this tokenizer has no chat template (tokenizer_config.json's chat_template or "
+                             "chat_template.jinja)")
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    **self.special_tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -379,10 +396,11 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.inner.id_to_token(token_id)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``. Special tokens are added only if the tokenizer's own template adds them (GPT-2
-        style byte-level BPE adds none; a Llama-style tokenizer.json adds its BOS as the model was trained)."""
-        return list(self.inner.encode(text).ids)
+        style byte-level BPE adds none; a Llama-style tokenizer.json adds its BOS as the model was trained) and
+        ``add_special_tokens``."""
+        return list(self.inner.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``, special tokens included as text, so ``decode(encode(t)) == t`` for GPT-2 style."""
@@ -430,7 +448,7 @@ class _SentencePieceTokenizer(Tokenizer):
     def id_to_token(self, token_id: int) -> str | None:
         return self.inner.id_to_piece(token_id) if 0 <= token_id < self.vocab_size else None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.inner.encode(text))
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -459,6 +477,41 @@ def _byte_level_bpe(folder: Path) -> tokenizers.Tokenizer:
     special = [t for t in _declared_special_tokens(folder, inner.id_to_token) if inner.token_to_id(t) is not None]
     inner.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in special])
     return inner
+
+
+def _read_chat_template(folder: Path) -> str | None:
+    """chat_template.jinja, else tokenizer_config.json's chat_template: a string, or named templates of which
+    "default" is the one a plain chat uses."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = _optional_json(folder / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
+                         **special_tokens: str) -> str:
+    """Render a Hugging Face chat template with jinja2 in a sandbox (a template is code from the download), with
+    the names templates use: ``messages``, ``add_generation_prompt``, the special tokens, ``raise_exception``."""
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise OrionError("chat templates need jinja2: pip install 'orion-ane[chat]'") from None
+    from datetime import datetime
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **special_tokens)
+    except TemplateError as exc:
+        raise OrionError(f"the chat template failed: {exc}") from None
 
 
 def _token_content(value: object) -> str | None:

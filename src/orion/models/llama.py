@@ -22,16 +22,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from orion.compiler.passes import WeightCompression
 from orion.errors import OrionError
 from orion.ir.builder import GraphBuilder
 from orion.ir.graph import Value
 from orion.lora import Adapter, AdapterSpec, LoraLayout
-from orion.models.lm import AdapterHost, GenerationStats, TextGenerator, check_token_ids
+from orion.models.lm import CachedDecoder, check_token_ids
 
 
 @dataclass(frozen=True)
 class LlamaConfig:
+    """One Llama-style decoder; the Hugging Face families (Llama, Mistral, Qwen2, Qwen3) are settings of it."""
+
     dim: int
     n_layers: int
     n_heads: int
@@ -41,17 +42,76 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    n_kv_heads: int = 0  # grouped-query attention: heads of k and v (0: n_heads)
+    head_dim: int = 0  # 0: dim // n_heads (Qwen3 sets its own)
+    qkv_bias: bool = False  # biases on q, k, v (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # a bias on the output projection (Llama's attention_bias)
+    qk_norm: bool = False  # RMSNorm of every q and k head before RoPE (Qwen3)
+    rope_scaling: tuple = ()  # config.json's rope_scaling as sorted (key, value) pairs
 
     def __post_init__(self):
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise OrionError(f"dim {self.dim} must split into {self.n_heads} heads of even size")
+        if not self.head_dim:
+            if self.dim % self.n_heads:
+                raise OrionError(f"dim {self.dim} does not split into {self.n_heads} heads; give head_dim")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        object.__setattr__(self, "n_kv_heads", self.n_kv_heads or self.n_heads)
+        object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), _frozen(v))
+                                                              for k, v in dict(self.rope_scaling).items())))
+        if self.head_dim % 2:
+            raise OrionError(f"head_dim {self.head_dim} must be even (rotary embeddings pair its halves)")
+        if self.n_heads % self.n_kv_heads:
+            raise OrionError(f"num_key_value_heads {self.n_kv_heads} does not divide num_attention_heads "
+                             f"{self.n_heads}")
+        rope_frequencies(self)  # refuses a rope_scaling it cannot compute, naming the field
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def groups(self) -> int:
+        """Query heads per k/v head."""
+        return self.n_heads // self.n_kv_heads
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON: rope_scaling as the object config.json writes."""
+        scaling = {k: list(v) if isinstance(v, tuple) else v for k, v in self.rope_scaling}
+        return {**asdict(self), "rope_scaling": scaling}
+
+    def check_trainable(self) -> None:
+        """Training programs are the plain layout: refuse the inference-only settings, naming the first."""
+        plain = {"n_kv_heads": self.n_heads, "head_dim": self.dim // self.n_heads, "qkv_bias": False,
+                 "o_bias": False, "qk_norm": False, "rope_scaling": ()}
+        for name, value in plain.items():
+            if getattr(self, name) != value:
+                raise OrionError(f"training runs the plain Llama layout; {name}={getattr(self, name)!r} is for "
+                                 "inference only")
+
+
+def _frozen(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+    """The rotary inverse frequencies ``[hd/2]`` (float64), with config.json's ``rope_scaling`` applied: none,
+    ``linear`` or ``llama3`` (Llama 3.1/3.2). Another type is refused naming the field."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / config.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / config.head_dim)
+    scaling = dict(config.rope_scaling)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    try:
+        factor = float(scaling["factor"])
+        if kind == "linear":
+            return inv_freq / factor
+        if kind == "llama3":
+            low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+            old = float(scaling["original_max_position_embeddings"])
+            wavelength = 2 * np.pi / inv_freq
+            smooth = (old / wavelength - low) / (high - low)
+            scaled = np.where(wavelength > old / low, inv_freq / factor, inv_freq)
+            medium = (wavelength >= old / high) & (wavelength <= old / low)
+            return np.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    except KeyError as exc:
+        raise OrionError(f"rope_scaling of type {kind!r} lacks {exc.args[0]!r}") from None
+    raise OrionError(f"rope_scaling.rope_type {kind!r} is not supported (Orion runs default, linear and llama3)")
 
 
 PRESETS = {
@@ -89,11 +149,10 @@ def init_weights(config: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return w
 
 
-def rope_tables(config: LlamaConfig, seq: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin ``[1, 1, hd/2, S]`` for positions 0..S-1 (Hugging Face's rotate_half convention)."""
+def rope_tables(config: LlamaConfig, seq: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin ``[1, 1, hd/2, S]`` for positions start..start+S-1 (Hugging Face's rotate_half convention)."""
     half = config.head_dim // 2
-    inv_freq = 1.0 / config.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / config.head_dim)
-    angles = np.outer(inv_freq, np.arange(seq, dtype=np.float64))  # [hd/2, S]
+    angles = np.outer(rope_frequencies(config), np.arange(start, start + seq, dtype=np.float64))  # [hd/2, S]
     return (np.cos(angles).reshape(1, 1, half, seq).astype(np.float32),
             np.sin(angles).reshape(1, 1, half, seq).astype(np.float32))
 
@@ -148,8 +207,9 @@ _HALVED = ("q", "k")
 
 def adapter_spec(config: LlamaConfig) -> AdapterSpec:
     d, f = config.dim, config.hidden_dim
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
     return AdapterSpec("llama", "model.layers", LORA_MODULES,
-                       {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "gate": (d, f), "up": (d, f),
+                       {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f),
                         "down": (f, d)}, config.n_layers, default_targets=("q", "v"),
                        aliases={"attn": ("q", "k", "v", "o"), "ffn": ("gate", "up", "down"),
                                 "mlp": ("gate", "up", "down")})
@@ -200,23 +260,16 @@ def lora_gradients(adapter: Adapter, layer: int, config: LlamaConfig, taps: dict
 
 
 class _Block:
-    """Builds one block's programs; inputs are declared as they are first used. With ``baked`` (one layer's
-    :func:`layer_inputs`) the weights are constants named after ``layer`` instead of inputs, and each linear layer
-    is a 1x1 conv: an inference program. The graph functions name values by scope (``with builder.scope("ffn")``),
-    the ops inside take their default names."""
+    """Builds one block's training programs (every weight an input); inputs are declared as they are first used.
+    The graph functions name values by scope (``with builder.scope("ffn")``), the ops inside take their default
+    names."""
 
-    def __init__(self, name: str, config: LlamaConfig, seq: int, lora: LoraLayout | None = None,
-                 baked: dict[str, np.ndarray] | None = None, layer: int = 0):
+    def __init__(self, name: str, config: LlamaConfig, seq: int, lora: LoraLayout | None = None):
+        config.check_trainable()
         self.builder = GraphBuilder(name)
         self.config = config
         self.seq = seq
         self.lora = lora
-        # Baked weights are made here, outside any scope, so that each keeps its name (its weight file's), distinct
-        # per layer (each layer's program is its own compile); in conv form: gains [1, d, 1, 1], matrices [O, I, 1, 1].
-        self.consts = None if baked is None else {
-            name: self.builder.weight(f"l{layer:02d}_{name}", w.reshape(1, -1, 1, 1) if name.startswith("g_")
-                                      else w.reshape(*w.shape[2:], 1, 1))
-            for name, w in baked.items()}
         self._down: dict[str, Value] = {}
 
     def adapts(self, target: str) -> bool:
@@ -251,24 +304,17 @@ class _Block:
             return b.add(dx, b.reshape(back, shape=[1, dx.shape[1], 1, self.seq]))
 
     def weight(self, name: str, rows: int, cols: int) -> Value:
-        """A linear layer's weight: an input ``[1, 1, rows, cols]``, or the baked constant."""
-        if self.consts is not None:
-            return self.consts[name]
+        """A linear layer's weight: an input ``[1, 1, rows, cols]``."""
         return self.builder.input(name, (1, 1, rows, cols))
 
     def gain(self, name: str) -> Value:
-        """A norm's gain as ``[1, d, 1, 1]``: the baked constant, or an input row ``[1, 1, 1, d]`` reshaped."""
-        if self.consts is not None:
-            return self.consts[name]
+        """A norm's gain as ``[1, d, 1, 1]``: an input row ``[1, 1, 1, d]`` reshaped."""
         d = self.config.dim
         return self.builder.reshape(self.builder.input(name, (1, 1, 1, d)), shape=[1, d, 1, 1])
 
     def linear(self, x: Value, w: Value, transpose: bool = False) -> Value:
-        """``W x`` (or ``W^T x``) for ``x [1, I, 1, S]`` and an input weight ``[1, 1, O, I]`` (a baked ``[O, I, 1,
-        1]`` weight: a 1x1 conv)."""
+        """``W x`` (or ``W^T x``) for ``x [1, I, 1, S]`` and an input weight ``[1, 1, O, I]``."""
         b = self.builder
-        if self.consts is not None:
-            return b.conv(x=x, weight=w)
         rows = b.reshape(x, shape=[1, 1, x.shape[1], self.seq])
         out = b.matmul(w, rows, transpose_x=transpose, transpose_y=False)
         return b.reshape(out, shape=[1, out.shape[2], 1, self.seq])
@@ -287,18 +333,10 @@ class _Block:
         return self.builder.reshape(t, shape=[1, t.shape[1] * t.shape[2], 1, self.seq])
 
     def rotate(self, a: Value, c: Value, cos: Value, sin: Value, inverse: bool = False) -> tuple[Value, Value]:
-        """Rotary embedding of the two halves of every head: ``(a cos - c sin, c cos + a sin)``; ``inverse`` turns
-        the other way, ``(a cos + c sin, c cos - a sin)`` (the transpose: how a gradient goes back)."""
-        b = self.builder
-        first, second = (b.add, b.sub) if inverse else (b.sub, b.add)
-        return first(b.mul(a, cos), b.mul(c, sin)), second(b.mul(c, cos), b.mul(a, sin))
+        return rotate(self.builder, a, c, cos, sin, inverse)
 
     def rms(self, x: Value) -> tuple[Value, Value]:
-        """``x_hat = x * r`` with ``r = (mean(x^2) + eps)^-1/2`` over channels; returns (x_hat, r)."""
-        b = self.builder
-        mean_square = b.reduce_mean(b.mul(x, x), axes=[1], keep_dims=True)
-        r = b.pow(b.add(mean_square, self.config.norm_eps), -0.5)
-        return b.mul(x, r), r
+        return rms(self.builder, x, self.config.norm_eps)
 
     def rms_backward(self, d_hat: Value, x_hat: Value, r: Value) -> Value:
         """``dx = r * (d_hat - x_hat * mean(x_hat * d_hat))``."""
@@ -307,12 +345,10 @@ class _Block:
         return b.mul(r, b.sub(d_hat, b.mul(x_hat, m)))
 
 
-def forward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None,
-                  baked: dict[str, np.ndarray] | None = None, layer: int = 0):
+def forward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None):
     """One block forward. Inputs: x, cos, sin, mask, the weights (and ``lora``'s adapter inputs). Outputs: y and the
-    backward pass's taps. With ``baked`` (layer ``layer``'s :func:`layer_inputs`): the weights are constants and y
-    is the only output, for inference."""
-    blk = _Block(f"llama_fwd{seq}", config, seq, lora, baked, layer)
+    backward pass's taps."""
+    blk = _Block(f"llama_fwd{seq}", config, seq, lora)
     b, d, f, half = blk.builder, config.dim, config.hidden_dim, config.dim // 2
     x = b.input("x", (1, d, 1, seq))
     cos = b.input("cos", (1, 1, config.head_dim // 2, seq))
@@ -349,7 +385,7 @@ def forward_graph(config: LlamaConfig, seq: int, lora: LoraLayout | None = None,
     taps = {"y": y, "t_xhat1": x_hat1, "t_r1": r1, "t_n1": n1, "t_qr1": qr1, "t_qr2": qr2, "t_kr1": kr1,
             "t_kr2": kr2, "t_v": v, "t_p": p, "t_o": o, "t_xhat2": x_hat2, "t_r2": r2, "t_n2": n2, "t_a": a,
             "t_u": u, "t_g": g}
-    for name, value in (taps if baked is None else {"y": y}).items():
+    for name, value in taps.items():
         b.output(name, value)
     return b.graph
 
@@ -441,37 +477,28 @@ def weight_gradients(layer: int, config: LlamaConfig, taps: dict[str, np.ndarray
 
 
 class LlamaBlocks:
-    """The per-block programs of one model and sequence length.
+    """The per-block training programs of one model and sequence length.
 
-    For training the weights are input surfaces: every block's forward and backward program has the same MIL text,
-    so only the first compiles (the others are cache hits), and new weights are surface writes, never a compile.
-    For inference (``baked``: the model's weights) each block's weights are baked into its own forward program
-    (1x1 convs, one compile per block); only LoRA adapters are inputs.
+    The weights are input surfaces: every block's forward and backward program has the same MIL text, so only the
+    first compiles (the others are cache hits), and new weights are surface writes, never a compile. (Inference
+    bakes its weights: :class:`Llama`.)
     """
 
     def __init__(self, config: LlamaConfig, seq: int, *, backend, target, cache=None, budget=None,
-                 backward: bool = False, lora: LoraLayout | None = None, baked: dict[str, np.ndarray] | None = None,
-                 quantize=None):
+                 backward: bool = False, lora: LoraLayout | None = None):
         from orion.models.gpt2 import causal_mask
         from orion.runtime.program import Program
 
-        if baked is not None and backward:
-            raise OrionError("training programs take the weights as inputs; baked weights are for inference")
-        self.config, self.seq, self.lora, self.baked = config, seq, lora, baked is not None
+        self.config, self.seq, self.lora = config, seq, lora
         self.timings = {"backend": 0.0, "cpu": 0.0, "update": 0.0}
         common = dict(backend=backend, target=target, cache=cache, budget=budget)
 
-        spec = WeightCompression.of(quantize)
-
-        def program(graph, layer: int | None = None) -> Program:
-            """Weights and adapters are set with update_weights; the rest is each run's feed. Baked weights are
-            compressed as ``quantize`` says, unless the layer is one it keeps in fp16."""
+        def program(graph) -> Program:
+            """Weights and adapters are set with update_weights; the rest is each run's feed."""
             weights = [v.name for v in graph.inputs if v.name in LAYER_INPUTS or v.name.startswith("lora_")]
-            kept = spec is None or layer is None or spec.keeps_block(layer, config.n_layers)
-            return Program.from_graph(graph, weights_as_inputs=weights, weights=None if kept else spec, **common)
+            return Program.from_graph(graph, weights_as_inputs=weights, **common)
 
-        self.forward = [program(forward_graph(config, seq, lora, None if baked is None else
-                                              layer_inputs(baked, i, config), i), i) for i in range(config.n_layers)]
+        self.forward = [program(forward_graph(config, seq, lora)) for _ in range(config.n_layers)]
         self.backward = [program(backward_graph(config, seq, lora)) for _ in range(config.n_layers)] if backward \
             else []
         for p in self.programs:
@@ -492,8 +519,6 @@ class LlamaBlocks:
             p.close()
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        if self.baked:
-            raise OrionError("these block programs have their weights baked in; build new ones for new weights")
         self._write_layers(lambda i: layer_inputs(weights, i, self.config))
 
     def set_adapter(self, adapter: Adapter | None) -> None:
@@ -538,100 +563,533 @@ def rms_norm_rows(x: np.ndarray, gain: np.ndarray, eps: float) -> tuple[np.ndarr
     return x_hat * gain, x_hat, r
 
 
-class Llama(AdapterHost, TextGenerator):
-    """A trained Llama for inference: one forward program per block with its weights baked in, over the model's
-    context window. LoRA adapters (program inputs): ``load_adapter(path, name)``, ``set_adapter(name)``."""
+# ---------------------------------------------------------------------------------------------------------------------
+# Inference: prefill and decode programs with the KV cache resident in the decode programs' inputs
+
+
+def rms(b: GraphBuilder, x: Value, eps: float, axis: int = 1) -> tuple[Value, Value]:
+    """``x_hat = x * r`` with ``r = (mean(x^2) + eps)^-1/2`` over ``axis``; returns (x_hat, r)."""
+    r = b.pow(b.add(b.reduce_mean(b.mul(x, x), axes=[axis], keep_dims=True), eps), -0.5)
+    return b.mul(x, r), r
+
+
+def rotate(b: GraphBuilder, a: Value, c: Value, cos: Value, sin: Value, inverse: bool = False):
+    """Rotary embedding of every head's two halves: ``(a cos - c sin, c cos + a sin)``; ``inverse`` turns the other
+    way, ``(a cos + c sin, c cos - a sin)`` (the transpose: how a gradient goes back)."""
+    first, second = (b.add, b.sub) if inverse else (b.sub, b.add)
+    return first(b.mul(a, cos), b.mul(c, sin)), second(b.mul(c, cos), b.mul(a, sin))
+
+
+def grouped_rows(config: LlamaConfig, groups: int, width: int, offset: int) -> np.ndarray:
+    """Indices into a per-head axis (``heads * head_dim``, heads ``kv * groups + g``) in the order the inference
+    programs keep it: k/v head, then channels ``offset .. offset + width`` of the head, then the query head of the
+    group. A tensor in this order reshapes to ``[1, KV, width, groups * S]`` with one reshape: grouped-query
+    attention becomes one matmul per k/v head, its queries side by side with no broadcast, tile or concat."""
+    kv = np.arange(config.n_kv_heads)[:, None, None]
+    d = np.arange(width)[None, :, None]
+    g = np.arange(groups)[None, None, :]
+    return ((kv * groups + g) * config.head_dim + offset + d).reshape(-1)
+
+
+#: Distinct scalar constants an inference program reads (each takes a weight-tensor slot, ANE-21): the norms' eps,
+#: the q/k norms' 2 eps, the -0.5 exponent, decode's -1 exponent.
+INFERENCE_SCALARS = 4
+#: The parts of a block's fused q/k/v projection, in order: the rotary halves of q and of k, then v.
+QKV_PARTS = ("qa", "qb", "ka", "kb", "v")
+#: Where each adapter target adds into a block, and its parts: (projection input, outputs).
+_LORA_SITES = {"q": ("n1", ("qa", "qb")), "k": ("n1", ("ka", "kb")), "v": ("n1", ("v",)), "o": ("ctx", ("o",)),
+               "gate": ("n2", ("gate",)), "up": ("n2", ("up",)), "down": ("g", ("down",))}
+
+
+@dataclass
+class InferenceBlock:
+    """One block as the inference programs hold it: RMSNorm gains folded into the projections after them, the
+    attention scale folded into q (or into the q norm's gain), q/k/v in :func:`grouped_rows` order and fused into
+    one projection where the per-axis limit allows (else one per part), o's columns in the attention output's
+    order, gate and up fused where the limit allows. Linear weights ``[out, in]``, float32."""
+
+    qkv_w: list[np.ndarray]  # one projection per entry of qkv_parts
+    qkv_b: list[np.ndarray] | None
+    qkv_parts: list[tuple[str, ...]]
+    o_w: np.ndarray
+    o_b: np.ndarray | None
+    ffn_w: list[np.ndarray]  # [gate; up] fused, or gate and up
+    down_w: np.ndarray
+    q_gain: tuple[np.ndarray, np.ndarray] | None  # the q/k norms' gains per rotary half (Qwen3)
+    k_gain: tuple[np.ndarray, np.ndarray] | None
+    norms: tuple[np.ndarray, np.ndarray]  # the folded RMSNorm gains, to fold adapters the same way
+
+    @property
+    def constants(self) -> int:
+        qkv = len(self.qkv_w) * (1 + (self.qkv_b is not None))
+        return (qkv + 2 + len(self.ffn_w) + (self.o_b is not None)
+                + 2 * (self.q_gain is not None) + 2 * (self.k_gain is not None))
+
+
+def _parts(config: LlamaConfig) -> dict[str, np.ndarray]:
+    """Rows of each q/k/v part in its projection, and o's columns (:func:`grouped_rows`)."""
+    half, g = config.head_dim // 2, config.groups
+    return {"qa": grouped_rows(config, g, half, 0), "qb": grouped_rows(config, g, half, half),
+            "ka": grouped_rows(config, 1, half, 0), "kb": grouped_rows(config, 1, half, half),
+            "v": np.arange(config.n_kv_heads * config.head_dim), "o": grouped_rows(config, g, config.head_dim, 0)}
+
+
+def _q_scale(config: LlamaConfig) -> float:
+    """The attention scale where q's projection takes it (with q norms it goes into their gain instead)."""
+    return 1.0 if config.qk_norm else 1.0 / np.sqrt(config.head_dim)
+
+
+def inference_blocks(weights: dict[str, np.ndarray], config: LlamaConfig, max_axis: int) -> list[InferenceBlock]:
+    """Orion-named weights -> the blocks the inference programs bake (:class:`InferenceBlock`)."""
+    rows, scale = _parts(config), _q_scale(config)
+    half = config.head_dim // 2
+    blocks = []
+    for i in range(config.n_layers):
+        def w(name: str) -> np.ndarray:
+            return np.asarray(weights[f"layers.{i}.{name}"], np.float64)
+
+        g1, g2 = w("attention_norm"), w("ffn_norm")
+        source = {"qa": ("q", scale), "qb": ("q", scale), "ka": ("k", 1.0), "kb": ("k", 1.0), "v": ("v", 1.0)}
+        fused = sum(rows[p].size for p in QKV_PARTS) <= max_axis
+        qkv_parts = [QKV_PARTS] if fused else [(p,) for p in QKV_PARTS]
+        qkv_w = [np.float32(np.concatenate([w(f"w{source[p][0]}")[rows[p]] * source[p][1] for p in parts]) * g1)
+                 for parts in qkv_parts]
+        qkv_b = ([np.float32(np.concatenate([w(f"b{source[p][0]}")[rows[p]] * source[p][1] for p in parts]))
+                  for parts in qkv_parts] if config.qkv_bias else None)
+        gate, up = w("w1") * g2, w("w3") * g2
+        ffn = [np.concatenate([gate, up])] if 2 * config.hidden_dim <= max_axis else [gate, up]
+        norm_gains = None
+        if config.qk_norm:  # RMS over a head from its halves' means gives r / sqrt(2): sqrt(2) goes into the gains
+            q_norm = w("q_norm") * np.sqrt(2) / np.sqrt(config.head_dim)
+            k_norm = w("k_norm") * np.sqrt(2)
+            norm_gains = [tuple(np.float32(n[s]) for s in (slice(0, half), slice(half, None)))
+                          for n in (q_norm, k_norm)]
+        blocks.append(InferenceBlock(
+            qkv_w, qkv_b, qkv_parts, np.float32(w("wo")[:, rows["o"]]),
+            np.float32(w("bo")) if config.o_bias else None, [np.float32(f) for f in ffn], np.float32(w("w2")),
+            *(norm_gains or (None, None)), (np.float32(g1), np.float32(g2))))
+    return blocks
+
+
+def blocks_per_inference_program(target, blocks: list[InferenceBlock]) -> int:
+    """As many blocks as the target's weight-tensor limit holds next to the scalar constants (ANE-21)."""
+    if target.max_blob_constants is None:
+        return len(blocks)
+    return max(1, min(len(blocks), (target.max_blob_constants - INFERENCE_SCALARS) // blocks[0].constants))
+
+
+def inference_lora_name(layer: int, target: str, part: str) -> str:
+    return f"l{layer:02d}_lora_{target}_{part}"
+
+
+def inference_lora_inputs(adapter: Adapter | None, layout: LoraLayout, blocks: list[InferenceBlock], first: int,
+                          config: LlamaConfig) -> dict[str, np.ndarray]:
+    """The adapter inputs of the inference program for blocks ``first ...``, folded as the base weights are: A
+    times the folded norm's gain, B's rows in the parts' order (q's times the attention scale), o's A columns
+    in the attention output's order."""
+    spec, rows, r = adapter_spec(config), _parts(config), layout.rank
+    values = {}
+    for j, block in enumerate(blocks):
+        layer = first + j
+        for target in layout.targets:
+            fan_in, _ = spec.features[target]
+            a, b = layout.slot(adapter, layer, target, spec)
+            site, parts = _LORA_SITES[target]
+            if site in ("n1", "n2"):
+                a = a * block.norms[site == "n2"][None, :]
+            if target == "o":
+                a = a[:, rows["o"]]
+            values[inference_lora_name(layer, target, "a")] = np.float32(a).reshape(1, 1, r, fan_in)
+            for part in parts:
+                out = b[rows[part]] * (_q_scale(config) if target == "q" else 1.0) if part in QKV_PARTS else b
+                values[inference_lora_name(layer, target, f"b_{part}")] = np.float32(out).reshape(1, 1, -1, r)
+    return values
+
+
+class _InferenceGraph:
+    """Builds one inference program: blocks over ``columns`` positions, with the adapter paths of ``lora``."""
+
+    def __init__(self, name: str, config: LlamaConfig, columns: int, lora: LoraLayout | None):
+        self.b, self.config, self.columns, self.lora = GraphBuilder(name), config, columns, lora
+
+    def adapt(self, outputs: dict[str, Value], x: Value, target: str, layer: int) -> None:
+        """Add ``target``'s adapter path ``B (A x)`` to its parts in ``outputs`` when the layout adapts it."""
+        if self.lora is None or target not in self.lora.targets:
+            return
+        b, r = self.b, self.lora.rank
+        u = b.lora_down(x, b.input(inference_lora_name(layer, target, "a"), (1, 1, r, x.shape[1])),
+                        name=f"lora_{target}")
+        for part in _LORA_SITES[target][1]:
+            y = outputs[part]
+            w = b.input(inference_lora_name(layer, target, f"b_{part}"), (1, 1, y.shape[1], r))
+            outputs[part] = b.add(y, b.lora_up(u, w, name=f"lora_{target}_{part}"))
+
+    def split(self, y: Value, sizes: dict[str, int]) -> dict[str, Value]:
+        """Channel slices of ``y``, named."""
+        out, start = {}, 0
+        for name, size in sizes.items():
+            out[name] = self.b.slice_by_index(y, begin=[0, start, 0, 0], end=[1, start + size, 1, self.columns],
+                                              name=name)
+            start += size
+        return out
+
+    def head_norm(self, a: Value, c: Value, gains: tuple[np.ndarray, np.ndarray], name: str):
+        """RMSNorm of every head from its rotary halves ``[1, KV, hd/2, N]`` (gains carry the sqrt(2))."""
+        b = self.b
+        ms = b.add(b.reduce_mean(b.mul(a, a), axes=[2], keep_dims=True),
+                   b.reduce_mean(b.mul(c, c), axes=[2], keep_dims=True))
+        r = b.pow(b.add(ms, 2 * self.config.norm_eps), -0.5)
+        return tuple(b.mul(b.mul(t, r), b.weight(f"{name}_{part}", g.reshape(1, 1, -1, 1)))
+                     for t, g, part in zip((a, c), gains, "ab"))
+
+    def qkv(self, x: Value, w: InferenceBlock, layer: int, rope: dict[str, Value]) -> dict[str, Value]:
+        """The attention inputs: rotated q halves ``[1, KV, hd/2, G*N]``, k halves ``[1, KV, hd/2, N]``, v
+        ``[1, KV, hd, N]``, and (``k_flat``) the rotated k halves and v as ``[1, C, 1, N]`` for the cache."""
+        b, c, n = self.b, self.config, self.columns
+        half, kv, g = c.head_dim // 2, c.n_kv_heads, c.groups
+        n1, _ = rms(b, x, c.norm_eps)
+        sizes = {"qa": c.n_heads * half, "qb": c.n_heads * half, "ka": kv * half, "kb": kv * half,
+                 "v": kv * c.head_dim}
+        parts = {}
+        for j, names in enumerate(w.qkv_parts):
+            y = b.linear(n1, w.qkv_w[j], None if w.qkv_b is None else w.qkv_b[j], name="_".join(names))
+            parts |= self.split(y, {p: sizes[p] for p in names})
+        for target in ("q", "k", "v"):
+            self.adapt(parts, n1, target, layer)
+        q = [b.reshape(parts[p], shape=[1, kv, half, g * n]) for p in ("qa", "qb")]
+        k = [b.reshape(parts[p], shape=[1, kv, half, n]) for p in ("ka", "kb")]
+        if w.q_gain is not None:
+            q, k = self.head_norm(*q, w.q_gain, "q_norm"), self.head_norm(*k, w.k_gain, "k_norm")
+        q = rotate(b, *q, rope["cos_q"], rope["sin_q"])
+        k = rotate(b, *k, rope["cos_k"], rope["sin_k"])
+        flat = {name: b.reshape(t, shape=[1, kv * half, 1, n]) for name, t in zip(("ka", "kb"), k)}
+        flat["v"] = parts["v"]
+        return {"qa": q[0], "qb": q[1], "ka": k[0], "kb": k[1],
+                "v": b.reshape(parts["v"], shape=[1, kv, c.head_dim, n]), "flat": flat}
+
+    def scores(self, t: dict[str, Value], ka: Value, kb: Value, mask: Value) -> Value:
+        """``q . k`` of the two rotary halves, plus the mask: ``[1, KV, G*N, keys]``."""
+        b = self.b
+        return b.add(b.add(b.matmul(t["qa"], ka, transpose_x=True, transpose_y=False),
+                           b.matmul(t["qb"], kb, transpose_x=True, transpose_y=False)), mask)
+
+    def merge(self, ctx: Value) -> Value:
+        """``[1, KV, hd, G*N] -> [1, KV*hd*G, 1, N]`` (o's columns are in this order)."""
+        return self.b.reshape(ctx, shape=[1, ctx.shape[1] * ctx.shape[2] * self.config.groups, 1, self.columns])
+
+    def finish(self, x: Value, ctx: Value, w: InferenceBlock, layer: int) -> Value:
+        """Output projection, residual, RMSNorm (folded), SwiGLU, residual."""
+        b, f = self.b, self.config.hidden_dim
+        o = {"o": b.linear(ctx, w.o_w, w.o_b, name="o")}
+        self.adapt(o, ctx, "o", layer)
+        h = b.add(x, o["o"])
+        n2, _ = rms(b, h, self.config.norm_eps)
+        if len(w.ffn_w) == 1:
+            ffn = self.split(b.linear(n2, w.ffn_w[0], name="gate_up"), {"gate": f, "up": f})
+        else:
+            ffn = {name: b.linear(n2, m, name=name) for name, m in zip(("gate", "up"), w.ffn_w)}
+        self.adapt(ffn, n2, "gate", layer)
+        self.adapt(ffn, n2, "up", layer)
+        g = b.mul(b.silu(ffn["gate"]), ffn["up"])
+        down = {"down": b.linear(g, w.down_w, name="down")}
+        self.adapt(down, g, "down", layer)
+        return b.add(h, down["down"])
+
+    def rope_inputs(self) -> dict[str, Value]:
+        half, g, n = self.config.head_dim // 2, self.config.groups, self.columns
+        return {f"{f}_{s}": self.b.input(f"{f}_{s}", (1, 1, half, (g if s == "q" else 1) * n))
+                for f in ("cos", "sin") for s in "qk"}
+
+
+#: The cache tensors of a block: the rotated k halves and v (names by :func:`orion.models.gpt2.kv_name`).
+CACHE_PARTS = ("ka", "kb", "v")
+
+
+def inference_prefill_graph(blocks: list[InferenceBlock], first: int, config: LlamaConfig, seq: int,
+                            lora: LoraLayout | None = None):
+    """Blocks ``first ...`` over a ``seq`` bucket. Inputs: x, the causal mask repeated for the G query heads of a
+    group ``[1, 1, G*S, S]``, the RoPE tables (q's repeated G times along the positions). Outputs: y and every
+    block's rotated k halves and v (the decode cache's contents)."""
+    from orion.models.gpt2 import kv_name
+
+    gr = _InferenceGraph(f"llama_prefill{seq}_l{first}", config, seq, lora)
+    b = gr.b
+    x = b.input("x", (1, config.dim, 1, seq))
+    mask = b.input("mask", (1, 1, config.groups * seq, seq))
+    rope = gr.rope_inputs()
+    for j, w in enumerate(blocks):
+        i = first + j
+        with b.scope(f"l{i:02d}"):
+            t = gr.qkv(x, w, i, rope)
+            p = b.softmax(gr.scores(t, t["ka"], t["kb"], mask), axis=-1)
+            x = gr.finish(x, gr.merge(b.matmul(t["v"], p, transpose_x=False, transpose_y=True)), w, i)
+        for part in CACHE_PARTS:
+            b.output(kv_name(part, i, "prefill"), t["flat"][part])
+    b.output("y", x)
+    return b.graph
+
+
+def inference_decode_graph(blocks: list[InferenceBlock], first: int, config: LlamaConfig, capacity: int,
+                           lora: LoraLayout | None = None, *, target):
+    """Blocks ``first ...`` for up to :func:`orion.models.gpt2.decode_io` new positions against a KV cache of
+    ``capacity`` positions held in the inputs (``kac``/``kbc``/``vc`` per block, ``[1, C, 1, T]``).
+
+    The new positions attend to the cache (``mask [1, 1, 1, T]``) and to each other (``mask_new [1, 1, G*N, N]``,
+    causal), the two score sets sharing one softmax written out with a common maximum: no concat. One new position
+    (column 0) is a decode step; several are a verification pass (speculative decoding)."""
+    from orion.models.gpt2 import decode_io, kv_name
+
+    io_dtype, n = decode_io(target)
+    gr = _InferenceGraph(f"llama_decode{capacity}_l{first}", config, n, lora)
+    b = gr.b
+    half, kv = config.head_dim // 2, config.n_kv_heads
+
+    def out(name: str, value: Value) -> None:
+        b.output(name, b.cast(value, io_dtype, name=f"{name}_{io_dtype}"))
+
+    x = b.cast(b.input("x", (1, config.dim, 1, n), dtype=io_dtype), "fp16", name="x_fp16")
+    mask = b.input("mask", (1, 1, 1, capacity))
+    new_mask = b.input("mask_new", (1, 1, config.groups * n, n))
+    rope = gr.rope_inputs()
+    for j, w in enumerate(blocks):
+        i = first + j
+        cache = {part: b.input(kv_name(part, i, "cache"), (1, kv * (config.head_dim if part == "v" else half), 1,
+                                                            capacity)) for part in CACHE_PARTS}
+        with b.scope(f"l{i:02d}"):
+            t = gr.qkv(x, w, i, rope)
+            kc = {p: b.reshape(cache[p], shape=[1, kv, config.head_dim if p == "v" else half, capacity])
+                  for p in CACHE_PARTS}
+            s_cache = gr.scores(t, kc["ka"], kc["kb"], mask)  # [1, KV, G*N, T]
+            s_self = gr.scores(t, t["ka"], t["kb"], new_mask)  # [1, KV, G*N, N]
+            top = b.maximum(b.reduce_max(s_cache, axes=[3], keep_dims=True),
+                            b.reduce_max(s_self, axes=[3], keep_dims=True))
+            e_cache, e_self = b.exp(b.sub(s_cache, top)), b.exp(b.sub(s_self, top))
+            inv = b.pow(b.add(b.reduce_sum(e_cache, axes=[3], keep_dims=True),
+                              b.reduce_sum(e_self, axes=[3], keep_dims=True)), -1.0)
+            ctx = b.add(b.matmul(kc["v"], b.mul(e_cache, inv), transpose_x=False, transpose_y=True),
+                        b.matmul(t["v"], b.mul(e_self, inv), transpose_x=False, transpose_y=True))
+            x = gr.finish(x, gr.merge(ctx), w, i)
+        for part in CACHE_PARTS:
+            out(kv_name(part, i, "new"), t["flat"][part])
+    out("y", x)
+    return b.graph
+
+
+def head_chunks(vocab: int, max_axis: int) -> tuple[int, int]:
+    """(chunks, rows per chunk): the classifier split along the vocabulary into equal chunks within the per-axis
+    limit (rows a multiple of 64; the last chunk's padding rows are zeros)."""
+    chunks = -(-vocab // max_axis)
+    rows = -(-vocab // chunks)
+    rows = min(max_axis, -(-rows // 64) * 64)
+    return -(-vocab // rows), rows
+
+
+def head_graph(head_w: np.ndarray, config: LlamaConfig, first: int, count: int, rows: int, *, target):
+    """The classifier on the ANE for chunks ``first .. first+count-1`` of ``rows`` vocabulary entries each:
+    x ``[1, d, 1, N]`` (decode_io) -> RMSNorm (its gain folded into the rows) -> one 1x1 conv per chunk, outputs
+    ``logits{k}``."""
+    from orion.models.gpt2 import decode_io
+
+    io_dtype, n = decode_io(target)
+    b = GraphBuilder(f"llama_head{first}")
+    x = b.cast(b.input("x", (1, config.dim, 1, n), dtype=io_dtype), "fp16", name="x_fp16")
+    normed, _ = rms(b, x, config.norm_eps)
+    for k in range(first, first + count):
+        w = np.zeros((rows, config.dim), np.float32)
+        part = head_w[k * rows:(k + 1) * rows]
+        w[:part.shape[0]] = part
+        b.output(f"logits{k:02d}", b.cast(b.linear(normed, w, name=f"chunk{k:02d}"), io_dtype,
+                                          name=f"logits{k:02d}_{io_dtype}"))
+    return b.graph
+
+
+#: Where the classifier runs: ``cpu`` (float32 BLAS, one GEMV per token) or ``ane`` (chunk programs).
+HEAD_PLACES = ("cpu", "ane")
+
+
+class Llama(CachedDecoder):
+    """A Llama-family model (Llama, Mistral, Qwen2, Qwen3 or Orion's own) for inference: prefill over sequence
+    buckets, then decode with the KV cache resident in the decode programs' inputs, several blocks per program as
+    the weight-tensor limit allows. ``head="ane"`` runs the classifier on the ANE, split along the vocabulary
+    (``cpu``, the default, is float32 BLAS). LoRA adapters (program inputs): ``load_adapter``, ``set_adapter``."""
 
     def __init__(self, config: LlamaConfig, weights: dict[str, np.ndarray], tokenizer=None, *, backend="auto",
-                 target="default", cache=None, budget=None, quantize=None):
-        """``quantize``: compress the baked block weights at compile (``compile_graph``'s ``weights``)."""
+                 target="default", cache=None, budget=None, head: str = "cpu", quantize=None):
+        """``quantize``: compress the blocks' weights once, when their programs compile (``compile_graph``'s
+        ``weights``); the classifier stays fp16 (on the ANE) or float32 (on the CPU)."""
+        from orion.compiler.passes import WeightCompression
         from orion.compiler.targets import get_target
+        from orion.models.gpt2 import PREFILL_BUCKETS
         from orion.runtime.program import get_backend
 
-        self.config, self.weights, self.tokenizer = config, weights, tokenizer
+        if head not in HEAD_PLACES:
+            raise OrionError(f"head must be one of {HEAD_PLACES}, got {head!r}")
+        self.config, self.tokenizer, self.head = config, tokenizer, head
         self.target = get_target(target)
         self.backend = get_backend(backend, self.target)
-        self._options = dict(backend=self.backend, target=self.target, cache=cache, budget=budget, quantize=quantize)
+        self.cache, self.budget = cache, budget
+        self.quantize = WeightCompression.of(quantize)
+        self.context = min(config.max_seq_len, PREFILL_BUCKETS[-1])
+        self.embeddings = np.asarray(weights["tok_embeddings"], np.float32)
+        self.blocks = inference_blocks(weights, config, self.target.max_axis)
+        output = weights.get("output", weights["tok_embeddings"])
+        self.head_w = np.float32(np.asarray(output, np.float64) * np.asarray(weights["norm"], np.float64))
+        self.group = blocks_per_inference_program(self.target, self.blocks)
         self.adapter_spec = adapter_spec(config)
-        self._init_adapters()
-        self._blocks: LlamaBlocks | None = None
-        self.stats = GenerationStats()
+        self._head_programs: list = []
+        self._init_programs()
 
-    @property
-    def blocks(self) -> LlamaBlocks:
-        """The block programs, built (for the current adapter layout) on first use."""
-        if self._blocks is None:
-            self._blocks = LlamaBlocks(self.config, self.config.max_seq_len, lora=self.lora, baked=self.weights,
-                                       **self._options)
-            if self.lora is not None:
-                self._blocks.set_adapter(self._current_adapter())
-        return self._blocks
+    # -- programs -----------------------------------------------------------------------------------------------
 
-    def _use_layout(self, layout: LoraLayout) -> None:
-        self.close()
+    def _groups(self) -> list[int]:
+        return list(range(0, self.config.n_layers, self.group))
 
-    def _write_adapter(self, adapter: Adapter | None) -> None:
-        if self._blocks is not None:
-            self._blocks.set_adapter(adapter)
+    def _layers(self, first: int) -> range:
+        return range(first, min(first + self.group, self.config.n_layers))
+
+    def _block_pattern(self, layer: int) -> str:
+        return f"l{layer:02d}_*"
+
+    def _graph(self, kind: str, size: int, first: int):
+        blocks = self.blocks[first:first + self.group]
+        if kind == "prefill":
+            return inference_prefill_graph(blocks, first, self.config, size, self.lora)
+        return inference_decode_graph(blocks, first, self.config, size, self.lora, target=self.target)
+
+    def _adapter_inputs(self, adapter: Adapter | None, first: int) -> dict[str, np.ndarray]:
+        return inference_lora_inputs(adapter, self.lora, self.blocks[first:first + self.group], first, self.config)
+
+    def _head_plan(self) -> list[tuple[int, int, int]]:
+        """(first chunk, chunks, rows per chunk) of each classifier program: chunks within the per-axis limit, as
+        many per program as the weight-tensor limit holds."""
+        chunks, rows = head_chunks(self.config.vocab_size, self.target.max_axis)
+        limit = self.target.max_blob_constants
+        per = chunks if limit is None else max(1, limit - INFERENCE_SCALARS)
+        return [(k, min(per, chunks - k), rows) for k in range(0, chunks, per)]
+
+    def _head_graphs(self) -> list:
+        """The classifier programs' graphs where it runs on the ANE (``head="ane"``), else none."""
+        if self.head == "cpu":
+            return []
+        return [head_graph(self.head_w, self.config, *plan, target=self.target) for plan in self._head_plan()]
+
+    def host_bytes(self, phase: str) -> int:
+        """Embedding rows are few; a classifier on the CPU (float32) is read whole for each token's logits: once
+        per decode step, and once for a prefill (only its last position is scored)."""
+        return self.head_w.nbytes if self.head == "cpu" else 0
+
+    def _ane_head(self) -> list:
+        from orion.runtime.program import Program
+
+        if not self._head_programs:
+            for graph in self._head_graphs():
+                program = Program.from_graph(graph, backend=self.backend, target=self.target, cache=self.cache,
+                                             budget=self.budget)
+                program.load()
+                self._head_programs.append(program)
+        return self._head_programs
+
+    def _all_programs(self) -> list:
+        return super()._all_programs() + self._head_programs
 
     def close(self) -> None:
-        if self._blocks is not None:
-            self._blocks.close()
-            self._blocks = None
+        super().close()
+        self._head_programs = []
 
-    @property
-    def context_length(self) -> int:
-        return self.config.max_seq_len
+    def dispatches_per_token(self, programs: list) -> int:
+        return len(programs) + (len(self._head_plan()) if self.head == "ane" else 0)
+
+    # -- forward ------------------------------------------------------------------------------------------------
+
+    def _check_ids(self, ids) -> np.ndarray:
+        return check_token_ids(ids, self.config.vocab_size, self.context)
+
+    def _rope(self, start: int, n: int) -> dict[str, np.ndarray]:
+        """The RoPE inputs for positions ``start .. start+n-1`` (q's repeated for the G heads of a group)."""
+        cos, sin = rope_tables(self.config, n, start)
+        g = self.config.groups
+        return {"cos_k": cos, "sin_k": sin, "cos_q": np.tile(cos, (1, 1, 1, g)), "sin_q": np.tile(sin, (1, 1, 1, g))}
+
+    def _head(self, hidden: np.ndarray) -> np.ndarray:
+        """Final RMSNorm and the classifier: ``[n, d] -> [n, vocab]`` (float32 on the CPU, or the ANE's chunk
+        programs for up to a decode surface of rows)."""
+        from orion.models.gpt2 import decode_io
+
+        hidden = np.asarray(hidden, np.float32)
+        columns = decode_io(self.target)[1]
+        if self.head == "cpu" or hidden.shape[0] > columns:
+            normed, _, _ = rms_norm_rows(hidden, 1.0, self.config.norm_eps)
+            return normed @ self.head_w.T
+        logits = []
+        for program in self._ane_head():
+            x = np.zeros((1, self.config.dim, 1, columns), np.float32)
+            x[0, :, 0, :hidden.shape[0]] = hidden.T
+            out = program.run({"x": x})
+            logits += [out[name][0, :, 0, :hidden.shape[0]].T for name in sorted(out)]
+        return np.concatenate(logits, axis=1)[:, :self.config.vocab_size].astype(np.float32)
+
+    def _prefill(self, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+        from orion.models.gpt2 import bucket_for, causal_mask
+
+        n = ids.size
+        seq = bucket_for(n)
+        x = np.zeros((1, self.config.dim, 1, seq), np.float32)
+        x[0, :, 0, :n] = self.embeddings[ids].T
+        static = {"mask": np.tile(causal_mask(seq), (1, 1, self.config.groups, 1)), **self._rope(0, seq)}
+        kv: dict[str, np.ndarray] = {}
+        for program in self.programs("prefill", seq):
+            out = program.run({"x": x, **static})
+            x = out.pop("y")
+            kv.update({name: array[0, :, 0, :n] for name, array in out.items()})
+        return x[0, :, 0, :n].T, kv, seq
 
     def logits(self, token_ids) -> np.ndarray:
-        ids = check_token_ids(token_ids, self.config.vocab_size, self.config.max_seq_len)
-        n, seq = ids.size, self.config.max_seq_len
-        x = np.zeros((seq, self.config.dim), np.float32)
-        x[:n] = self.weights["tok_embeddings"][ids]
-        h, _ = self.blocks.forward_all(np.ascontiguousarray(x.T)[None, :, None, :])
-        hidden = np.asarray(h, np.float32)[0, :, 0, :n].T
-        normed, _, _ = rms_norm_rows(hidden, self.weights["norm"], self.config.norm_eps)
-        return normed @ self.weights.get("output", self.weights["tok_embeddings"]).T
+        """float32 logits ``[len, vocab]`` for every position of one sequence (the prefill programs)."""
+        hidden, _, _ = self._prefill(self._check_ids(token_ids))
+        return self._head(hidden)
 
-    def generate_ids(self, ids, max_tokens: int = 64, sampler=None, stop_ids=()):
-        """Each token reruns the window (no KV cache: these programs are the training ones)."""
-        import time
+    # -- decode (CachedDecoder.generate_ids and its sessions) ---------------------------------------------------
 
-        from orion.models.sampling import Sampler
-        from orion.runtime.program import backends_that_ran
+    cache_parts = CACHE_PARTS
 
-        sampler = sampler or Sampler(temperature=0.0)
-        ids = list(np.asarray(ids).reshape(-1))
-        built = 0 if self._blocks is None else self._blocks.compiles  # compiles before this generation
-        stats = self.stats = GenerationStats(prompt_tokens=len(ids), dispatches_per_token=self.config.n_layers,
-                                             compiles=self.blocks.compiles - built,
-                                             cache_hits=sum(p.cache_hits for p in self.blocks.programs))
-        t0 = time.perf_counter()
-        logits = self.logits(ids)[-1]
-        stats.prefill_seconds = time.perf_counter() - t0
-        stats.backend = backends_that_ran(self.blocks.programs)
-        t1 = time.perf_counter()
-        try:
-            for _ in range(max_tokens):
-                token = int(sampler.sample(logits))
-                stats.new_tokens += 1
-                yield token
-                if token in stop_ids or len(ids) + 1 >= self.config.max_seq_len or stats.new_tokens == max_tokens:
-                    break
-                ids.append(token)
-                logits = self.logits(ids)[-1]
-                stats.decode_steps += 1
-        finally:
-            stats.decode_seconds = time.perf_counter() - t1
+    def _new_mask(self, columns: int) -> np.ndarray:
+        from orion.models.gpt2 import causal_mask
+
+        return np.tile(causal_mask(columns), (1, 1, self.config.groups, 1))
+
+    def _decode_inputs(self, tokens: np.ndarray, start: int, columns: int) -> tuple[np.ndarray, dict]:
+        return self.embeddings[tokens], self._rope(start, columns)
 
 
-HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-            "w1": "mlp.gate_proj", "w3": "mlp.up_proj", "w2": "mlp.down_proj",
-            "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+HF_NAMES = {"wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+            "wo": "self_attn.o_proj.weight", "w1": "mlp.gate_proj.weight", "w3": "mlp.up_proj.weight",
+            "w2": "mlp.down_proj.weight", "attention_norm": "input_layernorm.weight",
+            "ffn_norm": "post_attention_layernorm.weight", "bq": "self_attn.q_proj.bias",
+            "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias", "bo": "self_attn.o_proj.bias",
+            "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
+#: The Hugging Face architectures Orion runs, by model_type: all one Llama-style decoder.
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
+
+
+def layer_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Orion's name -> shape of every per-layer tensor this config has."""
+    d, f, hd = config.dim, config.hidden_dim, config.head_dim
+    q, kv = config.n_heads * hd, config.n_kv_heads * hd
+    shapes = {"wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q), "w1": (f, d), "w3": (f, d), "w2": (d, f),
+              "attention_norm": (d,), "ffn_norm": (d,)}
+    if config.qkv_bias:
+        shapes |= {"bq": (q,), "bk": (kv,), "bv": (kv,)}
+    if config.o_bias:
+        shapes["bo"] = (d,)
+    if config.qk_norm:
+        shapes |= {"q_norm": (hd,), "k_norm": (hd,)}
+    return shapes
 
 
 def hf_config(config: LlamaConfig) -> dict:
     """config.json for transformers' LlamaForCausalLM (rotate_half RoPE as Orion computes it: no permutation)."""
+    config.check_trainable()
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": config.dim,
             "intermediate_size": config.hidden_dim, "num_attention_heads": config.n_heads,
             "num_key_value_heads": config.n_heads, "num_hidden_layers": config.n_layers,
@@ -643,35 +1101,74 @@ def hf_config(config: LlamaConfig) -> dict:
 def to_hf_weights(weights: dict[str, np.ndarray], config: LlamaConfig) -> dict[str, np.ndarray]:
     out = {"model.embed_tokens.weight": weights["tok_embeddings"], "model.norm.weight": weights["norm"]}
     for i in range(config.n_layers):
-        for ours, theirs in HF_NAMES.items():
-            out[f"model.layers.{i}.{theirs}.weight"] = weights[f"layers.{i}.{ours}"]
+        for ours in layer_shapes(config):
+            out[f"model.layers.{i}.{HF_NAMES[ours]}"] = weights[f"layers.{i}.{ours}"]
     if "output" in weights:
         out["lm_head.weight"] = weights["output"]
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def from_hf(config: dict, state: dict[str, np.ndarray]) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """A Hugging Face Llama folder's config and tensors -> Orion's config and weight names."""
-    if config.get("num_key_value_heads", config.get("num_attention_heads")) != config.get("num_attention_heads"):
-        raise OrionError("grouped-query attention (num_key_value_heads != num_attention_heads) is not supported")
-    tied = bool(config.get("tie_word_embeddings", "lm_head.weight" not in state))
-    cfg = LlamaConfig(dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-                      n_heads=config["num_attention_heads"], hidden_dim=config["intermediate_size"],
-                      vocab_size=config["vocab_size"], max_seq_len=config.get("max_position_embeddings", 256),
-                      norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-                      rope_theta=float(config.get("rope_theta", 10000.0)), tie_embeddings=tied)
+def config_from_hf(config: dict, has_head: bool = False) -> LlamaConfig:
+    """config.json of a Llama, Mistral, Qwen2 or Qwen3 checkpoint -> :class:`LlamaConfig`; a setting Orion cannot
+    run is refused naming the field. Without ``tie_word_embeddings`` the embeddings are tied unless the checkpoint
+    ``has_head`` (an ``lm_head.weight``)."""
+    kind = config.get("model_type")
+    if kind not in FAMILIES:
+        raise OrionError(f"model_type {kind!r} is not supported: Orion runs gpt2 and {', '.join(FAMILIES)}")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "vocab_size") if k not in config]
+    if missing:
+        raise OrionError(f"config.json lacks {missing}")
+    rotary = config.get("rope_parameters") or {}
+    refusals = {"hidden_act": (config.get("hidden_act", "silu") not in ("silu", "swish"), "Orion runs silu"),
+                "mlp_bias": (bool(config.get("mlp_bias")), "Orion runs MLPs without biases"),
+                "partial_rotary_factor": (config.get("partial_rotary_factor", rotary.get("partial_rotary_factor",
+                                                                                         1.0)) != 1.0,
+                                          "Orion rotates whole heads"),
+                "layer_types": (any(t != "full_attention" for t in config.get("layer_types") or ()),
+                                "Orion runs full attention in every layer")}
+    for field_name, (refused, why) in refusals.items():
+        if refused:
+            raise OrionError(f"config.json field {field_name}={config.get(field_name)!r} is not supported: {why}")
+    context = int(config.get("max_position_embeddings", 2048))
+    window = config.get("sliding_window")
+    if window and (kind == "mistral" or config.get("use_sliding_window")):
+        context = min(context, int(window))  # within the window, sliding attention is full attention
+    biased = bool(config.get("attention_bias", False))
+    # RoPE settings: rope_theta and rope_scaling, or (transformers 5) both in rope_parameters
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = float(config.get("rope_theta", rope.pop("rope_theta", 10000.0)))
+    rope.pop("rope_theta", None)
+    return LlamaConfig(
+        dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
+        hidden_dim=config["intermediate_size"], vocab_size=config["vocab_size"], max_seq_len=context,
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+        tie_embeddings=bool(config.get("tie_word_embeddings", not has_head)),
+        n_kv_heads=config.get("num_key_value_heads") or 0, head_dim=config.get("head_dim") or 0,
+        qkv_bias=kind == "qwen2" or biased, o_bias=kind != "qwen2" and biased, qk_norm=kind == "qwen3",
+        rope_scaling=tuple(rope.items()))
 
-    def get(name: str) -> np.ndarray:
+
+def from_hf(config: dict, state: dict[str, np.ndarray]) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """A Hugging Face Llama-family folder's config and tensors -> Orion's config and weight names. A missing or
+    misshapen tensor is refused naming it."""
+    cfg = config_from_hf(config, "lm_head.weight" in state)
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in state:
             raise OrionError(f"weight {name} is missing from the checkpoint")
-        return np.asarray(state[name], np.float32)
+        array = np.asarray(state[name], np.float32)
+        if array.shape != shape:
+            raise OrionError(f"weight {name} has shape {list(array.shape)}; this config needs {list(shape)}")
+        return array
 
-    weights = {"tok_embeddings": get("model.embed_tokens.weight"), "norm": get("model.norm.weight")}
+    weights = {"tok_embeddings": get("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim)),
+               "norm": get("model.norm.weight", (cfg.dim,))}
     for i in range(cfg.n_layers):
-        for ours, theirs in HF_NAMES.items():
-            weights[f"layers.{i}.{ours}"] = get(f"model.layers.{i}.{theirs}.weight")
-    if not tied:
-        weights["output"] = get("lm_head.weight")
+        for ours, shape in layer_shapes(cfg).items():
+            weights[f"layers.{i}.{ours}"] = get(f"model.layers.{i}.{HF_NAMES[ours]}", shape)
+    if not cfg.tie_embeddings:
+        weights["output"] = get("lm_head.weight", (cfg.vocab_size, cfg.dim))
     return cfg, weights
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Iterator
+
+import numpy as np
 
 from orion.errors import BindingError, OrionError
 
@@ -51,17 +54,19 @@ class DecodeSession:
     in ONE pass (each attends to the cache and causally to the others) and returns their logits ``[n, vocab]``;
     their keys and values stay pending until ``commit(n)`` adds the first ``n`` to the cache. ``rollback(length)``
     forgets positions from ``length`` on. ``end`` is the last position generation may reach (at most
-    ``capacity``, the cache's size); ``programs`` are the programs one pass evaluates. A model returns one from
-    ``start(ids, max_tokens)`` with the prompt's logits.
+    ``capacity``, the cache's size); ``programs`` are the programs one pass evaluates (``dispatches``: their
+    evaluations plus any the classifier makes). A model returns one from ``start(ids, max_tokens)`` with the prompt's
+    logits.
     """
 
     programs: list
+    dispatches: int
     columns: int
     capacity: int
     end: int
     length: int
 
-    def feed(self, tokens) -> "np.ndarray":
+    def feed(self, tokens) -> np.ndarray:
         raise NotImplementedError
 
     def commit(self, n: int) -> None:
@@ -70,15 +75,13 @@ class DecodeSession:
     def rollback(self, length: int) -> None:
         raise NotImplementedError
 
-    def step(self, token: int) -> "np.ndarray":
+    def step(self, token: int) -> np.ndarray:
         """One token decoded and kept: its logits ``[vocab]``."""
         logits = self.feed([token])[0]
         self.commit(1)
         return logits
 
-    def _check_feed(self, tokens) -> "np.ndarray":
-        import numpy as np
-
+    def _check_feed(self, tokens) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if not 1 <= tokens.size <= self.columns:
             raise BindingError(f"one pass takes 1 to {self.columns} tokens, got {tokens.size}")
@@ -91,8 +94,6 @@ class DecodeSession:
 def check_token_ids(ids, vocab_size: int, context: int):
     """One sequence of token ids as int64, refused (naming the fault) when empty, longer than the model's context or
     outside its vocabulary."""
-    import numpy as np
-
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if ids.size == 0:
         raise BindingError("the prompt is empty: give at least one token")
@@ -120,7 +121,7 @@ class TextGenerator:
     def close(self) -> None:
         raise NotImplementedError
 
-    def start(self, ids, max_tokens: int) -> tuple[DecodeSession, "np.ndarray"]:
+    def start(self, ids, max_tokens: int) -> tuple[DecodeSession, np.ndarray]:
         """Prefill ``ids``; a decode session with room for ``max_tokens`` more, and the logits after the prompt."""
         raise OrionError(f"{type(self).__name__} has no decode session (speculative decoding needs one)")
 
@@ -140,32 +141,41 @@ class TextGenerator:
         self.close()
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stream: bool = False, draft=None,
-                 draft_tokens: int = 4):
-        """Text in, text out (``stream=True``: an iterator of text pieces as tokens arrive). ``draft``: a smaller
-        model with the same tokenizer that proposes ``draft_tokens`` tokens at a time for this model to verify in
-        one pass (exact speculative decoding: the text is this model's, drawn from its distribution)."""
+                 top_p: float | None = None, seed: int | None = None, stream: bool = False, chat: bool = False,
+                 draft=None, draft_tokens: int = 4):
+        """Text in, text out (``stream=True``: an iterator of text pieces as tokens arrive). ``chat``: the prompt is
+        a user message, formatted with the tokenizer's chat template. ``draft``: a smaller model with the same
+        tokenizer that proposes ``draft_tokens`` tokens at a time for this model to verify in one pass (exact
+        speculative decoding: the text is this model's, drawn from its distribution)."""
         from orion.models.sampling import Sampler
 
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        ids = self.encode(prompt)
+        ids = self.encode(prompt, chat=chat)
         if draft is None:
             tokens = self.generate_ids(ids, max_tokens, sampler, self.stop_ids)
         else:
             from orion.models.speculative import speculative_ids
 
-            if draft.tokenizer is not None and draft.tokenizer.encode(prompt) != ids:
+            if draft.tokenizer is not None and draft.encode(prompt, chat=chat) != ids:
                 raise BindingError("the draft model's tokenizer splits the prompt differently from the target's: a "
                                    "draft must share the target's tokenizer")
             tokens = speculative_ids(self, draft, ids, max_tokens, sampler, self.stop_ids, draft_tokens)
         pieces = self.stream_text(tokens)
         return pieces if stream else "".join(pieces)
 
-    def encode(self, prompt: str) -> list[int]:
-        """The token ids of a prompt, refused when there is no tokenizer or no token."""
+    def encode(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
+        """The token ids of a prompt, refused when there is no tokenizer or no token. ``chat``: ``prompt`` is a user
+        message (or ``[{"role": ..., "content": ...}, ...]``) formatted by the tokenizer's chat template (which writes
+        the special tokens itself), or by ``chat_prompt`` for a tokenizer without one."""
         if self.tokenizer is None:
             raise OrionError("this model has no tokenizer; use generate_ids with token ids")
-        ids = self.tokenizer.encode(prompt)
+        if not chat:
+            ids = self.tokenizer.encode(prompt)
+        elif getattr(self.tokenizer, "chat_template", None) is not None:
+            ids = self.tokenizer.encode(self.tokenizer.chat(prompt), add_special_tokens=False)
+        else:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            ids = self.tokenizer.encode(self.chat_prompt(messages))
         if not ids:
             raise BindingError("the prompt is empty: give some text")
         return ids
@@ -177,9 +187,8 @@ class TextGenerator:
         return () if eos is None else (eos,)
 
     def chat_prompt(self, messages: list[dict]) -> str:
-        """The prompt text of a chat (``[{"role": ..., "content": ...}, ...]``) that the model continues with the
-        assistant's answer. This plain format serves models without a chat template (a model that has one
-        overrides this): one ``role: content`` line per message, then ``assistant:``."""
+        """The prompt text of a chat (``[{"role": ..., "content": ...}, ...]``) for a tokenizer without a chat
+        template: one ``role: content`` line per message, then ``assistant:``, which the model continues."""
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
     def stream_text(self, ids: Iterator[int]) -> Iterator[str]:
@@ -291,3 +300,266 @@ class AdapterHost:
     def _write_adapter(self, adapter) -> None:
         """Write ``adapter``'s inputs (zeros for None) into every built program."""
         raise NotImplementedError
+
+
+class CachedDecoder(AdapterHost, TextGenerator):
+    """Generation over block programs with the KV cache resident in the decode programs' inputs (GPT-2, Llama).
+
+    Prefill runs the prompt through the ``"prefill"`` programs of the smallest bucket that holds it; decode programs
+    are built for the smallest cache capacity that holds prompt and new tokens, seeded with the prefill's k/v, and
+    each token is one dispatch per program. A model sets ``config``, ``target``, ``backend``, ``cache``, ``budget``,
+    ``context`` (the longest sequence it runs) and implements the hooks at the end.
+    """
+
+    @property
+    def context_length(self) -> int:
+        return self.context
+
+    def _init_programs(self) -> None:
+        self._programs: dict[tuple[str, int], list] = {}
+        self.stats = GenerationStats()
+        self._init_adapters()
+
+    def programs(self, kind: str, size: int) -> list:
+        """The programs for one phase (``"prefill"``, ``"decode"``) and size, compiled (or taken from the cache) on
+        first use, one per group of blocks."""
+        from orion.runtime.program import Program
+
+        key = (kind, size)
+        if key not in self._programs:
+            programs = []
+            for first in self._groups():
+                adapter_inputs = ({} if self.lora is None else self._adapter_inputs(self._current_adapter(), first))
+                program = Program.from_graph(self._graph(kind, size, first), backend=self.backend,
+                                             target=self.target, cache=self.cache, budget=self.budget,
+                                             weights_as_inputs=adapter_inputs, weights=self._compression(first))
+                program.update_weights(adapter_inputs)
+                program.load()
+                programs.append(program)
+            self._programs[key] = programs
+        return self._programs[key]
+
+    def step_graphs(self, phase: str, size: int) -> list:
+        """The graphs of the programs one ``phase`` step dispatches, in order (the blocks', then any the classifier
+        runs in), for a prefill bucket or a KV cache of ``size`` positions: built, not compiled, for the cost model."""
+        return [self._graph(phase, size, first) for first in self._groups()] + self._head_graphs()
+
+    def step_programs(self, phase: str, tokens: int) -> list:
+        from orion.compiler.compile import compile_graph
+        from orion.models.gpt2 import bucket_for
+
+        if phase not in ("prefill", "decode"):
+            raise BindingError(f"phase must be prefill or decode, got {phase!r}")
+        graphs = self.step_graphs(phase, bucket_for(min(tokens, self.context)))
+        blocks = [self._compression(first) for first in self._groups()]
+        compression = blocks + [None] * (len(graphs) - len(blocks))  # the classifier's programs stay fp16
+        return [compile_graph(graph, self.target, weights=spec).module.program
+                for graph, spec in zip(graphs, compression)]
+
+    def _compression(self, first: int):
+        """The weight compression of the program starting at block ``first`` (None: fp16 weights): the model's
+        ``quantize`` setting, with the blocks it keeps in fp16 (``keep_ends``) named by ``_block_pattern``."""
+        spec = self.quantize
+        if spec is None:
+            return None
+        kept = tuple(self._block_pattern(i) for i in self._layers(first) if spec.keeps_block(i, len(self.blocks)))
+        return replace(spec, keep=spec.keep + kept)
+
+    def close(self) -> None:
+        for p in self._all_programs():
+            p.close()
+        self._programs.clear()
+
+    def _use_layout(self, layout) -> None:
+        self.close()
+
+    def _write_adapter(self, adapter) -> None:
+        if not self._programs:
+            return
+        values = [self._adapter_inputs(adapter, first) for first in self._groups()]
+        for programs in self._programs.values():
+            for program, inputs in zip(programs, values):
+                program.update_weights(inputs)
+
+    def _all_programs(self) -> list:
+        return [p for ps in self._programs.values() for p in ps]
+
+    def _count(self) -> tuple[int, int]:
+        programs = self._all_programs()
+        return sum(p.compiles for p in programs), sum(p.cache_hits for p in programs)
+
+    def generate_ids(self, ids, max_tokens: int = 64, sampler=None, stop_ids=()) -> Iterator[int]:
+        """Yield new token ids: prefill, then one decode step per token with the KV cache in the programs."""
+        from orion.runtime.program import backends_that_ran
+
+        if sampler is None:
+            from orion.models.sampling import Sampler
+
+            sampler = Sampler(temperature=0.0)
+        ids = self._check_ids(ids)
+        if max_tokens < 0:
+            raise BindingError(f"max_tokens must be >= 0, got {max_tokens}")
+        stats = self.stats = GenerationStats(prompt_tokens=ids.size)
+        before = self._count()
+        t0 = time.perf_counter()
+        hidden, kv, _ = self._prefill(ids)
+        token = sampler.sample(self._head(hidden[-1:])[0])
+        stats.prefill_seconds = time.perf_counter() - t0
+        stats.backend = backends_that_ran(self._all_programs())
+        if max_tokens == 0:
+            return
+        session = self._session(kv, ids.size, max_tokens)
+        stats.dispatches_per_token = session.dispatches
+        decode_start = time.perf_counter()
+        try:
+            for _ in range(max_tokens):
+                stats.new_tokens += 1
+                yield int(token)
+                if int(token) in stop_ids or session.length >= session.end or stats.new_tokens == max_tokens:
+                    break
+                token = sampler.sample(session.step(int(token)))
+                stats.decode_steps += 1
+        finally:
+            stats.decode_seconds = time.perf_counter() - decode_start
+            after = self._count()
+            stats.compiles, stats.cache_hits = after[0] - before[0], after[1] - before[1]
+            stats.backend = backends_that_ran(self._all_programs())
+
+    def start(self, ids, max_tokens: int) -> tuple["CachedSession", np.ndarray]:
+        ids = self._check_ids(ids)
+        hidden, kv, _ = self._prefill(ids)
+        return self._session(kv, ids.size, max_tokens), self._head(hidden[-1:])[0]
+
+    def _session(self, kv: dict, length: int, max_tokens: int) -> "CachedSession":
+        """A session over the decode programs of the smallest capacity that holds ``max_tokens`` more tokens (within
+        the model's context), seeded with the prefill's k/v of ``length`` positions."""
+        from orion.models.gpt2 import bucket_for
+
+        end = min(length + max_tokens, self.context)
+        return CachedSession(self, self.programs("decode", bucket_for(end)), kv, length, end)
+
+    def dispatches_per_token(self, programs: list) -> int:
+        """Program evaluations one decode step makes with the decode ``programs``."""
+        return len(programs)
+
+    # hooks
+    def _groups(self) -> list[int]:
+        """The first block of every program."""
+        raise NotImplementedError
+
+    def _graph(self, kind: str, size: int, first: int):
+        """The graph of the ``kind`` program of ``size`` that starts at block ``first``."""
+        raise NotImplementedError
+
+    def _adapter_inputs(self, adapter, first: int) -> dict:
+        """The adapter inputs (zeros for None) of the program that starts at block ``first``."""
+        raise NotImplementedError
+
+    def _check_ids(self, ids):
+        raise NotImplementedError
+
+    def _prefill(self, ids):
+        """Run the prompt; returns the last block's hidden rows ``[n, d]``, every block's k/v, the bucket."""
+        raise NotImplementedError
+
+    def _head(self, hidden):
+        """Logits ``[n, vocab]`` of hidden rows ``[n, d]``."""
+        raise NotImplementedError
+
+    def _layers(self, first: int) -> range:
+        """The blocks of the program that starts at block ``first``."""
+        raise NotImplementedError
+
+    def _head_graphs(self) -> list:
+        """The graphs of the programs the classifier runs in after the blocks' (none where it runs on the CPU)."""
+        raise NotImplementedError
+
+    def _block_pattern(self, layer: int) -> str:
+        """A shell pattern naming block ``layer``'s weights in the programs (what ``keep_ends`` leaves in fp16)."""
+        raise NotImplementedError
+
+    def _new_mask(self, columns: int) -> np.ndarray:
+        """The decode programs' ``mask_new`` input: the new columns attend causally to each other."""
+        raise NotImplementedError
+
+    def _decode_inputs(self, tokens: np.ndarray, start: int, columns: int) -> tuple[np.ndarray, dict]:
+        """A decode pass's first hidden rows ``[n, d]`` for ``tokens`` at positions ``start ...``, and the inputs
+        every decode program takes for those positions (e.g. RoPE tables over ``columns``)."""
+        raise NotImplementedError
+
+
+class CachedSession(DecodeSession):
+    """One sequence in a :class:`CachedDecoder`'s decode programs: the KV cache lives in their input surfaces
+    (``cache_parts`` per block, names by :func:`orion.models.gpt2.kv_name`); ``feed`` writes up to ``columns``
+    tokens, evaluates each program once and leaves the new keys and values in the programs' outputs until
+    ``commit`` copies the first ones into the cache; ``rollback`` masks positions out."""
+
+    def __init__(self, model: CachedDecoder, programs: list, kv: dict, length: int, end: int):
+        from orion.ir.builder import MASK_VALUE
+        from orion.models.gpt2 import kv_name
+
+        self.model, self.programs = model, programs
+        self.columns = programs[0].input_tensor("x").shape[3]
+        self.capacity = programs[0].input_tensor("mask").shape[3]
+        self.dispatches = model.dispatches_per_token(programs)
+        self.end = end  # the last position generation may reach (the model's context bounds it)
+        self.length = length
+        self.pending = 0
+        new_mask = model._new_mask(self.columns)
+        for first, program in zip(model._groups(), programs):
+            for i in model._layers(first):
+                for part in model.cache_parts:
+                    with program.input_tensor(kv_name(part, i, "cache")).view() as cache:
+                        cache[...] = 0
+                        cache[0, :, 0, :length] = kv[kv_name(part, i, "prefill")]
+            with program.input_tensor("mask").view() as mask:
+                mask[...] = MASK_VALUE
+                mask[..., :length] = 0
+            with program.input_tensor("mask_new").view() as mask:
+                mask[...] = new_mask
+            with program.input_tensor("x").view() as x:
+                x[...] = 0
+
+    def feed(self, tokens) -> np.ndarray:
+        tokens = self._check_feed(tokens)
+        n = tokens.size
+        x, inputs = self.model._decode_inputs(tokens, self.length, self.columns)
+        for program in self.programs:
+            with program.input_tensor("x").view() as xin:
+                xin[0, :, 0, :n] = x.T
+            for name, value in inputs.items():
+                with program.input_tensor(name).view() as view:
+                    view[...] = value
+            program.evaluate()
+            with program.output_tensor("y").view(read_only=True) as y:
+                x = y[0, :, 0, :n].T.astype(np.float32)
+        self.pending = n
+        return self.model._head(x)
+
+    def commit(self, n: int) -> None:
+        from orion.models.gpt2 import kv_name
+
+        if not 0 <= n <= self.pending:
+            raise BindingError(f"cannot commit {n} positions: the last feed left {self.pending}")
+        at = slice(self.length, self.length + n)
+        for first, program in zip(self.model._groups(), self.programs):
+            for i in self.model._layers(first):
+                for part in self.model.cache_parts:  # the first n new columns go into the cache at their positions
+                    with program.output_tensor(kv_name(part, i, "new")).view(read_only=True) as new, \
+                            program.input_tensor(kv_name(part, i, "cache")).view() as cache:
+                        cache[0, :, 0, at] = new[0, :, 0, :n]
+            with program.input_tensor("mask").view() as mask:
+                mask[..., at] = 0
+        self.length += n
+        self.pending = 0
+
+    def rollback(self, length: int) -> None:
+        from orion.ir.builder import MASK_VALUE
+
+        if not 0 < length <= self.length:
+            raise BindingError(f"cannot roll back to {length} positions: the cache holds {self.length}")
+        for program in self.programs:
+            with program.input_tensor("mask").view() as mask:
+                mask[..., length:] = MASK_VALUE
+        self.length = length
+        self.pending = 0

@@ -70,7 +70,7 @@ def speculative_ids(target: TextGenerator, draft: TextGenerator, ids, max_tokens
                            f"({logits.shape[-1]}): a draft must share the target's tokenizer")
     token = sampler.sample(logits)
     stats.prefill_seconds = time.perf_counter() - t0
-    stats.dispatches_per_token = len(session.programs)
+    stats.dispatches_per_token = session.dispatches
     t1 = time.perf_counter()
     try:
         produced = [token]

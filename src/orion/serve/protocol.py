@@ -90,8 +90,10 @@ def parse(kind: str, body, model, models: dict[str, str | None]) -> Call:
         raise ApiError(400, "stream_options must be an object like {\"include_usage\": true}", param="stream_options")
 
     source = "prompt" if kind == COMPLETION else "messages"
-    text = _prompt(body.get("prompt")) if kind == COMPLETION else model.chat_prompt(_messages(body.get("messages")))
-    ids = _encode(model, text, source)
+    if kind == COMPLETION:
+        ids = _encode(model, _prompt(body.get("prompt")), source, chat=False)
+    else:
+        ids = _encode(model, _messages(body.get("messages")), source, chat=True)
     room = model.context_length - len(ids)
     if room < 1:
         raise ApiError(400, f"the {source} is {len(ids)} tokens: this model's context of {model.context_length} tokens "
@@ -184,9 +186,9 @@ def _messages(value) -> list[dict]:
     return messages
 
 
-def _encode(model, text: str, param: str) -> list[int]:
+def _encode(model, prompt, param: str, chat: bool) -> list[int]:
     try:
-        return model.encode(text)
+        return model.encode(prompt, chat=chat)
     except OrionError as exc:
         raise ApiError(400, str(exc), param=param) from None
 

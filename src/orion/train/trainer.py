@@ -122,9 +122,9 @@ class TrainSettings:
         "model_overrides", "seq_len"): the base model's shape, else the preset's (if any) with model_overrides over
         it; ``seq_len`` over either."""
         if base is not None:
-            fields = {name: ("base", value) for name, value in dataclasses.asdict(base).items()}
+            fields = {name: ("base", value) for name, value in base.to_dict().items()}
         else:
-            fields = {name: ("preset", value) for name, value in dataclasses.asdict(PRESETS[preset]).items()
+            fields = {name: ("preset", value) for name, value in PRESETS[preset].to_dict().items()
                       } if preset else {}
             fields |= {name: ("model_overrides", value) for name, value in self.model_overrides.items()}
         if self.seq_len:
@@ -168,7 +168,7 @@ def _resumed_settings(settings: TrainSettings, state: dict, base: LlamaConfig | 
     """``settings`` with each one left unset taken from the checkpoint a run resumes, after refusing any setting
     given that contradicts the model the checkpoint holds or a setting the exact resume depends on (naming it and
     both values)."""
-    held = state["config"]
+    held = LlamaConfig(**state["config"]).to_dict()  # with the defaults of fields older checkpoints lack
     flags = {"base": f"--base {settings.base}", "preset": f"--config {settings.preset}",
              "model_overrides": "model_overrides", "seq_len": f"--seq-len {settings.seq_len}"}
     for name, (source, value) in settings.shape(settings.preset, base).items():

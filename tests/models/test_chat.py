@@ -96,10 +96,14 @@ def test_generate_with_chat_feeds_the_templated_prompt(chat_dir):
     assert result.stdout == "The cat\n" + text + "\n"
 
 
-def test_generate_chat_without_a_template_exits_2(tiny_gpt2_dir):
+def test_generate_chat_without_a_template_warns_and_uses_the_plain_format(tiny_gpt2_dir):
+    """The server's format for models without a template (TextGenerator.chat_prompt), said on stderr."""
     result = CliRunner().invoke(cli, ["generate", "--model", str(tiny_gpt2_dir), "--prompt", "x", "--chat",
-                                      "--backend", "emulator"])
-    assert result.exit_code == 2 and "no chat template" in result.stderr, result.output
+                                      "--max-tokens", "2", "--backend", "emulator"])
+    assert result.exit_code == 0 and "no chat template" in result.stderr, result.output
+    with orion.load(str(tiny_gpt2_dir), backend="emulator") as model:
+        plain = model.tokenizer.encode("user: x\nassistant:")
+    assert f"prompt {len(plain)} tokens" in result.stderr
 
 
 def test_generate_with_chat_and_a_llama_draft_prints_the_targets_text(chat_dir):

@@ -383,6 +383,9 @@ def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float
     options = dict(backend=backend, target=target_name, accumulator=None if exact_numerics else "fp32")
     with orion.load(model_id, quantize=spec, head=head, **options) as model, contextlib.ExitStack() as stack:
         draft = None if draft_id is None else stack.enter_context(orion.load(draft_id, head=head, **options))
+        if chat and getattr(model.tokenizer, "chat_template", None) is None:
+            _warn("this model's tokenizer has no chat template: the prompt is formatted plainly, as "
+                  "'user: PROMPT' and 'assistant:' lines")
         if adapter_path is not None:
             model.set_adapter(model.load_adapter(adapter_path))
         click.echo(prompt, nl=chat)

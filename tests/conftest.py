@@ -12,6 +12,7 @@ import pytest
 from orion.ir.graph import Graph
 from orion.mil.emit import emit
 from orion.models.llama import LlamaConfig, init_weights
+from orion.runtime.budget import PROCESS_BUDGET
 from orion.runtime.backends.emulator import load_program
 
 _counter = itertools.count()
@@ -44,6 +45,13 @@ def _isolated_program_cache(tmp_path_factory):
     mp.delenv("ORION_BACKEND", raising=False)
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_budget(monkeypatch):
+    """Each test counts its compiles against the process budget as if it ran in a process of its own: the suite as
+    a whole compiles far more programs than one process may (ORION_COMPILE_BUDGET, 100)."""
+    monkeypatch.setattr(PROCESS_BUDGET, "used", 0)
 
 
 @pytest.fixture

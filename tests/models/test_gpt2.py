@@ -63,6 +63,43 @@ def test_logits_match_transformers(reference, orion_model):
     assert top1 >= 0.97, top1
 
 
+def test_the_classifier_on_the_ane_gives_the_cpu_classifiers_logits():
+    """head="ane" with an axis limit of 256: a 600-entry vocabulary splits into 3 chunks of 256 rows (the last
+    padded), the final LayerNorm (random gain and offset) runs in the same program; its logits are the CPU head's
+    and transformers', for prompt rows and decode steps, and it adds one dispatch per token."""
+    torch.manual_seed(3)
+    vocab = 600
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.ndim == 2:
+                p.mul_(4.0)
+    randomize_biases_and_norms(model)
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    target = get_target("default").with_overrides(max_axis=256, name="narrow")
+    with GPT2(GPT2Config.from_hf(config.to_dict()), state, backend="emulator", target=target,
+              cache=ProgramCache(None), budget=CompileBudget(100), head="ane") as ane:
+        graphs = ane._head_graphs()
+        assert len(graphs) == 1 and len(graphs[0].outputs) == 3
+        hidden = np.random.default_rng(6).normal(0, 3, (5, config.n_embd)).astype(np.float32)
+        got = ane._head(hidden)
+        ane.head = "cpu"
+        expected = ane._head(hidden)
+        ane.head = "ane"
+        assert got.shape == expected.shape == (5, vocab)
+        assert np.abs(got - expected).max() < 0.01 * np.abs(expected).max()
+        ids = np.random.default_rng(7).integers(0, vocab, 24)
+        session, first = ane.start(ids[:16], 8)
+        rows = np.stack([first] + [session.step(int(t)) for t in ids[16:23]])
+        ref = torch_logits(model, ids)[15:23]
+        assert np.abs(rows - ref).max() < 0.02 * np.abs(ref).max()
+        assert (rows.argmax(-1) == ref.argmax(-1)).mean() >= 0.85
+        assert session.dispatches == len(session.programs) + 1
+        assert len(ane.step_graphs("decode", 64)) == session.dispatches
+        assert ane.host_bytes("decode") == 0
+
+
 def test_decode_steps_with_the_kv_cache_match_full_sequence_logits(reference, orion_model):
     """Teacher forcing through the decode programs: each step's logits equal the reference at that position, whether
     tokens go one per pass or several per pass (the verify pass of speculative decoding), and after positions fed

@@ -128,6 +128,8 @@ def test_generate_with_a_draft_prints_the_targets_text_and_the_acceptance(model_
     assert bad.exit_code == 2 and "no such model folder" in bad.stderr
 
 
-def test_the_ane_classifier_is_refused_for_gpt2(model_dir):
-    with pytest.raises(orion.errors.OrionError, match="head='ane': GPT-2's classifier runs on the CPU"):
-        orion.load(str(model_dir), backend="emulator", head="ane")
+def test_gpt2_takes_the_classifier_on_the_ane_and_refuses_an_unknown_place(model_dir):
+    with orion.load(str(model_dir), backend="emulator", head="ane") as model:
+        assert model.head == "ane" and len(model._head_graphs()) == 1
+    with pytest.raises(orion.errors.OrionError, match="head must be one of"):
+        orion.load(str(model_dir), backend="emulator", head="gpu")

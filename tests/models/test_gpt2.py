@@ -239,3 +239,47 @@ def test_generation_runs_one_decode_step_per_token_after_the_first(orion_model):
     tokens = list(orion_model.generate_ids(prompt, max_tokens=5))
     assert len(tokens) == 5
     assert orion_model.stats.new_tokens == 5 and orion_model.stats.decode_steps == 4
+
+
+@pytest.mark.parametrize("layers, d, vocab", [
+    (2, 128, 5000),  # GPT-2's layout at a small size: the default run
+    pytest.param(12, 768, 50257, marks=pytest.mark.slow),  # GPT-2 124M (a minute: it quantizes 85M weights twice)
+])
+def test_int8_gpt2_with_the_ane_classifier_is_predicted_as_counted_by_hand(layers, d, vocab):
+    """The cost model on the programs GPT-2 builds for m4 (int8 blocks, the classifier on the ANE), against a count
+    by hand from the reference's figures: per block program (one per program under m4's 16 weight tensors), four
+    int8 matrices (a byte per weight, an fp16 scale per output channel; one int8 zero point, shared once the
+    compiler merges equal constants) and their fp16 biases; the classifier program, the vocabulary padded to 64
+    rows in fp16 and the final LayerNorm's gain and offset. Surfaces (64-byte rows, at least 49,152 bytes): x, y, the
+    new k and v as [d, 16] fp32, the masks, the k and v caches of 256 positions in fp16, the logits [rows, 16] fp32.
+    Each program costs 90 us plus its bytes over 67 GB/s (decode is memory-bound: checked); the CPU reads nothing."""
+    from orion.compiler.costmodel import get_chip
+    from orion.models.bench import random_gpt2_state
+    from orion.models.lm import predict
+
+    chip = get_chip("m4")
+    f, columns, capacity = 4 * d, 16, 256
+
+    def surface(nbytes: int) -> int:
+        return max(49152, -(-nbytes // 64) * 64)
+
+    config, state = random_gpt2_state(layers, d, vocab, n_positions=256)
+    with GPT2(GPT2Config.from_hf(config), state, backend="emulator", target="m4", quantize="int8",
+              head="ane") as model:
+        figures = predict(model, chip, prompt_tokens=128, new_tokens=64)
+    decode = figures["decode"]
+    block_weights = 1 + sum(out * inp + 2 * out + 2 * out for out, inp in ((3 * d, d), (d, d), (f, d), (d, f)))
+    block_io = (4 * surface(columns * d * 4) + surface(capacity * 2) + surface(columns * columns * 4)
+                + 2 * surface(capacity * d * 2))
+    rows = -(-vocab // 64) * 64
+    head_weights, head_io = rows * d * 2 + 2 * d * 2, surface(columns * d * 4) + surface(rows * columns * 4)
+    counted = [(block_weights, block_io)] * layers + [(head_weights, head_io)]
+    assert decode.dispatches == len(counted) == layers + 1
+    seconds = 0.0
+    for cost, (weights, io) in zip(decode.programs, counted):
+        assert (cost.weight_bytes, cost.io_bytes) == (weights, io)
+        memory = (weights + io) / (chip.ane_gbps.value * 1e9)
+        assert cost.seconds(chip)[2] < memory  # the roofline takes memory
+        seconds += chip.dispatch_us.value * 1e-6 + memory
+    assert decode.host_bytes == 0
+    assert decode.tok_s == pytest.approx(1 / seconds, rel=1e-9)

@@ -109,6 +109,18 @@ def test_bench_predict_prints_the_cost_model_for_the_models_programs(model_dir, 
     assert figures["target"] == "m4" and figures["decode"]["dispatches"] == 2
     assert figures["decode"]["weight_mb"] == pytest.approx(2 * 12 * d * d * 2 / 1e6, rel=0.05)
     assert figures["decode"]["tok_s"] > 0 and figures["prefill"]["tok_s"] > figures["decode"]["tok_s"]
+    int8 = CliRunner().invoke(cli, ["bench", "predict", "--model", str(model_dir), "--chip", "m4", "--quantize", "int8",
+                                    "--head", "ane", "--prompt-tokens", "20", "--new-tokens", "8", "--json", str(report)])
+    assert int8.exit_code == 0, int8.output
+    assert "weights int8, classifier on the ane" in int8.stdout
+    compressed = json.loads(report.read_text())
+    assert (compressed["weights"], compressed["head"], compressed["decode"]["host_mb"]) == ("int8", "ane", 0)
+    assert compressed["decode"]["dispatches"] == 3  # two block programs and the classifier's
+    for args in (["bench", "predict", "--model", str(model_dir), "--chip", "m4", "--keep-fp16", "h00_*"],
+                 ["bench", "gpt2", "--model", str(model_dir), "--quantize", "int8", "--json", str(report)]):
+        refused = CliRunner().invoke(cli, args)
+        assert refused.exit_code == 2 and ("needs --quantize" in refused.stderr or
+                                           "--quantize: only with --predict CHIP" in refused.stderr), refused.output
     bad = CliRunner().invoke(cli, ["bench", "gpt2", "--predict", "m9", "--model", str(model_dir)])
     assert bad.exit_code == 2 and "known chips: m1, m4" in bad.stderr
     measured_without_json = CliRunner().invoke(cli, ["bench", "gpt2", "--model", str(model_dir)])

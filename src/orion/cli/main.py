@@ -529,7 +529,7 @@ def _predict_only(*given) -> None:
     """Refuse the options (their names in ``given``, falsy where not given) a measured run does not take."""
     named = [name for name in given if name]
     if named:
-        raise OrionError(f"{' and '.join(named)} apply to --predict CHIP only (a measured run does not take them)")
+        raise OrionError(f"{' and '.join(named)}: only with --predict CHIP (a measured run does not take it)")
 
 
 def _needs_json(json_file: Path | None) -> None:

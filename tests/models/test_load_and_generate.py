@@ -109,8 +109,9 @@ def test_bench_predict_prints_the_cost_model_for_the_models_programs(model_dir, 
     assert figures["target"] == "m4" and figures["decode"]["dispatches"] == 2
     assert figures["decode"]["weight_mb"] == pytest.approx(2 * 12 * d * d * 2 / 1e6, rel=0.05)
     assert figures["decode"]["tok_s"] > 0 and figures["prefill"]["tok_s"] > figures["decode"]["tok_s"]
-    int8 = CliRunner().invoke(cli, ["bench", "predict", "--model", str(model_dir), "--chip", "m4", "--quantize", "int8",
-                                    "--head", "ane", "--prompt-tokens", "20", "--new-tokens", "8", "--json", str(report)])
+    int8 = CliRunner().invoke(cli, ["bench", "predict", "--model", str(model_dir), "--chip", "m4", "--quantize",
+                                    "int8", "--head", "ane", "--prompt-tokens", "20", "--new-tokens", "8",
+                                    "--json", str(report)])
     assert int8.exit_code == 0, int8.output
     assert "weights int8, classifier on the ane" in int8.stdout
     compressed = json.loads(report.read_text())

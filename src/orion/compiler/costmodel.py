@@ -10,11 +10,11 @@ the MIL programs one step evaluates (a decode step, a prefill) and charges each 
 
 as ``overhead + max(memory, compute)`` (the ANE streams weights while it computes: a roofline per program), plus the
 work a model leaves to the CPU per token (the host bytes it reads, e.g. a classifier kept in float32 BLAS) over the
-CPU's bandwidth. A compressed weight (a ``constexpr_*`` op) is charged its stored parts at the size the blob
-writer stores them: sub-byte data and palette indices packed, plus its scales, offsets and palettes. It is decoded to
-fp16 before the multiply (reference N12), but no source gives what the decode costs, so it is charged nothing: the
-prediction for a compressed model is a bound from the bytes it saves. Every per-chip figure is a :class:`Figure` that names its source; a chip that lacks one is refused,
-never guessed. The figures are public reports, not measurements of this project: ``orion doctor`` on a Mac is what
+CPU's bandwidth. A compressed weight (a ``constexpr_*`` op) is charged its stored parts at the size the blob writer
+stores them: sub-byte data and palette indices packed, plus its scales, offsets and palettes. It is decoded to fp16
+before the multiply (reference N12), but no source gives what the decode costs, so it is charged nothing: the
+prediction for a compressed model is a bound from the bytes it saves. Every per-chip figure is a :class:`Figure` that
+names its source; a chip that lacks one is refused, never guessed. The figures are public reports, not measurements of this project: ``orion doctor`` on a Mac is what
 settles them.
 """
 

@@ -33,6 +33,31 @@ def test_a_program_is_charged_its_weights_surfaces_and_flops():
     assert cost.io_bytes == 7 * 49152
 
 
+@pytest.mark.parametrize("weights, stored", [
+    # int8 per output channel: one byte per value, an fp16 scale per channel, an inline int8 zero point
+    ("int8", 100 * 64 + 100 * 2 + 1),
+    # int4 in blocks of 32 input channels: half a byte per value, an fp16 scale per block
+    ("int4/32", 100 * 64 // 2 + 100 * 2 * 2),
+    # a 16-entry palette per output channel: 4-bit indices packed, 16 fp16 entries per channel
+    ("lut4", 100 * 64 // 2 + 100 * 16 * 2),
+    # 2-bit indices: 6,400 x 2 bits = 1,600 bytes; 4 fp16 entries per channel
+    ("lut2", 100 * 64 * 2 // 8 + 100 * 4 * 2),
+])
+def test_a_compressed_weight_is_charged_as_stored_and_its_decode_costs_nothing(weights, stored):
+    """A 64 -> 100 channel 1x1 conv with a bias: the weight costs its packed data plus scales or palettes, the
+    bias its fp16 bytes; the constexpr decode adds no FLOPs (no published cost), the conv and the add theirs."""
+    rng = np.random.default_rng(2)
+    b = GraphBuilder("compressed")
+    x = b.input("x", (1, 64, 1, 32))
+    b.output("y", b.linear(x, rng.standard_normal((100, 64)), rng.standard_normal(100), name="proj"))
+    program = compile_graph(b.graph, "m4", weights=weights).module.program
+    assert any(st.op.startswith("constexpr_") for st in program.statements)
+    cost = program_cost(program, "m4")
+    assert cost.weight_bytes == stored + 100 * 2
+    assert cost.conv_flops == 2 * 100 * 32 * 64
+    assert cost.other_flops == 100 * 32  # the bias add
+
+
 def test_a_step_adds_dispatch_and_the_longer_of_memory_and_compute_per_program():
     chip = get_chip("m4")
     b = GraphBuilder("wide")

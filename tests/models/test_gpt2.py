@@ -63,6 +63,43 @@ def test_logits_match_transformers(reference, orion_model):
     assert top1 >= 0.97, top1
 
 
+def test_the_classifier_on_the_ane_gives_the_cpu_classifiers_logits():
+    """head="ane" with an axis limit of 256: a 600-entry vocabulary splits into 3 chunks of 256 rows (the last
+    padded), the final LayerNorm (random gain and offset) runs in the same program; its logits are the CPU head's
+    and transformers', for prompt rows and decode steps, and it adds one dispatch per token."""
+    torch.manual_seed(3)
+    vocab = 600
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.ndim == 2:
+                p.mul_(4.0)
+    randomize_biases_and_norms(model)
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    target = get_target("default").with_overrides(max_axis=256, name="narrow")
+    with GPT2(GPT2Config.from_hf(config.to_dict()), state, backend="emulator", target=target,
+              cache=ProgramCache(None), budget=CompileBudget(100), head="ane") as ane:
+        graphs = ane._head_graphs()
+        assert len(graphs) == 1 and len(graphs[0].outputs) == 3
+        hidden = np.random.default_rng(6).normal(0, 3, (5, config.n_embd)).astype(np.float32)
+        got = ane._head(hidden)
+        ane.head = "cpu"
+        expected = ane._head(hidden)
+        ane.head = "ane"
+        assert got.shape == expected.shape == (5, vocab)
+        assert np.abs(got - expected).max() < 0.01 * np.abs(expected).max()
+        ids = np.random.default_rng(7).integers(0, vocab, 24)
+        session, first = ane.start(ids[:16], 8)
+        rows = np.stack([first] + [session.step(int(t)) for t in ids[16:23]])
+        ref = torch_logits(model, ids)[15:23]
+        assert np.abs(rows - ref).max() < 0.02 * np.abs(ref).max()
+        assert (rows.argmax(-1) == ref.argmax(-1)).mean() >= 0.85
+        assert session.dispatches == len(session.programs) + 1
+        assert len(ane.step_graphs("decode", 64)) == session.dispatches
+        assert ane.host_bytes("decode") == 0
+
+
 def test_decode_steps_with_the_kv_cache_match_full_sequence_logits(reference, orion_model):
     """Teacher forcing through the decode programs: each step's logits equal the reference at that position, whether
     tokens go one per pass or several per pass (the verify pass of speculative decoding), and after positions fed
@@ -202,3 +239,47 @@ def test_generation_runs_one_decode_step_per_token_after_the_first(orion_model):
     tokens = list(orion_model.generate_ids(prompt, max_tokens=5))
     assert len(tokens) == 5
     assert orion_model.stats.new_tokens == 5 and orion_model.stats.decode_steps == 4
+
+
+@pytest.mark.parametrize("layers, d, vocab", [
+    (2, 128, 5000),  # GPT-2's layout at a small size: the default run
+    pytest.param(12, 768, 50257, marks=pytest.mark.slow),  # GPT-2 124M (a minute: it quantizes 85M weights twice)
+])
+def test_int8_gpt2_with_the_ane_classifier_is_predicted_as_counted_by_hand(layers, d, vocab):
+    """The cost model on the programs GPT-2 builds for m4 (int8 blocks, the classifier on the ANE), against a count
+    by hand from the reference's figures: per block program (one per program under m4's 16 weight tensors), four
+    int8 matrices (a byte per weight, an fp16 scale per output channel; one int8 zero point, shared once the
+    compiler merges equal constants) and their fp16 biases; the classifier program, the vocabulary padded to 64
+    rows in fp16 and the final LayerNorm's gain and offset. Surfaces (64-byte rows, at least 49,152 bytes): x, y, the
+    new k and v as [d, 16] fp32, the masks, the k and v caches of 256 positions in fp16, the logits [rows, 16] fp32.
+    Each program costs 90 us plus its bytes over 67 GB/s (decode is memory-bound: checked); the CPU reads nothing."""
+    from orion.compiler.costmodel import get_chip
+    from orion.models.bench import random_gpt2_state
+    from orion.models.lm import predict
+
+    chip = get_chip("m4")
+    f, columns, capacity = 4 * d, 16, 256
+
+    def surface(nbytes: int) -> int:
+        return max(49152, -(-nbytes // 64) * 64)
+
+    config, state = random_gpt2_state(layers, d, vocab, n_positions=256)
+    with GPT2(GPT2Config.from_hf(config), state, backend="emulator", target="m4", quantize="int8",
+              head="ane") as model:
+        figures = predict(model, chip, prompt_tokens=128, new_tokens=64)
+    decode = figures["decode"]
+    block_weights = 1 + sum(out * inp + 2 * out + 2 * out for out, inp in ((3 * d, d), (d, d), (f, d), (d, f)))
+    block_io = (4 * surface(columns * d * 4) + surface(capacity * 2) + surface(columns * columns * 4)
+                + 2 * surface(capacity * d * 2))
+    rows = -(-vocab // 64) * 64
+    head_weights, head_io = rows * d * 2 + 2 * d * 2, surface(columns * d * 4) + surface(rows * columns * 4)
+    counted = [(block_weights, block_io)] * layers + [(head_weights, head_io)]
+    assert decode.dispatches == len(counted) == layers + 1
+    seconds = 0.0
+    for cost, (weights, io) in zip(decode.programs, counted):
+        assert (cost.weight_bytes, cost.io_bytes) == (weights, io)
+        memory = (weights + io) / (chip.ane_gbps.value * 1e9)
+        assert cost.seconds(chip)[2] < memory  # the roofline takes memory
+        seconds += chip.dispatch_us.value * 1e-6 + memory
+    assert decode.host_bytes == 0
+    assert decode.tok_s == pytest.approx(1 / seconds, rel=1e-9)

@@ -109,5 +109,10 @@ def test_bench_llama_predict_prints_the_cost_model_for_a_preset(tmp_path):
     assert cpu_figures["target"] == "m4" and cpu_figures["decode"]["dispatches"] == 1
     assert ane_figures["decode"]["dispatches"] == 2
     assert ane_figures["decode"]["weight_mb"] - cpu_figures["decode"]["weight_mb"] == pytest.approx(2 * 512 * 64 / 1e6)
+    int4 = CliRunner().invoke(cli, [*args, "--quantize", "int4/32"])
+    assert int4.exit_code == 0, int4.output
+    int4_figures = json.loads(report.read_text())
+    assert int4_figures["weights"] == "int4/32"
+    assert int4_figures["decode"]["weight_mb"] < cpu_figures["decode"]["weight_mb"] / 2
     measured_without_json = CliRunner().invoke(cli, ["bench", "llama", "--preset", "tiny"])
     assert measured_without_json.exit_code == 2 and "--json" in measured_without_json.stderr

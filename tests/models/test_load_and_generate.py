@@ -109,6 +109,19 @@ def test_bench_predict_prints_the_cost_model_for_the_models_programs(model_dir, 
     assert figures["target"] == "m4" and figures["decode"]["dispatches"] == 2
     assert figures["decode"]["weight_mb"] == pytest.approx(2 * 12 * d * d * 2 / 1e6, rel=0.05)
     assert figures["decode"]["tok_s"] > 0 and figures["prefill"]["tok_s"] > figures["decode"]["tok_s"]
+    int8 = CliRunner().invoke(cli, ["bench", "predict", "--model", str(model_dir), "--chip", "m4", "--quantize",
+                                    "int8", "--head", "ane", "--prompt-tokens", "20", "--new-tokens", "8",
+                                    "--json", str(report)])
+    assert int8.exit_code == 0, int8.output
+    assert "weights int8, classifier on the ane" in int8.stdout
+    compressed = json.loads(report.read_text())
+    assert (compressed["weights"], compressed["head"], compressed["decode"]["host_mb"]) == ("int8", "ane", 0)
+    assert compressed["decode"]["dispatches"] == 3  # two block programs and the classifier's
+    for args in (["bench", "predict", "--model", str(model_dir), "--chip", "m4", "--keep-fp16", "h00_*"],
+                 ["bench", "gpt2", "--model", str(model_dir), "--quantize", "int8", "--json", str(report)]):
+        refused = CliRunner().invoke(cli, args)
+        assert refused.exit_code == 2 and ("needs --quantize" in refused.stderr or
+                                           "--quantize: only with --predict CHIP" in refused.stderr), refused.output
     bad = CliRunner().invoke(cli, ["bench", "gpt2", "--predict", "m9", "--model", str(model_dir)])
     assert bad.exit_code == 2 and "known chips: m1, m4" in bad.stderr
     measured_without_json = CliRunner().invoke(cli, ["bench", "gpt2", "--model", str(model_dir)])
@@ -128,6 +141,8 @@ def test_generate_with_a_draft_prints_the_targets_text_and_the_acceptance(model_
     assert bad.exit_code == 2 and "no such model folder" in bad.stderr
 
 
-def test_the_ane_classifier_is_refused_for_gpt2(model_dir):
-    with pytest.raises(orion.errors.OrionError, match="head='ane': GPT-2's classifier runs on the CPU"):
-        orion.load(str(model_dir), backend="emulator", head="ane")
+def test_gpt2_takes_the_classifier_on_the_ane_and_refuses_an_unknown_place(model_dir):
+    with orion.load(str(model_dir), backend="emulator", head="ane") as model:
+        assert model.head == "ane" and len(model._head_graphs()) == 1
+    with pytest.raises(orion.errors.OrionError, match="head must be one of"):
+        orion.load(str(model_dir), backend="emulator", head="gpu")

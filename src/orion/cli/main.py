@@ -70,6 +70,29 @@ def _target_option(fn):
                         help="Target profile (see `orion targets`).")(fn)
 
 
+def _quantize_options(fn):
+    """``--quantize`` and ``--keep-fp16``: how a model's programs compress their weights (:func:`_compression`)."""
+    fn = click.option("--keep-fp16", "keep_fp16", multiple=True, metavar="PATTERN",
+                      help="With --quantize: weight names (shell patterns, e.g. 'h00_*') left in fp16; "
+                           "repeatable.")(fn)
+    return click.option("--quantize", default=None, metavar="SCHEME[/BLOCK]",
+                        help="Compress the programs' weights: int8, int4, lut2, lut4, lut6 or lut8, per output "
+                             "channel or per block of 32/64/128 (int4/32).")(fn)
+
+
+def _compression(quantize: str | None, keep_fp16: tuple[str, ...]):
+    """The WeightCompression of ``--quantize`` and ``--keep-fp16`` (None: fp16 weights)."""
+    import dataclasses
+
+    from orion.compiler.passes import WeightCompression
+    from orion.errors import SettingsError
+
+    if keep_fp16 and quantize is None:
+        raise SettingsError("--keep-fp16 needs --quantize")
+    spec = WeightCompression.of(quantize)
+    return spec and dataclasses.replace(spec, keep=keep_fp16)
+
+
 def _backend_option(help_text: str | None = None):
     """Every command's ``--backend``, from the backend registry; ``help_text`` replaces the registry's meanings."""
     from orion.runtime.backends import BACKEND_ENV, BACKENDS
@@ -352,17 +375,13 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
 @click.option("--chat", is_flag=True, help="The prompt is a user message: format it with the model's chat template "
               "(tokenizer_config.json).")
 @click.option("--head", type=click.Choice(["cpu", "ane"]), default="cpu", show_default=True,
-              help="Llama family: run the classifier on the CPU or on the ANE (split along the vocabulary).")
+              help="Run the classifier on the CPU or on the ANE (split along the vocabulary).")
 @click.option("--draft", "draft_id", default=None,
               help="A smaller model with the same tokenizer that drafts tokens for --model to verify in one pass "
                    "(exact speculative decoding: the output is --model's).")
 @click.option("--draft-tokens", type=click.IntRange(min=1), default=4, show_default=True,
               help="Tokens the draft proposes per verify pass.")
-@click.option("--quantize", default=None, metavar="SCHEME[/BLOCK]",
-              help="Compress the programs' weights: int8, int4, lut2, lut4, lut6 or lut8, per output channel or "
-                   "per block of 32/64/128 (int4/32).")
-@click.option("--keep-fp16", "keep_fp16", multiple=True, metavar="PATTERN",
-              help="With --quantize: weight names (shell patterns, e.g. 'h00_*') left in fp16; repeatable.")
+@_quantize_options
 @handle_errors
 def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, seed: int | None, backend: str, target_name: str, exact_numerics: bool,
@@ -370,16 +389,10 @@ def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float
                  quantize: str | None, keep_fp16: tuple[str, ...]) -> None:
     """Generate text; tokens stream to the terminal as they come, then one line of figures."""
     import contextlib
-    import dataclasses
 
     import orion
-    from orion.compiler.passes import WeightCompression
-    from orion.errors import SettingsError
 
-    if keep_fp16 and quantize is None:
-        raise SettingsError("--keep-fp16 needs --quantize")
-    spec = WeightCompression.of(quantize)
-    spec = spec and dataclasses.replace(spec, keep=keep_fp16)
+    spec = _compression(quantize, keep_fp16)
     options = dict(backend=backend, target=target_name, accumulator=None if exact_numerics else "fp32")
     with orion.load(model_id, quantize=spec, head=head, **options) as model, contextlib.ExitStack() as stack:
         draft = None if draft_id is None else stack.enter_context(orion.load(draft_id, head=head, **options))
@@ -480,30 +493,43 @@ def bench_group() -> None:
 @click.option("--predict", "chip", default=None, metavar="CHIP",
               help="Instead of measuring: the ANE cost model's prediction on CHIP (m1, m4, m4max, m5pro) for the "
                    "programs Orion builds (for the chip's target unless --target is given).")
+@click.option("--head", type=click.Choice(["cpu", "ane"]), default="cpu", show_default=True,
+              help="With --predict: the classifier on the CPU or on the ANE (split along the vocabulary).")
+@_quantize_options
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report here (required for a measured run).")
 @handle_errors
 def bench_gpt2_cmd(model_dir: str | None, backend: str, target_name: str, reference: str, prompt_tokens: int,
                    new_tokens: int, exact_numerics: bool, repeats: int, threads: int | None, chip: str | None,
-                   json_file: Path | None) -> None:
+                   head: str, quantize: str | None, keep_fp16: tuple[str, ...], json_file: Path | None) -> None:
     """Orion's GPT-2 against transformers on the same weights, in the same run (each side in its own process,
     their repetitions interleaved); or, with --predict, the cost model's figures."""
     from orion.models.bench import bench_gpt2
 
+    spec = _compression(quantize, keep_fp16)
     if chip is not None:
         from orion.models.bench import random_gpt2_state
         from orion.models.gpt2 import GPT2, GPT2Config
 
-        def random_model(target):
+        def random_model(target, **options):
             config, state = random_gpt2_state()
-            return GPT2(GPT2Config.from_hf(config), state, backend="emulator", target=target)
+            return GPT2(GPT2Config.from_hf(config), state, backend="emulator", target=target, **options)
 
-        _predict(model_dir, random_model, "random GPT-2 124M", chip, target_name, prompt_tokens, new_tokens, json_file)
+        _predict(model_dir, random_model, "random GPT-2 124M", chip, target_name, prompt_tokens, new_tokens, json_file,
+                 head, spec)
         return
+    _predict_only(head != "cpu" and "--head", spec and "--quantize")
     _needs_json(json_file)
     report = bench_gpt2(model_dir, backend, None if reference == "none" else reference, prompt_tokens, new_tokens,
                         exact_numerics, target_name, repeats, threads)
     _print_bench(report, "GPT-2", json_file)
+
+
+def _predict_only(*given) -> None:
+    """Refuse the options (their names in ``given``, falsy where not given) a measured run does not take."""
+    named = [name for name in given if name]
+    if named:
+        raise OrionError(f"{' and '.join(named)}: only with --predict CHIP (a measured run does not take it)")
 
 
 def _needs_json(json_file: Path | None) -> None:
@@ -558,20 +584,22 @@ def _print_bench(report: dict, family: str, json_file: Path) -> None:
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--head", type=click.Choice(["cpu", "ane"]), default="cpu", show_default=True,
-              help="Llama family: the classifier on the CPU or on the ANE (split along the vocabulary).")
+              help="The classifier on the CPU or on the ANE (split along the vocabulary).")
+@_quantize_options
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), help="Also write JSON here.")
 @handle_errors
 def bench_predict_cmd(model_id: str, chip: str, target_name: str, prompt_tokens: int, new_tokens: int, head: str,
-                      json_file: Path | None) -> None:
+                      quantize: str | None, keep_fp16: tuple[str, ...], json_file: Path | None) -> None:
     """The ANE cost model's decode and prefill figures for a model's programs on a chip (nothing runs)."""
-    _predict(model_id, None, model_id, chip, target_name, prompt_tokens, new_tokens, json_file, head)
+    _predict(model_id, None, model_id, chip, target_name, prompt_tokens, new_tokens, json_file, head,
+             _compression(quantize, keep_fp16))
 
 
 def _predict(model_id: str | None, make_model, label: str, chip_name: str, target_name: str, prompt_tokens: int,
-             new_tokens: int, json_file: Path | None, head: str = "cpu") -> None:
-    """Print (and write) the cost model's table for ``model_id`` (or ``make_model(target)``, called ``label``) on
-    ``chip_name``; the programs are built for the chip's target unless --target was given. ``head``: where a
-    Llama's classifier runs."""
+             new_tokens: int, json_file: Path | None, head: str = "cpu", quantize=None) -> None:
+    """Print (and write) the cost model's table for ``model_id`` (or ``make_model(target, head=, quantize=)``,
+    called ``label``) on ``chip_name``; the programs are built for the chip's target unless --target was given.
+    ``head``: where the classifier runs; ``quantize``: the blocks' weight compression (a WeightCompression)."""
     import json
 
     from click.core import ParameterSource
@@ -584,11 +612,15 @@ def _predict(model_id: str | None, make_model, label: str, chip_name: str, targe
     chip = get_chip(chip_name)
     given = click.get_current_context().get_parameter_source("target_name") is not ParameterSource.DEFAULT
     target = target_name if given else chip.target
-    model = orion.load(model_id, backend="emulator", target=target, head=head) if model_id else make_model(target)
+    options = dict(head=head, quantize=quantize)
+    model = (orion.load(model_id, backend="emulator", target=target, **options) if model_id else
+             make_model(target, **options))
     with model:
         figures = predict(model, chip, prompt_tokens, new_tokens)
+    weights = _weights_label(quantize)
     table = Table(title=f"ANE cost model: {model_id or label} on {chip.name} (programs for target "
-                        f"{model.target.name}; prompt {prompt_tokens} tokens, {new_tokens} new)")
+                        f"{model.target.name}; weights {weights}, classifier on the {head}; prompt {prompt_tokens} "
+                        f"tokens, {new_tokens} new)")
     columns = ("dispatches", "weights MB", "I/O MB", "host MB", "dispatch ms", "memory ms", "compute ms", "ANE ms",
                "host ms", "ms", "tok/s")
     for col in ("step", *columns):
@@ -605,12 +637,17 @@ def _predict(model_id: str | None, make_model, label: str, chip_name: str, targe
         sources.add_row(*row)
     out.print(sources)
     if json_file is not None:
-        report = {"model": model_id or label, "target": model.target.name,
+        report = {"model": model_id or label, "target": model.target.name, "weights": weights, "head": head,
                   "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                   **{phase: e.summary() for phase, e in figures.items()},
                   "figures": {name: {"value": value, "source": source} for name, value, source in chip.rows()}}
         write_atomic(json_file, json.dumps(report, indent=2))
         out.print(f"wrote {json_file}", highlight=False, markup=False)
+
+
+def _weights_label(spec) -> str:
+    """``fp16``, or the scheme and block of a WeightCompression as ``--quantize`` writes it (``int4/32``)."""
+    return "fp16" if spec is None else spec.scheme + (f"/{spec.block}" if spec.block else "")
 
 
 @bench_group.command("llama")
@@ -634,28 +671,32 @@ def _predict(model_id: str | None, make_model, label: str, chip_name: str, targe
 @click.option("--predict", "chip", default=None, metavar="CHIP",
               help="Instead of measuring: the ANE cost model's prediction on CHIP (m1, m4, m4max, m5pro) for the "
                    "programs Orion builds, with the classifier where --head says (cpu for both).")
+@_quantize_options
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report here (required for a measured run).")
 @handle_errors
 def bench_llama_cmd(model_dir: str | None, preset: str, heads: str, backend: str, target_name: str, reference: str,
                     prompt_tokens: int, new_tokens: int, exact_numerics: bool, repeats: int, threads: int | None,
-                    chip: str | None, json_file: Path | None) -> None:
+                    chip: str | None, quantize: str | None, keep_fp16: tuple[str, ...],
+                    json_file: Path | None) -> None:
     """A Llama-family model against transformers on the same weights (each side in its own process, their
     repetitions interleaved): prefill and decode tok/s, peak memory, dispatches per token, and which classifier
     place decodes faster; or, with --predict, the cost model's figures."""
     from orion.models.bench import bench_llama
 
     head = "ane" if heads == "ane" else "cpu"
+    spec = _compression(quantize, keep_fp16)
     if chip is not None:
         from orion.models.bench import random_llama
         from orion.models.llama import Llama
 
-        def random_model(target):
-            return Llama(*random_llama(preset), backend="emulator", target=target, head=head)
+        def random_model(target, **options):
+            return Llama(*random_llama(preset), backend="emulator", target=target, **options)
 
         _predict(model_dir, random_model, f"random {preset}", chip, target_name, prompt_tokens, new_tokens,
-                 json_file, head)
+                 json_file, head, spec)
         return
+    _predict_only(spec and "--quantize")
     _needs_json(json_file)
     report = bench_llama(model_dir, preset, backend, None if reference == "none" else reference, prompt_tokens,
                          new_tokens, ("cpu", "ane") if heads == "both" else (heads,), exact_numerics, target_name,

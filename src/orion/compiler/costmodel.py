@@ -10,8 +10,11 @@ the MIL programs one step evaluates (a decode step, a prefill) and charges each 
 
 as ``overhead + max(memory, compute)`` (the ANE streams weights while it computes: a roofline per program), plus the
 work a model leaves to the CPU per token (the host bytes it reads, e.g. a classifier kept in float32 BLAS) over the
-CPU's bandwidth. Every per-chip figure is a :class:`Figure` that names its source; a chip that lacks one is refused,
-never guessed. The figures are public reports, not measurements of this project: ``orion doctor`` on a Mac is what
+CPU's bandwidth. A compressed weight (a ``constexpr_*`` op) is charged its stored parts at the size the blob writer
+stores them: sub-byte data and palette indices packed, plus its scales, offsets and palettes. It is decoded to fp16
+before the multiply (reference N12), but no source gives what the decode costs, so it is charged nothing: the
+prediction for a compressed model is a bound from the bytes it saves. Every per-chip figure is a :class:`Figure` that
+names its source; a chip that lacks one is refused, never guessed. The figures are public reports, not measurements of this project: ``orion doctor`` on a Mac is what
 settles them.
 """
 
@@ -25,6 +28,7 @@ import numpy as np
 from orion.compiler.analysis import surface_bytes
 from orion.compiler.targets import Target, get_target
 from orion.errors import SettingsError
+from orion.ir.ops import OPS
 from orion.mil.program import BlobRef, Program, VarRef
 
 
@@ -102,7 +106,8 @@ class ProgramCost:
     """What one evaluation of a program moves and computes."""
 
     name: str
-    weight_bytes: int  # float constants baked into the program (BLOBFILE and inline tensors; not op parameters)
+    weight_bytes: int  # constants baked into the program (BLOBFILE, inline float tensors, compressed weights' parts
+    # as stored; not op parameters)
     io_bytes: int  # every input and output surface, as the target rounds them
     conv_flops: int
     other_flops: int  # matmul (2 per multiply-add) and one per output element of every other op
@@ -122,17 +127,27 @@ def _const_bool(program: Program, arg) -> bool:
     return bool(np.asarray(value).item()) if value is not None else False
 
 
+def _compressed_parts(program: Program) -> set[str]:
+    """The consts a constexpr op decodes into a weight (data, indices, scales, offsets, palettes; not its axis)."""
+    return {arg.name for st in program.statements if st.op in OPS and OPS[st.op].kind == "constexpr"
+            for key, arg in st.args.items() if key in OPS[st.op].inputs and isinstance(arg, VarRef)}
+
+
 def program_cost(program: Program, target: Target | str = "default", name: str = "program") -> ProgramCost:
     """Walk a MIL program: its constants' bytes, its I/O surfaces' bytes on ``target``, its ops' FLOPs."""
     target = get_target(target)
     types = program.var_types()
+    compressed = _compressed_parts(program)
     weight_bytes = conv = other = 0
     for st in program.statements:
         if st.op == "const":
             value = st.const_value
-            if isinstance(value, BlobRef) or (st.type.dtype in ("fp16", "fp32") and st.type.size > 1):
-                weight_bytes += st.type.nbytes
+            if (isinstance(value, BlobRef) or st.var in compressed
+                    or (st.type.dtype in ("fp16", "fp32") and st.type.size > 1)):
+                weight_bytes += st.type.nbytes  # sub-byte types packed, as the blob writer stores them
             continue
+        if st.op in OPS and OPS[st.op].kind == "constexpr":
+            continue  # the decode to fp16 has no published cost: charged nothing (module docstring)
         out = sum(t.size for _, t in st.outputs)
         if st.op == "conv":
             w = types[st.args["weight"].name]

@@ -28,7 +28,7 @@ def load(path_or_id: str, *, backend="auto", target: Target | str = "default", a
     """A model from a Hugging Face folder (GPT-2, or the Llama family: Llama, Mistral, Qwen2, Qwen3), a hub id, or
     an Orion training checkpoint: ``orion.load("gpt2").generate("Once upon a time")``. ``quantize`` (``"int8"``,
     ``"int4/32"``, ``"lut4"`` ...) compresses the weights its programs bake, once, at compile (cached like any
-    program). ``head``: where a Llama's classifier runs, ``"cpu"`` or ``"ane"`` (GPT-2's is on the CPU)."""
+    program). ``head``: where the classifier runs, ``"cpu"`` or ``"ane"``."""
     from orion.models.hub import Tokenizer, load_weights
 
     folder, config, state = _describe(path_or_id)
@@ -44,10 +44,7 @@ def load(path_or_id: str, *, backend="auto", target: Target | str = "default", a
     if config is not None and config.get("model_type") == "gpt2":
         from orion.models.gpt2 import GPT2, GPT2Config
 
-        if head != "cpu":
-            raise OrionError(f"head={head!r}: GPT-2's classifier runs on the CPU; the ANE head is for the Llama family")
-
-        return GPT2(GPT2Config.from_hf(config), load_weights(folder), tokenizer, **options)
+        return GPT2(GPT2Config.from_hf(config), load_weights(folder), tokenizer, head=head, **options)
     from orion.models.llama import Llama
 
     return Llama(*_llama(folder, config, state), tokenizer, head=head, **options)

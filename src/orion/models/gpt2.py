@@ -2,9 +2,10 @@
 
 Design (docs/gpt2.md has the reasoning and the numbers):
 
-* The transformer blocks run as compiled programs in the ANE layout ``[1, C, 1, S]``; embeddings, the final
-  LayerNorm and the classifier run on the CPU in float32 (the 50,257 x 768 classifier is past the per-axis limit
-  of older chips and is one BLAS call on the CPU).
+* The transformer blocks run as compiled programs in the ANE layout ``[1, C, 1, S]``; embeddings run on the CPU,
+  and the final LayerNorm and the tied classifier either on the CPU in float32 (the default: one BLAS call) or,
+  with ``head="ane"``, on the ANE split along the vocabulary (:mod:`orion.models.head`; the 50,257 x 768
+  classifier is past the per-axis limit of older chips).
 * Several blocks per program, as many as the target's weight-tensor limit allows (ANE-21): each LayerNorm's affine
   part is folded into the linear layer after it, so a block costs 8 weight constants, the causal mask is an input,
   and the program's scalar constants (at most 8, shared by its blocks once the compiler merges equal ones) take the
@@ -33,6 +34,7 @@ from orion.ir.builder import MASK_VALUE, GraphBuilder
 from orion.lora import Adapter, AdapterSpec, LoraLayout
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
+from orion.models.head import VocabHead
 from orion.models.lm import CachedDecoder, check_token_ids
 from orion.runtime.program import get_backend
 
@@ -301,22 +303,26 @@ def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) 
     return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
-class GPT2(CachedDecoder):
+class GPT2(VocabHead, CachedDecoder):
     """``model = GPT2(config, state, tokenizer)``; ``model.logits(ids)``; ``model.generate(prompt)``;
-    ``model.load_adapter(path, name)`` and ``model.set_adapter(name)`` for LoRA adapters."""
+    ``model.load_adapter(path, name)`` and ``model.set_adapter(name)`` for LoRA adapters. ``head="ane"`` runs the
+    final LayerNorm and the classifier on the ANE, split along the vocabulary (``cpu``, the default, is float32
+    BLAS)."""
 
     def __init__(self, config: GPT2Config, state: dict[str, np.ndarray], tokenizer=None, *, backend="auto",
                  target: Target | str = "default", cache: ProgramCache | None = None,
-                 budget: CompileBudget | None = None, quantize=None):
+                 budget: CompileBudget | None = None, quantize=None, head: str = "cpu"):
         """``quantize``: compress the blocks' weights once, when their programs compile (``compile_graph``'s
-        ``weights``: ``"int8"``, ``"int4/32"``, ``"lut4"``, a WeightCompression); the classifier stays on the CPU
-        in float32."""
+        ``weights``: ``"int8"``, ``"int4/32"``, ``"lut4"``, a WeightCompression); the classifier stays fp16 (on
+        the ANE) or float32 (on the CPU)."""
+        self._init_head(head)
         self.config = config
         self.quantize = WeightCompression.of(quantize)
         self.tokenizer = tokenizer
         self.target = get_target(target)
         self.backend = get_backend(backend, self.target)
         (self.wte, self.wpe), self.blocks, self.final_norm = gpt2_weights(state, config)
+        self.head_w = self.wte  # tied
         self.group = blocks_per_program(self.target, config.n_layer)
         self.cache = cache
         self.budget = budget
@@ -341,16 +347,8 @@ class GPT2(CachedDecoder):
         return (prefill_graph(blocks, first, self.config, size, self.lora) if kind == "prefill" else
                 decode_graph(blocks, first, self.config, size, self.lora, target=self.target))
 
-    def _head_graphs(self) -> list:
-        return []  # the classifier runs on the CPU (host_bytes)
-
     def _adapter_inputs(self, adapter: Adapter | None, first: int) -> dict[str, np.ndarray]:
         return lora_inputs(adapter, self.lora, self.blocks[first:first + self.group], first, self.config)
-
-    def host_bytes(self, phase: str) -> int:
-        """Embedding rows are few; the tied classifier (float32, on the CPU) is read whole for each token's
-        logits: once per decode step, and once for a prefill (only its last position is scored)."""
-        return self.wte.nbytes
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -360,10 +358,21 @@ class GPT2(CachedDecoder):
     def _embed(self, ids: np.ndarray, start: int) -> np.ndarray:
         return self.wte[ids] + self.wpe[start:start + ids.size]
 
-    def _head(self, hidden: np.ndarray) -> np.ndarray:
+    #: Weight-tensor slots of a classifier program besides its chunks: the scalars and LayerNorm's gain and bias.
+    head_constants = SCALAR_CONSTANTS + 2
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def _head_norm(self, b: GraphBuilder, x):
+        """The final LayerNorm in a classifier program."""
+        return b.layer_norm(x, *self.final_norm, eps=self.config.layer_norm_epsilon, name="ln_f")
+
+    def _cpu_head(self, hidden: np.ndarray) -> np.ndarray:
         """Final LayerNorm and the tied classifier on the CPU, float32: ``[n, d] -> [n, vocab]``."""
         g, b = self.final_norm
-        return _layer_norm(hidden.astype(np.float32), g, b, self.config.layer_norm_epsilon) @ self.wte.T
+        return _layer_norm(hidden, g, b, self.config.layer_norm_epsilon) @ self.wte.T
 
     def _prefill(self, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
         """Run the prompt; returns the last block's hidden rows [n, d], every block's k/v [d, n], the bucket."""

@@ -26,6 +26,7 @@ from orion.errors import OrionError
 from orion.ir.builder import GraphBuilder
 from orion.ir.graph import Value
 from orion.lora import Adapter, AdapterSpec, LoraLayout
+from orion.models.head import VocabHead
 from orion.models.lm import CachedDecoder, check_token_ids
 
 
@@ -875,39 +876,7 @@ def inference_decode_graph(blocks: list[InferenceBlock], first: int, config: Lla
     return b.graph
 
 
-def head_chunks(vocab: int, max_axis: int) -> tuple[int, int]:
-    """(chunks, rows per chunk): the classifier split along the vocabulary into equal chunks within the per-axis
-    limit (rows a multiple of 64; the last chunk's padding rows are zeros)."""
-    chunks = -(-vocab // max_axis)
-    rows = -(-vocab // chunks)
-    rows = min(max_axis, -(-rows // 64) * 64)
-    return -(-vocab // rows), rows
-
-
-def head_graph(head_w: np.ndarray, config: LlamaConfig, first: int, count: int, rows: int, *, target):
-    """The classifier on the ANE for chunks ``first .. first+count-1`` of ``rows`` vocabulary entries each:
-    x ``[1, d, 1, N]`` (decode_io) -> RMSNorm (its gain folded into the rows) -> one 1x1 conv per chunk, outputs
-    ``logits{k}``."""
-    from orion.models.gpt2 import decode_io
-
-    io_dtype, n = decode_io(target)
-    b = GraphBuilder(f"llama_head{first}")
-    x = b.cast(b.input("x", (1, config.dim, 1, n), dtype=io_dtype), "fp16", name="x_fp16")
-    normed, _ = rms(b, x, config.norm_eps)
-    for k in range(first, first + count):
-        w = np.zeros((rows, config.dim), np.float32)
-        part = head_w[k * rows:(k + 1) * rows]
-        w[:part.shape[0]] = part
-        b.output(f"logits{k:02d}", b.cast(b.linear(normed, w, name=f"chunk{k:02d}"), io_dtype,
-                                          name=f"logits{k:02d}_{io_dtype}"))
-    return b.graph
-
-
-#: Where the classifier runs: ``cpu`` (float32 BLAS, one GEMV per token) or ``ane`` (chunk programs).
-HEAD_PLACES = ("cpu", "ane")
-
-
-class Llama(CachedDecoder):
+class Llama(VocabHead, CachedDecoder):
     """A Llama-family model (Llama, Mistral, Qwen2, Qwen3 or Orion's own) for inference: prefill over sequence
     buckets, then decode with the KV cache resident in the decode programs' inputs, several blocks per program as
     the weight-tensor limit allows. ``head="ane"`` runs the classifier on the ANE, split along the vocabulary
@@ -922,9 +891,8 @@ class Llama(CachedDecoder):
         from orion.models.gpt2 import PREFILL_BUCKETS
         from orion.runtime.program import get_backend
 
-        if head not in HEAD_PLACES:
-            raise OrionError(f"head must be one of {HEAD_PLACES}, got {head!r}")
-        self.config, self.tokenizer, self.head = config, tokenizer, head
+        self._init_head(head)
+        self.config, self.tokenizer = config, tokenizer
         self.target = get_target(target)
         self.backend = get_backend(backend, self.target)
         self.cache, self.budget = cache, budget
@@ -936,7 +904,6 @@ class Llama(CachedDecoder):
         self.head_w = np.float32(np.asarray(output, np.float64) * np.asarray(weights["norm"], np.float64))
         self.group = blocks_per_inference_program(self.target, self.blocks)
         self.adapter_spec = adapter_spec(config)
-        self._head_programs: list = []
         self._init_programs()
 
     # -- programs -----------------------------------------------------------------------------------------------
@@ -959,46 +926,6 @@ class Llama(CachedDecoder):
     def _adapter_inputs(self, adapter: Adapter | None, first: int) -> dict[str, np.ndarray]:
         return inference_lora_inputs(adapter, self.lora, self.blocks[first:first + self.group], first, self.config)
 
-    def _head_plan(self) -> list[tuple[int, int, int]]:
-        """(first chunk, chunks, rows per chunk) of each classifier program: chunks within the per-axis limit, as
-        many per program as the weight-tensor limit holds."""
-        chunks, rows = head_chunks(self.config.vocab_size, self.target.max_axis)
-        limit = self.target.max_blob_constants
-        per = chunks if limit is None else max(1, limit - INFERENCE_SCALARS)
-        return [(k, min(per, chunks - k), rows) for k in range(0, chunks, per)]
-
-    def _head_graphs(self) -> list:
-        """The classifier programs' graphs where it runs on the ANE (``head="ane"``), else none."""
-        if self.head == "cpu":
-            return []
-        return [head_graph(self.head_w, self.config, *plan, target=self.target) for plan in self._head_plan()]
-
-    def host_bytes(self, phase: str) -> int:
-        """Embedding rows are few; a classifier on the CPU (float32) is read whole for each token's logits: once
-        per decode step, and once for a prefill (only its last position is scored)."""
-        return self.head_w.nbytes if self.head == "cpu" else 0
-
-    def _ane_head(self) -> list:
-        from orion.runtime.program import Program
-
-        if not self._head_programs:
-            for graph in self._head_graphs():
-                program = Program.from_graph(graph, backend=self.backend, target=self.target, cache=self.cache,
-                                             budget=self.budget)
-                program.load()
-                self._head_programs.append(program)
-        return self._head_programs
-
-    def _all_programs(self) -> list:
-        return super()._all_programs() + self._head_programs
-
-    def close(self) -> None:
-        super().close()
-        self._head_programs = []
-
-    def dispatches_per_token(self, programs: list) -> int:
-        return len(programs) + (len(self._head_plan()) if self.head == "ane" else 0)
-
     # -- forward ------------------------------------------------------------------------------------------------
 
     def _check_ids(self, ids) -> np.ndarray:
@@ -1010,23 +937,19 @@ class Llama(CachedDecoder):
         g = self.config.groups
         return {"cos_k": cos, "sin_k": sin, "cos_q": np.tile(cos, (1, 1, 1, g)), "sin_q": np.tile(sin, (1, 1, 1, g))}
 
-    def _head(self, hidden: np.ndarray) -> np.ndarray:
-        """Final RMSNorm and the classifier: ``[n, d] -> [n, vocab]`` (float32 on the CPU, or the ANE's chunk
-        programs for up to a decode surface of rows)."""
-        from orion.models.gpt2 import decode_io
+    head_constants = INFERENCE_SCALARS
 
-        hidden = np.asarray(hidden, np.float32)
-        columns = decode_io(self.target)[1]
-        if self.head == "cpu" or hidden.shape[0] > columns:
-            normed, _, _ = rms_norm_rows(hidden, 1.0, self.config.norm_eps)
-            return normed @ self.head_w.T
-        logits = []
-        for program in self._ane_head():
-            x = np.zeros((1, self.config.dim, 1, columns), np.float32)
-            x[0, :, 0, :hidden.shape[0]] = hidden.T
-            out = program.run({"x": x})
-            logits += [out[name][0, :, 0, :hidden.shape[0]].T for name in sorted(out)]
-        return np.concatenate(logits, axis=1)[:, :self.config.vocab_size].astype(np.float32)
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def _head_norm(self, b: GraphBuilder, x: Value) -> Value:
+        """The final RMSNorm in a classifier program (its gain is folded into ``head_w``)."""
+        return rms(b, x, self.config.norm_eps)[0]
+
+    def _cpu_head(self, hidden: np.ndarray) -> np.ndarray:
+        normed, _, _ = rms_norm_rows(hidden, 1.0, self.config.norm_eps)
+        return normed @ self.head_w.T
 
     def _prefill(self, ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
         from orion.models.gpt2 import bucket_for, causal_mask

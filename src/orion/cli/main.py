@@ -478,26 +478,44 @@ def bench_group() -> None:
     """Benchmarks that print a table and write JSON."""
 
 
+def _bench_options(new_tokens: int, repeats: int, predict_help: str):
+    """The options both model benchmarks take: where and against what they run, the sizes, the interleaved
+    repetitions, --predict CHIP instead of measuring, weight compression and the JSON report."""
+    options = [
+        _backend_option(),
+        _target_option,
+        click.option("--reference", type=click.Choice(["transformers", "none"]), default="transformers",
+                     show_default=True),
+        click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--new-tokens", type=click.IntRange(min=2), default=new_tokens, show_default=True),
+        click.option("--exact-numerics", is_flag=True,
+                     help="Emulator: the target's accumulator model instead of fp32."),
+        click.option("--repeats", type=click.IntRange(min=1), default=repeats, show_default=True,
+                     help="Measured repetitions of each side, interleaved; the report gives medians and their spread."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Cap every side's BLAS/OpenMP threads (default: theirs); 1 keeps a busy machine's spread "
+                          "narrow."),
+        click.option("--predict", "chip", default=None, metavar="CHIP",
+                     help="Instead of measuring: the ANE cost model's prediction on CHIP (m1, m4, m4max, m5pro) for "
+                          "the programs Orion builds" + predict_help),
+        _quantize_options,
+        click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Write the report here (required for a measured run)."),
+    ]
+
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
 @bench_group.command("gpt2")
 @click.option("--model", "model_dir", default=None, help="A local GPT-2 folder (default: random 124M weights).")
-@_backend_option()
-@_target_option
-@click.option("--reference", type=click.Choice(["transformers", "none"]), default="transformers", show_default=True)
-@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--exact-numerics", is_flag=True, help="Emulator: the target's accumulator model instead of fp32.")
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Measured repetitions of each side, interleaved; the report gives medians and their spread.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Cap both sides' BLAS/OpenMP threads (default: theirs); 1 keeps a busy machine's spread narrow.")
-@click.option("--predict", "chip", default=None, metavar="CHIP",
-              help="Instead of measuring: the ANE cost model's prediction on CHIP (m1, m4, m4max, m5pro) for the "
-                   "programs Orion builds (for the chip's target unless --target is given).")
 @click.option("--head", type=click.Choice(["cpu", "ane"]), default="cpu", show_default=True,
               help="With --predict: the classifier on the CPU or on the ANE (split along the vocabulary).")
-@_quantize_options
-@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report here (required for a measured run).")
+@_bench_options(new_tokens=64, repeats=5, predict_help=" (for the chip's target unless --target is given).")
 @handle_errors
 def bench_gpt2_cmd(model_dir: str | None, backend: str, target_name: str, reference: str, prompt_tokens: int,
                    new_tokens: int, exact_numerics: bool, repeats: int, threads: int | None, chip: str | None,
@@ -658,22 +676,7 @@ def _weights_label(spec) -> str:
                    "llama3.2-1b, tinyllama-1.1b (tiny: for tests).")
 @click.option("--head", "heads", type=click.Choice(["both", "cpu", "ane"]), default="both", show_default=True,
               help="Where Orion's classifier runs; both: measure each and say which decodes faster.")
-@_backend_option()
-@_target_option
-@click.option("--reference", type=click.Choice(["transformers", "none"]), default="transformers", show_default=True)
-@click.option("--prompt-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--new-tokens", type=click.IntRange(min=2), default=32, show_default=True)
-@click.option("--exact-numerics", is_flag=True, help="Emulator: the target's accumulator model instead of fp32.")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Measured repetitions of each side, interleaved; the report gives medians and their spread.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Cap every side's BLAS/OpenMP threads (default: theirs); 1 keeps a busy machine's spread narrow.")
-@click.option("--predict", "chip", default=None, metavar="CHIP",
-              help="Instead of measuring: the ANE cost model's prediction on CHIP (m1, m4, m4max, m5pro) for the "
-                   "programs Orion builds, with the classifier where --head says (cpu for both).")
-@_quantize_options
-@click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report here (required for a measured run).")
+@_bench_options(new_tokens=32, repeats=3, predict_help=", with the classifier where --head says (cpu for both).")
 @handle_errors
 def bench_llama_cmd(model_dir: str | None, preset: str, heads: str, backend: str, target_name: str, reference: str,
                     prompt_tokens: int, new_tokens: int, exact_numerics: bool, repeats: int, threads: int | None,

@@ -90,7 +90,12 @@ def test_drafted_answers_are_the_targets_for_the_base_and_every_adapter(monkeypa
         assert complete(server, "fox", temperature=0.9, seed=5) == sampled
         m = server.metrics()
         assert m["draft"]["acceptance"] == m["draft"]["accepted"] / m["draft"]["drafted"]
-        assert m["compiles"] + m["cache_hits"] > 0 and m["backend"] == "emulator"
+        built = [p for m in (server.engine.model, server.engine.draft) for p in m._all_programs()]
+        assert m["compiles"] + m["cache_hits"] == len(built) > 0 and m["backend"] == "emulator"  # the draft's too
+        for model in [*greedy, *reversed(list(greedy))]:
+            assert complete(server, model, temperature=0) == greedy[model]  # switching builds nothing
+        after = server.metrics()
+        assert (after["compiles"], after["cache_hits"]) == (m["compiles"], m["cache_hits"])
 
 
 def test_quantized_answers_equal_orion_generate_quantize(monkeypatch, tiny_gpt2_dir, tiny_gpt2_adapters):

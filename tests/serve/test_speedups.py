@@ -15,6 +15,15 @@ PROMPT = "Once upon a time"
 NEW = 10
 
 
+@pytest.fixture(autouse=True)
+def _own_compile_budget(monkeypatch):
+    """Quantized and verify programs are compiles of their own: each test gives them back to the process budget
+    after it (as the ANE stand-in tests do), so the tests after these keep theirs."""
+    from orion.runtime.budget import PROCESS_BUDGET
+
+    monkeypatch.setattr(PROCESS_BUDGET, "used", PROCESS_BUDGET.used)
+
+
 def generated(model_dir, *options) -> str:
     """The text ``orion generate`` prints after PROMPT."""
     result = CliRunner().invoke(cli, ["generate", "--model", str(model_dir), "--prompt", PROMPT, "--max-tokens",

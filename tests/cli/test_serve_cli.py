@@ -60,10 +60,12 @@ def test_options_reach_the_server_and_a_public_address_without_a_key_is_warned(t
     public = CliRunner().invoke(cli, args + ["--host", "0.0.0.0"])
     assert public.exit_code == 0, public.output
     assert "warning: listening on 0.0.0.0 without an API key" in public.stderr
-    assert calls[-1] == (["fox"], str(tiny_gpt2_dir), dict(host="0.0.0.0", port=8123, api_key=None, max_queue=5))
+    assert calls[-1] == (["fox"], str(tiny_gpt2_dir), dict(host="0.0.0.0", port=8123, api_key=None, max_queue=5,
+                                                           draft=None, draft_tokens=4))
     keyed = CliRunner().invoke(cli, args, env={"ORION_API_KEY": "from-env"})
     assert keyed.exit_code == 0 and "warning" not in keyed.stderr
-    assert calls[-1][2] == dict(host="127.0.0.1", port=8123, api_key="from-env", max_queue=5)
+    assert calls[-1][2] == dict(host="127.0.0.1", port=8123, api_key="from-env", max_queue=5, draft=None,
+                              draft_tokens=4)
 
 
 def free_port() -> int:

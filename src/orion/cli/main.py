@@ -82,8 +82,6 @@ def _quantize_options(fn):
 
 def _compression(quantize: str | None, keep_fp16: tuple[str, ...]):
     """The WeightCompression of ``--quantize`` and ``--keep-fp16`` (None: fp16 weights)."""
-    import dataclasses
-
     from orion.compiler.passes import WeightCompression
     from orion.errors import SettingsError
 
@@ -356,6 +354,29 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
 # -- models -------------------------------------------------------------------------------------------------------
 
 
+def _speedup_options(fn):
+    """``--draft``, ``--draft-tokens`` and the ``--quantize`` options: how generate and serve make a model faster
+    (read by :func:`_load_with_speedups`)."""
+    fn = _quantize_options(fn)
+    fn = click.option("--draft-tokens", type=click.IntRange(min=1), default=4, show_default=True,
+                      help="Tokens the draft proposes per verify pass.")(fn)
+    return click.option("--draft", "draft_id", default=None,
+                        help="A smaller model with the same tokenizer that drafts tokens for --model to verify in one "
+                             "pass (exact speculative decoding: the output is --model's).")(fn)
+
+
+def _load_with_speedups(stack, model_id: str, draft_id: str | None, quantize: str | None,
+                        keep_fp16: tuple[str, ...], **options):
+    """The model of ``--model``, its weights compressed as ``--quantize``/``--keep-fp16`` say, and the ``--draft``
+    model (None without one; never quantized), both closed when ``stack`` closes."""
+    import orion
+
+    spec = _compression(quantize, keep_fp16)
+    model = stack.enter_context(orion.load(model_id, quantize=spec, **options))
+    draft = None if draft_id is None else stack.enter_context(orion.load(draft_id, **options))
+    return model, draft
+
+
 @cli.command("generate")
 @click.option("--model", "model_id", required=True, help="A Hugging Face folder (config.json, model.safetensors, "
               "tokenizer files) or a hub id such as gpt2.")
@@ -376,12 +397,7 @@ def doctor_cmd(backend: str, json_file: Path | None, probe_ids: tuple[str, ...],
               "(tokenizer_config.json).")
 @click.option("--head", type=click.Choice(["cpu", "ane"]), default="cpu", show_default=True,
               help="Run the classifier on the CPU or on the ANE (split along the vocabulary).")
-@click.option("--draft", "draft_id", default=None,
-              help="A smaller model with the same tokenizer that drafts tokens for --model to verify in one pass "
-                   "(exact speculative decoding: the output is --model's).")
-@click.option("--draft-tokens", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Tokens the draft proposes per verify pass.")
-@_quantize_options
+@_speedup_options
 @handle_errors
 def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, seed: int | None, backend: str, target_name: str, exact_numerics: bool,
@@ -390,12 +406,10 @@ def generate_cmd(model_id: str, prompt: str, max_tokens: int, temperature: float
     """Generate text; tokens stream to the terminal as they come, then one line of figures."""
     import contextlib
 
-    import orion
-
-    spec = _compression(quantize, keep_fp16)
-    options = dict(backend=backend, target=target_name, accumulator=None if exact_numerics else "fp32")
-    with orion.load(model_id, quantize=spec, head=head, **options) as model, contextlib.ExitStack() as stack:
-        draft = None if draft_id is None else stack.enter_context(orion.load(draft_id, head=head, **options))
+    with contextlib.ExitStack() as stack:
+        model, draft = _load_with_speedups(stack, model_id, draft_id, quantize, keep_fp16, backend=backend,
+                                           target=target_name, accumulator=None if exact_numerics else "fp32",
+                                           head=head)
         if chat and getattr(model.tokenizer, "chat_template", None) is None:
             _warn("this model's tokenizer has no chat template: the prompt is formatted plainly, as "
                   "'user: PROMPT' and 'assistant:' lines")
@@ -446,14 +460,15 @@ def _named_adapters(specs: tuple[str, ...], model_id: str) -> dict[str, str]:
 @_target_option
 @click.option("--exact-numerics", is_flag=True,
               help="On the emulator, use the target's accumulator model (slow) instead of the fp32 accumulator.")
+@_speedup_options
 @handle_errors
 def serve_cmd(model_id: str, adapter_specs: tuple[str, ...], host: str, port: int, api_key: str | None,
-              max_queue: int, backend: str, target_name: str, exact_numerics: bool) -> None:
+              max_queue: int, backend: str, target_name: str, exact_numerics: bool, draft_id: str | None,
+              draft_tokens: int, quantize: str | None, keep_fp16: tuple[str, ...]) -> None:
     """Serve a model and its LoRA adapters over the OpenAI HTTP API (completions, chat completions, streaming); the
     model field of a request picks the base model or an adapter, switched without a compile."""
+    import contextlib
     import ipaddress
-
-    import orion
 
     from orion.serve.app import serve  # first: without the serve extra, say so before loading anything
 
@@ -464,13 +479,16 @@ def serve_cmd(model_id: str, adapter_specs: tuple[str, ...], host: str, port: in
         local = host == "localhost"
     if not local and not api_key:
         _warn(f"listening on {host} without an API key: anyone who can reach this address can use the model")
-    with orion.load(model_id, backend=backend, target=target_name,
-                    accumulator=None if exact_numerics else "fp32") as model:
+    with contextlib.ExitStack() as stack:
+        model, draft = _load_with_speedups(stack, model_id, draft_id, quantize, keep_fp16, backend=backend,
+                                           target=target_name, accumulator=None if exact_numerics else "fp32")
         for name, path in adapters.items():  # all before the first request: the programs compile once
-            model.load_adapter(path, name)
+            model.load_adapter(path, name)  # the target's only: the draft drafts for every adapter as the base
+        drafting = f", drafted by {escape(draft_id)}" if draft is not None else ""
         err.print(f"serving {escape(model_id)}" + (f" and adapters {escape(', '.join(adapters))}" if adapters else "")
-                  + f" on http://{escape(host)}:{port}/v1", highlight=False, soft_wrap=True)
-        serve(model, model_id, host=host, port=port, api_key=api_key or None, max_queue=max_queue)
+                  + f"{drafting} on http://{escape(host)}:{port}/v1", highlight=False, soft_wrap=True)
+        serve(model, model_id, host=host, port=port, api_key=api_key or None, max_queue=max_queue, draft=draft,
+              draft_tokens=draft_tokens)
 
 
 @cli.group("bench")

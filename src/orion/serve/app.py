@@ -24,6 +24,7 @@ except ImportError as exc:
     raise OrionError(f"`orion serve` needs the serve extra ({exc.name} is missing): "
                      "pip install 'orion-ane[serve]'") from None
 
+from orion.models.speculative import DEFAULT_DRAFT_TOKENS
 from orion.serve import protocol
 from orion.serve.engine import Engine, Finished, Job, QueueFull, ShuttingDown
 from orion.serve.protocol import ApiError
@@ -32,14 +33,16 @@ from orion.serve.protocol import ApiError
 MAX_BODY_BYTES = 8 * 2**20
 
 
-def create_app(model, model_id: str, *, api_key: str | None = None, max_queue: int = 32) -> Starlette:
+def create_app(model, model_id: str, *, api_key: str | None = None, max_queue: int = 32, draft=None,
+               draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> Starlette:
     """The application serving ``model`` (a TextGenerator with every adapter already loaded) as ``model_id``, its
-    adapters under their names; with ``api_key``, every route wants ``Authorization: Bearer <api_key>``."""
+    adapters under their names; with ``api_key``, every route wants ``Authorization: Bearer <api_key>``; with a
+    ``draft`` model, every request decodes speculatively (see :class:`~orion.serve.engine.Engine`)."""
     models = {model_id: None, **{name: name for name in model.adapters}}
 
     @asynccontextmanager
     async def lifespan(app):
-        app.state.engine = Engine(model, max_queue)
+        app.state.engine = Engine(model, max_queue, draft=draft, draft_tokens=draft_tokens)
         try:
             yield
         finally:
@@ -79,9 +82,9 @@ def create_app(model, model_id: str, *, api_key: str | None = None, max_queue: i
 
 
 def serve(model, model_id: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_queue: int = 32) -> None:
+          max_queue: int = 32, draft=None, draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM: uvicorn finishes the answers under way, then returns)."""
-    app = create_app(model, model_id, api_key=api_key, max_queue=max_queue)
+    app = create_app(model, model_id, api_key=api_key, max_queue=max_queue, draft=draft, draft_tokens=draft_tokens)
     try:
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has shut down: a normal end

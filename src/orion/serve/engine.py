@@ -4,6 +4,10 @@ The model's programs hold one sequence's KV cache, so requests cannot interleave
 in a bounded first-come-first-served queue, and a request whose client is gone leaves it at once (queued: removed;
 running: stopped before its next token). The event loop only ever waits on a job's event queue, which the worker
 feeds through ``call_soon_threadsafe``: generation never blocks it.
+
+With a draft model every request decodes speculatively (``orion.models.speculative``), whichever adapter it asks
+for: adapters live in the target only, and the draft keeps proposing as the base model does. The text stays the
+adapted target's, since the target verifies every token; an adapter far from the base only lowers the acceptance.
 """
 
 from __future__ import annotations
@@ -119,20 +123,26 @@ class Metrics:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     generation_seconds: float = 0.0
-    compiles: int = 0
+    compiles: int = 0  # the draft's programs included
     cache_hits: int = 0  # programs loaded from the compile cache instead of compiled
+    drafted: int = 0  # speculative decoding: tokens the draft proposed, and how many the target kept
+    accepted: int = 0
     backend: str = "none"  # the backend that executed the last generation's programs
     last: dict = field(default_factory=dict)
 
 
 class Engine:
     """``engine.submit(job)`` queues a job (:class:`QueueFull` past ``max_queue`` waiting jobs), ``engine.cancel(job)``
-    takes it out (or stops it), ``engine.close()`` ends every job and the worker."""
+    takes it out (or stops it), ``engine.close()`` ends every job and the worker. With ``draft``, each generation
+    is drafted ``draft_tokens`` tokens at a time by that model and verified by ``model``."""
 
-    def __init__(self, model, max_queue: int = 32):
+    def __init__(self, model, max_queue: int = 32, draft=None, draft_tokens: int = 4):
         if max_queue < 1:
             raise OrionError(f"the queue must hold at least one request, got {max_queue}")
+        if draft is not None:
+            _check_draft(model, draft, draft_tokens)
         self.model = model
+        self.draft, self.draft_tokens = draft, draft_tokens
         self.max_queue = max_queue
         self.metrics = Metrics()
         self._waiting: deque[Job] = deque()
@@ -175,7 +185,10 @@ class Engine:
                     "tokens": {"prompt": m.prompt_tokens, "completion": m.completion_tokens},
                     "tokens_per_second": m.completion_tokens / m.generation_seconds if m.generation_seconds else 0.0,
                     "generation_seconds": m.generation_seconds, "compiles": m.compiles, "cache_hits": m.cache_hits,
-                    "backend": m.backend, "last_generation": dict(m.last)}
+                    "backend": m.backend, "last_generation": dict(m.last),
+                    "draft": None if self.draft is None else {
+                        "draft_tokens": self.draft_tokens, "drafted": m.drafted, "accepted": m.accepted,
+                        "acceptance": m.accepted / m.drafted if m.drafted else 0.0}}
 
     def close(self) -> None:
         with self._lock:
@@ -205,16 +218,22 @@ class Engine:
     def _run(self, job: Job) -> None:
         """Generate ``job``'s text, emitting it as it comes, then its last event."""
         from orion.models.sampling import Sampler
+        from orion.models.speculative import speculative_ids
 
         model, request = self.model, job.request
         stop = StopText(request.stop)
-        previous = model.stats  # generate_ids puts a new GenerationStats in its place when it starts
+        previous = model.stats  # generation puts a new GenerationStats in its place when it starts
+        draft_built = self._draft_built()
         started = time.perf_counter()
         try:
-            model.set_adapter(request.adapter)
+            model.set_adapter(request.adapter)  # the target's adapter: the draft has none
             sampler = Sampler(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
                               seed=request.seed)
-            tokens = model.generate_ids(request.ids, request.max_tokens, sampler, model.stop_ids)
+            if self.draft is None:
+                tokens = model.generate_ids(request.ids, request.max_tokens, sampler, model.stop_ids)
+            else:
+                tokens = speculative_ids(model, self.draft, request.ids, request.max_tokens, sampler, model.stop_ids,
+                                         self.draft_tokens)
             with closing(tokens), closing(model.stream_text(self._counted(job, tokens))) as pieces:
                 for piece in pieces:
                     text = stop.push(piece)
@@ -235,7 +254,8 @@ class Engine:
                 outcome = "completed"
                 last = Finished("stop" if ended else "length", len(request.ids), job.completion_tokens)
         stats = None if model.stats is previous else model.stats
-        self._account(job, outcome, time.perf_counter() - started, stats)
+        draft_built = tuple(after - before for after, before in zip(self._draft_built(), draft_built))
+        self._account(job, outcome, time.perf_counter() - started, stats, draft_built)
         if last is not None:  # after the accounting: a client that has its answer sees it in the metrics
             job.emit(last)
 
@@ -249,7 +269,13 @@ class Engine:
             if job.cancelled.is_set():
                 return
 
-    def _account(self, job: Job, outcome: str, seconds: float, stats) -> None:
+    def _draft_built(self) -> tuple[int, int]:
+        """The draft's compiles and cache hits so far: its programs count them into its own stats, which
+        speculative decoding leaves in place."""
+        stats = None if self.draft is None else self.draft.stats
+        return (0, 0) if stats is None else (stats.compiles, stats.cache_hits)
+
+    def _account(self, job: Job, outcome: str, seconds: float, stats, draft_built: tuple[int, int]) -> None:
         """Count a job that has left the device (``outcome``: completed, cancelled or failed)."""
         with self._lock:
             job.state = "done"
@@ -259,10 +285,29 @@ class Engine:
             m.prompt_tokens += len(job.request.ids)
             m.completion_tokens += job.completion_tokens
             m.generation_seconds += seconds
+            m.compiles += draft_built[0]
+            m.cache_hits += draft_built[1]
             if stats is not None:
                 m.compiles += stats.compiles
                 m.cache_hits += stats.cache_hits
+                m.drafted += stats.drafted
+                m.accepted += stats.accepted
                 m.backend = stats.backend
                 m.last = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": job.completion_tokens,
                           "prefill_tokens_per_second": stats.prefill_tok_s,
                           "decode_tokens_per_second": stats.decode_tok_s, "adapter": job.request.adapter}
+                if self.draft is not None:
+                    m.last.update(drafted=stats.drafted, accepted=stats.accepted, target_passes=stats.decode_steps)
+
+
+def _check_draft(model, draft, draft_tokens) -> None:
+    """Refuse, before the first request, a draft that every request would refuse."""
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
+        raise OrionError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+    if draft is model:
+        raise OrionError("the draft must be another model object (load the same weights twice to draft with the "
+                         "target itself)")
+    ours, theirs = model.tokenizer, draft.tokenizer
+    if ours is not None and theirs is not None and ours.vocab_size != theirs.vocab_size:
+        raise OrionError(f"the draft's tokenizer has {theirs.vocab_size} tokens, the model's {ours.vocab_size}: a "
+                         "draft must share the model's tokenizer")

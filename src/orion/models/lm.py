@@ -384,7 +384,8 @@ class CachedDecoder(AdapterHost, TextGenerator):
     def _all_programs(self) -> list:
         return [p for ps in self._programs.values() for p in ps]
 
-    def _count(self) -> tuple[int, int]:
+    def built(self) -> tuple[int, int]:
+        """Compiles and cache hits of every program built so far (a generation's figures are its change)."""
         programs = self._all_programs()
         return sum(p.compiles for p in programs), sum(p.cache_hits for p in programs)
 
@@ -400,7 +401,7 @@ class CachedDecoder(AdapterHost, TextGenerator):
         if max_tokens < 0:
             raise BindingError(f"max_tokens must be >= 0, got {max_tokens}")
         stats = self.stats = GenerationStats(prompt_tokens=ids.size)
-        before = self._count()
+        before = self.built()
         t0 = time.perf_counter()
         hidden, kv, _ = self._prefill(ids)
         token = sampler.sample(self._head(hidden[-1:])[0])
@@ -421,7 +422,7 @@ class CachedDecoder(AdapterHost, TextGenerator):
                 stats.decode_steps += 1
         finally:
             stats.decode_seconds = time.perf_counter() - decode_start
-            after = self._count()
+            after = self.built()
             stats.compiles, stats.cache_hits = after[0] - before[0], after[1] - before[1]
             stats.backend = backends_that_ran(self._all_programs())
 

@@ -62,6 +62,7 @@ def speculative_ids(target: TextGenerator, draft: TextGenerator, ids, max_tokens
     target.stats = stats
     if max_tokens == 0:
         return
+    before = [target.built(), draft.built()]
     t0 = time.perf_counter()
     session, logits = target.start(history, max_tokens)
     drafting, draft_logits = draft.start(history, max_tokens)
@@ -108,3 +109,6 @@ def speculative_ids(target: TextGenerator, draft: TextGenerator, ids, max_tokens
     finally:
         stats.decode_seconds = time.perf_counter() - t1
         stats.backend = backends_that_ran(session.programs + drafting.programs)
+        after = [target.built(), draft.built()]  # the draft's programs are this generation's too
+        stats.compiles = sum(a[0] - b[0] for a, b in zip(after, before))
+        stats.cache_hits = sum(a[1] - b[1] for a, b in zip(after, before))

@@ -223,7 +223,6 @@ class Engine:
         model, request = self.model, job.request
         stop = StopText(request.stop)
         previous = model.stats  # generation puts a new GenerationStats in its place when it starts
-        draft_built = self._draft_built()
         started = time.perf_counter()
         try:
             model.set_adapter(request.adapter)  # the target's adapter: the draft has none
@@ -253,9 +252,8 @@ class Engine:
                 ended = stop.stopped or job.last_token in model.stop_ids
                 outcome = "completed"
                 last = Finished("stop" if ended else "length", len(request.ids), job.completion_tokens)
-        stats = None if model.stats is previous else model.stats
-        draft_built = tuple(after - before for after, before in zip(self._draft_built(), draft_built))
-        self._account(job, outcome, time.perf_counter() - started, stats, draft_built)
+        stats = None if model.stats is previous else model.stats  # a speculative run's counts the draft's too
+        self._account(job, outcome, time.perf_counter() - started, stats)
         if last is not None:  # after the accounting: a client that has its answer sees it in the metrics
             job.emit(last)
 
@@ -269,13 +267,7 @@ class Engine:
             if job.cancelled.is_set():
                 return
 
-    def _draft_built(self) -> tuple[int, int]:
-        """The draft's compiles and cache hits so far: its programs count them into its own stats, which
-        speculative decoding leaves in place."""
-        stats = None if self.draft is None else self.draft.stats
-        return (0, 0) if stats is None else (stats.compiles, stats.cache_hits)
-
-    def _account(self, job: Job, outcome: str, seconds: float, stats, draft_built: tuple[int, int]) -> None:
+    def _account(self, job: Job, outcome: str, seconds: float, stats) -> None:
         """Count a job that has left the device (``outcome``: completed, cancelled or failed)."""
         with self._lock:
             job.state = "done"
@@ -285,8 +277,6 @@ class Engine:
             m.prompt_tokens += len(job.request.ids)
             m.completion_tokens += job.completion_tokens
             m.generation_seconds += seconds
-            m.compiles += draft_built[0]
-            m.cache_hits += draft_built[1]
             if stats is not None:
                 m.compiles += stats.compiles
                 m.cache_hits += stats.cache_hits

@@ -163,7 +163,7 @@ class _Converter:
 
     def statement(self, op, statements: list[Statement]) -> None:
         outputs = [(o.name, self.type_(o.type, f"output {o.name!r} of {op.type}")) for o in op.outputs]
-        var = outputs[0][0] if outputs else op.type  # write_state has no result; the parser checks which may not
+        var = outputs[0][0] if outputs else op.type  # write_state has none; the validator names any other op without
         if len(op.blocks):
             raise self.refuse(f"op {op.type} ({var}) has nested blocks (control flow), which Orion does not run")
         declared = (*OPS[op.type].inputs, *OPS[op.type].attrs) if op.type in OPS else ()

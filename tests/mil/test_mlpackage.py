@@ -125,13 +125,24 @@ def _rewrite(path, edit):
     model_file.write_bytes(spec.SerializeToString())
 
 
+def _add_function_of_another_opset(spec):
+    """A second function converted for iOS17 (opset CoreML7) beside the iOS18 main: one MIL text has one dialect."""
+    other = spec.mlProgram.functions["other"]
+    other.CopyFrom(spec.mlProgram.functions["main"])
+    other.opset = "CoreML7"
+    other.block_specializations["CoreML7"].CopyFrom(other.block_specializations.pop("CoreML8"))
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.ClearField("mlProgram"), "not an ML program"),
-    (lambda s: s.mlProgram.functions["other"].CopyFrom(s.mlProgram.functions["main"]), "2 functions"),
+    (lambda s: _add_function_of_another_opset(s), "functions of different opsets"),
     (lambda s: s.mlProgram.functions["main"].inputs[0].type.tensorType.dimensions[0].unknown.SetInParent(),
      "dynamic dimension"),
     (lambda s: s.mlProgram.functions["main"].inputs[0].type.tensorType.__setattr__("dataType", 13), "BFLOAT16"),
-    (lambda s: s.mlProgram.functions["main"].inputs[0].type.stateType.SetInParent(), "state"),
+    (lambda s: s.mlProgram.functions["main"].inputs[0].type.stateType.SetInParent(),
+     "state input 'x' wraps nothing"),
+    (lambda s: s.mlProgram.functions["main"].block_specializations["CoreML8"].operations[-1].outputs[0].type
+     .stateType.wrappedType.tensorType.SetInParent(), r"state \(allowed only as a function input\)"),
 ])
 def test_what_orion_does_not_run_is_refused_in_one_line(package, tmp_path, edit, message):
     path = _copy(package[0], tmp_path)

@@ -12,9 +12,12 @@ and the printer writes numbers exactly (fp16/fp32 values survive ``repr``), so n
 MIL program crosses: the emulator still executes nothing but MIL.
 
 The protobuf definitions are coremltools' (``coremltools.proto``), an optional dependency: ``pip install
-'orion-ane[coreml]'``. What MIL text cannot carry, or Orion does not run, is refused with one line naming it:
-neural-network (non-ML-program) models, several functions, state, list or dictionary types, dynamic shapes, control
-flow blocks, dtypes outside :data:`~orion.ir.types.NUMPY_DTYPES`.
+'orion-ane[coreml]'``. A multifunction package (coremltools' ``save_multifunction``: prefill and decode sharing
+one weight file) becomes a multifunction text, its functions in the package's order, each run by name; a stateful
+one (``states=[ct.StateType(...)]``) declares its buffers ``state<tensor<...>>``, which the emulator keeps between
+calls. What MIL text cannot carry, or Orion does not run, is refused with one line naming it: neural-network
+(non-ML-program) models, list or dictionary types, dynamic shapes, control flow blocks, dtypes outside
+:data:`~orion.ir.types.NUMPY_DTYPES`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import numpy as np
 
 from orion.errors import MILProgramError, UnsafePathError
 from orion.ir.ops import OPS
-from orion.mil.program import STRING, Argument, BlobRef, Literal, Program, Statement, TensorType, VarRef
+from orion.mil.program import (STRING, Argument, BlobRef, Literal, Program, Statement, TensorType, VarRef,
+                                print_functions)
 
 __all__ = ["is_mlpackage", "read_mlpackage"]
 
@@ -90,7 +94,7 @@ class _Converter:
     def type_(self, value_type, what: str) -> TensorType:
         kind = value_type.WhichOneof("type")
         if kind != "tensorType":
-            feature = {"stateType": "state (stateful programs)", "listType": "list types",
+            feature = {"stateType": "state (allowed only as a function input)", "listType": "list types",
                        "tupleType": "tuple types", "dictionaryType": "dictionary types"}.get(kind, repr(kind))
             raise self.refuse(f"{what} has a {feature} type, which Orion does not run")
         t = value_type.tensorType
@@ -159,9 +163,7 @@ class _Converter:
 
     def statement(self, op, statements: list[Statement]) -> None:
         outputs = [(o.name, self.type_(o.type, f"output {o.name!r} of {op.type}")) for o in op.outputs]
-        if not outputs:
-            raise self.refuse(f"op {op.type} has no outputs")
-        var = outputs[0][0]
+        var = outputs[0][0] if outputs else op.type  # write_state has none; the validator names any other op without
         if len(op.blocks):
             raise self.refuse(f"op {op.type} ({var}) has nested blocks (control flow), which Orion does not run")
         declared = (*OPS[op.type].inputs, *OPS[op.type].attrs) if op.type in OPS else ()
@@ -170,7 +172,7 @@ class _Converter:
         attrs = {k: self.literal(op.attributes[k], f"attribute {k} of {var}") for k in sorted(op.attributes)}
         if "name" in attrs:  # the name first, as MIL text writes it
             attrs = {"name": attrs.pop("name"), **attrs}
-        (var, t), *more = outputs
+        (var, t), *more = outputs or [("", None)]
         statements.append(Statement(type=t, var=var, op=op.type, args=args, attrs=attrs, more_outputs=tuple(more)))
 
     def build_info(self, program) -> dict[str, str]:
@@ -189,13 +191,25 @@ class _Converter:
         if opset not in function.block_specializations:
             raise self.refuse(f"function {function_name} has no block for its opset {opset}")
         block = function.block_specializations[opset]
-        inputs = [(i.name, self.type_(i.type, f"input {i.name!r}")) for i in function.inputs]
+        inputs = [(i.name, self.input_type(i)) for i in function.inputs]
+        states = tuple(i.name for i in function.inputs if i.type.WhichOneof("type") == "stateType")
         statements: list[Statement] = []
         for op in block.operations:
             self.statement(op, statements)
         return Program(inputs=inputs, statements=statements, outputs=list(block.outputs),
                        version="1.3" if ios >= _FIRST_SHORT_SCALAR_OPSET else "1.0", opset=f"ios{ios}",
-                       function=function_name)
+                       function=function_name, states=states)
+
+    def input_type(self, value) -> TensorType:
+        """A function input's tensor type; a state input's is the tensor it wraps (``state<tensor<...>>``)."""
+        value_type = value.type
+        if value_type.WhichOneof("type") == "stateType":
+            value_type = value_type.stateType.wrappedType
+            wrapped = value_type.WhichOneof("type")
+            if wrapped != "tensorType":
+                raise self.refuse(f"state input {value.name!r} wraps {'a ' + wrapped if wrapped else 'nothing'}; "
+                                  "Orion keeps tensor states only")
+        return self.type_(value_type, f"input {value.name!r}")
 
 
 def read_mlpackage(package: str | Path) -> tuple[str, Path]:
@@ -213,15 +227,18 @@ def read_mlpackage(package: str | Path) -> tuple[str, Path]:
     if kind != "mlProgram":
         raise MILProgramError(f"{path}: a {kind or 'empty'} model, not an ML program; Orion reads ML programs "
                               "(convert with convert_to='mlprogram')")
-    functions = model.mlProgram.functions
-    if len(functions) != 1:
-        raise MILProgramError(f"{path}: {len(functions)} functions ({', '.join(sorted(functions))}); "
-                              "multi-function programs are not supported yet")
-    (name, function), = functions.items()
+    if not model.mlProgram.functions:
+        raise MILProgramError(f"{path}: an ML program without functions")
     converter = _Converter(mil_pb2, str(path))
-    program = converter.program(name, function)
-    program.build_info = converter.build_info(model.mlProgram)
+    functions = model.mlProgram.functions
+    described = [f.name for f in model.description.functions]  # the order the package lists them in
+    order = described if sorted(described) == sorted(functions) else sorted(functions)
+    programs = [converter.program(name, functions[name]) for name in order]
+    if len({(p.version, p.opset) for p in programs}) > 1:  # one text has one dialect
+        raise MILProgramError(f"{path}: functions of different opsets ("
+                              f"{', '.join(f'{p.function} {p.opset}' for p in programs)}); convert them for one target")
+    programs[0].build_info = converter.build_info(model.mlProgram)
     try:
-        return program.to_text(), path
+        return print_functions(programs, programs[0].version), path
     except ValueError as exc:  # a value MIL text cannot spell (NaN)
         raise MILProgramError(f"{path}: {exc}") from None

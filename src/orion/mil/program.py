@@ -210,22 +210,34 @@ def format_type(t: TensorType, verbose: bool) -> str:
 
 
 def print_program(program: Program, version: str = "1.3") -> str:
+    return print_functions([program], version)
+
+
+def print_functions(programs: list[Program], version: str = "1.3") -> str:
+    """The MIL text of one program holding ``programs`` as its functions (the header is the first one's), as a
+    multifunction model writes them: each function its own scope, all sharing the model folder's weight files."""
     if version not in DIALECTS:
         raise ValueError(f"unknown MIL program version {version!r}; expected one of {sorted(DIALECTS)}")
     verbose = version == "1.0"
-    opset = program.opset if version == program.version else DIALECTS[version]
-    info = program.build_info or DEFAULT_BUILD_INFO
+    info = programs[0].build_info or DEFAULT_BUILD_INFO
     key = _scalar_type(STRING, verbose)
     entries = ", ".join(f'{{"{k}", "{v}"}}' for k, v in info.items())
     lines = [f"program({version})", f"[buildInfo = dict<{key}, {key}>({{{entries}}})]", "{"]
+    for program in programs:
+        lines += _print_function(program, version, verbose)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _print_function(program: Program, version: str, verbose: bool) -> list[str]:
+    opset = program.opset if version == program.version else DIALECTS[version]
     params = ", ".join(f"{'state<' + format_type(t, verbose) + '>' if name in program.states else format_type(t, verbose)}"
                        f" {name}" for name, t in program.inputs)
-    lines.append(f"    func {program.function}<{opset}>({params}) {{")
+    lines = [f"    func {program.function}<{opset}>({params}) {{"]
     for st in program.statements:
         args = ", ".join(f"{k}={format_argument(v, verbose)}" for k, v in st.args.items())
         attrs = ", ".join(f"{k}={format_literal(v, verbose)}" for k, v in st.attrs.items())
         results = ", ".join(f"{format_type(t, verbose)} {var}" for var, t in st.outputs)
         lines.append(f"        {results + ' = ' if results else ''}{st.op}({args})[{attrs}];")
     lines.append(f"    }} -> ({', '.join(program.outputs)});")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+    return lines

@@ -282,15 +282,14 @@ def _gpt2_block():
     return _wrap(lambda x: _first(block(x)), block), (torch.randn(1, 8, 32),)
 
 
-def _llama_layer():
+def _decoder_layer(config_cls, layer_cls, rotary_cls):
+    """A Llama-style decoder layer (grouped-query attention, RoPE) of transformers' ``layer_cls``, causal over 8
+    positions."""
     torch = _torch()
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=1, max_position_embeddings=32, attn_implementation="eager")
-    layer = LlamaDecoderLayer(config, layer_idx=0).eval()
-    rotary = LlamaRotaryEmbedding(config)
+    config = config_cls(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                        num_hidden_layers=1, max_position_embeddings=32, attn_implementation="eager")
+    layer = layer_cls(config, layer_idx=0).eval()
+    rotary = rotary_cls(config)
     _randomize_norms(layer)
     seq = 8
     positions = torch.arange(seq)[None]
@@ -301,6 +300,13 @@ def _llama_layer():
                             position_ids=positions))
 
     return _wrap(forward, layer, rotary), (torch.randn(1, seq, 32),)
+
+
+def _llama_layer():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    return _decoder_layer(LlamaConfig, LlamaDecoderLayer, LlamaRotaryEmbedding)
 
 
 def _gpt2_model():
@@ -454,24 +460,10 @@ def _vit_layer():
 
 
 def _qwen2_layer():
-    torch = _torch()
     from transformers import Qwen2Config
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=1, max_position_embeddings=32, attn_implementation="eager")
-    layer = Qwen2DecoderLayer(config, layer_idx=0).eval()
-    rotary = Qwen2RotaryEmbedding(config)
-    _randomize_norms(layer)
-    seq = 8
-    positions = torch.arange(seq)[None]
-    causal = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
-
-    def forward(x):
-        return _first(layer(x, attention_mask=causal, position_embeddings=rotary(x, positions),
-                            position_ids=positions))
-
-    return _wrap(forward, layer, rotary), (torch.randn(1, seq, 32),)
+    return _decoder_layer(Qwen2Config, Qwen2DecoderLayer, Qwen2RotaryEmbedding)
 
 
 def _depthwise_conv_block():

@@ -25,6 +25,18 @@ def emulate(graph: Graph, inputs: dict[str, np.ndarray], directory: Path, **emit
     return load_program(target).run(inputs)
 
 
+def assert_ane_head_is_the_cpu_head(model, width: int, vocab: int) -> None:
+    """A model's classifier on the ANE (``head="ane"``) gives its CPU classifier's logits, within 1% of their
+    largest, on random hidden rows."""
+    hidden = np.random.default_rng(6).normal(0, 3, (5, width)).astype(np.float32)
+    got = model._head(hidden)
+    model.head = "cpu"
+    expected = model._head(hidden)
+    model.head = "ane"
+    assert got.shape == expected.shape == (5, vocab)
+    assert np.abs(got - expected).max() < 0.01 * np.abs(expected).max()
+
+
 def llama_weights(config: LlamaConfig, seed: int = 0, scale: float = 1.0) -> dict[str, np.ndarray]:
     """Orion's Llama initialization with its matrices times ``scale`` and every RMSNorm gain drawn from
     1 + N(0, 0.2): at init's gains of 1, code that dropped a gain or applied one in the wrong place would pass."""

@@ -14,6 +14,7 @@ from orion.models.bench import randomize_biases_and_norms
 from orion.models.gpt2 import GPT2, GPT2Config, blocks_per_program, decode_graph, gpt2_weights, prefill_graph
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
+from tests.conftest import assert_ane_head_is_the_cpu_head
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -26,8 +27,13 @@ def reference():
     """A small random GPT-2 (3 blocks, d 64) with weights scaled up so its logits are not near ties, and random
     biases and norms: a bias or a norm's gain or offset dropped or put in another's place changes the logits."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128,
-                                     bos_token_id=0, eos_token_id=0)
+    return random_hf_gpt2(transformers.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=128,
+                                                  bos_token_id=0, eos_token_id=0))
+
+
+def random_hf_gpt2(config):
+    """transformers' GPT-2 of ``config`` (torch's seed as set), its matrices scaled by 4 and random biases and norms;
+    with its config and a numpy copy of its weights."""
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -69,26 +75,13 @@ def test_the_classifier_on_the_ane_gives_the_cpu_classifiers_logits():
     and transformers', for prompt rows and decode steps, and it adds one dispatch per token."""
     torch.manual_seed(3)
     vocab = 600
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab, n_positions=64)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.ndim == 2:
-                p.mul_(4.0)
-    randomize_biases_and_norms(model)
-    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    model, config, state = random_hf_gpt2(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab,
+                                                                   n_positions=64))
     target = get_target("default").with_overrides(max_axis=256, name="narrow")
     with GPT2(GPT2Config.from_hf(config.to_dict()), state, backend="emulator", target=target,
               cache=ProgramCache(None), budget=CompileBudget(100), head="ane") as ane:
-        graphs = ane._head_graphs()
-        assert len(graphs) == 1 and len(graphs[0].outputs) == 3
-        hidden = np.random.default_rng(6).normal(0, 3, (5, config.n_embd)).astype(np.float32)
-        got = ane._head(hidden)
-        ane.head = "cpu"
-        expected = ane._head(hidden)
-        ane.head = "ane"
-        assert got.shape == expected.shape == (5, vocab)
-        assert np.abs(got - expected).max() < 0.01 * np.abs(expected).max()
+        assert len(ane._head_graphs()) == 1 and len(ane._head_graphs()[0].outputs) == 3
+        assert_ane_head_is_the_cpu_head(ane, config.n_embd, vocab)
         ids = np.random.default_rng(7).integers(0, vocab, 24)
         session, first = ane.start(ids[:16], 8)
         rows = np.stack([first] + [session.step(int(t)) for t in ids[16:23]])

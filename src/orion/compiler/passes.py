@@ -450,22 +450,46 @@ def _palettes(rows: np.ndarray, entries: int, iterations: int = 12) -> tuple[np.
     return palette, index
 
 
+def _lut_parts(w64: np.ndarray, spec: WeightCompression) -> tuple[np.ndarray, np.ndarray, int]:
+    """Palettes, indices and output channels per palette of a ``lutN`` weight."""
+    out = w64.shape[0]
+    group = spec.block if spec.block and out % spec.block == 0 else 1
+    palette, index = _palettes(w64.reshape(out // group, -1), 2 ** spec.bits)
+    return palette, index, group
+
+
+def _int_parts(w64: np.ndarray, spec: WeightCompression) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Integers, fp16 scales and input channels per scale (None: per output channel) of an ``intN`` weight."""
+    block = spec.block if spec.block and w64.shape[1] % spec.block == 0 else None
+    q, scale = _symmetric(w64, block, spec.bits)
+    return q, scale, block
+
+
+def _decoded(w64: np.ndarray, spec: WeightCompression) -> np.ndarray:
+    """The fp16 weight the constexpr op of :func:`compress_weight` decodes ``w64`` to (float64 values)."""
+    if spec.scheme.startswith("lut"):
+        palette, index, group = _lut_parts(w64, spec)
+        rows = np.repeat(palette.astype(np.float16), group, axis=0)
+        w = np.take_along_axis(rows, index.reshape(rows.shape[0], -1), 1)
+    else:
+        q, scale, _ = _int_parts(w64, spec)
+        w = q.reshape(w64.shape[0], scale.shape[1], -1) * scale[:, :, None].astype(np.float64)
+    return w.reshape(w64.shape).astype(np.float16).astype(np.float64)
+
+
 def compress_weight(g: Graph, name: str, w: np.ndarray, spec: WeightCompression, out_type: TensorType) -> Value:
     """The constexpr op that stores conv weight ``w`` [O, I, ...] as ``spec`` says, built in ``g``."""
     w64 = w.astype(np.float64)
-    out, cin = w.shape[0], w.shape[1]
+    out = w.shape[0]
     rank = w.ndim
     float_dtype = NUMPY_DTYPES[out_type.dtype]
     if spec.scheme.startswith("lut"):
-        group = spec.block if spec.block and out % spec.block == 0 else 1
-        entries = 2 ** spec.bits
-        palette, index = _palettes(w64.reshape(out // group, -1), entries)
-        lut = palette.astype(float_dtype).reshape((out // group,) + (1,) * (rank - 1) + (entries, 1))
+        palette, index, group = _lut_parts(w64, spec)
+        lut = palette.astype(float_dtype).reshape((out // group,) + (1,) * (rank - 1) + (2 ** spec.bits, 1))
         indices = g.add_const(index.reshape(w.shape), f"{name}_indices", f"uint{spec.bits}")
         inputs, op = {"indices": indices, "lut": g.add_const(lut, f"{name}_lut")}, "constexpr_lut_to_dense"
     else:
-        block = spec.block if spec.block and cin % spec.block == 0 else None
-        q, scale = _symmetric(w64, block, spec.bits)
+        q, scale, block = _int_parts(w64, spec)
         data = g.add_const(q, f"{name}_data", spec.scheme)
         if spec.scheme == "int8" and block is None:  # the iOS16 form every chip decodes (N12)
             inputs = {"quantized_data": data, "zero_point": g.add_const(np.int8(0), f"{name}_zero"),
@@ -494,11 +518,26 @@ def compressed_nbytes(spec: WeightCompression, shape: tuple[int, ...], float_byt
     return -(-size * spec.bits // 8) + scales * float_bytes
 
 
-def compress_weights(spec: WeightCompression) -> Pass:
+def _conv_reading(g: Graph, node: Node, lookup, x: Value) -> Value:
+    """A copy of conv ``node`` in ``g`` that reads ``x`` instead of its input (the rest through ``lookup``)."""
+    inputs = {k: x if k == "x" else lookup(v) for k, v in node.inputs.items()}
+    value = Value(node.output.type, node.output.name)
+    conv = Node("conv", inputs, dict(node.attrs), value)
+    value.producer = conv
+    g.nodes.append(conv)
+    return value
+
+
+def compress_weights(spec: WeightCompression, input_scales: dict[str, np.ndarray] | None = None) -> Pass:
     """Store every float conv weight (at least ``spec.min_size`` values, not matched by ``spec.keep``, and smaller
     compressed: a palette per narrow channel can outweigh it) compressed: a constexpr op decodes it to the same fp16
     weight shape before the conv, so the conv and everything after it stay as they were. Weight bytes drop to about
-    bits/16 of fp16, plus the scales or palettes."""
+    bits/16 of fp16, plus the scales or palettes.
+
+    ``input_scales`` (conv name -> fp16 per-input-channel factors ``1/s``, from :func:`activation_scales`) makes
+    those convs activation-aware: the weight is stored as ``w * s`` (its salient input channels rounded finer) and
+    a ``mul`` by ``1/s`` before the conv undoes it, so the product is the same."""
+    input_scales = input_scales or {}
 
     def apply(graph: Graph) -> Graph:
         users = graph.users()
@@ -510,15 +549,85 @@ def compress_weights(spec: WeightCompression) -> Pass:
             and not any(fnmatch.fnmatchcase(n.name, pattern) for pattern in spec.keep)
             and compressed_nbytes(spec, n.output.shape, n.output.type.numpy_dtype.itemsize) < n.output.type.nbytes
         }
+        scaled = {  # weight id -> 1/s, for a chosen weight read by one scaled conv only
+            conv.inputs["weight"].id: input_scales[conv.name] for conv in graph.nodes
+            if conv.op == "conv" and conv.name in input_scales and conv.inputs["weight"].id in chosen
+            and len(users[conv.inputs["weight"].id]) == 1
+        }
 
         def rewrite(g: Graph, node: Node, lookup) -> Value | None:
+            if node.op == "conv" and node.inputs["weight"].id in scaled:
+                x = lookup(node.inputs["x"])
+                inverse = scaled[node.inputs["weight"].id].reshape((1, -1) + (1,) * (x.type.rank - 2))
+                factor = g.add_const(inverse.astype(NUMPY_DTYPES[x.dtype]), f"{node.name}_input_scale")
+                return _conv_reading(g, node, lookup, g.add_node("mul", {"x": x, "y": factor}, {}, f"{node.name}_scaled"))
             if node.output.id not in chosen:
                 return None
-            return compress_weight(g, node.name, np.asarray(node.attrs["val"]), spec, node.output.type)
+            w = np.asarray(node.attrs["val"], np.float64)
+            if node.output.id in scaled:  # w * s, with s = 1 / (the fp16 factor) so the mul undoes it exactly
+                inverse = scaled[node.output.id].astype(np.float64)
+                w = w / inverse.reshape((1, -1) + (1,) * (w.ndim - 2))
+            return compress_weight(g, node.name, w, spec, node.output.type)
 
         return _rebuild(graph, rewrite)
 
     return apply
+
+
+#: Exponents tried by :func:`activation_scales`: ``s_c = mean|x_c| ** alpha``; 0 is the plain scheme.
+AWQ_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _conv_inputs(graph: Graph, feeds: Sequence[dict[str, np.ndarray]]):
+    """Each conv node with its input on each feed, from the graph's numpy meaning (float32)."""
+    for feed in feeds:
+        env = {v.id: np.asarray(feed[v.name], np.float32) for v in graph.inputs}
+        for node in graph.nodes:
+            args = [[env[x.id] for x in v] if isinstance(v, list) else env[v.id] for v in node.inputs.values()]
+            spec = OPS[node.op]
+            arrays = args[0] if spec.variadic else args
+            env[node.output.id] = np.asarray(spec.compute(Kernels(), arrays, node.attrs), np.float32)
+            if node.op == "conv":
+                yield node, env[node.inputs["x"].id]
+
+
+def activation_scales(graph: Graph, feeds: Sequence[dict[str, np.ndarray]], spec: WeightCompression,
+                      alphas: Sequence[float] = AWQ_ALPHAS) -> dict[str, np.ndarray]:
+    """Activation-aware scaling (AWQ): for each conv with a constant float weight (groups 1), the fp16 factors
+    ``1/s`` per input channel, ``s_c = mean|x_c| ** alpha`` over calibration ``feeds``, with the ``alpha`` of
+    ``alphas`` whose ``spec``-compressed weight gives the least squared conv output error on those inputs. Input
+    channels that carry large activations get larger weights, so finer steps, where rounding costs most. Convs
+    whose best ``alpha`` is 0 (the plain scheme) are left out. Feed the result to :func:`compress_weights`."""
+    inputs: dict[str, list[np.ndarray]] = {}
+    convs: dict[str, Node] = {}
+    for node, x in _conv_inputs(graph, feeds):
+        w = node.inputs["weight"].producer
+        if (w is not None and w.is_const and node.inputs["weight"].dtype in ("fp16", "fp32")
+                and int(node.attrs["groups"]) == 1):
+            inputs.setdefault(node.name, []).append(x)
+            convs[node.name] = node
+    chosen: dict[str, np.ndarray] = {}
+    for name, xs in inputs.items():
+        node = convs[name]
+        w = np.asarray(node.inputs["weight"].producer.attrs["val"], np.float64)
+        axes = (0,) + tuple(range(2, xs[0].ndim))
+        magnitude = np.mean([np.abs(x).mean(axis=axes) for x in xs], axis=0).astype(np.float64)
+        magnitude = np.maximum(magnitude, magnitude.max() * 1e-4 + 1e-12)  # silent channels keep a usable factor
+        best, best_err = None, None
+        for alpha in alphas:
+            s = magnitude ** alpha
+            s = s / np.sqrt(s.max() * s.min())  # centred around 1: the fp16 factors stay far from its limits
+            inverse = (1 / s).astype(np.float16)
+            s = 1 / inverse.astype(np.float64)
+            shape = (1, -1) + (1,) * (w.ndim - 2)
+            error = _decoded(w * s.reshape(shape), spec) / s.reshape(shape) - w
+            err = sum(float((OPS["conv"].compute(Kernels(), [x, error.astype(np.float32)], node.attrs) ** 2).sum())
+                      for x in xs)
+            if best_err is None or err < best_err:
+                best, best_err = (None if alpha == 0 else inverse), err
+        if best is not None:
+            chosen[name] = best
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -529,16 +638,8 @@ def activation_ranges(graph: Graph, feeds: Sequence[dict[str, np.ndarray]]) -> d
     """The largest magnitude each conv's input reaches over calibration ``feeds`` (the graph's numpy meaning, float32),
     by conv name: what :func:`quantize_activations` turns into static int8 scales."""
     ranges: dict[str, float] = {}
-    for feed in feeds:
-        env = {v.id: np.asarray(feed[v.name], np.float32) for v in graph.inputs}
-        for node in graph.nodes:
-            args = [[env[x.id] for x in v] if isinstance(v, list) else env[v.id] for v in node.inputs.values()]
-            spec = OPS[node.op]
-            arrays = args[0] if spec.variadic else args
-            env[node.output.id] = np.asarray(spec.compute(Kernels(), arrays, node.attrs), np.float32)
-            if node.op == "conv":
-                seen = float(np.abs(env[node.inputs["x"].id]).max())
-                ranges[node.name] = max(ranges.get(node.name, 0.0), seen)
+    for node, x in _conv_inputs(graph, feeds):
+        ranges[node.name] = max(ranges.get(node.name, 0.0), float(np.abs(x).max()))
     return ranges
 
 
@@ -553,12 +654,6 @@ def quantize_activations(ranges: dict[str, float]) -> Pass:
         x = lookup(node.inputs["x"])
         scale = g.add_const(np.asarray(np.float16(ranges[node.name] / 127), NUMPY_DTYPES[x.dtype]), f"{node.name}_a_scale")
         q = g.add_node("quantize", {"input": x, "scale": scale}, {"output_dtype": "int8"}, f"{node.name}_a_int8")
-        dq = g.add_node("dequantize", {"input": q, "scale": scale}, {}, f"{node.name}_a")
-        inputs = {k: dq if k == "x" else lookup(v) for k, v in node.inputs.items()}
-        value = Value(node.output.type, node.output.name)
-        conv = Node("conv", inputs, dict(node.attrs), value)
-        value.producer = conv
-        g.nodes.append(conv)
-        return value
+        return _conv_reading(g, node, lookup, g.add_node("dequantize", {"input": q, "scale": scale}, {}, f"{node.name}_a"))
 
     return lambda graph: _rebuild(graph, rewrite)

@@ -144,6 +144,9 @@ def _doctor_agrees(probes) -> None:
     assert len(report["probes"]) == len(probes or report["probes"])
     for entry in report["probes"]:
         assert entry["ane"]["status"] == "ok", (entry["id"], entry["ane"].get("error"), entry["ane"].get("stderr"))
+        if entry["id"] == "numerics-ties":
+            _round_refused_by_the_standin(entry)
+            continue
         comparison = entry["comparison"]
         assert comparison["verdict_equal"] and comparison["value_equal"], (entry["id"], entry["ane"]["verdict"],
                                                                             entry["emulator"]["verdict"])
@@ -152,6 +155,17 @@ def _doctor_agrees(probes) -> None:
 
 def test_doctor_probes_on_the_ane_agree_with_the_emulator(ane_standin):
     _doctor_agrees(DOCTOR_PROBES)
+
+
+def _round_refused_by_the_standin(entry) -> None:
+    """The stand-in's compiler refuses ops nobody has seen run on the ANE (ANE-34), so the ties probe's ``round``
+    program does not compile there while the emulator runs it: the doctor reports exactly that disagreement, and
+    the ties of add, reduce_sum and matmul still agree."""
+    ane, emulator = entry["ane"], entry["emulator"]
+    refused = ane["observations"]["round"]
+    assert refused["stage"] == "compile" and "ANE-34" in refused["error"] and "round" in refused["error"]
+    assert emulator["observations"]["round"]["works"] and not entry["comparison"]["verdict_equal"]
+    assert emulator["verdict"] == ane["verdict"] + ", round half-away"
 
 
 @pytest.mark.slow

@@ -268,7 +268,7 @@ def test_compressed_weights_verdict_names_a_wrong_decode_and_settles_nothing_whe
     verdict, value = PROBES["compressed-weights"].verdict({"chains": chains, "schemes": schemes})
     assert value == {"compressed_weight_slots": "one"}
     assert verdict.endswith("decoded right: ['int8']; wrong: ['int4/32']; did not run: ['lut4']")
-    refused = {"compiled": False, "stage": "compile"}
+    refused = {"compiled": False}
     verdict, value = PROBES["compressed-weights"].verdict({"chains": {"16": refused, "8": refused},
                                                             "schemes": schemes})
     assert value == {} and verdict.startswith("no program of int8 weights compiles")

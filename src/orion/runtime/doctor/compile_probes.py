@@ -472,7 +472,7 @@ def _verdict_compressed(obs: dict) -> tuple[str, dict]:
     if many.get("compiled"):
         return f"{COMPRESSED_CHAINS[0]} int8 weights compile: a compressed weight takes one slot; {decodes}", \
             {"compressed_weight_slots": "one"}
-    if few.get("compiled") and many.get("stage") == "compile":
+    if few.get("compiled"):
         return f"{COMPRESSED_CHAINS[1]} int8 weights compile, {COMPRESSED_CHAINS[0]} do not: each stored part takes " \
                f"a slot; {decodes}", {"compressed_weight_slots": "per-blob"}
     return f"no program of int8 weights compiles; {decodes}", {}

@@ -133,7 +133,7 @@ def test_a_lora_swap_gives_the_same_logits_and_compiles_nothing(model_chip, tiny
 #: Probes whose ANE runs cover each path of the bridge: a compile the chip rejects, binding, a refused evaluation,
 #: the patch recipe (artifacts into a new model), LoRA inputs. The slow test runs them all.
 DOCTOR_PROBES = ["concat-interleave", "binding-order-outputs", "unequal-surfaces", "weight-update-patch",
-                 "lora-inputs", "multi-function"]
+                 "lora-inputs", "multi-function", "compressed-weights"]
 
 
 def _doctor_agrees(probes) -> None:

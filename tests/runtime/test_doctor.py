@@ -163,7 +163,8 @@ def test_emulator_values_are_the_default_profile_where_the_target_decides(report
     assert {f"numerics.{f.name}" for f in dataclasses.fields(Numerics)
             if f.name not in ("slice_offset_overflow", "activation_quirks")} <= seen
     assert {"concat", "gelu_native", "silu_native", "rsqrt_native", "weight_update", "max_blob_constants",
-            "shared_scalar_slots", "io_dtypes", "min_surface_bytes", "max_conv_input_channels", "slice_offset_overflow", "mil_version"} <= seen
+            "shared_scalar_slots", "io_dtypes", "min_surface_bytes", "max_conv_input_channels", "slice_offset_overflow", "mil_version",
+            "compressed_weight_slots"} <= seen
 
 
 # -- hand-reasoned verdicts -------------------------------------------------------------------------------------------
@@ -247,6 +248,30 @@ def test_multi_function_follows_the_target_and_runs_each_function_where_it_says_
     assert PROBES["multi-function"].verdict(obs) == ("each function runs by the request's procedure index",
                                                      {"multi_function": "procedure-index"})
 
+
+
+def test_compressed_weights_fit_one_slot_each_and_every_scheme_decodes_on_the_emulator(report):
+    """The default target counts a compressed weight once: 16 int8 weights (32 stored parts) compile; int8, per-block
+    int4 and lut4 weights each give the product of the fp16 weights they store, to fp16 rounding."""
+    obs = observations(report, "compressed-weights")
+    assert entry(report, "compressed-weights")["value"] == {"compressed_weight_slots": "one"}
+    assert all(chain["compiled"] and chain["evaluated"] for chain in obs["chains"].values())
+    assert set(obs["schemes"]) == {"int8", "int4/32", "lut4"}
+    for scheme, result in obs["schemes"].items():
+        assert result["works"] and 0 < result["max_rel_error"] < 0.005, (scheme, result)
+
+
+def test_compressed_weights_verdict_names_a_wrong_decode_and_settles_nothing_when_nothing_compiles():
+    chains = {"16": {"compiled": True}, "8": {"compiled": True}}
+    schemes = {"int8": {"evaluated": True, "works": True}, "int4/32": {"evaluated": True, "works": False},
+               "lut4": {"evaluated": False, "works": False}}
+    verdict, value = PROBES["compressed-weights"].verdict({"chains": chains, "schemes": schemes})
+    assert value == {"compressed_weight_slots": "one"}
+    assert verdict.endswith("decoded right: ['int8']; wrong: ['int4/32']; did not run: ['lut4']")
+    refused = {"compiled": False}
+    verdict, value = PROBES["compressed-weights"].verdict({"chains": {"16": refused, "8": refused},
+                                                            "schemes": schemes})
+    assert value == {} and verdict.startswith("no program of int8 weights compiles")
 
 #: A target whose ANE compiles gelu, silu and rsqrt, so the activation probe measures them all on the emulator.
 NATIVE_ACTIVATIONS = {"gelu_native": True, "silu_native": True, "rsqrt_native": True}
@@ -540,6 +565,7 @@ def test_activation_probe_reads_back_the_table_quirks(tmp_path):
     ("fp32-io", {"io_dtypes": ("fp32",)}, {}),  # the fp16 control fails: nothing settled
     ("conv-32k-input-channels", {"max_conv_input_channels": 32000, "max_axis": 65536},
      {"max_conv_input_channels": 32000}),
+    ("compressed-weights", {"compressed_weight_slots": "per-blob"}, {"compressed_weight_slots": "per-blob"}),
 ])
 def test_compile_probes_read_back_each_target_field(tmp_path, probe_id, overrides, expected):
     assert decide(probe_id, emulator(tmp_path, **overrides))[1] == expected

@@ -411,3 +411,74 @@ def _verdict_multi_function(obs: dict) -> tuple[str, dict]:
 register(Probe("multi-function", ("ANE-42", "multi_function"),
                "does a program with two functions sharing a weight compile, and does procedureIndex 1 run the second",
                _run_multi_function, _verdict_multi_function))
+
+
+# -- compressed weights (UNKNOWN: how many weight slots a constexpr weight takes; per-block scales unmeasured) -------
+
+#: Chained convs with int8 weights (data + scale each): 16 take 16 slots under "one" and 32 under "per-blob"; 8 fit
+#: either way, so a refusal of 16 alone points at the slot count rather than at compressed weights themselves.
+COMPRESSED_CHAINS = (16, 8)
+#: Each scheme of :func:`~orion.compiler.passes.compress_weights` the ANE may decode differently.
+COMPRESSED_SCHEMES = ("int8", "int4/32", "lut4")
+COMPRESSED_TOLERANCE = 0.01  # fp16 rounding of a 768-term sum, relative to max(1, |y|): far below a wrong decode
+
+
+def _compressed_chain(backend, count: int, weights: str, rng):
+    """``count`` chained 768x768 convs compiled for the backend's target with ``weights`` compression, with the
+    fp16 weights decoded as the constexpr ops store them."""
+    from orion.compiler.compile import compile_graph
+    from orion.compiler.passes import WeightCompression, _decoded
+
+    spec = WeightCompression.of(weights)
+    b = _builder("compressed")
+    y, decoded = b.input("x", (1, C, 1, S)), []
+    for i in range(count):
+        w = rng.normal(0.0, 1.0 / np.sqrt(C), (C, C, 1, 1))
+        decoded.append(_decoded(w.astype(np.float16).astype(np.float64), spec))
+        y = _conv(b, y, b.weight(f"w{i}", w.astype(np.float16)), f"y{i}" if i < count - 1 else "y")
+    b.output("y", y)
+    return compile_graph(b.graph, backend.target, weights=spec).module, decoded
+
+
+def _decoded_reference(x: np.ndarray, decoded: list[np.ndarray]) -> np.ndarray:
+    y = x.astype(np.float64)
+    for w in decoded:
+        y = np.einsum("oi,bihw->bohw", w[:, :, 0, 0], y)
+    return y
+
+
+def _run_compressed(backend) -> dict:
+    rng = _rng()
+    x = _fp16(rng.uniform(-1, 1, (1, C, 1, S)))
+    chains = {}
+    for count in COMPRESSED_CHAINS:
+        module, _ = _compressed_chain(backend, count, "int8", rng)
+        chains[str(count)] = _public(_attempt(backend, module, {"x": x}, None, ("ANE-21",)))
+    schemes = {}
+    for scheme in COMPRESSED_SCHEMES:
+        module, decoded = _compressed_chain(backend, 1, scheme, rng)
+        schemes[scheme] = _public(_attempt(backend, module, {"x": x}, {"y": _decoded_reference(x, decoded)},
+                                           ("ANE-21", "ANE-44"), COMPRESSED_TOLERANCE))
+    return {"chains": chains, "schemes": schemes}
+
+
+def _verdict_compressed(obs: dict) -> tuple[str, dict]:
+    many, few = (obs["chains"][str(n)] for n in COMPRESSED_CHAINS)
+    matched = [s for s, v in obs["schemes"].items() if v.get("works")]
+    wrong = [s for s, v in obs["schemes"].items() if v.get("evaluated") and not v.get("works")]
+    refused = [s for s, v in obs["schemes"].items() if not v.get("evaluated")]
+    decodes = f"decoded right: {matched or 'none'}" + (f"; wrong: {wrong}" if wrong else "") \
+        + (f"; did not run: {refused}" if refused else "")
+    if many.get("compiled"):
+        return f"{COMPRESSED_CHAINS[0]} int8 weights compile: a compressed weight takes one slot; {decodes}", \
+            {"compressed_weight_slots": "one"}
+    if few.get("compiled"):
+        return f"{COMPRESSED_CHAINS[1]} int8 weights compile, {COMPRESSED_CHAINS[0]} do not: each stored part takes " \
+               f"a slot; {decodes}", {"compressed_weight_slots": "per-blob"}
+    return f"no program of int8 weights compiles; {decodes}", {}
+
+
+register(Probe("compressed-weights", ("ANE-21", "ANE-44", "compressed_weight_slots"),
+               "do 16 int8 weights (data + scale each) fit the 16 weight tensors, and do int8, per-block int4 "
+               "(shift-scale) and lut4 weights decode to the fp16 values they store",
+               _run_compressed, _verdict_compressed))

@@ -70,15 +70,20 @@ def _ranks(args: list[str], logs: Path, world: int = 2) -> list[subprocess.Popen
             for r in range(world)]
 
 
+def _reap(ranks: list[subprocess.Popen]) -> None:
+    """Kill and wait for every rank still running (a test never leaves one behind)."""
+    for rank in ranks:
+        if rank.poll() is None:
+            rank.kill()
+            rank.wait()
+
+
 def _finish(ranks: list[subprocess.Popen], logs: Path, timeout: float = 300) -> None:
     try:
         for rank in ranks:
             rank.wait(timeout=timeout)
     finally:
-        for rank in ranks:
-            if rank.poll() is None:
-                rank.kill()
-                rank.wait()
+        _reap(ranks)
     for r, rank in enumerate(ranks):
         assert rank.returncode == 0, (logs / f"rank{r}.err").read_text()[-3000:]
 
@@ -155,10 +160,7 @@ def test_a_killed_rank_stops_the_run_naming_it_and_resume_ends_bitwise_as_an_uni
         ranks[survivor].wait(timeout=TIMEOUT_S + 10)
         stopped_after = time.monotonic() - killed
     finally:
-        for rank in ranks:
-            if rank.poll() is None:
-                rank.kill()
-                rank.wait()
+        _reap(ranks)
     assert ranks[victim].returncode == -signal.SIGKILL
     error = (logs / f"rank{survivor}.err").read_text()
     assert ranks[survivor].returncode == 2, error[-3000:]
@@ -195,10 +197,7 @@ def test_a_hung_rank_stops_the_run_naming_it_within_the_timeout(corpus, tmp_path
         ranks[0].wait(timeout=6 * timeout)
         waited = time.monotonic() - stopped
     finally:
-        for rank in ranks:
-            if rank.poll() is None:
-                rank.kill()
-                rank.wait()
+        _reap(ranks)
     error = (logs / "rank0.err").read_text()
     assert ranks[0].returncode == 2 and timeout <= waited < 4 * timeout, (waited, error[-3000:])
     assert "error: rank 0 of 2: " in error and "Timed out" in error and "rank 1 stopped responding" in error, error

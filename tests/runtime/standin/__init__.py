@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from orion.runtime.backends import ane
-from orion.runtime.budget import PROCESS_BUDGET
 
 SOURCE = Path(__file__).with_name("standin.c")
 EMULATOR_MODULE = "tests.runtime.standin.emulate"
@@ -89,7 +88,6 @@ def ane_standin(standin_root, tmp_path, monkeypatch) -> Standin:
     monkeypatch.setenv("ORION_ANE_ROOT", str(standin_root))
     monkeypatch.setenv("ORION_STANDIN_EMULATOR", EMULATOR_MODULE)
     monkeypatch.setenv("TMPDIR", str(temp))
-    monkeypatch.setattr(PROCESS_BUDGET, "used", PROCESS_BUDGET.used)  # this test's compiles are given back after it
     standin = Standin(standin_root)
     standin.temp = temp
     yield standin

@@ -465,7 +465,7 @@ def _int_parts(w64: np.ndarray, spec: WeightCompression) -> tuple[np.ndarray, np
     return q, scale, block
 
 
-def _decoded(w64: np.ndarray, spec: WeightCompression) -> np.ndarray:
+def decoded_weight(w64: np.ndarray, spec: WeightCompression) -> np.ndarray:
     """The fp16 weight the constexpr op of :func:`compress_weight` decodes ``w64`` to (float64 values)."""
     if spec.scheme.startswith("lut"):
         palette, index, group = _lut_parts(w64, spec)
@@ -620,7 +620,7 @@ def activation_scales(graph: Graph, feeds: Sequence[dict[str, np.ndarray]], spec
             inverse = (1 / s).astype(np.float16)
             s = 1 / inverse.astype(np.float64)
             shape = (1, -1) + (1,) * (w.ndim - 2)
-            error = _decoded(w * s.reshape(shape), spec) / s.reshape(shape) - w
+            error = decoded_weight(w * s.reshape(shape), spec) / s.reshape(shape) - w
             err = sum(float((OPS["conv"].compute(Kernels(), [x, error.astype(np.float32)], node.attrs) ** 2).sum())
                       for x in xs)
             if best_err is None or err < best_err:

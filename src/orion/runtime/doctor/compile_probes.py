@@ -427,14 +427,14 @@ def _compressed_chain(backend, count: int, weights: str, rng):
     """``count`` chained 768x768 convs compiled for the backend's target with ``weights`` compression, with the
     fp16 weights decoded as the constexpr ops store them."""
     from orion.compiler.compile import compile_graph
-    from orion.compiler.passes import WeightCompression, _decoded
+    from orion.compiler.passes import WeightCompression, decoded_weight
 
     spec = WeightCompression.of(weights)
     b = _builder("compressed")
     y, decoded = b.input("x", (1, C, 1, S)), []
     for i in range(count):
         w = rng.normal(0.0, 1.0 / np.sqrt(C), (C, C, 1, 1))
-        decoded.append(_decoded(w.astype(np.float16).astype(np.float64), spec))
+        decoded.append(decoded_weight(w.astype(np.float16).astype(np.float64), spec))
         y = _conv(b, y, b.weight(f"w{i}", w.astype(np.float16)), f"y{i}" if i < count - 1 else "y")
     b.output("y", y)
     return compile_graph(b.graph, backend.target, weights=spec).module, decoded

@@ -72,12 +72,12 @@ class OrionStep:
     targets), the step of an adapter on the frozen model."""
 
     def __init__(self, config: LlamaConfig, backend, lora: tuple[int, str] | None = None):
-        settings = TrainSettings()
+        settings = TrainSettings().with_defaults()
         self.grad_clip = settings.grad_clip
         self.weights = init_weights(config, seed=0)
         self.adapter = None if lora is None else new_adapter(adapter_spec(config), lora[1], lora[0], lora[0])
         self.params = self.weights if lora is None else self.adapter.to_arrays()
-        self.optimizer = AdamW(self.params, lr=LR, betas=(settings.beta1, settings.beta2),
+        self.optimizer = AdamW(self.params, lr=LR, betas=(settings.beta1, settings.beta2), eps=settings.adam_eps,
                                weight_decay=settings.weight_decay)
         self.scaler = LossScaler(FRESH_DEFAULTS["loss_scale"], init_scale=settings.init_scale)
         self.engine = LlamaEngine(config, config.max_seq_len, backend=backend, target="default",
@@ -117,7 +117,7 @@ class TorchStep:
     peft LoRA adapter of the same rank and targets on the frozen model."""
 
     def __init__(self, config: LlamaConfig, lora: tuple[int, str] | None = None):
-        self.settings = TrainSettings(lr=LR)
+        self.settings = TrainSettings(lr=LR).with_defaults()
         self.model = hf_llama(config, init_weights(config, seed=0)).train()
         if lora is not None:
             import peft

@@ -130,7 +130,7 @@ def torch_lora_losses(trainer: Trainer) -> list[float]:
     adapter = new_adapter(trainer.spec, trainer.lora_targets, s.lora_rank, s.lora_alpha, s.seed)
     model = peft_twin(config, trainer.base_weights, adapter, s.lora_rank, s.lora_alpha)
     lora = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(lora, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, weight_decay=s.weight_decay,
+    optimizer = torch.optim.AdamW(lora, lr=s.lr, betas=(s.beta1, s.beta2), eps=s.adam_eps, weight_decay=s.weight_decay,
                                   foreach=False)
     stream = BatchStream(trainer.dataset.train, s.batch, config.max_seq_len, seed=s.seed)
     return [torch_training_step(model, optimizer, *next(stream), scheduled_lr(s, step), s.grad_clip)
@@ -184,7 +184,11 @@ def test_a_lora_run_follows_peft_training_and_its_checkpoint_is_a_peft_adapter(c
     assert np.abs(ours_base - theirs_base).max() < 0.05
 
 
-def test_lora_resume_is_bitwise_exact(corpus, base, straight, tmp_path):
+def test_lora_resume_without_its_flags_is_bitwise_exact(corpus, base, straight, tmp_path):
+    """An adapter run (rank 4, alpha 8, targets q,v,down, warmup 2: none of them defaults) resumed through the CLI
+    with none of its flags: base, LoRA settings and schedule come from the checkpoint, and the run ends with bitwise
+    the adapter, moments and losses of the uninterrupted one. Flags repeated as they were (targets in another order)
+    are accepted."""
     out = tmp_path / "interrupted"
 
     def interrupt(record: dict) -> None:
@@ -193,34 +197,85 @@ def test_lora_resume_is_bitwise_exact(corpus, base, straight, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         make_trainer(lora_settings(corpus, base, out), on_step=interrupt).run()
-    make_trainer(lora_settings(corpus, base, out), resume=True).run()
+    resumed = CliRunner().invoke(cli, ["train", "--data", str(corpus), "--steps", str(STEPS), "--out", str(out),
+                                       "--resume", "--backend", "emulator"])
+    assert resumed.exit_code == 0, resumed.output
     got, want = load_checkpoint(latest_checkpoint(out)), load_checkpoint(straight[1]["checkpoint"])
     for mine, theirs in zip(got[:2], want[:2]):
         assert mine.keys() == theirs.keys()
         assert all(mine[k].tobytes() == theirs[k].tobytes() for k in theirs)
-    lines = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert lines == list(range(1, STEPS + 1))
+    assert got[2]["lora"] == want[2]["lora"] and got[2]["base"] == want[2]["base"]
+    assert got[2]["settings"] | {"out": ""} == want[2]["settings"] | {"out": ""}
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (out, straight[0])]
+    assert len(losses[0]) == STEPS and losses[0] == losses[1]
+
+    again = CliRunner().invoke(cli, ["train", "--data", str(corpus), "--steps", str(STEPS + 1), "--out", str(out),
+                                     "--resume", "--backend", "emulator", "--base", str(base), "--lora-rank", "4",
+                                     "--lora-alpha", "8", "--lora-targets", "down,v,q"])
+    assert again.exit_code == 0, again.output
+    assert load_checkpoint(latest_checkpoint(out))[2]["lora"] == want[2]["lora"]
 
 
-def test_lora_settings_errors(corpus, base, straight, tmp_path):
+def test_lora_settings_errors(corpus, base, tmp_path):
     with pytest.raises(SettingsError, match="needs a base model"):
         make_trainer(lora_settings(corpus, base, tmp_path / "a", base=None))
     with pytest.raises(OrionError, match="unknown LoRA target 'qq'"):
         make_trainer(lora_settings(corpus, base, tmp_path / "b", lora_targets="q,qq"))
-    # resuming the run with other LoRA settings, or as a whole-model run, is refused
-    with pytest.raises(OrionError, match="holds a LoRA adapter"):
-        make_trainer(lora_settings(corpus, base, straight[0], lora_rank=8, steps=STEPS + 1), resume=True).run()
-    with pytest.raises(OrionError, match="holds a LoRA adapter"):
-        make_trainer(lora_settings(corpus, base, straight[0], lora_rank=None, steps=STEPS + 1), resume=True).run()
 
 
-def test_lora_resume_refuses_another_base(corpus, base, straight, tmp_path):
+@pytest.fixture(scope="module")
+def other_base(base, tmp_path_factory) -> Path:
+    """The base model with one weight nudged: same shape and tokenizer, another model."""
     config, weights = read_llama(base)
     weights["layers.0.wq"] = weights["layers.0.wq"] + 1e-3
-    other = export_hf(weights, config, tmp_path / "other",
-                      {n: (base / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")})
-    with pytest.raises(OrionError, match="another base model"):
-        make_trainer(lora_settings(corpus, other, straight[0], steps=STEPS + 1), resume=True).run()
+    return export_hf(weights, config, tmp_path_factory.mktemp("other") / "hf",
+                     {n: (base / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")})
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lora-rank", "8", "--lora-rank is 8, but {checkpoint} was trained with lora_rank 4; "),
+    ("--lora-alpha", "16", "--lora-alpha is 16.0, but {checkpoint} was trained with lora_alpha 8.0; "),
+    ("--lora-targets", "q,v", "--lora-targets is q,v, but {checkpoint} was trained with lora_targets q,v,down; "),
+    ("--base", None, "--base {value} is not the base model {checkpoint} was trained on ({held}, sha256 "),
+])
+def test_lora_resume_refuses_a_flag_that_contradicts_the_checkpoint(corpus, base, other_base, straight, flag, value,
+                                                                    message):
+    out = straight[0]
+    value = str(other_base) if value is None else value
+    before = sorted(p.name for p in out.iterdir())
+    result = CliRunner().invoke(cli, ["train", "--data", str(corpus), "--steps", str(STEPS + 1), "--out", str(out),
+                                      "--resume", "--backend", "emulator", flag, value])
+    assert result.exit_code == 2, result.output
+    checkpoint = Path(straight[1]["checkpoint"])
+    expected = "error: " + message.format(checkpoint=checkpoint, value=value, held=base.resolve())
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(expected), result.stderr
+    assert f"leave {flag} out, or use another --out" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_lora_resume_finds_its_base_by_path_and_checks_it_by_digest(corpus, base, tmp_path):
+    """Resumed without --base, an adapter run reads the base from the path its checkpoint records; a model changed
+    there since is refused, a path gone is named with the fix, and the same model given elsewhere with --base is
+    accepted (the sha256 decides, not the path)."""
+    config, weights = read_llama(base)
+    copy = export_hf(weights, config, tmp_path / "base",
+                     {n: (base / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")})
+    out = tmp_path / "run"
+    make_trainer(lora_settings(corpus, copy, out, steps=1, warmup=1)).run()
+    weights["layers.1.w2"] = weights["layers.1.w2"] * np.float32(1.001)
+    export_hf(weights, config, copy)
+    with pytest.raises(OrionError, match=rf"the base model {copy} changed since {out / 'checkpoint-00000001'} was "
+                                         "trained on it .*; give --base: the model it was trained on"):
+        make_trainer(TrainSettings(data=str(corpus), out=str(out), steps=2), resume=True)
+    for file in copy.iterdir():
+        file.unlink()
+    copy.rmdir()
+    with pytest.raises(OrionError, match=rf"{out / 'checkpoint-00000001'} adapts the base model {copy}, which cannot "
+                                         r"be read now \(no such model folder.*\); give --base"):
+        make_trainer(TrainSettings(data=str(corpus), out=str(out), steps=2), resume=True)
+    make_trainer(TrainSettings(data=str(corpus), out=str(out), steps=2, base=str(base)), resume=True).run()
+    assert load_checkpoint(latest_checkpoint(out))[2]["base"]["path"] == str(base)
 
 
 def test_cli_trains_exports_and_generates_with_the_adapter(corpus, base, tmp_path):

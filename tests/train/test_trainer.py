@@ -24,6 +24,7 @@ from orion.errors import OrionError
 from orion.models import model_backend
 from orion.models.llama import init_weights
 from orion.runtime.cache import ProgramCache
+from orion.train import checkpoint as checkpoint_module
 from orion.train import trainer as trainer_module
 from orion.train.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
 from orion.train.corpus import make_story_corpus, write_corpus
@@ -69,6 +70,17 @@ def assert_bitwise_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray]
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def written_before_adam_eps(path: Path) -> None:
+    """Make the checkpoint at ``path`` as Orion wrote it before its settings held ``adam_eps`` (AdamW's eps, always
+    1e-8 then), its checksum recomputed."""
+    file = path / "state.json"
+    doc = json.loads(file.read_text())
+    doc["state"]["settings"].pop("adam_eps", None)
+    doc.pop("checksum")
+    doc["checksum"] = checkpoint_module._checksum(doc)
+    file.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +147,7 @@ def test_resume_after_keyboard_interrupt_is_bitwise_exact(corpus, tmp_path, stra
     with pytest.raises(KeyboardInterrupt):
         make_trainer(settings_for(corpus, out), on_step=interrupt).run()
     assert checkpoint_step(latest_checkpoint(out)) == 7  # the last finished step, not the last periodic save (5)
+    written_before_adam_eps(latest_checkpoint(out))  # an older checkpoint resumes as exactly
     result = make_trainer(settings_for(corpus, out), resume=True).run()
 
     assert result["step"] == STEPS and result["skipped_steps"] == 0
@@ -255,6 +268,70 @@ def test_resume_after_keyboard_interrupt_inside_a_step_is_bitwise_exact(corpus, 
     weights, moments, _ = final_state(out)
     assert_bitwise_equal(weights, straight[0])
     assert_bitwise_equal(moments, straight[1])
+
+
+#: Every optimizer, schedule and loss-scaling setting reachable only from the library, none at its default, each one
+#: changing the numbers of a 6-step run: clipping bites (grad norms 1.4 to 6.4), the warmup spans the resume.
+TUNED = dict(steps=6, beta1=0.8, beta2=0.99, adam_eps=1e-6, weight_decay=0.05, grad_clip=0.5, warmup=4,
+             min_lr_fraction=0.3, init_scale=64.0)
+
+
+@pytest.fixture(scope="module")
+def tuned(corpus, tmp_path_factory) -> tuple[Path, tuple[dict, dict, dict]]:
+    """An uninterrupted 6-step run with the TUNED settings: its folder and its last checkpoint."""
+    out = tmp_path_factory.mktemp("tuned")
+    make_trainer(settings_for(corpus, out, **TUNED)).run()
+    return out, final_state(out)
+
+
+def test_resume_restores_every_optimizer_setting_left_unset(corpus, tmp_path, tuned):
+    """The library's settings no flag reaches (betas, eps, weight decay, clipping, warmup, the schedule's floor, the
+    initial loss scale) come from the checkpoint when a resumed run leaves them unset, as the CLI leaves them: the
+    resumed run ends bitwise as the uninterrupted one, with the same losses and the same recorded settings."""
+    out = tmp_path / "part"
+
+    def interrupt(record: dict) -> None:
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(settings_for(corpus, out, **TUNED), on_step=interrupt).run()
+    make_trainer(TrainSettings(data=str(corpus), out=str(out), steps=TUNED["steps"]), resume=True).run()
+
+    weights, moments, state = final_state(out)
+    want_weights, want_moments, want_state = tuned[1]
+    assert_bitwise_equal(weights, want_weights)
+    assert_bitwise_equal(moments, want_moments)
+    assert state["settings"] | {"out": ""} == want_state["settings"] | {"out": ""}
+    assert state["loss_scaler"] == want_state["loss_scaler"]
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(tuned[0])]
+
+
+@pytest.mark.parametrize("name, value", [("beta1", 0.9), ("beta2", 0.95), ("adam_eps", 1e-8), ("weight_decay", 0.1),
+                                         ("grad_clip", 1.0), ("init_scale", 256.0)])
+def test_resume_refuses_an_optimizer_setting_that_contradicts_the_checkpoint(corpus, tuned, name, value):
+    """Given at its fresh-run default, which the checkpoint's run did not use: refused, naming both values."""
+    out, held = tuned[0], tuned[1][2]["settings"][name]
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(OrionError) as refused:
+        make_trainer(TrainSettings(data=str(corpus), out=str(out), steps=TUNED["steps"] + 1, **{name: value}),
+                     resume=True)
+    message = str(refused.value)
+    assert message.startswith(f"{name} is {value}, but {out / 'checkpoint-00000006'} was trained with {name} {held}; ")
+    assert "\n" not in message and f"leave {name} unset" in message
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_resume_may_change_the_schedule(corpus, tmp_path, tuned):
+    """warmup and min_lr_fraction shape the schedule, which is no state (as lr and steps): given on resume, taken."""
+    out = tmp_path / "run"
+    make_trainer(settings_for(corpus, out, **(TUNED | {"steps": 2, "warmup": 2}))).run()
+    make_trainer(TrainSettings(data=str(corpus), out=str(out), steps=3, warmup=1, min_lr_fraction=0.5),
+                 resume=True).run()
+    row = metrics(out)[-1]
+    assert row["step"] == 3 and row["lr"] == pytest.approx(5e-3)  # the schedule's new floor at its last step
+    settings = final_state(out)[2]["settings"]
+    assert (settings["warmup"], settings["min_lr_fraction"], settings["beta1"]) == (1, 0.5, TUNED["beta1"])
 
 
 def test_metrics_hold_one_row_per_step_after_resuming_from_an_older_checkpoint(corpus, tmp_path):

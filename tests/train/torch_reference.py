@@ -67,7 +67,8 @@ def torch_adamw(model, settings: TrainSettings):
     params = list(model.parameters())
     return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
                               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                             lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=1e-8, foreach=False)
+                             lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=settings.adam_eps,
+                             foreach=False)
 
 
 def scheduled_lr(settings: TrainSettings, step: int) -> float:

@@ -769,7 +769,8 @@ def _train_with_progress(trainer, label: str, stop_after: int | None = None) -> 
               help="Peak learning rate of the cosine schedule (on --resume: the checkpoint's unless given).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out up to --steps; a flag "
-              "left out is the checkpoint's, and --steps, --lr, --save-every and --keep-last may change.")
+              "left out is the checkpoint's (the LoRA flags and --base too), and --steps, --lr, --save-every and "
+              "--keep-last may change.")
 @click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=8), default=None,
@@ -783,14 +784,16 @@ def _train_with_progress(trainer, label: str, stop_after: int | None = None) -> 
 @_backend_option()
 @_target_option
 @click.option("--base", default=None, help="Start from this trained Llama (Hugging Face folder, hub id or Orion "
-              "checkpoint) instead of fresh weights; its tokenizer is used unless --tokenizer is given.")
+              "checkpoint) instead of fresh weights; its tokenizer is used unless --tokenizer is given (on --resume "
+              "of an adapter: the checkpoint's, checked by sha256).")
 @click.option("--lora-rank", type=click.IntRange(min=1), default=None,
-              help="Train only a LoRA adapter of this rank on the frozen --base; checkpoints are PEFT adapters.")
+              help="Train only a LoRA adapter of this rank on the frozen --base; checkpoints are PEFT adapters (on "
+              "--resume: the checkpoint's).")
 @click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True,
-              help="LoRA scale numerator: the adapter adds (alpha / rank) B A.")
+              help="LoRA scale numerator: the adapter adds (alpha / rank) B A (on --resume: the checkpoint's).")
 @click.option("--lora-targets", default=None,
               help="Projections to adapt: q, k, v, o, gate, up, down (or attn, ffn, all), comma-separated "
-              "[default: q,v].")
+              "[default: q,v] (on --resume: the checkpoint's).")
 @click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Launched by torchrun on several ranks: seconds a rank waits for the others (a gradient "
               "all-reduce, rank 0's checkpoint save) before the run stops with an error naming the rank that stopped.")
@@ -813,10 +816,11 @@ def train_cmd(preset, data, steps, batch, accum, lr, out_dir, resume, save_every
     # the same default (--seq-len and --tokenizer default to None, which says the same).
     source = click.get_current_context().get_parameter_source
     given = {name: value for name, value in dict(preset=preset, batch=batch, accum=accum, lr=lr, save_every=save_every,
-                                                 keep_last=keep_last, loss_scale=loss_scale, seed=seed).items()
+                                                 keep_last=keep_last, loss_scale=loss_scale, seed=seed,
+                                                 lora_alpha=lora_alpha).items()
              if source(name) is not ParameterSource.DEFAULT}
     settings = TrainSettings(data=data, out=str(out_dir), steps=steps, seq_len=seq_len, tokenizer=tokenizer,
-                             base=base, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, **given)
+                             base=base, lora_rank=lora_rank, lora_targets=lora_targets, **given)
     group = ProcessGroup.from_environment(dist_timeout) if launched() else None
     with group if group is not None else contextlib.nullcontext():
         trainer = Trainer(settings, resume=resume, backend=model_backend(backend, target_name), target=target_name,

@@ -1,7 +1,7 @@
 """The training loop: data -> engine (backend + CPU) -> guarded AdamW step -> new weights as input writes ->
 metrics, loss curve, checkpoints. A run of N steps resumed after step k ends with bitwise the weights of an
-uninterrupted run: every source of state (weights, moments, loss scale, data position, RNG) is checkpointed, and the
-computation is deterministic.
+uninterrupted run: every source of state (weights, moments, loss scale, data position, RNG) and every setting is
+checkpointed, a setting left unset on resume is the checkpoint's, and the computation is deterministic.
 
 ``base`` starts from a trained model instead of fresh weights; with ``lora_rank`` only a LoRA adapter is trained on
 that frozen base: the programs take the adapter as inputs, checkpoints hold the adapter and its moments (and PEFT's
@@ -43,26 +43,45 @@ from orion.train.optim import AdamW, LossScaler, cosine_lr, guarded_step
 DEFAULT_PRESET = "tiny"
 
 #: What a fresh run uses for each setting left at None (unset); a resumed run takes the checkpoint's instead.
-FRESH_DEFAULTS = {"preset": DEFAULT_PRESET, "batch": 8, "accum": 1, "lr": 3e-4, "loss_scale": "dynamic", "seed": 0,
-                  "save_every": 100, "keep_last": 3}
+FRESH_DEFAULTS = {"preset": DEFAULT_PRESET, "batch": 8, "accum": 1, "lr": 3e-4, "min_lr_fraction": 0.1,
+                  "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "adam_eps": 1e-8, "grad_clip": 1.0,
+                  "loss_scale": "dynamic", "init_scale": 256.0, "seed": 0, "save_every": 100, "keep_last": 3,
+                  "lora_alpha": 16.0}
+
+#: Settings older checkpoints do not record, with the value every run used before they were recorded.
+UNRECORDED_BEFORE = {"adam_eps": 1e-8}  # AdamW's default eps, which the trainer always used until it was a setting
 
 #: The settings an exact resume depends on, each with what the checkpoint restores that fixes it. Given on resume,
-#: each must agree with the checkpoint; the rest of the settings may change (the learning-rate schedule is no state:
-#: every step's rate is computed from ``lr``, ``warmup``, ``min_lr_fraction`` and ``steps``).
+#: each must agree with the checkpoint; so must the model's shape, the tokenizer and the base of an adapter. The
+#: rest may change: the learning-rate schedule (``steps``, ``lr``, ``warmup``, ``min_lr_fraction``) is no state, as
+#: every step's rate is computed from them, and ``save_every`` and ``keep_last`` only say what is written.
 FIXED_ON_RESUME = {
     "batch": "its batch stream draws batches of that size, and the loss is averaged over them",
     "accum": "each step draws that many batches from its batch stream",
     "seed": "its batch stream shuffles with that seed",
     "loss_scale": "its loss scaler keeps its mode",
+    "init_scale": "its loss scaler started from that scale and goes on from the one it reached",
+    "beta1": "its AdamW moments are running averages at that rate",
+    "beta2": "its AdamW moments are running averages at that rate",
+    "adam_eps": "every AdamW update divides by sqrt(v) + eps",
+    "weight_decay": "every AdamW update decays the weights by lr times it",
+    "grad_clip": "every step clips the gradients to that norm",
+    "lora_rank": "its adapter has that rank",
+    "lora_alpha": "its adapter adds alpha / rank times B A",
+    "lora_targets": "its adapter adapts those projections",
 }
+
+#: The settings ``orion train`` has a flag for (``--lora-rank`` for ``lora_rank``); errors name the flag.
+_FLAGS = {"batch", "accum", "seed", "loss_scale", "lora_rank", "lora_alpha", "lora_targets"}
 
 
 @dataclass
 class TrainSettings:
     """What a run trains and how. A setting left at None (unset) is the checkpoint's on resume, as nanoGPT's resume
     takes its model arguments from it, and ``FRESH_DEFAULTS`` (or the preset's, the base model's) on a fresh run. On
-    resume, the model's shape and tokenizer and the settings in ``FIXED_ON_RESUME`` must be unset or agree with the
-    checkpoint; ``steps``, ``lr``, ``save_every`` and ``keep_last`` may change."""
+    resume, the model's shape and tokenizer, an adapter's base and the settings in ``FIXED_ON_RESUME`` must be unset
+    or agree with the checkpoint; ``steps``, ``lr``, ``warmup``, ``min_lr_fraction``, ``save_every`` and
+    ``keep_last`` may change."""
 
     preset: str | None = None
     data: str = ""
@@ -71,14 +90,15 @@ class TrainSettings:
     batch: int | None = None
     accum: int | None = None
     lr: float | None = None  # on resume, a new peak of the same cosine schedule from the resumed step on
-    min_lr_fraction: float = 0.1
-    warmup: int | None = None
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    min_lr_fraction: float | None = None  # the schedule ends at lr times this
+    warmup: int | None = None  # fresh: a tenth of the steps (1 to 100)
+    weight_decay: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    adam_eps: float | None = None
+    grad_clip: float | None = None
     loss_scale: str | None = None
-    init_scale: float = 256.0  # the loss scale a fresh run starts from; a resumed run restores its scaler's
+    init_scale: float | None = None  # the loss scale a fresh run starts from; a resumed run restores its scaler's
     seed: int | None = None
     save_every: int | None = None
     keep_last: int | None = None
@@ -87,7 +107,7 @@ class TrainSettings:
     model_overrides: dict = dataclasses.field(default_factory=dict)
     base: str | None = None  # a trained Llama (HF folder, hub id or Orion checkpoint) to start from
     lora_rank: int | None = None  # train only a LoRA adapter of this rank on the frozen base
-    lora_alpha: float = 16.0
+    lora_alpha: float | None = None
     lora_targets: str | None = None  # None: the model's default (Llama: q,v)
 
     def validate(self) -> None:
@@ -100,14 +120,14 @@ class TrainSettings:
             raise SettingsError(f"--lr must be positive, got {self.lr}")
         if not self.data:
             raise SettingsError("give --data: a .txt/.jsonl file or folder, a tokenized .bin, or a hub dataset id")
-        if self.lora_rank is not None:
-            if self.base is None:
-                raise SettingsError("LoRA training needs a base model to adapt: give --base (a Llama folder, hub id "
-                                    "or Orion checkpoint)")
-            if self.lora_rank < 1:
-                raise SettingsError(f"--lora-rank must be at least 1, got {self.lora_rank}")
-            if not self.lora_alpha > 0:
-                raise SettingsError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise SettingsError(f"--lora-rank must be at least 1, got {self.lora_rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise SettingsError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+
+    def with_defaults(self) -> TrainSettings:
+        """These settings with each one left unset at what a fresh run uses (``FRESH_DEFAULTS``)."""
+        return _filled(self, FRESH_DEFAULTS)
 
     def model_config(self, vocab_size: int, base: LlamaConfig | None = None) -> LlamaConfig:
         """The preset's shape (or the base model's), with the tokenizer's vocabulary and ``seq_len``."""
@@ -137,6 +157,15 @@ def _load_tokenizer(spec: str) -> Tokenizer:
     return Tokenizer.from_dir(Path(spec).parent if spec.endswith(".json") else spec)
 
 
+def _read_base(spec: str) -> tuple[Path, LlamaConfig, dict[str, np.ndarray]]:
+    """The folder, config and weights of the base model ``spec`` (a Llama folder, hub id or Orion checkpoint)."""
+    from orion.models import read_llama
+    from orion.models.hub import resolve_model
+
+    folder = resolve_model(spec)
+    return folder, *read_llama(folder)
+
+
 def _fresh_tokenizer(settings: TrainSettings, base_folder: Path | None) -> Tokenizer | None:
     """The tokenizer a fresh run is given: ``--tokenizer``, else the base model's, else None (a BPE of the data)."""
     if settings.tokenizer:
@@ -153,21 +182,37 @@ def _filled(settings: TrainSettings, values: dict) -> TrainSettings:
 
 
 def _held_settings(state: dict) -> dict:
-    """The settings of the run a checkpoint's ``state`` saved. Those in ``FIXED_ON_RESUME`` are read from what
-    restores them where it records them (the batch stream, the loss scaler), so the values compared are the ones the
-    resumed run will use."""
-    saved = state.get("settings", {})
+    """The settings of the run a checkpoint's ``state`` saved, those it does not record at the value they had then
+    (``UNRECORDED_BEFORE``). Those in ``FIXED_ON_RESUME`` are read from what restores them where it records them
+    (the batch stream, the loss scaler, the adapter), so the values compared are the ones the resumed run will
+    use."""
+    saved = UNRECORDED_BEFORE | state.get("settings", {})
     held = {name: saved[name] for name in FRESH_DEFAULTS if saved.get(name) is not None}
     held |= {"preset": saved.get("preset") or DEFAULT_PRESET, "batch": state["data"]["batch_size"],
-             "seed": state["data"]["seed"], "loss_scale": state["loss_scaler"]["mode"]}
-    return held | {"seq_len": state["config"]["max_seq_len"], "tokenizer": saved.get("tokenizer")}
+             "seed": state["data"]["seed"], "loss_scale": state["loss_scaler"]["mode"], "warmup": saved.get("warmup"),
+             "seq_len": state["config"]["max_seq_len"], "tokenizer": saved.get("tokenizer"), "base": saved.get("base")}
+    if lora := state.get("lora"):
+        held |= {"lora_rank": lora["rank"], "lora_alpha": lora["alpha"], "lora_targets": ",".join(lora["targets"]),
+                 "base": state["base"]["path"]}
+    return held
+
+
+def _refusal(name: str, given, checkpoint: Path, held: str, why: str) -> SettingsError:
+    """The one-line error for setting ``name`` given on resume as ``given`` against the checkpoint's run (``held``
+    says what it was, ``why`` what fixes it): named by its flag where ``orion train`` has one."""
+    if name in _FLAGS:
+        flag = "--" + name.replace("_", "-")
+        return SettingsError(f"{flag} is {given}, but {checkpoint} {held}; on --resume {name} comes from the "
+                             f"checkpoint ({why}): leave {flag} out, or use another --out")
+    return SettingsError(f"{name} is {given}, but {checkpoint} {held}; on resume {name} comes from the checkpoint "
+                         f"({why}): leave {name} unset, or train into another out folder")
 
 
 def _resumed_settings(settings: TrainSettings, state: dict, base: LlamaConfig | None, tokenizer: Tokenizer,
                       checkpoint: Path) -> TrainSettings:
     """``settings`` with each one left unset taken from the checkpoint a run resumes, after refusing any setting
     given that contradicts the model the checkpoint holds or a setting the exact resume depends on (naming it and
-    both values)."""
+    both values). ``base`` is the config of a base model given on resume."""
     held = LlamaConfig(**state["config"]).to_dict()  # with the defaults of fields older checkpoints lack
     flags = {"base": f"--base {settings.base}", "preset": f"--config {settings.preset}",
              "model_overrides": "model_overrides", "seq_len": f"--seq-len {settings.seq_len}"}
@@ -190,11 +235,15 @@ def _resumed_settings(settings: TrainSettings, state: dict, base: LlamaConfig | 
     run = _held_settings(state)
     for name, why in FIXED_ON_RESUME.items():
         given = getattr(settings, name)
-        if given is not None and name in run and given != run[name]:
-            flag = "--" + name.replace("_", "-")
-            raise SettingsError(f"{flag} is {given}, but {checkpoint} was trained with {name} {run[name]}; on "
-                                f"--resume {name} comes from the checkpoint ({why}): leave {flag} out, or use "
-                                "another --out")
+        if given is None:
+            continue
+        if name.startswith("lora_") and "lora" not in state:
+            raise _refusal(name, given, checkpoint, "trained a whole model, not a LoRA adapter", "it has none")
+        same = given
+        if name == "lora_targets":  # the same projections, however spelled ("v,q", "attn")
+            same = ",".join(adapter_spec(LlamaConfig(**state["config"])).parse_targets(given))
+        if name in run and same != run[name]:
+            raise _refusal(name, given, checkpoint, f"was trained with {name} {run[name]}", why)
     return _filled(settings, run)
 
 
@@ -223,8 +272,9 @@ class Trainer:
     """``Trainer(settings, resume=True, backend=..., target=...).run()``.
 
     With ``resume``, the newest intact checkpoint in ``settings.out`` is found and read here, before anything is
-    prepared, because it decides the model's shape and tokenizer. ``on_notice`` receives what the user should know
-    (a damaged checkpoint skipped, a corpus split on its token stream); without it, each is a RuntimeWarning."""
+    prepared, because it decides the model's shape, the tokenizer, an adapter's base and every setting left unset.
+    ``on_notice`` receives what the user should know (a damaged checkpoint skipped, a corpus split on its token
+    stream); without it, each is a RuntimeWarning."""
 
     def __init__(self, settings: TrainSettings, *, resume: bool = False, backend="auto", target="default",
                  cache=None, budget=None, on_step: Callable[[dict], None] | None = None,
@@ -236,26 +286,35 @@ class Trainer:
         self.out = Path(settings.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.on_notice = on_notice
-        self.base_weights, base_config, base_folder = None, None, None
-        if settings.base is not None:
-            from orion.models import read_llama
-            from orion.models.hub import resolve_model
-
-            base_folder = resolve_model(settings.base)
-            base_config, self.base_weights = read_llama(base_folder)
-            if settings.lora_rank is not None:  # a frozen base: resume checks it is the same model
-                self.base_digest = weights_digest(self.base_weights)
         self.checkpoint = self._find_checkpoint() if resume else None
         if group is not None:
             group.same(checkpoint_step(self.checkpoint) if self.checkpoint else -1,
                        "the step of the checkpoint to resume (-1: none; --out must be a folder every rank sees)")
-        if self.checkpoint is None:
-            restored = None
-            self.settings = _filled(settings, FRESH_DEFAULTS)
+        restored = None if self.checkpoint is None else load_checkpoint(self.checkpoint)  # (weights, moments, state)
+        if restored is None and settings.lora_rank is not None and settings.base is None:
+            raise SettingsError("LoRA training needs a base model to adapt: give --base (a Llama folder, hub id or "
+                                "Orion checkpoint)")
+        # The base model: the one given, else the frozen base of the adapter the checkpoint holds (its path and
+        # sha256; a whole-model run's base was only its starting point, which its checkpoint has moved on from).
+        held_base = restored[2]["base"] if restored is not None and "lora" in restored[2] else None
+        self.base_weights, base_config, base_folder = None, None, None
+        if settings.base is not None:
+            base_folder, base_config, self.base_weights = _read_base(settings.base)
+        elif held_base is not None:
+            try:
+                base_folder, _, self.base_weights = _read_base(held_base["path"])
+            except OrionError as err:
+                raise OrionError(f"{self.checkpoint} adapts the base model {held_base['path']}, which cannot be read "
+                                 f"now ({err}); give --base: that model (its sha256 is checked)") from err
+        if self.base_weights is not None and (settings.lora_rank is not None or held_base is not None):
+            self.base_digest = weights_digest(self.base_weights)  # a frozen base: resume checks it is the same
+        if held_base is not None:
+            self._check_base(held_base, settings.base)
+        if restored is None:
+            self.settings = settings.with_defaults()
             self.dataset = self._prepare(_fresh_tokenizer(settings, base_folder))
             self.config = self.settings.model_config(self.dataset.tokenizer.vocab_size, base_config)
         else:
-            restored = load_checkpoint(self.checkpoint)  # (weights, moments, state)
             tokenizer = Tokenizer.from_dir(self.checkpoint)
             self.settings = _resumed_settings(settings, restored[2], base_config, tokenizer, self.checkpoint)
             self.dataset = self._prepare(tokenizer)
@@ -266,9 +325,8 @@ class Trainer:
             self._notice(self.dataset.split_note)
         self.spec = adapter_spec(self.config)
         self.lora_targets = None
-        if settings.lora_rank is not None:
-            chosen = self.spec.default_targets if settings.lora_targets is None else settings.lora_targets
-            self.lora_targets = self.spec.parse_targets(chosen)
+        if self.trains_adapter:
+            self.lora_targets = self.spec.parse_targets(self.settings.lora_targets or self.spec.default_targets)
         self.backend, self.cache, self.budget = backend, cache, budget
         self.target = get_target(target)
         self.on_step = on_step
@@ -319,27 +377,36 @@ class Trainer:
             weights = {k: v.copy() for k, v in self.base_weights.items()}
         else:
             weights = init_weights(self.config, s.seed)
-        optimizer = AdamW(weights, lr=s.lr, betas=(s.beta1, s.beta2), weight_decay=s.weight_decay)
+        optimizer = self._optimizer(weights)
         scaler = LossScaler(s.loss_scale, init_scale=s.init_scale)
         stream = BatchStream(self.dataset.train, s.batch, self.config.max_seq_len, seed=s.seed)
         return 0, weights, optimizer, scaler, stream
 
+    def _check_base(self, held: dict, given: str | None) -> None:
+        """Refuse a base model other than the one the checkpoint's adapter was trained on (``held``: its path and
+        sha256), naming the ``given`` one or, if it came from the checkpoint, saying that model changed."""
+        if held["sha256"] == self.base_digest:
+            return
+        if given is not None:
+            raise SettingsError(f"--base {given} is not the base model {self.checkpoint} was trained on "
+                                f"({held['path']}, sha256 {held['sha256'][:12]}...); on --resume the base comes from "
+                                "the checkpoint: leave --base out, or use another --out")
+        raise OrionError(f"the base model {held['path']} changed since {self.checkpoint} was trained on it (sha256 "
+                         f"{self.base_digest[:12]}..., the checkpoint records {held['sha256'][:12]}...); give --base: "
+                         "the model it was trained on, or use another --out")
+
     def _resumed(self, weights: dict[str, np.ndarray], moments: dict[str, np.ndarray], state: dict):
-        path = self.checkpoint
-        if state.get("lora") != (self._lora_state() if self.trains_adapter else None):
-            held = f"a LoRA adapter {state['lora']}" if state.get("lora") else "a whole model"
-            raise OrionError(f"{path} holds {held}, not what these settings train; use the same LoRA settings or "
-                             "another --out")
-        if self.trains_adapter and state["base"]["sha256"] != self.base_digest:
-            raise OrionError(f"{path} was trained on another base model ({state['base']['path']}); resume with that "
-                             "base, or use another --out")
         s = self.settings
-        optimizer = AdamW(weights, lr=s.lr, betas=(s.beta1, s.beta2), weight_decay=s.weight_decay)
+        optimizer = self._optimizer(weights)
         optimizer.load_state_dict(moments)
         scaler = LossScaler(s.loss_scale, init_scale=s.init_scale)
         scaler.load_state_dict(state["loss_scaler"])
         stream = BatchStream.restore(state["data"], self.dataset.train)
         return int(state["step"]), weights, optimizer, scaler, stream
+
+    def _optimizer(self, weights: dict[str, np.ndarray]) -> AdamW:
+        s = self.settings
+        return AdamW(weights, lr=s.lr, betas=(s.beta1, s.beta2), eps=s.adam_eps, weight_decay=s.weight_decay)
 
     def _save(self, step, weights, optimizer, scaler, data_state, timings) -> Path:
         state = {"config": self.config.to_dict(), "settings": dataclasses.asdict(self.settings), "step": step,

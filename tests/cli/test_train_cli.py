@@ -79,6 +79,7 @@ def test_exported_model_loads_in_transformers_with_orions_logits(corpus, tmp_pat
 @pytest.mark.parametrize("args,message", [
     (["--data", "/nonexistent.txt", "--steps", "2"], "no such file"),
     (["--config", "huge", "--steps", "2"], "unknown preset"),
+    (["--data", "", "--steps", "2"], "give --data"),
 ])
 def test_train_errors_are_one_line(corpus, tmp_path, args, message):
     if "--data" not in args:
@@ -170,7 +171,7 @@ def test_resume_refuses_a_flag_given_that_contradicts_the_checkpoint(corpus, tra
 def test_resume_with_flags_left_out_continues_the_run_exactly_and_may_change_lr(corpus, tmp_path):
     """The review's bug: a run of --batch 2 resumed with --batch left out got the default 8 in its loss average while
     its restored batch stream still drew 2 sequences, scaling the loss and gradients by 1/4. Now every flag left out
-    is the checkpoint's (batch, accum, seed, loss scaling, lr, save-every, keep-last), so the resumed run ends with
+    is the checkpoint's (data, batch, accum, seed, loss scaling, lr, ...), so the resumed run ends with
     bitwise the weights and losses of an uninterrupted one; a --lr given on resume is the new peak of the schedule."""
     from orion.models import model_backend
     from orion.train.trainer import Trainer, TrainSettings
@@ -188,8 +189,8 @@ def test_resume_with_flags_left_out_continues_the_run_exactly_and_may_change_lr(
                              loss_scale="static", lr=1e-2, save_every=1, keep_last=5, seq_len=32)
     with pytest.raises(KeyboardInterrupt):
         Trainer(settings, backend=model_backend("emulator"), on_step=stop_after_two).run()
-    resumed = CliRunner().invoke(cli, ["train", "--data", str(corpus), "--steps", "4", "--backend", "emulator",
-                                       "--out", str(part), "--resume"])
+    resumed = CliRunner().invoke(cli, ["train", "--steps", "4", "--backend", "emulator", "--out", str(part),
+                                       "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert sorted(p.name for p in part.glob("checkpoint-*")) == [f"checkpoint-0000000{i}" for i in (1, 2, 3, 4)]
     want, got = (load_checkpoint(out / "checkpoint-00000004") for out in (whole, part))

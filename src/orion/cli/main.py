@@ -758,8 +758,8 @@ def _train_with_progress(trainer, label: str, stop_after: int | None = None) -> 
 @cli.command("train")
 @click.option("--config", "preset", default="tiny", show_default=True,
               help="Model preset: tiny or stories110m (on --resume: the checkpoint's).")
-@click.option("--data", required=True, help="A .txt/.jsonl file or folder, a pre-tokenized uint16 .bin, or a hub "
-              "dataset id (e.g. roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt).")
+@click.option("--data", default=None, help="A .txt/.jsonl file or folder, a pre-tokenized uint16 .bin, or a hub "
+              "dataset id (e.g. roneneldan/TinyStories:TinyStoriesV2-GPT4-train.txt); on --resume: the checkpoint's.")
 @click.option("--steps", type=click.IntRange(min=1), required=True, help="Total optimizer steps.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Sequences per micro-batch, over all ranks under torchrun (on --resume: the checkpoint's).")

@@ -54,7 +54,8 @@ UNRECORDED_BEFORE = {"adam_eps": 1e-8}  # AdamW's default eps, which the trainer
 #: The settings an exact resume depends on, each with what the checkpoint restores that fixes it. Given on resume,
 #: each must agree with the checkpoint; so must the model's shape, the tokenizer and the base of an adapter. The
 #: rest may change: the learning-rate schedule (``steps``, ``lr``, ``warmup``, ``min_lr_fraction``) is no state, as
-#: every step's rate is computed from them, and ``save_every`` and ``keep_last`` only say what is written.
+#: every step's rate is computed from them, ``save_every`` and ``keep_last`` only say what is written, and ``data``
+#: may be given where it is now (the restored batch stream checks its token count).
 FIXED_ON_RESUME = {
     "batch": "its batch stream draws batches of that size, and the loss is averaged over them",
     "accum": "each step draws that many batches from its batch stream",
@@ -80,11 +81,11 @@ class TrainSettings:
     """What a run trains and how. A setting left at None (unset) is the checkpoint's on resume, as nanoGPT's resume
     takes its model arguments from it, and ``FRESH_DEFAULTS`` (or the preset's, the base model's) on a fresh run. On
     resume, the model's shape and tokenizer, an adapter's base and the settings in ``FIXED_ON_RESUME`` must be unset
-    or agree with the checkpoint; ``steps``, ``lr``, ``warmup``, ``min_lr_fraction``, ``save_every`` and
+    or agree with the checkpoint; ``data``, ``steps``, ``lr``, ``warmup``, ``min_lr_fraction``, ``save_every`` and
     ``keep_last`` may change."""
 
     preset: str | None = None
-    data: str = ""
+    data: str | None = None  # on resume, the checkpoint's; its token file must hold as many tokens as the run's
     out: str = "out/train"
     steps: int = 200
     batch: int | None = None
@@ -118,8 +119,6 @@ class TrainSettings:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr is not None and not self.lr > 0:
             raise SettingsError(f"--lr must be positive, got {self.lr}")
-        if not self.data:
-            raise SettingsError("give --data: a .txt/.jsonl file or folder, a tokenized .bin, or a hub dataset id")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise SettingsError(f"--lora-rank must be at least 1, got {self.lora_rank}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
@@ -190,7 +189,8 @@ def _held_settings(state: dict) -> dict:
     held = {name: saved[name] for name in FRESH_DEFAULTS if saved.get(name) is not None}
     held |= {"preset": saved.get("preset") or DEFAULT_PRESET, "batch": state["data"]["batch_size"],
              "seed": state["data"]["seed"], "loss_scale": state["loss_scaler"]["mode"], "warmup": saved.get("warmup"),
-             "seq_len": state["config"]["max_seq_len"], "tokenizer": saved.get("tokenizer"), "base": saved.get("base")}
+             "seq_len": state["config"]["max_seq_len"], "tokenizer": saved.get("tokenizer"), "base": saved.get("base"),
+             "data": saved.get("data")}
     if lora := state.get("lora"):
         held |= {"lora_rank": lora["rank"], "lora_alpha": lora["alpha"], "lora_targets": ",".join(lora["targets"]),
                  "base": state["base"]["path"]}
@@ -291,6 +291,8 @@ class Trainer:
             group.same(checkpoint_step(self.checkpoint) if self.checkpoint else -1,
                        "the step of the checkpoint to resume (-1: none; --out must be a folder every rank sees)")
         restored = None if self.checkpoint is None else load_checkpoint(self.checkpoint)  # (weights, moments, state)
+        if restored is None and not settings.data:
+            raise SettingsError("give --data: a .txt/.jsonl file or folder, a tokenized .bin, or a hub dataset id")
         if restored is None and settings.lora_rank is not None and settings.base is None:
             raise SettingsError("LoRA training needs a base model to adapt: give --base (a Llama folder, hub id or "
                                 "Orion checkpoint)")

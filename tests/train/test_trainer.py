@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,12 +73,12 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def written_before_adam_eps(path: Path) -> None:
-    """Make the checkpoint at ``path`` as Orion wrote it before its settings held ``adam_eps`` (AdamW's eps, always
-    1e-8 then), its checksum recomputed."""
+def written_without(path: Path, name: str) -> None:
+    """Make the checkpoint at ``path`` as an Orion whose checkpoints did not record setting ``name`` wrote it, its
+    checksum recomputed."""
     file = path / "state.json"
     doc = json.loads(file.read_text())
-    doc["state"]["settings"].pop("adam_eps", None)
+    del doc["state"]["settings"][name]
     doc.pop("checksum")
     doc["checksum"] = checkpoint_module._checksum(doc)
     file.write_text(json.dumps(doc, indent=1) + "\n")
@@ -147,7 +148,7 @@ def test_resume_after_keyboard_interrupt_is_bitwise_exact(corpus, tmp_path, stra
     with pytest.raises(KeyboardInterrupt):
         make_trainer(settings_for(corpus, out), on_step=interrupt).run()
     assert checkpoint_step(latest_checkpoint(out)) == 7  # the last finished step, not the last periodic save (5)
-    written_before_adam_eps(latest_checkpoint(out))  # an older checkpoint resumes as exactly
+    written_without(latest_checkpoint(out), "adam_eps")  # as written before eps was a setting (always 1e-8)
     result = make_trainer(settings_for(corpus, out), resume=True).run()
 
     assert result["step"] == STEPS and result["skipped_steps"] == 0
@@ -322,7 +323,20 @@ def test_resume_refuses_an_optimizer_setting_that_contradicts_the_checkpoint(cor
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-def test_resume_may_change_the_schedule(corpus, tmp_path, tuned):
+def test_a_setting_an_old_checkpoint_does_not_record_must_be_given(corpus, tmp_path, tuned):
+    """Only settings recorded since a known default (adam_eps) can be filled in; any other one a checkpoint lacks is
+    asked for by name instead of guessed."""
+    out = tmp_path / "run"
+    shutil.copytree(tuned[0] / "checkpoint-00000006", out / "checkpoint-00000006")
+    written_without(out / "checkpoint-00000006", "grad_clip")
+    with pytest.raises(OrionError, match=r"checkpoint-00000006 does not record grad_clip, and the run's values cannot "
+                                         r"be known; give them as the run had them"):
+        make_trainer(TrainSettings(data=str(corpus), out=str(out), steps=7), resume=True)
+    trainer = make_trainer(TrainSettings(data=str(corpus), out=str(out), steps=7, grad_clip=0.5), resume=True)
+    assert trainer.start_step == 6 and trainer.settings.grad_clip == 0.5
+
+
+def test_resume_may_change_the_schedule(corpus, tmp_path):
     """warmup and min_lr_fraction shape the schedule, which is no state (as lr and steps): given on resume, taken."""
     out = tmp_path / "run"
     make_trainer(settings_for(corpus, out, **(TUNED | {"steps": 2, "warmup": 2}))).run()

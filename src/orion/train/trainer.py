@@ -244,7 +244,12 @@ def _resumed_settings(settings: TrainSettings, state: dict, base: LlamaConfig | 
             same = ",".join(adapter_spec(LlamaConfig(**state["config"])).parse_targets(given))
         if name in run and same != run[name]:
             raise _refusal(name, given, checkpoint, f"was trained with {name} {run[name]}", why)
-    return _filled(settings, run)
+    resumed = _filled(settings, run)
+    unknown = [name for name in FRESH_DEFAULTS if getattr(resumed, name) is None]
+    if unknown:
+        raise SettingsError(f"{checkpoint} does not record {', '.join(unknown)}, and the run's values cannot be "
+                            "known; give them as the run had them, or use another --out")
+    return resumed
 
 
 def _dataset(settings: TrainSettings, folder: Path, tokenizer: Tokenizer | None) -> PreparedDataset:

@@ -769,8 +769,8 @@ def _train_with_progress(trainer, label: str, stop_after: int | None = None) -> 
               help="Peak learning rate of the cosine schedule (on --resume: the checkpoint's unless given).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out up to --steps; a flag "
-              "left out is the checkpoint's (the LoRA flags and --base too), and --steps, --lr, --save-every and "
-              "--keep-last may change.")
+              "left out is the checkpoint's (the LoRA flags and --base too), and --data, --steps, --lr, --save-every "
+              "and --keep-last may change.")
 @click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=8), default=None,

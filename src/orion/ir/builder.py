@@ -19,6 +19,18 @@ from orion.ir.types import NUMPY_DTYPES, TensorType
 MASK_VALUE = -1e4
 
 
+def decode_placement(length: int, n: int, columns: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``slots`` and ``mask`` of :meth:`GraphBuilder.cached_attention` for a pass of ``n`` tokens after ``length``
+    committed positions, as ``[columns, capacity]`` float32: column j (position ``length + j``) is placed in that
+    slot (j < n) and attends to every slot up to it. The committed slots hold their positions, the fed ones are
+    placed in the pass, later ones hold 0 (masked for the columns before them)."""
+    position = length + np.arange(columns)[:, None]
+    slot = np.arange(capacity)[None, :]
+    slots = (slot == position) & (np.arange(columns)[:, None] < n)
+    mask = np.where(slot <= position, np.float32(0.0), np.float32(MASK_VALUE))
+    return slots.astype(np.float32), mask
+
+
 class GraphBuilder:
     """``b = GraphBuilder("block"); x = b.input("x", (1, 768, 1, 64)); ...; b.output("y", y); g = b.graph``
 

@@ -532,16 +532,11 @@ class CachedSession(DecodeSession):
         return self.model._head(x, rowwise=True)
 
     def _placement(self, n: int) -> dict[str, np.ndarray]:
-        """The ``slots`` and ``mask`` inputs of a pass of ``n`` tokens: column j (position ``length + j``) is placed
-        in that slot (j < n) and attends to every slot up to it; committed slots hold their positions, the slots
-        of the n fed ones are placed in the pass, later ones hold 0 (and are masked for the columns before them)."""
-        from orion.ir.builder import MASK_VALUE
+        """The ``slots`` and ``mask`` inputs of a pass of ``n`` tokens (:func:`orion.ir.builder.decode_placement`)."""
+        from orion.ir.builder import decode_placement
 
-        position = self.length + np.arange(self.columns)[:, None]
-        slot = np.arange(self.capacity)[None, :]
-        slots = (slot == position) & (np.arange(self.columns)[:, None] < n)
-        mask = np.where(slot <= position, np.float32(0.0), np.float32(MASK_VALUE))
-        return {"slots": slots.astype(np.float32)[None, None], "mask": self.model._mask_input(mask)}
+        slots, mask = decode_placement(self.length, n, self.columns, self.capacity)
+        return {"slots": slots[None, None], "mask": self.model._mask_input(mask)}
 
     def commit(self, n: int) -> None:
         if not 0 <= n <= self.pending:

@@ -510,9 +510,6 @@ class CachedSession(DecodeSession):
         for _, name, cache in self._caches():
             cache[...] = 0
             cache[0, :, 0, :length] = kv[name("prefill")]
-        for program in programs:
-            with program.input_tensor("x").view() as x:
-                x[...] = 0
 
     def feed(self, tokens) -> np.ndarray:
         tokens = self._check_feed(tokens)
@@ -522,6 +519,7 @@ class CachedSession(DecodeSession):
         for program in self.programs:
             with program.input_tensor("x").view() as xin:
                 xin[0, :, 0, :n] = x.T
+                xin[0, :, 0, n:] = 0  # unused columns meet the others in the placing matmuls (inf times 0 is NaN)
             for name, value in inputs.items():
                 with program.input_tensor(name).view() as view:
                     view[...] = value

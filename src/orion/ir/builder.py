@@ -41,7 +41,7 @@ class GraphBuilder:
     def __init__(self, name: str = "main"):
         self.graph = Graph(name)
         self._scope: list[str] = []
-        self._identities: dict[tuple[int, str], Value] = {}
+        self._eyes: dict[tuple[int, str], Value] = {}
 
     # -- basics --------------------------------------------------------------------------------------------------
 
@@ -194,14 +194,13 @@ class GraphBuilder:
         t = self.reshape(t, shape=[1, heads, d // heads, seq], name=f"{label}_heads")
         return self.transpose(t, perm=[0, 1, 3, 2], name=f"{label}_t")
 
-    def identity(self, n: int, dtype: str = "fp16") -> Value:
-        """The ``[1, 1, n, n]`` identity, one constant per graph however often it is asked for (each distinct tensor
-        constant takes one of a program's weight-tensor slots, ANE-21)."""
+    def eye(self, n: int, dtype: str = "fp16") -> Value:
+        """The ``[1, 1, n, n]`` identity matrix, one constant per graph however often it is asked for (each distinct
+        tensor constant takes one of a program's weight-tensor slots, ANE-21). (``identity`` is the op.)"""
         key = (n, dtype)
-        if key not in self._identities:
-            eye = np.eye(n, dtype=np.float32).reshape(1, 1, n, n)
-            self._identities[key] = self.graph.add_const(eye, f"identity{n}", dtype)
-        return self._identities[key]
+        if key not in self._eyes:
+            self._eyes[key] = self.graph.add_const(np.eye(n, dtype=np.float32).reshape(1, 1, n, n), f"eye{n}", dtype)
+        return self._eyes[key]
 
     def place_columns(self, new: Value, cache: Value, slots: Value, name: str) -> tuple[Value, Value]:
         """New columns put into their cache slots by a one-hot matmul: ``new [1, H, w, S]``, ``cache [1, H, w, T]``
@@ -213,7 +212,7 @@ class GraphBuilder:
         later pass reads from the cache the very bits this one placed (placing ``written`` again changes nothing).
         """
         seq = new.shape[3]
-        eye = self.identity(seq, new.dtype)
+        eye = self.eye(seq, new.dtype)
         written = self.matmul(new, eye, transpose_x=False, transpose_y=False, name=f"{name}_written")
         placed = self.matmul(written, slots, transpose_x=False, transpose_y=False, name=f"{name}_placed")
         return written, self.add(cache, placed, name=f"{name}_all")

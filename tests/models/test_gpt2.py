@@ -242,9 +242,10 @@ def test_int8_gpt2_with_the_ane_classifier_is_predicted_as_counted_by_hand(layer
     """The cost model on the programs GPT-2 builds for m4 (int8 blocks, the classifier on the ANE), against a count
     by hand from the reference's figures: per block program (one per program under m4's 16 weight tensors), four
     int8 matrices (a byte per weight, an fp16 scale per output channel; one int8 zero point, shared once the
-    compiler merges equal constants) and their fp16 biases; the classifier program, the vocabulary padded to 64
-    rows in fp16 and the final LayerNorm's gain and offset. Surfaces (64-byte rows, at least 49,152 bytes): x, y, the
-    new k and v as [d, 16] fp32, the masks, the k and v caches of 256 positions in fp16, the logits [rows, 16] fp32.
+    compiler merges equal constants) and their fp16 biases, and the [16, 16] fp16 identity that places new keys and
+    values into the cache; the classifier program, the vocabulary padded to 64 rows in fp16 and the final LayerNorm's
+    gain and offset. Surfaces (64-byte rows, at least 49,152 bytes): x, y, the new k and v as [d, 16] fp32, the mask
+    and the slots as [16, 256] fp16, the k and v caches of 256 positions in fp16, the logits [rows, 16] fp32.
     Each program costs 90 us plus its bytes over 67 GB/s (decode is memory-bound: checked); the CPU reads nothing."""
     from orion.compiler.costmodel import get_chip
     from orion.models.bench import random_gpt2_state
@@ -262,8 +263,8 @@ def test_int8_gpt2_with_the_ane_classifier_is_predicted_as_counted_by_hand(layer
         figures = predict(model, chip, prompt_tokens=128, new_tokens=64)
     decode = figures["decode"]
     block_weights = 1 + sum(out * inp + 2 * out + 2 * out for out, inp in ((3 * d, d), (d, d), (f, d), (d, f)))
-    block_io = (4 * surface(columns * d * 4) + surface(capacity * 2) + surface(columns * columns * 4)
-                + 2 * surface(capacity * d * 2))
+    block_weights += columns * columns * 2
+    block_io = 4 * surface(columns * d * 4) + 2 * surface(columns * capacity * 2) + 2 * surface(capacity * d * 2)
     rows = -(-vocab // 64) * 64
     head_weights, head_io = rows * d * 2 + 2 * d * 2, surface(columns * d * 4) + surface(rows * columns * 4)
     counted = [(block_weights, block_io)] * layers + [(head_weights, head_io)]

@@ -19,7 +19,7 @@ VOCAB = 97
 
 def random_gpt2(seed: int, layers: int = 2, d: int = 64, vocab: int = VOCAB, weight_scale: float = 20.0) -> GPT2:
     """A random GPT-2 (random biases and norms) whose matrices are scaled up so its logits are far apart: greedy
-    tokens are then no fp16 near-ties (see the caveat in orion.models.speculative)."""
+    tokens are then no near-ties (exactness at near-ties is tests/models/test_exact_verify.py's)."""
     config, state = random_gpt2_state(n_layer=layers, n_embd=d, vocab_size=vocab, n_positions=128, seed=seed)
     for value in state.values():
         if value.ndim == 2:

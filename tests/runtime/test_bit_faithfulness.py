@@ -100,7 +100,7 @@ def gpt2_outputs(accumulator: str) -> dict[str, np.ndarray]:
         out.update({f"prefill/{k}": v for k, v in sorted(kv.items())})
         rows = []
         head = model._head
-        model._head = lambda h: (rows.append(np.array(h)), head(h))[1]
+        model._head = lambda h, **kw: (rows.append(np.array(h)), head(h, **kw))[1]
         list(model.generate_ids(ids, max_tokens=7))
         out["decode/hidden"] = np.concatenate(rows[1:])  # rows[0] is the prefill's last row
     finally:

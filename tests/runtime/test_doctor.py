@@ -716,3 +716,22 @@ def test_lora_inputs_probe_swaps_adapters_without_a_compile_and_sees_a_stale_one
     backend = FirstInputsBackend(get_target("default"), root=tmp_path / "emu")
     verdict, _ = decide("lora-inputs", backend)
     assert verdict.startswith("stale")
+
+
+def test_exact_verify_probe_finds_bit_exact_passes_and_names_a_chip_whose_columns_leak(report, tmp_path,
+                                                                                      monkeypatch):
+    """On the emulator (both accumulators) one pass of several tokens gives their one-token passes' outputs bit for
+    bit; products whose columns depend on each other (each sum nudged by its row's mean) make it say where not."""
+    from orion.runtime.backends.emulator import AneKernels
+
+    assert entry(report, "exact-verify")["verdict"].startswith("bit-exact")
+    assert decide("exact-verify", emulator(tmp_path, numerics=Numerics(accumulator="fp32")))[0].startswith("bit-exact")
+    plain = AneKernels.matmul
+
+    def leaky(self, a, b):
+        out = plain(self, a, b)
+        return out + out.mean(axis=-1, keepdims=True) * np.float32(1e-2)
+
+    monkeypatch.setattr(AneKernels, "matmul", leaky)
+    verdict, value = decide("exact-verify", emulator(tmp_path))
+    assert verdict.startswith("not bit-exact: positions [") and value == {}

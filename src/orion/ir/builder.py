@@ -19,6 +19,18 @@ from orion.ir.types import NUMPY_DTYPES, TensorType
 MASK_VALUE = -1e4
 
 
+def decode_placement(length: int, n: int, columns: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``slots`` and ``mask`` of :meth:`GraphBuilder.cached_attention` for a pass of ``n`` tokens after ``length``
+    committed positions, as ``[columns, capacity]`` float32: column j (position ``length + j``) is placed in that
+    slot (j < n) and attends to every slot up to it. The committed slots hold their positions, the fed ones are
+    placed in the pass, later ones hold 0 (masked for the columns before them)."""
+    position = length + np.arange(columns)[:, None]
+    slot = np.arange(capacity)[None, :]
+    slots = (slot == position) & (np.arange(columns)[:, None] < n)
+    mask = np.where(slot <= position, np.float32(0.0), np.float32(MASK_VALUE))
+    return slots.astype(np.float32), mask
+
+
 class GraphBuilder:
     """``b = GraphBuilder("block"); x = b.input("x", (1, 768, 1, 64)); ...; b.output("y", y); g = b.graph``
 
@@ -29,6 +41,7 @@ class GraphBuilder:
     def __init__(self, name: str = "main"):
         self.graph = Graph(name)
         self._scope: list[str] = []
+        self._eyes: dict[tuple[int, str], Value] = {}
 
     # -- basics --------------------------------------------------------------------------------------------------
 
@@ -181,47 +194,61 @@ class GraphBuilder:
         t = self.reshape(t, shape=[1, heads, d // heads, seq], name=f"{label}_heads")
         return self.transpose(t, perm=[0, 1, 3, 2], name=f"{label}_t")
 
+    def eye(self, n: int, dtype: str = "fp16") -> Value:
+        """The ``[1, 1, n, n]`` identity matrix, one constant per graph however often it is asked for (each distinct
+        tensor constant takes one of a program's weight-tensor slots, ANE-21). (``identity`` is the op.)"""
+        key = (n, dtype)
+        if key not in self._eyes:
+            self._eyes[key] = self.graph.add_const(np.eye(n, dtype=np.float32).reshape(1, 1, n, n), f"eye{n}", dtype)
+        return self._eyes[key]
+
+    def place_columns(self, new: Value, cache: Value, slots: Value, name: str) -> tuple[Value, Value]:
+        """New columns put into their cache slots by a one-hot matmul: ``new [1, H, w, S]``, ``cache [1, H, w, T]``
+        (0 in every slot without a committed position), ``slots [1, 1, S, T]`` (row j: a 1 at column j's position,
+        or all 0) -> ``(written [1, H, w, S], full [1, H, w, T])``.
+
+        A matmul rounds even a product by 1 (to the accumulator's grid, subnormals flushed), so ``written`` is
+        ``new`` after the same matmul by the identity: what the cache must hold for a committed column, so that a
+        later pass reads from the cache the very bits this one placed (placing ``written`` again changes nothing).
+        """
+        seq = new.shape[3]
+        eye = self.eye(seq, new.dtype)
+        written = self.matmul(new, eye, transpose_x=False, transpose_y=False, name=f"{name}_written")
+        placed = self.matmul(written, slots, transpose_x=False, transpose_y=False, name=f"{name}_placed")
+        return written, self.add(cache, placed, name=f"{name}_all")
+
     def cached_attention(self, q: Value, k: Value, v: Value, k_cache: Value, v_cache: Value, mask: Value,
-                         heads: int, name: str = "attn", new_mask: Value | None = None) -> Value:
+                         slots: Value, heads: int, name: str = "attn") -> tuple[Value, Value, Value]:
         """Decode attention against a KV cache passed as inputs, with no concat (which some chips reject).
 
-        ``q, k, v``: ``[1, d, 1, S]`` for the new positions; ``k_cache, v_cache``: ``[1, d, 1, T]``; ``mask``:
-        ``[1, 1, 1, T]`` additive (0 where the cache holds a position, -1e4 elsewhere). Each new position attends to
-        the cache and to the new positions: to itself only, or, given ``new_mask`` (``[1, 1, S, S]`` additive,
-        causal), to the new positions that mask allows, so S tokens verify in one pass. The two score sets share one
-        softmax, written out with a common maximum.
+        ``q, k, v``: ``[1, d, 1, S]`` for the new positions; ``k_cache, v_cache``: ``[1, d, 1, T]``; ``slots``:
+        ``[1, 1, S, T]``, the one-hot of each column's position (:meth:`place_columns`); ``mask``: ``[1, 1, S, T]``
+        additive, per column (0 at the slots up to its own position, -1e4 elsewhere). The new keys and values are
+        placed into their slots, and every column attends over the T slots in position order: one score matmul, one
+        softmax, one matmul with the values. So a position's sums are the same products at the same indices whether
+        its earlier positions come from the cache (a one-token pass) or from this pass (a verification of several),
+        and S tokens verify in one pass with the logits, bit for bit, of S one-token passes. Masked slots weigh
+        exactly 0, whatever they hold. Returns the attention ``[1, d, 1, S]`` and the k and v to commit
+        (``written``, ``[1, d, 1, S]``).
         """
         _, d, _, seq = q.shape
         cap = k_cache.shape[3]
         hd = d // heads
-        scale = 1.0 / math.sqrt(hd)
         with self.scope(name):
-            qh, kh, vh = (self.split_heads(t, heads, label) for t, label in ((q, "q"), (k, "k"), (v, "v")))
-            kc = self.reshape(k_cache, shape=[1, heads, hd, cap], name="kc_heads")  # [1, H, hd, T]
-            vc = self.reshape(v_cache, shape=[1, heads, hd, cap], name="vc_heads")
-            s_cache = self.add(self.mul(self.matmul(qh, kc, transpose_x=False, transpose_y=False, name="qk"),
-                                        scale, name="qk_scaled"), mask, name="qk_masked")  # [1, H, S, T]
-            if new_mask is None:  # [1, H, S, 1]: each position's own score
-                s_new = self.reduce_sum(self.mul(qh, kh, name="qk_self_prod"), axes=[3], keep_dims=True,
-                                        name="qk_self")
-            else:  # [1, H, S, S]
-                s_new = self.matmul(qh, kh, transpose_x=False, transpose_y=True, name="qk_new")
-            s_new = self.mul(s_new, scale, name="qk_new_scaled")
-            if new_mask is not None:
-                s_new = self.add(s_new, new_mask, name="qk_new_masked")
-            top = self.maximum(self.reduce_max(s_cache, axes=[3], keep_dims=True, name="max_cache"),
-                               self.reduce_max(s_new, axes=[3], keep_dims=True, name="max_new"), name="max")
-            e_cache = self.exp(self.sub(s_cache, top, name="shift_cache"), name="exp_cache")
-            e_new = self.exp(self.sub(s_new, top, name="shift_new"), name="exp_new")
-            total = self.add(self.reduce_sum(e_cache, axes=[3], keep_dims=True, name="sum_cache"),
-                             self.reduce_sum(e_new, axes=[3], keep_dims=True, name="sum_new"), name="sum")
-            ctx_new = (self.mul(e_new, vh, name="ctx_self") if new_mask is None else
-                       self.matmul(e_new, vh, transpose_x=False, transpose_y=False, name="ctx_new"))
-            ctx = self.add(self.matmul(e_cache, vc, transpose_x=False, transpose_y=True, name="ctx_cache"),
-                           ctx_new, name="ctx_sum")  # [1, H, S, hd]
-            ctx = self.mul(ctx, self.pow(total, -1.0, name="inv_sum"), name="ctx")
+            qh = self.split_heads(q, heads, "q")  # [1, H, S, hd]
+            k_new, v_new = (self.reshape(t, shape=[1, heads, hd, seq], name=f"{label}_heads")
+                            for t, label in ((k, "k"), (v, "v")))
+            kc, vc = (self.reshape(t, shape=[1, heads, hd, cap], name=f"{label}_heads")
+                      for t, label in ((k_cache, "kc"), (v_cache, "vc")))
+            k_written, k_all = self.place_columns(k_new, kc, slots, "k")  # [1, H, hd, T]
+            v_written, v_all = self.place_columns(v_new, vc, slots, "v")
+            scores = self.matmul(qh, k_all, transpose_x=False, transpose_y=False, name="qk")  # [1, H, S, T]
+            scores = self.add(self.mul(scores, 1.0 / math.sqrt(hd), name="qk_scaled"), mask, name="qk_masked")
+            probs = self.softmax(scores, axis=-1, name="probs")
+            ctx = self.matmul(probs, v_all, transpose_x=False, transpose_y=True, name="ctx")  # [1, H, S, hd]
             ctx = self.transpose(ctx, perm=[0, 1, 3, 2], name="ctx_t")
-            return self.reshape(ctx, shape=[1, d, 1, seq], name="merge")
+            return tuple(self.reshape(t, shape=[1, d, 1, seq], name=label)
+                         for t, label in ((ctx, "merge"), (k_written, "k_out"), (v_written, "v_out")))
 
     def lora_down(self, x: Value, a: Value, name: str = "lora") -> Value:
         """``A x`` of a LoRA path: ``x [1, I, 1, S]`` and ``a [1, 1, r, I]`` (a program input) -> ``[1, 1, r, S]``."""

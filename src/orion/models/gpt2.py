@@ -41,8 +41,8 @@ from orion.runtime.program import get_backend
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
 #: Weight constants one block needs once LayerNorms are folded: c_attn, attn c_proj, c_fc, mlp c_proj (w and b).
 CONSTANTS_PER_BLOCK = 8
-#: Distinct scalar constants a program reads, whatever its number of blocks (each takes a weight-tensor slot,
-#: ANE-21): LayerNorm's eps and -0.5 exponent, the attention scale, decode's -1 exponent, the tanh GELU's four.
+#: Distinct small constants a program reads, whatever its number of blocks (each takes a weight-tensor slot, ANE-21):
+#: LayerNorm's eps and -0.5 exponent, the attention scale, decode's identity (place_columns), the tanh GELU's four.
 SCALAR_CONSTANTS = 8
 
 
@@ -248,8 +248,9 @@ def decode_io(target: Target) -> tuple[str, int]:
 def decode_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, capacity: int,
                  lora: LoraLayout | None = None, *, target: Target):
     """Blocks ``first ...`` for new tokens in a bucket of :func:`decode_io` columns against a KV cache of
-    ``capacity`` positions. The columns attend causally to each other (``mask_new``), so one evaluation runs one
-    token (column 0) or verifies several drafted ones."""
+    ``capacity`` positions. Each column attends to the slots its row of ``mask`` allows, the new keys and values
+    placed into their slots (``slots``, one-hot): one evaluation runs one token (column 0) or verifies several
+    drafted ones, with the same logits bit for bit (:meth:`GraphBuilder.cached_attention`)."""
     b = GraphBuilder(f"gpt2_decode{capacity}_h{first}")
     d = config.n_embd
     io_dtype, columns = decode_io(target)
@@ -258,15 +259,15 @@ def decode_graph(blocks: list[BlockWeights], first: int, config: GPT2Config, cap
         b.output(name, b.cast(value, io_dtype, name=f"{name}_{io_dtype}"))
 
     x = b.cast(b.input("x", (1, d, 1, columns), dtype=io_dtype), "fp16", name="x_fp16")
-    mask = b.input("mask", (1, 1, 1, capacity))
-    new_mask = b.cast(b.input("mask_new", (1, 1, columns, columns), dtype=io_dtype), "fp16", name="mask_new_fp16")
+    mask = b.input("mask", (1, 1, columns, capacity))
+    slots = b.input("slots", (1, 1, columns, capacity))
     for j, w in enumerate(blocks):
         i = first + j
         kc = b.input(kv_name("k", i, "cache"), (1, d, 1, capacity))
         vc = b.input(kv_name("v", i, "cache"), (1, d, 1, capacity))
         with b.scope(f"h{i}"):
             q, k, v = _block_start(b, x, w, config, i, lora)
-            attn = b.cached_attention(q, k, v, kc, vc, mask, config.n_head, new_mask=new_mask)
+            attn, k, v = b.cached_attention(q, k, v, kc, vc, mask, slots, config.n_head)
             x = _block_end(b, x, attn, w, config, i, lora)
         out(kv_name("k", i, "new"), k)
         out(kv_name("v", i, "new"), v)
@@ -399,8 +400,8 @@ class GPT2(VocabHead, CachedDecoder):
     #: The cache tensors of a block (names by :func:`kv_name`).
     cache_parts = ("k", "v")
 
-    def _new_mask(self, columns: int) -> np.ndarray:
-        return causal_mask(columns)
+    def _mask_input(self, mask: np.ndarray) -> np.ndarray:
+        return mask[None, None]
 
     def _decode_inputs(self, tokens: np.ndarray, start: int, columns: int) -> tuple[np.ndarray, dict]:
         return self._embed(tokens, start), {}

@@ -102,14 +102,18 @@ class VocabHead:
     def dispatches_per_token(self, programs: list) -> int:
         return len(programs) + (len(self._head_plan()) if self.head == "ane" else 0)
 
-    def _head(self, hidden: np.ndarray) -> np.ndarray:
+    def _head(self, hidden: np.ndarray, rowwise: bool = False) -> np.ndarray:
         """Final norm and the classifier: ``[n, d] -> [n, vocab]`` (float32 on the CPU, or the ANE's chunk programs
-        for up to a decode surface of rows)."""
+        for up to a decode surface of rows). ``rowwise``: each row's logits have the same bits however many rows
+        come with it (a decode pass: one token, or several verified); the ANE's columns are independent, but BLAS
+        sums one row (gemv) otherwise than several (gemm), so the CPU then makes one product per row."""
         from orion.models.gpt2 import decode_io
 
         hidden = np.asarray(hidden, np.float32)
         columns = decode_io(self.target)[1]
         if self.head == "cpu" or hidden.shape[0] > columns:
+            if rowwise:
+                return np.concatenate([self._cpu_head(row) for row in hidden[:, None]])
             return self._cpu_head(hidden)
         logits = []
         for program in self._ane_head():

@@ -593,7 +593,7 @@ def grouped_rows(config: LlamaConfig, groups: int, width: int, offset: int) -> n
 
 
 #: Distinct scalar constants an inference program reads (each takes a weight-tensor slot, ANE-21): the norms' eps,
-#: the q/k norms' 2 eps, the -0.5 exponent, decode's -1 exponent.
+#: the q/k norms' 2 eps, the -0.5 exponent, decode's identity (place_columns).
 INFERENCE_SCALARS = 4
 #: The parts of a block's fused q/k/v projection, in order: the rotary halves of q and of k, then v.
 QKV_PARTS = ("qa", "qb", "ka", "kb", "v")
@@ -835,43 +835,38 @@ def inference_decode_graph(blocks: list[InferenceBlock], first: int, config: Lla
     """Blocks ``first ...`` for up to :func:`orion.models.gpt2.decode_io` new positions against a KV cache of
     ``capacity`` positions held in the inputs (``kac``/``kbc``/``vc`` per block, ``[1, C, 1, T]``).
 
-    The new positions attend to the cache (``mask [1, 1, 1, T]``) and to each other (``mask_new [1, 1, G*N, N]``,
-    causal), the two score sets sharing one softmax written out with a common maximum: no concat. One new position
-    (column 0) is a decode step; several are a verification pass (speculative decoding)."""
+    As GPT-2's (:meth:`GraphBuilder.cached_attention`): the new rotated k halves and v are placed into their slots
+    (``slots [1, 1, N, T]``, one-hot), and every query attends over the T slots in position order as its row of
+    ``mask [1, 1, G*N, T]`` allows (the rows of the N columns, repeated for the G query heads of a k/v group): one
+    softmax, no concat. One new position (column 0) is a decode step; several are a verification pass (speculative
+    decoding) with the same logits, bit for bit."""
     from orion.models.gpt2 import decode_io, kv_name
 
     io_dtype, n = decode_io(target)
     gr = _InferenceGraph(f"llama_decode{capacity}_l{first}", config, n, lora)
     b = gr.b
     half, kv = config.head_dim // 2, config.n_kv_heads
+    widths = {"ka": half, "kb": half, "v": config.head_dim}
 
     def out(name: str, value: Value) -> None:
         b.output(name, b.cast(value, io_dtype, name=f"{name}_{io_dtype}"))
 
     x = b.cast(b.input("x", (1, config.dim, 1, n), dtype=io_dtype), "fp16", name="x_fp16")
-    mask = b.input("mask", (1, 1, 1, capacity))
-    new_mask = b.input("mask_new", (1, 1, config.groups * n, n))
+    mask = b.input("mask", (1, 1, config.groups * n, capacity))
+    slots = b.input("slots", (1, 1, n, capacity))
     rope = gr.rope_inputs()
     for j, w in enumerate(blocks):
         i = first + j
-        cache = {part: b.input(kv_name(part, i, "cache"), (1, kv * (config.head_dim if part == "v" else half), 1,
-                                                            capacity)) for part in CACHE_PARTS}
+        cache = {part: b.input(kv_name(part, i, "cache"), (1, kv * widths[part], 1, capacity)) for part in CACHE_PARTS}
         with b.scope(f"l{i:02d}"):
             t = gr.qkv(x, w, i, rope)
-            kc = {p: b.reshape(cache[p], shape=[1, kv, config.head_dim if p == "v" else half, capacity])
-                  for p in CACHE_PARTS}
-            s_cache = gr.scores(t, kc["ka"], kc["kb"], mask)  # [1, KV, G*N, T]
-            s_self = gr.scores(t, t["ka"], t["kb"], new_mask)  # [1, KV, G*N, N]
-            top = b.maximum(b.reduce_max(s_cache, axes=[3], keep_dims=True),
-                            b.reduce_max(s_self, axes=[3], keep_dims=True))
-            e_cache, e_self = b.exp(b.sub(s_cache, top)), b.exp(b.sub(s_self, top))
-            inv = b.pow(b.add(b.reduce_sum(e_cache, axes=[3], keep_dims=True),
-                              b.reduce_sum(e_self, axes=[3], keep_dims=True)), -1.0)
-            ctx = b.add(b.matmul(kc["v"], b.mul(e_cache, inv), transpose_x=False, transpose_y=True),
-                        b.matmul(t["v"], b.mul(e_self, inv), transpose_x=False, transpose_y=True))
+            placed = {p: b.place_columns(t[p], b.reshape(cache[p], shape=[1, kv, widths[p], capacity]), slots, p)
+                      for p in CACHE_PARTS}  # (written [1, KV, w, N], all slots [1, KV, w, T])
+            probs = b.softmax(gr.scores(t, placed["ka"][1], placed["kb"][1], mask), axis=-1)  # [1, KV, G*N, T]
+            ctx = b.matmul(placed["v"][1], probs, transpose_x=False, transpose_y=True)
             x = gr.finish(x, gr.merge(ctx), w, i)
         for part in CACHE_PARTS:
-            out(kv_name(part, i, "new"), t["flat"][part])
+            out(kv_name(part, i, "new"), b.reshape(placed[part][0], shape=[1, kv * widths[part], 1, n]))
     out("y", x)
     return b.graph
 
@@ -975,10 +970,8 @@ class Llama(VocabHead, CachedDecoder):
 
     cache_parts = CACHE_PARTS
 
-    def _new_mask(self, columns: int) -> np.ndarray:
-        from orion.models.gpt2 import causal_mask
-
-        return np.tile(causal_mask(columns), (1, 1, self.config.groups, 1))
+    def _mask_input(self, mask: np.ndarray) -> np.ndarray:
+        return np.tile(mask[None, None], (1, 1, self.config.groups, 1))
 
     def _decode_inputs(self, tokens: np.ndarray, start: int, columns: int) -> tuple[np.ndarray, dict]:
         return self.embeddings[tokens], self._rope(start, columns)

@@ -463,8 +463,9 @@ class CachedDecoder(AdapterHost, TextGenerator):
         """Run the prompt; returns the last block's hidden rows ``[n, d]``, every block's k/v, the bucket."""
         raise NotImplementedError
 
-    def _head(self, hidden):
-        """Logits ``[n, vocab]`` of hidden rows ``[n, d]``."""
+    def _head(self, hidden, rowwise: bool = False):
+        """Logits ``[n, vocab]`` of hidden rows ``[n, d]`` (``rowwise``: each row's bits independent of the others'
+        and of their number, as a decode pass needs)."""
         raise NotImplementedError
 
     def _layers(self, first: int) -> range:
@@ -479,8 +480,8 @@ class CachedDecoder(AdapterHost, TextGenerator):
         """A shell pattern naming block ``layer``'s weights in the programs (what ``keep_ends`` leaves in fp16)."""
         raise NotImplementedError
 
-    def _new_mask(self, columns: int) -> np.ndarray:
-        """The decode programs' ``mask_new`` input: the new columns attend causally to each other."""
+    def _mask_input(self, mask: np.ndarray) -> np.ndarray:
+        """The decode programs' ``mask`` input from one additive row per column ``[columns, capacity]``."""
         raise NotImplementedError
 
     def _decode_inputs(self, tokens: np.ndarray, start: int, columns: int) -> tuple[np.ndarray, dict]:
@@ -491,43 +492,34 @@ class CachedDecoder(AdapterHost, TextGenerator):
 
 class CachedSession(DecodeSession):
     """One sequence in a :class:`CachedDecoder`'s decode programs: the KV cache lives in their input surfaces
-    (``cache_parts`` per block, names by :func:`orion.models.gpt2.kv_name`); ``feed`` writes up to ``columns``
-    tokens, evaluates each program once and leaves the new keys and values in the programs' outputs until
-    ``commit`` copies the first ones into the cache; ``rollback`` masks positions out."""
+    (``cache_parts`` per block, names by :func:`orion.models.gpt2.kv_name`), every slot without a committed position
+    at 0. ``feed`` writes up to ``columns`` tokens with their slots (one-hot) and their rows of the mask, evaluates
+    each program once and leaves the new keys and values in the programs' outputs until ``commit`` copies the first
+    ones into their slots; ``rollback`` zeroes the slots it forgets. A column sees the same keys and values at the
+    same slots whether the positions before it were committed or are fed with it, so a pass of several tokens gives
+    the logits of one pass per token, bit for bit (:meth:`orion.ir.builder.GraphBuilder.cached_attention`)."""
 
     def __init__(self, model: CachedDecoder, programs: list, kv: dict, length: int, end: int):
-        from orion.ir.builder import MASK_VALUE
-        from orion.models.gpt2 import kv_name
-
         self.model, self.programs = model, programs
         self.columns = programs[0].input_tensor("x").shape[3]
-        self.capacity = programs[0].input_tensor("mask").shape[3]
+        self.capacity = programs[0].input_tensor("slots").shape[3]
         self.dispatches = model.dispatches_per_token(programs)
         self.end = end  # the last position generation may reach (the model's context bounds it)
         self.length = length
         self.pending = 0
-        new_mask = model._new_mask(self.columns)
-        for first, program in zip(model._groups(), programs):
-            for i in model._layers(first):
-                for part in model.cache_parts:
-                    with program.input_tensor(kv_name(part, i, "cache")).view() as cache:
-                        cache[...] = 0
-                        cache[0, :, 0, :length] = kv[kv_name(part, i, "prefill")]
-            with program.input_tensor("mask").view() as mask:
-                mask[...] = MASK_VALUE
-                mask[..., :length] = 0
-            with program.input_tensor("mask_new").view() as mask:
-                mask[...] = new_mask
-            with program.input_tensor("x").view() as x:
-                x[...] = 0
+        for _, name, cache in self._caches():
+            cache[...] = 0
+            cache[0, :, 0, :length] = kv[name("prefill")]
 
     def feed(self, tokens) -> np.ndarray:
         tokens = self._check_feed(tokens)
         n = tokens.size
         x, inputs = self.model._decode_inputs(tokens, self.length, self.columns)
+        inputs = {**inputs, **self._placement(n)}
         for program in self.programs:
             with program.input_tensor("x").view() as xin:
                 xin[0, :, 0, :n] = x.T
+                xin[0, :, 0, n:] = 0  # unused columns meet the others in the placing matmuls (inf times 0 is NaN)
             for name, value in inputs.items():
                 with program.input_tensor(name).view() as view:
                     view[...] = value
@@ -535,32 +527,42 @@ class CachedSession(DecodeSession):
             with program.output_tensor("y").view(read_only=True) as y:
                 x = y[0, :, 0, :n].T.astype(np.float32)
         self.pending = n
-        return self.model._head(x)
+        return self.model._head(x, rowwise=True)
+
+    def _placement(self, n: int) -> dict[str, np.ndarray]:
+        """The ``slots`` and ``mask`` inputs of a pass of ``n`` tokens (:func:`orion.ir.builder.decode_placement`)."""
+        from orion.ir.builder import decode_placement
+
+        slots, mask = decode_placement(self.length, n, self.columns, self.capacity)
+        return {"slots": slots[None, None], "mask": self.model._mask_input(mask)}
 
     def commit(self, n: int) -> None:
-        from orion.models.gpt2 import kv_name
-
         if not 0 <= n <= self.pending:
             raise BindingError(f"cannot commit {n} positions: the last feed left {self.pending}")
         at = slice(self.length, self.length + n)
-        for first, program in zip(self.model._groups(), self.programs):
-            for i in self.model._layers(first):
-                for part in self.model.cache_parts:  # the first n new columns go into the cache at their positions
-                    with program.output_tensor(kv_name(part, i, "new")).view(read_only=True) as new, \
-                            program.input_tensor(kv_name(part, i, "cache")).view() as cache:
-                        cache[0, :, 0, at] = new[0, :, 0, :n]
-            with program.input_tensor("mask").view() as mask:
-                mask[..., at] = 0
+        for program, name, cache in self._caches():  # the first n columns the pass placed, into their slots
+            with program.output_tensor(name("new")).view(read_only=True) as new:
+                cache[0, :, 0, at] = new[0, :, 0, :n]
         self.length += n
         self.pending = 0
 
     def rollback(self, length: int) -> None:
-        from orion.ir.builder import MASK_VALUE
-
         if not 0 < length <= self.length:
             raise BindingError(f"cannot roll back to {length} positions: the cache holds {self.length}")
-        for program in self.programs:
-            with program.input_tensor("mask").view() as mask:
-                mask[..., length:] = MASK_VALUE
+        for _, _, cache in self._caches():  # a forgotten key left in its slot would add to the next one placed there
+            cache[0, :, 0, length:self.length] = 0
         self.length = length
         self.pending = 0
+
+    def _caches(self):
+        """``(program, name, cache)`` for every cache tensor of every block: the program holding it, ``name(kind)``
+        its tensors' names (:func:`orion.models.gpt2.kv_name`), and a writable view of its input."""
+        from functools import partial
+
+        from orion.models.gpt2 import kv_name
+
+        for first, program in zip(self.model._groups(), self.programs):
+            for i in self.model._layers(first):
+                for part in self.model.cache_parts:
+                    with program.input_tensor(kv_name(part, i, "cache")).view() as cache:
+                        yield program, partial(kv_name, part, i), cache

@@ -10,9 +10,9 @@ et al., 2023); under greedy decoding ``p`` and ``q`` are one-hot and the rule ke
 is the target's argmax. The target's keys and values are kept for the accepted positions only; the draft's cache is
 rolled back to the same point.
 
-A caveat of fp16 arithmetic, not of the rule: a verify pass sums a position's attention in another order than a
-one-token pass (the other drafted positions are new columns, not cache entries), so its logits can differ in the
-last fp16 bits, and greedy decoding can then differ where the target's top two logits are that close.
+The verify pass gives the logits one-token passes give, bit for bit (every column attends over the cache slots in
+position order, the drafted keys placed into theirs: :meth:`orion.ir.builder.GraphBuilder.cached_attention`), so
+greedy output is the target's token for token, near ties included.
 """
 
 from __future__ import annotations

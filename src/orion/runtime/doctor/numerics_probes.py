@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from orion.runtime.doctor.harness import (
+    S,
     _attempt,
     _builder,
     _emit,
@@ -15,6 +16,7 @@ from orion.runtime.doctor.harness import (
     _gelu_exact,
     _matmul,
     _public,
+    _rng,
     _row,
     _sigmoid,
 )
@@ -489,3 +491,70 @@ def _verdict_slice(obs: dict) -> tuple[str, dict]:
 register(Probe("slice-offset-overflow", ("ANE-29", "slice_offset_overflow"),
                "a slice whose last-axis begin is nonzero, on values 5000, -5000, 4094, 4096 (N11, M1/M2)",
                _run_slice, _verdict_slice))
+
+
+VERIFY_D, VERIFY_HEADS, VERIFY_CAPACITY, VERIFY_LENGTH, VERIFY_K = 128, 2, 64, 9, 6
+
+
+def _run_exact_verify(backend) -> dict:
+    """A decode block's attention as Orion builds it (q/k/v projections, ``cached_attention`` over a KV cache held in
+    inputs, an output projection): K one-token passes, each committing its k/v, against one pass of the same K
+    tokens in K columns, from the same cache. Exact speculative decoding needs the outputs equal bit for bit; it
+    assumes the chip's products give a column the same bits whatever the other columns hold and wherever it sits."""
+    from orion.ir.builder import decode_placement
+    from orion.runtime.budget import CompileBudget
+    from orion.runtime.cache import ProgramCache
+    from orion.runtime.program import Program
+
+    rng = _rng()
+    d, cap, length, k = VERIFY_D, VERIFY_CAPACITY, VERIFY_LENGTH, VERIFY_K
+    b = _builder("exact_verify")
+    x = b.input("x", (1, d, 1, S))
+    caches = {name: b.input(name, (1, d, 1, cap)) for name in ("kc", "vc")}
+    mask, slots = b.input("mask", (1, 1, S, cap)), b.input("slots", (1, 1, S, cap))
+    q, key, value = (b.linear(x, rng.normal(0, 0.1, (d, d)), rng.normal(0, 0.1, d), name=n) for n in "qkv")
+    ctx, key, value = b.cached_attention(q, key, value, caches["kc"], caches["vc"], mask, slots, VERIFY_HEADS)
+    b.output("y", b.linear(ctx, rng.normal(0, 0.1, (d, d)), name="o"))
+    b.output("kn", key)
+    b.output("vn", value)
+    tokens = _fp16(rng.normal(0, 1, (d, k))).astype(np.float32)
+    prefix = {name: np.zeros((1, d, 1, cap), np.float32) for name in caches}
+    for cache in prefix.values():
+        cache[0, :, 0, :length] = _fp16(rng.normal(0, 1, (d, length)))
+
+    def run(program, cache: dict, start: int, n: int) -> dict:
+        feed = np.zeros((1, d, 1, S), np.float32)
+        feed[0, :, 0, :n] = tokens[:, start - length:start - length + n]
+        placed, masked = decode_placement(start, n, S, cap)
+        return program.run({"x": feed, **cache, "slots": placed[None, None], "mask": masked[None, None]})
+
+    with Program.from_graph(b.graph, target=backend.target, backend=backend, cache=ProgramCache(None),
+                            budget=CompileBudget(4)) as program:
+        cache = {name: c.copy() for name, c in prefix.items()}
+        single = []
+        for j in range(k):
+            out = run(program, cache, length + j, 1)
+            single.append(out["y"][0, :, 0, 0].astype(np.float64))
+            for name, new in (("kc", "kn"), ("vc", "vn")):
+                cache[name][0, :, 0, length + j] = out[new][0, :, 0, 0]
+        together = run(program, prefix, length, k)["y"][0, :, 0, :k].T.astype(np.float64)
+    single = np.stack(single)
+    return {"values": {"equal": [bool(np.array_equal(t, s)) for t, s in zip(together, single)],
+                       "max_abs_diff": _nums(np.abs(together - single).max(axis=1)),
+                       "scale": _num(np.abs(single).max())}}
+
+
+def _verdict_exact_verify(obs: dict) -> tuple[str, dict]:
+    equal = obs["values"]["equal"]
+    if all(equal):
+        return f"bit-exact: {len(equal)} tokens in one pass give their one-token passes' outputs", {}
+    differ = [i for i, same in enumerate(equal) if not same]
+    worst = max(float(v) for v in _decode(obs["values"]["max_abs_diff"]))
+    return (f"not bit-exact: positions {differ} differ by up to {worst:.3g} of {float(obs['values']['scale']):.3g} "
+            "(speculative decoding keeps the target's distribution, not its exact greedy tokens)", {})
+
+
+register(Probe("exact-verify", (),
+               f"do {VERIFY_K} tokens attended in one decode pass (cached_attention) give, bit for bit, the outputs "
+               "of one pass per token: the column independence exact speculative decoding assumes",
+               _run_exact_verify, _verdict_exact_verify))

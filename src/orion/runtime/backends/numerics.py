@@ -503,13 +503,11 @@ def finish_wide(wide: np.ndarray, numerics: Numerics) -> np.ndarray:
 
 def flush_subnormals(x: np.ndarray) -> np.ndarray:
     """fp16 values (in any float storage) below the smallest normal fp16, 2^-14, become 0 (a new array)."""
-    if x.dtype != np.float32:
-        return np.where(np.abs(x) < np.float32(2.0**-14), np.zeros((), x.dtype), x)
-    out = np.array(x, order="C")  # float32 as the emulator holds values: a copy and two integer passes
-    for piece in _in_cache_pieces(out):
-        np.copyto(piece, np.float32(0.0),
-                  where=np.bitwise_and(piece.view(np.uint32), _F32_MAGNITUDE) < _F32_MIN_NORMAL16)
-    return out
+    # C order, whatever the input's: BLAS sums a transposed operand in another order (other fp32 bits). Three passes
+    # (a masked copy into a copy, the former way, measured 1.3-1.6x slower on the matmul operands of a GPT-2 decode
+    # step: numpy's masked copy slows down on scattered masks); -0 becomes +0, NaN stays NaN
+    x = np.asarray(x, order="C")
+    return np.where(np.abs(x) < np.float32(2.0**-14), np.zeros((), x.dtype), x)
 
 
 def _chunks(batch: int, m: int, k: int, n: int, k_step: int) -> Iterator[tuple[slice, slice, slice]]:

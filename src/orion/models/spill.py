@@ -40,6 +40,7 @@ class SpilledList(Sequence[T]):
             for item in items:
                 self._items.append((type(item), {f.name: self._write(getattr(item, f.name))
                                                   for f in dataclasses.fields(item)}))
+                del item  # gone before the next is made
         except OSError as exc:
             self._file.close()
             raise OrionError(f"could not keep the model's weights in a temporary file in {tempfile.gettempdir()} "

@@ -544,3 +544,42 @@ def test_sub_byte_values_out_of_range_or_read_as_another_type_are_refused(tmp_pa
     bad = patched(tmp_path / "w.bin", 64 + 24, "<Q", 3)  # 16 bits minus 3 is no whole number of 4-bit values
     with pytest.raises(WeightFileError, match="holds no whole number of values"):
         BlobReader(bad).read(64)
+
+
+def is_mapped(array: np.ndarray) -> bool:
+    """Whether ``array``'s memory is a map of a file (somewhere down its chain of bases)."""
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return True
+        array = array.base
+    return False
+
+
+def test_a_map_holds_what_a_read_gives_and_no_memory_of_its_own(ms, tmp_path):
+    arrays = mixed_arrays()
+    path = tmp_path / "w.bin"
+    offsets = write_blob_file(path, arrays)
+    reader = BlobReader(path)
+    for a, offset in zip(arrays, offsets):
+        mapped = reader.map(offset, dtype=a.dtype.newbyteorder("<"), shape=a.shape)
+        assert type(mapped) is np.ndarray and is_mapped(mapped) and not mapped.flags.writeable
+        assert same_bits(mapped, reader.read(offset, dtype=a.dtype.newbyteorder("<"), shape=a.shape))
+        assert same_bits(mapped, ct_read(ms, path, offset, a.dtype).reshape(a.shape))  # what coremltools reads
+    old = reader.map(offsets[-1])
+    write_blob_file(path, [np.zeros(64, np.float16)])  # Orion's writers replace the file: the old map is intact
+    assert same_bits(old, arrays[-1])
+
+
+def test_a_map_is_checked_like_a_read(valid, tmp_path):
+    path, offsets, _ = valid
+    reader = BlobReader(path)
+    with pytest.raises(WeightFileError, match=f"offset {offsets[2]}: blob holds float32, not float16"):
+        reader.map(offsets[2], dtype=np.float16)
+    with pytest.raises(WeightFileError, match=r"blob holds 7 elements, shape \(2, 4\) needs 8"):
+        reader.map(offsets[2], shape=(2, 4))
+    with pytest.raises(WeightFileError, match="records start at 64"):
+        reader.map(offsets[2] + 1)
+    packed = tmp_path / "p.bin"
+    offset, = write_blob_file(packed, [SubByteArray(np.array([1, -2, 3], np.int8), "int4")])
+    with pytest.raises(WeightFileError, match="int4 blob is packed: read it, it cannot be mapped"):
+        BlobReader(packed).map(offset)

@@ -10,7 +10,7 @@ from orion.compiler.targets import get_target
 from orion.ir.builder import GraphBuilder
 from orion.ir.ops import CONST_INPUTS, NOT_IN_COREMLTOOLS, OPS
 from orion.mil.blob import BlobReader
-from orion.mil.emit import emit
+from orion.mil.emit import MAPPED_BYTES, emit
 from orion.mil.parse import parse_program
 from orion.mil.program import BlobRef, VarRef
 from examples.transformer_block import build as build_block
@@ -111,6 +111,33 @@ def test_single_weight_file_layout_offsets_point_at_records(tmp_path):
     graph_consts = {n.name: n.attrs["val"] for n in _small_block().nodes if n.is_const}
     for st, ref in program.blob_refs():
         np.testing.assert_array_equal(reader.read(ref.offset, shape=st.type.shape), graph_consts[st.var])
+
+
+@pytest.mark.parametrize("layout", ["per-tensor", "single"])
+def test_a_mapped_module_reads_its_large_weights_from_the_files_written(tmp_path, layout):
+    module = emit(build_block(d=256, heads=4, seq=16), weight_layout=layout)
+    module.write(tmp_path)
+    mapped = module.mapped(tmp_path)
+    assert mapped.text == module.text and mapped.weight_names == module.weight_names
+    sizes = set()
+    for rel, arrays in module.weight_files.items():
+        assert len(mapped.weight_files[rel]) == len(arrays)
+        for held, read in zip(arrays, mapped.weight_files[rel]):
+            assert read.dtype == held.dtype and read.shape == held.shape and read.tobytes() == held.tobytes()
+            assert _is_map(read) == (held.nbytes >= MAPPED_BYTES) and not _is_map(held)  # self is unchanged
+            sizes.add(held.nbytes >= MAPPED_BYTES)
+    assert sizes == {True, False}  # the block has weights on both sides of the line
+    rel = next(iter(module.weight_files))
+    only = module.mapped(tmp_path, [rel])
+    assert all(not _is_map(a) for r, arrays in only.weight_files.items() if r != rel for a in arrays)
+
+
+def _is_map(array: np.ndarray) -> bool:
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return True
+        array = array.base
+    return False
 
 
 def test_outputs_named_by_graph_and_inputs_passed_through_get_identity():

@@ -19,6 +19,7 @@ from orion.errors import BindingError, OrionError, SettingsError, UnsafePathErro
 from orion.models.bench import randomize_biases_and_norms
 from orion.models.hub import (
     HUB_FILES,
+    SafetensorsFile,
     Tokenizer,
     load_weights,
     read_config,
@@ -226,9 +227,10 @@ def expected_tensors(model) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
-def test_weights_equal_torch_state_dict(gpt2):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_weights_equal_torch_state_dict(gpt2, lazy):
     folder, model = gpt2
-    weights = load_weights(folder)
+    weights = load_weights(folder, lazy=lazy)
     expected = expected_tensors(model)
     assert set(weights) == set(expected)
     for name, array in expected.items():
@@ -237,15 +239,33 @@ def test_weights_equal_torch_state_dict(gpt2):
     weights[next(iter(weights))][...] = 0  # arrays are the caller's to modify
 
 
-def test_sharded_checkpoint_loads_the_same(tmp_path, gpt2, tok):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_sharded_checkpoint_loads_the_same(tmp_path, gpt2, tok, lazy):
     folder, model = gpt2
     save_model(tmp_path, tok, max_shard_size="100KB")
     assert not (tmp_path / "model.safetensors").exists()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
-    sharded, single = load_weights(tmp_path), load_weights(folder)
+    sharded, single = load_weights(tmp_path, lazy=lazy), load_weights(folder)
     assert set(sharded) == set(single)
     for name in single:
         np.testing.assert_array_equal(sharded[name], single[name], err_msg=name)
+
+
+def test_a_lazy_file_reads_each_tensor_when_asked_and_refuses_a_file_changed_since(tmp_path):
+    from safetensors.numpy import save_file
+
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float16)}
+    save_file(arrays, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    weights = load_weights(tmp_path, lazy=True)
+    assert isinstance(weights, SafetensorsFile) and len(weights) == 2
+    got = weights["a"]
+    assert got is not weights["a"] and np.array_equal(got, arrays["a"])
+    got[...] = 0  # a new array each time: the caller's to change
+    assert np.array_equal(weights["a"], arrays["a"])
+    save_file({**arrays, "c": np.zeros(4, np.float16)}, str(tmp_path / "model.safetensors"))  # "b" moved
+    with pytest.raises(WeightFileError, match="changed since it was opened; load the model again"):
+        weights["b"]
 
 
 def test_bf16_checkpoint_widens_exactly(tmp_path, tok):

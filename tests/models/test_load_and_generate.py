@@ -146,3 +146,30 @@ def test_gpt2_takes_the_classifier_on_the_ane_and_refuses_an_unknown_place(model
         assert model.head == "ane" and len(model._head_graphs()) == 1
     with pytest.raises(orion.errors.OrionError, match="head must be one of"):
         orion.load(str(model_dir), backend="emulator", head="gpu")
+
+
+def test_load_reads_a_gpt2_one_block_at_a_time(model_dir, monkeypatch):
+    """orion.load reads the tensors as GPT-2 folds its blocks: a block's tensors are gone before the next block's
+    are read, so the file is never all in memory (the folded blocks go to a temporary file)."""
+    import re
+    import weakref
+
+    from orion.models.hub import SafetensorsFile
+
+    alive: list[tuple[int, weakref.ref]] = []  # (block, tensor) of every tensor read and still referenced
+    blocks_read = set()
+    read = SafetensorsFile.__getitem__
+
+    def counted(self, name):
+        block = re.search(r"h\.(\d+)\.", name)
+        if block:
+            i = int(block.group(1))
+            blocks_read.add(i)
+            assert not [j for j, r in alive if j < i and r() is not None], f"block {i} read before the last's went"
+        array = read(self, name)
+        alive.append((int(block.group(1)) if block else -1, weakref.ref(array)))
+        return array
+
+    monkeypatch.setattr(SafetensorsFile, "__getitem__", counted)
+    orion.load(str(model_dir), backend="emulator")
+    assert blocks_read == {0, 1}

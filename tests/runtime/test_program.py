@@ -4,6 +4,7 @@ strategy against a fresh compile, ANE failure modes, cleanup and threads."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,3 +284,34 @@ def test_the_reported_backend_is_the_one_that_ran_programs(tmp_path, feed):
         p.run(feed)
         assert backends_that_ran([p, idle]) == p.backend.name
         idle.close()
+
+
+@pytest.mark.parametrize("strategy", ["reload", "patch", "recompile"])
+def test_large_weights_stay_in_the_staged_files_not_in_memory(tmp_path, cache, rng, strategy):
+    """A program's weights are written once to its staging folder and held as maps of those files (its backend
+    reads the files): before and after a baked update, they read as the values the program runs."""
+    from orion.mil.emit import MAPPED_BYTES
+
+    def graph(seed):
+        w = np.random.default_rng(seed).normal(0, 0.05, (256, 256))
+        b = GraphBuilder("big")
+        b.output("y", b.linear(b.input("x", (1, 256, 1, 16)), w, name="fc"))
+        return b.graph, w
+
+    def mapped(p):
+        arrays = [a for arrays in p.module.weight_files.values() for a in arrays if a.nbytes >= MAPPED_BYTES]
+        assert arrays
+        for a in arrays:
+            while a is not None and not isinstance(a, np.memmap):
+                a = a.base
+            assert a is not None and Path(a.filename).is_relative_to(p._stage)
+        return arrays
+
+    x = {"x": rng.normal(0, 1, (1, 256, 1, 16))}
+    (old, _), (new, w_new) = graph(1), graph(2)
+    with Program.from_graph(old, backend="emulator", cache=cache) as p:
+        mapped(p)
+        np.testing.assert_array_equal(p.run(x)["y"], fresh_outputs(old, x, tmp_path / "old")["y"])
+        p.update_weights({"fc.weight": w_new}, strategy=strategy)
+        assert any(np.array_equal(a.reshape(-1), w_new.astype(np.float16).reshape(-1)) for a in mapped(p))
+        np.testing.assert_array_equal(p.run(x)["y"], fresh_outputs(new, x, tmp_path / "new")["y"])

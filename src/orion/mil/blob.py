@@ -326,21 +326,10 @@ class BlobReader:
         ``"int4"``) and ``shape``, if given, must match the record. A sub-byte blob comes back unpacked, one value
         per int8/uint8 element. With ``data=False`` only the record and the file's length are checked and the array
         is zeros (a check of a program's weights that costs no reading)."""
-        offset = operator.index(offset)
         with self._open() as f:
-            record_dtype, nbytes, padding = self._record(f, offset)
-            wanted = dtype if dtype is None or dtype in SUB_BYTE_BITS else np.dtype(dtype).newbyteorder("<")
-            if wanted is not None and wanted != record_dtype:
-                raise self._error(
-                    offset, f"blob holds {record_dtype}, not {wanted}; ask for the dtype it was written with"
-                )
+            record_dtype, nbytes, count = self._checked(f, offset, dtype, shape)
             sub_byte = isinstance(record_dtype, str)
             holder = NUMPY_DTYPES[record_dtype] if sub_byte else record_dtype
-            count = (nbytes * 8 - padding) // SUB_BYTE_BITS[record_dtype] if sub_byte else nbytes // holder.itemsize
-            if shape is not None and math.prod(shape) != count:
-                raise self._error(
-                    offset, f"blob holds {count} elements, shape {tuple(shape)} needs {math.prod(shape)}; fix the shape"
-                )
             if not data:  # the record (checked above) vouches that its data fits in the file
                 arr = np.zeros(count, dtype=holder)
                 return arr if shape is None else arr.reshape(shape)
@@ -352,6 +341,40 @@ class BlobReader:
                     raise self._error(offset, f"short read: got {got} of {nbytes} data bytes; {_TRUNCATED}")
         arr = SubByteArray.unpack(raw, record_dtype, count).values if sub_byte else raw
         return arr if shape is None else arr.reshape(shape)
+
+    def map(self, offset: int, dtype: Optional[DTypeLike] = None, shape: Optional[tuple[int, ...]] = None
+            ) -> np.ndarray:
+        """The array whose record is at ``offset`` as a read-only map of the file (checked as :meth:`read` checks
+        it): no memory of its own, the OS pages it in from the file when read. The file must not be changed in
+        place while the map lives (Orion's writers replace files, which leaves a mapped one intact). Sub-byte
+        records are packed, so they are read, not mapped."""
+        with self._open() as f:
+            record_dtype, nbytes, count = self._checked(f, offset, dtype, shape)
+        if isinstance(record_dtype, str):
+            raise self._error(offset, f"a {record_dtype} blob is packed: read it, it cannot be mapped")
+        if not nbytes:
+            arr = np.empty(0, record_dtype)
+        else:
+            arr = np.memmap(self.path, dtype=record_dtype, mode="r", offset=offset + _RECORD.size,
+                            shape=(count,)).view(np.ndarray)  # a plain array; the map lives as long as it does
+        return arr if shape is None else arr.reshape(shape)
+
+    def _checked(self, f: BinaryIO, offset: int, dtype: Optional[DTypeLike | str],
+                 shape: Optional[tuple[int, ...]]) -> tuple[np.dtype | str, int, int]:
+        """The record at ``offset`` (dtype, data bytes, element count), refused unless ``dtype`` and ``shape`` (when
+        given) match it."""
+        offset = operator.index(offset)
+        record_dtype, nbytes, padding = self._record(f, offset)
+        wanted = dtype if dtype is None or dtype in SUB_BYTE_BITS else np.dtype(dtype).newbyteorder("<")
+        if wanted is not None and wanted != record_dtype:
+            raise self._error(offset, f"blob holds {record_dtype}, not {wanted}; ask for the dtype it was written with")
+        sub_byte = isinstance(record_dtype, str)
+        count = (nbytes * 8 - padding) // SUB_BYTE_BITS[record_dtype] if sub_byte else nbytes // record_dtype.itemsize
+        if shape is not None and math.prod(shape) != count:
+            raise self._error(
+                offset, f"blob holds {count} elements, shape {tuple(shape)} needs {math.prod(shape)}; fix the shape"
+            )
+        return record_dtype, nbytes, count
 
     def records(self) -> list[tuple[int, np.dtype | str, int]]:
         """``(offset, dtype, nbytes)`` of every blob (a sub-byte dtype by its MIL name), walking the records from the first one to the end of the file.

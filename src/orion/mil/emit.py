@@ -24,6 +24,8 @@ from orion.mil.program import DIALECTS, MODEL_PATH, BlobRef, Literal, Program, S
 
 #: ``per-tensor``: one weight file per constant (what Orion, maderix and M1 need); ``single``: all in one file.
 WEIGHT_LAYOUTS = ("per-tensor", "single")
+#: Weights of this size and more are what :meth:`MILModule.mapped` maps (fewer, larger maps: the OS limits them).
+MAPPED_BYTES = 1 << 16
 
 
 
@@ -88,6 +90,21 @@ class MILModule:
                 for array in self.weight_files[rel]:
                     writer.add(array)
 
+    def mapped(self, directory: str | os.PathLike, files: list[str] | None = None) -> "MILModule":
+        """This module with the weights of ``files`` (default: all) of at least :data:`MAPPED_BYTES` read from
+        ``directory`` (where :meth:`write` put them) as read-only maps instead of arrays in memory: once a program's
+        files are written its backend reads those, and a second copy in memory would be dead weight. Equal values
+        (floats as written: NaN and Inf sanitized); ``self`` is unchanged."""
+        weight_files = {rel: list(arrays) for rel, arrays in self.weight_files.items()}
+        for rel in self.weight_files if files is None else files:
+            arrays = weight_files[rel]
+            if any(_mappable(a) for a in arrays):
+                reader = BlobReader(Path(directory) / rel)
+                offsets = blob_record_offsets([a.nbytes for a in arrays])
+                arrays[:] = [reader.map(offset, a.dtype, a.shape) if _mappable(a) else a
+                             for a, offset in zip(arrays, offsets)]
+        return MILModule(self.program, self.text, weight_files, dict(self.weight_names))
+
     def replace_weights(self, weights: dict[str, np.ndarray]) -> list[str]:
         """Put new values for named BLOBFILE constants (same size; cast to the stored dtype); returns the weight
         files that changed. The text does not change, so a compiled program can take them without a compile."""
@@ -110,6 +127,11 @@ class MILModule:
 
     def weight_bytes(self) -> int:
         return sum(a.nbytes for arrays in self.weight_files.values() for a in arrays)
+
+
+def _mappable(array) -> bool:
+    """A weight worth a map: a plain array (sub-byte ones are packed in the file) of :data:`MAPPED_BYTES` or more."""
+    return isinstance(array, np.ndarray) and array.nbytes >= MAPPED_BYTES
 
 
 def _attr_literal(kind: str, value, float_dtype: str) -> Literal:

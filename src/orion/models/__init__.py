@@ -44,7 +44,8 @@ def load(path_or_id: str, *, backend="auto", target: Target | str = "default", a
     if config is not None and config.get("model_type") == "gpt2":
         from orion.models.gpt2 import GPT2, GPT2Config
 
-        return GPT2(GPT2Config.from_hf(config), load_weights(folder), tokenizer, head=head, **options)
+        # read one tensor at a time as GPT-2 folds its blocks: the whole file is never in memory at once
+        return GPT2(GPT2Config.from_hf(config), load_weights(folder, lazy=True), tokenizer, head=head, **options)
     from orion.models.llama import Llama
 
     return Llama(*_llama(folder, config, state), tokenizer, head=head, **options)

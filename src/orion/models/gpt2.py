@@ -24,6 +24,7 @@ Design (docs/gpt2.md has the reasoning and the numbers):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
 from orion.models.head import VocabHead
 from orion.models.lm import CachedDecoder, check_token_ids
+from orion.models.spill import SpilledList
 from orion.runtime.program import get_backend
 
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 1024)
@@ -94,9 +96,10 @@ def _fold_norm(gamma: np.ndarray, beta: np.ndarray, w_in_out: np.ndarray, bias: 
     return (w * gamma[None, :]).astype(np.float32), (w @ beta + bias).astype(np.float32)
 
 
-def gpt2_weights(state: dict[str, np.ndarray], config: GPT2Config):
+def gpt2_weights(state: Mapping[str, np.ndarray], config: GPT2Config, spill: bool = False):
     """Hugging Face GPT-2 tensors -> (embeddings, folded blocks, final norm). Names with or without
-    ``transformer.``; a missing or misshapen tensor is an error that names it."""
+    ``transformer.``; a missing or misshapen tensor is an error that names it. ``spill``: the blocks go to a
+    temporary file as they are folded (a :class:`~orion.models.spill.SpilledList`), not a list in memory."""
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         for key in (f"transformer.{name}", name):
             if key in state:
@@ -108,21 +111,24 @@ def gpt2_weights(state: dict[str, np.ndarray], config: GPT2Config):
         raise OrionError(f"weight {name} is missing from the checkpoint")
 
     d, v, p = config.n_embd, config.vocab_size, config.n_positions
-    blocks = []
-    for i in range(config.n_layer):
+
+    def block(i: int) -> BlockWeights:
         h = f"h.{i}"
         ln_1 = get(f"{h}.ln_1.weight", (d,)), get(f"{h}.ln_1.bias", (d,))
         ln_2 = get(f"{h}.ln_2.weight", (d,)), get(f"{h}.ln_2.bias", (d,))
         qkv_w, qkv_b = _fold_norm(*ln_1, get(f"{h}.attn.c_attn.weight", (d, 3 * d)),
                                   get(f"{h}.attn.c_attn.bias", (3 * d,)))
         fc_w, fc_b = _fold_norm(*ln_2, get(f"{h}.mlp.c_fc.weight", (d, 4 * d)), get(f"{h}.mlp.c_fc.bias", (4 * d,)))
-        blocks.append(BlockWeights(
+        return BlockWeights(
             qkv_w, qkv_b,
             get(f"{h}.attn.c_proj.weight", (d, d)).T.copy(), get(f"{h}.attn.c_proj.bias", (d,)),
             fc_w, fc_b,
             get(f"{h}.mlp.c_proj.weight", (4 * d, d)).T.copy(), get(f"{h}.mlp.c_proj.bias", (d,)),
             ln_1, ln_2,
-        ))
+        )
+
+    folded = (block(i) for i in range(config.n_layer))
+    blocks = SpilledList(folded) if spill else list(folded)
     embeddings = (get("wte.weight", (v, d)), get("wpe.weight", (p, d)))
     final_norm = (get("ln_f.weight", (d,)), get("ln_f.bias", (d,)))
     return embeddings, blocks, final_norm
@@ -322,7 +328,8 @@ class GPT2(VocabHead, CachedDecoder):
         self.tokenizer = tokenizer
         self.target = get_target(target)
         self.backend = get_backend(backend, self.target)
-        (self.wte, self.wpe), self.blocks, self.final_norm = gpt2_weights(state, config)
+        # the blocks' float32 weights are read only to build programs (which then hold them): kept in a file
+        (self.wte, self.wpe), self.blocks, self.final_norm = gpt2_weights(state, config, spill=True)
         self.head_w = self.wte  # tied
         self.group = blocks_per_program(self.target, config.n_layer)
         self.cache = cache

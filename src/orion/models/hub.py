@@ -17,7 +17,7 @@ import math
 import os
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -194,17 +194,20 @@ def _optional_json(path: Path) -> dict:
 # Weights
 
 
-def load_weights(model_dir: PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of ``model.safetensors`` (or of the shards its index lists), by name; bf16 becomes float32."""
+def load_weights(model_dir: PathLike, lazy: bool = False) -> Mapping[str, np.ndarray]:
+    """Every tensor of ``model.safetensors`` (or of the shards its index lists), by name; bf16 becomes float32.
+    ``lazy``: a mapping that reads each tensor when it is asked for (every header checked now), so that a loader
+    that converts the tensors one at a time never holds them all; else a dict of them all."""
     folder = Path(model_dir)
     if not folder.is_dir():
         raise OrionError(f"no such model folder: {folder}; {_LAYOUT_HINT}")
     single = folder / "model.safetensors"
     if single.is_file():
-        return read_safetensors(single)
+        return SafetensorsFile(single) if lazy else read_safetensors(single)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return _load_sharded(folder, index)
+        tensors = _load_sharded(folder, index)
+        return tensors if lazy else {name: tensors[name] for name in tensors}
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
     found = f" (found {', '.join(pickles)})" if pickles else ""
     raise WeightFileError(
@@ -214,25 +217,43 @@ def load_weights(model_dir: PathLike) -> dict[str, np.ndarray]:
     )
 
 
-def _load_sharded(folder: Path, index: Path) -> dict[str, np.ndarray]:
-    """The tensors of every shard ``model.safetensors.index.json`` names, checked against its weight map."""
+def _load_sharded(folder: Path, index: Path) -> "_Sharded":
+    """The tensors of every shard ``model.safetensors.index.json`` names, checked against its weight map (read when
+    asked for)."""
     weight_map = _read_json_object(index, WeightFileError).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise WeightFileError(f"{index}: no \"weight_map\" object mapping tensor names to shard files")
-    tensors: dict[str, np.ndarray] = {}
+    files: dict[str, SafetensorsFile] = {}
     shards = {_shard_path(folder, index, name): name for name in weight_map.values()}  # "a" and "./a": one shard
     for shard, shard_name in shards.items():
         if not shard.is_file():
             raise WeightFileError(f"{index}: lists shard {shard_name!r}, which is not in {folder}; re-download it")
-        for name, array in read_safetensors(shard).items():
-            if name in tensors:
+        tensors = SafetensorsFile(shard)
+        for name in tensors:
+            if name in files:
                 raise WeightFileError(f"{shard}: tensor {name!r} is also in another shard; the checkpoint is mixed up")
-            tensors[name] = array
-    missing = [name for name in weight_map if name not in tensors]
+            files[name] = tensors
+    missing = [name for name in weight_map if name not in files]
     if missing:
         raise WeightFileError(f"{index}: tensor {missing[0]!r} is listed in shard {weight_map[missing[0]]!r}, which "
                               f"does not hold it ({len(missing)} missing); re-download the shards")
-    return tensors
+    return _Sharded(files)
+
+
+class _Sharded(Mapping[str, np.ndarray]):
+    """The tensors of several shards by name, each read from its shard when asked for."""
+
+    def __init__(self, files: dict[str, "SafetensorsFile"]):
+        self._files = files
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._files[name][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
 
 
 def _shard_path(folder: Path, index: Path, name: object) -> Path:
@@ -250,40 +271,66 @@ def _shard_path(folder: Path, index: Path, name: object) -> Path:
 
 def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:
     """The tensors of one safetensors file, each checked against the file's size before it is read."""
-    path = Path(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise WeightFileError(f"weight file {path}: cannot open it ({e.strerror or e})") from None
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise WeightFileError(f"weight file {path}: truncated ({size} bytes, less than the 8-byte header length); "
-                                  "re-download or re-save it")
-        header_len = int.from_bytes(f.read(8), "little")
-        if header_len > size - 8:
-            raise WeightFileError(f"weight file {path}: header length {header_len} runs past the end of the file "
-                                  f"({size} bytes); the file is truncated or not safetensors")
-        header = _parse_header(path, f.read(header_len))
-        data_start = 8 + header_len
-        data_len = size - data_start
-        tensors: dict[str, np.ndarray] = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            dtype, shape, begin, end = _check_entry(path, name, entry, data_len)
-            buf = bytearray(end - begin)
-            f.seek(data_start + begin)
+    tensors = SafetensorsFile(path)
+    return {name: tensors[name] for name in tensors}
+
+
+class SafetensorsFile(Mapping[str, np.ndarray]):
+    """The tensors of one safetensors file by name, every header entry checked against the file's size at open and
+    each tensor read when asked for (a new array each time). A file changed since it was opened is refused, never
+    read half old, half new."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        with self._open() as f:
+            stat = os.fstat(f.fileno())
+            size = stat.st_size
+            if size < 8:
+                raise WeightFileError(f"weight file {self.path}: truncated ({size} bytes, less than the 8-byte header "
+                                      "length); re-download or re-save it")
+            header_len = int.from_bytes(f.read(8), "little")
+            if header_len > size - 8:
+                raise WeightFileError(f"weight file {self.path}: header length {header_len} runs past the end of the "
+                                      f"file ({size} bytes); the file is truncated or not safetensors")
+            header = _parse_header(self.path, f.read(header_len))
+        self._identity = _identity(stat)
+        self._data_start = 8 + header_len
+        self._entries = {name: _check_entry(self.path, name, entry, size - self._data_start)
+                         for name, entry in header.items() if name != "__metadata__"}
+
+    def _open(self) -> BinaryIO:
+        try:
+            return open(self.path, "rb")
+        except OSError as e:
+            raise WeightFileError(f"weight file {self.path}: cannot open it ({e.strerror or e})") from None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self._entries[name]
+        buf = bytearray(end - begin)
+        with self._open() as f:
+            if _identity(os.fstat(f.fileno())) != self._identity:
+                raise WeightFileError(f"weight file {self.path} changed since it was opened; load the model again")
+            f.seek(self._data_start + begin)
             if f.readinto(buf) != len(buf):
-                raise WeightFileError(f"weight file {path}: tensor {name!r} could not be read in full; "
+                raise WeightFileError(f"weight file {self.path}: tensor {name!r} could not be read in full; "
                                       "the file changed or is truncated")
-            if dtype == "BF16":
-                array = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
-            else:
-                array = np.frombuffer(buf, _NUMPY_DTYPES[dtype])
-                array = array.astype(array.dtype.newbyteorder("="), copy=False)
-            tensors[name] = array.reshape(shape)
-    return tensors
+        if dtype == "BF16":
+            array = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            array = np.frombuffer(buf, _NUMPY_DTYPES[dtype])
+            array = array.astype(array.dtype.newbyteorder("="), copy=False)
+        return array.reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced or rewritten: its device, inode, size and modification time."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _parse_header(path: Path, raw: bytes) -> dict:

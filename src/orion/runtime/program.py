@@ -90,6 +90,7 @@ class Program:
         self._stage = Path(tempfile.mkdtemp(prefix="orion-program-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._stage, True)
         module.write(self._stage)
+        self.module = module.mapped(self._stage)  # the weights live in the staged files, not twice in memory
         self._model: BackendModel | None = None
         self._inputs = {name: self._tensor(name, self.plan.input_surface_bytes) for name, _ in self.plan.inputs}
         self._outputs = {name: self._tensor(name, self.plan.output_surface_bytes) for name, _ in self.plan.outputs}
@@ -296,6 +297,7 @@ class Program:
     def _update_baked(self, weights: dict[str, np.ndarray], strategy: str) -> None:
         changed = self.module.replace_weights(weights)
         self.module.write_weights(self._stage, changed)
+        self.module = self.module.mapped(self._stage, changed)
         files = {rel: self._stage / rel for rel in changed}
         if self._model is None:
             return  # the next load builds from the new files

@@ -1,0 +1,81 @@
+"""Weights a model needs only to build programs, kept in a private temporary file instead of in memory.
+
+Once a model's programs are built they hold its weights (the emulator in the form its matmuls read, the ANE in its
+compiled model); the model's own float32 copy is read again only when another program must be built (a new prefill
+bucket, a decode capacity, an adapter layout), and then one program's blocks at a time. So that copy goes to a file
+nobody else can open (unlinked at once where the OS allows) and comes back, bit for bit, on each use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import threading
+from typing import Iterable, NamedTuple, Sequence, TypeVar
+
+import numpy as np
+
+from orion.errors import OrionError
+
+T = TypeVar("T")
+
+
+class _Place(NamedTuple):
+    """Where one array is in the file."""
+
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+class SpilledList(Sequence[T]):
+    """A list of dataclasses whose fields are numpy arrays or tuples of them, written to a temporary file as it is
+    made (only one item is in memory at a time) and read back, as new arrays, by each ``[i]`` or ``[i:j]``."""
+
+    def __init__(self, items: Iterable[T]):
+        self._file = tempfile.TemporaryFile(prefix="orion-weights-")
+        self._lock = threading.Lock()
+        self._items: list[tuple[type, dict]] = []  # per item: its class and, per field, where its arrays are
+        try:
+            for item in items:
+                self._items.append((type(item), {f.name: self._write(getattr(item, f.name))
+                                                  for f in dataclasses.fields(item)}))
+                del item  # gone before the next is made
+        except OSError as exc:
+            self._file.close()
+            raise OrionError(f"could not keep the model's weights in a temporary file in {tempfile.gettempdir()} "
+                             f"({exc.strerror or exc}); free space there or point TMPDIR elsewhere") from None
+
+    def _write(self, value):
+        """Append ``value`` (an array, or a tuple of arrays); where it is (a tuple of places for a tuple)."""
+        if isinstance(value, tuple):
+            return tuple(self._write(v) for v in value)
+        array = np.asarray(value, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
+        place = _Place(self._file.tell(), array.dtype, array.shape)
+        self._file.write(memoryview(array.reshape(-1).view(np.uint8)))
+        return place
+
+    def _read(self, place):
+        if not isinstance(place, _Place):
+            return tuple(self._read(p) for p in place)
+        offset, dtype, shape = place
+        array = np.empty(shape, dtype)
+        with self._lock:
+            self._file.seek(offset)
+            got = self._file.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+        if got != array.nbytes:
+            raise OrionError(f"the model's temporary weight file gave {got} of {array.nbytes} bytes; load the model "
+                             "again")
+        return array
+
+    def _item(self, i: int) -> T:
+        cls, fields = self._items[i]
+        return cls(**{name: self._read(place) for name, place in fields.items()})
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._item(j) for j in range(*i.indices(len(self._items)))]
+        return self._item(i)
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -42,11 +42,18 @@ class Surface:
         self.nbytes = int(nbytes)
         self._memory = np.zeros(self.nbytes, dtype=np.uint8)
         self._lock = threading.RLock()
+        #: Writable mappings so far: a reader that derived something from the bytes (the emulator's float32 copy of
+        #: a weight input) knows it is still valid while this count has not moved.
+        self.writes = 0
+        #: Set for weight inputs, written rarely and read by many runs: worth keeping what is derived from them.
+        self.resident = False
 
     @contextlib.contextmanager
     def lock(self, read_only: bool = False) -> Iterator[np.ndarray]:
         """Map the surface; the view is valid only inside the ``with`` block."""
         with self._lock:
+            if not read_only:
+                self.writes += 1
             yield self._memory
 
     def close(self) -> None:

@@ -36,17 +36,18 @@ def check_input_names(expected, given) -> None:
 class Surface:
     """A flat buffer of ``nbytes``; subclasses back it with an IOSurface. ``lock`` yields a uint8 view."""
 
+    #: Writable mappings so far: a reader that derived something from the bytes (the emulator's float32 copy of a
+    #: weight input) knows it is still valid while this count has not moved.
+    writes = 0
+    #: Set for weight inputs, written rarely and read by many runs: worth keeping what is derived from them.
+    resident = False
+
     def __init__(self, nbytes: int):
         if nbytes <= 0:
             raise BindingError(f"a surface needs a positive size, got {nbytes} bytes")
         self.nbytes = int(nbytes)
         self._memory = np.zeros(self.nbytes, dtype=np.uint8)
         self._lock = threading.RLock()
-        #: Writable mappings so far: a reader that derived something from the bytes (the emulator's float32 copy of
-        #: a weight input) knows it is still valid while this count has not moved.
-        self.writes = 0
-        #: Set for weight inputs, written rarely and read by many runs: worth keeping what is derived from them.
-        self.resident = False
 
     @contextlib.contextmanager
     def lock(self, read_only: bool = False) -> Iterator[np.ndarray]:

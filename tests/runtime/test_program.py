@@ -15,6 +15,7 @@ from orion.errors import BackendError, BindingError, CompileBudgetExceeded, Eval
 from orion.ir.builder import GraphBuilder
 from orion.runtime.backends.ane import AneBackend
 from orion.runtime.backends.emulator import EmulatorBackend, load_program
+from orion.runtime.backends.numerics import Numerics
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
 from orion.runtime.program import Program, backends_that_ran, get_backend
@@ -315,3 +316,40 @@ def test_large_weights_stay_in_the_staged_files_not_in_memory(tmp_path, cache, r
         p.update_weights({"fc.weight": w_new}, strategy=strategy)
         assert any(np.array_equal(a.reshape(-1), w_new.astype(np.float16).reshape(-1)) for a in mapped(p))
         np.testing.assert_array_equal(p.run(x)["y"], fresh_outputs(new, x, tmp_path / "new")["y"])
+
+
+def test_weight_inputs_kept_between_writes_give_the_bits_of_fresh_inputs(cache, rng):
+    """The emulator keeps a weight input's converted (and, for a matmul operand, subnormal-flushed) values until its
+    surface is written again: every run, before and after updates, equals the same graph fed those values as
+    ordinary inputs, converted at each run. Subnormal fp16 values in both weights make a missed flush (the matmul
+    operand) or a wrong one (the gain, read by a multiply) show; the fp32 accumulator, because the fixed-point one
+    flushes its operands again."""
+    b = GraphBuilder("kept")
+    x = b.input("x", (1, D, 1, S))
+    w = b.input("w", (1, 1, D, D))
+    g = b.input("g", (1, D, 1, 1))
+    rows = b.matmul(w, b.reshape(x, shape=[1, 1, D, S]), transpose_x=False, transpose_y=False)
+    b.output("y", b.add(b.mul(x, g), b.reshape(rows, shape=[1, D, 1, S])))
+    x_value = rng.normal(0, 1, (1, D, 1, S)) * 2000
+
+    def weights(seed):
+        r = np.random.default_rng(seed)
+        w_value, g_value = r.normal(0, 0.02, (1, 1, D, D)), r.normal(1, 0.1, (1, D, 1, 1))
+        w_value[0, 0, :2] = 5e-5  # fp16 subnormals: a matmul flushes them (N9), a multiply does not; the rows of
+        g_value[0, :2] = 2e-6  # the output they give are only those products
+        return {"w": w_value, "g": g_value}
+
+    emulator = EmulatorBackend(get_target("default"), Numerics(accumulator="fp32"))  # the models' (and training's)
+    with Program.from_graph(b.graph, backend=emulator, cache=cache, weights_as_inputs=["w", "g"]) as kept, \
+            Program.from_graph(b.graph, backend=emulator, cache=cache) as fresh:
+        assert kept.input_tensor("w").surface.resident and not fresh.input_tensor("w").surface.resident
+        for seed in (1, 1, 2, 2):  # the second run of each reads what the first kept
+            kept.update_weights(weights(seed))
+            for _ in range(2):
+                got, want = kept.run({"x": x_value}), fresh.run({"x": x_value, **weights(seed)})
+                np.testing.assert_array_equal(got["y"], want["y"])
+        with kept.input_tensor("w").view() as view:  # a write through the view is a write too
+            view[0, 0, 0, 0] = 7.0
+        changed = weights(2)
+        changed["w"][0, 0, 0, 0] = 7.0
+        np.testing.assert_array_equal(kept.run({"x": x_value})["y"], fresh.run({"x": x_value, **changed})["y"])

@@ -465,3 +465,33 @@ def test_guarded_step_checks_names_before_touching_gradients():
     with pytest.raises(OrionError, match="missing \\['head'\\]"):
         guarded_step(optimizer, LossScaler(), grads, max_norm=1.0, lr=1e-3)
     assert all(np.array_equal(grads[n], kept[n]) for n in grads)
+
+
+def test_updates_in_pieces_give_the_bits_of_whole_array_passes(monkeypatch):
+    """AdamW and unscaling run over pieces of each parameter, in cache; pieces of 7 elements (every parameter spans
+    several, with a short last one) give bit for bit the update of pieces larger than any parameter, through
+    step() and guarded_step(); a NaN in a parameter's last piece still refuses the whole step."""
+    import orion.train.optim as optim
+
+    rng = np.random.default_rng(21)
+    grads = [random_grads(rng) for _ in range(3)]
+
+    def train(piece: int):
+        monkeypatch.setattr(optim, "_PIECE", piece)
+        plain, guarded = AdamW(random_params(20)), AdamW(random_params(20))
+        scaler = LossScaler("static", init_scale=64.0)
+        for g in grads:
+            plain.step({n: a.copy() for n, a in g.items()}, lr=2e-3)
+            assert not guarded_step(guarded, scaler, {n: a * 64 for n, a in g.items()}, max_norm=1.0, lr=2e-3).skipped
+        return plain, guarded, scaler
+
+    small, whole = train(7), train(1 << 20)
+    for ours, theirs in zip(small[:2], whole[:2]):
+        assert_unchanged(ours, snapshot(theirs))
+    monkeypatch.setattr(optim, "_PIECE", 7)
+    guarded, scaler = small[1], small[2]
+    before = snapshot(guarded)
+    poisoned = random_grads(rng)
+    poisoned["head"].reshape(-1)[-1] = np.nan
+    assert guarded_step(guarded, scaler, poisoned, max_norm=1.0, lr=2e-3).skipped
+    assert_unchanged(guarded, before)

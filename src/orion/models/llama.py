@@ -482,7 +482,8 @@ class LlamaBlocks:
 
     The weights are input surfaces: every block's forward and backward program has the same MIL text, so only the
     first compiles (the others are cache hits), and new weights are surface writes, never a compile. (Inference
-    bakes its weights: :class:`Llama`.)
+    bakes its weights: :class:`Llama`.) The rotary tables and the causal mask are inputs written once, as weights
+    are: a run writes only the activations.
     """
 
     def __init__(self, config: LlamaConfig, seq: int, *, backend, target, cache=None, budget=None,
@@ -494,18 +495,22 @@ class LlamaBlocks:
         self.timings = {"backend": 0.0, "cpu": 0.0, "update": 0.0}
         common = dict(backend=backend, target=target, cache=cache, budget=budget)
 
+        cos, sin = rope_tables(config, seq)
+        static = {"cos": cos, "sin": sin, "mask": causal_mask(seq)}
+
         def program(graph) -> Program:
-            """Weights and adapters are set with update_weights; the rest is each run's feed."""
-            weights = [v.name for v in graph.inputs if v.name in LAYER_INPUTS or v.name.startswith("lora_")]
-            return Program.from_graph(graph, weights_as_inputs=weights, **common)
+            """Weights, adapters and the static inputs are set with update_weights; the rest is each run's feed."""
+            weights = [v.name for v in graph.inputs
+                       if v.name in LAYER_INPUTS or v.name in static or v.name.startswith("lora_")]
+            made = Program.from_graph(graph, weights_as_inputs=weights, **common)
+            made.update_weights({name: value for name, value in static.items() if name in weights})
+            return made
 
         self.forward = [program(forward_graph(config, seq, lora)) for _ in range(config.n_layers)]
         self.backward = [program(backward_graph(config, seq, lora)) for _ in range(config.n_layers)] if backward \
             else []
         for p in self.programs:
             p.load()
-        cos, sin = rope_tables(config, seq)
-        self.static = {"cos": cos, "sin": sin, "mask": causal_mask(seq)}
 
     @property
     def programs(self):
@@ -551,7 +556,7 @@ class LlamaBlocks:
         taps = []
         h = x_channels
         for program in self.forward:
-            out = self.run(program, {"x": h, **self.static})
+            out = self.run(program, {"x": h})
             taps.append(out)
             h = out["y"]
         return h, taps

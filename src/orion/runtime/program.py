@@ -94,6 +94,8 @@ class Program:
         self._model: BackendModel | None = None
         self._inputs = {name: self._tensor(name, self.plan.input_surface_bytes) for name, _ in self.plan.inputs}
         self._outputs = {name: self._tensor(name, self.plan.output_surface_bytes) for name, _ in self.plan.outputs}
+        for name in self._weight_inputs & set(self._inputs):
+            self._inputs[name].surface.resident = True  # a backend may keep what it derives until the next write
         self.compiles = 0
         self.cache_hits = 0
         self.evaluations = 0

@@ -36,6 +36,12 @@ def check_input_names(expected, given) -> None:
 class Surface:
     """A flat buffer of ``nbytes``; subclasses back it with an IOSurface. ``lock`` yields a uint8 view."""
 
+    #: Writable mappings so far: a reader that derived something from the bytes (the emulator's float32 copy of a
+    #: weight input) knows it is still valid while this count has not moved.
+    writes = 0
+    #: Set for weight inputs, written rarely and read by many runs: worth keeping what is derived from them.
+    resident = False
+
     def __init__(self, nbytes: int):
         if nbytes <= 0:
             raise BindingError(f"a surface needs a positive size, got {nbytes} bytes")
@@ -47,6 +53,8 @@ class Surface:
     def lock(self, read_only: bool = False) -> Iterator[np.ndarray]:
         """Map the surface; the view is valid only inside the ``with`` block."""
         with self._lock:
+            if not read_only:
+                self.writes += 1
             yield self._memory
 
     def close(self) -> None:

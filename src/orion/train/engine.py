@@ -91,8 +91,7 @@ class LlamaEngine(LlamaBlocks):
         pending = []
         d = _to_channels(dy)
         for i in reversed(range(c.n_layers)):
-            feed = {"dy": d, "cos": self.static["cos"], "sin": self.static["sin"],
-                    **{k: taps[i][k] for k in BACKWARD_TAPS}}
+            feed = {"dy": d, **{k: taps[i][k] for k in BACKWARD_TAPS}}
             out = self.run(self.backward[i], feed)
             pending.append(self._pool.submit(self._accumulate, i, taps[i], out, d, grads, on_layer_done))
             d = out["dx"]

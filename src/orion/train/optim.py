@@ -19,6 +19,9 @@ from orion.errors import BindingError, SettingsError
 
 # Elements per float64 chunk when summing squares: 512 KB stays in cache, and big embeddings need no big temporary.
 _NORM_CHUNK = 1 << 16
+# Elements per piece of an elementwise pass over a parameter (AdamW's nine operations, unscaling and its check): the
+# passes over one piece run while it is in cache. Elementwise, so the bits are those of whole-array passes.
+_PIECE = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,17 @@ def _all_finite(*arrays: np.ndarray) -> bool:
     return all(bool(np.isfinite(a).all()) for a in arrays)
 
 
+def _pieces(*arrays: np.ndarray) -> Iterable[tuple[np.ndarray, ...]]:
+    """Matching flat pieces of ``_PIECE`` elements of arrays of one shape (views: writes land in the arrays); the
+    arrays whole if one is not contiguous."""
+    if not all(a.flags.c_contiguous for a in arrays):
+        yield arrays
+        return
+    flats = [a.reshape(-1) for a in arrays]
+    for start in range(0, flats[0].size, _PIECE):
+        yield tuple(f[start:start + _PIECE] for f in flats)
+
+
 class AdamW:
     """PyTorch's AdamW (decoupled weight decay, bias correction) on numpy float32 master weights, updated in place.
 
@@ -119,7 +133,7 @@ class AdamW:
         self.step_count = 0
         self._m = {name: np.zeros(p.shape, np.float32) for name, p in self.params.items()}
         self._v = {name: np.zeros(p.shape, np.float32) for name, p in self.params.items()}
-        largest = max(p.size for p in self.params.values())
+        largest = max(p.size for p in self.params.values())  # a non-contiguous parameter is updated whole
         self._scratch = (np.empty(largest, np.float32), np.empty(largest, np.float32))
         # Where guarded steps write the next (p, m, v) before committing; allocated on the first guarded step.
         self._spare: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
@@ -129,8 +143,9 @@ class AdamW:
         self._check_grads(grads)
         c = self._coefficients(self.step_count + 1, self.lr if lr is None else lr)
         for name, p in self.params.items():
-            m, v = self._m[name], self._v[name]
-            _adam_update(p, m, v, grads[name], (p, m, v), *self._temporaries(p), c, self._decay(name, c.lr))
+            decay = self._decay(name, c.lr)
+            for piece, m, v, g in _pieces(p, self._m[name], self._v[name], grads[name]):
+                _adam_update(piece, m, v, g, (piece, m, v), *self._temporaries(piece), c, decay)
         self.step_count += 1
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -181,12 +196,14 @@ class AdamW:
         c = self._coefficients(self.step_count + 1, lr)
         found = False
         for name, p in self.params.items():
-            spare = self._spare[name]
-            with np.errstate(all="ignore"):  # an overflow here is expected and handled: the step is refused
-                _adam_update(p, self._m[name], self._v[name], grads[name], spare, *self._temporaries(p), c,
-                             self._decay(name, c.lr))
-            if not _all_finite(*spare):
-                found = True
+            decay = self._decay(name, c.lr)
+            for piece, m, v, g, *spare in _pieces(p, self._m[name], self._v[name], grads[name], *self._spare[name]):
+                with np.errstate(all="ignore"):  # an overflow here is expected and handled: the step is refused
+                    _adam_update(piece, m, v, g, spare, *self._temporaries(piece), c, decay)
+                if not _all_finite(*spare):  # checked while the piece is in cache
+                    found = True
+                    break
+            if found:
                 break
         if agree is not None:
             found = agree(found)
@@ -385,9 +402,10 @@ class LossScaler:
                     f"gradient {name!r} is {kind}; convert it to float32 before unscaling (in fp16 the divided "
                     "gradients underflow again)"
                 )
-            if self._scale != 1.0:
-                g /= self._scale
-            finite = finite and _all_finite(g)
+            for (piece,) in _pieces(g):
+                if self._scale != 1.0:
+                    piece /= self._scale
+                finite = finite and _all_finite(piece)
         return finite
 
     def update(self, found_nonfinite: bool) -> None:

@@ -611,6 +611,8 @@ class IOSurfaceBuffer(Surface):
             if self.ref is None:
                 raise BindingError("this surface is closed; create a new one with backend.new_surface()")
             options = lock_options(read_only)
+            if not read_only:
+                self.writes += 1
             self._runtime.lock_surface(self.ref, options)
             try:
                 view = self._runtime.surface_view(self.ref, self.nbytes)

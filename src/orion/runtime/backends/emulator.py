@@ -147,6 +147,8 @@ class EmulatedProgram:
         self._prepare(blob_loader)
         self._wide_consts = {} if check_only else self._flush_wide_constants()
         self._last_uses = self._plan_releases()
+        self._kept: dict[str, tuple[tuple, np.ndarray]] = {}  # see hold_kept
+        self._matmul_only_inputs = self._read_only_by_matmul() if self.settings.flush_subnormals_in_matmul else set()
 
     def _plan_releases(self) -> list[tuple[str, ...]]:
         """For each step, the values no later step reads (nor an output): a run drops them right away, so that
@@ -259,6 +261,32 @@ class EmulatedProgram:
             raise BindingError(f"input {name!r} is declared {t.dtype}; give an array of {t.dtype} values "
                                f"(got {array.dtype} data)")
         return array.astype(t.numpy_dtype)
+
+    def _read_only_by_matmul(self) -> set[str]:
+        """Inputs that only matmuls read (not outputs either): held with their subnormals flushed, see hold_kept."""
+        kinds: dict[str, set[str]] = {}
+        for step in self._steps:
+            for ref in step.inputs:
+                for name in ref if isinstance(ref, tuple) else (ref,):
+                    kinds.setdefault(name, set()).add(step.op.name)
+        outputs = {name for name, _ in self.outputs}
+        return {name for name in self._input_types if kinds.get(name) == {"matmul"} and name not in outputs}
+
+    def hold_kept(self, name: str, data: np.ndarray, version: tuple) -> np.ndarray:
+        """:meth:`hold`, kept while ``version`` (a weight input's surface and its write count) stays the same: runs
+        between two weight writes convert it once. An input only matmuls read is kept with its subnormals flushed,
+        as a constant is (N9), so they do not flush it again at every run."""
+        kept = self._kept.get(name)
+        if kept is not None and kept[0] == version:
+            return kept[1]
+        held = self.hold(name, data)
+        if kept is not None:
+            self.kernels.flushed.discard(id(kept[1]))
+        if name in self._matmul_only_inputs:
+            held = numerics.flush_subnormals(held)
+            self.kernels.flushed.add(id(held))  # the kept array lives (and keeps its id) until it is replaced
+        self._kept[name] = (version, held)
+        return held
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name in their declared dtype (fp16 for non-float declarations computed in fp16; exact integers
@@ -463,7 +491,9 @@ class EmulatorModel(BackendModel):
         bound = {}
         for (name, t), surface in zip(in_types, inputs):
             with surface.lock(read_only=True) as raw:  # packed from byte 0 (ANE-20); converted while locked
-                bound[name] = program.hold(name, raw[: t.nbytes].view(t.numpy_dtype).reshape(t.shape))
+                data = raw[: t.nbytes].view(t.numpy_dtype).reshape(t.shape)
+                bound[name] = (program.hold_kept(name, data, (surface, surface.writes)) if surface.resident
+                               else program.hold(name, data))
         held = program.run_bound(bound)
         for (name, t), surface in zip(out_types, outputs):
             with surface.lock() as raw:  # converted straight into the surface

@@ -89,3 +89,16 @@ def test_bench_llama_measures_the_classifier_on_the_cpu_and_on_the_ane(tmp_path)
 def test_bench_llama_refuses_an_unknown_preset():
     with pytest.raises(Exception, match="no preset 'qwen9'; presets: smollm2-135m"):
         bench.bench_llama(None, "qwen9", "emulator", None, 8, 3)
+
+
+def test_a_side_reports_its_own_peak_memory_not_the_parent_s_before_exec():
+    """A side is started by a parent that may just have written 0.5 GB of random weights; on Linux ``ru_maxrss``
+    survives ``exec``, so the side must read its own address space's high-water mark."""
+    import subprocess
+    import sys
+
+    parent = ("import os, sys, numpy as np; held = np.ones(400 * 2**20 // 8); "
+              "os.execv(sys.executable, [sys.executable, '-c', "
+              "'from orion.models.bench import _peak_mb; print(_peak_mb())'])")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout
+    assert 0 < float(out) < 300  # the child's own: an interpreter with numpy, not the parent's 400 MB

@@ -32,6 +32,16 @@ T = TypeVar("T")
 
 
 def _peak_mb() -> float:
+    """This process's peak resident memory. On Linux ``ru_maxrss`` survives ``exec``, so a side started by a parent
+    that had just written 0.5 GB of random weights would report the parent's peak: the high-water mark of this
+    process's own address space (``VmHWM``) is read instead."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
 

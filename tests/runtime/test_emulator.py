@@ -4,6 +4,8 @@ ANE numerics inside programs, and refuses bad programs with a line number."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -292,3 +294,54 @@ def test_programs_with_the_same_weights_hold_them_once(tmp_path):
     del first, second
     gc.collect()
     assert len(emulator._HELD_CONSTANTS) < before
+
+
+def test_a_process_s_own_model_folder_goes_at_exit_with_models_never_released(tmp_path):
+    """A program left loaded at exit (no close) leaves nothing in the temporary folder: the emulator's per-process
+    folder is private, so it goes whole."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from orion.ir.builder import GraphBuilder\n"
+        "from orion.runtime.program import Program\n"
+        "from orion.runtime.cache import ProgramCache\n"
+        "b = GraphBuilder('left')\n"
+        "b.output('y', b.linear(b.input('x', (1, 64, 1, 16)), np.full((64, 64), 0.01), name='fc'))\n"
+        "p = Program.from_graph(b.graph, backend='emulator', cache=ProgramCache(None))\n"
+        "p.run({'x': np.ones((1, 64, 1, 16))})\n"
+        "print(p.backend.root, list(p.backend.root.iterdir()) != [])\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    root, had_models = out.stdout.split()
+    assert had_models == "True" and Path(root).parent == tmp_path
+    assert not Path(root).exists()
+
+
+def test_a_forked_child_exiting_leaves_its_parent_s_model_folder(tmp_path):
+    """A child forked after the parent built a program runs the parent's exit hooks when it exits normally: the
+    parent's folder (its loaded models) must stay."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys, numpy as np\n"
+        "from orion.ir.builder import GraphBuilder\n"
+        "from orion.runtime.program import Program\n"
+        "from orion.runtime.cache import ProgramCache\n"
+        "b = GraphBuilder('kept')\n"
+        "b.output('y', b.linear(b.input('x', (1, 64, 1, 16)), np.full((64, 64), 0.01), name='fc'))\n"
+        "p = Program.from_graph(b.graph, backend='emulator', cache=ProgramCache(None))\n"
+        "p.run({'x': np.ones((1, 64, 1, 16))})\n"
+        "assert p.backend.root.exists()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    sys.exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "print(p.backend.root.exists())\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["True"]

@@ -525,6 +525,13 @@ class EmulatorModel(BackendModel):
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _remove_tree(directory: Path, owner: int) -> None:
+    """At exit: the process's private model directories, released or not (no other process reads them); not in a
+    forked child that exits through ``atexit``, whose parent still runs them."""
+    if os.getpid() == owner:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def _remove_if_empty(directory: Path) -> None:
     """At exit: the root of the model directories goes once every model released its own."""
     with contextlib.suppress(OSError):
@@ -543,7 +550,11 @@ class EmulatorBackend(Backend):
             numerics = Numerics(**settings)
         self.numerics = numerics
         self.root = Path(root) if root else Path(tempfile.gettempdir()) / f"orion-emulator-{os.getpid()}"
-        atexit.register(_remove_if_empty, self.root)
+        # this process's own folder goes whole at exit: models never released would otherwise stay on disk
+        if root:
+            atexit.register(_remove_if_empty, self.root)
+        else:
+            atexit.register(_remove_tree, self.root, os.getpid())
 
     @classmethod
     def available(cls) -> bool:

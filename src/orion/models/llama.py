@@ -907,7 +907,9 @@ class Llama(VocabHead, CachedDecoder):
         # the blocks' float32 weights are read only to build programs (which then hold them): kept in a file
         self.blocks = inference_blocks(weights, config, self.target.max_axis, spill=True)
         output = weights["output"] if "output" in weights else self.embeddings
-        self.head_w = np.float32(np.asarray(output, np.float64) * np.asarray(weights["norm"], np.float64))
+        # float32 products are rounded once from the exact product, as float64's would be: the same bits, without
+        # two float64 copies of the vocabulary's rows
+        self.head_w = np.asarray(output, np.float32) * np.asarray(weights["norm"], np.float32)
         self.group = blocks_per_inference_program(self.target, self.blocks)
         self.adapter_spec = adapter_spec(config)
         self._init_programs()

@@ -4,6 +4,7 @@ warning when the pairs spread too wide to trust a ratio."""
 from __future__ import annotations
 
 import statistics
+import sys
 
 import numpy as np
 import pytest
@@ -89,3 +90,19 @@ def test_bench_llama_measures_the_classifier_on_the_cpu_and_on_the_ane(tmp_path)
 def test_bench_llama_refuses_an_unknown_preset():
     with pytest.raises(Exception, match="no preset 'qwen9'; presets: smollm2-135m"):
         bench.bench_llama(None, "qwen9", "emulator", None, 8, 3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent's peak carries over on Linux")
+def test_a_side_reports_its_own_peak_not_its_parents():
+    """A side's process reports its own peak memory, not the memory its parent held when it started the side (Linux's
+    ru_maxrss keeps that across execve): here the parent holds 400 MB more than the child ever does."""
+    import os
+    import subprocess
+
+    held = np.ones(400 * 2**20 // 8)  # touched: in this process's RSS when the child starts
+    code = "from orion.models.bench import _peak_mb; print(_peak_mb())"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 env=env).stdout)
+    assert 5 < child < 200 and held.sum() == held.size
+    assert bench._peak_mb() > 400

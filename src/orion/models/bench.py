@@ -32,6 +32,16 @@ T = TypeVar("T")
 
 
 def _peak_mb() -> float:
+    """This process's peak RSS in MB. On Linux its own memory's high-water mark (VmHWM): ru_maxrss there also counts
+    the RSS the parent had when it started this process (execve carries the old image's peak over), so a side
+    started by a parent that made the random weights would report at least the parent's size."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
 

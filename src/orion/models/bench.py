@@ -12,6 +12,7 @@ sides' repetitions (A B, B A, ...) and reports medians, their spread and the rat
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
@@ -59,6 +60,7 @@ def orion_side(model_dir: Path, prompt_tokens: int, new_tokens: int, backend: st
     t0 = time.perf_counter()
     model = load(str(model_dir), backend=backend, target=target, accumulator=accumulator, cache=ProgramCache(None),
                  head=head)
+    atexit.register(model.close)  # the programs' staged weight files go with the side, not left in the temp folder
     load_s = time.perf_counter() - t0
     ids = _prompt(model.config.vocab_size, prompt_tokens)
     t1 = time.perf_counter()

@@ -8,7 +8,7 @@ import numpy as np
 
 from orion.models.bench import random_gpt2_state
 from orion.models.gpt2 import BlockWeights, GPT2, GPT2Config, gpt2_weights
-from orion.models.spill import SpilledList
+from orion.models.spill import SpilledList, spilled_array
 
 
 def same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -77,3 +77,12 @@ def same_value(a, b) -> bool:
     if isinstance(a, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
     return a == b if a is None or isinstance(a, str) else same(a, b)
+
+
+def test_a_spilled_array_is_a_read_only_map_of_the_same_bits():
+    array = np.random.default_rng(1).standard_normal((37, 5)).astype(np.float32)
+    mapped = spilled_array(array)
+    assert isinstance(mapped, np.memmap) and same(np.asarray(mapped), array) and not mapped.flags.writeable
+    array[...] = 0  # a copy: the caller's array is its own
+    rows = mapped[[3, 3, 36]]
+    assert rows.tobytes() == np.asarray(mapped)[[3, 3, 36]].tobytes() and rows.any()

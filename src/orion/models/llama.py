@@ -29,7 +29,7 @@ from orion.ir.graph import Value
 from orion.lora import Adapter, AdapterSpec, LoraLayout
 from orion.models.head import VocabHead
 from orion.models.lm import CachedDecoder, check_token_ids
-from orion.models.spill import SpilledList
+from orion.models.spill import SpilledList, spilled_array
 
 
 @dataclass(frozen=True)
@@ -903,13 +903,16 @@ class Llama(VocabHead, CachedDecoder):
         self.cache, self.budget = cache, budget
         self.quantize = WeightCompression.of(quantize)
         self.context = min(config.max_seq_len, PREFILL_BUCKETS[-1])
-        self.embeddings = np.asarray(weights["tok_embeddings"], np.float32)
-        # the blocks' float32 weights are read only to build programs (which then hold them): kept in a file
-        self.blocks = inference_blocks(weights, config, self.target.max_axis, spill=True)
-        output = weights["output"] if "output" in weights else self.embeddings
+        embeddings = np.asarray(weights["tok_embeddings"], np.float32)
+        output = weights["output"] if "output" in weights else embeddings
         # float32 products are rounded once from the exact product, as float64's would be: the same bits, without
         # two float64 copies of the vocabulary's rows
         self.head_w = np.asarray(output, np.float32) * np.asarray(weights["norm"], np.float32)
+        # each token reads one row of the embeddings: kept in a file, mapped (only the rows read are in memory)
+        self.embeddings = spilled_array(embeddings)
+        del embeddings, output
+        # the blocks' float32 weights are read only to build programs (which then hold them): kept in a file
+        self.blocks = inference_blocks(weights, config, self.target.max_axis, spill=True)
         self.group = blocks_per_inference_program(self.target, self.blocks)
         self.adapter_spec = adapter_spec(config)
         self._init_programs()

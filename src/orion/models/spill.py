@@ -44,8 +44,7 @@ class SpilledList(Sequence[T]):
                 del item  # gone before the next is made
         except OSError as exc:
             self._file.close()
-            raise OrionError(f"could not keep the model's weights in a temporary file in {tempfile.gettempdir()} "
-                             f"({exc.strerror or exc}); free space there or point TMPDIR elsewhere") from None
+            raise _no_room(exc) from None
 
     def _write(self, value):
         """Append ``value``'s arrays; where they are (a place for an array, a tuple or list of them for a tuple or
@@ -87,3 +86,20 @@ class SpilledList(Sequence[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def spilled_array(array: np.ndarray) -> np.ndarray:
+    """``array``, read-only, in a private temporary file mapped into memory: only the parts read are in memory (an
+    embedding table, of which each token reads one row)."""
+    with tempfile.TemporaryFile(prefix="orion-weights-") as file:
+        try:
+            file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+            file.flush()
+        except OSError as exc:
+            raise _no_room(exc) from None
+        return np.memmap(file, array.dtype, "r", shape=array.shape)  # the map outlives the file object
+
+
+def _no_room(exc: OSError) -> OrionError:
+    return OrionError(f"could not keep the model's weights in a temporary file in {tempfile.gettempdir()} "
+                      f"({exc.strerror or exc}); free space there or point TMPDIR elsewhere")

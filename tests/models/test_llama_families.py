@@ -29,6 +29,7 @@ from orion.models.llama import (
 from orion.runtime.budget import CompileBudget
 from orion.runtime.cache import ProgramCache
 from tests.conftest import assert_ane_head_is_the_cpu_head
+from tests.models.test_spill import same_value
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -238,3 +239,65 @@ def test_a_missing_or_misshapen_weight_is_named(family):
     with pytest.raises(OrionError, match=f"{key} has shape"):
         from_hf(config, {**state, key: state[key][:-1]})
     inference_blocks(from_hf(config, state)[1], from_hf(config, state)[0], 16384)
+
+
+def test_load_spills_the_blocks_and_they_come_back_bit_for_bit(family):
+    """orion.load reads the checkpoint lazily and keeps the folded blocks in a temporary file: each block, the
+    embeddings and the classifier come back exactly as from the whole file read at once (sharded, bf16, tied and
+    separate classifiers among the families)."""
+    from orion.models.hub import load_weights
+    from orion.models.spill import SpilledList
+
+    _, _, model, folder = family
+    config, weights = from_hf(json.loads((folder / "config.json").read_text()), load_weights(folder))
+    assert isinstance(weights, dict)
+    kept = inference_blocks(weights, config, model.target.max_axis)
+    assert isinstance(model.blocks, SpilledList) and len(model.blocks) == len(kept) == 3
+    for got, want in zip(model.blocks, kept, strict=True):
+        assert all(same_value(getattr(got, f), getattr(want, f)) for f in vars(want)), f
+    assert all(same_value(model.blocks.field(i, "norms"), kept[i].norms) for i in range(3))
+    assert isinstance(model.embeddings, np.memmap)  # looked up a row at a time: kept in a file, mapped
+    assert same_value(np.asarray(model.embeddings), weights["tok_embeddings"])
+    output = weights.get("output", weights["tok_embeddings"])
+    assert same_value(model.head_w, np.float32(np.float64(output) * np.float64(weights["norm"])))
+
+
+def test_load_reads_one_block_at_a_time(family, monkeypatch):
+    """orion.load reads the tensors as the blocks fold: a block's tensors are gone before the next block's are read,
+    so the file is never all in memory (a shard's tensors too)."""
+    import re
+    import weakref
+
+    from orion.models.hub import SafetensorsFile
+
+    _, _, _, folder = family
+    alive: list[tuple[int, weakref.ref]] = []  # (block, tensor) of every tensor read
+    blocks_read = set()
+    read = SafetensorsFile.__getitem__
+
+    def counted(self, name):
+        found = re.search(r"layers\.(\d+)\.", name)
+        i = int(found.group(1)) if found else -1
+        if found:
+            blocks_read.add(i)
+            assert not [j for j, r in alive if 0 <= j < i and r() is not None], f"block {i} read before the last's went"
+        array = read(self, name)
+        alive.append((i, weakref.ref(array)))
+        return array
+
+    monkeypatch.setattr(SafetensorsFile, "__getitem__", counted)
+    orion.load(str(folder), backend="emulator", cache=ProgramCache(None)).close()
+    assert blocks_read == {0, 1, 2}
+
+
+def test_a_lazy_read_refuses_a_misshapen_weight_when_it_is_read(family):
+    _, reference, _, folder = family
+    config = json.loads((folder / "config.json").read_text())
+    state = {k: v.float().numpy() for k, v in reference.state_dict().items()}
+    key = "model.layers.1.self_attn.k_proj.weight"
+    with pytest.raises(OrionError, match=key):
+        from_hf(config, {k: v for k, v in state.items() if k != key}, lazy=True)
+    _, lazy = from_hf(config, {**state, key: state[key][:-1]}, lazy=True)
+    assert same_value(lazy["layers.1.wq"], state["model.layers.1.self_attn.q_proj.weight"])
+    with pytest.raises(OrionError, match=f"{key} has shape"):
+        lazy["layers.1.wk"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from orion.compiler.targets import Target, get_target
 from orion.errors import OrionError
 
@@ -48,7 +50,8 @@ def load(path_or_id: str, *, backend="auto", target: Target | str = "default", a
         return GPT2(GPT2Config.from_hf(config), load_weights(folder, lazy=True), tokenizer, head=head, **options)
     from orion.models.llama import Llama
 
-    return Llama(*_llama(folder, config, state), tokenizer, head=head, **options)
+    # read one tensor at a time as the blocks fold: the whole file is never in memory at once
+    return Llama(*_llama(folder, config, state, lazy=True), tokenizer, head=head, **options)
 
 
 def read_llama(path_or_id) -> tuple["LlamaConfig", dict]:
@@ -67,16 +70,18 @@ def _describe(path_or_id) -> tuple:
     return folder, None, _read_checkpoint_state(folder)
 
 
-def _llama(folder, config: dict | None, state: dict | None) -> tuple["LlamaConfig", dict]:
-    from orion.models.hub import load_weights, read_safetensors
+def _llama(folder, config: dict | None, state: dict | None, lazy: bool = False) -> tuple["LlamaConfig", Mapping]:
+    """(config, Orion-named weights); ``lazy``: each weight read when it is asked for (every header checked now)."""
+    from orion.models.hub import SafetensorsFile, load_weights, read_safetensors
     from orion.models.llama import LlamaConfig, config_from_hf, from_hf
 
     if state is not None:
         if "lora" in state:
             raise OrionError(f"{folder} holds a LoRA adapter, not a model; its base is {state['base']['path']}")
-        return LlamaConfig(**state["config"]), read_safetensors(folder / "model.safetensors")
+        weights = folder / "model.safetensors"
+        return LlamaConfig(**state["config"]), SafetensorsFile(weights) if lazy else read_safetensors(weights)
     config_from_hf(config)  # a config Orion cannot run is refused before its weights are read
-    return from_hf(config, load_weights(folder))
+    return from_hf(config, load_weights(folder, lazy=lazy), lazy=lazy)
 
 
 def _read_checkpoint_state(folder) -> dict:

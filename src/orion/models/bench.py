@@ -12,6 +12,7 @@ sides' repetitions (A B, B A, ...) and reports medians, their spread and the rat
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
@@ -32,11 +33,11 @@ T = TypeVar("T")
 
 
 def _peak_mb() -> float:
-    """This process's peak resident memory. On Linux ``ru_maxrss`` survives ``exec``, so a side started by a parent
-    that had just written 0.5 GB of random weights would report the parent's peak: the high-water mark of this
-    process's own address space (``VmHWM``) is read instead."""
+    """This process's peak RSS in MB. On Linux its own memory's high-water mark (VmHWM): ru_maxrss there also counts
+    the RSS the parent had when it started this process (execve carries the old image's peak over), so a side
+    started by a parent that made the random weights would report at least the parent's size."""
     try:
-        with open("/proc/self/status") as status:
+        with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 2**10  # kB
@@ -59,6 +60,7 @@ def orion_side(model_dir: Path, prompt_tokens: int, new_tokens: int, backend: st
     t0 = time.perf_counter()
     model = load(str(model_dir), backend=backend, target=target, accumulator=accumulator, cache=ProgramCache(None),
                  head=head)
+    atexit.register(model.close)  # the programs' staged weight files go with the side, not left in the temp folder
     load_s = time.perf_counter() - t0
     ids = _prompt(model.config.vocab_size, prompt_tokens)
     t1 = time.perf_counter()

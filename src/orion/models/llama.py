@@ -19,6 +19,7 @@ gradient at its input, and the CPU computes the adapter's gradients from the tap
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from orion.ir.graph import Value
 from orion.lora import Adapter, AdapterSpec, LoraLayout
 from orion.models.head import VocabHead
 from orion.models.lm import CachedDecoder, check_token_ids
+from orion.models.spill import SpilledList, spilled_array
 
 
 @dataclass(frozen=True)
@@ -645,39 +647,42 @@ def _q_scale(config: LlamaConfig) -> float:
     return 1.0 if config.qk_norm else 1.0 / np.sqrt(config.head_dim)
 
 
-def inference_blocks(weights: dict[str, np.ndarray], config: LlamaConfig, max_axis: int) -> list[InferenceBlock]:
-    """Orion-named weights -> the blocks the inference programs bake (:class:`InferenceBlock`)."""
+def inference_blocks(weights: Mapping[str, np.ndarray], config: LlamaConfig, max_axis: int,
+                     spill: bool = False) -> Sequence[InferenceBlock]:
+    """Orion-named weights -> the blocks the inference programs bake (:class:`InferenceBlock`), each layer's weights
+    read once. ``spill``: the blocks go to a temporary file as they are folded (a
+    :class:`~orion.models.spill.SpilledList`), not a list in memory."""
     rows, scale = _parts(config), _q_scale(config)
     half = config.head_dim // 2
-    blocks = []
-    for i in range(config.n_layers):
-        def w(name: str) -> np.ndarray:
-            return np.asarray(weights[f"layers.{i}.{name}"], np.float64)
 
-        g1, g2 = w("attention_norm"), w("ffn_norm")
+    def block(i: int) -> InferenceBlock:
+        layer = {name: np.asarray(weights[f"layers.{i}.{name}"], np.float64) for name in layer_shapes(config)}
+        g1, g2 = layer["attention_norm"], layer["ffn_norm"]
         source = {"qa": ("q", scale), "qb": ("q", scale), "ka": ("k", 1.0), "kb": ("k", 1.0), "v": ("v", 1.0)}
         fused = sum(rows[p].size for p in QKV_PARTS) <= max_axis
         qkv_parts = [QKV_PARTS] if fused else [(p,) for p in QKV_PARTS]
-        qkv_w = [np.float32(np.concatenate([w(f"w{source[p][0]}")[rows[p]] * source[p][1] for p in parts]) * g1)
+        qkv_w = [np.float32(np.concatenate([layer[f"w{source[p][0]}"][rows[p]] * source[p][1] for p in parts]) * g1)
                  for parts in qkv_parts]
-        qkv_b = ([np.float32(np.concatenate([w(f"b{source[p][0]}")[rows[p]] * source[p][1] for p in parts]))
+        qkv_b = ([np.float32(np.concatenate([layer[f"b{source[p][0]}"][rows[p]] * source[p][1] for p in parts]))
                   for parts in qkv_parts] if config.qkv_bias else None)
-        gate, up = w("w1") * g2, w("w3") * g2
+        gate, up = layer["w1"] * g2, layer["w3"] * g2
         ffn = [np.concatenate([gate, up])] if 2 * config.hidden_dim <= max_axis else [gate, up]
         norm_gains = None
         if config.qk_norm:  # RMS over a head from its halves' means gives r / sqrt(2): sqrt(2) goes into the gains
-            q_norm = w("q_norm") * np.sqrt(2) / np.sqrt(config.head_dim)
-            k_norm = w("k_norm") * np.sqrt(2)
+            q_norm = layer["q_norm"] * np.sqrt(2) / np.sqrt(config.head_dim)
+            k_norm = layer["k_norm"] * np.sqrt(2)
             norm_gains = [tuple(np.float32(n[s]) for s in (slice(0, half), slice(half, None)))
                           for n in (q_norm, k_norm)]
-        blocks.append(InferenceBlock(
-            qkv_w, qkv_b, qkv_parts, np.float32(w("wo")[:, rows["o"]]),
-            np.float32(w("bo")) if config.o_bias else None, [np.float32(f) for f in ffn], np.float32(w("w2")),
-            *(norm_gains or (None, None)), (np.float32(g1), np.float32(g2))))
-    return blocks
+        return InferenceBlock(
+            qkv_w, qkv_b, qkv_parts, np.float32(layer["wo"][:, rows["o"]]),
+            np.float32(layer["bo"]) if config.o_bias else None, [np.float32(f) for f in ffn], np.float32(layer["w2"]),
+            *(norm_gains or (None, None)), (np.float32(g1), np.float32(g2)))
+
+    folded = (block(i) for i in range(config.n_layers))
+    return SpilledList(folded) if spill else list(folded)
 
 
-def blocks_per_inference_program(target, blocks: list[InferenceBlock]) -> int:
+def blocks_per_inference_program(target, blocks: Sequence[InferenceBlock]) -> int:
     """As many blocks as the target's weight-tensor limit holds next to the scalar constants (ANE-21)."""
     if target.max_blob_constants is None:
         return len(blocks)
@@ -688,21 +693,21 @@ def inference_lora_name(layer: int, target: str, part: str) -> str:
     return f"l{layer:02d}_lora_{target}_{part}"
 
 
-def inference_lora_inputs(adapter: Adapter | None, layout: LoraLayout, blocks: list[InferenceBlock], first: int,
-                          config: LlamaConfig) -> dict[str, np.ndarray]:
-    """The adapter inputs of the inference program for blocks ``first ...``, folded as the base weights are: A
-    times the folded norm's gain, B's rows in the parts' order (q's times the attention scale), o's A columns
-    in the attention output's order."""
+def inference_lora_inputs(adapter: Adapter | None, layout: LoraLayout, norms: list[tuple[np.ndarray, np.ndarray]],
+                          first: int, config: LlamaConfig) -> dict[str, np.ndarray]:
+    """The adapter inputs of the inference program for blocks ``first ...`` (their folded RMSNorm gains ``norms``,
+    :attr:`InferenceBlock.norms`), folded as the base weights are: A times the folded norm's gain, B's rows in the
+    parts' order (q's times the attention scale), o's A columns in the attention output's order."""
     spec, rows, r = adapter_spec(config), _parts(config), layout.rank
     values = {}
-    for j, block in enumerate(blocks):
+    for j, block_norms in enumerate(norms):
         layer = first + j
         for target in layout.targets:
             fan_in, _ = spec.features[target]
             a, b = layout.slot(adapter, layer, target, spec)
             site, parts = _LORA_SITES[target]
             if site in ("n1", "n2"):
-                a = a * block.norms[site == "n2"][None, :]
+                a = a * block_norms[site == "n2"][None, :]
             if target == "o":
                 a = a[:, rows["o"]]
             values[inference_lora_name(layer, target, "a")] = np.float32(a).reshape(1, 1, r, fan_in)
@@ -898,10 +903,16 @@ class Llama(VocabHead, CachedDecoder):
         self.cache, self.budget = cache, budget
         self.quantize = WeightCompression.of(quantize)
         self.context = min(config.max_seq_len, PREFILL_BUCKETS[-1])
-        self.embeddings = np.asarray(weights["tok_embeddings"], np.float32)
-        self.blocks = inference_blocks(weights, config, self.target.max_axis)
-        output = weights.get("output", weights["tok_embeddings"])
-        self.head_w = np.float32(np.asarray(output, np.float64) * np.asarray(weights["norm"], np.float64))
+        embeddings = np.asarray(weights["tok_embeddings"], np.float32)
+        output = weights["output"] if "output" in weights else embeddings
+        # float32 products are rounded once from the exact product, as float64's would be: the same bits, without
+        # two float64 copies of the vocabulary's rows
+        self.head_w = np.asarray(output, np.float32) * np.asarray(weights["norm"], np.float32)
+        # each token reads one row of the embeddings: kept in a file, mapped (only the rows read are in memory)
+        self.embeddings = spilled_array(embeddings)
+        del embeddings, output
+        # the blocks' float32 weights are read only to build programs (which then hold them): kept in a file
+        self.blocks = inference_blocks(weights, config, self.target.max_axis, spill=True)
         self.group = blocks_per_inference_program(self.target, self.blocks)
         self.adapter_spec = adapter_spec(config)
         self._init_programs()
@@ -924,7 +935,8 @@ class Llama(VocabHead, CachedDecoder):
         return inference_decode_graph(blocks, first, self.config, size, self.lora, target=self.target)
 
     def _adapter_inputs(self, adapter: Adapter | None, first: int) -> dict[str, np.ndarray]:
-        return inference_lora_inputs(adapter, self.lora, self.blocks[first:first + self.group], first, self.config)
+        norms = [self.blocks.field(i, "norms") for i in self._layers(first)]
+        return inference_lora_inputs(adapter, self.lora, norms, first, self.config)
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -1070,27 +1082,46 @@ def config_from_hf(config: dict, has_head: bool = False) -> LlamaConfig:
         rope_scaling=tuple(rope.items()))
 
 
-def from_hf(config: dict, state: dict[str, np.ndarray]) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """A Hugging Face Llama-family folder's config and tensors -> Orion's config and weight names. A missing or
-    misshapen tensor is refused naming it."""
+def from_hf(config: dict, state: Mapping[str, np.ndarray], lazy: bool = False
+            ) -> tuple[LlamaConfig, Mapping[str, np.ndarray]]:
+    """A Hugging Face Llama-family folder's config and tensors -> Orion's config and float32 weights by Orion's
+    names. A missing tensor is refused naming it, a misshapen one when it is read. ``lazy``: a mapping that reads
+    each tensor from ``state`` when it is asked for (so that a loader that folds one layer at a time never holds
+    them all), else a dict of them all."""
     cfg = config_from_hf(config, "lm_head.weight" in state)
+    names = {"tok_embeddings": ("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim)),
+             "norm": ("model.norm.weight", (cfg.dim,))}
+    for i in range(cfg.n_layers):
+        for ours, shape in layer_shapes(cfg).items():
+            names[f"layers.{i}.{ours}"] = (f"model.layers.{i}.{HF_NAMES[ours]}", shape)
+    if not cfg.tie_embeddings:
+        names["output"] = ("lm_head.weight", (cfg.vocab_size, cfg.dim))
+    missing = [name for name, _ in names.values() if name not in state]
+    if missing:
+        raise OrionError(f"weight {missing[0]} is missing from the checkpoint")
+    weights = _Renamed(state, names)
+    return cfg, weights if lazy else dict(weights)
 
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in state:
-            raise OrionError(f"weight {name} is missing from the checkpoint")
-        array = np.asarray(state[name], np.float32)
+
+class _Renamed(Mapping[str, np.ndarray]):
+    """A checkpoint's tensors by Orion's names, each read, made float32 and checked against its shape when asked
+    for."""
+
+    def __init__(self, state: Mapping[str, np.ndarray], names: dict[str, tuple[str, tuple[int, ...]]]):
+        self._state, self._names = state, names
+
+    def __getitem__(self, ours: str) -> np.ndarray:
+        name, shape = self._names[ours]
+        array = np.asarray(self._state[name], np.float32)
         if array.shape != shape:
             raise OrionError(f"weight {name} has shape {list(array.shape)}; this config needs {list(shape)}")
         return array
 
-    weights = {"tok_embeddings": get("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim)),
-               "norm": get("model.norm.weight", (cfg.dim,))}
-    for i in range(cfg.n_layers):
-        for ours, shape in layer_shapes(cfg).items():
-            weights[f"layers.{i}.{ours}"] = get(f"model.layers.{i}.{HF_NAMES[ours]}", shape)
-    if not cfg.tie_embeddings:
-        weights["output"] = get("lm_head.weight", (cfg.vocab_size, cfg.dim))
-    return cfg, weights
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def export_hf(weights: dict[str, np.ndarray], config: LlamaConfig, out_dir,

@@ -29,8 +29,9 @@ class _Place(NamedTuple):
 
 
 class SpilledList(Sequence[T]):
-    """A list of dataclasses whose fields are numpy arrays or tuples of them, written to a temporary file as it is
-    made (only one item is in memory at a time) and read back, as new arrays, by each ``[i]`` or ``[i:j]``."""
+    """A list of dataclasses whose fields are numpy arrays, or tuples and lists of them, written to a temporary file
+    as it is made (only one item is in memory at a time) and read back, as new arrays, by each ``[i]`` or ``[i:j]``
+    (one field: :meth:`field`). Anything else in a field (None, names) stays in memory as it is."""
 
     def __init__(self, items: Iterable[T]):
         self._file = tempfile.TemporaryFile(prefix="orion-weights-")
@@ -43,13 +44,15 @@ class SpilledList(Sequence[T]):
                 del item  # gone before the next is made
         except OSError as exc:
             self._file.close()
-            raise OrionError(f"could not keep the model's weights in a temporary file in {tempfile.gettempdir()} "
-                             f"({exc.strerror or exc}); free space there or point TMPDIR elsewhere") from None
+            raise _no_room(exc) from None
 
     def _write(self, value):
-        """Append ``value`` (an array, or a tuple of arrays); where it is (a tuple of places for a tuple)."""
-        if isinstance(value, tuple):
-            return tuple(self._write(v) for v in value)
+        """Append ``value``'s arrays; where they are (a place for an array, a tuple or list of them for a tuple or
+        list, any other value itself)."""
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._write(v) for v in value)
+        if not isinstance(value, np.ndarray):
+            return value
         array = np.asarray(value, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
         place = _Place(self._file.tell(), array.dtype, array.shape)
         self._file.write(memoryview(array.reshape(-1).view(np.uint8)))
@@ -57,7 +60,7 @@ class SpilledList(Sequence[T]):
 
     def _read(self, place):
         if not isinstance(place, _Place):
-            return tuple(self._read(p) for p in place)
+            return type(place)(self._read(p) for p in place) if isinstance(place, (tuple, list)) else place
         offset, dtype, shape = place
         array = np.empty(shape, dtype)
         with self._lock:
@@ -72,6 +75,10 @@ class SpilledList(Sequence[T]):
         cls, fields = self._items[i]
         return cls(**{name: self._read(place) for name, place in fields.items()})
 
+    def field(self, i: int, name: str):
+        """Field ``name`` of item ``i``, read without the item's other fields."""
+        return self._read(self._items[i][1][name])
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self._item(j) for j in range(*i.indices(len(self._items)))]
@@ -79,3 +86,20 @@ class SpilledList(Sequence[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def spilled_array(array: np.ndarray) -> np.ndarray:
+    """``array``, read-only, in a private temporary file mapped into memory: only the parts read are in memory (an
+    embedding table, of which each token reads one row)."""
+    with tempfile.TemporaryFile(prefix="orion-weights-") as file:
+        try:
+            file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+            file.flush()
+        except OSError as exc:
+            raise _no_room(exc) from None
+        return np.memmap(file, array.dtype, "r", shape=array.shape)  # the map outlives the file object
+
+
+def _no_room(exc: OSError) -> OrionError:
+    return OrionError(f"could not keep the model's weights in a temporary file in {tempfile.gettempdir()} "
+                      f"({exc.strerror or exc}); free space there or point TMPDIR elsewhere")

@@ -296,33 +296,9 @@ def test_programs_with_the_same_weights_hold_them_once(tmp_path):
     assert len(emulator._HELD_CONSTANTS) < before
 
 
-def test_a_process_s_own_model_folder_goes_at_exit_with_models_never_released(tmp_path):
-    """A program left loaded at exit (no close) leaves nothing in the temporary folder: the emulator's per-process
-    folder is private, so it goes whole."""
-    import subprocess
-    import sys
-
-    script = (
-        "import numpy as np\n"
-        "from orion.ir.builder import GraphBuilder\n"
-        "from orion.runtime.program import Program\n"
-        "from orion.runtime.cache import ProgramCache\n"
-        "b = GraphBuilder('left')\n"
-        "b.output('y', b.linear(b.input('x', (1, 64, 1, 16)), np.full((64, 64), 0.01), name='fc'))\n"
-        "p = Program.from_graph(b.graph, backend='emulator', cache=ProgramCache(None))\n"
-        "p.run({'x': np.ones((1, 64, 1, 16))})\n"
-        "print(p.backend.root, list(p.backend.root.iterdir()) != [])\n"
-    )
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    root, had_models = out.stdout.split()
-    assert had_models == "True" and Path(root).parent == tmp_path
-    assert not Path(root).exists()
-
-
-def test_a_forked_child_exiting_leaves_its_parent_s_model_folder(tmp_path):
-    """A child forked after the parent built a program runs the parent's exit hooks when it exits normally: the
-    parent's folder (its loaded models) must stay."""
+def _run_with_a_loaded_program(tmp_path, then: str) -> str:
+    """Standard output of a fresh interpreter (temporary folder ``tmp_path``) that compiles and runs one program
+    ``p`` on the emulator, leaves it loaded, then runs ``then``."""
     import subprocess
     import sys
 
@@ -331,17 +307,34 @@ def test_a_forked_child_exiting_leaves_its_parent_s_model_folder(tmp_path):
         "from orion.ir.builder import GraphBuilder\n"
         "from orion.runtime.program import Program\n"
         "from orion.runtime.cache import ProgramCache\n"
-        "b = GraphBuilder('kept')\n"
+        "b = GraphBuilder('left')\n"
         "b.output('y', b.linear(b.input('x', (1, 64, 1, 16)), np.full((64, 64), 0.01), name='fc'))\n"
         "p = Program.from_graph(b.graph, backend='emulator', cache=ProgramCache(None))\n"
         "p.run({'x': np.ones((1, 64, 1, 16))})\n"
+    ) + then
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          check=True).stdout
+
+
+def test_a_process_s_own_model_folder_goes_at_exit_with_models_never_released(tmp_path):
+    """A program left loaded at exit (no close) leaves nothing in the temporary folder: the emulator's per-process
+    folder is private, so it goes whole."""
+    root, had_models = _run_with_a_loaded_program(
+        tmp_path, "print(p.backend.root, list(p.backend.root.iterdir()) != [])\n").split()
+    assert had_models == "True" and Path(root).parent == tmp_path
+    assert not Path(root).exists()
+
+
+def test_a_forked_child_exiting_leaves_its_parent_s_model_folder(tmp_path):
+    """A child forked after the parent built a program runs the parent's exit hooks when it exits normally: the
+    parent's folder (its loaded models) must stay."""
+    out = _run_with_a_loaded_program(tmp_path, (
         "assert p.backend.root.exists()\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
         "    sys.exit(0)\n"
         "os.waitpid(pid, 0)\n"
         "print(p.backend.root.exists())\n"
-    )
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.split() == ["True"]
+    ))
+    assert out.split() == ["True"]

@@ -340,13 +340,6 @@ class GPT2(VocabHead, CachedDecoder):
 
     # -- programs -----------------------------------------------------------------------------------------------
 
-    def _groups(self) -> list[int]:
-        return list(range(0, self.config.n_layer, self.group))
-
-    def _layers(self, first: int) -> range:
-        """The blocks of the program that starts at block ``first``."""
-        return range(first, min(first + self.group, self.config.n_layer))
-
     def _block_pattern(self, layer: int) -> str:
         return f"h{layer}_*"
 

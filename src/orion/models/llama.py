@@ -919,12 +919,6 @@ class Llama(VocabHead, CachedDecoder):
 
     # -- programs -----------------------------------------------------------------------------------------------
 
-    def _groups(self) -> list[int]:
-        return list(range(0, self.config.n_layers, self.group))
-
-    def _layers(self, first: int) -> range:
-        return range(first, min(first + self.group, self.config.n_layers))
-
     def _block_pattern(self, layer: int) -> str:
         return f"l{layer:02d}_*"
 

@@ -308,7 +308,8 @@ class CachedDecoder(AdapterHost, TextGenerator):
     Prefill runs the prompt through the ``"prefill"`` programs of the smallest bucket that holds it; decode programs
     are built for the smallest cache capacity that holds prompt and new tokens, seeded with the prefill's k/v, and
     each token is one dispatch per program. A model sets ``config``, ``target``, ``backend``, ``cache``, ``budget``,
-    ``context`` (the longest sequence it runs) and implements the hooks at the end.
+    ``context`` (the longest sequence it runs), ``blocks`` and ``group`` (blocks per program) and implements the hooks
+    at the end.
     """
 
     @property
@@ -443,10 +444,15 @@ class CachedDecoder(AdapterHost, TextGenerator):
         """Program evaluations one decode step makes with the decode ``programs``."""
         return len(programs)
 
-    # hooks
     def _groups(self) -> list[int]:
-        """The first block of every program."""
-        raise NotImplementedError
+        """The first block of every program (``group`` blocks each)."""
+        return list(range(0, len(self.blocks), self.group))
+
+    def _layers(self, first: int) -> range:
+        """The blocks of the program that starts at block ``first``."""
+        return range(first, min(first + self.group, len(self.blocks)))
+
+    # hooks
 
     def _graph(self, kind: str, size: int, first: int):
         """The graph of the ``kind`` program of ``size`` that starts at block ``first``."""
@@ -466,10 +472,6 @@ class CachedDecoder(AdapterHost, TextGenerator):
     def _head(self, hidden, rowwise: bool = False):
         """Logits ``[n, vocab]`` of hidden rows ``[n, d]`` (``rowwise``: each row's bits independent of the others'
         and of their number, as a decode pass needs)."""
-        raise NotImplementedError
-
-    def _layers(self, first: int) -> range:
-        """The blocks of the program that starts at block ``first``."""
         raise NotImplementedError
 
     def _head_graphs(self) -> list:
